@@ -1,0 +1,55 @@
+"""The kernel protocol that every backend implements.
+
+A backend supplies the few operations that touch all ``p x n`` numbers; the
+rest of flagagg is ``p x p`` algebra written once. Kernels take a 2-D block
+``X`` of shape ``(p, m)`` (one pytree leaf, or a chunk of one) in the
+backend's array library and never change their inputs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+Array = Any
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a backend provides.
+
+    Attributes
+    ----------
+    name : str
+        Registry name, e.g. ``"numba"``.
+    """
+
+    name: str
+
+    def accepts(self, x: Array) -> bool:
+        """Whether this backend computes on arrays like ``x`` (library and device)."""
+
+    def gram(self, X: Array) -> np.ndarray:
+        """Return ``X @ X.T`` of a ``(p, m)`` block as a float64 NumPy array.
+
+        Products are accumulated in float64 whatever the input dtype. Rows
+        holding NaN or Inf only spoil their own row and column of the result.
+        """
+
+    def combine(self, coef: np.ndarray, X: Array) -> Array:
+        """Return ``sum_i coef[i] * X[i]`` for a ``(p, m)`` block.
+
+        ``coef`` is a float64 NumPy vector. Rows whose coefficient is exactly
+        zero are not read, so excluded non-finite rows cannot leak NaN into
+        the output. The result is in ``X``'s library and device, with dtype
+        ``compute_dtype(X)``.
+        """
+
+
+def compute_dtype_name(dtype_name: str) -> str:
+    """Name of the float dtype used for arithmetic on inputs of ``dtype_name``.
+
+    Half-precision inputs are computed in float32 (and cast back on output).
+    """
+    return "float32" if dtype_name in ("float16", "bfloat16") else dtype_name

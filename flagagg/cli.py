@@ -1,0 +1,52 @@
+"""Command-line interface: ``flagagg demo | experiment | tune | train | bench``.
+
+Each sub-command lives in the module that implements it; that module offers
+``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when
+its sub-command runs, so ``flagagg --help`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module, one-line help)
+COMMANDS = {
+    "demo": ("flagagg.sim._cli_demo", "short robust-training comparison: a table and a plot"),
+    "experiment": ("flagagg.sim._cli_experiment", "run a rules x attacks x f x seeds grid"),
+    "tune": ("flagagg.sim._cli_tune", "tune each rule's learning rate on validation seeds"),
+    "train": ("flagagg.distributed._cli", "parameter-server training on torch.distributed"),
+    "bench": ("flagagg._bench", "speed ratios of the kernels and rules, from one process"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` by default.
+
+    Returns
+    -------
+    status : int
+        The process exit status.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    top = argparse.ArgumentParser(
+        prog="flagagg",
+        description="Byzantine-robust gradient aggregation.",
+        epilog="\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
+                     help="one of: " + ", ".join(COMMANDS))
+    top.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")
+    ns = top.parse_args(argv)
+    module_name, text = COMMANDS[ns.command]
+    module = importlib.import_module(module_name)
+    sub = argparse.ArgumentParser(prog=f"flagagg {ns.command}", description=text)
+    module.add_arguments(sub)
+    return int(module.run(sub.parse_args(ns.args)) or 0)

@@ -1,0 +1,126 @@
+"""Backend selection: context manager, threads, environment, errors, light import."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import flagagg
+
+from conftest import has_module
+
+
+def test_default_is_auto_and_contexts_nest():
+    assert flagagg.get_backend() == "auto"
+    with flagagg.backend("numpy") as name:
+        assert name == "numpy" == flagagg.get_backend()
+        with flagagg.backend("array_api"):
+            assert flagagg.get_backend() == "array_api"
+        assert flagagg.get_backend() == "numpy"
+    assert flagagg.get_backend() == "auto"
+
+
+def test_context_resets_on_exception():
+    with pytest.raises(RuntimeError):
+        with flagagg.backend("numpy"):
+            raise RuntimeError("boom")
+    assert flagagg.get_backend() == "auto"
+
+
+def test_context_does_not_leak_across_threads():
+    seen = {}
+    inside = threading.Event()
+    release = threading.Event()
+
+    def worker():
+        with flagagg.backend("numpy"):
+            inside.set()
+            release.wait(5)
+            seen["worker"] = flagagg.get_backend()
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(5)
+    seen["main"] = flagagg.get_backend()
+    release.set()
+    t.join()
+    assert seen == {"worker": "numpy", "main": "auto"}
+
+
+def test_context_is_task_local_in_asyncio():
+    async def task(name, delay):
+        with flagagg.backend(name):
+            await asyncio.sleep(delay)
+            return flagagg.get_backend()
+
+    async def main():
+        return await asyncio.gather(task("numpy", 0.02), task("array_api", 0.01))
+
+    assert asyncio.run(main()) == ["numpy", "array_api"]
+
+
+def test_set_backend_and_env_precedence(monkeypatch):
+    monkeypatch.setenv("FLAGAGG_BACKEND", "array_api")
+    assert flagagg.get_backend() == "array_api"
+    flagagg.set_backend("numpy")
+    try:
+        assert flagagg.get_backend() == "numpy"
+        with flagagg.backend("auto"):
+            assert flagagg.get_backend() == "auto"
+    finally:
+        flagagg.set_backend(None)
+    assert flagagg.get_backend() == "array_api"
+    monkeypatch.setenv("FLAGAGG_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FLAGAGG_BACKEND"):
+        flagagg.get_backend()
+
+
+def test_per_call_keyword_wins():
+    G = np.random.default_rng(0).normal(size=(4, 10))
+    with flagagg.backend("array_api"):
+        res = flagagg.flag_aggregate(G, backend="numpy", return_result=True)
+    assert res.backend == "numpy"
+
+
+def test_auto_picks_from_inputs():
+    G = np.random.default_rng(0).normal(size=(4, 10))
+    res = flagagg.flag_aggregate(G, return_result=True)
+    assert res.backend == ("numba" if has_module("numba") else "numpy")
+
+
+def test_unknown_backend_lists_known_names():
+    with pytest.raises(ValueError, match="unknown backend 'fortran'.*numba"):
+        with flagagg.backend("fortran"):
+            pass
+
+
+def test_missing_library_names_the_extra():
+    if has_module("cupy"):
+        pytest.skip("cupy is installed")
+    with pytest.raises(ImportError, match=r"pip install 'flagagg\[cupy\]'"):
+        flagagg.flag_aggregate(np.ones((2, 3)), backend="cupy")
+
+
+def test_available_backends():
+    names = flagagg.available_backends()
+    assert "numpy" in names and "array_api" in names
+    assert ("numba" in names) == has_module("numba")
+
+
+def test_import_is_light():
+    code = (
+        "import sys, flagagg, numpy as np\n"
+        "flagagg.aggregate(np.ones((3, 4)), rule='mean', backend='numpy')\n"
+        "heavy = [m for m in ('numba', 'torch', 'cupy', 'flagagg.sim') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLAGAGG_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    assert out.stdout.strip() == "", f"import flagagg pulled in: {out.stdout}"

@@ -1,0 +1,232 @@
+"""The Flag Aggregator against the dense oracle, its properties and diagnostics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.linalg import subspace_angles
+
+import flagagg
+
+from oracle import flag_dense
+
+
+def attacked_stack(p, n, f, seed, dtype="float64", kind="reverse"):
+    """p - f honest rows around a common direction plus f faulty rows."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=n)
+    honest = base + 0.5 * rng.normal(size=(p - f, n))
+    if kind == "reverse":
+        bad = -10 * honest[:f]
+    elif kind == "random":
+        bad = rng.uniform(-5, 5, size=(f, n))
+    else:
+        bad = np.repeat(honest.mean(0, keepdims=True) - 2 * honest.std(0), f, axis=0)
+    return np.vstack([honest, bad]).astype(dtype)
+
+
+ORACLE_CASES = [
+    # p, n, r, lam
+    (7, 50, 3, 0.0),
+    (7, 50, 4, 1.0),
+    (15, 200, 8, 0.0),
+    (15, 200, 8, 4.0),
+    (5, 3, 2, 0.5),   # n < p: the inputs' span is smaller than p
+    (12, 400, 1, 2.0),
+]
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("p,n,r,lam", ORACLE_CASES)
+def test_matches_dense_oracle(p, n, r, lam, variant, dtype):
+    G = attacked_stack(p, n, 2, seed=p * n + r, dtype=dtype, kind="random")
+    res = flagagg.flag_aggregate(G, r, lam, max_iter=6, tol=0.0, variant=variant,
+                                 return_result=True, backend="numpy")
+    out, Y, history, _ = flag_dense(G, r, lam, max_iter=6, tol=0.0, variant=variant)
+    rtol = 1e-9 if dtype == "float64" else 2e-5
+    err = np.linalg.norm(res.aggregate - out) / np.linalg.norm(out)
+    assert err < rtol, err
+    assert res.aggregate.dtype == np.dtype(dtype)
+    Yfast = G.astype(np.float64).T @ res.basis_coefficients
+    assert Yfast.shape == Y.shape
+    np.testing.assert_allclose(Yfast.T @ Yfast, np.eye(Y.shape[1]), atol=1e-8)
+    angles = subspace_angles(Yfast, Y)
+    # Principal angles only mean something where the eigengap is clear.
+    if res.eigengap > 1e-3 * res.eigenvalues[0]:
+        assert angles.max() < 1e-6, angles.max()
+    if variant == "paper":
+        np.testing.assert_allclose(res.objective_history, history, rtol=1e-9)
+
+
+def test_oracle_deviation_converged_default():
+    """Default settings, converged: the largest deviation seen stays tiny."""
+    G = attacked_stack(15, 2000, 3, seed=1, kind="little")
+    res = flagagg.flag_aggregate(G, 8, return_result=True, backend="numpy")
+    out, _, history, _ = flag_dense(G, 8)
+    assert res.converged and res.n_iter == len(history)
+    assert np.linalg.norm(res.aggregate - out) / np.linalg.norm(out) < 1e-8
+
+
+def test_reference_equals_one_paper_step_without_pairs():
+    G = attacked_stack(9, 100, 2, seed=3)
+    ref = flagagg.flag_aggregate(G, 4, variant="reference", backend="numpy")
+    one = flagagg.flag_aggregate(G, 4, max_iter=1, backend="numpy")
+    np.testing.assert_allclose(ref, one, rtol=1e-12, atol=1e-12)
+    # ... but not with the pairwise term, whose scaling differs.
+    ref = flagagg.flag_aggregate(G, 4, 8.0, variant="reference", backend="numpy")
+    one = flagagg.flag_aggregate(G, 4, 8.0, max_iter=1, backend="numpy")
+    assert np.linalg.norm(ref - one) > 1e-6 * np.linalg.norm(one)
+
+
+def test_output_norm_bound_and_rescale():
+    G = attacked_stack(15, 300, 3, seed=5) * 1e-3
+    out = flagagg.flag_aggregate(G, 8, backend="numpy")
+    assert np.linalg.norm(out) <= 15 / 8 + 1e-9
+    res = flagagg.flag_aggregate(G, 8, rescale="median_norm", return_result=True,
+                                 backend="numpy")
+    med = np.median(np.linalg.norm(G, axis=1))
+    np.testing.assert_allclose(np.linalg.norm(res.aggregate), med, rtol=1e-10)
+    # Same direction as the published output.
+    cos = res.aggregate @ out / (np.linalg.norm(res.aggregate) * np.linalg.norm(out))
+    assert cos > 1 - 1e-12
+
+
+def test_faulty_workers_get_low_ratios():
+    # Mutually orthogonal random rows each own a direction: with r >= 1 + f
+    # they would be reconstructed exactly, so look with r = 1.
+    G = attacked_stack(15, 500, 3, seed=7, kind="random")
+    res = flagagg.flag_aggregate(G, 1, max_iter=2, return_result=True, backend="numpy")
+    assert res.reconstruction_ratios[-3:].max() < res.reconstruction_ratios[:12].min()
+
+
+def test_diagnostics_are_consistent():
+    G = attacked_stack(11, 300, 2, seed=11)
+    res = flagagg.flag_aggregate(G, 5, 1.0, return_result=True, backend="numpy")
+    assert res.converged
+    assert res.stationarity < 1e-2
+    assert res.eigengap > 0
+    assert np.all(np.diff(res.eigenvalues) <= 1e-12)
+    np.testing.assert_allclose(res.weights, (1 - res.reconstruction_ratios + 1e-7) ** -0.5,
+                               rtol=1e-6)
+    np.testing.assert_allclose(G.T @ res.coefficients, res.aggregate, rtol=1e-10)
+    assert "rank r = 5" in res.summary()
+    with pytest.raises(AttributeError):
+        res.n_iter = 3  # frozen
+
+
+def test_stationarity_drops_along_iterations():
+    G = attacked_stack(15, 300, 3, seed=2, kind="random")
+    few = flagagg.flag_aggregate(G, 8, max_iter=1, return_result=True, backend="numpy")
+    many = flagagg.flag_aggregate(G, 8, tol=1e-12, max_iter=500, return_result=True,
+                                  backend="numpy")
+    assert many.stationarity < few.stationarity
+    assert many.stationarity < 1e-4
+
+
+# --- properties -------------------------------------------------------------
+
+stacks = st.tuples(
+    st.integers(2, 9), st.integers(2, 30), st.integers(0, 2**31 - 1), st.sampled_from(
+        ["random", "reverse", "little"])
+)
+
+
+def _draw(p, n, seed, kind):
+    f = min(2, p - 1)
+    return attacked_stack(p, n, f, seed, kind=kind)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stacks, st.floats(0, 8), st.integers(1, 5))
+def test_objective_never_increases(shape, lam, r):
+    G = _draw(*shape)
+    res = flagagg.flag_aggregate(G, r, lam, max_iter=30, tol=0, return_result=True,
+                                 backend="numpy")
+    h = res.objective_history
+    # Round-off: an error d in 1 - v moves sqrt(. + eps) by d / (2 sqrt(eps)),
+    # about 1e-12 per term for d ~ 1e-15 and eps = 1e-7.
+    assert np.all(np.diff(h) <= 1e-10 * np.abs(h[:-1]) + 1e-9), h
+
+
+@settings(max_examples=25, deadline=None)
+@given(stacks, st.floats(0, 4), st.integers(0, 2**31 - 1))
+def test_permutation_invariance(shape, lam, seed):
+    G = _draw(*shape)
+    perm = np.random.default_rng(seed).permutation(G.shape[0])
+    a = flagagg.flag_aggregate(G, 2, lam, max_iter=5, tol=0, backend="numpy")
+    b = flagagg.flag_aggregate(G[perm], 2, lam, max_iter=5, tol=0, backend="numpy")
+    res = flagagg.flag_aggregate(G, 2, lam, max_iter=5, return_result=True, backend="numpy")
+    if res.eigengap > 1e-6 * res.eigenvalues[0]:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(stacks, st.floats(1e-3, 1e3), st.integers(0, 1000))
+def test_invariant_to_rescaling_one_input(shape, scale, which):
+    G = _draw(*shape)
+    i = which % G.shape[0]
+    H = G.copy()
+    H[i] *= scale
+    a = flagagg.flag_aggregate(G, 2, 1.0, max_iter=5, tol=0, backend="numpy")
+    b = flagagg.flag_aggregate(H, 2, 1.0, max_iter=5, tol=0, backend="numpy")
+    res = flagagg.flag_aggregate(G, 2, 1.0, max_iter=5, return_result=True, backend="numpy")
+    if res.eigengap > 1e-6 * res.eigenvalues[0]:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+@settings(max_examples=20, deadline=None)
+@given(stacks, st.integers(0, 2**31 - 1))
+def test_rotation_equivariance(shape, seed):
+    G = _draw(*shape)
+    n = G.shape[1]
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
+    a = flagagg.flag_aggregate(G, 2, 0.5, max_iter=5, tol=0, backend="numpy")
+    b = flagagg.flag_aggregate(G @ Q.T, 2, 0.5, max_iter=5, tol=0, backend="numpy")
+    np.testing.assert_allclose(Q @ a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_pytree_equals_flat_stack():
+    rng = np.random.default_rng(0)
+    G = attacked_stack(6, 50, 1, seed=4).astype(np.float32)
+    shapes = {"w": (5, 6), "b": (6,), "extra": [(2, 7)]}
+
+    def split(row):
+        return {"w": row[:30].reshape(5, 6), "b": row[30:36],
+                "extra": [row[36:].reshape(2, 7)]}
+
+    trees = [split(g) for g in G]
+    res_tree = flagagg.flag_aggregate(trees, 3, 1.0, return_result=True, backend="numpy")
+    flat = flagagg.flag_aggregate(G, 3, 1.0, backend="numpy")
+    out = res_tree.aggregate
+    assert set(out) == set(shapes)
+    assert out["w"].shape == (5, 6) and out["b"].shape == (6,)
+    assert isinstance(out["extra"], list) and out["extra"][0].shape == (2, 7)
+    assert out["w"].dtype == np.float32
+    rebuilt = np.concatenate([out["w"].ravel(), out["b"], out["extra"][0].ravel()])
+    np.testing.assert_allclose(rebuilt, flat, rtol=1e-5, atol=1e-7)
+    del rng
+
+
+def test_sequence_of_rows_equals_stack():
+    G = attacked_stack(5, 40, 1, seed=9)
+    a = flagagg.flag_aggregate(list(G), 2, backend="numpy")
+    b = flagagg.flag_aggregate(G, 2, backend="numpy")
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_higher_dimensional_stack_keeps_shape():
+    G = attacked_stack(5, 24, 1, seed=9)
+    out = flagagg.flag_aggregate(G.reshape(5, 2, 3, 4), 2, backend="numpy")
+    assert out.shape == (2, 3, 4)
+    np.testing.assert_allclose(out.ravel(), flagagg.flag_aggregate(G, 2, backend="numpy"))
+
+
+def test_aggregator_object_keeps_result():
+    agg = flagagg.FlagAggregator(r=3, backend="numpy")
+    G = attacked_stack(7, 30, 1, seed=0)
+    out = agg(G)
+    assert isinstance(agg.result_, flagagg.FlagResult)
+    np.testing.assert_array_equal(agg.result_.aggregate, out)
+    assert "FlagAggregator(r=3" in repr(agg)
