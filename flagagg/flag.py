@@ -43,6 +43,9 @@ PAIR_ATOL = 1e-12
 class FlagResult:
     """Outcome and diagnostics of one Flag Aggregator solve.
 
+    Every diagnostic is that of the "paper" objective at the returned
+    subspace, also for variant "reference", so that the two can be compared.
+
     Attributes
     ----------
     aggregate : array or pytree
@@ -66,11 +69,10 @@ class FlagResult:
         excluded inputs.
     weights : ndarray of shape (p,)
         IRLS weights ``(1 - v_i + eps)^(-1/2)`` at the returned subspace (the
-        weights the next step would use); 0 for excluded inputs. For the
-        reference variant, the uniform weights it used (1).
+        weights a next "paper" step would use); 0 for excluded inputs.
     objective_history : ndarray of shape (n_iter,)
-        The objective ``F(Y_t)`` after each step (variant "paper"'s objective,
-        also for "reference"); non-increasing up to round-off for "paper".
+        The objective ``F(Y_t)`` after each step; non-increasing up to
+        round-off for "paper".
     n_iter : int
         Eigen-solves performed; the first one uses uniform weights (PCA of
         the normalised inputs).
@@ -258,19 +260,19 @@ def solve_gram(
 
     r_requested = math.ceil(p / 2) if r is None else r
     rank = min(r_requested, k)
-    terms = _Terms(T, lam, variant)
+    # The objective and every diagnostic are those of variant "paper", also
+    # when the subspace comes from the published code's weighting.
+    terms = _Terms(T, lam, "paper")
 
     if variant == "reference":
         # One step from uniform weights (the published code's random start
         # makes every weight (1 - O(r/n) + eps)^(-1/2), equal in the limit).
+        ref = _Terms(T, lam, "reference")
         c = lam / (q * (q - 1)) if q > 1 else 0.0
-        w_node, w_pair = np.ones(q), np.full(terms.D.shape[0], 2.0 * c * c)
-        _, U = _top(terms.matrix(w_node, w_pair), rank)
+        _, U = _top(ref.matrix(np.ones(q), np.full(ref.D.shape[0], 2.0 * c * c)), rank)
         s_node, s_pair = terms.objective_parts(U, eps)
         history = [terms.objective(s_node, s_pair)]
         n_iter, converged = 1, False
-        weights_final = w_node
-        B_final = terms.matrix(w_node, w_pair)
     else:
         w_node = np.ones(q)
         w_pair = np.full(terms.D.shape[0], terms.pair_scale)
@@ -288,9 +290,10 @@ def solve_gram(
                 if prev - cur <= tol * abs(prev):
                     converged = True
                     break
-        weights_final = w_node
-        B_final = terms.matrix(w_node, w_pair)
 
+    # Weights at the returned subspace: B_final is the matrix the next step would use.
+    weights_final = s_node ** -0.5
+    B_final = terms.matrix(weights_final, terms.pair_scale * s_pair ** -0.5)
     eig_final = np.linalg.eigvalsh(B_final)[::-1]
     BU = B_final @ U
     resid = BU - U @ (U.T @ BU)
@@ -352,7 +355,7 @@ def _check_params(r, lam, max_iter, tol, eps, variant, rescale) -> None:
 
 
 class FlagAggregator(Rule):
-    """The Flag Aggregator as a reusable, callable rule.
+    """Flag Aggregator: project normalised inputs onto their robust subspace.
 
     Parameters are those of :func:`flag_aggregate`. Calling the object
     aggregates and keeps the :class:`FlagResult` of the last call in

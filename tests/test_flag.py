@@ -80,6 +80,30 @@ def test_reference_equals_one_paper_step_without_pairs():
     assert np.linalg.norm(ref - one) > 1e-6 * np.linalg.norm(one)
 
 
+def paper_objective(G, Y, lam, eps=1e-7):
+    """F(Y) of the specification, straight from the definition in n-space."""
+    H = G / np.linalg.norm(G, axis=1, keepdims=True)
+    p = len(H)
+    F = np.sum(np.sqrt(np.maximum(1 - np.sum((H @ Y) ** 2, 1), 0) + eps))
+    for i in range(p):
+        for j in range(i + 1, p):
+            d = (H[i] - H[j]) / np.linalg.norm(H[i] - H[j])
+            F += lam / (p * (p - 1) / 2) * np.sqrt(max(1 - np.sum((d @ Y) ** 2), 0) + eps)
+    return F
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+def test_diagnostics_are_those_of_the_paper_objective(variant):
+    G = attacked_stack(8, 60, 2, seed=13, kind="random")
+    res = flagagg.flag_aggregate(G, 3, 3.0, variant=variant, max_iter=4, tol=0,
+                                 return_result=True, backend="numpy")
+    Y = G.T @ res.basis_coefficients
+    np.testing.assert_allclose(res.objective_history[-1], paper_objective(G, Y, 3.0),
+                               rtol=1e-10)
+    H = G / np.linalg.norm(G, axis=1, keepdims=True)
+    np.testing.assert_allclose(res.reconstruction_ratios, np.sum((H @ Y) ** 2, 1), atol=1e-10)
+
+
 def test_output_norm_bound_and_rescale():
     G = attacked_stack(15, 300, 3, seed=5) * 1e-3
     out = flagagg.flag_aggregate(G, 8, backend="numpy")
