@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from .._array import chunk_columns, dtype_name, to_numpy
+from .._array import dtype_name, to_numpy
 from ._base import compute_dtype_name
 
 Array = Any
@@ -21,6 +21,36 @@ Array = Any
 
 def _dtype(xp: Any, name: str) -> Any:
     return getattr(xp, name)
+
+
+def symmetric(K: Any) -> np.ndarray:
+    """A float64 NumPy copy of ``K``, made exactly symmetric.
+
+    Library matrix products need not return ``X @ X.T`` bit-symmetric.
+    """
+    K = np.array(K, dtype=np.float64)
+    return (K + K.T) / 2
+
+
+def _nonzero_runs(coef: np.ndarray) -> list[tuple[int, int]]:
+    """``(start, stop)`` of each run of consecutive non-zero coefficients."""
+    nz = np.concatenate([[False], np.asarray(coef) != 0, [False]])
+    edges = np.flatnonzero(nz[1:] != nz[:-1])
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _combine_runs(c: Array, X: Array, runs: list[tuple[int, int]], xp: Any = None,
+                  dtype: Any = None) -> Array:
+    """``sum over runs of c[a:b] @ X[a:b]``: rows outside the runs are never read.
+
+    With ``dtype``, each run is first converted with ``xp.astype``.
+    """
+    out = None
+    for a, b in runs:
+        rows = X[a:b, :] if dtype is None else xp.astype(X[a:b, :], dtype)
+        part = c[a:b] @ rows
+        out = part if out is None else out + part
+    return out
 
 
 class ArrayAPIBackend:
@@ -32,40 +62,61 @@ class ArrayAPIBackend:
         """Accept every array-API array."""
         return True
 
+    # Bytes of one float64 chunk of columns: cache-sized on a CPU; the GPU
+    # backends raise it so that kernel launches do not dominate.
+    chunk_bytes = 1 << 22
+
+    def _step(self, rows: int) -> int:
+        return max(1024, self.chunk_bytes // (8 * max(rows, 1)))
+
     def gram(self, X: Array) -> np.ndarray:
-        """Float64 ``X @ X.T``, accumulated chunk by chunk for lower precisions."""
+        """Float64 ``X @ X.T``, accumulated chunk by chunk for lower precisions.
+
+        Only the ``p x p`` result leaves the device.
+        """
         xp = array_namespace(X)
         if X.dtype == xp.float64:
-            return np.array(to_numpy(X @ X.T), dtype=np.float64)
+            return symmetric(to_numpy(X @ X.T))
         p, m = X.shape
         K = xp.zeros((p, p), dtype=xp.float64, device=device(X))
-        step = chunk_columns(p)
+        step = self._step(p)
         for start in range(0, m, step):
             B = xp.astype(X[:, start : min(start + step, m)], xp.float64)
             K = K + B @ B.T
-        return np.array(to_numpy(K), dtype=np.float64)
+        return symmetric(to_numpy(K))
 
     def combine(self, coef: np.ndarray, X: Array) -> Array:
-        """``coef @ X`` in the compute dtype, skipping rows whose coefficient is zero."""
+        """``coef @ X`` in the compute dtype, skipping rows whose coefficient is zero.
+
+        The rows with non-zero coefficients are taken as runs of consecutive
+        rows, each a view of ``X``, so nothing is gathered or copied (inputs
+        in half precision are converted a chunk of columns at a time).
+        """
         xp = array_namespace(X)
         dev = device(X)
         ct_name = compute_dtype_name(dtype_name(xp, X.dtype))
         ct = _dtype(xp, ct_name)
         p, m = X.shape
-        nonzero = np.flatnonzero(coef)
-        if nonzero.size == p and X.dtype == ct:
-            return xp.asarray(coef.astype(ct_name), device=dev) @ X
-        out = xp.zeros((m,), dtype=ct, device=dev)
-        if nonzero.size == 0:
-            return out
-        idx = xp.asarray(nonzero.astype(np.int64), device=dev)
-        c = xp.asarray(coef[nonzero].astype(ct_name), device=dev)
-        step = chunk_columns(p)
+        runs = _nonzero_runs(coef)
+        if not runs:
+            return xp.zeros((m,), dtype=ct, device=dev)
+        # The only host -> device traffic: the p coefficients.
+        c = xp.asarray(np.asarray(coef, dtype=ct_name), device=dev)
+        if X.dtype == ct:
+            return _combine_runs(c, X, runs)
+        out = xp.empty((m,), dtype=ct, device=dev)
+        step = self._step(p)
         for start in range(0, m, step):
             stop = min(start + step, m)
-            block = xp.take(X[:, start:stop], idx, axis=0)
-            out[start:stop] = c @ xp.astype(block, ct)
+            out[start:stop] = _combine_runs(c, X[:, start:stop], runs, xp, ct)
         return out
+
+    def coordinate_stat(self, X: Array, rows: np.ndarray, center: str, trim: int,
+                        k: int) -> Array:
+        """Per-column order statistic of ``X[rows]``: a sorting network of elementwise min/max."""
+        from ._order_stats import coordinate_stat_network
+
+        return coordinate_stat_network(X, rows, center, trim, k, chunk_bytes=self.chunk_bytes)
 
 
 BACKEND = ArrayAPIBackend()

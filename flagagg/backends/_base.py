@@ -46,6 +46,21 @@ class Backend(Protocol):
         ``compute_dtype(X)``.
         """
 
+    def coordinate_stat(self, X: Array, rows: np.ndarray, center: str, trim: int,
+                        k: int) -> Array:
+        """Return a per-column robust statistic of the rows ``rows`` of a ``(p, m)`` block.
+
+        With the ``q = rows.size`` values of a column sorted (NaN counted as
+        ``+inf``), the center is their median (``center="median"``) or their
+        mean after dropping ``trim`` values at each end
+        (``center="trimmed"``). With ``k == 0`` the result is the center;
+        otherwise it is the mean of the ``k`` values closest to the center
+        (of two values at equal distance on either side, the smaller is kept).
+        Centers and sums are computed in float64. Only the rows in ``rows``
+        (an int64 NumPy vector) are read. The result is as for
+        :meth:`combine`. See :mod:`flagagg.backends._order_stats`.
+        """
+
 
 def compute_dtype_name(dtype_name: str) -> str:
     """Name of the float dtype used for arithmetic on inputs of ``dtype_name``.

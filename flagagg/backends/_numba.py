@@ -6,40 +6,112 @@ on-disk cache) the kernels of :mod:`flagagg.backends._numba_kernels`.
 
 from __future__ import annotations
 
+import contextlib
+
+import numba
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from . import _numba_kernels as nk
+from ._numba_kernels import SEGMENT
 from ._numpy import NumpyBackend
 
-# Upper bound on the partial Gram matrices: enough segments to balance any
-# thread count, few enough that reducing them is negligible.
+# Upper bound on the segments (and partial Gram matrices): enough to balance
+# any thread count, few enough that reducing them is negligible.
 _MAX_SEGMENTS = 64
-_KERNEL_DTYPES = (np.float32, np.float64)
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Bytes of one Gram chunk (p rows x width columns): it stays in L2 while the
+# register tiles of row pairs sweep over it.
+_GRAM_CHUNK_BYTES = 1 << 19
+# Columns of the float64 accumulator of the combine kernel (16 KiB, in L1).
+_COMBINE_WIDTH = 2048
+# Columns converted at a time for inputs the kernels cannot read in place.
+_CONVERT_BYTES = 1 << 22
+# Below this much work (about 2 ms on one core) the kernels run on the
+# calling thread only. Waking the pool costs ~10 us on an idle machine, but on
+# a busy one every parallel region waits for a worker that the OS has
+# descheduled: a whole time slice, measured at 10-16 ms on the 2-core
+# development box for a 1.4 ms Gram. Gram: products p(p+1)/2 * m; combine:
+# elements read.
+_PARALLEL_MIN_PRODUCTS = 1 << 25
+_PARALLEL_MIN_ELEMENTS = 1 << 23
 
 
-def _kernel_blocks(X: np.ndarray):
-    """Yield ``(start, stop, block)`` pieces of X that the kernels can take.
-
-    C-contiguous float32/float64 blocks go whole; anything else (half
-    precision, strided views) is converted a few MiB at a time.
-    """
-    if X.dtype in _KERNEL_DTYPES and X.flags.c_contiguous:
-        yield 0, X.shape[1], X
+@contextlib.contextmanager
+def _threads(parallel: bool):
+    """Run the enclosed kernels on all of numba's threads, or on the calling one only."""
+    if parallel:
+        yield
         return
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1)  # thread-local: other callers keep their setting
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _row_major(X: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``X`` as a flat read-only view with row stride ``ld``, or None.
+
+    Views with contiguous rows (a column slice of a larger array, say) are
+    read in place; other strides, unaligned data and dtypes other than
+    float32/float64 return None and go through converted chunks.
+    """
+    if X.dtype not in _KERNEL_DTYPES or not X.flags.aligned:
+        return None
+    p, m = X.shape
+    size = X.itemsize
+    if m > 1 and X.strides[1] != size:
+        return None
+    ld = m if p == 1 else X.strides[0] // size
+    if p > 1 and (X.strides[0] % size or ld < m):
+        return None
+    if X.flags.c_contiguous:
+        return X.reshape(-1), ld  # as_strided costs microseconds, this does not
+    flat = as_strided(X, shape=((p - 1) * ld + m,), strides=(size,), writeable=False)
+    return flat, ld
+
+
+def _converted_chunks(X: np.ndarray, rows: np.ndarray | None = None):
+    """Yield ``(start, stop, chunk)``: C-contiguous float32/float64 copies of column chunks.
+
+    Only ``rows`` (all rows by default) are copied. Half precision becomes
+    float32, float64 stays float64.
+    """
     dtype = np.float64 if X.dtype == np.float64 else np.float32
-    step = max(nk.SEGMENT, (1 << 22) // (8 * max(X.shape[0], 1)) // nk.SEGMENT * nk.SEGMENT)
+    n_rows = max(X.shape[0] if rows is None else rows.size, 1)
+    step = max(SEGMENT, _CONVERT_BYTES // (8 * n_rows) // SEGMENT * SEGMENT)
     for start in range(0, X.shape[1], step):
         stop = min(start + step, X.shape[1])
-        yield start, stop, np.ascontiguousarray(X[:, start:stop], dtype=dtype)
+        part = X[:, start:stop] if rows is None else X[rows, start:stop]
+        yield start, stop, np.ascontiguousarray(part, dtype=dtype)
 
 
 def _segment_bounds(m: int) -> np.ndarray:
-    # Depends on m only, so the float64 sums (and the result) do not depend
-    # on how many threads run.
-    n_seg = max(1, min(_MAX_SEGMENTS, -(-m // nk.SEGMENT)))
+    """Column bounds of the kernels' segments.
+
+    They depend on ``m`` only, so the float64 sums (and the result) do not
+    depend on how many threads run.
+    """
+    n_seg = max(1, min(_MAX_SEGMENTS, -(-m // SEGMENT)))
     per = -(-m // n_seg)
-    per = -(-per // nk.SEGMENT) * nk.SEGMENT
+    per = -(-per // SEGMENT) * SEGMENT
     return np.minimum(np.arange(n_seg + 1, dtype=np.int64) * per, m)
+
+
+def _gram_width(p: int, itemsize: int) -> int:
+    """Columns per Gram chunk: ``p`` rows of it fill about ``_GRAM_CHUNK_BYTES``."""
+    return int(min(16384, max(256, _GRAM_CHUNK_BYTES // (p * itemsize) // 64 * 64)))
+
+
+def _gram_flat(flat: np.ndarray, p: int, ld: int, m: int) -> np.ndarray:
+    """Lower triangle of the float64 Gram matrix of a flat row-major block."""
+    bounds = _segment_bounds(m)
+    partials = np.zeros((bounds.size - 1, p, p))
+    nk._gram_partials(flat, p, ld, bounds, _gram_width(p, flat.itemsize), nk.tile_size(p),
+                      partials)
+    return partials.sum(axis=0)  # in segment order: deterministic
 
 
 class NumbaBackend(NumpyBackend):
@@ -49,24 +121,68 @@ class NumbaBackend(NumpyBackend):
 
     def gram(self, X: np.ndarray) -> np.ndarray:
         """Float64 ``X @ X.T``: register-tiled, segment partials reduced in order."""
-        p = X.shape[0]
-        K = np.zeros((p, p))
-        for _, _, B in _kernel_blocks(X):
-            bounds = _segment_bounds(B.shape[1])
-            partials = np.zeros((bounds.size - 1, p, p))
-            nk._gram_partials(B, bounds, partials)
-            K += partials.sum(axis=0)
-        K = np.tril(K)
-        return K + np.tril(K, -1).T
+        p, m = X.shape
+        if p == 0 or m == 0:
+            return np.zeros((p, p))
+        view = _row_major(X)
+        with _threads(p * (p + 1) // 2 * m >= _PARALLEL_MIN_PRODUCTS):
+            if view is not None:
+                K = _gram_flat(view[0], p, view[1], m)
+            else:
+                K = np.zeros((p, p))
+                for _, _, B in _converted_chunks(X):
+                    K += _gram_flat(B.reshape(-1), p, B.shape[1], B.shape[1])
+        # The kernel fills the lower triangle; mirror it (np.tril is slow for tiny K).
+        S = K + K.T
+        np.fill_diagonal(S, np.diagonal(K))
+        return S
 
     def combine(self, coef: np.ndarray, X: np.ndarray) -> np.ndarray:
-        """``sum_i coef[i] X[i]`` over non-zero coefficients, float64 accumulation."""
+        """``sum_i coef[i] X[i]`` over the non-zero coefficients, float64 accumulation."""
+        p, m = X.shape
         rows = np.flatnonzero(coef).astype(np.int64)
-        out_dtype = np.float64 if X.dtype == np.float64 else np.float32
-        out = np.empty(X.shape[1], dtype=out_dtype)
-        coef = np.ascontiguousarray(coef, dtype=np.float64)
-        for start, stop, B in _kernel_blocks(X):
-            nk._combine(B, coef, rows, out[start:stop], nk.SEGMENT)
+        out = np.empty(m, dtype=np.float64 if X.dtype == np.float64 else np.float32)
+        if rows.size == 0 or m == 0:
+            out[:] = 0
+            return out
+        c = np.ascontiguousarray(coef[rows], dtype=np.float64)
+        view = _row_major(X)
+        with _threads(rows.size * m >= _PARALLEL_MIN_ELEMENTS):
+            if view is not None:
+                nk._combine(view[0], view[1], rows, c, _segment_bounds(m), _COMBINE_WIDTH, out)
+                return out
+            local = np.arange(rows.size, dtype=np.int64)
+            for start, stop, B in _converted_chunks(X, rows):
+                nk._combine(B.reshape(-1), B.shape[1], local, c, _segment_bounds(stop - start),
+                            _COMBINE_WIDTH, out[start:stop])
+        return out
+
+    def coordinate_stat(self, X: np.ndarray, rows: np.ndarray, center: str, trim: int,
+                        k: int) -> np.ndarray:
+        """Per-column order statistic of ``X[rows]``: sorting networks over L1 blocks."""
+        from ._order_stats import check_args, network, stat_block
+
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        q = rows.size
+        check_args(q, center, trim, k)
+        m = X.shape[1]
+        out = np.empty(m, dtype=np.float64 if X.dtype == np.float64 else np.float32)
+        if m == 0:
+            return out
+        net_i, net_j = network(q, center, trim, k)
+        mode = 0 if center == "median" else 1
+        block = stat_block(q, out.itemsize)
+        view = _row_major(X)
+        # +inf - inf is NaN by design; only the kernels run as Python would warn.
+        with np.errstate(invalid="ignore"):
+            if view is not None:
+                nk._coordinate_stat(view[0], view[1], rows, net_i, net_j, mode, trim, k, block,
+                                    out)
+                return out
+            local = np.arange(q, dtype=np.int64)
+            for start, stop, B in _converted_chunks(X, rows):
+                nk._coordinate_stat(B.reshape(-1), stop - start, local, net_i, net_j, mode, trim,
+                                    k, block, out[start:stop])
         return out
 
 

@@ -6,13 +6,25 @@ reduces the partials serially in segment order, so results do not depend on
 the number of threads. ``fastmath`` allows reassociation and FMA contraction
 (for vectorisation) but not ``nnan``/``ninf``: the NaN/Inf policy needs
 non-finite values to propagate honestly.
+
+Inputs arrive as a flat read-only view ``X`` of a row-major ``(p, m)``
+matrix with row stride ``ld``, so a column slice of a larger array is read
+in place. Inner loops run over a slice of one row (a unit-stride, provably
+non-negative index) so that LLVM vectorises them; float32 values are
+widened to float64 in registers, never through a buffer.
+
+Gram: a chunk of columns that fits L2 is swept by register tiles of 4 x 4
+(16 accumulators) or 5 x 5 row pairs (25; fewer FMAs when 5 divides p,
+e.g. p = 15), one zmm accumulator per pair, so the kernel runs at the FMA
+throughput of the core. Combine: four rows at a time into an L1-resident
+float64 accumulator, i.e. at memory speed.
 """
 
 from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import prange
+from numba import prange, types
 
 # No "nnan"/"ninf": excluded rows are detected from non-finite Gram entries.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
@@ -22,94 +34,378 @@ def _jit(signatures):
     return numba.njit(signatures, parallel=True, fastmath=_FASTMATH, cache=True, nogil=True)
 
 
-# Columns per segment: the p rows of a segment stay in L2 while all pairs are formed.
+_RO32 = types.Array(types.float32, 1, "C", readonly=True)
+_RO64 = types.Array(types.float64, 1, "C", readonly=True)
+
+
+def _helper(func):
+    # Inner functions of the kernels: compiled (and cached) with the caller's
+    # argument types, same fastmath flags, inlined by LLVM.
+    return numba.njit(fastmath=_FASTMATH, cache=True, nogil=True)(func)
+
+
+# Granularity, in columns, of the segment bounds chosen by the callers.
 SEGMENT = 2048
 
 
-@_jit(["void(float32[:, ::1], int64[::1], float64[:, :, ::1])",
-       "void(float64[:, ::1], int64[::1], float64[:, :, ::1])"])
-def _gram_partials(X, bounds, partials):
-    """partials[s] += lower triangle of X[:, b_s:b_s+1] X[:, b_s:b_s+1]^T, in float64."""
-    p = X.shape[0]
+@_helper
+def _piece(X, i, ld, c0, w):
+    """Columns ``c0:c0+w`` of row ``i`` of the row-major matrix ``X`` with row stride ``ld``.
+
+    Slicing first gives the inner loops a non-negative index, which keeps
+    LLVM from emitting wrap-around checks (and gathers instead of loads).
+    """
+    start = i * ld + c0
+    return X[start:start + w]
+
+
+@_helper
+def _row(X, i, p, ld, c0, w):
+    """:func:`_piece` of row ``min(i, p - 1)``.
+
+    Clamping rows past the end to the last one makes every tile a full
+    tile; the products of those copies are computed and dropped.
+    """
+    return _piece(X, min(i, p - 1), ld, c0, w)
+
+
+@_helper
+def _diag_tile(x0, x1, x2, x3, w):
+    """Lower triangle of the 4 x 4 Gram of four row pieces, as a row-major 16-tuple."""
+    d00 = d10 = d11 = d20 = d21 = d22 = d30 = d31 = d32 = d33 = 0.0
+    for c in range(w):
+        # float32 -> float64 on the fly: products of float32 values are exact in float64.
+        a0 = np.float64(x0[c])
+        a1 = np.float64(x1[c])
+        a2 = np.float64(x2[c])
+        a3 = np.float64(x3[c])
+        d00 += a0 * a0
+        d10 += a1 * a0
+        d11 += a1 * a1
+        d20 += a2 * a0
+        d21 += a2 * a1
+        d22 += a2 * a2
+        d30 += a3 * a0
+        d31 += a3 * a1
+        d32 += a3 * a2
+        d33 += a3 * a3
+    return (d00, 0.0, 0.0, 0.0, d10, d11, 0.0, 0.0, d20, d21, d22, 0.0, d30, d31, d32, d33)
+
+
+@_helper
+def _off_tile(x0, x1, x2, x3, y0, y1, y2, y3, w):
+    """The 4 x 4 block ``x y^T`` of four row pieces against four others, row-major."""
+    # 16 accumulators + 8 converted rows fit the 32 zmm registers of AVX-512;
+    # LLVM vectorises the column loop, one accumulator vector per pair.
+    t00 = t01 = t02 = t03 = t10 = t11 = t12 = t13 = 0.0
+    t20 = t21 = t22 = t23 = t30 = t31 = t32 = t33 = 0.0
+    for c in range(w):
+        a0 = np.float64(x0[c])
+        a1 = np.float64(x1[c])
+        a2 = np.float64(x2[c])
+        a3 = np.float64(x3[c])
+        b0 = np.float64(y0[c])
+        b1 = np.float64(y1[c])
+        b2 = np.float64(y2[c])
+        b3 = np.float64(y3[c])
+        t00 += a0 * b0
+        t01 += a0 * b1
+        t02 += a0 * b2
+        t03 += a0 * b3
+        t10 += a1 * b0
+        t11 += a1 * b1
+        t12 += a1 * b2
+        t13 += a1 * b3
+        t20 += a2 * b0
+        t21 += a2 * b1
+        t22 += a2 * b2
+        t23 += a2 * b3
+        t30 += a3 * b0
+        t31 += a3 * b1
+        t32 += a3 * b2
+        t33 += a3 * b3
+    return (t00, t01, t02, t03, t10, t11, t12, t13, t20, t21, t22, t23, t30, t31, t32, t33)
+
+
+@_helper
+def _diag_tile5(x0, x1, x2, x3, x4, w):
+    """Lower triangle of the 5 x 5 Gram of five row pieces, as a row-major 25-tuple."""
+    d00 = d10 = d11 = d20 = d21 = d22 = d30 = d31 = d32 = d33 = 0.0
+    d40 = d41 = d42 = d43 = d44 = 0.0
+    for c in range(w):
+        a0 = np.float64(x0[c])
+        a1 = np.float64(x1[c])
+        a2 = np.float64(x2[c])
+        a3 = np.float64(x3[c])
+        a4 = np.float64(x4[c])
+        d00 += a0 * a0
+        d10 += a1 * a0
+        d11 += a1 * a1
+        d20 += a2 * a0
+        d21 += a2 * a1
+        d22 += a2 * a2
+        d30 += a3 * a0
+        d31 += a3 * a1
+        d32 += a3 * a2
+        d33 += a3 * a3
+        d40 += a4 * a0
+        d41 += a4 * a1
+        d42 += a4 * a2
+        d43 += a4 * a3
+        d44 += a4 * a4
+    z = 0.0
+    return (d00, z, z, z, z, d10, d11, z, z, z, d20, d21, d22, z, z,
+            d30, d31, d32, d33, z, d40, d41, d42, d43, d44)
+
+
+@_helper
+def _off_tile5(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, w):
+    """The 5 x 5 block ``x y^T`` of five row pieces against five others, row-major."""
+    # 25 accumulators: LLVM keeps all but a couple in zmm registers; the
+    # block needs no more FMAs than the triangle has pairs when 5 divides p.
+    t00 = t01 = t02 = t03 = t04 = t10 = t11 = t12 = t13 = t14 = 0.0
+    t20 = t21 = t22 = t23 = t24 = t30 = t31 = t32 = t33 = t34 = 0.0
+    t40 = t41 = t42 = t43 = t44 = 0.0
+    for c in range(w):
+        a0 = np.float64(x0[c])
+        a1 = np.float64(x1[c])
+        a2 = np.float64(x2[c])
+        a3 = np.float64(x3[c])
+        a4 = np.float64(x4[c])
+        b0 = np.float64(y0[c])
+        b1 = np.float64(y1[c])
+        b2 = np.float64(y2[c])
+        b3 = np.float64(y3[c])
+        b4 = np.float64(y4[c])
+        t00 += a0 * b0
+        t01 += a0 * b1
+        t02 += a0 * b2
+        t03 += a0 * b3
+        t04 += a0 * b4
+        t10 += a1 * b0
+        t11 += a1 * b1
+        t12 += a1 * b2
+        t13 += a1 * b3
+        t14 += a1 * b4
+        t20 += a2 * b0
+        t21 += a2 * b1
+        t22 += a2 * b2
+        t23 += a2 * b3
+        t24 += a2 * b4
+        t30 += a3 * b0
+        t31 += a3 * b1
+        t32 += a3 * b2
+        t33 += a3 * b3
+        t34 += a3 * b4
+        t40 += a4 * b0
+        t41 += a4 * b1
+        t42 += a4 * b2
+        t43 += a4 * b3
+        t44 += a4 * b4
+    return (t00, t01, t02, t03, t04, t10, t11, t12, t13, t14, t20, t21, t22, t23, t24,
+            t30, t31, t32, t33, t34, t40, t41, t42, t43, t44)
+
+
+@_helper
+def _add_tile(acc, t, i0, j0, p, diag, size):
+    """Add a ``size x size`` tile at ``acc[i0, j0]``, dropping clamped rows (and the upper part)."""
+    for a in range(min(size, p - i0)):
+        for b in range(a + 1 if diag else size):
+            acc[i0 + a, j0 + b] += t[size * a + b]
+
+
+@_helper
+def _sweep4(acc, X, p, ld, c0, w, i0):
+    """Rows ``i0:i0+4`` against rows ``0:i0+4`` of one chunk, in 4 x 4 tiles."""
+    x0 = _row(X, i0, p, ld, c0, w)
+    x1 = _row(X, i0 + 1, p, ld, c0, w)
+    x2 = _row(X, i0 + 2, p, ld, c0, w)
+    x3 = _row(X, i0 + 3, p, ld, c0, w)
+    _add_tile(acc, _diag_tile(x0, x1, x2, x3, w), i0, i0, p, True, 4)
+    for j0 in range(0, i0, 4):
+        y0 = _row(X, j0, p, ld, c0, w)
+        y1 = _row(X, j0 + 1, p, ld, c0, w)
+        y2 = _row(X, j0 + 2, p, ld, c0, w)
+        y3 = _row(X, j0 + 3, p, ld, c0, w)
+        _add_tile(acc, _off_tile(x0, x1, x2, x3, y0, y1, y2, y3, w), i0, j0, p, False, 4)
+
+
+@_helper
+def _sweep5(acc, X, p, ld, c0, w, i0):
+    """Rows ``i0:i0+5`` against rows ``0:i0+5`` of one chunk, in 5 x 5 tiles."""
+    x0 = _row(X, i0, p, ld, c0, w)
+    x1 = _row(X, i0 + 1, p, ld, c0, w)
+    x2 = _row(X, i0 + 2, p, ld, c0, w)
+    x3 = _row(X, i0 + 3, p, ld, c0, w)
+    x4 = _row(X, i0 + 4, p, ld, c0, w)
+    _add_tile(acc, _diag_tile5(x0, x1, x2, x3, x4, w), i0, i0, p, True, 5)
+    for j0 in range(0, i0, 5):
+        y0 = _row(X, j0, p, ld, c0, w)
+        y1 = _row(X, j0 + 1, p, ld, c0, w)
+        y2 = _row(X, j0 + 2, p, ld, c0, w)
+        y3 = _row(X, j0 + 3, p, ld, c0, w)
+        y4 = _row(X, j0 + 4, p, ld, c0, w)
+        t = _off_tile5(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, w)
+        _add_tile(acc, t, i0, j0, p, False, 5)
+
+
+def tile_size(p: int) -> int:
+    """Tile size, 4 or 5, that needs the fewest FMAs per column for ``p`` rows (ties: 4)."""
+    def fmas(t: int) -> int:
+        n = -(-p // t)
+        return n * t * (t + 1) // 2 + n * (n - 1) // 2 * t * t
+
+    return 5 if fmas(5) < fmas(4) else 4
+
+
+@_jit([types.void(x, types.int64, types.int64, types.int64[::1], types.int64, types.int64,
+                  types.float64[:, :, ::1]) for x in (_RO32, _RO64)])
+def _gram_partials(X, p, ld, bounds, width, tile, partials):
+    """Add the lower triangle of each segment's float64 Gram matrix to ``partials[s]``.
+
+    ``X`` holds a ``(p, m)`` matrix row-major with row stride ``ld``
+    (flattened); segment ``s`` is columns ``bounds[s]:bounds[s+1]``. Each
+    segment is swept ``width`` columns at a time (a chunk that stays in
+    cache while every ``tile x tile`` block of row pairs passes over it);
+    ``tile`` is 4 or 5 (see :func:`tile_size`).
+    """
+    n_tiles = (p + tile - 1) // tile
     for s in prange(bounds.size - 1):
-        buf = np.empty((p, SEGMENT), dtype=np.float64)
         acc = partials[s]
-        for c0 in range(bounds[s], bounds[s + 1], SEGMENT):
-            w = min(SEGMENT, bounds[s + 1] - c0)
-            for i in range(p):
+        for c0 in range(bounds[s], bounds[s + 1], width):
+            w = min(width, bounds[s + 1] - c0)
+            for ti in range(n_tiles):
+                if tile == 5:
+                    _sweep5(acc, X, p, ld, c0, w, 5 * ti)
+                else:
+                    _sweep4(acc, X, p, ld, c0, w, 4 * ti)
+
+
+@_helper
+def _axpy4(acc, a0, a1, a2, a3, x0, x1, x2, x3, w):
+    """``acc += a0 x0 + a1 x1 + a2 x2 + a3 x3`` in float64 (one pass over ``acc`` per 4 rows)."""
+    for c in range(w):
+        acc[c] += (a0 * np.float64(x0[c]) + a1 * np.float64(x1[c])) + (
+            a2 * np.float64(x2[c]) + a3 * np.float64(x3[c]))
+
+
+@_helper
+def _axpy1(acc, a0, x0, w):
+    """``acc += a0 x0`` in float64."""
+    for c in range(w):
+        acc[c] += a0 * np.float64(x0[c])
+
+
+@_jit([types.void(x, types.int64, types.int64[::1], types.float64[::1], types.int64[::1],
+                  types.int64, out[::1])
+       for x, out in ((_RO32, types.float32), (_RO64, types.float64))])
+def _combine(X, ld, rows, coef, bounds, width, out):
+    """``out[c] = sum_k coef[k] X[rows[k], c]``, summed in float64 in the order of ``rows``.
+
+    ``X`` is the flattened row-major matrix with row stride ``ld``; only
+    rows listed in ``rows`` are read. Every column is summed independently,
+    so the result does not depend on the segments ``bounds`` or on threads.
+    """
+    nr = rows.size
+    for s in prange(bounds.size - 1):
+        # One L1-sized float64 accumulator per segment, reused chunk after chunk.
+        acc = np.empty(width, dtype=np.float64)
+        for c0 in range(bounds[s], bounds[s + 1], width):
+            w = min(width, bounds[s + 1] - c0)
+            acc[:w] = 0.0
+            k = 0
+            while k + 4 <= nr:
+                _axpy4(acc, coef[k], coef[k + 1], coef[k + 2], coef[k + 3],
+                       _piece(X, rows[k], ld, c0, w), _piece(X, rows[k + 1], ld, c0, w),
+                       _piece(X, rows[k + 2], ld, c0, w), _piece(X, rows[k + 3], ld, c0, w), w)
+                k += 4
+            while k < nr:
+                _axpy1(acc, coef[k], _piece(X, rows[k], ld, c0, w), w)
+                k += 1
+            o = out[c0:c0 + w]
+            for c in range(w):
+                o[c] = acc[c]
+
+
+# ---------------------------------------------------------------------------
+# Coordinate order statistics (median, trimmed mean, MeaMed, Phocas, Bulyan).
+
+_OS_RO32 = types.Array(types.float32, 1, "C", readonly=True)
+_OS_RO64 = types.Array(types.float64, 1, "C", readonly=True)
+
+
+@_jit([types.void(X, types.int64, types.int64[::1], types.int64[::1], types.int64[::1],
+                  types.int64, types.int64, types.int64, types.int64, out)
+       for X, out in ((_OS_RO32, types.float32[::1]), (_OS_RO64, types.float64[::1]))])
+def _coordinate_stat(X, ld, rows, net_i, net_j, mode, trim, k, block, out):
+    """Per column, a robust statistic of the values of ``rows`` (see ``_order_stats``).
+
+    ``X`` is row-major with row stride ``ld`` (flattened). Each block of
+    ``block`` columns of the selected rows is copied into an L1-sized buffer
+    (NaN becomes +inf there) and sorted by the comparators ``net_i[e] <
+    net_j[e]``, every comparator a min/max over the whole row of the buffer
+    so that it vectorises across columns. ``mode`` 0 centers on the median,
+    1 on the mean of positions ``trim .. q-trim-1``; ``k > 0`` then averages
+    the ``k`` values closest to the center. Centers and sums are float64.
+    Columns are independent, so the result does not depend on the threads.
+    """
+    q = rows.size
+    m = out.size
+    for b in prange((m + block - 1) // block):
+        c0 = b * block
+        w = min(block, m - c0)
+        buf = np.empty((q, block), dtype=out.dtype)
+        for r in range(q):
+            start = rows[r] * ld + c0
+            src = X[start:start + w]
+            dst = buf[r]
+            for c in range(w):
+                v = src[c]
+                dst[c] = v if v == v else np.float32(np.inf)  # exact in float64 too
+        for e in range(net_i.size):
+            lo = buf[net_i[e]]
+            hi = buf[net_j[e]]
+            for c in range(w):
+                a = lo[c]
+                z = hi[c]
+                lo[c] = min(a, z)
+                hi[c] = max(a, z)
+        cen = np.zeros(block)
+        if mode == 0:
+            # Odd q reads the middle twice: one code path for both parities.
+            mid0 = buf[(q - 1) // 2]
+            mid1 = buf[q // 2]
+            for c in range(w):
+                cen[c] = 0.5 * (np.float64(mid0[c]) + np.float64(mid1[c]))
+        else:
+            for u in range(trim, q - trim):
+                row = buf[u]
                 for c in range(w):
-                    buf[i, c] = X[i, c0 + c]
-            # 4 x 4 register tiles over pairs of rows (i >= j).
-            for i0 in range(0, p, 4):
-                for j0 in range(0, i0 + 1, 4):
-                    if i0 + 4 <= p and j0 + 4 <= p:
-                        a00 = a01 = a02 = a03 = 0.0
-                        a10 = a11 = a12 = a13 = 0.0
-                        a20 = a21 = a22 = a23 = 0.0
-                        a30 = a31 = a32 = a33 = 0.0
-                        for c in range(w):
-                            x0 = buf[i0, c]
-                            x1 = buf[i0 + 1, c]
-                            x2 = buf[i0 + 2, c]
-                            x3 = buf[i0 + 3, c]
-                            y0 = buf[j0, c]
-                            y1 = buf[j0 + 1, c]
-                            y2 = buf[j0 + 2, c]
-                            y3 = buf[j0 + 3, c]
-                            a00 += x0 * y0
-                            a01 += x0 * y1
-                            a02 += x0 * y2
-                            a03 += x0 * y3
-                            a10 += x1 * y0
-                            a11 += x1 * y1
-                            a12 += x1 * y2
-                            a13 += x1 * y3
-                            a20 += x2 * y0
-                            a21 += x2 * y1
-                            a22 += x2 * y2
-                            a23 += x2 * y3
-                            a30 += x3 * y0
-                            a31 += x3 * y1
-                            a32 += x3 * y2
-                            a33 += x3 * y3
-                        acc[i0, j0] += a00
-                        acc[i0, j0 + 1] += a01
-                        acc[i0, j0 + 2] += a02
-                        acc[i0, j0 + 3] += a03
-                        acc[i0 + 1, j0] += a10
-                        acc[i0 + 1, j0 + 1] += a11
-                        acc[i0 + 1, j0 + 2] += a12
-                        acc[i0 + 1, j0 + 3] += a13
-                        acc[i0 + 2, j0] += a20
-                        acc[i0 + 2, j0 + 1] += a21
-                        acc[i0 + 2, j0 + 2] += a22
-                        acc[i0 + 2, j0 + 3] += a23
-                        acc[i0 + 3, j0] += a30
-                        acc[i0 + 3, j0 + 1] += a31
-                        acc[i0 + 3, j0 + 2] += a32
-                        acc[i0 + 3, j0 + 3] += a33
-                    else:
-                        for i in range(i0, min(i0 + 4, p)):
-                            for j in range(j0, min(j0 + 4, i + 1)):
-                                t = 0.0
-                                for c in range(w):
-                                    t += buf[i, c] * buf[j, c]
-                                acc[i, j] += t
-
-
-@_jit(["void(float32[:, ::1], float64[::1], int64[::1], float32[::1], int64)",
-       "void(float64[:, ::1], float64[::1], int64[::1], float64[::1], int64)"])
-def _combine(X, coef, rows, out, seg):
-    """Out = sum_{i in rows} coef[i] X[i], accumulated in float64 per column."""
-    m = X.shape[1]
-    n_seg = (m + seg - 1) // seg
-    for s in prange(n_seg):
-        c0 = s * seg
-        c1 = min(c0 + seg, m)
-        acc = np.zeros(c1 - c0, dtype=np.float64)
-        for i in rows:
-            a = coef[i]
-            for c in range(c1 - c0):
-                acc[c] += a * X[i, c0 + c]
-        for c in range(c1 - c0):
-            out[c0 + c] = acc[c]
+                    cen[c] += row[c]
+            for c in range(w):
+                cen[c] /= q - 2 * trim
+        res = out[c0:c0 + w]
+        if k == 0:
+            for c in range(w):
+                res[c] = cen[c]
+            continue
+        # Window start: how many left ends lose to the value k places right.
+        s = np.zeros(block, dtype=np.int64)
+        for u in range(q - k):
+            left = buf[u]
+            right = buf[u + k]
+            for c in range(w):
+                s[c] += 1 if np.float64(right[c]) - cen[c] < cen[c] - np.float64(left[c]) else 0
+        acc = np.zeros(block)
+        for u in range(q):
+            row = buf[u]
+            if q - k <= u < k:
+                # Inside every possible window (s <= q - k, s + k >= k).
+                for c in range(w):
+                    acc[c] += row[c]
+            else:
+                for c in range(w):
+                    # A select, not a product with a mask: values outside may be +inf.
+                    acc[c] += np.float64(row[c]) if s[c] <= u and u < s[c] + k else 0.0
+        for c in range(w):
+            res[c] = acc[c] / k

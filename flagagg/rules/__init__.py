@@ -11,11 +11,29 @@ from typing import Any
 
 from ._base import GramRule, Rule, RuleResult
 
-__all__ = ["GramRule", "Rule", "RuleResult", "aggregate", "available_rules", "get_rule"]
+__all__ = [
+    "GramRule",
+    "Rule",
+    "RuleResult",
+    "aggregate",
+    "available_pre",
+    "available_rules",
+    "get_rule",
+]
 
 # name -> "module:Class", imported on first use.
 _RULES: dict[str, str] = {
     "mean": "flagagg.rules._mean:Mean",
+    "median": "flagagg.rules._coordinate:Median",
+    "trimmed_mean": "flagagg.rules._coordinate:TrimmedMean",
+    "meamed": "flagagg.rules._coordinate:MeaMed",
+    "phocas": "flagagg.rules._coordinate:Phocas",
+    "krum": "flagagg.rules._krum:Krum",
+    "multi_krum": "flagagg.rules._krum:MultiKrum",
+    "bulyan": "flagagg.rules._krum:Bulyan",
+    "geometric_median": "flagagg.rules._geomed:GeometricMedian",
+    "centered_clipping": "flagagg.rules._clipping:CenteredClipping",
+    "mda": "flagagg.rules._mda:MDA",
     "flag": "flagagg.flag:FlagAggregator",
 }
 
@@ -30,6 +48,18 @@ def available_rules() -> list[str]:
     return sorted(_RULES)
 
 
+def available_pre() -> list[str]:
+    """Names of the pre-aggregation steps accepted by ``pre=`` in :func:`get_rule`.
+
+    Returns
+    -------
+    names : list of str
+    """
+    from ._pre import available_pre as names
+
+    return names()
+
+
 def _rule_class(name: str) -> type[Rule]:
     if not isinstance(name, str):
         raise TypeError(f"rule name must be a string, got {type(name).__name__}")
@@ -40,13 +70,19 @@ def _rule_class(name: str) -> type[Rule]:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def get_rule(name: str, **params: Any) -> Rule:
+def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
     """Build the aggregation rule called ``name``.
 
     Parameters
     ----------
     name : str
         One of :func:`available_rules`.
+    pre : list, optional
+        Pre-aggregation steps applied first, in order: names from
+        :func:`available_pre` (``"nnm"``, ``"bucketing"``, ``"clipping"``),
+        ``(name, params)`` pairs, or step objects. ``f`` is passed to the
+        steps that take it. A Gram rule after the steps still reads the
+        inputs only twice; see :mod:`flagagg.rules._pre`.
     **params
         The rule's parameters (e.g. ``f`` for the Byzantine-robust rules,
         ``r`` and ``lam`` for ``"flag"``).
@@ -62,9 +98,22 @@ def get_rule(name: str, **params: Any) -> Rule:
         If the rule is unknown.
     TypeError
         If a parameter is not one of the rule's.
+
+    Examples
+    --------
+    >>> import numpy as np, flagagg
+    >>> flagagg.get_rule("krum", f=3, pre=["nnm"])
+    ComposedRule(rule=Krum(f=3), pre=[NNM(f=3)])
+    >>> rule = flagagg.get_rule("trimmed_mean", f=1, pre=("nnm", ("bucketing", {"s": 2})))
+    >>> rule.name
+    'nnm+bucketing+trimmed_mean'
     """
     cls = _rule_class(name)
     try:
+        if pre is not None and not (isinstance(pre, (list, tuple)) and len(pre) == 0):
+            from ._pre import compose
+
+            return compose(cls, pre, params)
         return cls(**params)
     except TypeError as exc:
         raise TypeError(f"invalid parameters for rule {name!r}: {exc}") from None

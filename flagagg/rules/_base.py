@@ -10,7 +10,20 @@ import numpy as np
 from .._array import Stack, as_stack
 from ..backends import Backend, select_backend
 
-__all__ = ["GramRule", "Rule", "RuleResult", "check_f", "nonfinite_or_zero"]
+__all__ = [
+    "GramRule",
+    "Rule",
+    "RuleResult",
+    "check_f",
+    "columnwise",
+    "finite_gram",
+    "finite_rows",
+    "nonfinite_or_zero",
+    "sq_distances",
+    "validate_f",
+]
+
+NONFINITE = "non-finite values (NaN or Inf) or an overflowing norm"
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,25 @@ class RuleResult:
     converged: bool | None = None
     objective_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
     details: dict = field(default_factory=dict)
+
+
+def validate_f(rule: str, f: Any, *, required: bool = True) -> int | None:
+    """Check the parameter ``f`` of ``rule``: an integer ``>= 0`` (or None when optional).
+
+    Raises
+    ------
+    TypeError
+        If ``f`` is not an integer.
+    ValueError
+        If ``f < 0``.
+    """
+    if f is None and not required:
+        return None
+    if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
+        raise TypeError(f"f must be an integer number of Byzantine inputs for {rule}: got {f!r}")
+    if f < 0:
+        raise ValueError(f"need f >= 0 for {rule}: got f={f}")
+    return int(f)
 
 
 def check_f(rule: str, f: int, p: int, need: int, condition: str) -> None:
@@ -137,6 +169,10 @@ class GramRule(Rule):
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         raise NotImplementedError
 
+    def _gram_only(self) -> bool:
+        """Whether :meth:`_coefficients` alone computes this rule (no other pass over the data)."""
+        return True
+
     def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
         K = stack.gram(backend)
         coef, extras = self._coefficients(K)
@@ -166,3 +202,66 @@ def nonfinite_or_zero(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str],
         for i in np.flatnonzero(~keep)
     )
     return keep, excluded
+
+
+def finite_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
+    """Inputs with finite values, read off the Gram diagonal (zero rows are kept).
+
+    Returns
+    -------
+    finite : ndarray of bool, shape (p,)
+    excluded : tuple of (int, str)
+        The other inputs, with the reason.
+    """
+    finite = np.isfinite(np.diag(K))
+    return finite, tuple((int(i), NONFINITE) for i in np.flatnonzero(~finite))
+
+
+def sq_distances(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Squared distances ``||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij`` from the Gram matrix.
+
+    Round-off can make the expression slightly negative; it is clipped at
+    0. Pairs involving a non-finite input are ``+inf`` (such an input is
+    farther from everything than any finite one) and the diagonal is 0.
+    """
+    d = np.diag(K)
+    with np.errstate(invalid="ignore", over="ignore"):
+        D2 = np.maximum(d[:, None] + d[None, :] - 2.0 * K, 0.0)
+    D2[~finite, :] = np.inf
+    D2[:, ~finite] = np.inf
+    np.fill_diagonal(D2, 0.0)
+    return D2
+
+
+def finite_gram(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """``K`` with the rows and columns of non-finite inputs set to 0.
+
+    Products with coefficient vectors that are zero on those inputs then
+    stay finite (``0 * nan`` would not).
+    """
+    return np.where(finite[:, None] & finite[None, :], K, 0.0)
+
+
+def columnwise(stack: Stack, fn: Any) -> Any:
+    """Apply a per-column kernel ``fn(block) -> (m,) array`` to every leaf of ``stack``.
+
+    The output is assembled like :meth:`Stack.combine`'s: per leaf, cast to
+    the leaf's dtype, reshaped, and rebuilt in the input's structure.
+    """
+    xp = stack.xp
+    outs = []
+    for leaf in stack.leaves:
+        if leaf.block is not None:
+            out = fn(leaf.block)
+        else:
+            out = None
+            for start, stop, block in stack.blocks(leaf):
+                part = fn(block)
+                if out is None:
+                    out = xp.empty((leaf.size,), dtype=part.dtype, device=stack.device)
+                out[start:stop] = part
+        target = getattr(xp, leaf.dtype_name)
+        if out.dtype != target:
+            out = xp.astype(out, target)
+        outs.append(xp.reshape(out, leaf.shape))
+    return stack.unflatten(outs)

@@ -1,0 +1,1 @@
+"""flagagg's airspeed velocity benchmarks."""

@@ -1,0 +1,465 @@
+"""``flagagg bench``: speed ratios of the kernels and rules, measured in one process.
+
+Every number is a ratio of two timings taken in the same process on the same
+data, interleaved (baseline, candidate, candidate, baseline, ...) so that a
+change in machine load hits both alike; the ratio reported is the median of
+the per-pair ratios. Compile time is kept out: every callable runs once
+before it is timed.
+
+Sections: the Flag Aggregator against ``np.mean`` on a float32 ``(15, n)``
+stack; the Gram kernel against BLAS ``G @ G.T`` (time and accuracy); a dense
+n-space implementation of the same IRLS against the Gram-space solver; the
+cost of IRLS steps; the peak memory of a solve; every registered rule against
+``np.mean``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["add_arguments", "dense_flag", "make_stack", "paired_ratio", "run"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``flagagg bench`` to ``parser``."""
+    parser.add_argument("--quick", action="store_true",
+                        help="small sizes and few repeats (a smoke run for CI, seconds)")
+    parser.add_argument("-n", type=int, default=None,
+                        help="coordinates of the main stack (default 4_000_000; quick: 200_000)")
+    parser.add_argument("-p", type=int, default=15, help="inputs (workers), default 15")
+    parser.add_argument("--rules-n", type=int, default=None,
+                        help="coordinates of the rules' stack (default 1_000_000; quick: 100_000)")
+    parser.add_argument("--dense-n", type=int, default=None,
+                        help="coordinates for the dense n-space reference (default 250_000; "
+                             "quick: 20_000); its time is scaled linearly to n")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed pairs per ratio (default 15; quick: 3)")
+    parser.add_argument("--backend", default=None,
+                        help="backend of the timed solves (default: numba if installed, "
+                             "else numpy)")
+    parser.add_argument("--skip", action="append", default=[],
+                        choices=["flag", "gram", "dense", "iterations", "memory", "rules"],
+                        help="leave out a section (repeatable)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when a required target is missed")
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """Median timings of a baseline and a candidate, and the median per-pair ratio."""
+
+    base_s: float
+    cand_s: float
+    ratio: float  # candidate time / baseline time
+
+
+def paired_ratio(base: Callable[[], object], cand: Callable[[], object], repeats: int) -> Ratio:
+    """Time ``cand`` against ``base`` in interleaved pairs.
+
+    Parameters
+    ----------
+    base, cand : callable
+        Called without arguments; each is called once first to warm up (JIT
+        compilation, caches, page faults of first use).
+    repeats : int
+        Number of timed pairs. The order within a pair alternates.
+
+    Returns
+    -------
+    ratio : Ratio
+        Median times and the median of ``time(cand) / time(base)`` over pairs.
+    """
+    base()
+    cand()
+    gc.collect()
+    tb, tc, ratios = [], [], []
+    for k in range(max(1, repeats)):
+        if k % 2:
+            c = _time_once(cand)
+            b = _time_once(base)
+        else:
+            b = _time_once(base)
+            c = _time_once(cand)
+        tb.append(b)
+        tc.append(c)
+        ratios.append(c / b)
+    return Ratio(statistics.median(tb), statistics.median(tc), statistics.median(ratios))
+
+
+def make_stack(p: int, n: int, f: int = 3, dtype: str = "float32", seed: int = 0) -> np.ndarray:
+    """A ``(p, n)`` stack: ``p - f`` honest rows around a common direction, ``f`` reversed ones.
+
+    Generated in float32 a row at a time, so no float64 copy of the whole
+    stack is made.
+
+    Parameters
+    ----------
+    p, n : int
+        Inputs and coordinates.
+    f : int, default=3
+        Faulty rows (the last ``f``), the honest ones scaled by -10.
+    dtype : str, default="float32"
+        Dtype of the result.
+    seed : int, default=0
+        Seed of :func:`numpy.random.default_rng`.
+
+    Returns
+    -------
+    G : ndarray of shape (p, n)
+    """
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(n, dtype=np.float32)
+    G = np.empty((p, n), dtype=np.float32)
+    for i in range(p):
+        G[i] = base + np.float32(0.5) * rng.standard_normal(n, dtype=np.float32)
+    for i in range(p - f, p):
+        G[i] *= np.float32(-10.0)
+    return G.astype(dtype, copy=False)
+
+
+# -- the dense n-space reference -----------------------------------------------------------
+
+
+def dense_flag(G: np.ndarray, r: int, lam: float, steps: int, eps: float = 1e-7):
+    """The Flag Aggregator's IRLS done in n-space (the slow way), for timing.
+
+    Each step forms the weighted ``n x (p [+ p(p-1)/2])`` matrix of the
+    normalised inputs (and, when ``lam > 0``, of the normalised pairwise
+    differences) and takes its thin SVD. Same math as
+    :func:`flagagg.flag_aggregate` (variant ``"paper"``), without the
+    Gram-space shortcut.
+
+    Parameters
+    ----------
+    G : ndarray of shape (p, n)
+        The inputs (widened to float64: the dense method needs the copy).
+    r : int
+        Subspace rank.
+    lam : float
+        Weight of the pairwise term.
+    steps : int
+        IRLS steps; the first uses uniform weights.
+    eps : float, default=1e-7
+        Smoothing of the square roots.
+
+    Returns
+    -------
+    out : ndarray of shape (n,)
+        The aggregate after ``steps`` steps.
+    setup_s : float
+        Seconds spent forming the normalised vectors.
+    step_s : list of float
+        Seconds of each step.
+    """
+    t0 = time.perf_counter()
+    H = np.asarray(G, dtype=np.float64)
+    H = H / np.linalg.norm(H, axis=1, keepdims=True)
+    p = H.shape[0]
+    if lam > 0:
+        i, j = np.triu_indices(p, 1)
+        D = H[i] - H[j]
+        D /= np.linalg.norm(D, axis=1, keepdims=True)
+        pair_scale = lam / len(i)
+        V = np.ascontiguousarray(np.vstack([H, D]).T)  # n x (p + pairs)
+    else:
+        pair_scale = 0.0
+        V = np.ascontiguousarray(H.T)  # n x p
+    scale = np.concatenate([np.ones(p), np.full(V.shape[1] - p, pair_scale)])
+    setup_s = time.perf_counter() - t0
+    step_s = []
+    Y = None
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        U, _, _ = np.linalg.svd(V * np.sqrt(scale), full_matrices=False)
+        Y = U[:, :r]  # n x r, orthonormal columns
+        proj = V.T @ Y
+        s = np.maximum(1 - np.sum(proj**2, axis=1), 0) + eps
+        scale = np.where(np.arange(V.shape[1]) < p, 1.0, pair_scale) * s**-0.5
+        step_s.append(time.perf_counter() - t0)
+    out = Y @ (Y.T @ H.sum(axis=0)) / r
+    return out, setup_s, step_s
+
+
+def _dense_timing(G: np.ndarray, r: int, lam: float, steps: int) -> tuple[float, float, str]:
+    """Setup and per-step seconds of :func:`dense_flag`, at its best BLAS thread count.
+
+    Multi-threaded BLAS can be far slower than one thread on a busy machine;
+    the reference gets the faster of the two, so the ratio is not inflated.
+    """
+    _, setup_s, step_s = dense_flag(G, r, lam, steps)
+    best = (setup_s, statistics.median(step_s), "default BLAS threads")
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return best
+    with threadpool_limits(1, user_api="blas"):
+        _, setup_s, step_s = dense_flag(G, r, lam, steps)
+    one = (setup_s, statistics.median(step_s), "1 BLAS thread, faster than the default")
+    return one if one[0] + one[1] < best[0] + best[1] else (
+        best[0], best[1], "default BLAS threads, faster than 1")
+
+
+# -- peak memory ---------------------------------------------------------------------------
+
+
+def _rss_peak_reset() -> int | None:
+    """Reset the kernel's peak-RSS counter; return the current RSS in bytes (Linux only)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return _proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+def _proc_status(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+# -- the report ----------------------------------------------------------------------------
+
+
+class _Table:
+    def __init__(self) -> None:
+        self.missed: list[str] = []
+
+    @staticmethod
+    def section(title: str) -> None:
+        print(f"\n{title}")
+        print("-" * len(title))
+
+    def row(self, label: str, value: str, target: str = "", ok: bool | None = None,
+            required: bool = True) -> None:
+        verdict = "" if ok is None else ("ok" if ok else ("MISSED" if required else "above goal"))
+        if ok is False and required:
+            self.missed.append(label)
+        print(f"  {label:<46} {value:>22}  {target:<16} {verdict}".rstrip())
+
+    @staticmethod
+    def note(text: str) -> None:
+        print(f"    {text}")
+
+
+def _fmt_ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+
+
+def _ratio_text(r: Ratio) -> str:
+    return f"{r.ratio:.2f}x ({_fmt_ms(r.cand_s)})"
+
+
+def _default_backend() -> str:
+    from .backends import installed_backends
+
+    return "numba" if "numba" in installed_backends() else "numpy"
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark and print the ratio table.
+
+    Returns
+    -------
+    status : int
+        0, or 1 with ``--check`` when a required target was missed.
+    """
+    import flagagg
+
+    quick = args.quick
+    n = args.n or (200_000 if quick else 4_000_000)
+    p = args.p
+    rules_n = args.rules_n or (100_000 if quick else 1_000_000)
+    dense_n = min(n, args.dense_n or (20_000 if quick else 250_000))
+    repeats = args.repeats or (3 if quick else 15)
+    backend = args.backend or _default_backend()
+    r = math.ceil(p / 2)
+    skip = set(args.skip)
+    table = _Table()
+
+    _warm(backend)
+    threads = ""
+    if backend == "numba":
+        import numba
+
+        threads = f", numba threads {numba.get_num_threads()} ({numba.threading_layer()})"
+    print(f"flagagg {flagagg.__version__} bench: backend={backend}, p={p}, n={n:,} float32, "
+          f"r={r}, {repeats} interleaved pairs per ratio (median of per-pair ratios)")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, "
+          f"{os.cpu_count()} CPUs{threads}")
+
+    G = make_stack(p, n)
+
+    def mean() -> object:
+        return np.mean(G, axis=0)
+
+    def fa(lam: float, **kw) -> Callable[[], object]:
+        return lambda: flagagg.flag_aggregate(G, r, lam, backend=backend, **kw)
+
+    res0 = flagagg.flag_aggregate(G, r, 0.0, backend=backend, return_result=True)
+    res1 = flagagg.flag_aggregate(G, r, 1.0, backend=backend, return_result=True)
+
+    if "flag" not in skip:
+        table.section(f"Flag Aggregator (paper, r={r}, to convergence) vs np.mean(G, axis=0)")
+        for lam, res in ((0.0, res0), (1.0, res1)):
+            ratio = paired_ratio(mean, fa(lam), repeats)
+            table.note(f"lam={lam:g}: {res.n_iter} IRLS steps, converged={res.converged}; "
+                       f"np.mean {_fmt_ms(ratio.base_s)}")
+            table.row(f"flag_aggregate lam={lam:g} / np.mean", _ratio_text(ratio), "<= 4x",
+                      ratio.ratio <= 4.0)
+            if lam == 0.0:
+                table.row("  (goal)", "", "<= 3x", ratio.ratio <= 3.0, required=False)
+                if backend == "numba":
+                    # np.mean uses one core; this row is immune to a busy second core.
+                    ratio = paired_ratio(mean, _one_thread(fa(lam)), repeats)
+                    table.row("  same on one thread (informative)", _ratio_text(ratio))
+        ratio = paired_ratio(fa(0.0), fa(1.0), repeats)
+        table.row("flag_aggregate lam=1 / lam=0", _ratio_text(ratio), "<= 1.10x",
+                  ratio.ratio <= 1.10)
+
+    if "gram" not in skip:
+        from .backends import get_backend_impl
+
+        impl = get_backend_impl(backend)
+        table.section(f"Gram kernel ({backend}, float64 accumulation) vs BLAS G @ G.T (float32)")
+        ratio = paired_ratio(lambda: impl.gram(G), lambda: G @ G.T, repeats)
+        table.row("time of G @ G.T / kernel", f"{ratio.ratio:.2f}x ({_fmt_ms(ratio.base_s)})",
+                  ">= 2x", ratio.ratio >= 2.0)
+        K64 = np.zeros((p, p))
+        step = 1 << 16
+        for start in range(0, n, step):  # float64 BLAS on widened chunks: the reference
+            B = G[:, start:start + step].astype(np.float64)
+            K64 += B @ B.T
+        scale = np.abs(K64).max()
+        err_k = np.abs(impl.gram(G) - K64).max() / scale
+        err_b = np.abs((G @ G.T).astype(np.float64) - K64).max() / scale
+        table.row("max relative error, kernel", f"{err_k:.1e}", "< BLAS float32", err_k < err_b)
+        table.row("max relative error, G @ G.T float32", f"{err_b:.1e}")
+        table.note("errors: max |K - K64| / max |K64|, K64 = float64 BLAS of widened chunks")
+
+    if "dense" not in skip:
+        table.section("Dense n-space IRLS (an SVD per step) vs the Gram-space solver")
+        Gd = G[:, :dense_n]
+        for lam, res in ((0.0, res0), (1.0, res1)):
+            steps = 2
+            setup_s, per_step, how = _dense_timing(Gd, r, lam, steps)
+            scale = n / dense_n
+            dense_total = (setup_s + per_step * res.n_iter) * scale
+            t_fa = statistics.median(_time_once(fa(lam)) for _ in range(max(3, repeats // 2)))
+            width = p + (p * (p - 1) // 2 if lam > 0 else 0)
+            table.note(f"lam={lam:g}: dense SVD of a {dense_n:,} x {width} float64 matrix, "
+                       f"{_fmt_ms(per_step)} per step, {_fmt_ms(setup_s)} setup ({how}); "
+                       f"measured on {dense_n:,} coordinates for {steps} steps, scaled "
+                       f"linearly to n={n:,} and to the solver's {res.n_iter} steps")
+            speedup = dense_total / t_fa
+            need = 100.0 if lam == 0 else 1000.0
+            table.row(f"dense / flag_aggregate, lam={lam:g}",
+                      f"{speedup:,.0f}x ({_fmt_ms(dense_total)})", f">= {need:,.0f}x",
+                      speedup >= need)
+            fa_small = statistics.median(
+                _time_once(lambda lam=lam: flagagg.flag_aggregate(Gd, r, lam, backend=backend))
+                for _ in range(max(3, repeats // 2)))
+            same_n = (setup_s + per_step * res.n_iter) / fa_small
+            table.row(f"  same, both at n={dense_n:,} (no scaling in n)", f"{same_n:,.0f}x")
+
+    if "iterations" not in skip:
+        table.section("IRLS steps: max_iter=20 (tol=0) vs max_iter=1")
+        for lam in (0.0, 1.0):
+            ratio = paired_ratio(fa(lam, max_iter=1), fa(lam, max_iter=20, tol=0.0), repeats)
+            table.row(f"20 steps / 1 step, lam={lam:g}", _ratio_text(ratio), "<= 1.2x",
+                      ratio.ratio <= 1.2)
+
+    if "memory" not in skip:
+        table.section("Peak memory of one solve beyond the input (lam=1)")
+        out_bytes = n * G.itemsize
+        gc.collect()
+        rss0 = _rss_peak_reset()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        flagagg.flag_aggregate(G, r, 1.0, backend=backend)
+        peak = tracemalloc.get_traced_memory()[1] - before
+        tracemalloc.stop()
+        hwm = _proc_status("VmHWM")
+        extra = peak - out_bytes
+        table.row("tracemalloc peak", f"{peak / 2**20:.1f} MiB",
+                  "~ output + O(p^2)", extra <= 64 * p * p * 8 + (1 << 20))
+        table.note(f"output {out_bytes / 2**20:.1f} MiB; beyond it {extra / 2**10:.0f} KiB "
+                   f"(O(p^2): {p}x{p} Gram and 64 per-segment partials); input "
+                   f"{G.nbytes / 2**20:.0f} MiB")
+        if rss0 is not None and hwm is not None:
+            table.row("peak RSS growth (VmHWM)", f"{(hwm - rss0) / 2**20:.1f} MiB")
+            table.note("RSS also counts numba's own buffers (a 16 KiB accumulator per segment "
+                       "in flight), which tracemalloc does not see; pages the process already "
+                       "holds are reused, so it can stay below the output size")
+
+    if "rules" not in skip:
+        table.section(f"Every registered rule (f=3, backend auto) vs np.mean, float32 "
+                      f"({p}, {rules_n:,})")
+        Gr = make_stack(p, rules_n, seed=1)
+        for name in flagagg.available_rules():
+            try:
+                try:
+                    rule = flagagg.get_rule(name, f=3)
+                except TypeError:
+                    rule = flagagg.get_rule(name)
+                ratio = paired_ratio(lambda: np.mean(Gr, axis=0), lambda rule=rule: rule(Gr),
+                                     max(3, repeats // 2))
+                table.row(name, _ratio_text(ratio))
+            except Exception as exc:  # noqa: BLE001 - a broken rule is a row, not a crash
+                table.row(name, "error", ok=None)
+                table.note(f"{type(exc).__name__}: {exc}"[:200])
+
+    print()
+    if table.missed:
+        print("missed: " + "; ".join(table.missed))
+    else:
+        print("all required targets met")
+    return 1 if (args.check and table.missed) else 0
+
+
+def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` run with numba limited to the calling thread."""
+    import numba
+
+    def wrapped() -> object:
+        saved = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            numba.set_num_threads(saved)
+
+    return wrapped
+
+
+def _warm(backend: str) -> None:
+    """Compile (or load from cache) the backend's kernels before anything is timed."""
+    import flagagg
+
+    # Large enough for the parallel code path (the small one runs single-threaded).
+    flagagg.flag_aggregate(make_stack(7, 300_000), 2, 1.0, backend=backend)

@@ -1,0 +1,413 @@
+"""Pre-aggregation: nearest-neighbour mixing, bucketing and static clipping, composed with any rule.
+
+A pre-aggregation step maps the ``p`` inputs to ``p'`` new ones that are
+linear combinations of them, ``Y = M G`` with a ``p' x p`` matrix ``M``
+chosen from the Gram matrix. The Gram matrix of ``Y`` is ``M K M^T``, so
+after one pass over the data the steps and a Gram rule after them run on
+``p x p`` matrices, and the final coefficients ``M^T c`` give the output in
+one combination pass: ``get_rule("krum", f=3, pre=["nnm"])`` reads the
+inputs twice, like Krum. A rule that needs the data itself (coordinate-wise
+rules, Bulyan, centered clipping from an array center) runs on the
+materialised ``Y`` instead (one ``p' x n`` array, in the compute dtype).
+
+NaN policy: an input holding NaN or Inf (non-finite Gram diagonal) takes
+no part in any mixing: it is not anyone's neighbour, and the mixed input it
+maps to (itself for NNM and clipping, its bucket for bucketing) is marked
+non-finite, so the rule after the step applies its own NaN policy to it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from .._array import Leaf, Stack, dtype_name
+from ..backends import Backend
+from ..backends._base import compute_dtype_name
+from ._base import (
+    GramRule,
+    Rule,
+    RuleResult,
+    check_f,
+    finite_gram,
+    finite_rows,
+    sq_distances,
+    validate_f,
+)
+
+__all__ = ["NNM", "Bucketing", "Clipping", "ComposedRule", "PreAggregator", "make_pre"]
+
+
+class PreAggregator:
+    """Base class of pre-aggregation steps.
+
+    Subclasses set ``name`` and implement ``mixing(K) -> (M, info)``: the
+    ``p' x p`` matrix of the new inputs as combinations of the current ones,
+    given their float64 Gram matrix ``K`` (non-finite diagonal for inputs
+    holding NaN or Inf), and a dict of diagnostics.
+    """
+
+    name = "pre"
+
+    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Return the mixing matrix for inputs of Gram matrix ``K``."""
+        raise NotImplementedError
+
+    def get_params(self) -> dict[str, Any]:
+        """Return the step's parameters as a dict."""
+        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+class NNM(PreAggregator):
+    """Nearest-neighbour mixing: each input becomes the mean of its ``p - f`` nearest inputs.
+
+    Parameters
+    ----------
+    f : int
+        Byzantine inputs tolerated; needs ``p >= 2f + 1``.
+
+    Notes
+    -----
+    Allouah et al., "Fixing by mixing: a recipe for optimal Byzantine ML
+    under heterogeneity", AISTATS 2023. The neighbourhood of ``g_i`` is the
+    ``p - f`` inputs closest to it, itself included (ties to the lowest
+    index). Inputs holding NaN or Inf are nobody's neighbour; when fewer
+    than ``p - f`` finite inputs are left, all of them are used.
+
+    Examples
+    --------
+    >>> import numpy as np, flagagg
+    >>> G = np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [6.0], [1e6]])
+    >>> flagagg.aggregate(G, rule="krum", f=1, pre=["nnm"], backend="numpy")
+    array([3.])
+    """
+
+    name = "nnm"
+
+    def __init__(self, f: int) -> None:
+        self.f = validate_f(self.name, f)
+
+    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Row ``i``: weight ``1 / (p - f)`` on each of the ``p - f`` neighbours of input ``i``."""
+        p = K.shape[0]
+        check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
+        finite, _ = finite_rows(K)
+        D2 = sq_distances(K, finite)
+        np.fill_diagonal(D2, -1.0)  # an input is its own first neighbour
+        k = min(p - self.f, int(finite.sum()))
+        A = np.zeros((p, p))
+        for i in range(p):
+            if finite[i]:
+                nb = np.argsort(D2[i], kind="stable")[:k]
+                A[i, nb] = 1.0 / k
+            else:
+                A[i, i] = 1.0
+        return A, {"neighbours": k}
+
+
+class Bucketing(PreAggregator):
+    """Bucketing: average the inputs in random buckets of ``s``.
+
+    Parameters
+    ----------
+    s : int, default=2
+        Bucket size; the rule after it sees ``ceil(p / s)`` bucket means
+        (the last bucket may be smaller).
+    random_state : int, numpy.random.Generator or None, default=None
+        Seed of the permutations. The generator is made once, when the step
+        is built: successive calls draw new buckets, reproducibly.
+
+    Notes
+    -----
+    Karimireddy, He and Jaggi, "Byzantine-robust learning on heterogeneous
+    datasets via bucketing", ICLR 2022. Each Byzantine input spoils at most
+    one bucket, so ``f`` stays the bound for the rule that follows, on
+    ``ceil(p / s)`` inputs. A bucket holding a non-finite input is
+    non-finite.
+
+    Examples
+    --------
+    >>> import numpy as np, flagagg
+    >>> G = np.arange(12.0).reshape(12, 1)
+    >>> rule = flagagg.get_rule("median", pre=[("bucketing", {"s": 3, "random_state": 0})])
+    >>> rule(G, backend="numpy").shape
+    (1,)
+    """
+
+    name = "bucketing"
+
+    def __init__(self, s: int = 2, random_state: Any = None) -> None:
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise ValueError(f"s must be an integer >= 1 for {self.name}: got s={s!r}")
+        self.s = int(s)
+        self.random_state = random_state
+        self._rng = np.random.default_rng(random_state)
+
+    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Row ``b``: weight ``1 / |B_b|`` on the members of bucket ``b`` of a permutation."""
+        p = K.shape[0]
+        perm = self._rng.permutation(p)
+        buckets = [perm[j:j + self.s] for j in range(0, p, self.s)]
+        B = np.zeros((len(buckets), p))
+        for b, members in enumerate(buckets):
+            B[b, members] = 1.0 / members.size
+        return B, {"buckets": [tuple(int(i) for i in m) for m in buckets]}
+
+
+class Clipping(PreAggregator):
+    """Static norm clipping: ``g_i <- g_i min(1, tau / ||g_i||)``.
+
+    Parameters
+    ----------
+    tau : float, optional
+        Largest norm kept (``> 0``). By default the median norm of the
+        finite inputs of each call, a threshold that a minority of huge
+        inputs cannot move.
+
+    Examples
+    --------
+    >>> import numpy as np, flagagg
+    >>> G = np.array([[3.0, 4.0], [0.3, 0.4], [30.0, 40.0]])
+    >>> flagagg.aggregate(G, rule="mean", pre=[("clipping", {"tau": 1.0})], backend="numpy")
+    array([0.5       , 0.66666667])
+    """
+
+    name = "clipping"
+
+    def __init__(self, tau: float | None = None) -> None:
+        if tau is not None and (not np.isfinite(tau) or tau <= 0):
+            raise ValueError(f"tau must be a finite number > 0 for {self.name}: got tau={tau}")
+        self.tau = None if tau is None else float(tau)
+
+    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+        """Diagonal: ``min(1, tau / ||g_i||)``; 1 for zero and non-finite inputs."""
+        finite, _ = finite_rows(K)
+        norms = np.sqrt(np.maximum(np.where(finite, np.diag(K), 0.0), 0.0))
+        tau = self.tau if self.tau is not None else (
+            float(np.median(norms[finite])) if finite.any() else 1.0)
+        with np.errstate(divide="ignore"):
+            scale = np.where(norms > tau, tau / norms, 1.0)
+        return np.diag(scale), {"tau": tau}
+
+
+_PRE: dict[str, type[PreAggregator]] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping}
+
+
+def available_pre() -> list[str]:
+    """Names of the pre-aggregation steps accepted by ``pre=``."""
+    return sorted(_PRE)
+
+
+def _accepts(cls: Any, name: str) -> bool:
+    return name in inspect.signature(cls.__init__).parameters
+
+
+def _is_pair(spec: Any) -> bool:
+    return (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)
+            and isinstance(spec[1], Mapping))
+
+
+def make_pre(spec: Any, f: int | None) -> PreAggregator:
+    """Build one pre-aggregation step from a name, a ``(name, params)`` pair or an instance.
+
+    ``f`` is passed to steps that take it unless ``params`` sets it.
+    """
+    if isinstance(spec, PreAggregator):
+        return spec
+    if isinstance(spec, str):
+        name, params = spec, {}
+    elif _is_pair(spec):
+        name, params = spec[0], dict(spec[1])
+    else:
+        raise TypeError(
+            "each pre-aggregation step must be a name, a (name, params) pair or a "
+            f"PreAggregator; got {spec!r}"
+        )
+    key = name.strip().lower()
+    if key not in _PRE:
+        raise ValueError(
+            f"unknown pre-aggregation {name!r}; available: {', '.join(available_pre())}"
+        )
+    cls = _PRE[key]
+    if _accepts(cls, "f") and "f" not in params:
+        if f is None:
+            raise TypeError(f"pre-aggregation {key!r} needs f: pass f=... to get_rule")
+        params["f"] = f
+    try:
+        return cls(**params)
+    except TypeError as exc:
+        raise TypeError(f"invalid parameters for pre-aggregation {key!r}: {exc}") from None
+
+
+def mixed_gram(K: np.ndarray, M: np.ndarray) -> np.ndarray:
+    """Gram matrix ``M K M^T`` of the mixed inputs; non-finite where they mix a non-finite input."""
+    finite, _ = finite_rows(K)
+    K2 = M @ finite_gram(K, finite) @ M.T
+    bad = (M[:, ~finite] != 0).any(axis=1)
+    K2[bad, bad] = np.nan
+    return K2
+
+
+def _flag_solver(rule: Any):
+    from ..flag import FlagAggregator, solve_gram
+
+    if not isinstance(rule, FlagAggregator):
+        return None
+
+    def solve(K: np.ndarray) -> tuple[np.ndarray, dict]:
+        sol = solve_gram(K, rule.r, rule.lam, max_iter=rule.max_iter, tol=rule.tol,
+                         eps=rule.eps, variant=rule.variant, rescale=rule.rescale)
+        return sol.coefficients, {
+            "excluded": sol.excluded, "n_iter": sol.n_iter, "converged": sol.converged,
+            "objective_history": sol.history,
+            "details": {"rank": sol.rank, "reconstruction_ratios": sol.ratios},
+        }
+
+    return solve
+
+
+class ComposedRule(Rule):
+    """Pre-aggregation steps followed by a rule; usually built by ``get_rule(..., pre=[...])``.
+
+    Parameters
+    ----------
+    rule : Rule
+        The aggregation rule applied last.
+    pre : list of PreAggregator
+        Steps applied in order.
+
+    Notes
+    -----
+    ``result.coefficients`` are on the original inputs (``M^T c``) when the
+    rule returns coefficients; ``result.selected`` and the rule's own
+    diagnostics refer to the mixed inputs. ``result.excluded`` lists the
+    original inputs holding NaN or Inf; ``result.details["pre"]`` has each
+    step's diagnostics and ``details["mixing"]`` the overall matrix ``M``.
+    After steps, the Flag Aggregator runs in the Gram space too and returns
+    a :class:`RuleResult` (its rank and reconstruction ratios in
+    ``details``).
+
+    Examples
+    --------
+    >>> import numpy as np, flagagg
+    >>> rule = flagagg.get_rule("krum", f=1, pre=["nnm"])
+    >>> rule
+    ComposedRule(rule=Krum(f=1), pre=[NNM(f=1)])
+    >>> G = np.array([[0.0], [1.0], [2.0], [3.0], [4.0], [9.0]])
+    >>> rule(G, backend="numpy", return_result=True).rule
+    'nnm+krum'
+    """
+
+    def __init__(self, rule: Rule, pre: list[PreAggregator]) -> None:
+        self.rule = rule
+        self.pre = list(pre)
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        """``"step+...+rule"``, e.g. ``"nnm+krum"``."""
+        return "+".join([s.name for s in self.pre] + [self.rule.name])
+
+    def __call__(self, gradients: Any, *, return_result: bool = False,
+                 backend: str | None = None) -> Any:
+        """Aggregate ``gradients``; see :meth:`Rule.__call__`."""
+        if backend is None:
+            backend = getattr(self.rule, "backend", None)
+        return super().__call__(gradients, return_result=return_result, backend=backend)
+
+    def _solver(self):
+        if isinstance(self.rule, GramRule) and self.rule._gram_only():
+            return self.rule._coefficients
+        return _flag_solver(self.rule)
+
+    def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
+        K = stack.gram(backend)
+        finite0, excluded = finite_rows(K)
+        M = np.eye(stack.p)
+        Kmix = K
+        infos = []
+        for step in self.pre:
+            Mi, info = step.mixing(Kmix)
+            Kmix = mixed_gram(Kmix, Mi)
+            M = Mi @ M
+            infos.append({"step": step.name, **info})
+        details = {"pre": infos, "mixing": M}
+        solve = self._solver()
+        try:
+            if solve is not None:
+                coef_mixed, extras = solve(Kmix)
+                rule_details = extras.pop("details", {})
+                rule_excluded = extras.pop("excluded", ())
+                coef = M.T @ coef_mixed
+                out = stack.combine(backend, coef)
+                result = RuleResult(
+                    aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
+                    excluded=excluded, **extras,
+                    details={**rule_details, **details, "rule_excluded": rule_excluded},
+                )
+            else:
+                res = self.rule._aggregate(_materialise(stack, M, finite0), backend)
+                coef = None if res.coefficients is None else M.T @ res.coefficients
+                result = replace(res, rule=self.name, coefficients=coef, excluded=excluded,
+                                 details={**res.details, **details,
+                                          "rule_excluded": res.excluded})
+        except ValueError as exc:
+            if M.shape[0] != stack.p:
+                raise ValueError(
+                    f"{exc} ({self.rule.name} sees the {M.shape[0]} outputs of "
+                    f"{'+'.join(s.name for s in self.pre)} on p={stack.p} inputs)"
+                ) from None
+            raise
+        # Stateful rules (centered clipping from the previous output) see the
+        # composed output as theirs.
+        self.rule.result_ = result
+        return result
+
+
+def _materialise(stack: Stack, M: np.ndarray, finite: np.ndarray) -> Stack:
+    """The mixed inputs ``M G`` as a new stack of ``(p', m)`` blocks in the compute dtype.
+
+    Non-finite inputs are not read (``0 * nan`` would spread NaN); a mixed
+    input that includes one is set to NaN, so the rule sees it as
+    non-finite.
+    """
+    xp, dev = stack.xp, stack.device
+    keep = np.flatnonzero(finite)
+    bad = (M[:, ~finite] != 0).any(axis=1)
+    leaves = []
+    for leaf in stack.leaves:
+        ct_name = compute_dtype_name(leaf.dtype_name)
+        ct = getattr(xp, ct_name)
+        Mk = xp.asarray(np.ascontiguousarray(M[:, keep]).astype(ct_name), device=dev)
+        nan_col = xp.asarray(np.where(bad, np.nan, 0.0).astype(ct_name).reshape(-1, 1),
+                             device=dev)
+        idx = xp.asarray(keep.astype(np.int64), device=dev)
+        Y = xp.empty((M.shape[0], leaf.size), dtype=ct, device=dev)
+        for start, stop, block in stack.blocks(leaf):
+            X = xp.take(block, idx, axis=0) if keep.size < stack.p else block
+            if dtype_name(xp, X.dtype) != ct_name:
+                X = xp.astype(X, ct)
+            Y[:, start:stop] = Mk @ X + nan_col
+        leaves.append(Leaf(leaf.shape, leaf.dtype_name, block=Y))
+    return Stack(M.shape[0], leaves, xp, stack.library, dev, leaves[0].block, stack.unflatten)
+
+
+def compose(cls: type[Rule], pre: Any, params: dict[str, Any]) -> ComposedRule:
+    """Build ``cls(**params)`` behind the pre-aggregation steps ``pre``.
+
+    ``f`` goes to the steps that take it, and to the rule when it takes it.
+    """
+    if isinstance(pre, (str, PreAggregator)) or _is_pair(pre):
+        pre = [pre]
+    f = params.get("f")
+    steps = [make_pre(spec, f) for spec in pre]
+    if "f" in params and not _accepts(cls, "f"):
+        params = {k: v for k, v in params.items() if k != "f"}
+    return ComposedRule(cls(**params), steps)
