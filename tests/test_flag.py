@@ -61,12 +61,21 @@ def test_matches_dense_oracle(p, n, r, lam, variant, dtype):
 
 
 def test_oracle_deviation_converged_default():
-    """Default settings, converged: the largest deviation seen stays tiny."""
+    """Iterated to tol: the largest deviation seen stays tiny."""
     G = attacked_stack(15, 2000, 3, seed=1, kind="little")
-    res = flagagg.flag_aggregate(G, 8, return_result=True, backend="numpy")
-    out, _, history, _ = flag_dense(G, 8)
+    res = flagagg.flag_aggregate(G, 8, max_iter=100, return_result=True, backend="numpy")
+    out, _, history, _ = flag_dense(G, 8, max_iter=100)
     assert res.converged and res.n_iter == len(history)
     assert np.linalg.norm(res.aggregate - out) / np.linalg.norm(out) < 1e-8
+
+
+def test_default_takes_two_steps():
+    G = attacked_stack(15, 300, 3, seed=4, kind="little")
+    res = flagagg.flag_aggregate(G, 8, return_result=True, backend="numpy")
+    assert res.n_iter == 2 and len(res.objective_history) == 2
+    assert not res.converged
+    two = flagagg.flag_aggregate(G, 8, max_iter=2, tol=0, backend="numpy")
+    np.testing.assert_array_equal(res.aggregate, two)
 
 
 def test_reference_equals_one_paper_step_without_pairs():
@@ -127,7 +136,7 @@ def test_faulty_workers_get_low_ratios():
 
 def test_diagnostics_are_consistent():
     G = attacked_stack(11, 300, 2, seed=11)
-    res = flagagg.flag_aggregate(G, 5, 1.0, return_result=True, backend="numpy")
+    res = flagagg.flag_aggregate(G, 5, 1.0, max_iter=100, return_result=True, backend="numpy")
     assert res.converged
     assert res.stationarity < 1e-2
     assert res.eigengap > 0

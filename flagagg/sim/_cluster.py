@@ -1,0 +1,306 @@
+"""The simulated cluster: p workers, f of them faulty, one parameter server.
+
+Every round each worker draws a minibatch from its own shard and computes a
+gradient at the current parameters; faulty workers then apply their attack;
+the server aggregates the p rows with a flagagg rule and takes one SGD step
+with momentum and weight decay (``torch.optim.SGD``'s update, the paper's
+optimiser). All randomness comes from NumPy generators spawned from the run's
+seed, so a seed fixes a run bit for bit, and runs that differ only in the rule
+or the attack see the same shards, initial model and minibatches (paired
+comparisons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from ._data import Dataset, load_dataset, partition
+from ._models import init_parameters, make_model
+
+__all__ = ["TrainResult", "build_rule", "simulate"]
+
+
+@dataclass(frozen=True, eq=False)
+class TrainResult:
+    """Outcome of one simulated training run.
+
+    Attributes
+    ----------
+    rounds : tuple of int
+        Rounds at which the model was evaluated (0 is the initial model).
+    accuracy : tuple of float
+        Accuracy on the evaluation split at those rounds.
+    final_accuracy : float
+        Accuracy after the last round.
+    diverged : bool
+        Whether the parameters became non-finite; the run then stops and
+        counts as accuracy 0 from that round on.
+    diverged_round : int or None
+        The round whose step made the parameters non-finite.
+    seconds : float
+        Wall-clock time of the run.
+    parameters : ndarray of float32, shape (n,)
+        Final flat model parameters.
+    faulty : tuple of int
+        Indices of the faulty workers.
+    """
+
+    rounds: tuple
+    accuracy: tuple
+    final_accuracy: float
+    diverged: bool
+    diverged_round: int | None
+    seconds: float
+    parameters: np.ndarray
+    faulty: tuple
+
+
+def build_rule(rule, f, params=None):
+    """Make an aggregation callable from a rule name, or pass a callable through.
+
+    Parameters
+    ----------
+    rule : str or callable
+        A name from :func:`flagagg.available_rules`, or a callable taking a
+        (p, n) array and returning an (n,) array.
+    f : int
+        Number of faulty workers, passed to rules that take ``f``.
+    params : dict, optional
+        Further parameters of the rule.
+
+    Returns
+    -------
+    rule : callable
+    """
+    params = dict(params or {})
+    if callable(rule):
+        if params:
+            raise TypeError("rule parameters are only accepted with a rule name")
+        return rule
+    import flagagg
+
+    known = tuple(flagagg.available_rules())
+    if rule not in known:
+        raise ValueError(
+            f"rule {rule!r} is not available in this flagagg: available rules are "
+            f"{', '.join(known)}"
+        )
+    if "f" not in params and _takes_f(flagagg, rule):
+        params["f"] = int(f)
+    return flagagg.get_rule(rule, **params)
+
+
+def _takes_f(flagagg, name):
+    """Whether rule ``name`` accepts the Byzantine count ``f``."""
+    try:
+        flagagg.get_rule(name, f=0)
+    except TypeError:
+        return False
+    except ValueError:
+        # it knows f but refuses 0, e.g. a parameter check
+        return True
+    return True
+
+
+def _loss(model):
+    def loss(flat, x, y, shapes):
+        params, start = {}, 0
+        for name, shape, size in shapes:
+            params[name] = flat[start : start + size].view(shape)
+            start += size
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return loss
+
+
+def _accuracy(model, flat, shapes, X, y):
+    params, start = {}, 0
+    for name, shape, size in shapes:
+        params[name] = flat[start : start + size].view(shape)
+        start += size
+    with torch.no_grad():
+        logits = functional_call(model, params, (X,))
+        ok = torch.isfinite(logits).all(dim=1) & (logits.argmax(dim=1) == y)
+    return float(ok.double().mean())
+
+
+def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, attack_params=None,
+             workers=15, model="logreg", model_params=None, partition_method="iid", alpha=0.5,
+             rounds=150, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, seed=0,
+             eval_every=10, evaluate_on="test", array="numpy", backend="numpy",
+             progress=False):
+    """Train a model on a simulated cluster with faulty workers.
+
+    Parameters
+    ----------
+    dataset : Dataset or str
+        Data, or a dataset name for :func:`load_dataset` with its defaults.
+    rule : str or callable, default="mean"
+        Aggregation rule name (see :func:`flagagg.available_rules`) or a
+        callable ``(p, n) array -> (n,) array``.
+    f : int, default=0
+        Number of faulty workers.
+    attack : str or flagagg.attacks.Attack, default="none"
+        What the faulty workers do (see :func:`flagagg.attacks.available_attacks`).
+    rule_params, attack_params : dict, optional
+        Parameters of the rule and the attack.
+    workers : int, default=15
+        Number of workers p.
+    model : {"logreg", "mlp", "cnn"}, default="logreg"
+        Model trained.
+    model_params : dict, optional
+        Passed to :func:`make_model` (``hidden``, ``channels``).
+    partition_method : {"iid", "dirichlet"}, default="iid"
+        How the training data are split over workers.
+    alpha : float, default=0.5
+        Dirichlet concentration for ``partition_method="dirichlet"``.
+    rounds : int, default=150
+        Number of server steps.
+    batch_size : int, default=32
+        Minibatch size of every worker, drawn with replacement from its shard.
+    lr, momentum, weight_decay : float
+        Server SGD: ``buf = momentum * buf + (g + weight_decay * w)``,
+        ``w -= lr * buf``.
+    seed : int, default=0
+        Fixes shards, faulty workers, initial model, minibatches and attack.
+    eval_every : int, default=10
+        Evaluate every this many rounds (and after the last).
+    evaluate_on : {"test", "val"}, default="test"
+        Split the accuracy is measured on; tuning uses ``"val"``.
+    array : {"numpy", "torch"}, default="numpy"
+        Library of the (p, n) float32 gradient array handed to the rule.
+    backend : str or None, default="numpy"
+        flagagg backend the rule runs on (see :func:`flagagg.backend`); None
+        leaves the choice to flagagg. The simulated models are small, where
+        plain NumPy has the least overhead per call.
+    progress : bool, default=False
+        Show a progress bar over rounds.
+
+    Returns
+    -------
+    result : TrainResult
+    """
+    from ..attacks import Attack, get_attack
+
+    t0 = time.perf_counter()
+    if isinstance(dataset, str):
+        dataset = load_dataset(dataset)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"dataset must be a Dataset or a dataset name: got {type(dataset)}")
+    if not 0 <= f < workers:
+        raise ValueError(f"need 0 <= f < workers: got f={f}, workers={workers}")
+    if evaluate_on not in ("test", "val"):
+        raise ValueError(f"evaluate_on must be 'test' or 'val': got {evaluate_on!r}")
+    if array not in ("numpy", "torch"):
+        raise ValueError(f"array must be 'numpy' or 'torch': got {array!r}")
+    if not isinstance(attack, Attack):
+        attack = get_attack(attack, **(attack_params or {}))
+    elif attack_params:
+        raise TypeError("attack_params are only accepted with an attack name")
+    aggregate = build_rule(rule, f, rule_params)
+    if backend is not None and array == "numpy" and backend == "torch":
+        raise ValueError("backend 'torch' needs array='torch'")
+    if backend is not None and array == "torch" and backend in ("numpy", "numba"):
+        raise ValueError(
+            f"backend {backend!r} takes NumPy arrays; with array='torch' use backend='torch' "
+            "or None"
+        )
+
+    # one independent stream per purpose, so that e.g. an attack that draws
+    # random numbers does not shift the minibatches of the honest workers
+    s_shard, s_init, s_batch, s_attack = np.random.SeedSequence(seed).spawn(4)
+    shard_rng = np.random.default_rng(s_shard)
+    shards = partition(dataset.y_train, workers, rng=shard_rng, method=partition_method,
+                       alpha=alpha)
+    faulty = np.sort(shard_rng.choice(workers, size=f, replace=False)) if f else np.zeros(0, int)
+    honest = np.setdiff1d(np.arange(workers), faulty)
+    batch_rng = np.random.default_rng(s_batch)
+    attack_rng = np.random.default_rng(s_attack)
+
+    net = make_model(model, dataset.input_shape, dataset.n_classes, **(model_params or {}))
+    init_parameters(net, np.random.default_rng(s_init))
+    shapes = [(n, p.shape, p.numel()) for n, p in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()]).float()
+    n_params = flat.numel()
+    buf = torch.zeros_like(flat)
+    per_worker = vmap(grad(_loss(net)), in_dims=(None, 0, 0, None))
+
+    X_train = torch.from_numpy(dataset.X_train)
+    y_train = torch.from_numpy(dataset.y_train)
+    X_eval, y_eval = (torch.from_numpy(a) for a in dataset.split(evaluate_on))
+    sizes = np.array([s.size for s in shards])
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    pooled = np.concatenate(shards)
+    faulty_t = torch.from_numpy(faulty.astype(np.int64))
+    honest_t = torch.from_numpy(honest.astype(np.int64))
+
+    rounds_seen, accs = [0], [_accuracy(net, flat, shapes, X_eval, y_eval)]
+    diverged_round = None
+    steps = range(1, rounds + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="rounds", leave=False)
+    if backend is None:
+        scope = contextlib.nullcontext
+    else:
+        import flagagg
+
+        def scope():
+            return flagagg.backend(backend)
+
+    for t in steps:
+        # minibatches with replacement from each worker's own shard
+        local = (batch_rng.random((workers, batch_size)) * sizes[:, None]).astype(np.int64)
+        idx = torch.from_numpy(pooled[offsets[:, None] + local])
+        xb, yb = X_train[idx], y_train[idx]
+        if attack.kind == "data" and f:
+            xf, yf = attack(xb[faulty_t], yb[faulty_t], rng=attack_rng,
+                            n_classes=dataset.n_classes)
+            xb, yb = xb.clone(), yb.clone()
+            xb[faulty_t], yb[faulty_t] = xf, yf
+        G = per_worker(flat, xb, yb, shapes)
+        if attack.kind == "gradient" and f:
+            G[faulty_t] = attack(G[honest_t], f, rng=attack_rng, own=G[faulty_t])
+        # diverging non-robust rules overflow; that is reported as divergence,
+        # not as floating-point warnings from inside the rule
+        with scope(), np.errstate(all="ignore"):
+            if array == "numpy":
+                g = torch.as_tensor(np.asarray(aggregate(G.numpy())), dtype=torch.float32)
+            else:
+                g = aggregate(G).to(torch.float32)
+        if tuple(g.shape) != (n_params,):
+            raise ValueError(f"the rule returned shape {tuple(g.shape)}; expected ({n_params},)")
+        d = g + weight_decay * flat
+        buf = d if t == 1 else momentum * buf + d
+        flat = flat - lr * buf
+        if not bool(torch.isfinite(flat).all()):
+            diverged_round = t
+            break
+        if t % eval_every == 0 or t == rounds:
+            rounds_seen.append(t)
+            accs.append(_accuracy(net, flat, shapes, X_eval, y_eval))
+    if diverged_round is not None:
+        # a model with non-finite parameters predicts nothing
+        for t in range(diverged_round, rounds + 1):
+            if t % eval_every == 0 or t == rounds:
+                rounds_seen.append(t)
+                accs.append(0.0)
+    return TrainResult(
+        rounds=tuple(rounds_seen),
+        accuracy=tuple(accs),
+        final_accuracy=accs[-1],
+        diverged=diverged_round is not None,
+        diverged_round=diverged_round,
+        seconds=time.perf_counter() - t0,
+        parameters=flat.numpy().copy(),
+        faulty=tuple(int(i) for i in faulty),
+    )
+

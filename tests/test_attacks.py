@@ -1,0 +1,216 @@
+"""Each attack checked against its definition, for NumPy and PyTorch inputs."""
+
+import math
+import subprocess
+import sys
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from flagagg import attacks
+from flagagg.attacks import available_attacks, get_attack
+
+torch = pytest.importorskip("torch")
+
+LIBS = ["numpy", "torch"]
+DTYPES = ["float32", "float64"]
+
+
+def _make(lib, dtype, a):
+    a = np.asarray(a, dtype=dtype)
+    return a if lib == "numpy" else torch.from_numpy(a)
+
+
+def _np(x):
+    return x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _check_like(out, like, shape):
+    assert type(out) is type(like)
+    assert out.dtype == like.dtype
+    assert tuple(out.shape) == shape
+
+
+@pytest.fixture
+def honest_np():
+    return np.random.default_rng(7).normal(size=(12, 40))
+
+
+@pytest.fixture
+def own_np():
+    # no zero coordinates, so that dropped coordinates are recognisable
+    return np.random.default_rng(8).uniform(1.0, 2.0, size=(3, 40))
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", available_attacks("gradient") + available_attacks("none"))
+def test_gradient_attacks_keep_library_dtype_shape(lib, dtype, name, honest_np, own_np):
+    honest, own = _make(lib, dtype, honest_np), _make(lib, dtype, own_np)
+    out = get_attack(name)(honest, 3, rng=0, own=own)
+    _check_like(out, honest, (3, 40))
+    empty = get_attack(name)(honest, 0, rng=0, own=own[:0])
+    _check_like(empty, honest, (0, 40))
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_random_is_uniform_in_range_and_seeded(lib, dtype, honest_np):
+    honest = _make(lib, dtype, honest_np)
+    out = _np(attacks.random_gradients(honest, 3, rng=1, scale=2.5))
+    assert np.all(np.abs(out) <= 2.5)
+    assert out.std() > 1.0  # spread over the range, not a constant
+    same = _np(attacks.random_gradients(honest, 3, rng=np.random.default_rng(1), scale=2.5))
+    np.testing.assert_array_equal(out, same)
+    other = _np(attacks.random_gradients(honest, 3, rng=2, scale=2.5))
+    assert not np.array_equal(out, other)
+
+
+def test_random_same_rows_for_numpy_and_torch(honest_np):
+    a = attacks.random_gradients(honest_np, 3, rng=5)
+    b = attacks.random_gradients(torch.from_numpy(honest_np), 3, rng=5)
+    np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_gaussian_moments():
+    honest = np.zeros((2, 20000))
+    out = attacks.gaussian(honest, 3, rng=0, loc=0.5, scale=2.0)
+    assert abs(out.mean() - 0.5) < 0.05
+    assert abs(out.std() - 2.0) < 0.05
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_reverse_scales_own_gradient(lib, honest_np, own_np):
+    honest, own = _make(lib, "float64", honest_np), _make(lib, "float64", own_np)
+    np.testing.assert_allclose(_np(attacks.reverse(honest, 3, own=own)), -10.0 * own_np)
+    np.testing.assert_allclose(_np(get_attack("sign_flip")(honest, 3, own=own)), -own_np)
+    # without own: the honest mean, reversed
+    expect = np.tile(-4.0 * honest_np.mean(axis=0), (3, 1))
+    np.testing.assert_allclose(_np(attacks.reverse(honest, 3, scale=-4.0)), expect)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1.0])
+def test_partial_drop_zeroes_exactly_that_fraction(lib, fraction, honest_np, own_np):
+    honest, own = _make(lib, "float32", honest_np), _make(lib, "float32", own_np)
+    out = _np(attacks.partial_drop(honest, 3, rng=3, fraction=fraction, own=own))
+    k = round(fraction * 40)
+    assert ((out == 0).sum(axis=1) == k).all()
+    kept = out != 0
+    np.testing.assert_array_equal(out[kept], own_np.astype(np.float32)[kept])
+    if 0 < k < 40:
+        # each row draws its own coordinates
+        assert not np.array_equal(out[0] == 0, out[1] == 0)
+
+
+def test_little_is_enough_z_formula():
+    # Baruch et al.: s = floor(p/2 + 1) - f, z = Phi^-1((p - s) / p)
+    assert attacks.little_is_enough_z(15, 3) == pytest.approx(NormalDist().inv_cdf(10 / 15))
+    assert attacks.little_is_enough_z(50, 12) == pytest.approx(NormalDist().inv_cdf(36 / 50))
+    with pytest.raises(ValueError, match="pass z explicitly"):
+        attacks.little_is_enough_z(15, 8)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_little_is_enough_is_mean_minus_z_std(lib, honest_np):
+    honest = _make(lib, "float64", honest_np)
+    mu, sigma = honest_np.mean(axis=0), honest_np.std(axis=0)
+    out = _np(attacks.little_is_enough(honest, 3, z=1.5))
+    np.testing.assert_allclose(out, np.tile(mu - 1.5 * sigma, (3, 1)), rtol=1e-12)
+    z = attacks.little_is_enough_z(12 + 3, 3)
+    out = _np(attacks.little_is_enough(honest, 3))
+    np.testing.assert_allclose(out[2], mu - z * sigma, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_fall_of_empires_is_reversed_scaled_mean(lib, honest_np):
+    honest = _make(lib, "float64", honest_np)
+    out = _np(attacks.fall_of_empires(honest, 2, eps=0.7))
+    np.testing.assert_allclose(out, np.tile(-0.7 * honest_np.mean(axis=0), (2, 1)), rtol=1e-12)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_mimic_copies_one_honest_worker(lib, honest_np):
+    honest = _make(lib, "float32", honest_np)
+    out = _np(attacks.mimic(honest, 3, target=4))
+    np.testing.assert_array_equal(out, np.tile(honest_np[4].astype(np.float32), (3, 1)))
+    with pytest.raises(ValueError, match="target"):
+        attacks.mimic(honest, 3, target=12)
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_nan_and_inf_rows(lib, honest_np):
+    honest = _make(lib, "float32", honest_np)
+    assert np.isnan(_np(get_attack("nan")(honest, 2))).all()
+    out = _np(get_attack("inf")(honest, 2))
+    assert np.isposinf(out).all()
+    assert np.isneginf(_np(attacks.non_finite(honest, 1, value=-math.inf))).all()
+
+
+@pytest.mark.parametrize("lib", LIBS)
+def test_label_flip(lib):
+    X = _make(lib, "float32", np.ones((5, 2)))
+    y = np.array([0, 1, 2, 8, 9])
+    y = y if lib == "numpy" else torch.from_numpy(y)
+    X2, y2 = attacks.label_flip(X, y, n_classes=10)
+    assert X2 is X
+    np.testing.assert_array_equal(_np(y2), [9, 8, 7, 1, 0])
+    assert y2.dtype == y.dtype
+
+
+@pytest.mark.parametrize("lib", LIBS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_distorted_data(lib, dtype):
+    X_np = np.random.default_rng(0).normal(size=(400, 1, 5, 5))
+    X = _make(lib, dtype, X_np)
+    y = np.arange(400)
+    noisy, y2 = attacks.distorted_data(X, y, rng=0, mode="noise", scale=3.0)
+    _check_like(noisy, X, (400, 1, 5, 5))
+    assert y2 is y
+    noise = _np(noisy) - X_np.astype(dtype)
+    assert abs(noise.std() - 3.0) < 0.1
+    scrambled, _ = attacks.distorted_data(X, y, rng=0, mode="scramble")
+    _check_like(scrambled, X, (400, 1, 5, 5))
+    s, x = _np(scrambled).reshape(400, -1), X_np.astype(dtype).reshape(400, -1)
+    # every sample keeps its own values, in another order
+    np.testing.assert_array_equal(np.sort(s, axis=1), np.sort(x, axis=1))
+    assert (s != x).any(axis=1).mean() > 0.99
+    with pytest.raises(ValueError, match="mode"):
+        attacks.distorted_data(X, y, mode="blur")
+
+
+def test_registry():
+    names = set(available_attacks())
+    assert {"none", "random", "gaussian", "reverse", "sign_flip", "partial_drop",
+            "little_is_enough", "fall_of_empires", "mimic", "nan", "inf", "label_flip",
+            "distorted_data"} <= names
+    assert set(available_attacks("data")) == {"label_flip", "distorted_data"}
+    assert get_attack("little_is_enough").omniscient
+    assert not get_attack("reverse").omniscient
+    a = get_attack("reverse", scale=-3.0)
+    assert a.kind == "gradient" and dict(a.params) == {"scale": -3.0}
+    np.testing.assert_array_equal(a(np.ones((2, 2)), 1, own=np.ones((1, 2))), [[-3.0, -3.0]])
+    assert attacks.attack_parameters("sign_flip") == {"scale": -1.0}
+    with pytest.raises(ValueError, match="unknown attack 'revers'.*reverse"):
+        get_attack("revers")
+    with pytest.raises(TypeError, match="has no parameter 'eps'.*scale"):
+        get_attack("reverse", eps=1.0)
+
+
+def test_bad_inputs_are_explained(honest_np):
+    with pytest.raises(ValueError, match="2-D"):
+        attacks.reverse(honest_np[0], 1)
+    with pytest.raises(ValueError, match=r"own must have shape \(f, n\)"):
+        attacks.reverse(honest_np, 2, own=np.ones((3, 40)))
+    with pytest.raises(ValueError, match="f must be a non-negative int"):
+        attacks.gaussian(honest_np, -1)
+    with pytest.raises(ValueError, match="at least one honest row"):
+        attacks.little_is_enough(honest_np[:0], 2)
+    with pytest.raises(ValueError, match="fraction"):
+        attacks.partial_drop(honest_np, 1, fraction=1.5)
+
+
+def test_import_does_not_load_torch():
+    code = "import sys, flagagg.attacks; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
