@@ -167,15 +167,24 @@ class Stack:
     def combine(self, backend: Any, coef: np.ndarray) -> Any:
         """Return ``sum_i coef[i] * g_i`` in the input's structure, library, device and dtype."""
         coef = np.ascontiguousarray(coef, dtype=np.float64)
+        return self.map_columns(lambda block: backend.combine(coef, block))
+
+    def map_columns(self, fn: Callable[[Array], Array]) -> Any:
+        """Apply a column-wise kernel ``fn(block) -> (m,) array`` to every leaf.
+
+        Blocks of a leaf given as ``p`` rows are filled into one output per
+        leaf; each output is cast to its leaf's dtype, reshaped, and the
+        whole is rebuilt in the input's structure.
+        """
         xp = self.xp
         outs = []
         for leaf in self.leaves:
             if leaf.block is not None:
-                out = backend.combine(coef, leaf.block)
+                out = fn(leaf.block)
             else:
                 out = None
                 for start, stop, block in self.blocks(leaf):
-                    part = backend.combine(coef, block)
+                    part = fn(block)
                     if out is None:
                         out = xp.empty((leaf.size,), dtype=part.dtype, device=self.device)
                     out[start:stop] = part

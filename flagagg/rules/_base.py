@@ -15,7 +15,6 @@ __all__ = [
     "Rule",
     "RuleResult",
     "check_f",
-    "columnwise",
     "finite_gram",
     "finite_rows",
     "nonfinite_or_zero",
@@ -240,28 +239,3 @@ def finite_gram(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
     stay finite (``0 * nan`` would not).
     """
     return np.where(finite[:, None] & finite[None, :], K, 0.0)
-
-
-def columnwise(stack: Stack, fn: Any) -> Any:
-    """Apply a per-column kernel ``fn(block) -> (m,) array`` to every leaf of ``stack``.
-
-    The output is assembled like :meth:`Stack.combine`'s: per leaf, cast to
-    the leaf's dtype, reshaped, and rebuilt in the input's structure.
-    """
-    xp = stack.xp
-    outs = []
-    for leaf in stack.leaves:
-        if leaf.block is not None:
-            out = fn(leaf.block)
-        else:
-            out = None
-            for start, stop, block in stack.blocks(leaf):
-                part = fn(block)
-                if out is None:
-                    out = xp.empty((leaf.size,), dtype=part.dtype, device=stack.device)
-                out[start:stop] = part
-        target = getattr(xp, leaf.dtype_name)
-        if out.dtype != target:
-            out = xp.astype(out, target)
-        outs.append(xp.reshape(out, leaf.shape))
-    return stack.unflatten(outs)

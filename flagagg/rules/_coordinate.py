@@ -20,7 +20,7 @@ import numpy as np
 
 from .._array import Stack
 from ..backends import Backend
-from ._base import Rule, RuleResult, check_f, columnwise, validate_f
+from ._base import Rule, RuleResult, check_f, validate_f
 
 __all__ = ["MeaMed", "Median", "Phocas", "TrimmedMean", "coordinate_aggregate"]
 
@@ -29,7 +29,7 @@ def coordinate_aggregate(stack: Stack, backend: Backend, rows: np.ndarray, cente
                          trim: int, k: int) -> Any:
     """Run the backend's order-statistics kernel on ``rows`` of every leaf of ``stack``."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    return columnwise(stack, lambda block: backend.coordinate_stat(block, rows, center, trim, k))
+    return stack.map_columns(lambda block: backend.coordinate_stat(block, rows, center, trim, k))
 
 
 class _CoordinateRule(Rule):
