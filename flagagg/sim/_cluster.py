@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
-from ._data import Dataset, load_dataset, partition
-from ._models import init_parameters, make_model
+from ._data import Dataset, load_dataset
+from ._replica import Replica, sgd_step
 
 __all__ = ["TrainResult", "build_rule", "simulate"]
 
@@ -213,33 +213,16 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
             "or None"
         )
 
-    # one independent stream per purpose, so that e.g. an attack that draws
-    # random numbers does not shift the minibatches of the honest workers
-    s_shard, s_init, s_batch, s_attack = np.random.SeedSequence(seed).spawn(4)
-    shard_rng = np.random.default_rng(s_shard)
-    shards = partition(dataset.y_train, workers, rng=shard_rng, method=partition_method,
-                       alpha=alpha)
-    faulty = np.sort(shard_rng.choice(workers, size=f, replace=False)) if f else np.zeros(0, int)
-    honest = np.setdiff1d(np.arange(workers), faulty)
-    batch_rng = np.random.default_rng(s_batch)
-    attack_rng = np.random.default_rng(s_attack)
-
-    net = make_model(model, dataset.input_shape, dataset.n_classes, **(model_params or {}))
-    init_parameters(net, np.random.default_rng(s_init))
-    shapes = [(n, p.shape, p.numel()) for n, p in net.named_parameters()]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()]).float()
-    n_params = flat.numel()
-    buf = torch.zeros_like(flat)
-    per_worker = vmap(grad(_loss(net)), in_dims=(None, 0, 0, None))
-
-    X_train = torch.from_numpy(dataset.X_train)
-    y_train = torch.from_numpy(dataset.y_train)
+    # shards, faulty workers, initial model and random streams, built the same
+    # way by the distributed trainer's processes (flagagg.distributed)
+    replica = Replica(dataset, workers=workers, f=f, seed=seed, model=model,
+                      model_params=model_params, partition_method=partition_method, alpha=alpha)
+    faulty, net, shapes = replica.faulty, replica.net, replica.shapes
+    flat = replica.initial_parameters()
+    n_params = replica.n_params
+    buf = None
+    everyone = list(range(workers))
     X_eval, y_eval = (torch.from_numpy(a) for a in dataset.split(evaluate_on))
-    sizes = np.array([s.size for s in shards])
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    pooled = np.concatenate(shards)
-    faulty_t = torch.from_numpy(faulty.astype(np.int64))
-    honest_t = torch.from_numpy(honest.astype(np.int64))
 
     rounds_seen, accs = [0], [_accuracy(net, flat, shapes, X_eval, y_eval)]
     diverged_round = None
@@ -257,18 +240,8 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
             return flagagg.backend(backend)
 
     for t in steps:
-        # minibatches with replacement from each worker's own shard
-        local = (batch_rng.random((workers, batch_size)) * sizes[:, None]).astype(np.int64)
-        idx = torch.from_numpy(pooled[offsets[:, None] + local])
-        xb, yb = X_train[idx], y_train[idx]
-        if attack.kind == "data" and f:
-            xf, yf = attack(xb[faulty_t], yb[faulty_t], rng=attack_rng,
-                            n_classes=dataset.n_classes)
-            xb, yb = xb.clone(), yb.clone()
-            xb[faulty_t], yb[faulty_t] = xf, yf
-        G = per_worker(flat, xb, yb, shapes)
-        if attack.kind == "gradient" and f:
-            G[faulty_t] = attack(G[honest_t], f, rng=attack_rng, own=G[faulty_t])
+        # minibatches with replacement from each worker's own shard, attacks applied
+        G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone)
         # diverging non-robust rules overflow; that is reported as divergence,
         # not as floating-point warnings from inside the rule
         with scope(), np.errstate(all="ignore"):
@@ -278,9 +251,7 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
                 g = aggregate(G).to(torch.float32)
         if tuple(g.shape) != (n_params,):
             raise ValueError(f"the rule returned shape {tuple(g.shape)}; expected ({n_params},)")
-        d = g + weight_decay * flat
-        buf = d if t == 1 else momentum * buf + d
-        flat = flat - lr * buf
+        flat, buf = sgd_step(flat, buf, g, lr=lr, momentum=momentum, weight_decay=weight_decay)
         if not bool(torch.isfinite(flat).all()):
             diverged_round = t
             break

@@ -1,0 +1,166 @@
+"""Start a whole run on this machine: one server process and p worker processes.
+
+The launcher gives each process the environment ``torchrun`` would
+(``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
+relays what they print, and, unlike ``torchrun``, does not tear the run down
+when a worker dies: the server decides what a missing worker means. When the
+server has finished, workers get a few seconds to leave; any still running
+(hung, stopped) is terminated and then killed, so no process outlives the
+launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from ._settings import spec_to_dict
+
+__all__ = ["free_port", "launch"]
+
+# environment of an enclosing torchrun that must not leak into our processes
+_TORCHRUN_VARIABLES = ("TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_RESTART_COUNT",
+                       "TORCHELASTIC_RUN_ID", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
+
+
+def free_port(host="127.0.0.1"):
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _relay(stream, prefix, out, lock, kept):
+    for line in iter(stream.readline, ""):
+        text = line.rstrip("\n")
+        if prefix and not text.startswith(prefix.strip("[] ")):
+            text = prefix + text
+        with lock:
+            if kept is None:
+                print(text, file=out, flush=True)
+            else:
+                kept.append(text)
+    stream.close()
+
+
+def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=None, threads=1,
+           grace=3.0, timeout=None, quiet=False, log=None):
+    """Run a distributed training run as local processes and wait for it.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        The run.
+    output : str or path-like, optional
+        Folder for the results.
+    checkpoint, checkpoint_every, resume
+        See :class:`flagagg.distributed.Server`.
+    threads : int, default=1
+        Torch threads per process.
+    grace : float, default=3.0
+        Seconds the workers get to exit after the server has finished before
+        they are terminated.
+    timeout : float, optional
+        Seconds the whole run may take; then every process is stopped and
+        TimeoutError raised. No limit by default (the server itself never
+        waits on a worker past a round's deadline).
+    quiet : bool, default=False
+        Show what the processes print only if the server fails.
+    log : callable, optional
+        Where the launcher's own messages go; ``print`` by default.
+
+    Returns
+    -------
+    status : int
+        The server's exit status (0 when it trained all rounds).
+
+    Raises
+    ------
+    TimeoutError
+        If the run took longer than ``timeout``.
+    """
+    import flagagg
+
+    say = log or (lambda text: print(text, flush=True))
+    out = sys.stdout
+    p = spec.workers
+    root = str(Path(flagagg.__file__).resolve().parents[1])
+    with tempfile.TemporaryDirectory(prefix="flagagg-train-") as tmp:
+        node = {"output": None if output is None else str(Path(output).resolve()),
+                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+                "checkpoint_every": int(checkpoint_every),
+                "resume": None if resume is None else str(Path(resume).resolve()),
+                "threads": int(threads)}
+        spec_file = Path(tmp, "run.json")
+        spec_file.write_text(json.dumps({"spec": spec_to_dict(spec), "node": node}),
+                             encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARIABLES}
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                   WORLD_SIZE=str(p + 1), LOCAL_WORLD_SIZE=str(p + 1), PYTHONUNBUFFERED="1",
+                   PYTHONPATH=os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x))
+        procs, threads_, lock = [], [], threading.Lock()
+        kept = [] if quiet else None
+        status = None
+        try:
+            for rank in range(p + 1):
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "flagagg.distributed", str(spec_file)],
+                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True, bufsize=1,
+                )
+                procs.append(proc)
+                prefix = "" if rank == 0 else f"[worker {rank - 1}] "
+                th = threading.Thread(target=_relay,
+                                      args=(proc.stdout, prefix, out, lock, kept), daemon=True)
+                th.start()
+                threads_.append(th)
+            try:
+                status = procs[0].wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise TimeoutError(
+                    f"the run did not finish within {timeout:g} s; all its processes were "
+                    "stopped"
+                ) from None
+            end = time.monotonic() + grace
+            for rank, proc in enumerate(procs[1:], start=1):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(max(0.0, end - time.monotonic()))
+                if proc.poll() is None:
+                    say(f"worker {rank - 1} (pid {proc.pid}) was still running {grace:g} s after "
+                        "the server finished; stopping it")
+        finally:
+            _stop(procs)
+            for th in threads_:
+                th.join(5.0)
+            if kept is not None and status != 0:
+                print("\n".join(kept), file=out, flush=True)
+    return status
+
+
+def _stop(procs):
+    """Terminate, then kill, every process still running; reap them all."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.terminate()
+                if hasattr(signal, "SIGCONT"):
+                    # a stopped process acts on SIGTERM only once it runs again
+                    proc.send_signal(signal.SIGCONT)
+    end = time.monotonic() + 3.0
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, end - time.monotonic()))
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()

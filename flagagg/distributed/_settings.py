@@ -1,0 +1,247 @@
+"""What one distributed run trains, and the faults a test or a demo injects."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from ..sim._config import ConfigError, ExperimentConfig
+
+__all__ = ["FAULT_KINDS", "Fault", "RunSpec", "make_spec", "parse_fault", "spec_from_dict",
+           "spec_to_dict"]
+
+# kind -> whether it takes "=VALUE"
+FAULT_KINDS = {
+    "crash": False,       # the process kills itself with SIGKILL
+    "hang": False,        # stops answering, stays alive
+    "slow": True,         # sleeps VALUE seconds before sending
+    "nan": False,         # sends a gradient full of NaN
+    "wrong_size": False,  # sends 7 values too many
+    "bad_frame": False,   # sends bytes that are not a frame
+}
+_FAULT = re.compile(
+    r"^(?P<worker>\d+):(?P<kind>[a-z_]+)(=(?P<value>[0-9.]+))?"
+    r"(@(?P<first>\d+)(?P<dash>-(?P<last>\d+)?)?)?$"
+)
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault injected into one worker.
+
+    Attributes
+    ----------
+    worker : int
+        Worker index (0-based; the worker of rank ``worker + 1``).
+    kind : str
+        One of ``crash``, ``hang``, ``slow``, ``nan``, ``wrong_size``,
+        ``bad_frame``.
+    value : float
+        Seconds for ``slow``.
+    first, last : int
+        Rounds it applies to (``last`` is None for "to the end").
+    """
+
+    worker: int
+    kind: str
+    value: float = 0.0
+    first: int = 1
+    last: int | None = None
+
+    def active(self, t):
+        """Whether the fault applies in round ``t``."""
+        return t >= self.first and (self.last is None or t <= self.last)
+
+
+def parse_fault(text):
+    """Parse ``WORKER:KIND[=VALUE][@ROUNDS]``, e.g. ``2:crash@5`` or ``1:slow=3@2-4``.
+
+    Parameters
+    ----------
+    text : str
+        The fault. ``ROUNDS`` is ``R`` (that round), ``R-S`` (rounds R to
+        S), ``R-`` (from round R on); without it, every round. ``crash``
+        and ``hang`` act once, at their first round.
+
+    Returns
+    -------
+    fault : Fault
+
+    Raises
+    ------
+    ValueError
+        If ``text`` does not follow the pattern or names an unknown kind.
+    """
+    m = _FAULT.match(text.strip())
+    kinds = ", ".join(FAULT_KINDS)
+    if not m:
+        raise ValueError(
+            f"fault {text!r} is not WORKER:KIND[=VALUE][@R|@R-S|@R-] (e.g. 2:crash@5, "
+            f"1:slow=3@2-4, 3:nan@6-); kinds: {kinds}"
+        )
+    kind = m.group("kind")
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"unknown fault kind {kind!r} in {text!r}: choose one of {kinds}")
+    if FAULT_KINDS[kind] != (m.group("value") is not None):
+        need = "needs =VALUE (seconds)" if FAULT_KINDS[kind] else "takes no =VALUE"
+        raise ValueError(f"fault kind {kind!r} {need}: got {text!r}")
+    if m.group("first") is None:
+        first, last = 1, None
+    else:
+        first = int(m.group("first"))
+        last = int(m.group("last")) if m.group("last") else (None if m.group("dash") else first)
+    if first < 1 or (last is not None and last < first):
+        raise ValueError(f"fault rounds must satisfy 1 <= FIRST <= LAST: got {text!r}")
+    return Fault(int(m.group("worker")), kind, float(m.group("value") or 0.0), first, last)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One distributed training run: a cell of an experiment config, and how to run it.
+
+    Attributes
+    ----------
+    config : ExperimentConfig
+        The config, cut down to the chosen rule, attack, f and seed.
+    rule, attack : str
+        Labels of the rule and the attack in the config.
+    f : int
+        Number of faulty (Byzantine) workers.
+    seed : int
+        The run's seed.
+    round_timeout : float
+        Seconds the server waits for a round's gradients.
+    connect_timeout : float
+        Seconds the server waits for the workers to connect at the start,
+        and a worker for the server.
+    drop_nonfinite : bool
+        Whether the server drops gradients with NaN or Inf before the rule
+        sees them.
+    device : str
+        ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    faults : tuple of Fault
+        Injected faults.
+    """
+
+    config: ExperimentConfig
+    rule: str
+    attack: str
+    f: int
+    seed: int
+    round_timeout: float = 30.0
+    connect_timeout: float = 120.0
+    drop_nonfinite: bool = True
+    device: str = "cpu"
+    faults: tuple = ()
+
+    @property
+    def workers(self):
+        """Number of workers p."""
+        return self.config.workers
+
+    @property
+    def rounds(self):
+        """Number of rounds."""
+        return self.config.rounds
+
+    def fingerprint(self):
+        """Hash of what every process must agree on (not the number of rounds)."""
+        data = self.config.to_dict()
+        data["experiment"] = {k: v for k, v in data["experiment"].items()
+                              if k not in ("rounds", "eval_every", "name")}
+        doc = {"config": data, "rule": self.rule, "attack": self.attack, "f": self.f,
+               "seed": self.seed}
+        text = json.dumps(doc, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+    def faults_of(self, worker):
+        """The faults injected into ``worker``."""
+        return tuple(x for x in self.faults if x.worker == worker)
+
+
+def _pick(what, value, options, flag):
+    if value is None:
+        return options[0]
+    if value not in options:
+        raise ConfigError(
+            f"{flag} {value!r} is not in the config: choose one of "
+            f"{', '.join(map(str, options))}"
+        )
+    return value
+
+
+def make_spec(config, *, rule=None, attack=None, f=None, seed=None, rounds=None, workers=None,
+              eval_every=None, **options):
+    """Choose one cell of an experiment config to train.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+        The experiment.
+    rule, attack : str, optional
+        Labels; the first rule (attack) of the config by default.
+    f : int, optional
+        Number of faulty workers; the first of the config's ``f`` by default.
+        Need not be one of the config's values.
+    seed : int, optional
+        The first of the config's seeds by default.
+    rounds, workers, eval_every : int, optional
+        Override the config's values.
+    **options
+        Other fields of :class:`RunSpec`.
+
+    Returns
+    -------
+    spec : RunSpec
+
+    Raises
+    ------
+    ConfigError
+        If a label is not in the config or an override is invalid.
+    """
+    rule = _pick("rule", rule, [r.label for r in config.rules], "--rule")
+    attack = _pick("attack", attack, [a.label for a in config.attacks], "--attack")
+    f = config.f[0] if f is None else int(f)
+    seed = config.seeds[0] if seed is None else int(seed)
+    changes = {"f": [f], "seeds": [seed],
+               "validation_seeds": [v for v in config.validation_seeds if v != seed] or [seed + 1]}
+    if rounds is not None:
+        changes["rounds"] = int(rounds)
+        changes["eval_every"] = min(config.eval_every, int(rounds))
+    if eval_every is not None:
+        changes["eval_every"] = int(eval_every)
+    if workers is not None:
+        changes["workers"] = int(workers)
+    cut = dataclasses.replace(config, rules=(config.rule(rule),),
+                              attacks=(config.attack(attack),))
+    cut = cut.replace(**changes)
+    faults = tuple(options.pop("faults", ()) or ())
+    for fault in faults:
+        if not 0 <= fault.worker < cut.workers:
+            raise ConfigError(
+                f"fault on worker {fault.worker}, but the workers are 0..{cut.workers - 1}"
+            )
+    return RunSpec(cut, rule, attack, f, seed, faults=faults, **options)
+
+
+def spec_to_dict(spec):
+    """A JSON-able description of ``spec`` (see :func:`spec_from_dict`)."""
+    out = {k: getattr(spec, k) for k in ("rule", "attack", "f", "seed", "round_timeout",
+                                          "connect_timeout", "drop_nonfinite", "device")}
+    out["config"] = spec.config.to_dict()
+    out["source"] = spec.config.source
+    out["faults"] = [dataclasses.asdict(x) for x in spec.faults]
+    return out
+
+
+def spec_from_dict(data):
+    """Rebuild a :class:`RunSpec` from :func:`spec_to_dict`'s output, validating the config."""
+    from ..sim._config import parse_config
+
+    fields = dict(data)
+    config = parse_config(fields.pop("config"), source=fields.pop("source", "<dict>"))
+    faults = tuple(Fault(**x) for x in fields.pop("faults", ()))
+    return RunSpec(config, faults=faults, **fields)

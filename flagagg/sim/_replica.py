@@ -1,0 +1,199 @@
+"""One training run's state, rebuilt identically from its seed wherever it is needed.
+
+The simulated cluster (:func:`flagagg.sim.simulate`) and the distributed
+trainer (:mod:`flagagg.distributed`) both build a :class:`Replica`: shards,
+faulty workers, the initial model, and the minibatch and attack streams
+(``SeedSequence(seed).spawn(4)``: shards, init, batches, attack). The
+simulator asks it for every worker's row of a round; a distributed worker
+asks for its own row only, but draws the whole round's minibatch indices, so
+every process and the simulator agree on every minibatch and every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+
+from ._data import partition
+from ._models import init_parameters, make_model
+
+__all__ = ["Replica", "sgd_step"]
+
+
+class Replica:
+    """Shards, faulty workers, model and random streams of one run.
+
+    Parameters
+    ----------
+    dataset : flagagg.sim.Dataset
+        The data.
+    workers : int
+        Number of workers p.
+    f : int
+        Number of faulty workers.
+    seed : int
+        The run's seed.
+    model : str, default="logreg"
+        Model name for :func:`flagagg.sim.make_model`.
+    model_params : dict, optional
+        Passed to :func:`flagagg.sim.make_model`.
+    partition_method : {"iid", "dirichlet"}, default="iid"
+        How the training data are split.
+    alpha : float, default=0.5
+        Dirichlet concentration.
+    device : str or torch.device, default="cpu"
+        Where the model, the data and the gradients live.
+
+    Attributes
+    ----------
+    faulty : ndarray of int
+        Sorted indices of the faulty workers.
+    honest : ndarray of int
+        The other workers.
+    net : torch.nn.Module
+        The model (its parameters are the initial ones; training works on a
+        flat vector, see :meth:`initial_parameters`).
+    shapes : list of (str, torch.Size, int)
+        Name, shape and size of every parameter, in flat-vector order.
+    n_params : int
+        Length of the flat parameter vector.
+    batch_rng, attack_rng : numpy.random.Generator
+        The minibatch and attack streams.
+    """
+
+    def __init__(self, dataset, *, workers, f, seed, model="logreg", model_params=None,
+                 partition_method="iid", alpha=0.5, device="cpu"):
+        self.dataset = dataset
+        self.workers = int(workers)
+        self.f = int(f)
+        self.device = torch.device(device)
+        # one independent stream per purpose, so that e.g. an attack that draws
+        # random numbers does not shift the minibatches of the honest workers
+        s_shard, s_init, s_batch, s_attack = np.random.SeedSequence(seed).spawn(4)
+        shard_rng = np.random.default_rng(s_shard)
+        shards = partition(dataset.y_train, workers, rng=shard_rng, method=partition_method,
+                           alpha=alpha)
+        self.faulty = (np.sort(shard_rng.choice(workers, size=f, replace=False)) if f
+                       else np.zeros(0, int))
+        self.honest = np.setdiff1d(np.arange(workers), self.faulty)
+        self.batch_rng = np.random.default_rng(s_batch)
+        self.attack_rng = np.random.default_rng(s_attack)
+
+        self.net = make_model(model, dataset.input_shape, dataset.n_classes,
+                              **(model_params or {}))
+        init_parameters(self.net, np.random.default_rng(s_init))
+        self.net.to(self.device)
+        self.shapes = [(n, p.shape, p.numel()) for n, p in self.net.named_parameters()]
+        self.n_params = sum(size for _, _, size in self.shapes)
+        from ._cluster import _loss
+
+        self._per_worker = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
+
+        self.sizes = np.array([s.size for s in shards])
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.pooled = np.concatenate(shards)
+        self.X_train = torch.from_numpy(dataset.X_train).to(self.device)
+        self.y_train = torch.from_numpy(dataset.y_train).to(self.device)
+
+    def initial_parameters(self):
+        """The initial model as a flat float32 vector on the replica's device."""
+        return torch.cat([p.detach().reshape(-1) for _, p in self.net.named_parameters()]).float()
+
+    def draw_batches(self, batch_size):
+        """Draw one round's minibatch indices of every worker from the batch stream.
+
+        Returns
+        -------
+        idx : ndarray of int64, shape (workers, batch_size)
+            Indices into the training set, each worker's from its own shard,
+            drawn with replacement.
+        """
+        local = (self.batch_rng.random((self.workers, batch_size))
+                 * self.sizes[:, None]).astype(np.int64)
+        return self.pooled[self.offsets[:, None] + local]
+
+    def gradients(self, flat, idx, attack, rows):
+        """The rows some workers send in one round, attacks applied.
+
+        Parameters
+        ----------
+        flat : torch.Tensor of shape (n_params,)
+            Current parameters.
+        idx : ndarray of shape (workers, batch_size)
+            The round's minibatches, from :meth:`draw_batches`.
+        attack : flagagg.attacks.Attack
+            What the faulty workers do.
+        rows : sequence of int
+            Workers whose rows are wanted.
+
+        Returns
+        -------
+        G : torch.Tensor of shape (len(rows), n_params)
+
+        Notes
+        -----
+        A faulty worker's row depends on the other faulty workers (the
+        attack draws all ``f`` rows from one stream) and, for omniscient
+        attacks, on the honest workers; those rows are computed too, exactly
+        as the simulator does, and then dropped.
+        """
+        rows = [int(r) for r in rows]
+        faulty = [int(i) for i in self.faulty]
+        touched = (attack.kind in ("data", "gradient") and self.f > 0
+                   and bool(set(rows) & set(faulty)))
+        if not touched:
+            sel = torch.from_numpy(idx[rows])
+            xb, yb = self.X_train[sel], self.y_train[sel]
+            return self._per_worker(flat, xb, yb, self.shapes)
+        n_classes = self.dataset.n_classes
+        if attack.kind == "data":
+            # the faulty rows first, in the simulator's order, for the attack stream
+            need = faulty + [r for r in rows if r not in faulty]
+            sel = torch.from_numpy(idx[need])
+            xb, yb = self.X_train[sel], self.y_train[sel]
+            xf, yf = attack(xb[: self.f], yb[: self.f], rng=self.attack_rng, n_classes=n_classes)
+            xb, yb = xb.clone(), yb.clone()
+            xb[: self.f], yb[: self.f] = xf, yf
+            G = self._per_worker(flat, xb, yb, self.shapes)
+            return G[[need.index(r) for r in rows]]
+        need = list(range(self.workers)) if attack.omniscient else sorted(set(faulty) | set(rows))
+        sel = torch.from_numpy(idx[need])
+        G = self._per_worker(flat, self.X_train[sel], self.y_train[sel], self.shapes)
+        pos = {w: i for i, w in enumerate(need)}
+        f_rows = [pos[w] for w in faulty]
+        # the honest rows at hand: all of them for an omniscient attack (and in the
+        # simulator); the others only read their shape and dtype
+        h_rows = [pos[w] for w in need if w not in faulty]
+        G[f_rows] = attack(G[h_rows], self.f, rng=self.attack_rng, own=G[f_rows])
+        return G if need == rows else G[[pos[r] for r in rows]]
+
+    def accuracy(self, flat, split="test"):
+        """Accuracy of the flat parameters on a split of the dataset."""
+        from ._cluster import _accuracy
+
+        X, y = (torch.from_numpy(a).to(self.device) for a in self.dataset.split(split))
+        return _accuracy(self.net, flat, self.shapes, X, y)
+
+
+def sgd_step(flat, buf, g, *, lr, momentum, weight_decay):
+    """One step of SGD with momentum and weight decay (``torch.optim.SGD``'s update).
+
+    Parameters
+    ----------
+    flat : torch.Tensor
+        Parameters.
+    buf : torch.Tensor or None
+        Momentum buffer; ``None`` before the first step.
+    g : torch.Tensor
+        Aggregated gradient.
+    lr, momentum, weight_decay : float
+        ``buf = momentum * buf + (g + weight_decay * flat)``, ``flat -= lr * buf``.
+
+    Returns
+    -------
+    flat, buf : torch.Tensor
+    """
+    d = g + weight_decay * flat
+    buf = d if buf is None else momentum * buf + d
+    return flat - lr * buf, buf

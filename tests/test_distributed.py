@@ -1,0 +1,408 @@
+"""Parameter-server training: wire format, the server against hostile peers, real runs.
+
+The first tests drive an in-process server with hand-written peers over
+loopback sockets, so every failure mode (NaN, wrong size, wrong dtype,
+silence, a half-sent frame, a reconnection, impostors) is exercised
+deterministically and fast; a whole run on threads checks that resuming from
+a checkpoint continues the same run. The last three start real runs (one
+server and four worker processes each): Byzantine training that matches the
+simulator (to float tolerance; it is in fact bit for bit), a worker killed
+and another one frozen mid-run, and workers sending NaN and wrong-sized
+gradients. Every run is bounded by a timeout and leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from flagagg import distributed, sim  # noqa: E402
+from flagagg.distributed._protocol import (  # noqa: E402
+    HEADER,
+    FrameReader,
+    Kind,
+    ProtocolError,
+    encode_json,
+    encode_tensor,
+    recv_frame,
+    send_frame,
+)
+from flagagg.sim import ConfigError  # noqa: E402
+
+RUN_TIMEOUT = 150  # seconds any one multi-process run may take on a busy machine
+
+
+def _spec(**kw):
+    options = dict(rule="mean", attack="none", f=0, workers=4, rounds=5, eval_every=5,
+                   round_timeout=1.5, connect_timeout=20)
+    options.update(kw)
+    return distributed.make_spec(sim.load_config("demo"), **options)
+
+
+# --------------------------------------------------------------------------
+# wire format
+
+
+def test_frames_reassemble_from_any_split():
+    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO})
+    row = np.arange(5, dtype=np.float32)
+    data = b"".join(bytes(p) for p in encode_tensor(Kind.GRAD, row, worker=3, round=7,
+                                                    seconds=0.25))
+    data += b"".join(bytes(p) for p in encode_json(Kind.HELLO, {"worker": 1}))
+    frames = []
+    for i in range(len(data)):  # one byte at a time: nothing comes out early
+        frames += reader.feed(data[i:i + 1])
+        if i < HEADER.size + 20 - 1:
+            assert not frames
+    grad, hello = frames
+    assert (grad.kind, grad.worker, grad.round, grad.seconds) == (Kind.GRAD, 3, 7, 0.25)
+    np.testing.assert_array_equal(grad.array(), row)
+    assert hello.json() == {"worker": 1}
+    assert reader.pending == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    (b"JUNK" + bytes(HEADER.size - 4), "bad magic"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 1, 1, 0, 1, 10**12, 0.0), "over the"),
+    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, 1, 0, 1, 4, 0.0), "unexpected frame kind"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 1, 99, 0, 1, 4, 0.0), "protocol version"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 77, 1, 0, 1, 4, 0.0), "dtype"),
+])
+def test_bad_headers_are_refused_before_their_payload(bad, match):
+    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO})
+    with pytest.raises(ProtocolError, match=match):
+        reader.feed(bad)
+
+
+def test_fault_and_spec_errors_say_what_to_do():
+    assert distributed.parse_fault("2:slow=1.5@3-4") == distributed.Fault(2, "slow", 1.5, 3, 4)
+    assert distributed.parse_fault("0:crash@5") == distributed.Fault(0, "crash", 0.0, 5, 5)
+    assert distributed.parse_fault("3:nan@6-").active(99)
+    assert distributed.parse_fault("3:nan").active(1)
+    for text, match in (("2:explode", "unknown fault kind"), ("x", "WORKER:KIND"),
+                        ("1:slow", "needs =VALUE"), ("1:nan@5-2", "FIRST <= LAST")):
+        with pytest.raises(ValueError, match=match):
+            distributed.parse_fault(text)
+    with pytest.raises(ConfigError, match="choose one of"):
+        _spec(rule="no_such_rule")
+    with pytest.raises(ConfigError, match="workers are 0..3"):
+        _spec(faults=(distributed.Fault(4, "nan"),))
+
+
+def test_server_address_choice(monkeypatch):
+    from flagagg.distributed._node import _server_address
+
+    monkeypatch.delenv("FLAGAGG_SERVER_ADDR", raising=False)
+    assert _server_address(None, "10.1.2.3", True) == ("127.0.0.1", "127.0.0.1", 0)
+    assert _server_address(None, "127.0.0.1", False) == ("127.0.0.1", "127.0.0.1", 0)
+    assert _server_address("192.0.2.7:4000", "10.1.2.3", False) == ("192.0.2.7", "0.0.0.0", 4000)
+    monkeypatch.setenv("FLAGAGG_SERVER_ADDR", "192.0.2.8")
+    assert _server_address(None, "10.1.2.3", False) == ("192.0.2.8", "0.0.0.0", 0)
+
+
+def test_cli_reports_config_errors_without_starting_processes(capsys):
+    from flagagg.cli import main
+
+    assert main(["train", "--config", "demo", "--rule", "nope"]) == 2
+    assert "--rule 'nope' is not in the config" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# the server against hand-written peers
+
+
+class Peer:
+    """A worker written by hand, to send exactly what a test needs."""
+
+    def __init__(self, server, worker, fingerprint=None):
+        self.sock = socket.create_connection(server.address, timeout=20)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = FrameReader(1 << 20, kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS,
+                                                  Kind.STOP})
+        self.pending = []
+        self.worker = worker
+        hello = {"worker": worker, "rank": worker + 1, "pid": 0, "host": "test",
+                 "fingerprint": fingerprint or server.spec.fingerprint(),
+                 "n_params": server.n, "device": "cpu"}
+        send_frame(self.sock, encode_json(Kind.HELLO, hello, worker=worker))
+        self.answer = self.recv()
+
+    def recv(self):
+        return recv_frame(self.sock, self.reader, self.pending, 20)
+
+    def params(self, t):
+        frame = self.recv()
+        assert (frame.kind, frame.round) == (Kind.PARAMS, t)
+        return frame.array()
+
+    def send(self, t, row):
+        send_frame(self.sock, encode_tensor(Kind.GRAD, row, worker=self.worker, round=t,
+                                            seconds=0.001))
+
+
+def _serve(server):
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("record", server.run()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_server_survives_every_kind_of_bad_worker():
+    server = distributed.Server(_spec(rounds=5))
+    thread, out = _serve(server)
+    n = server.n
+    ok = np.full(n, 1e-3, np.float32)
+    p0 = Peer(server, 0)
+    impostor = Peer(server, 0)
+    stranger = Peer(server, 1, fingerprint="0" * 16)
+    assert impostor.answer.kind == stranger.answer.kind == Kind.REJECT
+    assert "already connected" in impostor.answer.json()["reason"]
+    assert "different config" in stranger.answer.json()["reason"]
+    p1, p2, p3 = Peer(server, 1), Peer(server, 2), Peer(server, 3)
+    peers = [p0, p1, p2, p3]
+    assert all(p.answer.kind == Kind.WELCOME for p in peers)
+
+    # round 1: a good row, NaN, 3 values too many, float64
+    for p in peers:
+        p.params(1)
+    p0.send(1, ok)
+    p1.send(1, np.full(n, np.nan, np.float32))
+    p2.send(1, np.zeros(n + 3, np.float32))
+    p3.send(1, ok.astype(np.float64))
+    # round 2: worker 2 says nothing (the round waits for its deadline), worker 3
+    # dies half-way through a frame, which must never reach the rule
+    for p in peers:
+        p.params(2)
+    p0.send(2, ok)
+    p1.send(2, ok)
+    half = b"".join(bytes(x) for x in encode_tensor(Kind.GRAD, ok, worker=3, round=2))
+    p3.sock.sendall(half[: len(half) // 2])
+    p3.sock.close()
+    # round 3 (it starts when round 2's deadline has passed): worker 2 is still
+    # busy with round 2, so nobody waits for it; its late round-2 gradient is
+    # dropped as stale, its round-3 one counts; worker 3 comes back on a new
+    # connection
+    p0.params(3)
+    p2.send(2, ok)
+    p2.params(3)
+    p2.send(3, ok)
+    p3 = Peer(server, 3)
+    assert p3.answer.json()["round"] == 4
+    p0.send(3, ok)
+    p1.params(3)
+    p1.send(3, ok)
+    for t in (4, 5):
+        for p in (p0, p1, p2, p3):
+            p.params(t)
+            p.send(t, ok)
+    for p in (p0, p1, p2, p3):
+        assert p.recv().kind == Kind.STOP
+    thread.join(30)
+    assert not thread.is_alive(), "the server did not finish"
+    record = out["record"]
+
+    status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
+    assert status[1, 0] == ("ok", "")
+    assert status[1, 1] == ("excluded", "non-finite values (NaN or Inf)")
+    assert status[1, 2] == ("excluded", f"wrong size: {n + 3} values, expected {n}")
+    assert status[1, 3][0] == "excluded" and "float64" in status[1, 3][1]
+    assert status[2, 2] == ("missing", "no gradient within the 1.5 s deadline")
+    assert status[2, 3] == ("missing", "disconnected (connection closed)")
+    assert status[3, 2] == ("ok", "")
+    assert status[3, 3] == ("missing", "joined during the round; takes part from the next")
+    assert all(status[t, w][0] == "ok" for t in (4, 5) for w in range(4))
+    rounds = record["rounds"]
+    assert [r["received"] for r in rounds] == [1, 2, 3, 4, 4]
+    assert rounds[1]["missing"] == [2, 3] and rounds[0]["excluded"] == [1, 2, 3]
+    assert rounds[2]["stale"] == 1
+    assert rounds[1]["wait_s"] >= 1.4 and rounds[2]["wait_s"] < 1.0  # no wait for a lagger
+    assert all(r["stepped"] and r["bytes_sent"] > 4 * n for r in rounds)
+    events = [(e.get("worker"), e["event"]) for e in record["events"]]
+    for expected in ((0, "refused"), (1, "refused"), (3, "disconnected"), (3, "reconnected")):
+        assert expected in events
+    assert np.isfinite(record["parameters"]).all()
+
+
+def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
+    path = tmp_path / "ck.pt"
+    server = distributed.Server(_spec(workers=2, rounds=2), checkpoint=path)
+    thread, out = _serve(server)
+    peers = [Peer(server, w) for w in range(2)]
+    for t in (1, 2):
+        for p in peers:
+            p.params(t)
+            p.send(t, np.full(server.n, 0.01, np.float32))
+    thread.join(30)
+    assert not thread.is_alive()
+    state = distributed.load_checkpoint(path)
+    assert state["round"] == 2
+    np.testing.assert_array_equal(state["parameters"].numpy(), out["record"]["parameters"])
+    again = distributed.Server(_spec(workers=2, rounds=4), resume=path)
+    assert again.start_round == 3 and torch.equal(again.flat, state["parameters"])
+    again._stop_workers(0)
+    with pytest.raises(ValueError, match="nothing left to train"):
+        distributed.Server(_spec(workers=2, rounds=2), resume=path)
+
+    # a checkpoint that smuggles in an arbitrary object is not unpickled
+    torch.save({"format": "flagagg-distributed-checkpoint", "payload": Peer}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        distributed.load_checkpoint(tmp_path / "evil.pt")
+
+
+def _in_threads(spec, **server_options):
+    """A whole run in this process: the server and real workers on threads."""
+    server = distributed.Server(spec, **server_options)
+    thread, out = _serve(server)
+    workers = [threading.Thread(target=distributed.run_worker, daemon=True,
+                                args=(spec, w, server.address)) for w in range(spec.workers)]
+    for t in workers:
+        t.start()
+    for t in [thread, *workers]:
+        t.join(60)
+        assert not t.is_alive()
+    return out["record"]
+
+
+def test_a_resumed_run_continues_the_same_run(tmp_path):
+    spec = _spec(rule="flag", attack="reverse", f=1, workers=3, round_timeout=20)
+    first = _in_threads(dataclasses.replace(spec, config=spec.config.replace(rounds=3)),
+                        checkpoint=tmp_path / "ck.pt")
+    resumed = _in_threads(spec, resume=tmp_path / "ck.pt")
+    straight = _in_threads(spec)
+    assert [r["round"] for r in first["rounds"]] == [1, 2, 3]
+    assert [r["round"] for r in resumed["rounds"]] == [4, 5]
+    # the workers of the resumed run replayed rounds 1-3's minibatch draws
+    np.testing.assert_array_equal(resumed["parameters"], straight["parameters"])
+
+
+# --------------------------------------------------------------------------
+# real runs: one server process and four worker processes on loopback
+
+
+def test_byzantine_run_trains_and_matches_the_simulator():
+    config = sim.load_config("demo")
+    run = distributed.train(config, rule="flag", attack="reverse", f=1, workers=4, rounds=20,
+                            eval_every=10, timeout=RUN_TIMEOUT)
+    assert run.status == 0
+    assert [t for t, _ in run.curve] == [0, 10, 20]
+    assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
+
+    ref = sim.simulate(sim.load_dataset("digits"), "flag", f=1, attack="reverse",
+                       attack_params=config.attack("reverse").params, workers=4, rounds=20,
+                       eval_every=10, lr=config.lr_of("flag"), seed=config.seeds[0])
+    np.testing.assert_allclose(run.parameters, ref.parameters, rtol=1e-5, atol=1e-6)
+    assert [a for _, a in run.curve] == pytest.approx(ref.accuracy, abs=1e-9)
+
+    assert all(r["received"] == 4 and not r["missing"] and not r["excluded"]
+               for r in run.rounds)
+    ratios = [r["reconstruction_ratio"] for r in run.workers]
+    assert len(ratios) == 20 * 4 and all(0 <= x <= 1 + 1e-6 for x in ratios)
+    for r in run.rounds:
+        assert r["bytes_sent"] >= 4 * 4 * run.parameters.size
+        assert r["compute_s"] > 0 and r["aggregate_s"] > 0 and r["comm_s"] is not None
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_killed_and_frozen_workers_do_not_stop_training(tmp_path):
+    out = tmp_path / "out"
+    slow = [x for w in range(4) for x in ("--inject-fault", f"{w}:slow=0.1")]
+    cmd = [sys.executable, "-m", "flagagg", "train", "--config", "demo", "--rule", "median",
+           "--attack", "none", "--f", "0", "--workers", "4", "--rounds", "12",
+           "--eval-every", "1", "--round-timeout", "2", "--output", str(out), *slow]
+    # its own session, so that whatever happens the test can end the whole tree
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=tmp_path)
+    lines = queue.Queue()
+
+    def read():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)  # end of output
+
+    threading.Thread(target=read, daemon=True).start()
+    pids, text, end = {}, [], time.monotonic() + RUN_TIMEOUT
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.1, end - time.monotonic()))
+            except queue.Empty:
+                pytest.fail("the run did not finish in time:\n" + "".join(text))
+            if line is None:
+                break
+            text.append(line)
+            if "connected (rank" in line:
+                pids[int(line.split()[1])] = int(line.split("pid ")[1].split(",")[0])
+            elif line.startswith("server: listening"):
+                pids["server"] = int(line.split("(pid ")[1].split(",")[0])
+            elif line.startswith("round    3: test accuracy"):
+                os.kill(pids[1], signal.SIGKILL)   # a crash
+            elif line.startswith("round    6: test accuracy"):
+                os.kill(pids[2], signal.SIGSTOP)   # a hang: alive, silent
+        status = proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    output = "".join(text)
+    assert status == 0, output
+    assert "done: 12 rounds" in output, output
+    assert f"worker 2 (pid {pids[2]}) was still running" in output
+    with open(out / "rounds.csv", newline="") as fh:
+        rounds = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rounds] == list(range(1, 13))
+    assert all(r["stepped"] == "True" for r in rounds)
+    assert {"1", "2"} <= set(rounds[-1]["missing"].split())
+    with open(out / "workers.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh)]
+    # each failure is missing from some round on, to the end, with its reason;
+    # which round exactly depends on how fast the test's signal arrives
+    # (a killed process's socket is closed or reset, depending on unread data)
+    for w, after, reason in ((1, 3, "disconnected (connection "),
+                             (2, 6, "no gradient within the 2 s deadline")):
+        mine = [r for r in rows if r["worker"] == str(w)]
+        first = next(int(r["round"]) for r in mine if r["status"] == "missing")
+        assert first > after and mine[first - 1]["reason"].startswith(reason), output
+        assert all(r["status"] == ("ok" if int(r["round"]) < first else "missing")
+                   for r in mine)
+        assert f"worker {w} missing in {13 - first} of 12 rounds ({first}-12)" in output
+    assert "worker 1 disconnected (connection " in output
+    for who, pid in pids.items():
+        assert not _alive(pid), f"{who} (pid {pid}) outlived the run"
+
+
+def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on():
+    run = distributed.train(sim.load_config("demo"), rule="mean", attack="none", f=0, workers=4,
+                            rounds=8, eval_every=4, faults=["1:nan@2-3", "2:wrong_size@4"],
+                            round_timeout=20, timeout=RUN_TIMEOUT)
+    assert run.status == 0
+    excluded = {(r["round"], r["worker"]): r["reason"] for r in run.workers
+                if r["status"] == "excluded"}
+    n = run.parameters.size
+    assert excluded == {(2, 1): "non-finite values (NaN or Inf)",
+                        (3, 1): "non-finite values (NaN or Inf)",
+                        (4, 2): f"wrong size: {n + 7} values, expected {n}"}
+    assert [r["received"] for r in run.rounds] == [4, 3, 3, 3, 4, 4, 4, 4]
+    assert all(r["stepped"] for r in run.rounds)
+    assert np.isfinite(run.parameters).all()
+    assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
