@@ -12,6 +12,7 @@ from ..backends import Backend, select_backend
 
 __all__ = [
     "GramRule",
+    "Params",
     "Rule",
     "RuleResult",
     "check_f",
@@ -108,7 +109,24 @@ def check_f(rule: str, f: int, p: int, need: int, condition: str) -> None:
         raise ValueError(f"need {condition} for {rule}: got p={p}, f={f}")
 
 
-class Rule:
+class Params:
+    """``get_params`` and ``repr`` from the instance's public attributes.
+
+    Attributes starting with ``_`` (private) or ending with ``_`` (results of
+    the last call, scikit-learn style) are not parameters.
+    """
+
+    def get_params(self) -> dict[str, Any]:
+        """Return the parameters as a dict (scikit-learn style)."""
+        return {k: v for k, v in vars(self).items()
+                if not (k.startswith("_") or k.endswith("_"))}
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({params})"
+
+
+class Rule(Params):
     """Base class of aggregation rules: callable on the inputs.
 
     Subclasses implement ``_aggregate(stack, backend) -> result`` and set
@@ -147,13 +165,6 @@ class Rule:
     def _aggregate(self, stack: Stack, backend: Backend) -> Any:
         raise NotImplementedError
 
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({params})"
-
-    def get_params(self) -> dict[str, Any]:
-        """Return the rule's parameters as a dict (scikit-learn style)."""
-        return {k: v for k, v in vars(self).items() if not k.endswith("_")}
 
 
 class GramRule(Rule):

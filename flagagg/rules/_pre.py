@@ -30,6 +30,7 @@ from ..backends import Backend
 from ..backends._base import compute_dtype_name
 from ._base import (
     GramRule,
+    Params,
     Rule,
     RuleResult,
     check_f,
@@ -42,7 +43,7 @@ from ._base import (
 __all__ = ["NNM", "Bucketing", "Clipping", "ComposedRule", "PreAggregator", "make_pre"]
 
 
-class PreAggregator:
+class PreAggregator(Params):
     """Base class of pre-aggregation steps.
 
     Subclasses set ``name`` and implement ``mixing(K) -> (M, info)``: the
@@ -57,13 +58,6 @@ class PreAggregator:
         """Return the mixing matrix for inputs of Gram matrix ``K``."""
         raise NotImplementedError
 
-    def get_params(self) -> dict[str, Any]:
-        """Return the step's parameters as a dict."""
-        return {k: v for k, v in vars(self).items() if not k.startswith("_")}
-
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({params})"
 
 
 class NNM(PreAggregator):
