@@ -171,6 +171,22 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()) or "--"
 
 
+
+def _list_table(header: list[str], rows: list[list[str]], widths: str | None = None,
+                css: str | None = "flagagg-table") -> list[str]:
+    """A ``list-table`` directive with one header row, cells given as rst text."""
+    lines = [".. list-table::", "   :header-rows: 1"]
+    if widths:
+        lines.append(f"   :widths: {widths}")
+    if css:
+        lines.append(f"   :class: {css}")
+    lines.append("")
+    for row in [header, *rows]:
+        lines.append(f"   * - {row[0]}")
+        lines += [f"     - {cell}" for cell in row[1:]]
+    return lines
+
+
 def _fmt_default(value: Any) -> str:
     return repr(value) if isinstance(value, str) else f"{value!r}"
 
@@ -433,20 +449,7 @@ def rules_rst(infos: list[RuleInfo] | None = None) -> list[str]:
     lines : list of str
     """
     infos = rule_infos() if infos is None else infos
-    lines = [
-        ".. list-table::",
-        "   :header-rows: 1",
-        "   :widths: 10 30 16 16 18 14 10",
-        "   :class: flagagg-table",
-        "",
-        "   * - Rule",
-        "     - Definition",
-        "     - Parameters",
-        "     - Preconditions (measured)",
-        "     - Complexity",
-        "     - NaN / Inf input row (measured)",
-        "     - Source",
-    ]
+    body = []
     for info in infos:
         nan = info.nan_measured
         if info.nan_documented:
@@ -454,15 +457,18 @@ def rules_rst(infos: list[RuleInfo] | None = None) -> list[str]:
         definition = info.definition
         if info.output != "aggregate":
             definition += f" (returns an {info.output})"
-        lines += [
-            f"   * - ``{info.name}`` (:class:`~{info.path}`)",
-            f"     - {_cell(definition)}",
-            f"     - {_cell(', '.join(f'``{p}``' for p in info.parameters) or 'none')}",
-            f"     - {_cell(info.precondition)}",
-            f"     - {_cell(info.complexity)}",
-            f"     - {_cell(nan)}",
-            f"     - {_cell(info.source)}",
-        ]
+        body.append([
+            f"``{info.name}`` (:class:`~{info.path}`)",
+            _cell(definition),
+            _cell(", ".join(f"``{p}``" for p in info.parameters) or "none"),
+            _cell(info.precondition),
+            _cell(info.complexity),
+            _cell(nan),
+            _cell(info.source),
+        ])
+    lines = _list_table(["Rule", "Definition", "Parameters", "Preconditions (measured)",
+                         "Complexity", "NaN / Inf input row (measured)", "Source"],
+                        body, widths="10 30 16 16 18 14 10")
     problems = [(i.name, msg) for i in infos for msg in i.problems]
     if problems:
         lines += ["", "Measuring these rules failed:", ""]
@@ -561,25 +567,14 @@ def pre_rst(rows: list[dict] | None = None) -> list[str]:
     rows = pre_rows() if rows is None else rows
     if not rows:
         return [".. note::", "", "   This version has no pre-aggregation steps."]
-    lines = [
-        ".. list-table::",
-        "   :header-rows: 1",
-        "   :widths: 14 46 20 20",
-        "   :class: flagagg-table",
-        "",
-        "   * - Step",
-        "     - Definition",
-        "     - Parameters",
-        "     - Source",
-    ]
-    for row in rows:
-        lines += [
-            f"   * - ``{row['name']}`` (:class:`~{row['path']}`)",
-            f"     - {_cell(row['definition'])}",
-            f"     - {_cell(', '.join(f'``{p}``' for p in row['parameters']) or 'none')}",
-            f"     - {_cell(row['source'])}",
-        ]
-    return lines
+    body = [[
+        f"``{row['name']}`` (:class:`~{row['path']}`)",
+        _cell(row["definition"]),
+        _cell(", ".join(f"``{p}``" for p in row["parameters"]) or "none"),
+        _cell(row["source"]),
+    ] for row in rows]
+    return _list_table(["Step", "Definition", "Parameters", "Source"], body,
+                       widths="14 46 20 20")
 
 
 # --------------------------------------------------------------------------
@@ -634,30 +629,20 @@ def attacks_rst(rows: list[dict] | None = None) -> list[str]:
     rows = attack_rows() if rows is None else rows
     if not rows:
         return [".. note::", "", "   :mod:`flagagg.attacks` is not available in this build."]
-    lines = [
-        ".. list-table::",
-        "   :header-rows: 1",
-        "   :widths: 14 10 10 36 18 12",
-        "   :class: flagagg-table",
-        "",
-        "   * - Attack",
-        "     - Kind",
-        "     - Reads honest gradients",
-        "     - Definition",
-        "     - Parameters (defaults of this name)",
-        "     - Source",
-    ]
+    body = []
     for row in rows:
         params = ", ".join(f"``{k}={_fmt_default(v)}``" for k, v in row["parameters"].items())
-        lines += [
-            f"   * - ``{row['name']}`` (:func:`~{row['function']}`)",
-            f"     - {row['kind']}",
-            f"     - {'yes' if row['omniscient'] else 'no'}",
-            f"     - {_cell(row['definition'])}",
-            f"     - {_cell(params or 'none')}",
-            f"     - {_cell(row['source'])}",
-        ]
-    return lines
+        body.append([
+            f"``{row['name']}`` (:func:`~{row['function']}`)",
+            row["kind"],
+            "yes" if row["omniscient"] else "no",
+            _cell(row["definition"]),
+            _cell(params or "none"),
+            _cell(row["source"]),
+        ])
+    return _list_table(["Attack", "Kind", "Reads honest gradients", "Definition",
+                        "Parameters (defaults of this name)", "Source"], body,
+                       widths="14 10 10 36 18 12")
 
 
 # --------------------------------------------------------------------------
@@ -830,17 +815,8 @@ def support_rst(infos: list[RuleInfo] | None = None) -> list[str]:
     lines : list of str
     """
     header, rows, failures = support_table(infos)
-    lines = [
-        ".. list-table::",
-        "   :header-rows: 1",
-        "   :class: flagagg-table",
-        "",
-        "   * - Rule",
-    ]
-    lines += [f"     - {h}" for h in header]
-    for row in rows:
-        lines.append(f"   * - {row[0]}")
-        lines += [f"     - {_cell(c)}" for c in row[1:]]
+    body = [[row[0], *(_cell(c) for c in row[1:])] for row in rows]
+    lines = _list_table(["Rule", *header], body)
     if failures:
         lines += ["", "Failures:", ""]
         lines += [f"* {rule} on {col}: {_cell(msg)}" for rule, col, msg in failures]
@@ -901,19 +877,9 @@ def extras_rst() -> list[str]:
     -------
     lines : list of str
     """
-    lines = [
-        ".. list-table::",
-        "   :header-rows: 1",
-        "   :widths: 12 40 48",
-        "",
-        "   * - Extra",
-        "     - Installs",
-        "     - For",
-    ]
-    for name, reqs in extras().items():
-        lines += [
-            f"   * - ``{name}``",
-            f"     - {_cell(', '.join(f'``{r}``' for r in reqs) or '--')}",
-            f"     - {_cell(_EXTRA_PURPOSE.get(name, '--'))}",
-        ]
-    return lines
+    body = [[
+        f"``{name}``",
+        _cell(", ".join(f"``{r}``" for r in reqs) or "--"),
+        _cell(_EXTRA_PURPOSE.get(name, "--")),
+    ] for name, reqs in extras().items()]
+    return _list_table(["Extra", "Installs", "For"], body, widths="12 40 48", css=None)
