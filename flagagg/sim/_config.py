@@ -81,6 +81,14 @@ class AttackSpec:
     params: dict = field(default_factory=dict)
 
 
+def _by_label(specs, label, kind):
+    """The spec with ``label`` among ``specs``; a KeyError lists the labels there are."""
+    for spec in specs:
+        if spec.label == label:
+            return spec
+    raise KeyError(f"no {kind} labelled {label!r}: the config has {[s.label for s in specs]}")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """A validated experiment: rules x attacks x f x seeds, and how to train.
@@ -124,21 +132,11 @@ class ExperimentConfig:
 
     def rule(self, label):
         """The :class:`RuleSpec` with this label."""
-        for spec in self.rules:
-            if spec.label == label:
-                return spec
-        raise KeyError(
-            f"no rule labelled {label!r}: the config has {[r.label for r in self.rules]}"
-        )
+        return _by_label(self.rules, label, "rule")
 
     def attack(self, label):
         """The :class:`AttackSpec` with this label."""
-        for spec in self.attacks:
-            if spec.label == label:
-                return spec
-        raise KeyError(
-            f"no attack labelled {label!r}: the config has {[a.label for a in self.attacks]}"
-        )
+        return _by_label(self.attacks, label, "attack")
 
     def lr_of(self, label):
         """The learning rate a rule trains with: its own, else ``[optimizer] lr``."""
