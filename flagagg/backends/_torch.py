@@ -43,6 +43,19 @@ def _host_view(X: torch.Tensor) -> np.ndarray | None:
     return X.detach().numpy()
 
 
+def _widened_chunks(X: torch.Tensor):
+    """Yield ``(start, stop, chunk)``: float32 NumPy copies of column chunks of a CPU tensor.
+
+    For dtypes NumPy cannot view (bfloat16): widening to float32 is exact,
+    and a few MiB at a time never copies the whole input.
+    """
+    m = X.shape[1]
+    step = max(1024, (1 << 22) // (4 * max(X.shape[0], 1)))
+    for start in range(0, m, step):
+        stop = min(start + step, m)
+        yield start, stop, X[:, start:stop].detach().float().numpy()
+
+
 class TorchBackend(ArrayAPIBackend):
     """Array-API kernels on torch tensors, on their own device."""
 
@@ -61,13 +74,10 @@ class TorchBackend(ArrayAPIBackend):
         view = _host_view(X)
         if view is not None:
             return _host_backend().gram(view)
-        p, m = X.shape
         if X.device.type == "cpu":
-            # bfloat16: widen a chunk at a time to float32 (exact), then the host kernel.
-            K = np.zeros((p, p))
-            step = max(1024, (1 << 22) // (4 * max(p, 1)))
-            for start in range(0, m, step):
-                K += _host_backend().gram(X[:, start:start + step].detach().float().numpy())
+            K = np.zeros((X.shape[0], X.shape[0]))
+            for _, _, chunk in _widened_chunks(X):
+                K += _host_backend().gram(chunk)
             return K
         return self._gram_device(X)
 
@@ -119,14 +129,10 @@ class TorchBackend(ArrayAPIBackend):
         if view is not None:
             return torch.from_numpy(_host_backend().coordinate_stat(view, rows, center, trim, k))
         if X.device.type == "cpu":
-            # bfloat16: widen a chunk at a time to float32 (exact), then the host kernel.
-            m = X.shape[1]
-            out = torch.empty((m,), dtype=torch.float32)
-            step = max(1024, (1 << 22) // (4 * max(X.shape[0], 1)))
-            for start in range(0, m, step):
-                part = X[:, start:start + step].detach().float().numpy()
-                out[start:start + step] = torch.from_numpy(
-                    _host_backend().coordinate_stat(part, rows, center, trim, k))
+            out = torch.empty((X.shape[1],), dtype=torch.float32)
+            for start, stop, chunk in _widened_chunks(X):
+                out[start:stop] = torch.from_numpy(
+                    _host_backend().coordinate_stat(chunk, rows, center, trim, k))
             return out
         return self._coordinate_stat_device(X, rows, center, trim, k)
 
@@ -137,5 +143,6 @@ class TorchBackend(ArrayAPIBackend):
         # kernels over large chunks; no segmented sort along the short axis
         # (and torch.quantile caps at 16M elements).
         return super().coordinate_stat(X.detach(), rows, center, trim, k)
+
 
 BACKEND = TorchBackend()
