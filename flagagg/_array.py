@@ -33,9 +33,9 @@ Array = Any
 _CHUNK_BYTES = 1 << 22
 
 
-def chunk_columns(p: int) -> int:
-    """Number of columns of a ``(p, m)`` float64 chunk of about 4 MiB."""
-    return max(1024, _CHUNK_BYTES // (8 * max(p, 1)))
+def chunk_columns(p: int, nbytes: int = _CHUNK_BYTES) -> int:
+    """Number of columns of a ``(p, m)`` float64 chunk of about ``nbytes`` (4 MiB)."""
+    return max(1024, nbytes // (8 * max(p, 1)))
 
 
 def array_library(x: Array) -> str:

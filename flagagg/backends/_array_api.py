@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace, device
 
-from .._array import dtype_name, to_numpy
+from .._array import chunk_columns, dtype_name, to_numpy
 from ._base import compute_dtype_name
 
 Array = Any
@@ -67,7 +67,7 @@ class ArrayAPIBackend:
     chunk_bytes = 1 << 22
 
     def _step(self, rows: int) -> int:
-        return max(1024, self.chunk_bytes // (8 * max(rows, 1)))
+        return chunk_columns(rows, self.chunk_bytes)
 
     def gram(self, X: Array) -> np.ndarray:
         """Float64 ``X @ X.T``, accumulated chunk by chunk for lower precisions.
