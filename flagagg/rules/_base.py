@@ -203,15 +203,10 @@ def nonfinite_or_zero(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str],
     keep : ndarray of bool, shape (p,)
     excluded : tuple of (int, str)
     """
-    diag = np.diag(K)
-    finite = np.isfinite(diag)
-    keep = finite & (diag > 0)
-    excluded = tuple(
-        (int(i), "non-finite values (NaN or Inf) or an overflowing norm" if not finite[i]
-         else "zero norm")
-        for i in np.flatnonzero(~keep)
-    )
-    return keep, excluded
+    finite, nonfinite = finite_rows(K)
+    zero = finite & (np.diag(K) == 0)
+    excluded = sorted(nonfinite + tuple((int(i), "zero norm") for i in np.flatnonzero(zero)))
+    return finite & ~zero, tuple(excluded)
 
 
 def finite_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
