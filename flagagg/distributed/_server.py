@@ -1,7 +1,13 @@
 """The parameter server: send parameters, collect gradients until a deadline, aggregate, step.
 
-One thread, non-blocking sockets and a selector: the server waits on all its
-workers at once, and no worker can make it wait past the round's deadline.
+:class:`_ServerCore` holds what does not depend on how bytes travel: the
+rounds, the checks every gradient passes, the aggregation and step, the
+records, checkpoints. :class:`Server` moves them over plain TCP sockets;
+:class:`flagagg.distributed._collective.CollectiveServer` over gloo or NCCL.
+
+The TCP server runs one thread, non-blocking sockets and a selector: it
+waits on all its workers at once, and no worker can make it wait past the
+round's deadline.
 A worker that crashes closes its connection (seen at once); one that hangs
 or is slow misses the deadline; either is *missing* for the round and the
 server steps with the gradients that did arrive. A worker that is still busy
@@ -39,6 +45,7 @@ from ._protocol import (
 
 __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
+
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
 _FLOAT32 = next(code for code, dt in DTYPES.items() if dt == np.dtype("<f4"))
 
@@ -68,30 +75,21 @@ class _Peer:
         self.outbox.append([kind, rnd, memoryview(data).cast("B"), 0])
 
 
-class Server:
-    """The parameter server of one run.
+class _ServerCore:
+    """What every parameter server does, whatever carries its messages.
 
-    Parameters
-    ----------
-    spec : RunSpec
-        The run.
-    listen : tuple of (str, int), default=("127.0.0.1", 0)
-        Address to listen on (port 0: any free port).
-    device : str, default="cpu"
-        Device of the parameters and the aggregation.
-    log : callable, default=print
-        Where progress and events go.
-    checkpoint : str or path-like, optional
-        File to save the parameters and momentum to.
-    checkpoint_every : int, default=0
-        Save every this many rounds (and after the last); 0 saves only at
-        the end when ``checkpoint`` is given.
-    resume : str or path-like, optional
-        Checkpoint to start from (loaded with ``weights_only=True``).
+    A subclass opens its connections and implements ``_pump(timeout)`` (wait
+    up to ``timeout`` seconds for messages and handle them),
+    ``_send_params(link, t, params)``, ``_stop_workers(timeout)`` and
+    ``_close_link(link)``. A link is the subclass's object for one worker's
+    connection; it carries ``worker``, ``sent_round``, ``answered_round``,
+    ``bytes_sent`` and ``bytes_received``. Messages the subclass decodes go
+    through :meth:`_check_hello`, :meth:`_welcome` and
+    :meth:`_accept_gradient`, so that every transport applies the same checks.
     """
 
-    def __init__(self, spec, *, listen=("127.0.0.1", 0), device="cpu", log=print,
-                 checkpoint=None, checkpoint_every=0, resume=None):
+    def __init__(self, spec, *, device="cpu", log=print, checkpoint=None, checkpoint_every=0,
+                 resume=None):
         from ..sim._cluster import build_rule
         from ..sim._data import load_dataset
 
@@ -110,6 +108,9 @@ class Server:
         self.rule = build_rule(rule_spec.rule, spec.f, rule_spec.params)
         self.lr = config.lr_of(spec.rule)
         self.n = self.replica.n_params
+        # a gradient is n float32 values; anything over 8n bytes (float64) plus
+        # slack is refused before it is read
+        self.max_gradient_bytes = 8 * self.n + 4096
         self.byzantine = {int(w) for w in self.replica.faulty}
         self.flat = self.replica.initial_parameters()
         self.buf = None
@@ -119,17 +120,8 @@ class Server:
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.checkpoint_every = int(checkpoint_every)
 
-        self.sel = selectors.DefaultSelector()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(listen)
-        self.lsock.listen(max(16, 2 * config.workers))
-        self.lsock.setblocking(False)
-        self.sel.register(self.lsock, selectors.EVENT_READ, None)
-        self.address = self.lsock.getsockname()[:2]
-
-        self.peers = {}          # worker -> _Peer, accepted workers only
-        self.unnamed = set()     # connections that have not said HELLO yet
+        self.address = None      # where workers reach the server, for the record
+        self.peers = {}          # worker -> link, accepted workers only
         self.gone = {}           # worker -> why its connection ended
         self.info = {}           # worker -> its HELLO (pid, host, ...)
         self.round = 0
@@ -139,101 +131,57 @@ class Server:
         self.bytes_received = 0
         self.events = []
 
-    # ------------------------------------------------------------------ I/O
-
     def _say(self, text, event=None):
         self.log(text)
         if event is not None:
             self.events.append({"round": self.round, **event, "text": text})
 
-    def _set_events(self, peer):
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.modify(peer.sock, mask, peer)
+    # ------------------------------------------------- checks every transport shares
 
-    def _pump(self, timeout):
-        """Wait up to ``timeout`` seconds for I/O and handle what happened."""
-        for key, mask in self.sel.select(max(0.0, timeout)):
-            if key.data is None:
-                self._accept()
-                continue
-            peer = key.data
-            if mask & selectors.EVENT_READ:
-                self._read(peer)
-            if mask & selectors.EVENT_WRITE and peer.sock.fileno() >= 0:
-                self._flush(peer)
-        now = time.monotonic()
-        for peer in list(self.unnamed):
-            if now - peer.opened > self.spec.connect_timeout:
-                self._drop(peer, "no HELLO")
+    def _check_hello(self, hello):
+        """Why a worker saying ``hello`` (a dict) cannot join, or None if it can."""
+        w = hello.get("worker")
+        if not isinstance(w, int) or not 0 <= w < self.config.workers:
+            return f"worker index {w!r} is not in 0..{self.config.workers - 1}"
+        if hello.get("fingerprint") != self.spec.fingerprint():
+            return ("it runs a different config, rule, attack, f or seed than the server "
+                    f"(fingerprint {hello.get('fingerprint')} != {self.spec.fingerprint()}): "
+                    "start every process with the same arguments and config file")
+        if hello.get("n_params") != self.n:
+            return f"its model has {hello.get('n_params')} parameters, the server's {self.n}"
+        if w in self.peers:
+            return (f"worker {w} is already connected (pid {self.info[w].get('pid')}); "
+                    "give every worker its own rank")
+        return None
 
-    def _accept(self):
-        try:
-            sock, addr = self.lsock.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = _Peer(sock, addr, 8 * self.n + 4096, time.monotonic())
-        self.unnamed.add(peer)
-        self.sel.register(sock, selectors.EVENT_READ, peer)
+    def _refused(self, addr, hello, problem):
+        w = hello.get("worker")
+        self._say(f"refused a connection from {addr}: {problem}",
+                  {"worker": w if isinstance(w, int) else None, "event": "refused",
+                   "reason": problem})
 
-    def _read(self, peer):
-        try:
-            data = peer.sock.recv(1 << 20)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            self._drop(peer, f"connection error: {exc}")
-            return
-        if not data:
-            self._drop(peer, "connection closed")
-            return
-        peer.bytes_received += len(data)
-        self.bytes_received += len(data)
-        try:
-            frames = peer.reader.feed(data)
-            for frame in frames:
-                if frame.kind == Kind.HELLO:
-                    self._hello(peer, frame)
-                else:
-                    self._gradient(peer, frame)
-        except ProtocolError as exc:
-            self._drop(peer, f"protocol error: {exc}")
+    def _welcome(self, link, hello):
+        """Accept the worker of a checked ``hello`` on ``link``; return its first round."""
+        w = hello["worker"]
+        link.worker = w
+        info = {k: hello.get(k) for k in ("rank", "pid", "host", "device")}
+        again = w in self.info
+        self.info[w] = info
+        self.peers[w] = link
+        self.gone.pop(w, None)
+        self.last_seen = time.monotonic()
+        next_round = max(self.round + 1, self.start_round)
+        self._say(f"worker {w} {'reconnected' if again else 'connected'} (rank {info['rank']}, "
+                  f"pid {info['pid']}, host {info['host']}, device {info['device']})",
+                  {"worker": w, "event": "reconnected" if again else "connected", **info})
+        # parameters it never received count as answered: it is not busy with them
+        link.sent_round = link.answered_round = next_round - 1
+        return next_round
 
-    def _flush(self, peer):
-        while peer.outbox:
-            entry = peer.outbox[0]
-            view, sent = entry[2], entry[3]
-            try:
-                k = peer.sock.send(view[sent:])
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as exc:
-                self._drop(peer, f"connection error: {exc}")
-                return
-            entry[3] += k
-            peer.bytes_sent += k
-            self.bytes_sent += k
-            if entry[3] >= len(view):
-                peer.outbox.popleft()
-        if peer.closing and not peer.outbox:
-            self._drop(peer, None)
-            return
-        self._set_events(peer)
-
-    def _send(self, peer, kind, rnd, parts):
-        peer.queue(kind, rnd, b"".join(parts))
-        self._flush(peer)
-
-    def _drop(self, peer, reason):
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(peer.sock)
-        with contextlib.suppress(OSError):
-            peer.sock.close()
-        self.unnamed.discard(peer)
-        w = peer.worker
-        if w is None or self.peers.get(w) is not peer:
+    def _lost(self, link, reason):
+        """Forget a closed link; record and report the loss unless ``reason`` is None."""
+        w = link.worker
+        if w is None or self.peers.get(w) is not link:
             return
         del self.peers[w]
         if reason is None:
@@ -245,78 +193,57 @@ class Server:
         self._say(f"round {self.round:>4}: worker {w} disconnected ({reason}); missing until it "
                   "reconnects", {"worker": w, "event": "disconnected", "reason": reason})
 
-    # ------------------------------------------------------------ messages
+    def _check_round(self, link, rnd):
+        """Whether a gradient of round ``rnd`` from ``link`` belongs to the round being collected.
 
-    def _hello(self, peer, frame):
-        if peer.worker is not None:
-            raise ProtocolError("a second HELLO on one connection")
-        hello = frame.json()
-        w = hello.get("worker")
-        problem = None
-        if not isinstance(w, int) or not 0 <= w < self.config.workers:
-            problem = f"worker index {w!r} is not in 0..{self.config.workers - 1}"
-        elif hello.get("fingerprint") != self.spec.fingerprint():
-            problem = ("it runs a different config, rule, attack, f or seed than the server "
-                       f"(fingerprint {hello.get('fingerprint')} != {self.spec.fingerprint()}): "
-                       "start every process with the same arguments and config file")
-        elif hello.get("n_params") != self.n:
-            problem = f"its model has {hello.get('n_params')} parameters, the server's {self.n}"
-        elif w in self.peers:
-            problem = (f"worker {w} is already connected (pid {self.info[w].get('pid')}); "
-                       "give every worker its own rank")
-        self.unnamed.discard(peer)
-        if problem is not None:
-            self._say(f"refused a connection from {peer.addr[0]}: {problem}",
-                      {"worker": w if isinstance(w, int) else None, "event": "refused",
-                       "reason": problem})
-            peer.closing = True
-            self._send(peer, Kind.REJECT, 0, encode_json(Kind.REJECT, {"reason": problem}))
-            return
-        peer.worker = w
-        info = {k: hello.get(k) for k in ("rank", "pid", "host", "device")}
-        again = w in self.info
-        self.info[w] = info
-        self.peers[w] = peer
-        self.gone.pop(w, None)
-        self.last_seen = time.monotonic()
-        next_round = max(self.round + 1, self.start_round)
-        self._say(f"worker {w} {'reconnected' if again else 'connected'} (rank {info['rank']}, "
-                  f"pid {info['pid']}, host {info['host']}, device {info['device']})",
-                  {"worker": w, "event": "reconnected" if again else "connected", **info})
-        self._send(peer, Kind.WELCOME, 0,
-                   encode_json(Kind.WELCOME, {"round": next_round, "n_params": self.n}))
-        # parameters it never received count as answered: it is not busy with them
-        peer.sent_round = peer.answered_round = next_round - 1
-
-    def _gradient(self, peer, frame):
-        w = peer.worker
-        if w is None:
-            raise ProtocolError("a gradient before HELLO")
-        if frame.worker != w:
-            raise ProtocolError(f"worker {w} sent a gradient labelled worker {frame.worker}")
-        rnd = frame.round
-        if not 1 <= rnd <= peer.sent_round:
+        Raises
+        ------
+        ProtocolError
+            If the worker never got that round's parameters, or answers a
+            round twice.
+        """
+        w = link.worker
+        if not 1 <= rnd <= link.sent_round:
             raise ProtocolError(f"a gradient for round {rnd}, whose parameters it never got")
-        peer.answered_round = max(peer.answered_round, rnd)
+        link.answered_round = max(link.answered_round, rnd)
         self.last_seen = time.monotonic()
         st = self.state
         if st is None or rnd != st.round:
             if st is not None:
                 st.stale[w] = st.stale.get(w, 0) + 1
-            return
+            return False
         if w in st.status:
             raise ProtocolError(f"two gradients for round {rnd}")
-        seconds = frame.seconds if math.isfinite(frame.seconds) and frame.seconds >= 0 else None
+        return True
+
+    def _accept_gradient(self, link, dtype, nbytes, values, seconds):
+        """Check a complete gradient of the round being collected and record it.
+
+        Parameters
+        ----------
+        link
+            The worker's link (:meth:`_check_round` said yes).
+        dtype : numpy.dtype or None
+            The dtype the worker declared (None: unknown).
+        nbytes : int
+            Payload size in bytes.
+        values : callable
+            Returns the payload as a 1-D float32 array or tensor; called only
+            when dtype and size are right.
+        seconds : float
+            Compute time the worker reported.
+        """
+        w, st = link.worker, self.state
+        seconds = seconds if math.isfinite(seconds) and seconds >= 0 else None
         arrival = time.monotonic() - st.queued.get(w, st.start)
-        dt = DTYPES.get(frame.dtype)
-        if frame.dtype != _FLOAT32:
-            st.status[w] = ("excluded", f"dtype {dt}, expected float32", None)
-        elif len(frame.payload) != 4 * self.n:
-            st.status[w] = ("excluded", f"wrong size: {len(frame.payload) // 4} values, "
+        if dtype != np.dtype("<f4"):
+            st.status[w] = ("excluded", f"dtype {dtype}, expected float32", None)
+        elif nbytes != 4 * self.n:
+            st.status[w] = ("excluded", f"wrong size: {nbytes // 4} values, "
                             f"expected {self.n}", None)
         else:
-            row = frame.array()
-            if self.spec.drop_nonfinite and not np.isfinite(row).all():
+            row = torch.as_tensor(values())
+            if self.spec.drop_nonfinite and not bool(torch.isfinite(row).all()):
                 st.status[w] = ("excluded", "non-finite values (NaN or Inf)", None)
             else:
                 st.status[w] = ("ok", "", row)
@@ -342,20 +269,11 @@ class Server:
         """Send round ``t``'s parameters and collect gradients until done or the deadline."""
         st = _Round(t, time.monotonic())
         self.state = st
-        params = self.flat.detach().to("cpu", torch.float32).numpy()
-        frame = b"".join(encode_tensor(Kind.PARAMS, params, round=t))
+        params = self.flat.detach().to("cpu", torch.float32)
         st.start = time.monotonic()
-        for w, peer in list(self.peers.items()):
-            if peer.answered_round < peer.sent_round:
-                st.lagging.add(w)
-            else:
-                st.expected.add(w)
-            # latency counts from here: the send below may be the last thing this
-            # process does before the scheduler runs the workers
-            st.queued[w] = time.monotonic()
-            peer.queue(Kind.PARAMS, t, frame)
-            peer.sent_round = t
-            self._flush(peer)
+        for w, link in self.peers.items():
+            (st.lagging if link.answered_round < link.sent_round else st.expected).add(w)
+        self._send_params(st, [self.peers[w] for w in sorted(st.expected | st.lagging)], params)
         deadline = st.start + self.spec.round_timeout
         while True:
             now = time.monotonic()
@@ -375,7 +293,7 @@ class Server:
         workers = sorted(w for w, s in st.status.items() if s[0] == "ok")
         if not workers:
             return None, workers, None, "no gradient arrived"
-        G = torch.stack([torch.from_numpy(st.status[w][2]) for w in workers]).to(self.device)
+        G = torch.stack([st.status[w][2] for w in workers]).to(self.device)
         backend = None if self.config.backend == "auto" else self.config.backend
         if backend is None:
             scope = contextlib.nullcontext()
@@ -512,21 +430,6 @@ class Server:
         record["address"] = list(self.address)
         return record
 
-    def _stop_workers(self, timeout=5.0):
-        """Tell every worker to stop, wait briefly for the messages to leave, close."""
-        for peer in list(self.peers.values()):
-            self._send(peer, Kind.STOP, self.round, encode_json(Kind.STOP, {"round": self.round}))
-            peer.closing = True
-            if not peer.outbox:
-                self._drop(peer, None)
-        end = time.monotonic() + timeout
-        while any(q.outbox for q in self.peers.values()) and time.monotonic() < end:
-            self._pump(min(0.2, end - time.monotonic()))
-        for peer in list(self.peers.values()) + list(self.unnamed):
-            self._drop(peer, None)
-        self.sel.close()
-        self.lsock.close()
-
     # ------------------------------------------------------------ reporting
 
     def _worker_rows(self, st, rows, result, peer_bytes):
@@ -620,6 +523,187 @@ class Server:
         mom = state["momentum"]
         self.buf = None if mom is None else mom.to(self.device, torch.float32)
         self.start_round = state["round"] + 1
+
+
+class Server(_ServerCore):
+    """The parameter server of one run, over plain TCP sockets.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        The run.
+    listen : tuple of (str, int), default=("127.0.0.1", 0)
+        Address to listen on (port 0: any free port).
+    device : str, default="cpu"
+        Device of the parameters and the aggregation.
+    log : callable, default=print
+        Where progress and events go.
+    checkpoint : str or path-like, optional
+        File to save the parameters and momentum to.
+    checkpoint_every : int, default=0
+        Save every this many rounds (and after the last); 0 saves only at
+        the end when ``checkpoint`` is given.
+    resume : str or path-like, optional
+        Checkpoint to start from (loaded with ``weights_only=True``).
+    """
+
+    transport = "tcp"
+
+    def __init__(self, spec, *, listen=("127.0.0.1", 0), device="cpu", log=print,
+                 checkpoint=None, checkpoint_every=0, resume=None):
+        super().__init__(spec, device=device, log=log, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every, resume=resume)
+        self.sel = selectors.DefaultSelector()
+        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.lsock.bind(listen)
+        self.lsock.listen(max(16, 2 * self.config.workers))
+        self.lsock.setblocking(False)
+        self.sel.register(self.lsock, selectors.EVENT_READ, None)
+        self.address = self.lsock.getsockname()[:2]
+        self.unnamed = set()     # connections that have not said HELLO yet
+
+    # ------------------------------------------------------------------ I/O
+
+    def _set_events(self, peer):
+        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.modify(peer.sock, mask, peer)
+
+    def _pump(self, timeout):
+        """Wait up to ``timeout`` seconds for I/O and handle what happened."""
+        for key, mask in self.sel.select(max(0.0, timeout)):
+            if key.data is None:
+                self._accept()
+                continue
+            peer = key.data
+            if mask & selectors.EVENT_READ:
+                self._read(peer)
+            if mask & selectors.EVENT_WRITE and peer.sock.fileno() >= 0:
+                self._flush(peer)
+        now = time.monotonic()
+        for peer in list(self.unnamed):
+            if now - peer.opened > self.spec.connect_timeout:
+                self._drop(peer, "no HELLO")
+
+    def _accept(self):
+        try:
+            sock, addr = self.lsock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = _Peer(sock, addr, self.max_gradient_bytes, time.monotonic())
+        self.unnamed.add(peer)
+        self.sel.register(sock, selectors.EVENT_READ, peer)
+
+    def _read(self, peer):
+        try:
+            data = peer.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop(peer, f"connection error: {exc}")
+            return
+        if not data:
+            self._drop(peer, "connection closed")
+            return
+        peer.bytes_received += len(data)
+        self.bytes_received += len(data)
+        try:
+            frames = peer.reader.feed(data)
+            for frame in frames:
+                if frame.kind == Kind.HELLO:
+                    self._hello(peer, frame)
+                else:
+                    self._gradient(peer, frame)
+        except ProtocolError as exc:
+            self._drop(peer, f"protocol error: {exc}")
+
+    def _flush(self, peer):
+        while peer.outbox:
+            entry = peer.outbox[0]
+            view, sent = entry[2], entry[3]
+            try:
+                k = peer.sock.send(view[sent:])
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._drop(peer, f"connection error: {exc}")
+                return
+            entry[3] += k
+            peer.bytes_sent += k
+            self.bytes_sent += k
+            if entry[3] >= len(view):
+                peer.outbox.popleft()
+        if peer.closing and not peer.outbox:
+            self._drop(peer, None)
+            return
+        self._set_events(peer)
+
+    def _send(self, peer, kind, rnd, parts):
+        peer.queue(kind, rnd, b"".join(parts))
+        self._flush(peer)
+
+    def _drop(self, peer, reason):
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(peer.sock)
+        with contextlib.suppress(OSError):
+            peer.sock.close()
+        self.unnamed.discard(peer)
+        self._lost(peer, reason)
+
+    # ------------------------------------------------------------ messages
+
+    def _hello(self, peer, frame):
+        if peer.worker is not None:
+            raise ProtocolError("a second HELLO on one connection")
+        hello = frame.json()
+        problem = self._check_hello(hello)
+        self.unnamed.discard(peer)
+        if problem is not None:
+            self._refused(peer.addr[0], hello, problem)
+            peer.closing = True
+            self._send(peer, Kind.REJECT, 0, encode_json(Kind.REJECT, {"reason": problem}))
+            return
+        next_round = self._welcome(peer, hello)
+        self._send(peer, Kind.WELCOME, 0,
+                   encode_json(Kind.WELCOME, {"round": next_round, "n_params": self.n}))
+
+    def _gradient(self, peer, frame):
+        w = peer.worker
+        if w is None:
+            raise ProtocolError("a gradient before HELLO")
+        if frame.worker != w:
+            raise ProtocolError(f"worker {w} sent a gradient labelled worker {frame.worker}")
+        if self._check_round(peer, frame.round):
+            self._accept_gradient(peer, DTYPES.get(frame.dtype), len(frame.payload),
+                                  frame.array, frame.seconds)
+
+    def _send_params(self, st, links, params):
+        frame = b"".join(encode_tensor(Kind.PARAMS, params.numpy(), round=st.round))
+        for peer in links:
+            # latency counts from here: the send below may be the last thing this
+            # process does before the scheduler runs the workers
+            st.queued[peer.worker] = time.monotonic()
+            peer.queue(Kind.PARAMS, st.round, frame)
+            peer.sent_round = st.round
+            self._flush(peer)
+
+    def _stop_workers(self, timeout=5.0):
+        """Tell every worker to stop, wait briefly for the messages to leave, close."""
+        for peer in list(self.peers.values()):
+            self._send(peer, Kind.STOP, self.round, encode_json(Kind.STOP, {"round": self.round}))
+            peer.closing = True
+            if not peer.outbox:
+                self._drop(peer, None)
+        end = time.monotonic() + timeout
+        while any(q.outbox for q in self.peers.values()) and time.monotonic() < end:
+            self._pump(min(0.2, end - time.monotonic()))
+        for peer in list(self.peers.values()) + list(self.unnamed):
+            self._drop(peer, None)
+        self.sel.close()
+        self.lsock.close()
 
 
 class _Round:
