@@ -20,11 +20,8 @@ from ._protocol import (
     send_frame,
 )
 
-__all__ = ["run_worker"]
+__all__ = ["GradientSource", "run_worker"]
 
-
-class _Stopped(Exception):
-    """The server ended training while this worker was not answering."""
 
 # how long a worker waits for the next message before deciding the server is gone;
 # the server sends one every round, and a dead server closes the connection at once
@@ -46,8 +43,118 @@ def _connect(address, timeout):
             time.sleep(0.2)
 
 
+class GradientSource:
+    """What a worker computes, whatever carries its messages.
+
+    Builds the worker's replica of the model and data (the simulator's), its
+    attack and its injected faults, and computes the gradient of a round's
+    minibatch from that round's parameters.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        The run.
+    worker : int
+        This worker's index, 0-based.
+    device : str
+        Device of the model.
+    """
+
+    def __init__(self, spec, worker, device):
+        from ..attacks import get_attack
+        from ..sim._data import load_dataset
+        from ..sim._replica import Replica
+
+        self.spec = spec
+        self.worker = worker
+        self.device = device
+        config = spec.config
+        dataset = load_dataset(config.dataset, **config.data_kwargs())
+        self.replica = Replica(dataset, workers=config.workers, f=spec.f, seed=spec.seed,
+                               model=config.model,
+                               model_params={"hidden": config.hidden,
+                                             "channels": config.channels},
+                               partition_method=config.partition, alpha=config.alpha,
+                               device=device)
+        attack_spec = config.attack(spec.attack)
+        self.attack = get_attack(attack_spec.attack, **attack_spec.params)
+        self.faults = spec.faults_of(worker)
+        self.n_params = self.replica.n_params
+        # compute one gradient before joining (without touching the random streams),
+        # so that round 1 is not slower than the rest
+        self.replica.gradients(self.replica.initial_parameters(),
+                               np.zeros((config.workers, config.batch_size), np.int64),
+                               get_attack("none"), [worker])
+        # rounds whose minibatches have been drawn from the batch stream; a worker
+        # that joins late (or a resumed run) replays the earlier rounds' draws first
+        self.drawn = 0
+
+    def hello(self):
+        """Who this worker is, for the server's checks."""
+        return {"worker": self.worker, "rank": self.worker + 1, "pid": os.getpid(),
+                "host": socket.gethostname(), "fingerprint": self.spec.fingerprint(),
+                "n_params": self.n_params, "device": str(self.device)}
+
+    def compute(self, t, flat):
+        """The gradient of round ``t`` at parameters ``flat``.
+
+        Returns
+        -------
+        payload : ndarray of float32
+            The (possibly Byzantine) gradient, flat.
+        seconds : float
+            Time spent computing it.
+        """
+        config = self.spec.config
+        flat = torch.as_tensor(flat, dtype=torch.float32).to(self.replica.device)
+        # a worker that missed rounds still draws their minibatches, so that
+        # its stream stays in step with the other workers' and the simulator's
+        while self.drawn < t - 1:
+            self.replica.draw_batches(config.batch_size)
+            self.drawn += 1
+        idx = self.replica.draw_batches(config.batch_size)
+        self.drawn = t
+        t0 = time.perf_counter()
+        row = self.replica.gradients(flat, idx, self.attack, [self.worker])[0]
+        payload = row.detach().to("cpu", torch.float32).numpy()
+        return payload, time.perf_counter() - t0
+
+    def inject(self, t, payload, log):
+        """Apply this round's injected faults to ``payload``; may not return (crash).
+
+        Returns
+        -------
+        payload : ndarray
+            What to send (NaN, 7 values too many, or unchanged).
+        action : str or None
+            ``"hang"`` (stop answering), ``"bad_frame"`` (send something
+            that breaks the protocol), or None.
+        """
+        action = None
+        for fault in self.faults:
+            if not fault.active(t):
+                continue
+            kind = fault.kind
+            if kind == "crash":
+                log(f"worker {self.worker}: injected crash at round {t}")
+                os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+                time.sleep(60)  # SIGKILL is not immediate on every platform
+            elif kind == "hang":
+                log(f"worker {self.worker}: injected hang from round {t}: not answering any more")
+                action = "hang"
+            elif kind == "slow":
+                time.sleep(fault.value)
+            elif kind == "nan":
+                payload = np.full_like(payload, np.nan)
+            elif kind == "wrong_size":
+                payload = np.concatenate([payload, np.zeros(7, payload.dtype)])
+            elif kind == "bad_frame":
+                action = "bad_frame"
+        return payload, action
+
+
 def run_worker(spec, worker, address, *, device="cpu", log=print):
-    """Serve one worker of a run until the server says stop.
+    """Serve one worker of a run over TCP until the server says stop.
 
     Parameters
     ----------
@@ -68,37 +175,13 @@ def run_worker(spec, worker, address, *, device="cpu", log=print):
         0 when the server ended training, 1 when the server went away,
         2 when it refused this worker.
     """
-    from ..attacks import get_attack
-    from ..sim._data import load_dataset
-    from ..sim._replica import Replica
-
-    config = spec.config
-    dataset = load_dataset(config.dataset, **config.data_kwargs())
-    replica = Replica(dataset, workers=config.workers, f=spec.f, seed=spec.seed,
-                      model=config.model,
-                      model_params={"hidden": config.hidden, "channels": config.channels},
-                      partition_method=config.partition, alpha=config.alpha, device=device)
-    attack_spec = config.attack(spec.attack)
-    attack = get_attack(attack_spec.attack, **attack_spec.params)
-    faults = spec.faults_of(worker)
-    # compute one gradient before joining (without touching the random streams),
-    # so that round 1 is not slower than the rest
-    replica.gradients(replica.initial_parameters(),
-                      np.zeros((config.workers, config.batch_size), np.int64),
-                      get_attack("none"), [worker])
-
+    source = GradientSource(spec, worker, device)
     sock = _connect(address, spec.connect_timeout)
-    reader = FrameReader(4 * replica.n_params + 1024,
+    reader = FrameReader(4 * source.n_params + 1024,
                          kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS, Kind.STOP})
     pending = []
-    hello = {"worker": worker, "rank": worker + 1, "pid": os.getpid(),
-             "host": socket.gethostname(), "fingerprint": spec.fingerprint(),
-             "n_params": replica.n_params, "device": str(device)}
-    # rounds whose minibatches have been drawn from the batch stream; a worker that
-    # joins late (or a resumed run) replays the earlier rounds' draws first
-    drawn = 0
     try:
-        send_frame(sock, encode_json(Kind.HELLO, hello, worker=worker))
+        send_frame(sock, encode_json(Kind.HELLO, source.hello(), worker=worker))
         answer = recv_frame(sock, reader, pending, spec.connect_timeout)
         if answer.kind == Kind.REJECT:
             log(f"worker {worker}: the server refused this worker: {answer.json().get('reason')}")
@@ -110,55 +193,21 @@ def run_worker(spec, worker, address, *, device="cpu", log=print):
             if frame.kind != Kind.PARAMS:
                 continue
             t = frame.round
-            flat = torch.from_numpy(frame.array().astype(np.float32)).to(replica.device)
-            # a worker that missed rounds still draws their minibatches, so that
-            # its stream stays in step with the other workers' and the simulator's
-            while drawn < t - 1:
-                replica.draw_batches(config.batch_size)
-                drawn += 1
-            idx = replica.draw_batches(config.batch_size)
-            drawn = t
-            t0 = time.perf_counter()
-            row = replica.gradients(flat, idx, attack, [worker])[0]
-            payload = row.detach().to("cpu", torch.float32).numpy()
-            seconds = time.perf_counter() - t0
-            parts = encode_tensor(Kind.GRAD, payload, worker=worker, round=t, seconds=seconds)
-            for fault in faults:
-                if fault.active(t):
-                    parts = _inject(fault, parts, payload, sock, reader, pending, log, worker, t)
-            send_frame(sock, parts)
-    except _Stopped:
-        return 0
+            payload, seconds = source.compute(t, frame.array().astype(np.float32))
+            payload, action = source.inject(t, payload, log)
+            if action == "hang":
+                # read and drop messages until the server stops, so that an injected
+                # hang ends with the run instead of outliving it
+                while recv_frame(sock, reader, pending, IDLE_TIMEOUT).kind != Kind.STOP:
+                    pass
+                return 0
+            if action == "bad_frame":
+                send_frame(sock, (b"JUNK" + bytes(HEADER.size - 4),))
+                continue
+            send_frame(sock, encode_tensor(Kind.GRAD, payload, worker=worker, round=t,
+                                           seconds=seconds))
     except (ConnectionError, TimeoutError, OSError) as exc:
         log(f"worker {worker}: lost the server ({exc}); exiting")
         return 1
     finally:
         sock.close()
-
-
-def _inject(fault, parts, payload, sock, reader, pending, log, worker, t):
-    """Apply an injected fault to the frame about to be sent; may not return."""
-    kind = fault.kind
-    if kind == "crash":
-        log(f"worker {worker}: injected crash at round {t}")
-        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
-        time.sleep(60)  # SIGKILL is not immediate on every platform
-    if kind == "hang":
-        log(f"worker {worker}: injected hang from round {t}: not answering any more")
-        # read and drop messages until the server stops, so that an injected
-        # hang ends with the run instead of outliving it
-        while True:
-            frame = recv_frame(sock, reader, pending, IDLE_TIMEOUT)
-            if frame.kind == Kind.STOP:
-                raise _Stopped
-    if kind == "slow":
-        time.sleep(fault.value)
-        return parts
-    if kind == "nan":
-        return encode_tensor(Kind.GRAD, np.full_like(payload, np.nan), worker=worker, round=t)
-    if kind == "wrong_size":
-        bigger = np.concatenate([payload, np.zeros(7, payload.dtype)])
-        return encode_tensor(Kind.GRAD, bigger, worker=worker, round=t)
-    if kind == "bad_frame":
-        return (b"JUNK" + bytes(HEADER.size - 4),)
-    return parts
