@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import datetime
+import json
 import os
 import queue
+import secrets
 import signal
 import socket
 import subprocess
@@ -237,6 +240,146 @@ def test_server_survives_every_kind_of_bad_worker():
     assert np.isfinite(record["parameters"]).all()
 
 
+class GlooPeer:
+    """A gloo worker written by hand: announcements and bytes exactly as a test needs."""
+
+    def __init__(self, server, worker, fingerprint=None):
+        import torch.distributed as dist
+
+        from flagagg.distributed._collective import _TAG_HEADER
+
+        self.dist, self.server, self.worker = dist, server, worker
+        host, port = server.address
+        self.store = dist.TCPStore(host, port, is_master=False,
+                                   timeout=datetime.timedelta(seconds=20))
+        self.token = secrets.token_hex(8)
+        hello = {"kind": "hello", "token": self.token, "worker": worker, "rank": worker + 1,
+                 "pid": 0, "host": "test", "fingerprint": fingerprint or server.spec.fingerprint(),
+                 "n_params": server.n, "device": "cpu"}
+        self.store.queue_push(server.inbox, json.dumps(hello))
+        self.answer = json.loads(self.store.get(f"{server.prefix}answer/{self.token}"))
+        self.pg = None
+        if self.answer["ok"]:
+            sub = dist.PrefixStore(f"{server.prefix}pair/{self.token}/", self.store)
+            self.pg = dist.ProcessGroupGloo(sub, 1, 2, datetime.timedelta(seconds=20))
+        self.tag = _TAG_HEADER
+
+    def header(self):
+        head = torch.zeros(4, dtype=torch.int64)
+        self.pg.recv([head], 0, self.tag).wait(datetime.timedelta(seconds=20))
+        return head.tolist()
+
+    def params(self, t):
+        kind, rnd, n, _ = self.header()
+        assert (kind, rnd, n) == (1, t, self.server.n)
+        out = torch.empty(n)
+        self.pg.recv([out], 0, self.tag + 1).wait(datetime.timedelta(seconds=20))
+        return out
+
+    def send(self, t, row, *, announce=None, cut=None, wait=True):
+        from flagagg.distributed._collective import MARK
+
+        data = np.frombuffer(row.tobytes() + MARK, np.uint8)[:cut]
+        msg = {"kind": "grad", "token": self.token, "worker": self.worker, "round": t,
+               "dtype": row.dtype.name, "nbytes": row.nbytes, "seconds": 0.001}
+        msg.update(announce or {})
+        self.store.queue_push(self.server.inbox, json.dumps(msg))
+        if (announce or {}).get("nbytes", 0) > self.server.max_gradient_bytes:
+            return None  # the server refuses to receive it: nothing to send
+        work = self.pg.send([torch.from_numpy(data.copy())], 0, self.tag + 2)
+        if wait:
+            work.wait(datetime.timedelta(seconds=20))
+        return work
+
+
+def test_gloo_server_survives_every_kind_of_bad_worker():
+    import torch.distributed as dist
+
+    from flagagg.distributed._collective import CollectiveServer
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=20))
+    server = CollectiveServer(_spec(rounds=5), store, prefix="test/")
+    thread, out = _serve(server)
+    n = server.n
+    ok = np.full(n, 1e-3, np.float32)
+    p0 = GlooPeer(server, 0)
+    impostor = GlooPeer(server, 0)
+    stranger = GlooPeer(server, 1, fingerprint="0" * 16)
+    assert not impostor.answer["ok"] and "already connected" in impostor.answer["reason"]
+    assert not stranger.answer["ok"] and "different config" in stranger.answer["reason"]
+    p1, p2, p3 = GlooPeer(server, 1), GlooPeer(server, 2), GlooPeer(server, 3)
+    assert all(p.answer["ok"] for p in (p0, p1, p2, p3))
+
+    # round 1: a good row, NaN, 3 values too many (announced as such), float64
+    for p in (p0, p1, p2, p3):
+        p.params(1)
+    p0.send(1, ok)
+    p1.send(1, np.full(n, np.nan, np.float32))
+    p2.send(1, np.zeros(n + 3, np.float32))
+    p3.send(1, ok.astype(np.float64))
+    # round 2: worker 2 says nothing (the round waits for its deadline); worker 3
+    # announces more bytes than any gradient has: cut off before a byte is read
+    for p in (p0, p1, p2, p3):
+        p.params(2)
+    p0.send(2, ok)
+    p1.send(2, ok)
+    p3.send(2, ok, announce={"nbytes": 100 * n})
+    # round 3: worker 2's late round-2 gradient is drained as stale, its round-3
+    # one counts; worker 3 comes back with a new group
+    p0.params(3)
+    p2.send(2, ok)
+    p2.params(3)
+    p2.send(3, ok)
+    p3 = GlooPeer(server, 3)
+    assert p3.answer["ok"] and p3.answer["round"] == 4
+    p0.send(3, ok)
+    p1.params(3)
+    p1.send(3, ok)
+    # round 4: worker 1 announces a whole gradient and sends half of it
+    for p in (p0, p1, p2, p3):
+        p.params(4)
+    for p in (p0, p2, p3):
+        p.send(4, ok)
+    half = p1.send(4, ok, cut=4 * n // 2, wait=False)  # noqa: F841 - keeps the send alive
+    for p in (p0, p2, p3):
+        p.params(5)
+        p.send(5, ok)
+    for p in (p0, p2, p3):
+        assert p.header()[0] == 2  # STOP
+    thread.join(30)
+    assert not thread.is_alive(), "the server did not finish"
+    record = out["record"]
+    with pytest.raises(RuntimeError):  # its group was closed by the server
+        p1.params(5)
+
+    status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
+    assert status[1, 0] == ("ok", "")
+    assert status[1, 1] == ("excluded", "non-finite values (NaN or Inf)")
+    assert status[1, 2] == ("excluded", f"wrong size: {n + 3} values, expected {n}")
+    assert status[1, 3][0] == "excluded" and "float64" in status[1, 3][1]
+    assert status[2, 2] == ("missing", "no gradient within the 1.5 s deadline")
+    assert status[2, 3][0] == "missing" and "over the" in status[2, 3][1]
+    assert status[3, 2] == ("ok", "")
+    assert status[3, 3] == ("missing", "joined during the round; takes part from the next")
+    assert status[4, 1] == ("missing", "disconnected (protocol error: sent fewer bytes than "
+                            "it announced)")
+    assert status[5, 1][0] == "missing"
+    assert all(status[t, w][0] == "ok" for t in (4, 5) for w in (0, 2, 3))
+    rounds = record["rounds"]
+    assert [r["received"] for r in rounds] == [1, 2, 3, 3, 3]
+    assert rounds[1]["missing"] == [2, 3] and rounds[0]["excluded"] == [1, 2, 3]
+    assert rounds[2]["stale"] == 1
+    assert rounds[1]["wait_s"] >= 1.4 and rounds[2]["wait_s"] < 1.0  # no wait for a lagger
+    assert all(r["stepped"] and r["bytes_sent"] > 4 * n for r in rounds)
+    events = [(e.get("worker"), e["event"]) for e in record["events"]]
+    for expected in ((0, "refused"), (1, "refused"), (3, "disconnected"), (3, "reconnected"),
+                     (1, "disconnected")):
+        assert expected in events
+    assert record["transport"] == "gloo"
+    assert np.isfinite(record["parameters"]).all()
+
+
 def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
     path = tmp_path / "ck.pt"
     server = distributed.Server(_spec(workers=2, rounds=2), checkpoint=path)
@@ -293,10 +436,11 @@ def test_a_resumed_run_continues_the_same_run(tmp_path):
 # real runs: one server process and four worker processes on loopback
 
 
-def test_byzantine_run_trains_and_matches_the_simulator():
+@pytest.mark.parametrize("transport", ["gloo", "tcp"])
+def test_byzantine_run_trains_and_matches_the_simulator(transport):
     config = sim.load_config("demo")
     run = distributed.train(config, rule="flag", attack="reverse", f=1, workers=4, rounds=20,
-                            eval_every=10, timeout=RUN_TIMEOUT)
+                            eval_every=10, timeout=RUN_TIMEOUT, transport=transport)
     assert run.status == 0
     assert [t for t, _ in run.curve] == [0, 10, 20]
     assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
@@ -324,12 +468,14 @@ def _alive(pid):
     return True
 
 
-def test_killed_and_frozen_workers_do_not_stop_training(tmp_path):
+@pytest.mark.parametrize("transport", ["gloo", "tcp"])
+def test_killed_and_frozen_workers_do_not_stop_training(tmp_path, transport):
     out = tmp_path / "out"
     slow = [x for w in range(4) for x in ("--inject-fault", f"{w}:slow=0.1")]
     cmd = [sys.executable, "-m", "flagagg", "train", "--config", "demo", "--rule", "median",
            "--attack", "none", "--f", "0", "--workers", "4", "--rounds", "12",
-           "--eval-every", "1", "--round-timeout", "2", "--output", str(out), *slow]
+           "--eval-every", "1", "--round-timeout", "2", "--output", str(out),
+           "--transport", transport, *slow]
     # its own session, so that whatever happens the test can end the whole tree
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, cwd=tmp_path)
@@ -377,12 +523,16 @@ def test_killed_and_frozen_workers_do_not_stop_training(tmp_path):
         rows = [r for r in csv.DictReader(fh)]
     # each failure is missing from some round on, to the end, with its reason;
     # which round exactly depends on how fast the test's signal arrives
-    # (a killed process's socket is closed or reset, depending on unread data)
-    for w, after, reason in ((1, 3, "disconnected (connection "),
-                             (2, 6, "no gradient within the 2 s deadline")):
+    # (a killed process's socket is closed or reset, depending on unread data;
+    # over gloo the server learns of the crash when it next sends to it, so the
+    # first round may instead miss its deadline)
+    crashed = ("disconnected (connection ",)
+    if transport == "gloo":
+        crashed += ("no gradient within the 2 s deadline",)
+    for w, after, reasons in ((1, 3, crashed), (2, 6, ("no gradient within the 2 s deadline",))):
         mine = [r for r in rows if r["worker"] == str(w)]
         first = next(int(r["round"]) for r in mine if r["status"] == "missing")
-        assert first > after and mine[first - 1]["reason"].startswith(reason), output
+        assert first > after and mine[first - 1]["reason"].startswith(reasons), output
         assert all(r["status"] == ("ok" if int(r["round"]) < first else "missing")
                    for r in mine)
         assert f"worker {w} missing in {13 - first} of 12 rounds ({first}-12)" in output
@@ -391,10 +541,11 @@ def test_killed_and_frozen_workers_do_not_stop_training(tmp_path):
         assert not _alive(pid), f"{who} (pid {pid}) outlived the run"
 
 
-def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on():
+@pytest.mark.parametrize("transport", ["gloo", "tcp"])
+def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on(transport):
     run = distributed.train(sim.load_config("demo"), rule="mean", attack="none", f=0, workers=4,
                             rounds=8, eval_every=4, faults=["1:nan@2-3", "2:wrong_size@4"],
-                            round_timeout=20, timeout=RUN_TIMEOUT)
+                            round_timeout=20, timeout=RUN_TIMEOUT, transport=transport)
     assert run.status == 0
     excluded = {(r["round"], r["worker"]): r["reason"] for r in run.workers
                 if r["status"] == "excluded"}

@@ -50,6 +50,11 @@ def add_arguments(parser):
     where = parser.add_argument_group("where")
     where.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                        help="device of each process's model (cuda: cuda:LOCAL_RANK)")
+    where.add_argument("--transport", choices=("auto", "gloo", "nccl", "tcp"), default="auto",
+                       help="how parameters and gradients travel: gloo or nccl point-to-point "
+                            "(one process group per worker), or tcp (flagagg's own framing, "
+                            "safe against workers that attack the protocol itself); auto: "
+                            "nccl on CUDA, else gloo (default)")
     where.add_argument("--threads", type=int, default=1, metavar="N",
                        help="torch threads per process (default: 1)")
     where.add_argument("--server-addr", metavar="HOST[:PORT]",
@@ -84,7 +89,7 @@ def run(args):
             seed=args.seed, rounds=args.rounds, workers=args.workers,
             eval_every=args.eval_every, round_timeout=args.round_timeout,
             connect_timeout=args.connect_timeout, drop_nonfinite=not args.keep_nonfinite,
-            device=args.device, faults=faults,
+            device=args.device, transport=args.transport, faults=faults,
         )
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return report_error(exc)

@@ -4,13 +4,16 @@ Every process reads its role from the environment that ``torchrun`` (or the
 local launcher, which sets the same variables) provides: ``RANK`` 0 is the
 parameter server, ranks 1..p are workers 0..p-1. They meet through a
 ``torch.distributed.TCPStore`` at ``MASTER_ADDR:MASTER_PORT``: the server
-publishes the address it listens on there, the workers read it and connect.
+publishes its transport there (and, for ``tcp``, the address it listens on);
+the workers read it and join (see :mod:`flagagg.distributed._collective` for
+the gloo and NCCL transports).
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import json
 import os
 import socket
 import sys
@@ -138,14 +141,28 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
     torch.set_num_threads(max(1, int(threads)))
     device = _device(spec.device, local_rank)
     store = _store(rank, world, master_addr, master_port, spec.connect_timeout)
-    key = f"flagagg/server/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    key, prefix = f"flagagg/server/{restart}", f"flagagg/{restart}/"
     if rank == 0:
-        host, bind, port = _server_address(server_addr, master_addr, local_world == world)
-        server = Server(spec, listen=(bind, port), device=device, log=log,
-                        checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
-        store.set(key, f"{host}:{server.address[1]}")
-        log(f"server: listening on {host}:{server.address[1]} for {spec.workers} workers "
-            f"(pid {os.getpid()}, device {device}); round deadline {spec.round_timeout:g} s")
+        transport = spec.transport_for(device)
+        if transport == "tcp":
+            host, bind, port = _server_address(server_addr, master_addr, local_world == world)
+            server = Server(spec, listen=(bind, port), device=device, log=log,
+                            checkpoint=checkpoint, checkpoint_every=checkpoint_every,
+                            resume=resume)
+            where = f"listening on {host}:{server.address[1]}"
+            published = {"transport": "tcp", "host": host, "port": server.address[1]}
+        else:
+            from ._collective import CollectiveServer
+
+            server = CollectiveServer(spec, store, transport=transport, prefix=prefix,
+                                      device=device, log=log, checkpoint=checkpoint,
+                                      checkpoint_every=checkpoint_every, resume=resume)
+            where = f"{transport} point-to-point, store {master_addr}:{master_port}"
+            published = {"transport": transport}
+        store.set(key, json.dumps(published))
+        log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
+            f"{device}); round deadline {spec.round_timeout:g} s")
         if spec.f:
             log(f"server: Byzantine workers (drawn from the seed): {sorted(server.byzantine)}, "
                 f"attack {spec.attack}")
@@ -156,19 +173,26 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
 
             write_results(output, spec, record, server.lr)
         return record["status"]
-    try:
-        value = store.get(key).decode()
-    except Exception as exc:  # noqa: BLE001 - the store raises several types on a timeout
-        print(f"worker {rank - 1}: the server (rank 0) did not publish its address within "
-              f"{spec.connect_timeout:g} s ({exc})", file=sys.stderr, flush=True)
-        return 1
-    host, _, port = value.rpartition(":")
 
     def wlog(text):
         print(text, file=sys.stderr, flush=True)
 
-    del store  # the worker needs it no more, and must not keep the rendezvous alive
-    return run_worker(spec, rank - 1, (host, int(port)), device=device, log=wlog)
+    try:
+        published = json.loads(store.get(key).decode())
+    except Exception as exc:  # noqa: BLE001 - the store raises several types on a timeout
+        wlog(f"worker {rank - 1}: the server (rank 0) did not publish how to reach it within "
+             f"{spec.connect_timeout:g} s ({exc})")
+        return 1
+    transport = published.get("transport")
+    if transport == "tcp":
+        del store  # the worker needs it no more, and must not keep the rendezvous alive
+        return run_worker(spec, rank - 1, (published["host"], int(published["port"])),
+                          device=device, log=wlog)
+    from ._collective import run_collective_worker
+
+    # the workers follow the server's choice, so that only its --transport matters
+    return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
+                                 device=device, log=wlog)
 
 
 def _ranges(rounds):

@@ -86,6 +86,7 @@ def write_results(folder, spec, record, lr):
     doc = {
         "spec": spec_to_dict(spec), "key": key, "run": run, "status": record["status"],
         "start_round": record["start_round"], "server_address": record["address"],
+        "transport": record["transport"],
         "byzantine": record["byzantine"],
         "processes": {str(w): info for w, info in sorted(record["info"].items())},
         "events": record["events"], "rounds": record["rounds"], "workers": record["workers"],

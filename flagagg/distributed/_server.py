@@ -427,7 +427,8 @@ class _ServerCore:
         record["parameters"] = self.flat.detach().cpu().numpy().copy()
         record["info"] = dict(self.info)
         record["byzantine"] = sorted(self.byzantine)
-        record["address"] = list(self.address)
+        record["address"] = None if self.address is None else list(self.address)
+        record["transport"] = self.transport
         return record
 
     # ------------------------------------------------------------ reporting
@@ -443,10 +444,10 @@ class _ServerCore:
         for w in range(self.config.workers):
             if w in st.status:
                 status, reason, _ = st.status[w]
-            elif w in self.peers and w not in st.queued:
-                status, reason = "missing", "joined during the round; takes part from the next"
             elif w in st.lagging and w in self.peers:
                 status, reason = "missing", "still busy with an earlier round (slow or hung)"
+            elif w in self.peers and w not in st.queued:
+                status, reason = "missing", "joined during the round; takes part from the next"
             elif w in self.peers:
                 status, reason = "missing", \
                     f"no gradient within the {self.spec.round_timeout:g} s deadline"

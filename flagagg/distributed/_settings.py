@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from ..sim._config import ConfigError, ExperimentConfig
 
-__all__ = ["FAULT_KINDS", "Fault", "RunSpec", "make_spec", "parse_fault", "spec_from_dict",
-           "spec_to_dict"]
+__all__ = ["FAULT_KINDS", "TRANSPORTS", "Fault", "RunSpec", "make_spec", "parse_fault",
+           "spec_from_dict", "spec_to_dict"]
 
 # kind -> whether it takes "=VALUE"
 FAULT_KINDS = {
@@ -22,6 +22,7 @@ FAULT_KINDS = {
     "wrong_size": False,  # sends 7 values too many
     "bad_frame": False,   # sends bytes that are not a frame
 }
+TRANSPORTS = ("auto", "gloo", "nccl", "tcp")
 _FAULT = re.compile(
     r"^(?P<worker>\d+):(?P<kind>[a-z_]+)(=(?P<value>[0-9.]+))?"
     r"(@(?P<first>\d+)(?P<dash>-(?P<last>\d+)?)?)?$"
@@ -122,6 +123,12 @@ class RunSpec:
         sees them.
     device : str
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
+    transport : str
+        How parameters and gradients travel: ``"gloo"`` or ``"nccl"``
+        (torch.distributed point-to-point, one process group per worker),
+        ``"tcp"`` (flagagg's own framing, for workers that may attack the
+        protocol itself), or ``"auto"``: NCCL when the server computes on a
+        CUDA device, else gloo.
     faults : tuple of Fault
         Injected faults.
     """
@@ -135,7 +142,19 @@ class RunSpec:
     connect_timeout: float = 120.0
     drop_nonfinite: bool = True
     device: str = "cpu"
+    transport: str = "auto"
     faults: tuple = ()
+
+    def __post_init__(self):
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"transport {self.transport!r} is not one of "
+                              f"{', '.join(TRANSPORTS)}")
+
+    def transport_for(self, device):
+        """The transport a process computing on ``device`` uses (``auto`` resolved)."""
+        if self.transport != "auto":
+            return self.transport
+        return "nccl" if str(device).startswith("cuda") else "gloo"
 
     @property
     def workers(self):
@@ -230,7 +249,8 @@ def make_spec(config, *, rule=None, attack=None, f=None, seed=None, rounds=None,
 def spec_to_dict(spec):
     """A JSON-able description of ``spec`` (see :func:`spec_from_dict`)."""
     out = {k: getattr(spec, k) for k in ("rule", "attack", "f", "seed", "round_timeout",
-                                          "connect_timeout", "drop_nonfinite", "device")}
+                                          "connect_timeout", "drop_nonfinite", "device",
+                                          "transport")}
     out["config"] = spec.config.to_dict()
     out["source"] = spec.config.source
     out["faults"] = [dataclasses.asdict(x) for x in spec.faults]
