@@ -106,6 +106,29 @@ def test_fault_and_spec_errors_say_what_to_do():
         _spec(faults=(distributed.Fault(4, "nan"),))
 
 
+def test_transport_choice_and_what_is_missing(monkeypatch):
+    from flagagg.distributed._collective import check_transport
+
+    spec = _spec()
+    assert spec.transport == "auto"
+    assert spec.transport_for("cpu") == "gloo" and spec.transport_for("cuda:1") == "nccl"
+    assert _spec(transport="tcp").transport_for("cuda:0") == "tcp"
+    with pytest.raises(ConfigError, match="not one of auto, gloo, nccl, tcp"):
+        _spec(transport="mpi")
+    check_transport("gloo")  # present in every torch build the suite runs on
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
+    with pytest.raises(RuntimeError, match="no NCCL backend.*--transport gloo or tcp"):
+        check_transport("nccl", "cuda:0")
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)
+    with pytest.raises(RuntimeError, match="run with --device cuda"):
+        check_transport("nccl", "cpu")
+    monkeypatch.delattr(torch.distributed.Store, "queue_pop")
+    with pytest.raises(RuntimeError, match="lacks Store.queue_pop.*--transport tcp"):
+        check_transport("gloo")
+    spec_dict = distributed._settings.spec_to_dict(_spec(transport="tcp"))
+    assert distributed._settings.spec_from_dict(spec_dict).transport == "tcp"
+
+
 def test_server_address_choice(monkeypatch):
     from flagagg.distributed._node import _server_address
 

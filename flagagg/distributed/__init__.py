@@ -16,10 +16,13 @@ round, and reported; the server never waits past a deadline and never
 aggregates a partial or unchecked buffer.
 
 The processes find each other through ``torch.distributed``'s TCP store
-(``MASTER_ADDR:MASTER_PORT``, as set by ``torchrun``); parameters and
-gradients then travel as raw tensor bytes over one TCP connection per worker
-(see :mod:`flagagg.distributed._protocol` for why not gloo or NCCL
-point-to-point), and nothing received is ever unpickled.
+(``MASTER_ADDR:MASTER_PORT``, as set by ``torchrun``). Parameters and
+gradients travel over gloo (CPU) or NCCL (GPU) point-to-point messages, one
+two-rank process group per worker, each gradient announced on the store and
+checked before it is received (:class:`CollectiveServer`); or, with
+``transport="tcp"``, as raw bytes over one checked TCP connection per worker
+(:class:`Server`), which also withstands workers that attack the protocol
+itself. Nothing received is ever unpickled.
 
 Examples
 --------
@@ -38,14 +41,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ._collective import CollectiveServer, run_collective_worker
 from ._launch import launch
 from ._node import run_node
 from ._protocol import ProtocolError
 from ._server import Server, load_checkpoint
-from ._settings import Fault, RunSpec, make_spec, parse_fault
+from ._settings import TRANSPORTS, Fault, RunSpec, make_spec, parse_fault
 from ._worker import run_worker
 
 __all__ = [
+    "TRANSPORTS",
+    "CollectiveServer",
     "DistributedRun",
     "Fault",
     "ProtocolError",
@@ -55,6 +61,7 @@ __all__ = [
     "load_checkpoint",
     "make_spec",
     "parse_fault",
+    "run_collective_worker",
     "run_node",
     "run_worker",
     "train",
@@ -126,8 +133,8 @@ def train(config="demo", *, rule=None, attack=None, f=None, seed=None, rounds=No
     quiet : bool, default=False
         Show what the processes print only if the server fails.
     **options
-        ``round_timeout``, ``connect_timeout``, ``drop_nonfinite``, ``device``
-        (see :class:`RunSpec`).
+        ``round_timeout``, ``connect_timeout``, ``drop_nonfinite``, ``device``,
+        ``transport`` (see :class:`RunSpec`).
 
     Returns
     -------

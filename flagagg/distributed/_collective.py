@@ -40,6 +40,7 @@ import contextlib
 import datetime
 import gc
 import json
+import os
 import re
 import secrets
 import time
@@ -107,10 +108,27 @@ def _pair_group(transport, store, prefix, rank, timeout, device):
     sub = dist.PrefixStore(prefix, store)
     if transport == "gloo":
         return dist.ProcessGroupGloo(sub, rank, 2, _td(timeout))
+    # a failed NCCL group is aborted, not the whole process torn down (PyTorch's
+    # default): a worker's failure must not end the server; read at construction
+    os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = _td(timeout)
     torch.cuda.set_device(torch.device(device))
     return dist.ProcessGroupNCCL(sub, rank, 2, options)
+
+
+def _wait(transport, work, seconds):
+    """Wait for ``work`` at most ``seconds``; raise TimeoutError or RuntimeError if it fails."""
+    if transport == "gloo":
+        work.wait(_td(seconds))
+        return
+    # an NCCL work's wait() orders CUDA streams and returns at once; poll instead
+    end = time.monotonic() + seconds
+    while not work.is_completed():
+        if time.monotonic() > end:
+            raise TimeoutError(f"no data within {seconds:.3g} s")
+        time.sleep(1e-4)
+    work.wait()
 
 
 def _buffer_device(transport, device):
@@ -273,8 +291,8 @@ class CollectiveServer(_ServerCore):
         st = self.state
         end = st.start + self.spec.round_timeout if st is not None else time.monotonic() + 2.0
         try:
-            work.wait(_td(max(0.5, end - time.monotonic())))
-        except RuntimeError as exc:
+            _wait(self.transport, work, max(0.5, end - time.monotonic()))
+        except (RuntimeError, TimeoutError) as exc:
             self._drop(link, f"announced a gradient and did not deliver it ({_first_line(exc)})")
             return
         link.bytes_received += buf.numel()
@@ -317,8 +335,12 @@ class CollectiveServer(_ServerCore):
 
     def _close_link(self, link):
         self.links.pop(link.token, None)
-        # the group closes its connections once nothing refers to it any more;
-        # a worker blocked on it then gets an error instead of waiting forever
+        # a gloo group closes its connections once nothing refers to it any more
+        # (its abort() does not); a worker blocked on it then gets an error
+        # instead of waiting forever. An NCCL communicator must be aborted.
+        if self.transport == "nccl" and link.pg is not None:
+            with contextlib.suppress(RuntimeError):
+                link.pg.abort()
         link.sends.clear()
         link.stop_work = None
         link.pg = None
@@ -378,8 +400,8 @@ class CollectiveServer(_ServerCore):
             self._pump(min(0.2, end - time.monotonic()))
         for link in list(self.peers.values()):
             if link.stop_work is not None and link.answered_round >= link.sent_round:
-                with contextlib.suppress(RuntimeError):
-                    link.stop_work.wait(_td(max(0.1, end - time.monotonic())))
+                with contextlib.suppress(RuntimeError, TimeoutError):
+                    _wait(self.transport, link.stop_work, max(0.1, end - time.monotonic()))
         for link in list(self.links.values()):
             self._close_link(link)
         self.peers.clear()

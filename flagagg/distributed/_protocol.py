@@ -9,15 +9,14 @@ leaves nothing behind to aggregate, and refuses a header whose size is over
 the limit before reading its payload, so a worker cannot make the server
 buffer without bound.
 
-Why not gloo or NCCL point-to-point: the server must survive its workers.
-With gloo (measured with PyTorch 2.13's build), a message longer than the
-posted receive buffer aborts the receiving process (``gloo::EnforceNotMet``,
-``std::terminate``), a receive whose ``wait(timeout)`` expires closes every
-connection of the process group, and ``is_completed()`` of a pending receive
-stays false until ``wait()``, so it cannot be polled. NCCL matches messages
-by order, and a receive from a dead peer blocks until the watchdog tears the
-process down. A socket per worker, read without blocking and framed here,
-lets the server bound every wait and check every message's size first.
+This is the ``tcp`` transport's format; the gloo and NCCL transport
+(:mod:`flagagg.distributed._collective`) is the default. It exists for
+workers that may attack the protocol itself: with gloo (measured with
+PyTorch 2.13's build), a message longer than the posted receive buffer
+aborts the receiving process (``gloo::EnforceNotMet``, ``std::terminate``),
+so a worker that announces one size and sends a longer message can end the
+server. Here the server reads each header before its payload, so it refuses
+any size over the limit without reading it, and bounds every wait itself.
 
 Header (little-endian)::
 
