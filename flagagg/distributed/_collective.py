@@ -31,7 +31,11 @@ on ``--transport tcp``, whose framing checks every byte count first.
 
 The server polls its queue without blocking (a blocking ``queue_pop`` that
 times out leaves the store client out of step with the store), backing off
-from 0.1 to 2 ms while it is empty.
+from 0.1 to 2 ms while it is empty. A gloo pair notices by itself when its
+peer's connection closes, and a send on it then fails at once; so while a
+round waits, the server pings the workers that have not answered every
+``PING_EVERY`` seconds, and sees a crash within that time rather than at the
+deadline.
 """
 
 from __future__ import annotations
@@ -56,12 +60,17 @@ __all__ = ["MARK", "TRANSPORTS", "CollectiveServer", "check_transport", "run_col
 TRANSPORTS = ("gloo", "nccl")
 MARK = b"FLAG"
 # header tensor: (kind, round, number of float32 values, 0)
-_PARAMS, _STOP = 1, 2
+_PARAMS, _STOP, _PING = 1, 2, 3
 _TAG_HEADER, _TAG_PARAMS, _TAG_GRAD = 1, 2, 3
 _MAX_MESSAGE = 1 << 16       # a control message is a small JSON object
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 # how long a worker waits for the server's next message (it sends one a round)
 IDLE_TIMEOUT = 600.0
+# while a round waits, a worker that has not answered is pinged this often: a
+# send on a gloo pair whose peer has gone fails at once, so a crash is seen
+# within this time instead of at the deadline
+PING_EVERY = 0.25
+_MAX_PINGS = 16              # unread pings kept per worker (a hung one reads none)
 
 
 def _td(seconds):
@@ -160,6 +169,7 @@ class _Link:
         # round -> sends not known to be complete, with their tensors; a send is
         # complete once the worker answers that round
         self.sends = {}
+        self.pings = []          # (sent_round when pinged, work) not known to be read
         self.stop_work = None
 
 
@@ -201,6 +211,8 @@ class CollectiveServer(_ServerCore):
         self.links = {}          # token -> _Link, accepted links only
         self.stopping = False
         self.bufdev = _buffer_device(transport, self.device)
+        self._ping = torch.tensor([_PING, 0, 0, 0], dtype=torch.int64, device=self.bufdev)
+        self._pinged = 0.0
         host, port = getattr(store, "host", None), getattr(store, "port", None)
         self.address = (host, port) if host is not None else None
 
@@ -225,6 +237,12 @@ class CollectiveServer(_ServerCore):
             left = end - time.monotonic()
             if left <= 0:
                 return
+            if self.transport == "gloo" and self.state is not None and \
+                    time.monotonic() - self._pinged > PING_EVERY:
+                self._pinged = time.monotonic()
+                waiting = [q for q in self.peers.values() if q.answered_round < self.state.round]
+                if not all([self._probe(q) for q in waiting]):
+                    return  # a worker is gone: the round may be complete without it
             time.sleep(min(delay, left))
             delay = min(1.5 * delay, 2e-3)
 
@@ -309,9 +327,22 @@ class CollectiveServer(_ServerCore):
 
     @staticmethod
     def _retire_sends(link):
-        # the worker answered these rounds, so it received their parameters
+        # the worker answered these rounds, so it received their parameters, and
+        # every ping sent before them (it reads the server's messages in order)
         for rnd in [r for r in link.sends if r <= link.answered_round]:
             del link.sends[rnd]
+        link.pings = [(r, work) for r, work in link.pings if r >= link.answered_round]
+
+    def _probe(self, link):
+        """Ping a worker's group; drop the link if the worker is gone. Return whether it is."""
+        if len(link.pings) >= _MAX_PINGS:
+            return True
+        try:
+            link.pings.append((link.sent_round, link.pg.send([self._ping], 1, _TAG_HEADER)))
+        except RuntimeError as exc:
+            self._drop(link, f"connection error: {_first_line(exc)}")
+            return False
+        return True
 
     def _send_params(self, st, links, params):
         header = torch.tensor([_PARAMS, st.round, self.n, 0], dtype=torch.int64,
@@ -358,6 +389,10 @@ class CollectiveServer(_ServerCore):
         if not (token.isalnum() and len(token) <= 64):
             self._say("ignored a hello with a malformed token")
             return
+        old = self.peers.get(msg.get("worker"))
+        if old is not None and self.transport == "gloo":
+            # a worker restarted after a crash finds its old link not yet noticed gone
+            self._probe(old)
         problem = ("training is over" if self.stopping else self._check_hello(msg))
         host = msg.get("host")
         if problem is not None:
@@ -461,6 +496,8 @@ def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flag
             kind, t, numel, _ = (int(x) for x in header.tolist())
             if kind == _STOP:
                 return 0
+            if kind == _PING:
+                continue  # the server checking that this worker is alive
             if kind != _PARAMS or numel != source.n_params:
                 log(f"worker {worker}: unexpected message from the server {header.tolist()}")
                 return 1
