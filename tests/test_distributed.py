@@ -269,7 +269,6 @@ class GlooPeer:
     def __init__(self, server, worker, fingerprint=None):
         import torch.distributed as dist
 
-        from flagagg.distributed._collective import _TAG_HEADER
 
         self.dist, self.server, self.worker = dist, server, worker
         host, port = server.address
@@ -285,27 +284,27 @@ class GlooPeer:
         if self.answer["ok"]:
             sub = dist.PrefixStore(f"{server.prefix}pair/{self.token}/", self.store)
             self.pg = dist.ProcessGroupGloo(sub, 1, 2, datetime.timedelta(seconds=20))
-        self.tag = _TAG_HEADER
         self.pings = 0
 
-    def header(self):
-        """The server's next message header, skipping pings (kind 3)."""
-        head = torch.zeros(4, dtype=torch.int64)
+    def message(self):
+        """The server's next message (header, values), skipping pings (kind 3)."""
+        from flagagg.distributed._collective import _TAG_SERVER
+
+        buf = torch.zeros(32 + 4 * self.server.n, dtype=torch.uint8)
         while True:
-            self.pg.recv([head], 0, self.tag).wait(datetime.timedelta(seconds=20))
+            self.pg.recv([buf], 0, _TAG_SERVER).wait(datetime.timedelta(seconds=20))
+            head = buf[:32].view(torch.int64).tolist()
             if head[0] != 3:
-                return head.tolist()
+                return head, buf[32:].view(torch.float32).clone()
             self.pings += 1
 
     def params(self, t):
-        kind, rnd, n, _ = self.header()
+        (kind, rnd, n, _), values = self.message()
         assert (kind, rnd, n) == (1, t, self.server.n)
-        out = torch.empty(n)
-        self.pg.recv([out], 0, self.tag + 1).wait(datetime.timedelta(seconds=20))
-        return out
+        return values
 
     def send(self, t, row, *, announce=None, cut=None, wait=True):
-        from flagagg.distributed._collective import MARK
+        from flagagg.distributed._collective import _TAG_GRAD, MARK
 
         data = np.frombuffer(row.tobytes() + MARK, np.uint8)[:cut]
         msg = {"kind": "grad", "token": self.token, "worker": self.worker, "round": t,
@@ -314,7 +313,7 @@ class GlooPeer:
         self.store.queue_push(self.server.inbox, json.dumps(msg))
         if (announce or {}).get("nbytes", 0) > self.server.max_gradient_bytes:
             return None  # the server refuses to receive it: nothing to send
-        work = self.pg.send([torch.from_numpy(data.copy())], 0, self.tag + 2)
+        work = self.pg.send([torch.from_numpy(data.copy())], 0, _TAG_GRAD)
         if wait:
             work.wait(datetime.timedelta(seconds=20))
         return work
@@ -374,7 +373,7 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
         p.params(5)
         p.send(5, ok)
     for p in (p0, p2, p3):
-        assert p.header()[0] == 2  # STOP
+        assert p.message()[0][0] == 2  # STOP
     thread.join(30)
     assert not thread.is_alive(), "the server did not finish"
     record = out["record"]

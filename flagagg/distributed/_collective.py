@@ -31,7 +31,7 @@ on ``--transport tcp``, whose framing checks every byte count first.
 
 The server polls its queue without blocking (a blocking ``queue_pop`` that
 times out leaves the store client out of step with the store), backing off
-from 0.1 to 2 ms while it is empty. A gloo pair notices by itself when its
+from 0.1 to 1 ms while it is empty. A gloo pair notices by itself when its
 peer's connection closes, and a send on it then fails at once; so while a
 round waits, the server pings the workers that have not answered every
 ``PING_EVERY`` seconds, and sees a crash within that time rather than at the
@@ -59,9 +59,12 @@ __all__ = ["MARK", "TRANSPORTS", "CollectiveServer", "check_transport", "run_col
 
 TRANSPORTS = ("gloo", "nccl")
 MARK = b"FLAG"
-# header tensor: (kind, round, number of float32 values, 0)
+# a message from the server is one uint8 buffer: a header of four int64
+# (kind, round, number of float32 values, 0), then for PARAMS the values; one
+# message, not two, because each gloo message costs a handshake
 _PARAMS, _STOP, _PING = 1, 2, 3
-_TAG_HEADER, _TAG_PARAMS, _TAG_GRAD = 1, 2, 3
+_HEAD_BYTES = 32
+_TAG_SERVER, _TAG_GRAD = 1, 3
 _MAX_MESSAGE = 1 << 16       # a control message is a small JSON object
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 # how long a worker waits for the server's next message (it sends one a round)
@@ -145,6 +148,16 @@ def _buffer_device(transport, device):
     return torch.device(device) if transport == "nccl" else torch.device("cpu")
 
 
+def _server_message(kind, rnd, values=None, *, device):
+    """One message of the server: the header, then ``values`` (float32) if given."""
+    head = torch.tensor([kind, rnd, 0 if values is None else values.numel(), 0],
+                        dtype=torch.int64)
+    parts = [head.view(torch.uint8)]
+    if values is not None:
+        parts.append(values.detach().to("cpu", torch.float32).reshape(-1).view(torch.uint8))
+    return torch.cat(parts).to(device)
+
+
 def _first_line(exc):
     """The gist of a gloo/NCCL/store error: its first sentence, without the source location."""
     text = str(exc).strip()
@@ -211,7 +224,7 @@ class CollectiveServer(_ServerCore):
         self.links = {}          # token -> _Link, accepted links only
         self.stopping = False
         self.bufdev = _buffer_device(transport, self.device)
-        self._ping = torch.tensor([_PING, 0, 0, 0], dtype=torch.int64, device=self.bufdev)
+        self._ping = _server_message(_PING, 0, device=self.bufdev)
         self._pinged = 0.0
         host, port = getattr(store, "host", None), getattr(store, "port", None)
         self.address = (host, port) if host is not None else None
@@ -244,7 +257,7 @@ class CollectiveServer(_ServerCore):
                 if not all([self._probe(q) for q in waiting]):
                     return  # a worker is gone: the round may be complete without it
             time.sleep(min(delay, left))
-            delay = min(1.5 * delay, 2e-3)
+            delay = min(1.5 * delay, 1e-3)
 
     def _handle(self, raws):
         receiving = []
@@ -338,29 +351,26 @@ class CollectiveServer(_ServerCore):
         if len(link.pings) >= _MAX_PINGS:
             return True
         try:
-            link.pings.append((link.sent_round, link.pg.send([self._ping], 1, _TAG_HEADER)))
+            link.pings.append((link.sent_round, link.pg.send([self._ping], 1, _TAG_SERVER)))
         except RuntimeError as exc:
             self._drop(link, f"connection error: {_first_line(exc)}")
             return False
         return True
 
     def _send_params(self, st, links, params):
-        header = torch.tensor([_PARAMS, st.round, self.n, 0], dtype=torch.int64,
-                              device=self.bufdev)
-        data = params.to(self.bufdev)
+        message = _server_message(_PARAMS, st.round, params, device=self.bufdev)
         for link in links:
             if link.sent_round > link.answered_round + 1:
                 continue  # newer parameters already wait for this lagging worker
             st.queued[link.worker] = time.monotonic()
             try:
-                works = [link.pg.send([header], 1, _TAG_HEADER),
-                         link.pg.send([data], 1, _TAG_PARAMS)]
+                work = link.pg.send([message], 1, _TAG_SERVER)
             except RuntimeError as exc:
                 self._drop(link, f"connection error: {_first_line(exc)}")
                 continue
-            link.sends[st.round] = (works, header, data)
+            link.sends[st.round] = (work, message)
             link.sent_round = st.round
-            k = header.numel() * 8 + data.numel() * 4
+            k = message.numel()
             link.bytes_sent += k
             self.bytes_sent += k
 
@@ -421,10 +431,10 @@ class CollectiveServer(_ServerCore):
         """Tell every worker to stop; drain gradients still on their way; close."""
         self.stopping = True
         end = time.monotonic() + timeout
-        header = torch.tensor([_STOP, self.round, 0, 0], dtype=torch.int64, device=self.bufdev)
+        stop = _server_message(_STOP, self.round, device=self.bufdev)
         for link in list(self.peers.values()):
             try:
-                link.stop_work = link.pg.send([header], 1, _TAG_HEADER)
+                link.stop_work = link.pg.send([stop], 1, _TAG_SERVER)
             except RuntimeError:
                 link.stop_work = None
         # a worker still busy with the last round sends its gradient first:
@@ -487,12 +497,15 @@ def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flag
     if not answer.get("ok"):
         log(f"worker {worker}: the server refused this worker: {answer.get('reason')}")
         return 2
-    header = torch.zeros(4, dtype=torch.int64, device=bufdev)
+    # every message of the server fits (gloo accepts a shorter one)
+    message = torch.zeros(_HEAD_BYTES + 4 * source.n_params, dtype=torch.uint8, device=bufdev)
+    header = message[:_HEAD_BYTES].view(torch.int64)
+    params = message[_HEAD_BYTES:].view(torch.float32)
     hanging = False
     try:
         pg = _pair_group(transport, store, f"{prefix}pair/{token}/", 1, IDLE_TIMEOUT, device)
         while True:
-            pg.recv([header], 0, _TAG_HEADER).wait(_td(IDLE_TIMEOUT))
+            pg.recv([message], 0, _TAG_SERVER).wait(_td(IDLE_TIMEOUT))
             kind, t, numel, _ = (int(x) for x in header.tolist())
             if kind == _STOP:
                 return 0
@@ -501,8 +514,6 @@ def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flag
             if kind != _PARAMS or numel != source.n_params:
                 log(f"worker {worker}: unexpected message from the server {header.tolist()}")
                 return 1
-            params = torch.empty(numel, dtype=torch.float32, device=bufdev)
-            pg.recv([params], 0, _TAG_PARAMS).wait(_td(IDLE_TIMEOUT))
             if hanging:
                 continue  # an injected hang reads on, so that it ends with the run
             payload, seconds = source.compute(t, params)
