@@ -188,6 +188,31 @@ def _serve(server):
     return thread, out
 
 
+def _check_rounds_1_to_3(record, n):
+    """What both hostile-peer tests stage in rounds 1-3, checked in the record.
+
+    Round 1: worker 0 ok, 1 NaN, 2 wrong size, 3 float64. Round 2: worker 2
+    silent, worker 3 cut off. Round 3: worker 2 late (its round-2 gradient
+    stale), worker 3 back during the round. Returns ``status``, keyed by
+    (round, worker).
+    """
+    status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
+    assert status[1, 0] == ("ok", "")
+    assert status[1, 1] == ("excluded", "non-finite values (NaN or Inf)")
+    assert status[1, 2] == ("excluded", f"wrong size: {n + 3} values, expected {n}")
+    assert status[1, 3][0] == "excluded" and "float64" in status[1, 3][1]
+    assert status[2, 2] == ("missing", "no gradient within the 1.5 s deadline")
+    assert status[3, 2] == ("ok", "")
+    assert status[3, 3] == ("missing", "joined during the round; takes part from the next")
+    rounds = record["rounds"]
+    assert rounds[1]["missing"] == [2, 3] and rounds[0]["excluded"] == [1, 2, 3]
+    assert rounds[2]["stale"] == 1
+    assert rounds[1]["wait_s"] >= 1.4 and rounds[2]["wait_s"] < 1.0  # no wait for a lagger
+    assert all(r["stepped"] and r["bytes_sent"] > 4 * n for r in rounds)
+    assert np.isfinite(record["parameters"]).all()
+    return status
+
+
 def test_server_survives_every_kind_of_bad_worker():
     server = distributed.Server(_spec(rounds=5))
     thread, out = _serve(server)
@@ -242,26 +267,13 @@ def test_server_survives_every_kind_of_bad_worker():
     assert not thread.is_alive(), "the server did not finish"
     record = out["record"]
 
-    status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
-    assert status[1, 0] == ("ok", "")
-    assert status[1, 1] == ("excluded", "non-finite values (NaN or Inf)")
-    assert status[1, 2] == ("excluded", f"wrong size: {n + 3} values, expected {n}")
-    assert status[1, 3][0] == "excluded" and "float64" in status[1, 3][1]
-    assert status[2, 2] == ("missing", "no gradient within the 1.5 s deadline")
+    status = _check_rounds_1_to_3(record, n)
     assert status[2, 3] == ("missing", "disconnected (connection closed)")
-    assert status[3, 2] == ("ok", "")
-    assert status[3, 3] == ("missing", "joined during the round; takes part from the next")
     assert all(status[t, w][0] == "ok" for t in (4, 5) for w in range(4))
-    rounds = record["rounds"]
-    assert [r["received"] for r in rounds] == [1, 2, 3, 4, 4]
-    assert rounds[1]["missing"] == [2, 3] and rounds[0]["excluded"] == [1, 2, 3]
-    assert rounds[2]["stale"] == 1
-    assert rounds[1]["wait_s"] >= 1.4 and rounds[2]["wait_s"] < 1.0  # no wait for a lagger
-    assert all(r["stepped"] and r["bytes_sent"] > 4 * n for r in rounds)
+    assert [r["received"] for r in record["rounds"]] == [1, 2, 3, 4, 4]
     events = [(e.get("worker"), e["event"]) for e in record["events"]]
     for expected in ((0, "refused"), (1, "refused"), (3, "disconnected"), (3, "reconnected")):
         assert expected in events
-    assert np.isfinite(record["parameters"]).all()
 
 
 class GlooPeer:
@@ -388,27 +400,15 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
     with pytest.raises(RuntimeError):  # its group was closed by the server
         p1.params(5)
 
-    status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
-    assert status[1, 0] == ("ok", "")
-    assert status[1, 1] == ("excluded", "non-finite values (NaN or Inf)")
-    assert status[1, 2] == ("excluded", f"wrong size: {n + 3} values, expected {n}")
-    assert status[1, 3][0] == "excluded" and "float64" in status[1, 3][1]
-    assert status[2, 2] == ("missing", "no gradient within the 1.5 s deadline")
+    status = _check_rounds_1_to_3(record, n)
     assert status[2, 3][0] == "missing" and "over the" in status[2, 3][1]
-    assert status[3, 2] == ("ok", "")
-    assert status[3, 3] == ("missing", "joined during the round; takes part from the next")
     assert status[4, 1] == ("missing", "disconnected (protocol error: sent fewer bytes than "
                             "it announced)")
     assert status[5, 1][0] == "missing"
     assert status[4, 0][0] == "missing" and status[4, 0][1].startswith("disconnected")
     assert status[5, 0] == ("missing", "joined during the round; takes part from the next")
     assert all(status[t, w][0] == "ok" for t, w in ((4, 2), (4, 3), (5, 2), (5, 3)))
-    rounds = record["rounds"]
-    assert [r["received"] for r in rounds] == [1, 2, 3, 2, 2]
-    assert rounds[1]["missing"] == [2, 3] and rounds[0]["excluded"] == [1, 2, 3]
-    assert rounds[2]["stale"] == 1
-    assert rounds[1]["wait_s"] >= 1.4 and rounds[2]["wait_s"] < 1.0  # no wait for a lagger
-    assert all(r["stepped"] and r["bytes_sent"] > 4 * n for r in rounds)
+    assert [r["received"] for r in record["rounds"]] == [1, 2, 3, 2, 2]
     events = [(e.get("worker"), e["event"]) for e in record["events"]]
     for expected in ((0, "refused"), (1, "refused"), (3, "disconnected"), (3, "reconnected"),
                      (1, "disconnected"), (0, "disconnected"), (0, "reconnected")):
@@ -417,7 +417,6 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
     # the impostor's hello made the server check that worker 0 was alive, and
     # silent worker 2 was pinged while round 2 waited for it
     assert first_p0.pings >= 1 and p2.pings >= 2
-    assert np.isfinite(record["parameters"]).all()
 
 
 def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
