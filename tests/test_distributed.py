@@ -21,6 +21,7 @@ import json
 import os
 import queue
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -595,3 +596,58 @@ def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on(transpo
     assert all(r["stepped"] for r in run.rounds)
     assert np.isfinite(run.parameters).all()
     assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
+
+
+def test_torchrun_starts_a_run_over_gloo(tmp_path):
+    """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``."""
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "5", "-m", "flagagg", "train",
+           "--config", "demo", "--rule", "flag", "--attack", "reverse", "--f", "1",
+           "--workers", "4", "--rounds", "6", "--eval-every", "3", "--output", "out"]
+    # its own session, so that a run that overstays can be ended with all its processes
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, output
+    assert "server: gloo point-to-point" in output and "done: 6 rounds" in output, output
+    with open(tmp_path / "out" / "train.json", encoding="utf-8") as fh:
+        doc = json.load(fh)
+    assert doc["transport"] == "gloo" and doc["status"] == 0
+    assert all(r["received"] == 4 for r in doc["rounds"])
+    config = sim.load_config("demo")
+    ref = sim.simulate(sim.load_dataset("digits"), "flag", f=1, attack="reverse",
+                       attack_params=config.attack("reverse").params, workers=4, rounds=6,
+                       eval_every=3, lr=config.lr_of("flag"), seed=config.seeds[0])
+    assert doc["run"]["final_accuracy"] == pytest.approx(ref.accuracy[-1], abs=1e-9)
+
+
+def test_nccl_waits_poll_until_done_or_deadline():
+    from flagagg.distributed._collective import _wait
+
+    class Work:  # an NCCL work: wait() returns at once, is_completed() tells the truth
+        def __init__(self, done_after):
+            self.polls, self.done_after, self.waited = 0, done_after, False
+
+        def is_completed(self):
+            self.polls += 1
+            return self.polls > self.done_after
+
+        def wait(self):
+            self.waited = True
+
+    work = Work(done_after=5)
+    _wait("nccl", work, 5.0)
+    assert work.polls == 6 and work.waited
+    never = Work(done_after=10**9)
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match="no data within 0.05 s"):
+        _wait("nccl", never, 0.05)
+    assert 0.05 <= time.monotonic() - t0 < 2.0 and not never.waited
+
