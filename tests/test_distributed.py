@@ -1,14 +1,16 @@
 """Parameter-server training: wire format, the server against hostile peers, real runs.
 
-The first tests drive an in-process server with hand-written peers over
-loopback sockets, so every failure mode (NaN, wrong size, wrong dtype,
-silence, a half-sent frame, a reconnection, impostors) is exercised
-deterministically and fast; a whole run on threads checks that resuming from
-a checkpoint continues the same run. The last three start real runs (one
-server and four worker processes each): Byzantine training that matches the
-simulator (to float tolerance; it is in fact bit for bit), a worker killed
-and another one frozen mid-run, and workers sending NaN and wrong-sized
-gradients. Every run is bounded by a timeout and leaves no process behind.
+The first tests drive an in-process server with hand-written peers, over
+loopback sockets (TCP transport) and over gloo process groups (the default
+transport), so every failure mode (NaN, wrong size, wrong dtype, silence, a
+half-sent message, an oversized announcement, a reconnection, impostors) is
+exercised deterministically and fast; a whole run on threads checks that
+resuming from a checkpoint continues the same run. The real runs (one server
+and four worker processes each, over gloo and over TCP) check Byzantine
+training that matches the simulator (to float tolerance; it is in fact bit
+for bit), a worker killed and another one frozen mid-run, workers sending
+NaN and wrong-sized gradients, and a launch by torchrun. Every run is
+bounded by a timeout and leaves no process behind.
 """
 
 from __future__ import annotations
