@@ -282,7 +282,7 @@ def test_server_survives_every_kind_of_bad_worker():
 class GlooPeer:
     """A gloo worker written by hand: announcements and bytes exactly as a test needs."""
 
-    def __init__(self, server, worker, fingerprint=None):
+    def __init__(self, server, worker, fingerprint=None, build=True):
         import torch.distributed as dist
 
 
@@ -297,7 +297,7 @@ class GlooPeer:
         self.store.queue_push(server.inbox, json.dumps(hello))
         self.answer = json.loads(self.store.get(f"{server.prefix}answer/{self.token}"))
         self.pg = None
-        if self.answer["ok"]:
+        if self.answer["ok"] and build:
             sub = dist.PrefixStore(f"{server.prefix}pair/{self.token}/", self.store)
             self.pg = dist.ProcessGroupGloo(sub, 1, 2, datetime.timedelta(seconds=20))
         self.pings = 0
@@ -342,10 +342,14 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=20))
-    server = CollectiveServer(_spec(rounds=5), store, prefix="test/")
+    server = CollectiveServer(_spec(rounds=5), store, prefix="test/", join_timeout=1.0)
     thread, out = _serve(server)
     n = server.n
     ok = np.full(n, 1e-3, np.float32)
+    # a worker that is accepted and never builds its group holds the server
+    # up for join_timeout, and is then forgotten
+    ghost = GlooPeer(server, 1, build=False)
+    assert ghost.answer["ok"]
     p0 = GlooPeer(server, 0)
     impostor = GlooPeer(server, 0)
     stranger = GlooPeer(server, 1, fingerprint="0" * 16)
@@ -416,6 +420,8 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
     for expected in ((0, "refused"), (1, "refused"), (3, "disconnected"), (3, "reconnected"),
                      (1, "disconnected"), (0, "disconnected"), (0, "reconnected")):
         assert expected in events
+    assert [e["reason"] for e in record["events"] if e["event"] == "refused"].count(
+        "process group did not form") == 1
     assert record["transport"] == "gloo"
     # the impostor's hello made the server check that worker 0 was alive, and
     # silent worker 2 was pinged while round 2 waited for it
