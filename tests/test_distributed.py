@@ -489,7 +489,7 @@ def test_byzantine_run_trains_and_matches_the_simulator(transport):
     config = sim.load_config("demo")
     run = distributed.train(config, rule="flag", attack="reverse", f=1, workers=4, rounds=20,
                             eval_every=10, timeout=RUN_TIMEOUT, transport=transport)
-    assert run.status == 0
+    assert run.status == 0 and run.transport == transport
     assert [t for t, _ in run.curve] == [0, 10, 20]
     assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
 

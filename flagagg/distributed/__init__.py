@@ -94,6 +94,8 @@ class DistributedRun:
         The final flat parameters.
     output : pathlib.Path or None
         Folder holding the result files, when one was given.
+    transport : str
+        How gradients travelled: ``"gloo"``, ``"nccl"`` or ``"tcp"``.
     """
 
     status: int
@@ -104,6 +106,7 @@ class DistributedRun:
     events: list
     parameters: np.ndarray
     output: Path | None
+    transport: str
 
 
 def train(config="demo", *, rule=None, attack=None, f=None, seed=None, rounds=None, workers=None,
@@ -165,5 +168,5 @@ def train(config="demo", *, rule=None, attack=None, f=None, seed=None, rounds=No
     return DistributedRun(
         status=status, final_accuracy=float(doc["run"]["final_accuracy"]), curve=curve,
         rounds=doc["rounds"], workers=doc["workers"], events=doc["events"], parameters=params,
-        output=None if output is None else Path(output),
+        output=None if output is None else Path(output), transport=doc["transport"],
     )
