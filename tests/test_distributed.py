@@ -133,6 +133,30 @@ def test_transport_choice_and_what_is_missing(monkeypatch):
     assert distributed._settings.spec_from_dict(spec_dict).transport == "tcp"
 
 
+def test_a_worker_started_with_another_transport_says_so(monkeypatch, capsys):
+    import torch.distributed as dist
+
+    from flagagg.distributed._node import run_node
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=10))
+    store.set("flagagg/server/0", json.dumps({"transport": "gloo"}))
+    for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(store.port)}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
+              "TORCHELASTIC_RESTART_COUNT"):
+        monkeypatch.delenv(k, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        status = run_node(_spec(transport="tcp", connect_timeout=10))
+    finally:
+        torch.set_num_threads(threads)
+    assert status == 2
+    assert "the server uses --transport gloo, this worker was started with --transport tcp" \
+        in capsys.readouterr().err
+
+
 def test_server_address_choice(monkeypatch):
     from flagagg.distributed._node import _server_address
 

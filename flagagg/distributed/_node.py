@@ -184,13 +184,18 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
              f"{spec.connect_timeout:g} s ({exc})")
         return 1
     transport = published.get("transport")
+    if spec.transport not in ("auto", transport):
+        wlog(f"worker {rank - 1}: the server uses --transport {transport}, this worker was "
+             f"started with --transport {spec.transport}: start every process with the same "
+             "arguments")
+        return 2
     if transport == "tcp":
         del store  # the worker needs it no more, and must not keep the rendezvous alive
         return run_worker(spec, rank - 1, (published["host"], int(published["port"])),
                           device=device, log=wlog)
     from ._collective import run_collective_worker
 
-    # the workers follow the server's choice, so that only its --transport matters
+    # a worker left at auto follows the server, e.g. NCCL on a GPU server
     return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
                                  device=device, log=wlog)
 
