@@ -395,7 +395,13 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
         p.params(2)
     p0.send(2, ok)
     p1.send(2, ok)
+    time.sleep(0.6)  # long enough for the server to ping worker 3 (unread pings)
     p3.send(2, ok, announce={"nbytes": 100 * n})
+    # the server closed worker 3's group, unread pings and all: it learns at once
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="(?i)closed|reset"):
+        p3.params(3)
+    assert time.monotonic() - t0 < 5 and p3.pings >= 1
     # round 3: worker 2's late round-2 gradient is drained as stale, its round-3
     # one counts; worker 3 comes back with a new group
     p0.params(3)

@@ -279,6 +279,9 @@ class CollectiveServer(_ServerCore):
             except ProtocolError as exc:
                 self._drop(link, f"protocol error: {exc}")
                 continue
+            except RuntimeError as exc:  # the group broke (the worker is gone)
+                self._drop(link, f"connection error: {_first_line(exc)}")
+                continue
             receiving.append(posted)
         # all receives are posted before any is waited on, so transfers overlap
         for link, msg, current, work, buf in receiving:
@@ -383,7 +386,8 @@ class CollectiveServer(_ServerCore):
         if self.transport == "nccl" and link.pg is not None:
             with contextlib.suppress(RuntimeError):
                 link.pg.abort()
-        link.sends.clear()
+        link.sends.clear()  # pending works hold the group too
+        link.pings.clear()
         link.stop_work = None
         link.pg = None
         gc.collect()
