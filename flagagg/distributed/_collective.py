@@ -54,6 +54,7 @@ import torch
 
 from ._protocol import ProtocolError
 from ._server import _ServerCore
+from ._worker import IDLE_TIMEOUT
 
 __all__ = ["MARK", "TRANSPORTS", "CollectiveServer", "check_transport", "run_collective_worker"]
 
@@ -67,8 +68,6 @@ _HEAD_BYTES = 32
 _TAG_SERVER, _TAG_GRAD = 1, 3
 _MAX_MESSAGE = 1 << 16       # a control message is a small JSON object
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
-# how long a worker waits for the server's next message (it sends one a round)
-IDLE_TIMEOUT = 600.0
 # while a round waits, a worker that has not answered is pinged this often: a
 # send on a gloo pair whose peer has gone fails at once, so a crash is seen
 # within this time instead of at the deadline

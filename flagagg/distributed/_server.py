@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sim._replica import Replica, sgd_step
+from ..sim._replica import sgd_step
 from ._protocol import (
     DTYPES,
     FrameReader,
@@ -42,12 +42,12 @@ from ._protocol import (
     encode_json,
     encode_tensor,
 )
+from ._settings import make_replica
 
 __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
 
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
-_FLOAT32 = next(code for code, dt in DTYPES.items() if dt == np.dtype("<f4"))
 
 
 class _Peer:
@@ -80,8 +80,9 @@ class _ServerCore:
 
     A subclass opens its connections and implements ``_pump(timeout)`` (wait
     up to ``timeout`` seconds for messages and handle them),
-    ``_send_params(link, t, params)``, ``_stop_workers(timeout)`` and
-    ``_close_link(link)``. A link is the subclass's object for one worker's
+    ``_send_params(st, links, params)`` (send round ``st.round``'s parameters,
+    stamping ``st.queued``) and ``_stop_workers(timeout)``, and reports a
+    closed link through :meth:`_lost`. A link is the subclass's object for one worker's
     connection; it carries ``worker``, ``sent_round``, ``answered_round``,
     ``bytes_sent`` and ``bytes_received``. Messages the subclass decodes go
     through :meth:`_check_hello`, :meth:`_welcome` and
@@ -91,19 +92,13 @@ class _ServerCore:
     def __init__(self, spec, *, device="cpu", log=print, checkpoint=None, checkpoint_every=0,
                  resume=None):
         from ..sim._cluster import build_rule
-        from ..sim._data import load_dataset
 
         self.spec = spec
         self.log = log
         self.device = torch.device(device)
         config = spec.config
         self.config = config
-        self.dataset = load_dataset(config.dataset, **config.data_kwargs())
-        self.replica = Replica(
-            self.dataset, workers=config.workers, f=spec.f, seed=spec.seed, model=config.model,
-            model_params={"hidden": config.hidden, "channels": config.channels},
-            partition_method=config.partition, alpha=config.alpha, device=self.device,
-        )
+        self.replica = make_replica(spec, self.device)
         rule_spec = config.rule(spec.rule)
         self.rule = build_rule(rule_spec.rule, spec.f, rule_spec.params)
         self.lr = config.lr_of(spec.rule)
@@ -273,7 +268,7 @@ class _ServerCore:
         st.start = time.monotonic()
         for w, link in self.peers.items():
             (st.lagging if link.answered_round < link.sent_round else st.expected).add(w)
-        self._send_params(st, [self.peers[w] for w in sorted(st.expected | st.lagging)], params)
+        self._send_params(st, [self.peers[w] for w in sorted(self.peers)], params)
         deadline = st.start + self.spec.round_timeout
         while True:
             now = time.monotonic()

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from ..sim._config import ConfigError, ExperimentConfig
 
-__all__ = ["FAULT_KINDS", "TRANSPORTS", "Fault", "RunSpec", "make_spec", "parse_fault",
-           "spec_from_dict", "spec_to_dict"]
+__all__ = ["FAULT_KINDS", "TRANSPORTS", "Fault", "RunSpec", "make_replica", "make_spec",
+           "parse_fault", "spec_from_dict", "spec_to_dict"]
 
 # kind -> whether it takes "=VALUE"
 FAULT_KINDS = {
@@ -244,6 +244,22 @@ def make_spec(config, *, rule=None, attack=None, f=None, seed=None, rounds=None,
                 f"fault on worker {fault.worker}, but the workers are 0..{cut.workers - 1}"
             )
     return RunSpec(cut, rule, attack, f, seed, faults=faults, **options)
+
+
+def make_replica(spec, device):
+    """The simulator's replica of the run's data, model and random streams, on ``device``.
+
+    The server and every worker build the same one from the spec, which is
+    what makes a distributed run train the model the simulator trains.
+    """
+    from ..sim._data import load_dataset
+    from ..sim._replica import Replica
+
+    config = spec.config
+    return Replica(load_dataset(config.dataset, **config.data_kwargs()), workers=config.workers,
+                   f=spec.f, seed=spec.seed, model=config.model,
+                   model_params={"hidden": config.hidden, "channels": config.channels},
+                   partition_method=config.partition, alpha=config.alpha, device=device)
 
 
 def spec_to_dict(spec):

@@ -62,20 +62,13 @@ class GradientSource:
 
     def __init__(self, spec, worker, device):
         from ..attacks import get_attack
-        from ..sim._data import load_dataset
-        from ..sim._replica import Replica
+        from ._settings import make_replica
 
         self.spec = spec
         self.worker = worker
         self.device = device
         config = spec.config
-        dataset = load_dataset(config.dataset, **config.data_kwargs())
-        self.replica = Replica(dataset, workers=config.workers, f=spec.f, seed=spec.seed,
-                               model=config.model,
-                               model_params={"hidden": config.hidden,
-                                             "channels": config.channels},
-                               partition_method=config.partition, alpha=config.alpha,
-                               device=device)
+        self.replica = make_replica(spec, device)
         attack_spec = config.attack(spec.attack)
         self.attack = get_attack(attack_spec.attack, **attack_spec.params)
         self.faults = spec.faults_of(worker)
