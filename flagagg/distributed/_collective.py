@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from ._protocol import ProtocolError
-from ._server import _ServerCore
+from ._server import _Link, _ServerCore
 from ._worker import IDLE_TIMEOUT
 
 __all__ = ["MARK", "TRANSPORTS", "CollectiveServer", "check_transport", "run_collective_worker"]
@@ -166,18 +166,13 @@ def _first_line(exc):
     return text.split(". ")[0][:160]
 
 
-class _Link:
+class _PairLink(_Link):
     """One worker connection: its process group and what is in flight on it."""
 
     def __init__(self, token, pg, addr):
+        super().__init__(addr)
         self.token = token
         self.pg = pg
-        self.addr = addr
-        self.worker = None
-        self.sent_round = 0
-        self.answered_round = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
         # round -> sends not known to be complete, with their tensors; a send is
         # complete once the worker answers that round
         self.sends = {}
@@ -221,7 +216,7 @@ class CollectiveServer(_ServerCore):
         self.prefix = prefix
         self.inbox = prefix + "inbox"
         self.join_timeout = min(float(join_timeout), spec.connect_timeout)
-        self.links = {}          # token -> _Link, accepted links only
+        self.links = {}          # token -> _PairLink, accepted links only
         self.stopping = False
         self.bufdev = _buffer_device(transport, self.device)
         self._ping = _server_message(_PING, 0, device=self.bufdev)
@@ -424,7 +419,7 @@ class CollectiveServer(_ServerCore):
                       f"({_first_line(exc)})", {"worker": msg.get("worker"), "event": "refused",
                                                  "reason": "process group did not form"})
             return
-        link = _Link(token, pg, host)
+        link = _PairLink(token, pg, host)
         link.bytes_received += size
         self.links[token] = link
         self._welcome(link, msg)

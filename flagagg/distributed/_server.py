@@ -50,22 +50,28 @@ __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
 
 
-class _Peer:
-    """One worker connection: its socket, reader, outbox and progress."""
+class _Link:
+    """One worker connection as every server sees it: whose, and how far it got."""
 
-    def __init__(self, sock, addr, max_tensor_bytes, now):
-        self.sock = sock
+    def __init__(self, addr):
         self.addr = addr
-        self.reader = FrameReader(max_tensor_bytes, kinds={Kind.HELLO, Kind.GRAD})
-        self.outbox = deque()  # [kind, round, memoryview, bytes already sent]
-        self.worker = None     # set by a valid HELLO
-        self.info = {}
-        self.opened = now
-        self.closing = False   # close once the outbox is empty (after a REJECT)
-        self.sent_round = 0    # newest round whose parameters were queued
-        self.answered_round = 0
+        self.worker = None       # set once the worker is accepted
+        self.sent_round = 0      # newest round whose parameters were sent (or queued)
+        self.answered_round = 0  # newest round it sent a gradient for
         self.bytes_sent = 0
         self.bytes_received = 0
+
+
+class _Peer(_Link):
+    """One TCP worker connection: its socket, reader and outbox."""
+
+    def __init__(self, sock, addr, max_tensor_bytes, now):
+        super().__init__(addr)
+        self.sock = sock
+        self.reader = FrameReader(max_tensor_bytes, kinds={Kind.HELLO, Kind.GRAD})
+        self.outbox = deque()  # [kind, round, memoryview, bytes already sent]
+        self.opened = now
+        self.closing = False   # close once the outbox is empty (after a REJECT)
 
     def queue(self, kind, rnd, data):
         if kind == Kind.PARAMS:
@@ -82,9 +88,8 @@ class _ServerCore:
     up to ``timeout`` seconds for messages and handle them),
     ``_send_params(st, links, params)`` (send round ``st.round``'s parameters,
     stamping ``st.queued``) and ``_stop_workers(timeout)``, and reports a
-    closed link through :meth:`_lost`. A link is the subclass's object for one worker's
-    connection; it carries ``worker``, ``sent_round``, ``answered_round``,
-    ``bytes_sent`` and ``bytes_received``. Messages the subclass decodes go
+    closed link through :meth:`_lost`. Its links (one per worker connection)
+    are :class:`_Link` objects. Messages the subclass decodes go
     through :meth:`_check_hello`, :meth:`_welcome` and
     :meth:`_accept_gradient`, so that every transport applies the same checks.
     """
