@@ -158,6 +158,16 @@ def _statistic_sorted(xp: Any, S: Array, center: str, trim: int, k: int) -> Arra
     return xp.sum(xp.where(inside, S, zero), axis=0) / k
 
 
+def _prepare(X: Array, rows: np.ndarray, center: str, trim: int,
+             k: int) -> tuple[Any, Any, np.ndarray, int, Any]:
+    """What both array-API implementations start from: (xp, device, rows, m, compute dtype)."""
+    xp = array_namespace(X)
+    rows = np.asarray(rows, dtype=np.int64)
+    check_args(int(rows.size), center, trim, k)
+    ct = getattr(xp, compute_dtype_name(dtype_name(xp, X.dtype)))
+    return xp, device(X), rows, X.shape[1], ct
+
+
 def coordinate_stat_sorted(X: Array, rows: np.ndarray, center: str, trim: int, k: int) -> Array:
     """Reference array-API implementation, by ``sort``; see :meth:`Backend.coordinate_stat`.
 
@@ -166,17 +176,11 @@ def coordinate_stat_sorted(X: Array, rows: np.ndarray, center: str, trim: int, k
     which the tests compare the others with (on NumPy the network is 4 to 8
     times faster).
     """
-    xp = array_namespace(X)
-    dev = device(X)
-    rows = np.asarray(rows, dtype=np.int64)
-    q = int(rows.size)
-    check_args(q, center, trim, k)
-    p, m = X.shape
-    ct = getattr(xp, compute_dtype_name(dtype_name(xp, X.dtype)))
-    idx = None if np.array_equal(rows, np.arange(p)) else xp.asarray(rows, device=dev)
+    xp, dev, rows, m, ct = _prepare(X, rows, center, trim, k)
+    idx = None if np.array_equal(rows, np.arange(X.shape[0])) else xp.asarray(rows, device=dev)
     out = xp.empty((m,), dtype=ct, device=dev)
     inf = xp.asarray(float("inf"), dtype=xp.float64, device=dev)
-    step = chunk_columns(q)
+    step = chunk_columns(int(rows.size))
     # +inf and -inf in one window give NaN, as documented; NumPy need not warn.
     with np.errstate(invalid="ignore"):
         for start in range(0, m, step):
@@ -200,13 +204,8 @@ def coordinate_stat_network(X: Array, rows: np.ndarray, center: str, trim: int, 
     dominate), in the compute dtype; centers and sums are float64 as in the
     compiled kernels.
     """
-    xp = array_namespace(X)
-    dev = device(X)
-    rows = np.asarray(rows, dtype=np.int64)
+    xp, dev, rows, m, ct = _prepare(X, rows, center, trim, k)
     q = int(rows.size)
-    check_args(q, center, trim, k)
-    p, m = X.shape
-    ct = getattr(xp, compute_dtype_name(dtype_name(xp, X.dtype)))
     net = network(q, center, trim, k)
     out = xp.empty((m,), dtype=ct, device=dev)
     inf = xp.asarray(float("inf"), dtype=ct, device=dev)
