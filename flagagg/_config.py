@@ -28,7 +28,7 @@ _default_backend: str | None = None
 
 
 def _known_names() -> tuple[str, ...]:
-    from .backends import BACKEND_NAMES
+    from .backends._registry import BACKEND_NAMES
 
     return ("auto", *BACKEND_NAMES)
 
@@ -127,6 +127,6 @@ def available_backends() -> list[str]:
         Installed backends, in registry order. Checking does not import the
         libraries.
     """
-    from .backends import installed_backends
+    from .backends._registry import installed_backends
 
     return installed_backends()

@@ -8,32 +8,12 @@ importing numba, torch or cupy.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from functools import cache
 
 from ._base import Backend
+from ._registry import _REGISTRY, BACKEND_NAMES, _library_installed, installed_backends
 
 __all__ = ["BACKEND_NAMES", "Backend", "get_backend_impl", "installed_backends", "select_backend"]
-
-# name -> (module holding ``BACKEND``, library it needs, extra that installs it)
-_REGISTRY = {
-    "numpy": ("flagagg.backends._numpy", "numpy", None),
-    "numba": ("flagagg.backends._numba", "numba", "numba"),
-    "torch": ("flagagg.backends._torch", "torch", "torch"),
-    "cupy": ("flagagg.backends._cupy", "cupy", "cupy"),
-    "array_api": ("flagagg.backends._array_api", "numpy", None),
-}
-BACKEND_NAMES = tuple(_REGISTRY)
-
-
-def _library_installed(library: str) -> bool:
-    return importlib.util.find_spec(library) is not None
-
-
-def installed_backends() -> list[str]:
-    """Names of the backends whose library is installed (nothing is imported)."""
-    return [name for name, (_, lib, _) in _REGISTRY.items() if _library_installed(lib)]
-
 
 @cache
 def get_backend_impl(name: str) -> Backend:

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch.func import functional_call
 
 from ._data import Dataset, load_dataset
-from ._replica import Replica, sgd_step
+from ._replica import Replica, _accuracy, sgd_step
 
 __all__ = ["TrainResult", "build_rule", "simulate"]
 
@@ -107,28 +105,6 @@ def _takes_f(flagagg, name):
         # it knows f but refuses 0, e.g. a parameter check
         return True
     return True
-
-
-def _loss(model):
-    def loss(flat, x, y, shapes):
-        params, start = {}, 0
-        for name, shape, size in shapes:
-            params[name] = flat[start : start + size].view(shape)
-            start += size
-        return F.cross_entropy(functional_call(model, params, (x,)), y)
-
-    return loss
-
-
-def _accuracy(model, flat, shapes, X, y):
-    params, start = {}, 0
-    for name, shape, size in shapes:
-        params[name] = flat[start : start + size].view(shape)
-        start += size
-    with torch.no_grad():
-        logits = functional_call(model, params, (X,))
-        ok = torch.isfinite(logits).all(dim=1) & (logits.argmax(dim=1) == y)
-    return float(ok.double().mean())
 
 
 def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, attack_params=None,

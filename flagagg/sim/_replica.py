@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
 
 from ._data import partition
 from ._models import init_parameters, make_model
@@ -86,8 +87,6 @@ class Replica:
         self.net.to(self.device)
         self.shapes = [(n, p.shape, p.numel()) for n, p in self.net.named_parameters()]
         self.n_params = sum(size for _, _, size in self.shapes)
-        from ._cluster import _loss
-
         self._per_worker = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
 
         self.sizes = np.array([s.size for s in shards])
@@ -170,10 +169,30 @@ class Replica:
 
     def accuracy(self, flat, split="test"):
         """Accuracy of the flat parameters on a split of the dataset."""
-        from ._cluster import _accuracy
-
         X, y = (torch.from_numpy(a).to(self.device) for a in self.dataset.split(split))
         return _accuracy(self.net, flat, self.shapes, X, y)
+
+
+def _loss(model):
+    def loss(flat, x, y, shapes):
+        params, start = {}, 0
+        for name, shape, size in shapes:
+            params[name] = flat[start : start + size].view(shape)
+            start += size
+        return F.cross_entropy(functional_call(model, params, (x,)), y)
+
+    return loss
+
+
+def _accuracy(model, flat, shapes, X, y):
+    params, start = {}, 0
+    for name, shape, size in shapes:
+        params[name] = flat[start : start + size].view(shape)
+        start += size
+    with torch.no_grad():
+        logits = functional_call(model, params, (X,))
+        ok = torch.isfinite(logits).all(dim=1) & (logits.argmax(dim=1) == y)
+    return float(ok.double().mean())
 
 
 def sgd_step(flat, buf, g, *, lr, momentum, weight_decay):
