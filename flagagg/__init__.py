@@ -9,12 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 from ._config import available_backends, backend, get_backend, set_backend
-from .flag import FlagAggregator, FlagResult, flag_aggregate
-from .rules import RuleResult, aggregate, available_rules, get_rule
+from .rules import AggregationResult, RuleResult, aggregate, available_rules, get_rule
+from .rules._flag import FlagAggregator, FlagResult, flag_aggregate
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AggregationResult",
     "FlagAggregator",
     "FlagResult",
     "RuleResult",

@@ -12,6 +12,10 @@ import flagagg
 
 from oracle import flag_dense
 
+# The published, normalised output: what the dense oracle computes (the default
+# rescales it to the median input norm, tested in test_interface.py).
+PUBLISHED = {"rescale": None, "backend": "numpy"}
+
 
 def attacked_stack(p, n, f, seed, dtype="float64", kind="reverse"):
     """p - f honest rows around a common direction plus f faulty rows."""
@@ -43,7 +47,7 @@ ORACLE_CASES = [
 def test_matches_dense_oracle(p, n, r, lam, variant, dtype):
     G = attacked_stack(p, n, 2, seed=p * n + r, dtype=dtype, kind="random")
     res = flagagg.flag_aggregate(G, r, lam, max_iter=6, tol=0.0, variant=variant,
-                                 return_result=True, backend="numpy")
+                                 return_result=True, **PUBLISHED)
     out, Y, history, _ = flag_dense(G, r, lam, max_iter=6, tol=0.0, variant=variant)
     rtol = 1e-9 if dtype == "float64" else 2e-5
     err = np.linalg.norm(res.aggregate - out) / np.linalg.norm(out)
@@ -63,7 +67,7 @@ def test_matches_dense_oracle(p, n, r, lam, variant, dtype):
 def test_oracle_deviation_converged_default():
     """Iterated to tol: the largest deviation seen stays tiny."""
     G = attacked_stack(15, 2000, 3, seed=1, kind="little")
-    res = flagagg.flag_aggregate(G, 8, max_iter=100, return_result=True, backend="numpy")
+    res = flagagg.flag_aggregate(G, 8, max_iter=100, return_result=True, **PUBLISHED)
     out, _, history, _ = flag_dense(G, 8, max_iter=100)
     assert res.converged and res.n_iter == len(history)
     assert np.linalg.norm(res.aggregate - out) / np.linalg.norm(out) < 1e-8
@@ -71,21 +75,21 @@ def test_oracle_deviation_converged_default():
 
 def test_default_takes_two_steps():
     G = attacked_stack(15, 300, 3, seed=4, kind="little")
-    res = flagagg.flag_aggregate(G, 8, return_result=True, backend="numpy")
+    res = flagagg.flag_aggregate(G, 8, return_result=True, **PUBLISHED)
     assert res.n_iter == 2 and len(res.objective_history) == 2
     assert not res.converged
-    two = flagagg.flag_aggregate(G, 8, max_iter=2, tol=0, backend="numpy")
+    two = flagagg.flag_aggregate(G, 8, max_iter=2, tol=0, **PUBLISHED)
     np.testing.assert_array_equal(res.aggregate, two)
 
 
 def test_reference_equals_one_paper_step_without_pairs():
     G = attacked_stack(9, 100, 2, seed=3)
-    ref = flagagg.flag_aggregate(G, 4, variant="reference", backend="numpy")
-    one = flagagg.flag_aggregate(G, 4, max_iter=1, backend="numpy")
+    ref = flagagg.flag_aggregate(G, 4, variant="reference", **PUBLISHED)
+    one = flagagg.flag_aggregate(G, 4, max_iter=1, **PUBLISHED)
     np.testing.assert_allclose(ref, one, rtol=1e-12, atol=1e-12)
     # ... but not with the pairwise term, whose scaling differs.
-    ref = flagagg.flag_aggregate(G, 4, 8.0, variant="reference", backend="numpy")
-    one = flagagg.flag_aggregate(G, 4, 8.0, max_iter=1, backend="numpy")
+    ref = flagagg.flag_aggregate(G, 4, 8.0, variant="reference", **PUBLISHED)
+    one = flagagg.flag_aggregate(G, 4, 8.0, max_iter=1, **PUBLISHED)
     assert np.linalg.norm(ref - one) > 1e-6 * np.linalg.norm(one)
 
 
@@ -130,13 +134,13 @@ def test_faulty_workers_get_low_ratios():
     # Mutually orthogonal random rows each own a direction: with r >= 1 + f
     # they would be reconstructed exactly, so look with r = 1.
     G = attacked_stack(15, 500, 3, seed=7, kind="random")
-    res = flagagg.flag_aggregate(G, 1, max_iter=2, return_result=True, backend="numpy")
+    res = flagagg.flag_aggregate(G, 1, max_iter=2, return_result=True, **PUBLISHED)
     assert res.reconstruction_ratios[-3:].max() < res.reconstruction_ratios[:12].min()
 
 
 def test_diagnostics_are_consistent():
     G = attacked_stack(11, 300, 2, seed=11)
-    res = flagagg.flag_aggregate(G, 5, 1.0, max_iter=100, return_result=True, backend="numpy")
+    res = flagagg.flag_aggregate(G, 5, 1.0, max_iter=100, return_result=True, **PUBLISHED)
     assert res.converged
     assert res.stationarity < 1e-2
     assert res.eigengap > 0
@@ -151,7 +155,7 @@ def test_diagnostics_are_consistent():
 
 def test_stationarity_drops_along_iterations():
     G = attacked_stack(15, 300, 3, seed=2, kind="random")
-    few = flagagg.flag_aggregate(G, 8, max_iter=1, return_result=True, backend="numpy")
+    few = flagagg.flag_aggregate(G, 8, max_iter=1, return_result=True, **PUBLISHED)
     many = flagagg.flag_aggregate(G, 8, tol=1e-12, max_iter=500, return_result=True,
                                   backend="numpy")
     assert many.stationarity < few.stationarity
@@ -188,9 +192,9 @@ def test_objective_never_increases(shape, lam, r):
 def test_permutation_invariance(shape, lam, seed):
     G = _draw(*shape)
     perm = np.random.default_rng(seed).permutation(G.shape[0])
-    a = flagagg.flag_aggregate(G, 2, lam, max_iter=5, tol=0, backend="numpy")
-    b = flagagg.flag_aggregate(G[perm], 2, lam, max_iter=5, tol=0, backend="numpy")
-    res = flagagg.flag_aggregate(G, 2, lam, max_iter=5, return_result=True, backend="numpy")
+    a = flagagg.flag_aggregate(G, 2, lam, max_iter=5, tol=0, **PUBLISHED)
+    b = flagagg.flag_aggregate(G[perm], 2, lam, max_iter=5, tol=0, **PUBLISHED)
+    res = flagagg.flag_aggregate(G, 2, lam, max_iter=5, return_result=True, **PUBLISHED)
     if res.eigengap > 1e-6 * res.eigenvalues[0]:
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
@@ -202,9 +206,9 @@ def test_invariant_to_rescaling_one_input(shape, scale, which):
     i = which % G.shape[0]
     H = G.copy()
     H[i] *= scale
-    a = flagagg.flag_aggregate(G, 2, 1.0, max_iter=5, tol=0, backend="numpy")
-    b = flagagg.flag_aggregate(H, 2, 1.0, max_iter=5, tol=0, backend="numpy")
-    res = flagagg.flag_aggregate(G, 2, 1.0, max_iter=5, return_result=True, backend="numpy")
+    a = flagagg.flag_aggregate(G, 2, 1.0, max_iter=5, tol=0, **PUBLISHED)
+    b = flagagg.flag_aggregate(H, 2, 1.0, max_iter=5, tol=0, **PUBLISHED)
+    res = flagagg.flag_aggregate(G, 2, 1.0, max_iter=5, return_result=True, **PUBLISHED)
     if res.eigengap > 1e-6 * res.eigenvalues[0]:
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
 
@@ -215,8 +219,8 @@ def test_rotation_equivariance(shape, seed):
     G = _draw(*shape)
     n = G.shape[1]
     Q, _ = np.linalg.qr(np.random.default_rng(seed).normal(size=(n, n)))
-    a = flagagg.flag_aggregate(G, 2, 0.5, max_iter=5, tol=0, backend="numpy")
-    b = flagagg.flag_aggregate(G @ Q.T, 2, 0.5, max_iter=5, tol=0, backend="numpy")
+    a = flagagg.flag_aggregate(G, 2, 0.5, max_iter=5, tol=0, **PUBLISHED)
+    b = flagagg.flag_aggregate(G @ Q.T, 2, 0.5, max_iter=5, tol=0, **PUBLISHED)
     np.testing.assert_allclose(Q @ a, b, rtol=1e-6, atol=1e-8)
 
 
@@ -230,8 +234,8 @@ def test_pytree_equals_flat_stack():
                 "extra": [row[36:].reshape(2, 7)]}
 
     trees = [split(g) for g in G]
-    res_tree = flagagg.flag_aggregate(trees, 3, 1.0, return_result=True, backend="numpy")
-    flat = flagagg.flag_aggregate(G, 3, 1.0, backend="numpy")
+    res_tree = flagagg.flag_aggregate(trees, 3, 1.0, return_result=True, **PUBLISHED)
+    flat = flagagg.flag_aggregate(G, 3, 1.0, **PUBLISHED)
     out = res_tree.aggregate
     assert set(out) == set(shapes)
     assert out["w"].shape == (5, 6) and out["b"].shape == (6,)
@@ -244,22 +248,26 @@ def test_pytree_equals_flat_stack():
 
 def test_sequence_of_rows_equals_stack():
     G = attacked_stack(5, 40, 1, seed=9)
-    a = flagagg.flag_aggregate(list(G), 2, backend="numpy")
-    b = flagagg.flag_aggregate(G, 2, backend="numpy")
+    a = flagagg.flag_aggregate(list(G), 2, **PUBLISHED)
+    b = flagagg.flag_aggregate(G, 2, **PUBLISHED)
     np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 def test_higher_dimensional_stack_keeps_shape():
     G = attacked_stack(5, 24, 1, seed=9)
-    out = flagagg.flag_aggregate(G.reshape(5, 2, 3, 4), 2, backend="numpy")
+    out = flagagg.flag_aggregate(G.reshape(5, 2, 3, 4), 2, **PUBLISHED)
     assert out.shape == (2, 3, 4)
-    np.testing.assert_allclose(out.ravel(), flagagg.flag_aggregate(G, 2, backend="numpy"))
+    np.testing.assert_allclose(out.ravel(), flagagg.flag_aggregate(G, 2, **PUBLISHED))
 
 
 def test_aggregator_object_keeps_result():
     agg = flagagg.FlagAggregator(r=3, backend="numpy")
     G = attacked_stack(7, 30, 1, seed=0)
     out = agg(G)
+    # result_ keeps the diagnostics of the last call, not the gradient-sized aggregate
     assert isinstance(agg.result_, flagagg.FlagResult)
-    np.testing.assert_array_equal(agg.result_.aggregate, out)
+    assert agg.result_.aggregate is None
+    res = agg(G, return_result=True)
+    np.testing.assert_array_equal(res.aggregate, out)
+    np.testing.assert_array_equal(agg.result_.coefficients, res.coefficients)
     assert "FlagAggregator(r=3" in repr(agg)

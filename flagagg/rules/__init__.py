@@ -7,11 +7,14 @@ is the one-shot form. Rules register themselves in :data:`_RULES` by name.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
-from ._base import GramRule, Rule, RuleResult
+from ._base import GramRule, Rule
+from ._result import AggregationResult, RuleResult
 
 __all__ = [
+    "AggregationResult",
     "GramRule",
     "Rule",
     "RuleResult",
@@ -34,7 +37,7 @@ _RULES: dict[str, str] = {
     "geometric_median": "flagagg.rules._geomed:GeometricMedian",
     "centered_clipping": "flagagg.rules._clipping:CenteredClipping",
     "mda": "flagagg.rules._mda:MDA",
-    "flag": "flagagg.flag:FlagAggregator",
+    "flag": "flagagg.rules._flag:FlagAggregator",
 }
 
 
@@ -109,6 +112,7 @@ def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
     'nnm+bucketing+trimmed_mean'
     """
     cls = _rule_class(name)
+    _check_names(cls, params)
     try:
         if pre is not None and not (isinstance(pre, (list, tuple)) and len(pre) == 0):
             from ._pre import compose
@@ -117,6 +121,30 @@ def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
         return cls(**params)
     except TypeError as exc:
         raise TypeError(f"invalid parameters for rule {name!r}: {exc}") from None
+
+
+_MEANING = {"f": "the number of Byzantine inputs tolerated"}
+
+
+def _check_names(cls: type[Rule], params: dict[str, Any]) -> None:
+    """Give flagagg's own message for a missing or unknown parameter, before Python's."""
+    sig = inspect.signature(cls.__init__).parameters
+    names = [k for k in sig if k != "self"]
+    unknown = sorted(set(params) - set(names))
+    if unknown:
+        raise TypeError(
+            f"rule {cls.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
+            f"its parameters: {', '.join(names) or 'none'}"
+        )
+    missing = [k for k in names if sig[k].default is inspect.Parameter.empty
+               and k not in params]
+    if missing:
+        what = ", ".join(f"{k} ({_MEANING[k]})" if k in _MEANING else k for k in missing)
+        raise TypeError(
+            f"rule {cls.name!r} needs {what}: pass it, e.g. "
+            f"get_rule({cls.name!r}, {missing[0]}=...) or aggregate(G, rule={cls.name!r}, "
+            f"{missing[0]}=...)"
+        )
 
 
 def aggregate(

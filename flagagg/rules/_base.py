@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .._array import Stack, as_stack
+from .._array import Leaf, Stack, as_stack
+from .._validation import check_int
 from ..backends import Backend, select_backend
+from ._result import AggregationResult, RuleResult, gram_diagnostics, worker_diagnostics
 
 __all__ = [
+    "AggregationResult",
     "GramRule",
     "Params",
     "Rule",
     "RuleResult",
+    "all_finite",
+    "append_input",
     "check_f",
     "finite_gram",
     "finite_rows",
+    "nothing_left",
     "nonfinite_or_zero",
     "sq_distances",
     "validate_f",
@@ -26,67 +31,26 @@ __all__ = [
 NONFINITE = "non-finite values (NaN or Inf) or an overflowing norm"
 
 
-@dataclass(frozen=True)
-class RuleResult:
-    """The outcome of one aggregation by a baseline rule.
-
-    Attributes
-    ----------
-    aggregate : array or pytree
-        The aggregate, in the input's structure, library, device and dtype.
-    rule : str
-        Name of the rule.
-    backend : str
-        Backend that computed it.
-    coefficients : ndarray of shape (p,) or None
-        For rules that return a linear combination ``sum_i c_i g_i`` of the
-        inputs; ``None`` for coordinate-wise rules.
-    selected : tuple of int
-        Inputs the rule selected (Krum family), else empty.
-    excluded : tuple of (int, str)
-        Inputs left out before aggregating, with the reason.
-    scores : ndarray or None
-        Per-input scores (Krum scores, distances), where the rule has them.
-    n_iter : int
-        Iterations of iterative rules, else 0.
-    converged : bool or None
-        Whether an iterative rule met its tolerance; ``None`` otherwise.
-    objective_history : ndarray
-        Objective per iteration of iterative rules, else empty.
-    details : dict
-        Rule-specific extras.
-    """
-
-    aggregate: Any
-    rule: str
-    backend: str
-    coefficients: np.ndarray | None = None
-    selected: tuple[int, ...] = ()
-    excluded: tuple[tuple[int, str], ...] = ()
-    scores: np.ndarray | None = None
-    n_iter: int = 0
-    converged: bool | None = None
-    objective_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    details: dict = field(default_factory=dict)
-
-
 def validate_f(rule: str, f: Any, *, required: bool = True) -> int | None:
     """Check the parameter ``f`` of ``rule``: an integer ``>= 0`` (or None when optional).
 
     Raises
     ------
     TypeError
-        If ``f`` is not an integer.
+        If ``f`` is not an integer (the number of Byzantine inputs tolerated).
     ValueError
         If ``f < 0``.
     """
-    if f is None and not required:
-        return None
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)):
-        raise TypeError(f"f must be an integer number of Byzantine inputs for {rule}: got {f!r}")
-    if f < 0:
-        raise ValueError(f"need f >= 0 for {rule}: got f={f}")
-    return int(f)
+    return check_int("f", f, owner=rule, low=0, none=not required)
+
+
+def nothing_left(rule: str, p: int, excluded: tuple[tuple[int, str], ...]) -> ValueError:
+    """The one error of every rule when no input is left to aggregate."""
+    return ValueError(
+        f"{rule}: all {p} inputs were excluded, nothing is left to aggregate: "
+        + "; ".join(f"input {i}: {why}" for i, why in excluded[:5])
+        + ("; ..." if len(excluded) > 5 else "")
+    )
 
 
 def check_f(rule: str, f: int, p: int, need: int, condition: str) -> None:
@@ -130,8 +94,15 @@ class Rule(Params):
     """Base class of aggregation rules: callable on the inputs.
 
     Subclasses implement ``_aggregate(stack, backend) -> result`` and set
-    ``name``. Calling the rule keeps the result of the last call in
-    ``result_``.
+    ``name``. A rule object holds its parameters only: each call returns
+    its own result (``return_result=True``), so one rule object can serve
+    concurrent callers. The one exception is state a rule needs by
+    definition from one call to the next (centered clipping from the
+    previous output), which that rule keeps explicitly and documents.
+
+    ``result_`` holds the diagnostics of the last call (its ``aggregate``
+    dropped, so no gradient-sized array stays alive), for interactive use;
+    with several threads sharing a rule, use ``return_result=True``.
     """
 
     name = "rule"
@@ -156,15 +127,62 @@ class Rule(Params):
             The aggregate in the input's structure, library, device and
             dtype, or the result object when ``return_result`` is true.
         """
+        if backend is None:
+            backend = getattr(self, "backend", None)
         stack = as_stack(gradients)
         impl = select_backend(backend, stack.sample, stack.library)
         result = self._aggregate(stack, impl)
-        self.result_ = result
+        if return_result and not result.verdict:
+            result = _with_data_diagnostics(result, stack, impl)
+        self._remember(result.aggregate)
+        self.result_ = _light(result)
         return result if return_result else result.aggregate
+
+    def _remember(self, out: Any) -> None:
+        """Keep what the next call needs (nothing, for a stateless rule)."""
 
     def _aggregate(self, stack: Stack, backend: Backend) -> Any:
         raise NotImplementedError
 
+
+def all_finite(stack: Stack, out: Any) -> bool:
+    """Whether every value of ``out`` (an array or pytree shaped like one input) is finite."""
+    xp = stack.xp
+    for leaf in as_stack([out]).leaves:
+        x = leaf.block if leaf.block is not None else leaf.rows[0]
+        if not bool(xp.all(xp.isfinite(x))):
+            return False
+    return True
+
+
+def _light(result: AggregationResult) -> AggregationResult:
+    import dataclasses
+
+    return dataclasses.replace(result, aggregate=None)
+
+
+def _with_data_diagnostics(result: AggregationResult, stack: Stack,
+                           backend: Backend) -> AggregationResult:
+    """Add the per-input diagnostics with one more pass: the Gram of ``[g_1..g_p, out]``.
+
+    Only coordinate-wise rules (no coefficients, no Gram) need this, and only
+    when a result is asked for: the aggregate-only path stays one pass.
+    """
+    import dataclasses
+
+    p = stack.p
+    KA = append_input(stack, result.aggregate, result.rule).gram(backend)
+    excluded = result.excluded
+    if not excluded:
+        # Coordinate rules count NaN as +inf per coordinate; say which inputs had some.
+        bad = np.flatnonzero(~np.isfinite(np.diag(KA)[:p]))
+        excluded = tuple((int(i), NONFINITE_COORD) for i in bad)
+    diag = worker_diagnostics(KA[:p, p], np.diag(KA)[:p], float(KA[p, p]),
+                              result.coefficients, excluded)
+    return dataclasses.replace(result, excluded=excluded, **diag)
+
+
+NONFINITE_COORD = "non-finite values (NaN or Inf), counted as +inf per coordinate"
 
 
 class GramRule(Rule):
@@ -172,9 +190,13 @@ class GramRule(Rule):
 
     Subclasses implement ``_coefficients(K) -> (coef, extras)`` on the
     float64 ``p x p`` Gram matrix; ``extras`` are keyword arguments of
-    :class:`RuleResult`. The inputs are read twice: once for the Gram matrix,
-    once for the combination.
+    :attr:`result_type`. The inputs are read twice: once for the Gram
+    matrix, once for the combination. ``_coefficients`` needs nothing but
+    ``K``, so it can run on a Gram matrix built elsewhere (e.g. all-reduced
+    across ranks).
     """
+
+    result_type = AggregationResult
 
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         raise NotImplementedError
@@ -183,12 +205,14 @@ class GramRule(Rule):
         """Whether :meth:`_coefficients` alone computes this rule (no other pass over the data)."""
         return True
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
+    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         K = stack.gram(backend)
         coef, extras = self._coefficients(K)
         out = stack.combine(backend, coef)
-        return RuleResult(
-            aggregate=out, rule=self.name, backend=backend.name, coefficients=coef, **extras
+        diag = gram_diagnostics(K, coef, extras.get("excluded", ()))
+        return self.result_type(
+            aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
+            **extras, **diag,
         )
 
 
@@ -245,3 +269,37 @@ def finite_gram(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
     stay finite (``0 * nan`` would not).
     """
     return np.where(finite[:, None] & finite[None, :], K, 0.0)
+
+
+def append_input(stack: Stack, extra: Any, rule: str) -> Stack:
+    """``stack`` with one more input, ``extra``, shaped like one input (array or pytree).
+
+    The leaves become lists of rows (views, no copy of the inputs); the
+    kernels then read them a cache-sized chunk at a time.
+    """
+    try:
+        one = as_stack([extra])
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{rule}: the center must be shaped like one input: {exc}") from None
+    if one.library != stack.library:
+        raise TypeError(
+            f"{rule}: the center is a {one.library} array but the inputs are {stack.library}; "
+            "nothing is converted silently"
+        )
+    if [leaf.shape for leaf in one.leaves] != [leaf.shape for leaf in stack.leaves]:
+        raise ValueError(
+            f"{rule}: the center must be shaped like one input: got leaves of shapes "
+            f"{[leaf.shape for leaf in one.leaves]}, inputs have "
+            f"{[leaf.shape for leaf in stack.leaves]}"
+        )
+    xp = stack.xp
+    leaves = []
+    for leaf, cleaf in zip(stack.leaves, one.leaves, strict=True):
+        rows = ([leaf.block[i, ...] for i in range(stack.p)] if leaf.block is not None
+                else list(leaf.rows))
+        extra_row = cleaf.block[0, ...] if cleaf.block is not None else cleaf.rows[0]
+        if extra_row.dtype != rows[0].dtype:
+            extra_row = xp.astype(extra_row, rows[0].dtype)
+        leaves.append(Leaf(leaf.shape, leaf.dtype_name, rows=rows + [extra_row]))
+    return Stack(stack.p + 1, leaves, xp, stack.library, stack.device, stack.sample,
+                 stack.unflatten)

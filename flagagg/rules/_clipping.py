@@ -6,9 +6,20 @@ from typing import Any
 
 import numpy as np
 
-from .._array import Leaf, Stack, as_stack
+from .._array import Stack
+from .._validation import check_choice, check_int, check_real
 from ..backends import Backend
-from ._base import GramRule, RuleResult, check_f, finite_gram, finite_rows, validate_f
+from ._base import (
+    AggregationResult,
+    GramRule,
+    append_input,
+    check_f,
+    finite_gram,
+    finite_rows,
+    nothing_left,
+    validate_f,
+)
+from ._result import worker_diagnostics
 
 __all__ = ["CenteredClipping", "centered_clipping_gram"]
 
@@ -75,7 +86,8 @@ class CenteredClipping(GramRule):
         aggregate or momentum.
     f : int, optional
         Byzantine inputs tolerated; the rule does not use it. When given,
-        ``p >= 2f + 1`` is checked.
+        ``p >= 2f + 1`` is checked (and :func:`flagagg.get_rule` passes it
+        to pre-aggregation steps).
 
     Notes
     -----
@@ -97,6 +109,12 @@ class CenteredClipping(GramRule):
     center, i.e. it contributes nothing to a step, and the ``1 / p`` keeps
     counting it. A non-finite array ``center`` is a ValueError.
 
+    State: with ``center="previous"`` (and only then) the rule is stateful
+    by definition: ``previous_`` holds the last output, the next call's
+    start. Such a rule object belongs to one training run and one thread;
+    ``reset()`` forgets the previous output. Every other configuration is
+    stateless.
+
     Examples
     --------
     >>> import numpy as np, flagagg
@@ -111,24 +129,25 @@ class CenteredClipping(GramRule):
 
     def __init__(self, tau: float = 1.0, n_iter: int = 1, center: Any = None,
                  f: int | None = None) -> None:
-        if not np.isfinite(tau) or tau <= 0:
-            raise ValueError(f"tau must be a finite number > 0 for {self.name}: got tau={tau}")
-        if isinstance(n_iter, bool) or not isinstance(n_iter, (int, np.integer)) or n_iter < 1:
-            raise ValueError(f"n_iter must be an integer >= 1 for {self.name}: got {n_iter!r}")
-        if isinstance(center, str) and center != "previous":
-            raise ValueError(
-                f"center must be None, 'previous' or an array for {self.name}: got {center!r}"
-            )
-        self.tau = float(tau)
-        self.n_iter = int(n_iter)
+        self.tau = check_real("tau", tau, owner=self.name, low=0.0, strict=True)
+        self.n_iter = check_int("n_iter", n_iter, owner=self.name, low=1)
+        if isinstance(center, str):
+            check_choice("center", center, ("previous",), owner=self.name)
         self.center = center
         self.f = validate_f(self.name, f, required=False)
 
     def _start(self) -> Any:
         if isinstance(self.center, str):
-            prev = getattr(self, "result_", None)
-            return None if prev is None else prev.aggregate
+            return getattr(self, "previous_", None)
         return self.center
+
+    def _remember(self, out: Any) -> None:
+        if isinstance(self.center, str):
+            self.previous_ = out
+
+    def reset(self) -> None:
+        """Forget the previous output (``center="previous"`` starts from zero again)."""
+        self.__dict__.pop("previous_", None)
 
     def _gram_only(self) -> bool:
         return self._start() is None
@@ -141,56 +160,32 @@ class CenteredClipping(GramRule):
         # The zero start: only the inputs' Gram matrix is needed.
         self._check(K.shape[0])
         finite, excluded = finite_rows(K)
+        if not finite.any():
+            raise nothing_left(self.name, K.shape[0], excluded)
         coef, _ = centered_clipping_gram(K, finite, self.tau, self.n_iter, has_center=False)
         return coef, {"excluded": excluded, "n_iter": self.n_iter}
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
+    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         v0 = self._start()
         if v0 is None:
             return super()._aggregate(stack, backend)
         p = stack.p
         self._check(p)
-        aug = _append_input(stack, v0, self.name)
+        aug = append_input(stack, v0, self.name)
         KA = aug.gram(backend)
         if not np.isfinite(KA[p, p]):
             raise ValueError(f"{self.name}: the center holds NaN or Inf values")
         finite, excluded = finite_rows(KA[:p, :p])
+        if not finite.any():
+            raise nothing_left(self.name, p, excluded)
         coef, a = centered_clipping_gram(KA, finite, self.tau, self.n_iter, has_center=True)
-        out = aug.combine(backend, np.append(coef, a))
-        return RuleResult(aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-                          excluded=excluded, n_iter=self.n_iter,
-                          details={"center_weight": a})
-
-
-def _append_input(stack: Stack, extra: Any, rule: str) -> Stack:
-    """``stack`` with one more input, ``extra``, shaped like one input (array or pytree).
-
-    The leaves become lists of rows (views, no copy of the inputs); the
-    kernels then read them a cache-sized chunk at a time.
-    """
-    try:
-        one = as_stack([extra])
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{rule}: the center must be shaped like one input: {exc}") from None
-    if one.library != stack.library:
-        raise TypeError(
-            f"{rule}: the center is a {one.library} array but the inputs are {stack.library}; "
-            "nothing is converted silently"
-        )
-    if [leaf.shape for leaf in one.leaves] != [leaf.shape for leaf in stack.leaves]:
-        raise ValueError(
-            f"{rule}: the center must be shaped like one input: got leaves of shapes "
-            f"{[leaf.shape for leaf in one.leaves]}, inputs have "
-            f"{[leaf.shape for leaf in stack.leaves]}"
-        )
-    xp = stack.xp
-    leaves = []
-    for leaf, cleaf in zip(stack.leaves, one.leaves, strict=True):
-        rows = ([leaf.block[i] for i in range(stack.p)] if leaf.block is not None
-                else list(leaf.rows))
-        extra_row = cleaf.block[0] if cleaf.block is not None else cleaf.rows[0]
-        if extra_row.dtype != rows[0].dtype:
-            extra_row = xp.astype(extra_row, rows[0].dtype)
-        leaves.append(Leaf(leaf.shape, leaf.dtype_name, rows=rows + [extra_row]))
-    return Stack(stack.p + 1, leaves, xp, stack.library, stack.device, stack.sample,
-                 stack.unflatten)
+        e = np.append(coef, a)
+        out = aug.combine(backend, e)
+        # <g_i, out> and ||out||^2 from the augmented Gram: no extra pass.
+        KAf = finite_gram(KA, np.append(finite, True))
+        inner = KAf[:p] @ e
+        inner[~finite] = np.nan
+        diag = worker_diagnostics(inner, np.diag(KA)[:p], float(e @ KAf @ e), coef, excluded)
+        return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
+                                 coefficients=coef, excluded=excluded, n_iter=self.n_iter,
+                                 details={"center_weight": a}, **diag)

@@ -8,8 +8,11 @@ sorting networks over cache-sized blocks of columns on numba.
 NaN policy, shared by these rules: per coordinate, NaN counts as ``+inf``,
 an outlier larger than every number. With at most ``f`` non-finite values
 in a coordinate (and ``p >= 2f + 1``) they are trimmed or left out like any
-other extreme value, so the output stays finite. No input is excluded as a
-whole: a row with a NaN in one coordinate still counts in the others.
+other extreme value, so the output stays finite. No input is dropped as a
+whole (a row with a NaN in one coordinate still counts in the others), but
+every input holding NaN or Inf is reported in ``result.excluded``. When too
+many do and some output coordinate is not finite, the rule raises a
+ValueError instead of returning it.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 
 from .._array import Stack
 from ..backends import Backend
-from ._base import Rule, RuleResult, check_f, validate_f
+from ._base import AggregationResult, Rule, all_finite, check_f, validate_f
 
 __all__ = ["MeaMed", "Median", "Phocas", "TrimmedMean", "coordinate_aggregate"]
 
@@ -38,14 +41,25 @@ class _CoordinateRule(Rule):
     def _stat(self, p: int) -> tuple[str, int, int]:
         raise NotImplementedError
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
+    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         p = stack.p
         if self.f is not None:
             check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
         center, trim, k = self._stat(p)
         out = coordinate_aggregate(stack, backend, np.arange(p), center, trim, k)
-        return RuleResult(aggregate=out, rule=self.name, backend=backend.name,
-                          details={"center": center, "trim": trim, "k": k})
+        check_finite_output(self.name, stack, out, self.f)
+        return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
+                                 details={"center": center, "trim": trim, "k": k})
+
+
+def check_finite_output(rule: str, stack: Stack, out: Any, f: int | None) -> None:
+    """Raise instead of returning a non-finite coordinate-wise aggregate."""
+    if not all_finite(stack, out):
+        tol = f"f={f}" if f is not None else "fewer than half"
+        raise ValueError(
+            f"{rule}: some coordinates of the aggregate are not finite: more inputs hold NaN "
+            f"or Inf there than the rule tolerates ({tol}); drop those inputs or raise f"
+        )
 
 
 class Median(_CoordinateRule):

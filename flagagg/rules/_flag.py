@@ -24,14 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from ._array import Stack
-from .backends import Backend
-from .rules._base import Rule, nonfinite_or_zero
+from .._validation import check_choice, check_int, check_real
+from ._base import GramRule, nonfinite_or_zero, nothing_left, validate_f
+from ._result import AggregationResult
 
 __all__ = ["FlagAggregator", "FlagResult", "flag_aggregate", "solve_gram"]
 
 VARIANTS = ("paper", "reference")
-RESCALE = (None, "median_norm")
+# "auto": "median_norm" for variant "paper" (drop-in for a mean), None for
+# "reference" (the published output, norm at most p / r).
+RESCALE = ("auto", None, "median_norm")
 # Eigenvalues of Kn below this fraction of the largest are round-off: the
 # Gram is accumulated in float64, so its entries carry errors of ~1e-13.
 RANK_RTOL = 1e-10
@@ -39,20 +41,18 @@ RANK_RTOL = 1e-10
 PAIR_ATOL = 1e-12
 
 
-@dataclass(frozen=True)
-class FlagResult:
+@dataclass(frozen=True, kw_only=True)
+class FlagResult(AggregationResult):
     """Outcome and diagnostics of one Flag Aggregator solve.
 
-    Every diagnostic is that of the "paper" objective at the returned
-    subspace, also for variant "reference", so that the two can be compared.
+    Everything of :class:`AggregationResult` (``coefficients``,
+    ``influence``, ``cosine``, ``verdict``, ``summary()``), plus the
+    solver's own diagnostics below. Every one is that of the "paper"
+    objective at the returned subspace, also for variant "reference", so
+    that the two can be compared.
 
     Attributes
     ----------
-    aggregate : array or pytree
-        The aggregate ``sum_i c_i g_i``, in the input's structure, library,
-        device and dtype.
-    coefficients : ndarray of shape (p,)
-        The ``c_i`` (float64); zero for excluded inputs.
     rank : int
         Subspace rank used.
     r_requested : int
@@ -65,19 +65,13 @@ class FlagResult:
         basis is ``Y = G^T basis_coefficients`` (zero rows for excluded
         inputs).
     reconstruction_ratios : ndarray of shape (p,)
-        ``v_i = ||Y^T h_i||^2`` in [0, 1] at the returned subspace; 0 for
-        excluded inputs.
+        ``v_i = ||Y^T h_i||^2`` in [0, 1]: how much of input ``i``'s direction
+        lies in the subspace (not its sign: a reversed input has ratio 1);
+        0 for excluded inputs.
     weights : ndarray of shape (p,)
-        IRLS weights ``(1 - v_i + eps)^(-1/2)`` at the returned subspace (the
-        weights a next "paper" step would use); 0 for excluded inputs.
-    objective_history : ndarray of shape (n_iter,)
-        The objective ``F(Y_t)`` after each step; non-increasing up to
-        round-off for "paper".
-    n_iter : int
-        Eigen-solves performed; the first one uses uniform weights (PCA of
-        the normalised inputs).
-    converged : bool
-        Whether the relative decrease of the objective fell below ``tol``.
+        IRLS weights ``(1 - v_i + eps)^(-1/2)`` at the returned subspace: how
+        strongly input ``i`` would pull the next subspace, not its trust;
+        0 for excluded inputs.
     stationarity : float
         Relative Riemannian gradient norm ``||(I - Y Y^T) B Y||_F / ||B Y||_F``
         with ``B`` built from the weights at ``Y``; 0 at a fixed point.
@@ -87,86 +81,55 @@ class FlagResult:
         determined.
     eigenvalues : ndarray
         Eigenvalues of that ``B`` on the span of the inputs, descending.
-    excluded : tuple of (int, str)
-        Inputs left out (NaN/Inf or zero norm) with the reason.
     variant : str
         ``"paper"`` or ``"reference"``.
     lam : float
         Weight of the pairwise term.
     rescale : str or None
-        Output rescaling applied.
-    backend : str
-        Backend that computed the Gram matrix and the combination.
+        Output rescaling applied (``"auto"`` resolved).
+    max_iter : int
+        Most IRLS steps allowed. ``converged`` is False when the default
+        two steps stop before ``tol``; that is by design (see
+        :func:`flag_aggregate`), not a failure.
     """
 
-    aggregate: Any
-    coefficients: np.ndarray
-    rank: int
-    r_requested: int
-    rank_clamped: bool
-    basis_coefficients: np.ndarray
-    reconstruction_ratios: np.ndarray
-    weights: np.ndarray
-    objective_history: np.ndarray
-    n_iter: int
-    converged: bool
-    stationarity: float
-    eigengap: float
-    eigenvalues: np.ndarray
-    excluded: tuple[tuple[int, str], ...]
-    variant: str
-    lam: float
-    rescale: str | None
-    backend: str
+    rank: int = 0
+    r_requested: int = 0
+    rank_clamped: bool = False
+    basis_coefficients: np.ndarray | None = None
+    reconstruction_ratios: np.ndarray | None = None
+    weights: np.ndarray | None = None
+    stationarity: float = float("nan")
+    eigengap: float = float("nan")
+    eigenvalues: np.ndarray | None = None
+    variant: str = "paper"
+    lam: float = 0.0
+    rescale: str | None = None
+    max_iter: int = 0
 
-    @property
-    def excluded_indices(self) -> tuple[int, ...]:
-        """Indices of the excluded inputs."""
-        return tuple(i for i, _ in self.excluded)
-
-    def summary(self) -> str:
-        """A plain-text table of the diagnostics, one row per input.
-
-        Returns
-        -------
-        text : str
-        """
-        reasons = dict(self.excluded)
+    def _header(self) -> list[str]:
         clamp = f" (asked {self.r_requested}, clamped to the inputs' rank)" if (
             self.rank_clamped) else ""
-        lines = [
+        if self.converged:
+            steps = f"converged to tol in {self.n_iter} steps"
+        elif self.n_iter >= self.max_iter:
+            steps = f"{self.n_iter} IRLS steps (max_iter, the default by design)"
+        else:
+            steps = f"{self.n_iter} steps"
+        scale = "on the inputs' scale (median norm)" if self.rescale == "median_norm" else (
+            "normalised (published output)")
+        return [
             f"Flag Aggregator ({self.variant}, lam={self.lam:g}, backend={self.backend})",
-            f"  rank r = {self.rank}{clamp}",
-            f"  steps = {self.n_iter}, converged = {self.converged}, "
-            f"objective {self.objective_history[0]:.6g} -> {self.objective_history[-1]:.6g}",
-            f"  stationarity = {self.stationarity:.2e}, eigengap = {self.eigengap:.4g}",
-            "",
-            f"  {'input':>5}  {'ratio v_i':>9}  {'weight w_i':>10}  {'coef c_i':>11}  note",
+            f"  rank r = {self.rank}{clamp}; {steps}; output {scale}",
+            f"  objective {self.objective_history[0]:.6g} -> {self.objective_history[-1]:.6g}, "
+            f"stationarity = {self.stationarity:.2e}, eigengap = {self.eigengap:.4g}",
+            "  influence: signed share of ||out||^2; cosine: cos(g_i, out); ratio v_i: share of",
+            "  h_i in the subspace (sign-blind); weight w_i: IRLS pull on the next subspace",
         ]
-        for i in range(self.coefficients.shape[0]):
-            note = f"excluded: {reasons[i]}" if i in reasons else ""
-            lines.append(
-                f"  {i:>5}  {self.reconstruction_ratios[i]:>9.4f}  {self.weights[i]:>10.4f}  "
-                f"{self.coefficients[i]:>11.4e}  {note}".rstrip()
-            )
-        return "\n".join(lines)
 
-
-@dataclass(frozen=True)
-class _GramSolution:
-    coefficients: np.ndarray
-    rank: int
-    r_requested: int
-    basis: np.ndarray
-    ratios: np.ndarray
-    weights: np.ndarray
-    history: np.ndarray
-    n_iter: int
-    converged: bool
-    stationarity: float
-    eigengap: float
-    eigenvalues: np.ndarray
-    excluded: tuple[tuple[int, str], ...]
+    def _columns(self) -> list[tuple[str, str, np.ndarray | None]]:
+        return [("ratio v_i", "{:>9.4f}", self.reconstruction_ratios),
+                ("weight w_i", "{:>10.4g}", self.weights)]
 
 
 class _Terms:
@@ -228,23 +191,27 @@ def solve_gram(
     tol: float = 1e-6,
     eps: float = 1e-7,
     variant: str = "paper",
-    rescale: str | None = None,
-) -> _GramSolution:
+    rescale: str | None = "auto",
+) -> tuple[np.ndarray, dict]:
     """Solve the Flag Aggregator given only the Gram matrix of the inputs.
 
     Parameters are those of :func:`flag_aggregate`; ``K`` is the float64
-    ``p x p`` Gram matrix ``G G^T``. Returns the coefficients of the
-    aggregate on the inputs and the diagnostics.
+    ``p x p`` Gram matrix ``G G^T`` (it may come from anywhere, e.g. an
+    all-reduce across ranks).
+
+    Returns
+    -------
+    coef : ndarray of shape (p,)
+        Coefficients of the aggregate on the inputs.
+    extras : dict
+        The other fields of :class:`FlagResult`.
     """
     K = np.asarray(K, dtype=np.float64)
     p = K.shape[0]
+    rescale = _resolve_rescale(rescale, variant)
     keep, excluded = nonfinite_or_zero(K)
     if not keep.any():
-        raise ValueError(
-            f"all {p} inputs were excluded, nothing is left to aggregate: "
-            + "; ".join(f"input {i}: {why}" for i, why in excluded[:5])
-            + ("; ..." if len(excluded) > 5 else "")
-        )
+        raise nothing_left("flag", p, excluded)
     idx = np.flatnonzero(keep)
     q = idx.size
     norms = np.sqrt(np.diag(K)[idx])
@@ -307,7 +274,8 @@ def solve_gram(
     coef = np.zeros(p)
     coef[idx] = coef_h / norms
     if rescale == "median_norm":
-        out_norm = math.sqrt(max(float(coef @ K @ coef), 0.0)) if q else 0.0
+        Kk = K[np.ix_(idx, idx)]
+        out_norm = math.sqrt(max(float(coef[idx] @ Kk @ coef[idx]), 0.0))
         if out_norm > 0:
             coef *= float(np.median(norms)) / out_norm
 
@@ -317,49 +285,40 @@ def solve_gram(
     ratios[idx] = np.clip(1.0 - (s_node - eps), 0.0, 1.0)
     weights = np.zeros(p)
     weights[idx] = weights_final
-    return _GramSolution(
-        coefficients=coef,
-        rank=rank,
-        r_requested=r_requested,
-        basis=basis,
-        ratios=ratios,
-        weights=weights,
-        history=np.asarray(history),
-        n_iter=n_iter,
-        converged=converged,
-        stationarity=stationarity,
-        eigengap=eigengap,
-        eigenvalues=eig_final,
-        excluded=excluded,
-    )
+    return coef, {
+        "rank": rank, "r_requested": r_requested, "rank_clamped": rank < r_requested,
+        "basis_coefficients": basis, "reconstruction_ratios": ratios, "weights": weights,
+        "objective_history": np.asarray(history), "n_iter": n_iter, "converged": converged,
+        "stationarity": stationarity, "eigengap": eigengap, "eigenvalues": eig_final,
+        "excluded": excluded, "variant": variant, "lam": float(lam), "rescale": rescale,
+        "max_iter": max_iter,
+    }
+
+
+def _resolve_rescale(rescale: str | None, variant: str) -> str | None:
+    if rescale == "auto":
+        return None if variant == "reference" else "median_norm"
+    return rescale
 
 
 def _check_params(r, lam, max_iter, tol, eps, variant, rescale) -> None:
-    if r is not None:
-        if isinstance(r, bool) or not isinstance(r, (int, np.integer)):
-            raise TypeError(f"r must be an integer or None, got {type(r).__name__}")
-        if r < 1:
-            raise ValueError(f"r must be >= 1, got r={r}")
-    if not np.isfinite(lam) or lam < 0:
-        raise ValueError(f"lam must be a finite number >= 0, got lam={lam}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got max_iter={max_iter!r}")
-    if not np.isfinite(tol) or tol < 0:
-        raise ValueError(f"tol must be a finite number >= 0, got tol={tol}")
-    if not np.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got eps={eps}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if rescale not in RESCALE:
-        raise ValueError(f"rescale must be one of {RESCALE}, got {rescale!r}")
+    check_int("r", r, owner="flag", low=1, none=True)
+    check_real("lam", lam, owner="flag", low=0.0)
+    check_int("max_iter", max_iter, owner="flag", low=1)
+    check_real("tol", tol, owner="flag", low=0.0)
+    check_real("eps", eps, owner="flag", low=0.0, strict=True)
+    check_choice("variant", variant, VARIANTS, owner="flag")
+    check_choice("rescale", rescale, RESCALE, owner="flag")
 
 
-class FlagAggregator(Rule):
+class FlagAggregator(GramRule):
     """Flag Aggregator: project normalised inputs onto their robust subspace.
 
     Parameters are those of :func:`flag_aggregate`. Calling the object
-    aggregates and keeps the :class:`FlagResult` of the last call in
-    ``result_``.
+    aggregates; ``return_result=True`` returns the call's
+    :class:`FlagResult`, and ``result_`` keeps the diagnostics of the last
+    call (without the aggregate). A Gram rule: the coefficients come from
+    the ``p x p`` Gram matrix alone.
 
     Examples
     --------
@@ -374,17 +333,19 @@ class FlagAggregator(Rule):
     """
 
     name = "flag"
+    result_type = FlagResult
 
     def __init__(
         self,
         r: int | None = None,
         lam: float = 0.0,
         *,
+        f: int | None = None,
         max_iter: int = 2,
         tol: float = 1e-6,
         eps: float = 1e-7,
         variant: str = "paper",
-        rescale: str | None = None,
+        rescale: str | None = "auto",
         backend: str | None = None,
     ) -> None:
         _check_params(r, lam, max_iter, tol, eps, variant, rescale)
@@ -395,45 +356,12 @@ class FlagAggregator(Rule):
         self.eps = float(eps)
         self.variant = variant
         self.rescale = rescale
+        self.f = validate_f(self.name, f, required=False)
         self.backend = backend
 
-    def __call__(
-        self, gradients: Any, *, return_result: bool = False, backend: str | None = None
-    ) -> Any:
-        """Aggregate ``gradients``; see :func:`flag_aggregate`."""
-        return super().__call__(
-            gradients, return_result=return_result,
-            backend=backend if backend is not None else self.backend,
-        )
-
-    def _aggregate(self, stack: Stack, backend: Backend) -> FlagResult:
-        K = stack.gram(backend)
-        sol = solve_gram(
-            K, self.r, self.lam, max_iter=self.max_iter, tol=self.tol, eps=self.eps,
-            variant=self.variant, rescale=self.rescale,
-        )
-        out = stack.combine(backend, sol.coefficients)
-        return FlagResult(
-            aggregate=out,
-            coefficients=sol.coefficients,
-            rank=sol.rank,
-            r_requested=sol.r_requested,
-            rank_clamped=sol.rank < sol.r_requested,
-            basis_coefficients=sol.basis,
-            reconstruction_ratios=sol.ratios,
-            weights=sol.weights,
-            objective_history=sol.history,
-            n_iter=sol.n_iter,
-            converged=sol.converged,
-            stationarity=sol.stationarity,
-            eigengap=sol.eigengap,
-            eigenvalues=sol.eigenvalues,
-            excluded=sol.excluded,
-            variant=self.variant,
-            lam=self.lam,
-            rescale=self.rescale,
-            backend=backend.name,
-        )
+    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+        return solve_gram(K, self.r, self.lam, max_iter=self.max_iter, tol=self.tol,
+                          eps=self.eps, variant=self.variant, rescale=self.rescale)
 
 
 def flag_aggregate(
@@ -445,7 +373,8 @@ def flag_aggregate(
     tol: float = 1e-6,
     eps: float = 1e-7,
     variant: str = "paper",
-    rescale: str | None = None,
+    rescale: str | None = "auto",
+    f: int | None = None,
     return_result: bool = False,
     backend: str | None = None,
 ) -> Any:
@@ -483,12 +412,18 @@ def flag_aggregate(
     variant : {"paper", "reference"}, default="paper"
         ``"paper"``: the objective of the specification, by IRLS.
         ``"reference"``: what the published code computes (see Notes).
-    rescale : {None, "median_norm"}, default=None
-        ``None`` returns the published output, whose norm is at most
-        ``p / r`` whatever the inputs' scale. ``"median_norm"`` rescales it
-        to the median norm of the (non-excluded) inputs, so that the Flag
-        Aggregator can replace a mean without retuning the learning rate;
-        the median keeps a minority of huge inputs from setting the scale.
+    rescale : {"auto", "median_norm", None}, default="auto"
+        ``"median_norm"`` rescales the output to the median norm of the
+        (non-excluded) inputs, so that the Flag Aggregator replaces a mean
+        without retuning the learning rate; the median keeps a minority of
+        huge inputs from setting the scale. ``None`` returns the published
+        output, whose norm is at most ``p / r`` whatever the inputs' scale.
+        ``"auto"`` is ``"median_norm"`` for variant ``"paper"`` and ``None``
+        for variant ``"reference"``.
+    f : int, optional
+        Not used by the Flag Aggregator (it needs no bound on the faulty
+        inputs); accepted so that every rule takes ``f``, and passed by
+        :func:`flagagg.get_rule` to pre-aggregation steps.
     return_result : bool, default=False
         Return a :class:`FlagResult` with the diagnostics instead of the
         aggregate alone.
@@ -553,6 +488,6 @@ def flag_aggregate(
     True
     """
     return FlagAggregator(
-        r, lam, max_iter=max_iter, tol=tol, eps=eps, variant=variant, rescale=rescale,
+        r, lam, f=f, max_iter=max_iter, tol=tol, eps=eps, variant=variant, rescale=rescale,
         backend=backend,
     )(gradients, return_result=return_result)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import GramRule, check_f, finite_rows, sq_distances, validate_f
+from .._validation import check_int, check_real
+from ._base import GramRule, check_f, finite_rows, nothing_left, sq_distances, validate_f
 
 __all__ = ["GeometricMedian", "weiszfeld_gram"]
 
@@ -107,16 +108,9 @@ class GeometricMedian(GramRule):
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-6,
                  f: int | None = None) -> None:
-        if isinstance(max_iter, bool) or not isinstance(max_iter, (int, np.integer)) or (
-                max_iter < 1):
-            raise ValueError(f"max_iter must be an integer >= 1 for {self.name}: got {max_iter!r}")
-        if not np.isfinite(tol) or tol < 0:
-            raise ValueError(f"tol must be a finite number >= 0 for {self.name}: got tol={tol}")
-        if not np.isfinite(eps) or eps <= 0:
-            raise ValueError(f"eps must be a finite number > 0 for {self.name}: got eps={eps}")
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
-        self.eps = float(eps)
+        self.max_iter = check_int("max_iter", max_iter, owner=self.name, low=1)
+        self.tol = check_real("tol", tol, owner=self.name, low=0.0)
+        self.eps = check_real("eps", eps, owner=self.name, low=0.0, strict=True)
         self.f = validate_f(self.name, f, required=False)
 
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
@@ -126,7 +120,7 @@ class GeometricMedian(GramRule):
         finite, excluded = finite_rows(K)
         idx = np.flatnonzero(finite)
         if idx.size == 0:
-            raise ValueError(f"{self.name}: all {p} inputs hold NaN or Inf; nothing to aggregate")
+            raise nothing_left(self.name, p, excluded)
         D2 = sq_distances(K, finite)[np.ix_(idx, idx)]
         c, history, converged = weiszfeld_gram(D2, max_iter=self.max_iter, tol=self.tol,
                                                eps=self.eps)

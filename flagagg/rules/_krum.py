@@ -16,13 +16,15 @@ from __future__ import annotations
 import numpy as np
 
 from .._array import Stack
+from .._validation import check_int
 from ..backends import Backend
 from ._base import (
+    AggregationResult,
     GramRule,
     Rule,
-    RuleResult,
     check_f,
     finite_rows,
+    nothing_left,
     sq_distances,
     validate_f,
 )
@@ -59,7 +61,10 @@ def _lowest(scores: np.ndarray, candidates: np.ndarray) -> int:
     return int(idx[np.argmin(scores[idx])])
 
 
-def _need_finite(rule: str, n_finite: int, need: int, p: int) -> None:
+def _need_finite(rule: str, finite: np.ndarray, excluded, need: int) -> None:
+    n_finite, p = int(finite.sum()), finite.size
+    if n_finite == 0:
+        raise nothing_left(rule, p, excluded)
     if n_finite < need:
         raise ValueError(
             f"{rule} needs at least {need} inputs with finite values: got {n_finite} of p={p} "
@@ -106,7 +111,7 @@ class Krum(GramRule):
         p = K.shape[0]
         check_f(self.name, self.f, p, 2 * self.f + 3, "p >= 2f + 3")
         finite, excluded = finite_rows(K)
-        _need_finite(self.name, int(finite.sum()), 1, p)
+        _need_finite(self.name, finite, excluded, 1)
         scores = krum_scores(sq_distances(K, finite), p - self.f - 2)
         i = _lowest(scores, finite)
         coef = np.zeros(p)
@@ -145,10 +150,7 @@ class MultiKrum(GramRule):
 
     def __init__(self, f: int, m: int | None = None) -> None:
         self.f = validate_f(self.name, f)
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, np.integer))
-                              or m < 1):
-            raise ValueError(f"m must be an integer >= 1 for {self.name}: got m={m!r}")
-        self.m = None if m is None else int(m)
+        self.m = check_int("m", m, owner=self.name, low=1, none=True)
 
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         p = K.shape[0]
@@ -157,7 +159,7 @@ class MultiKrum(GramRule):
         if m > p:
             raise ValueError(f"need m <= p for {self.name}: got m={m}, p={p}")
         finite, excluded = finite_rows(K)
-        _need_finite(self.name, int(finite.sum()), 1, p)
+        _need_finite(self.name, finite, excluded, 1)
         scores = krum_scores(sq_distances(K, finite), p - self.f - 2)
         idx = np.flatnonzero(finite)
         chosen = idx[np.argsort(scores[idx], kind="stable")][:m]
@@ -229,17 +231,17 @@ class Bulyan(Rule):
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
+    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         p, f = stack.p, self.f
         check_f(self.name, f, p, 4 * f + 3, "p >= 4f + 3")
         K = stack.gram(backend)
         finite, excluded = finite_rows(K)
         theta = p - 2 * f
         beta = theta - 2 * f
-        _need_finite(self.name, int(finite.sum()), theta, p)
+        _need_finite(self.name, finite, excluded, theta)
         picks, scores = bulyan_select(sq_distances(K, finite), finite, f, theta)
         out = coordinate_aggregate(stack, backend, np.sort(picks), "median", 0, beta)
-        return RuleResult(
+        return AggregationResult(
             aggregate=out, rule=self.name, backend=backend.name, selected=tuple(picks),
             excluded=excluded, scores=scores, details={"theta": theta, "beta": beta},
         )

@@ -7,7 +7,8 @@ import math
 
 import numpy as np
 
-from ._base import GramRule, check_f, finite_rows, sq_distances, validate_f
+from .._validation import check_int
+from ._base import GramRule, check_f, finite_rows, nothing_left, sq_distances, validate_f
 
 __all__ = ["MDA", "MDA_MAX_SUBSETS", "min_diameter_subset"]
 
@@ -118,11 +119,7 @@ class MDA(GramRule):
 
     def __init__(self, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> None:
         self.f = validate_f(self.name, f)
-        if isinstance(max_subsets, bool) or not isinstance(max_subsets, (int, np.integer)) or (
-                max_subsets < 1):
-            raise ValueError(f"max_subsets must be an integer >= 1 for {self.name}: "
-                             f"got {max_subsets!r}")
-        self.max_subsets = int(max_subsets)
+        self.max_subsets = check_int("max_subsets", max_subsets, owner=self.name, low=1)
 
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         p, f = K.shape[0], self.f
@@ -135,6 +132,8 @@ class MDA(GramRule):
                 "subsets) or use another rule"
             )
         finite, excluded = finite_rows(K)
+        if not finite.any():
+            raise nothing_left(self.name, p, excluded)
         kept, diam2, n_subsets = min_diameter_subset(sq_distances(K, finite), f)
         if not np.isfinite(diam2):
             raise ValueError(

@@ -19,6 +19,7 @@ non-finite, so the rule after the step applies its own NaN policy to it.
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -26,19 +27,21 @@ from typing import Any
 import numpy as np
 
 from .._array import Leaf, Stack, dtype_name
+from .._validation import check_int, check_real
 from ..backends import Backend
 from ..backends._base import compute_dtype_name
 from ._base import (
+    AggregationResult,
     GramRule,
     Params,
     Rule,
-    RuleResult,
     check_f,
     finite_gram,
     finite_rows,
     sq_distances,
     validate_f,
 )
+from ._result import gram_diagnostics
 
 __all__ = ["NNM", "Bucketing", "Clipping", "ComposedRule", "PreAggregator", "make_pre"]
 
@@ -117,7 +120,9 @@ class Bucketing(PreAggregator):
         (the last bucket may be smaller).
     random_state : int, numpy.random.Generator or None, default=None
         Seed of the permutations. The generator is made once, when the step
-        is built: successive calls draw new buckets, reproducibly.
+        is built: successive calls draw new buckets, reproducibly. Draws
+        are serialised by a lock, so threads sharing the step never share a
+        draw (their order, hence which call gets which buckets, is theirs).
 
     Notes
     -----
@@ -139,16 +144,16 @@ class Bucketing(PreAggregator):
     name = "bucketing"
 
     def __init__(self, s: int = 2, random_state: Any = None) -> None:
-        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
-            raise ValueError(f"s must be an integer >= 1 for {self.name}: got s={s!r}")
-        self.s = int(s)
+        self.s = check_int("s", s, owner=self.name, low=1)
         self.random_state = random_state
         self._rng = np.random.default_rng(random_state)
+        self._lock = threading.Lock()
 
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Row ``b``: weight ``1 / |B_b|`` on the members of bucket ``b`` of a permutation."""
         p = K.shape[0]
-        perm = self._rng.permutation(p)
+        with self._lock:
+            perm = self._rng.permutation(p)
         buckets = [perm[j:j + self.s] for j in range(0, p, self.s)]
         B = np.zeros((len(buckets), p))
         for b, members in enumerate(buckets):
@@ -177,9 +182,7 @@ class Clipping(PreAggregator):
     name = "clipping"
 
     def __init__(self, tau: float | None = None) -> None:
-        if tau is not None and (not np.isfinite(tau) or tau <= 0):
-            raise ValueError(f"tau must be a finite number > 0 for {self.name}: got tau={tau}")
-        self.tau = None if tau is None else float(tau)
+        self.tau = check_real("tau", tau, owner=self.name, low=0.0, strict=True, none=True)
 
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Diagonal: ``min(1, tau / ||g_i||)``; 1 for zero and non-finite inputs."""
@@ -250,24 +253,6 @@ def mixed_gram(K: np.ndarray, M: np.ndarray) -> np.ndarray:
     return K2
 
 
-def _flag_solver(rule: Any):
-    from ..flag import FlagAggregator, solve_gram
-
-    if not isinstance(rule, FlagAggregator):
-        return None
-
-    def solve(K: np.ndarray) -> tuple[np.ndarray, dict]:
-        sol = solve_gram(K, rule.r, rule.lam, max_iter=rule.max_iter, tol=rule.tol,
-                         eps=rule.eps, variant=rule.variant, rescale=rule.rescale)
-        return sol.coefficients, {
-            "excluded": sol.excluded, "n_iter": sol.n_iter, "converged": sol.converged,
-            "objective_history": sol.history,
-            "details": {"rank": sol.rank, "reconstruction_ratios": sol.ratios},
-        }
-
-    return solve
-
-
 class ComposedRule(Rule):
     """Pre-aggregation steps followed by a rule; usually built by ``get_rule(..., pre=[...])``.
 
@@ -285,9 +270,11 @@ class ComposedRule(Rule):
     diagnostics refer to the mixed inputs. ``result.excluded`` lists the
     original inputs holding NaN or Inf; ``result.details["pre"]`` has each
     step's diagnostics and ``details["mixing"]`` the overall matrix ``M``.
-    After steps, the Flag Aggregator runs in the Gram space too and returns
-    a :class:`RuleResult` (its rank and reconstruction ratios in
-    ``details``).
+    A Gram rule after the steps (the Flag Aggregator included) runs in the
+    Gram space and returns its own result type (a :class:`~flagagg.FlagResult`
+    for ``"flag"``), whose per-input extras (reconstruction ratios, weights,
+    scores) refer to the mixed inputs. ``influence``, ``cosine`` and
+    ``verdict`` always refer to the original inputs.
 
     Examples
     --------
@@ -309,19 +296,17 @@ class ComposedRule(Rule):
         """``"step+...+rule"``, e.g. ``"nnm+krum"``."""
         return "+".join([s.name for s in self.pre] + [self.rule.name])
 
-    def __call__(self, gradients: Any, *, return_result: bool = False,
-                 backend: str | None = None) -> Any:
-        """Aggregate ``gradients``; see :meth:`Rule.__call__`."""
-        if backend is None:
-            backend = getattr(self.rule, "backend", None)
-        return super().__call__(gradients, return_result=return_result, backend=backend)
+    @property
+    def backend(self) -> str | None:
+        """The rule's own default backend, if it has one."""
+        return getattr(self.rule, "backend", None)
 
-    def _solver(self):
-        if isinstance(self.rule, GramRule) and self.rule._gram_only():
-            return self.rule._coefficients
-        return _flag_solver(self.rule)
+    def _remember(self, out: Any) -> None:
+        # Stateful rules (centered clipping from the previous output) see the
+        # composed output as theirs.
+        self.rule._remember(out)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
+    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         K = stack.gram(backend)
         finite0, excluded = finite_rows(K)
         M = np.eye(stack.p)
@@ -333,25 +318,28 @@ class ComposedRule(Rule):
             M = Mi @ M
             infos.append({"step": step.name, **info})
         details = {"pre": infos, "mixing": M}
-        solve = self._solver()
+        gram_rule = isinstance(self.rule, GramRule) and self.rule._gram_only()
         try:
-            if solve is not None:
-                coef_mixed, extras = solve(Kmix)
+            if gram_rule:
+                coef_mixed, extras = self.rule._coefficients(Kmix)
                 rule_details = extras.pop("details", {})
                 rule_excluded = extras.pop("excluded", ())
                 coef = M.T @ coef_mixed
                 out = stack.combine(backend, coef)
-                result = RuleResult(
+                result = self.rule.result_type(
                     aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-                    excluded=excluded, **extras,
+                    excluded=excluded, **extras, **gram_diagnostics(K, coef, excluded),
                     details={**rule_details, **details, "rule_excluded": rule_excluded},
                 )
             else:
                 res = self.rule._aggregate(_materialise(stack, M, finite0), backend)
                 coef = None if res.coefficients is None else M.T @ res.coefficients
+                diag = ({} if coef is None else gram_diagnostics(K, coef, excluded))
+                if coef is None:
+                    diag = {"influence": None, "cosine": None, "verdict": ()}
                 result = replace(res, rule=self.name, coefficients=coef, excluded=excluded,
                                  details={**res.details, **details,
-                                          "rule_excluded": res.excluded})
+                                          "rule_excluded": res.excluded}, **diag)
         except ValueError as exc:
             if M.shape[0] != stack.p:
                 raise ValueError(
@@ -359,9 +347,6 @@ class ComposedRule(Rule):
                     f"{'+'.join(s.name for s in self.pre)} on p={stack.p} inputs)"
                 ) from None
             raise
-        # Stateful rules (centered clipping from the previous output) see the
-        # composed output as theirs.
-        self.rule.result_ = result
         return result
 
 

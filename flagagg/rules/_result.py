@@ -1,0 +1,195 @@
+"""One result type for every rule: the aggregate and who it listened to.
+
+Per-worker diagnostics (``influence``, ``cosine``, ``verdict``) come from
+the Gram matrix of the inputs and the output, so a linear rule gets them
+from the ``p x p`` algebra it already did (``<g_i, out> = (K c)_i``), with
+no extra pass over the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["AggregationResult", "RuleResult", "worker_diagnostics"]
+
+# An input whose cosine with the output is below this pulls the other way.
+AGAINST_COS = 0.0
+# An input counted with less than this fraction of an equal share is down-weighted.
+DOWN_SHARE = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class AggregationResult:
+    """The outcome of one aggregation, by any rule.
+
+    Attributes
+    ----------
+    aggregate : array or pytree
+        The aggregate, in the input's structure, library, device and dtype.
+    rule : str
+        Name of the rule (``"nnm+krum"`` after pre-aggregation).
+    backend : str
+        Backend that computed it.
+    coefficients : ndarray of shape (p,) or None
+        For rules whose output is a linear combination ``out = sum_i c_i g_i``
+        of the inputs; ``None`` for coordinate-wise rules.
+    selected : tuple of int
+        Inputs the rule selected (Krum family, MDA), else empty.
+    excluded : tuple of (int, str)
+        Inputs left out before aggregating, with the reason.
+    scores : ndarray or None
+        Per-input scores (Krum scores), where the rule has them.
+    n_iter : int
+        Iterations of iterative rules, else 0.
+    converged : bool or None
+        Whether an iterative rule met its tolerance; ``None`` when the rule
+        is not iterative or ran a fixed number of steps by design.
+    objective_history : ndarray
+        Objective per iteration of iterative rules, else empty.
+    details : dict
+        Rule-specific extras.
+    influence : ndarray of shape (p,) or None
+        Signed share of each input in the aggregate's squared norm. For a
+        linear rule ``c_i <g_i, out> / ||out||^2`` (the shares sum to 1);
+        for a coordinate-wise rule, which counts every kept input alike
+        before sorting, ``<g_i, out> / (q ||out||^2)`` over the ``q`` inputs
+        it kept (equal to the linear share when the rule is the mean). 0 for
+        excluded inputs. ``None`` when the output is zero.
+    cosine : ndarray of shape (p,) or None
+        ``cos(g_i, out)``; NaN for excluded inputs and zero inputs. A
+        negative cosine means the input pulls against the aggregate.
+    verdict : tuple of str
+        One short word per input: ``"trusted"``, ``"down-weighted"`` (less
+        than half an equal share), ``"not selected"`` (coefficient 0),
+        ``"pulls against"`` (negative cosine; also appended to ``"not
+        selected"``) or ``"excluded: <reason>"``.
+    """
+
+    aggregate: Any
+    rule: str
+    backend: str
+    coefficients: np.ndarray | None = None
+    selected: tuple[int, ...] = ()
+    excluded: tuple[tuple[int, str], ...] = ()
+    scores: np.ndarray | None = None
+    n_iter: int = 0
+    converged: bool | None = None
+    objective_history: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    details: dict = field(default_factory=dict)
+    influence: np.ndarray | None = None
+    cosine: np.ndarray | None = None
+    verdict: tuple[str, ...] = ()
+
+    @property
+    def excluded_indices(self) -> tuple[int, ...]:
+        """Indices of the excluded inputs."""
+        return tuple(i for i, _ in self.excluded)
+
+    @property
+    def suspects(self) -> tuple[int, ...]:
+        """Inputs that pull against the aggregate or were excluded, ascending."""
+        return tuple(i for i, v in enumerate(self.verdict)
+                     if "pulls against" in v or v.startswith("excluded"))
+
+    def _header(self) -> list[str]:
+        return [f"{self.rule} (backend={self.backend})"]
+
+    def _columns(self) -> list[tuple[str, str, np.ndarray | None]]:
+        """Extra per-input columns of a subclass: (title, format, values)."""
+        return []
+
+    def summary(self) -> str:
+        """A plain-text table, one row per input, suspects marked ``<<`` and listed first.
+
+        Returns
+        -------
+        text : str
+        """
+        p = len(self.verdict)
+        lines = self._header()
+        sus = self.suspects
+        lines.append("  pull the other way or excluded: "
+                     + (", ".join(str(i) for i in sus) if sus else "none"))
+        lines.append("")
+        cols = [("influence", "{:>+10.4f}", self.influence), ("cosine", "{:>+7.3f}", self.cosine),
+                ("coef c_i", "{:>+11.3e}", self.coefficients), *self._columns()]
+        cols = [c for c in cols if c[2] is not None]
+        head = f"  {'input':>5}  " + "  ".join(
+            f"{t:>{len(fmt.format(0.0))}}" for t, fmt, _ in cols) + "  verdict"
+        lines.append(head)
+        for i in range(p):
+            cells = "  ".join(fmt.format(float(v[i])) for _, fmt, v in cols)
+            mark = " <<" if i in sus else ""
+            lines.append(f"  {i:>5}  {cells}  {self.verdict[i]}{mark}")
+        return "\n".join(lines)
+
+
+RuleResult = AggregationResult  # the earlier name, kept for code that imports it
+
+
+def worker_diagnostics(
+    inner: np.ndarray, sq_norms: np.ndarray, out_sq: float, coefficients: np.ndarray | None,
+    excluded: tuple[tuple[int, str], ...],
+) -> dict:
+    """``influence``, ``cosine`` and ``verdict`` from inner products with the output.
+
+    Parameters
+    ----------
+    inner : ndarray of shape (p,)
+        ``<g_i, out>`` (non-finite for inputs holding NaN or Inf).
+    sq_norms : ndarray of shape (p,)
+        ``||g_i||^2``.
+    out_sq : float
+        ``||out||^2``.
+    coefficients : ndarray of shape (p,) or None
+        The linear rule's ``c_i``; ``None`` for a coordinate-wise rule.
+    excluded : tuple of (int, str)
+
+    Returns
+    -------
+    fields : dict
+        Keyword arguments of :class:`AggregationResult`.
+    """
+    p = inner.shape[0]
+    reasons = dict(excluded)
+    ok = np.isfinite(inner) & np.isfinite(sq_norms)
+    ok[list(reasons)] = False
+    inner = np.where(ok, inner, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cos = np.where(ok & (sq_norms > 0), inner / np.sqrt(sq_norms * out_sq), np.nan)
+    if not np.isfinite(out_sq) or out_sq <= 0:
+        influence = None
+        cos = np.full(p, np.nan)
+    elif coefficients is not None:
+        influence = np.where(ok, coefficients * inner, 0.0) / out_sq
+    else:
+        influence = inner / (max(int(ok.sum()), 1) * out_sq)
+    share = 1.0 / max(int(ok.sum()), 1)
+    verdict = []
+    for i in range(p):
+        if i in reasons:
+            verdict.append(f"excluded: {reasons[i]}")
+        elif coefficients is not None and coefficients[i] == 0:
+            against = np.isfinite(cos[i]) and cos[i] < AGAINST_COS
+            verdict.append("not selected, pulls against" if against else "not selected")
+        elif np.isfinite(cos[i]) and cos[i] < AGAINST_COS:
+            verdict.append("pulls against")
+        elif influence is not None and influence[i] < DOWN_SHARE * share:
+            verdict.append("down-weighted")
+        else:
+            verdict.append("trusted")
+    return {"influence": influence, "cosine": np.clip(cos, -1.0, 1.0), "verdict": tuple(verdict)}
+
+
+def gram_diagnostics(K: np.ndarray, coef: np.ndarray,
+                     excluded: tuple[tuple[int, str], ...]) -> dict:
+    """:func:`worker_diagnostics` of a linear rule, from the Gram matrix alone (no data pass)."""
+    finite = np.isfinite(np.diag(K))
+    Kf = np.where(finite[:, None] & finite[None, :], K, 0.0)
+    inner = Kf @ coef
+    inner[~finite] = np.nan
+    out_sq = float(coef @ Kf @ coef)
+    return worker_diagnostics(inner, np.diag(K), out_sq, coef, excluded)

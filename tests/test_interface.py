@@ -1,0 +1,268 @@
+"""One interface for every rule: f, errors, NaN policy, results with per-worker diagnostics."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+import threading
+
+import numpy as np
+import pytest
+
+import flagagg
+from flagagg.rules._flag import FlagAggregator
+
+P, F = 11, 2
+ROOT = pathlib.Path(flagagg.__file__).parent
+
+
+def honest_and_reversed(p=P, f=F, n=200, seed=0, scale=1.0):
+    """p - f honest rows around a common direction, the last f reversed and larger."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=n)
+    G = base + 0.3 * rng.normal(size=(p, n))
+    G[p - f:] = -3.0 * G[p - f:]
+    return scale * G
+
+
+# ----------------------------------------------------------------------------- one interface
+
+@pytest.mark.parametrize("name", flagagg.available_rules())
+def test_every_rule_takes_f(name):
+    G = honest_and_reversed()
+    out = flagagg.aggregate(G, rule=name, f=F, backend="numpy")
+    assert out.shape == (G.shape[1],) and np.all(np.isfinite(out))
+    assert flagagg.get_rule(name, f=F).f == F
+
+
+@pytest.mark.parametrize("name", flagagg.available_rules())
+def test_every_rule_takes_f_with_nnm(name):
+    G = honest_and_reversed()
+    res = flagagg.aggregate(G, rule=name, f=F, pre=["nnm"], backend="numpy", return_result=True)
+    assert res.rule == f"nnm+{name}"
+    assert len(res.verdict) == P
+
+
+def test_missing_and_unknown_parameters_give_flagaggs_message():
+    with pytest.raises(TypeError, match=r"rule 'krum' needs f \(the number of Byzantine"):
+        flagagg.aggregate(np.ones((7, 2)), rule="krum")
+    with pytest.raises(TypeError, match="rule 'mean' takes no parameter 'm'; its parameters: f"):
+        flagagg.get_rule("mean", m=3)
+
+
+def test_flag_with_nnm_keeps_its_result_type():
+    res = flagagg.aggregate(honest_and_reversed(), rule="flag", f=F, pre=["nnm"],
+                            backend="numpy", return_result=True)
+    assert isinstance(res, flagagg.FlagResult)
+    assert res.reconstruction_ratios.shape == (P,) and res.rank >= 1
+
+
+def test_flag_is_a_gram_rule_computable_from_the_gram_alone():
+    G = honest_and_reversed()
+    rule = FlagAggregator(r=3)
+    assert isinstance(rule, flagagg.rules.GramRule)
+    coef, extras = rule._coefficients(G @ G.T)
+    np.testing.assert_allclose(coef @ G, rule(G, backend="numpy"), rtol=1e-10)
+    assert extras["rank"] == 3
+
+
+# ----------------------------------------------------------------------------- NaN policy
+
+@pytest.mark.parametrize("name", flagagg.available_rules())
+def test_a_nan_worker_is_reported_by_every_rule(name):
+    G = honest_and_reversed()
+    G[3] = np.nan
+    res = flagagg.aggregate(G, rule=name, f=F, backend="numpy", return_result=True)
+    assert np.all(np.isfinite(res.aggregate))
+    assert 3 in res.excluded_indices, res.excluded
+    assert res.verdict[3].startswith("excluded")
+    assert np.isnan(res.cosine[3])
+
+
+def test_mean_excludes_nan_rows_instead_of_returning_nan():
+    G = honest_and_reversed()
+    G[0, 5] = np.inf
+    res = flagagg.aggregate(G, rule="mean", backend="numpy", return_result=True)
+    np.testing.assert_allclose(res.aggregate, G[1:].mean(axis=0), rtol=1e-12)
+    assert res.excluded_indices == (0,)
+
+
+def test_coordinate_rule_refuses_a_non_finite_output():
+    G = honest_and_reversed()
+    G[:6, 0] = np.nan  # more than half of one coordinate
+    with pytest.raises(ValueError, match="median: some coordinates of the aggregate are not"):
+        flagagg.aggregate(G, rule="median", backend="numpy")
+
+
+# ----------------------------------------------------------------------------- diagnostics
+
+def _slow_diagnostics(G, out, coef):
+    """Obvious dense definitions of influence and cosine."""
+    inner = G @ out
+    cos = inner / (np.linalg.norm(G, axis=1) * np.linalg.norm(out))
+    if coef is not None:
+        influence = coef * inner / (out @ out)
+    else:
+        influence = inner / (G.shape[0] * (out @ out))
+    return influence, cos
+
+
+@pytest.mark.parametrize("name", flagagg.available_rules())
+def test_influence_and_cosine_match_the_dense_definitions(name):
+    G = honest_and_reversed(seed=3)
+    res = flagagg.aggregate(G, rule=name, f=F, backend="numpy", return_result=True)
+    influence, cos = _slow_diagnostics(G, res.aggregate, res.coefficients)
+    np.testing.assert_allclose(res.cosine, cos, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(res.influence, influence, rtol=1e-9, atol=1e-12)
+    if res.coefficients is not None:
+        assert res.influence.sum() == pytest.approx(1.0, rel=1e-9)
+    # The reversed workers are the ones marked, by every rule.
+    assert res.suspects == tuple(range(P - F, P)), res.summary()
+    text = res.summary()
+    for i in range(P - F, P):
+        assert f"{i:>5}" in text
+    assert text.count("<<") == F
+
+
+def test_readme_example_marks_the_three_reversed_workers():
+    rng = np.random.default_rng(0)
+    honest = rng.normal(1.0, 0.1, size=(12, 1000))
+    G = np.vstack([honest, -honest[:3], rng.normal(0, 5, size=(2, 1000))])
+    res = flagagg.flag_aggregate(G, return_result=True)
+    assert res.suspects == (12, 13, 14)
+    assert "pull the other way or excluded: 12, 13, 14" in res.summary()
+
+
+# ----------------------------------------------------------------------------- drop-in scale
+
+@pytest.mark.parametrize("scale", [1e-6, 1e-3, 1.0, 1e3])
+def test_default_output_is_on_the_inputs_scale(scale):
+    G = honest_and_reversed(f=0, scale=scale)
+    out = flagagg.flag_aggregate(G, backend="numpy")
+    mean = G.mean(axis=0)
+    ratio = np.linalg.norm(out) / np.linalg.norm(mean)
+    assert 0.8 < ratio < 1.5, ratio
+    ref = flagagg.flag_aggregate(G, variant="reference", backend="numpy")
+    # The published output ignores the scale: its norm is at most p / r.
+    assert np.linalg.norm(ref) <= P / np.ceil(P / 2) + 1e-9
+    np.testing.assert_allclose(flagagg.flag_aggregate(G, rescale=None, backend="numpy")
+                               * np.linalg.norm(out) / np.linalg.norm(
+                                   flagagg.flag_aggregate(G, rescale=None, backend="numpy")),
+                               out, rtol=1e-10)
+
+
+# ----------------------------------------------------------------------------- statelessness
+
+def test_rules_keep_no_gradient_sized_state():
+    G = honest_and_reversed()
+    for name in flagagg.available_rules():
+        rule = flagagg.get_rule(name, f=F)
+        rule(G, backend="numpy")
+        assert rule.result_.aggregate is None
+        big = [k for k, v in vars(rule).items()
+               if isinstance(v, np.ndarray) and v.size >= G.shape[1]]
+        assert not big, (name, big)
+
+
+def test_centered_clipping_previous_center_is_explicit_state():
+    G = honest_and_reversed(f=0)
+    cc = flagagg.get_rule("centered_clipping", tau=0.5, center="previous")
+    first = cc(G, backend="numpy")
+    np.testing.assert_array_equal(cc.previous_, first)
+    second = cc(G, backend="numpy")
+    assert not np.allclose(first, second)
+    cc.reset()
+    np.testing.assert_allclose(cc(G, backend="numpy"), first)
+    # through pre-aggregation, the composed output is the one remembered
+    composed = flagagg.get_rule("centered_clipping", tau=0.5, center="previous", f=1,
+                                pre=["nnm"])
+    out = composed(G, backend="numpy")
+    np.testing.assert_array_equal(composed.rule.previous_, out)
+
+
+def test_bucketing_shared_by_threads_draws_each_permutation_once():
+    step = flagagg.rules._pre.Bucketing(s=1, random_state=0)
+    ref = flagagg.rules._pre.Bucketing(s=1, random_state=0)
+    K = np.eye(6)
+    expected = sorted(tuple(ref.mixing(K)[1]["buckets"]) for _ in range(200))
+    got = []
+
+    def work():
+        for _ in range(50):
+            got.append(tuple(step.mixing(K)[1]["buckets"]))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == expected
+
+
+# ----------------------------------------------------------------------------- validation
+
+@pytest.mark.parametrize("name, params, err, match", [
+    ("krum", {"f": 1.5}, TypeError, "f must be an integer for krum"),
+    ("krum", {"f": -1}, ValueError, "need f >= 0 for krum"),
+    ("flag", {"lam": "x"}, TypeError, "lam must be a real number for flag"),
+    ("flag", {"variant": "fast"}, ValueError, "variant must be one of"),
+    ("geometric_median", {"eps": 0.0}, ValueError, "need eps > 0 for geometric_median"),
+    ("multi_krum", {"f": 1, "m": 0}, ValueError, "need m >= 1 for multi_krum"),
+])
+def test_validation_type_vs_value(name, params, err, match):
+    with pytest.raises(err, match=match):
+        flagagg.get_rule(name, **params)
+
+
+# ----------------------------------------------------------------------------- import cycles
+
+def _import_graph():
+    mods = {}
+    for path in ROOT.rglob("*.py"):
+        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        mods[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    graph = {}
+    for mod, (path, is_pkg) in mods.items():
+        deps = set()
+        # Deferred imports inside functions count: they hide a cycle from the
+        # interpreter, not from the design.
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
+                if node.level:
+                    base = base[: len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                deps.update(t for t in [target, *(f"{target}.{a.name}" for a in node.names)]
+                            if t in mods)
+            elif isinstance(node, ast.Import):
+                deps.update(a.name for a in node.names if a.name in mods)
+        # a module importing its own parent package is the ordinary relative import
+        graph[mod] = {d for d in deps if d != mod and not mod.startswith(d + ".")}
+    return graph
+
+
+def _cycles(graph):
+    found = []
+    for start in graph:
+        stack, seen = [(start, (start,))], set()
+        while stack:
+            node, path = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    found.append(frozenset(path))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, (*path, nxt)))
+    return {tuple(sorted(c)) for c in found}
+
+
+def test_no_import_cycles():
+    cycles = _cycles(_import_graph())
+    assert not cycles, sorted(cycles)
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == {("a", "b")}
