@@ -21,6 +21,12 @@ COMMANDS = {
 }
 
 
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command line.
 
@@ -41,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    top.add_argument("--version", action="version", version=f"flagagg {_version()}")
     top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
                      help="one of: " + ", ".join(COMMANDS))
     top.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")
+    if not argv:
+        # no command: say what there is, rather than a usage error
+        top.print_help()
+        return 0
     ns = top.parse_args(argv)
     module_name, text = COMMANDS[ns.command]
     module = importlib.import_module(module_name)

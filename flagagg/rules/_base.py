@@ -106,6 +106,23 @@ class Rule(Params):
     """
 
     name = "rule"
+    # p >= a f + b, declared once: read by the rule's own checks, by
+    # check_workers (configs, the CLI) and by the docs. None: no bound.
+    p_bound: tuple[int, int] | None = None
+
+    def check_workers(self, p: int) -> int:
+        """Raise the rule's own ValueError if ``p`` inputs are too few for its ``f``.
+
+        Returns
+        -------
+        p : int
+            The number of inputs the rule itself sees.
+        """
+        f = getattr(self, "f", None)
+        if self.p_bound is not None and f is not None:
+            a, b = self.p_bound
+            check_f(self.name, f, p, a * f + b, f"p >= {a}f + {b}")
+        return p
 
     def __call__(
         self, gradients: Any, *, return_result: bool = False, backend: str | None = None

@@ -126,6 +126,7 @@ class CenteredClipping(GramRule):
     """
 
     name = "centered_clipping"
+    p_bound = (2, 1)
 
     def __init__(self, tau: float = 1.0, n_iter: int = 1, center: Any = None,
                  f: int | None = None) -> None:

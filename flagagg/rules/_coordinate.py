@@ -87,6 +87,7 @@ class Median(_CoordinateRule):
     """
 
     name = "median"
+    p_bound = (2, 1)
 
     def __init__(self, f: int | None = None) -> None:
         self.f = validate_f(self.name, f, required=False)
@@ -119,6 +120,7 @@ class TrimmedMean(_CoordinateRule):
     """
 
     name = "trimmed_mean"
+    p_bound = (2, 1)
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -152,6 +154,7 @@ class MeaMed(_CoordinateRule):
     """
 
     name = "meamed"
+    p_bound = (2, 1)
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -186,6 +189,7 @@ class Phocas(_CoordinateRule):
     """
 
     name = "phocas"
+    p_bound = (2, 1)
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)

@@ -33,7 +33,8 @@ __all__ = ["FlagAggregator", "FlagResult", "flag_aggregate", "solve_gram"]
 VARIANTS = ("paper", "reference")
 # "auto": "median_norm" for variant "paper" (drop-in for a mean), None for
 # "reference" (the published output, norm at most p / r).
-RESCALE = ("auto", None, "median_norm")
+# "none" is None spelled for TOML configs, which have no null.
+RESCALE = ("auto", None, "none", "median_norm")
 # Eigenvalues of Kn below this fraction of the largest are round-off: the
 # Gram is accumulated in float64, so its entries carry errors of ~1e-13.
 RANK_RTOL = 1e-10
@@ -298,7 +299,7 @@ def solve_gram(
 def _resolve_rescale(rescale: str | None, variant: str) -> str | None:
     if rescale == "auto":
         return None if variant == "reference" else "median_norm"
-    return rescale
+    return None if rescale == "none" else rescale
 
 
 def _check_params(r, lam, max_iter, tol, eps, variant, rescale) -> None:
@@ -412,14 +413,15 @@ def flag_aggregate(
     variant : {"paper", "reference"}, default="paper"
         ``"paper"``: the objective of the specification, by IRLS.
         ``"reference"``: what the published code computes (see Notes).
-    rescale : {"auto", "median_norm", None}, default="auto"
+    rescale : {"auto", "median_norm", None, "none"}, default="auto"
         ``"median_norm"`` rescales the output to the median norm of the
         (non-excluded) inputs, so that the Flag Aggregator replaces a mean
         without retuning the learning rate; the median keeps a minority of
         huge inputs from setting the scale. ``None`` returns the published
         output, whose norm is at most ``p / r`` whatever the inputs' scale.
         ``"auto"`` is ``"median_norm"`` for variant ``"paper"`` and ``None``
-        for variant ``"reference"``.
+        for variant ``"reference"``. ``"none"`` is ``None`` (TOML configs
+        have no null).
     f : int, optional
         Not used by the Flag Aggregator (it needs no bound on the faulty
         inputs); accepted so that every rule takes ``f``, and passed by

@@ -105,6 +105,7 @@ class GeometricMedian(GramRule):
     """
 
     name = "geometric_median"
+    p_bound = (2, 1)
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-6,
                  f: int | None = None) -> None:

@@ -103,6 +103,7 @@ class Krum(GramRule):
     """
 
     name = "krum"
+    p_bound = (2, 3)
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -147,6 +148,7 @@ class MultiKrum(GramRule):
     """
 
     name = "multi_krum"
+    p_bound = (2, 3)
 
     def __init__(self, f: int, m: int | None = None) -> None:
         self.f = validate_f(self.name, f)
@@ -227,6 +229,7 @@ class Bulyan(Rule):
     """
 
     name = "bulyan"
+    p_bound = (4, 3)
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)

@@ -116,6 +116,7 @@ class MDA(GramRule):
     """
 
     name = "mda"
+    p_bound = (2, 1)
 
     def __init__(self, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> None:
         self.f = validate_f(self.name, f)

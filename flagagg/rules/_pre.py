@@ -56,6 +56,15 @@ class PreAggregator(Params):
     """
 
     name = "pre"
+    p_bound: tuple[int, int] | None = None
+
+    def check_workers(self, p: int) -> int:
+        """Raise the step's ValueError if ``p`` inputs are too few; return its output count."""
+        return Rule.check_workers(self, p)
+
+    def outputs(self, p: int) -> int:
+        """Number of mixed inputs the step makes from ``p``."""
+        return p
 
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Return the mixing matrix for inputs of Gram matrix ``K``."""
@@ -88,6 +97,7 @@ class NNM(PreAggregator):
     """
 
     name = "nnm"
+    p_bound = (2, 1)
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -148,6 +158,10 @@ class Bucketing(PreAggregator):
         self.random_state = random_state
         self._rng = np.random.default_rng(random_state)
         self._lock = threading.Lock()
+
+    def outputs(self, p: int) -> int:
+        """``ceil(p / s)`` bucket means."""
+        return -(-p // self.s)
 
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Row ``b``: weight ``1 / |B_b|`` on the members of bucket ``b`` of a permutation."""
@@ -295,6 +309,21 @@ class ComposedRule(Rule):
     def name(self) -> str:  # type: ignore[override]
         """``"step+...+rule"``, e.g. ``"nnm+krum"``."""
         return "+".join([s.name for s in self.pre] + [self.rule.name])
+
+    def check_workers(self, p: int) -> int:
+        """Check every step on the inputs it sees, then the rule on the steps' outputs."""
+        p0 = p
+        for step in self.pre:
+            p = step.outputs(step.check_workers(p))
+        try:
+            return self.rule.check_workers(p)
+        except ValueError as exc:
+            if p == p0:
+                raise
+            raise ValueError(
+                f"{exc} ({self.rule.name} sees the {p} outputs of "
+                f"{'+'.join(s.name for s in self.pre)} on p={p0} inputs)"
+            ) from None
 
     @property
     def backend(self) -> str | None:

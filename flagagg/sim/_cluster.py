@@ -69,7 +69,9 @@ def build_rule(rule, f, params=None):
         A name from :func:`flagagg.available_rules`, or a callable taking a
         (p, n) array and returning an (n,) array.
     f : int
-        Number of faulty workers, passed to rules that take ``f``.
+        Number of faulty workers; every rule takes ``f`` (and hands it to
+        its pre-aggregation steps, e.g. ``params={"pre": ["nnm"]}``) unless
+        ``params`` sets it.
     params : dict, optional
         Further parameters of the rule.
 
@@ -90,21 +92,8 @@ def build_rule(rule, f, params=None):
             f"rule {rule!r} is not available in this flagagg: available rules are "
             f"{', '.join(known)}"
         )
-    if "f" not in params and _takes_f(flagagg, rule):
-        params["f"] = int(f)
+    params.setdefault("f", int(f))
     return flagagg.get_rule(rule, **params)
-
-
-def _takes_f(flagagg, name):
-    """Whether rule ``name`` accepts the Byzantine count ``f``."""
-    try:
-        flagagg.get_rule(name, f=0)
-    except TypeError:
-        return False
-    except ValueError:
-        # it knows f but refuses 0, e.g. a parameter check
-        return True
-    return True
 
 
 def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, attack_params=None,

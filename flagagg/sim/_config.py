@@ -187,17 +187,12 @@ class ExperimentConfig:
         return out
 
     def to_toml(self, header=""):
-        """The configuration as TOML text (comments are not kept)."""
+        """The configuration as TOML text (comments are not kept), written by tomli-w."""
+        import tomli_w
+
         lines = [f"# {line}" for line in header.splitlines()]
-        data = self.to_dict()
-        for section in _SECTIONS:
-            lines += ["", f"[{section}]"]
-            lines += [f"{k} = {_toml_value(v)}" for k, v in data[section].items()]
-        for kind in ("rules", "attacks"):
-            for label, entry in data[kind].items():
-                lines += ["", f"[{kind}.{_toml_key(label)}]"]
-                lines += [f"{k} = {_toml_value(v)}" for k, v in entry.items()]
-        return "\n".join(lines).lstrip("\n") + "\n"
+        body = tomli_w.dumps(self.to_dict())
+        return ("\n".join(lines) + "\n\n" if lines else "") + body
 
 
 # section -> fields of ExperimentConfig it holds (the TOML keys)
@@ -226,33 +221,6 @@ def _merge(base, changes):
             raise TypeError(f"unknown config field {key!r}")
         out[section][key] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def _toml_key(key):
-    bare = key.replace("_", "").replace("-", "").isalnum() and key.isascii()
-    return key if bare else _toml_value(key)
-
-
-def _toml_value(value):
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}"
-                               for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} {value!r} to TOML")
 
 
 # --------------------------------------------------------------------------
@@ -534,7 +502,8 @@ def _cross_check(c):
             )
         for f in c.f:
             try:
-                build_rule(r.rule, f, r.params)
+                # the rule's declared bound on p for this f, checked before anything runs
+                build_rule(r.rule, f, r.params).check_workers(c.workers)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(
                     f"{src}: [rules.{r.label}] cannot be built with workers = {c.workers}, "

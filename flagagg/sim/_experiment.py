@@ -283,9 +283,11 @@ class Results:
             head = (
                 f"{cfg.dataset}, {cfg.model}, p={cfg.workers}, f={fv}, {cfg.partition}"
                 f"{f' (alpha={cfg.alpha})' if cfg.partition == 'dirichlet' else ''}, "
-                f"{cfg.rounds} rounds: final {self.split} accuracy (%), mean ± std over "
-                f"{len(seeds)} seed(s)"
+                f"{cfg.rounds} rounds: final {self.split} accuracy (%), "
+                + (f"mean ± std over {len(seeds)} seeds" if len(seeds) > 1 else
+                   f"one seed ({seeds[0]}), no spread")
             )
+            one = len(seeds) == 1
             rule_w = max(4, *(len(w["rule"]) for w in worst))
             col_w = {a: max(len(a), 10) for a in attacks}
             lines = [head, ""]
@@ -295,9 +297,11 @@ class Results:
             for w in worst:
                 row = f"{w['rule']:<{rule_w}}  {_fmt_lr(w['lr']):>6}  "
                 row += "  ".join(
-                    f"{_fmt_cell(cells.get((fv, w['rule'], a))):>{col_w[a]}}" for a in attacks)
-                mark = " *" if w["within_spread"] else ""
-                row += (f"  {_fmt_pct(w['worst'], w['worst_std'])} "
+                    f"{_fmt_cell(cells.get((fv, w['rule'], a)), one):>{col_w[a]}}"
+                    for a in attacks)
+                # one seed has no spread, hence no top group to mark
+                mark = " *" if w["within_spread"] and not one else ""
+                row += (f"  {_fmt_pct(w['worst'], w['worst_std'], one)} "
                         f"({w['worst_attack']}){mark}")
                 lines.append(row)
             diverged = [s for s in self.summary() if s["f"] == fv and s["diverged"]]
@@ -305,7 +309,9 @@ class Results:
             lines.append(
                 "Rules sorted by worst case. * = top group: the gap to the best worst case is "
                 "within the spread (<= the sum of the two stds), so these rules are not "
-                "separated by this experiment."
+                "separated by this experiment." if not one else
+                "Rules sorted by worst case. One seed: no spread, so no rule is shown as "
+                "separated from another; run more seeds to tell them apart."
             )
             if diverged:
                 lines.append(
@@ -373,12 +379,12 @@ class Results:
         return paths
 
 
-def _fmt_pct(mean, std):
-    return f"{100 * mean:.1f}±{100 * std:.1f}"
+def _fmt_pct(mean, std, one_seed=False):
+    return f"{100 * mean:.1f}" if one_seed else f"{100 * mean:.1f}±{100 * std:.1f}"
 
 
-def _fmt_cell(cell):
-    return "n/a" if cell is None else _fmt_pct(cell["mean"], cell["std"])
+def _fmt_cell(cell, one_seed=False):
+    return "n/a" if cell is None else _fmt_pct(cell["mean"], cell["std"], one_seed)
 
 
 def _fmt_lr(lr):
