@@ -222,7 +222,8 @@ def _accepts(cls: Any, name: str) -> bool:
 
 
 def _is_pair(spec: Any) -> bool:
-    return (isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str)
+    # a list too: TOML configs have arrays, not tuples
+    return (isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str)
             and isinstance(spec[1], Mapping))
 
 
