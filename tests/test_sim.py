@@ -389,3 +389,18 @@ def test_cli_without_command_prints_help_and_has_a_version(capsys):
 def test_shipped_config_shows_nnm_before_flag():
     cfg = sim.load_config("fa_ablation")
     assert cfg.rule("nnm-flag").params == {"pre": ["nnm"]}
+
+
+def test_all_gradients_overflowing_is_divergence_not_an_error(digits, monkeypatch):
+    # every gradient non-finite (a model blowing up): the mean has nothing
+    # finite to aggregate and raises, which the run reports as divergence
+    from flagagg.sim import _replica
+
+    real = _replica.Replica.gradients
+
+    def overflowing(self, *args, **kwargs):
+        return real(self, *args, **kwargs) * float("inf")
+
+    monkeypatch.setattr(_replica.Replica, "gradients", overflowing)
+    res = sim.simulate(digits, "mean", f=0, workers=5, attack="none", rounds=3, eval_every=1)
+    assert res.diverged and res.diverged_round == 1 and res.final_accuracy == 0.0

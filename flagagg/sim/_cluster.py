@@ -209,11 +209,19 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone)
         # diverging non-robust rules overflow; that is reported as divergence,
         # not as floating-point warnings from inside the rule
-        with scope(), np.errstate(all="ignore"):
-            if array == "numpy":
-                g = torch.as_tensor(np.asarray(aggregate(G.numpy())), dtype=torch.float32)
-            else:
-                g = aggregate(G).to(torch.float32)
+        try:
+            with scope(), np.errstate(all="ignore"):
+                if array == "numpy":
+                    g = torch.as_tensor(np.asarray(aggregate(G.numpy())), dtype=torch.float32)
+                else:
+                    g = aggregate(G).to(torch.float32)
+        except ValueError:
+            # every gradient overflowed (a model already blowing up): the rules
+            # refuse to aggregate nothing, and the run has diverged
+            if bool(torch.isfinite(G).all(dim=1).any()):
+                raise
+            diverged_round = t
+            break
         if tuple(g.shape) != (n_params,):
             raise ValueError(f"the rule returned shape {tuple(g.shape)}; expected ({n_params},)")
         flat, buf = sgd_step(flat, buf, g, lr=lr, momentum=momentum, weight_decay=weight_decay)
