@@ -11,6 +11,7 @@ import pytest
 
 import flagagg
 from flagagg.rules._flag import FlagAggregator
+from flagagg.rules._pre import Bucketing
 
 P, F = 11, 2
 ROOT = pathlib.Path(flagagg.__file__).parent
@@ -181,8 +182,8 @@ def test_centered_clipping_previous_center_is_explicit_state():
 
 
 def test_bucketing_shared_by_threads_draws_each_permutation_once():
-    step = flagagg.rules._pre.Bucketing(s=1, random_state=0)
-    ref = flagagg.rules._pre.Bucketing(s=1, random_state=0)
+    step = Bucketing(s=1, random_state=0)
+    ref = Bucketing(s=1, random_state=0)
     K = np.eye(6)
     expected = sorted(tuple(ref.mixing(K)[1]["buckets"]) for _ in range(200))
     got = []
@@ -266,3 +267,13 @@ def test_no_import_cycles():
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == {("a", "b")}
+
+
+def test_bucketing_copies_and_pickles_with_its_own_lock():
+    import copy
+    import pickle
+
+    step = Bucketing(s=2, random_state=3)
+    for clone in (copy.deepcopy(step), pickle.loads(pickle.dumps(step))):
+        assert clone._lock is not step._lock
+        assert clone.mixing(np.eye(6))[1] == copy.deepcopy(step).mixing(np.eye(6))[1]

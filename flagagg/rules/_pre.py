@@ -159,6 +159,14 @@ class Bucketing(PreAggregator):
         self._rng = np.random.default_rng(random_state)
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict:
+        # a lock cannot be pickled or copied; each copy gets its own
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def outputs(self, p: int) -> int:
         """``ceil(p / s)`` bucket means."""
         return -(-p // self.s)
