@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from ._array import Stack
+from ._linalg import top_eigh
 from .backends import Backend
-from .rules._base import Rule, nonfinite_or_zero
+from .rules._base import Rule, combination_norm, nonfinite_or_zero, normalized_gram, row_norms
 
 __all__ = ["FlagAggregator", "FlagResult", "flag_aggregate", "solve_gram"]
 
@@ -214,9 +215,8 @@ class _Terms:
 
 
 def _top(B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and the top-``r`` eigenvectors of symmetric ``B``."""
-    lam, vec = np.linalg.eigh(B)
-    return lam[::-1], vec[:, ::-1][:, :r]
+    """The top-``r`` eigenvalues (descending) and eigenvectors of symmetric ``B``."""
+    return top_eigh(B, r)
 
 
 def solve_gram(
@@ -236,9 +236,11 @@ def solve_gram(
     ``p x p`` Gram matrix ``G G^T``. Returns the coefficients of the
     aggregate on the inputs and the diagnostics.
     """
+    # Norms and cosines from the exact (scaled) form when K has one.
+    keep, excluded = nonfinite_or_zero(K)
+    Kx = K
     K = np.asarray(K, dtype=np.float64)
     p = K.shape[0]
-    keep, excluded = nonfinite_or_zero(K)
     if not keep.any():
         raise ValueError(
             f"all {p} inputs were excluded, nothing is left to aggregate: "
@@ -247,9 +249,8 @@ def solve_gram(
         )
     idx = np.flatnonzero(keep)
     q = idx.size
-    norms = np.sqrt(np.diag(K)[idx])
-    Kn = K[np.ix_(idx, idx)] / np.outer(norms, norms)
-    Kn = np.clip((Kn + Kn.T) / 2, -1.0, 1.0)
+    norms = row_norms(Kx)[idx]
+    Kn = np.clip(normalized_gram(Kx, idx), -1.0, 1.0)
     np.fill_diagonal(Kn, 1.0)
 
     s, V = np.linalg.eigh(Kn)
@@ -307,7 +308,7 @@ def solve_gram(
     coef = np.zeros(p)
     coef[idx] = coef_h / norms
     if rescale == "median_norm":
-        out_norm = math.sqrt(max(float(coef @ K @ coef), 0.0)) if q else 0.0
+        out_norm = combination_norm(Kx, coef) if q else 0.0
         if out_norm > 0:
             coef *= float(np.median(norms)) / out_norm
 

@@ -8,7 +8,16 @@ import numpy as np
 
 from .._array import Leaf, Stack, as_stack
 from ..backends import Backend
-from ._base import GramRule, RuleResult, check_f, finite_gram, finite_rows, validate_f
+from ._base import (
+    GramRule,
+    RuleResult,
+    check_f,
+    distance_exponent,
+    finite_gram,
+    finite_rows,
+    unit_gram,
+    validate_f,
+)
 
 __all__ = ["CenteredClipping", "centered_clipping_gram"]
 
@@ -141,7 +150,10 @@ class CenteredClipping(GramRule):
         # The zero start: only the inputs' Gram matrix is needed.
         self._check(K.shape[0])
         finite, excluded = finite_rows(K)
-        coef, _ = centered_clipping_gram(K, finite, self.tau, self.n_iter, has_center=False)
+        # In units of 2^E (E = 0 unless the inputs are huge or tiny), tau with them.
+        E = distance_exponent(K)
+        coef, _ = centered_clipping_gram(unit_gram(K, E), finite, float(np.ldexp(self.tau, -E)),
+                                         self.n_iter, has_center=False)
         return coef, {"excluded": excluded, "n_iter": self.n_iter}
 
     def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
@@ -151,11 +163,18 @@ class CenteredClipping(GramRule):
         p = stack.p
         self._check(p)
         aug = _append_input(stack, v0, self.name)
-        KA = aug.gram(backend)
-        if not np.isfinite(KA[p, p]):
+        # Every iterate is an affine combination of the inputs and the center,
+        # so the Gram of all of them shifted by a central one serves (exact
+        # distances when they share a large common part).
+        KA = aug.gram(backend, shift=True)
+        finite_all, _ = finite_rows(KA)
+        if not finite_all[p]:
             raise ValueError(f"{self.name}: the center holds NaN or Inf values")
-        finite, excluded = finite_rows(KA[:p, :p])
-        coef, a = centered_clipping_gram(KA, finite, self.tau, self.n_iter, has_center=True)
+        finite = finite_all[:p]
+        excluded = tuple((int(i), why) for i, why in finite_rows(KA)[1] if i < p)
+        E = distance_exponent(KA)
+        coef, a = centered_clipping_gram(unit_gram(KA, E), finite, float(np.ldexp(self.tau, -E)),
+                                         self.n_iter, has_center=True)
         out = aug.combine(backend, np.append(coef, a))
         return RuleResult(aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
                           excluded=excluded, n_iter=self.n_iter,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import GramRule, check_f, finite_rows, sq_distances, validate_f
+from ._base import GramRule, check_f, distance_exponent, finite_rows, sq_distances, validate_f
 
 __all__ = ["GeometricMedian", "weiszfeld_gram"]
 
@@ -104,6 +104,7 @@ class GeometricMedian(GramRule):
     """
 
     name = "geometric_median"
+    translation_invariant = True
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-6,
                  f: int | None = None) -> None:
@@ -127,9 +128,13 @@ class GeometricMedian(GramRule):
         idx = np.flatnonzero(finite)
         if idx.size == 0:
             raise ValueError(f"{self.name}: all {p} inputs hold NaN or Inf; nothing to aggregate")
-        D2 = sq_distances(K, finite)[np.ix_(idx, idx)]
+        # Distances in units of 2^E (E = 0 unless the inputs are huge or tiny),
+        # eps with them: the same iterations, exactly.
+        E = distance_exponent(K)
+        D2 = sq_distances(K, finite, E)[np.ix_(idx, idx)]
         c, history, converged = weiszfeld_gram(D2, max_iter=self.max_iter, tol=self.tol,
-                                               eps=self.eps)
+                                               eps=float(np.ldexp(self.eps, -E)))
+        history = np.ldexp(history, E)
         coef = np.zeros(p)
         coef[idx] = c
         return coef, {"excluded": excluded, "n_iter": int(history.size), "converged": converged,

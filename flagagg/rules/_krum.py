@@ -22,6 +22,7 @@ from ._base import (
     Rule,
     RuleResult,
     check_f,
+    distance_exponent,
     finite_rows,
     sq_distances,
     validate_f,
@@ -98,6 +99,7 @@ class Krum(GramRule):
     """
 
     name = "krum"
+    translation_invariant = True
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -107,7 +109,8 @@ class Krum(GramRule):
         check_f(self.name, self.f, p, 2 * self.f + 3, "p >= 2f + 3")
         finite, excluded = finite_rows(K)
         _need_finite(self.name, int(finite.sum()), 1, p)
-        scores = krum_scores(sq_distances(K, finite), p - self.f - 2)
+        scores = krum_scores(sq_distances(K, finite, distance_exponent(K)),
+                             p - self.f - 2)
         i = _lowest(scores, finite)
         coef = np.zeros(p)
         coef[i] = 1.0
@@ -142,6 +145,7 @@ class MultiKrum(GramRule):
     """
 
     name = "multi_krum"
+    translation_invariant = True
 
     def __init__(self, f: int, m: int | None = None) -> None:
         self.f = validate_f(self.name, f)
@@ -158,7 +162,8 @@ class MultiKrum(GramRule):
             raise ValueError(f"need m <= p for {self.name}: got m={m}, p={p}")
         finite, excluded = finite_rows(K)
         _need_finite(self.name, int(finite.sum()), 1, p)
-        scores = krum_scores(sq_distances(K, finite), p - self.f - 2)
+        scores = krum_scores(sq_distances(K, finite, distance_exponent(K)),
+                             p - self.f - 2)
         idx = np.flatnonzero(finite)
         chosen = idx[np.argsort(scores[idx], kind="stable")][:m]
         coef = np.zeros(p)
@@ -232,12 +237,13 @@ class Bulyan(Rule):
     def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
         p, f = stack.p, self.f
         check_f(self.name, f, p, 4 * f + 3, "p >= 4f + 3")
-        K = stack.gram(backend)
+        K = stack.gram(backend, shift=True)
         finite, excluded = finite_rows(K)
         theta = p - 2 * f
         beta = theta - 2 * f
         _need_finite(self.name, int(finite.sum()), theta, p)
-        picks, scores = bulyan_select(sq_distances(K, finite), finite, f, theta)
+        picks, scores = bulyan_select(sq_distances(K, finite, distance_exponent(K)), finite,
+                                       f, theta)
         out = coordinate_aggregate(stack, backend, np.sort(picks), "median", 0, beta)
         return RuleResult(
             aggregate=out, rule=self.name, backend=backend.name, selected=tuple(picks),

@@ -34,9 +34,11 @@ from ._base import (
     Rule,
     RuleResult,
     check_f,
-    finite_gram,
+    distance_exponent,
     finite_rows,
+    row_norms,
     sq_distances,
+    transform_gram,
     validate_f,
 )
 
@@ -53,6 +55,10 @@ class PreAggregator(Params):
     """
 
     name = "pre"
+    # Whether M maps a common translation of the inputs to the same
+    # translation of the outputs (rows of M sum to 1, M chosen from
+    # distances only): then a shifted Gram may be used.
+    translation_equivariant = False
 
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Return the mixing matrix for inputs of Gram matrix ``K``."""
@@ -85,6 +91,7 @@ class NNM(PreAggregator):
     """
 
     name = "nnm"
+    translation_equivariant = True
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -94,7 +101,7 @@ class NNM(PreAggregator):
         p = K.shape[0]
         check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
         finite, _ = finite_rows(K)
-        D2 = sq_distances(K, finite)
+        D2 = sq_distances(K, finite, distance_exponent(K))
         np.fill_diagonal(D2, -1.0)  # an input is its own first neighbour
         k = min(p - self.f, int(finite.sum()))
         A = np.zeros((p, p))
@@ -137,6 +144,7 @@ class Bucketing(PreAggregator):
     """
 
     name = "bucketing"
+    translation_equivariant = True
 
     def __init__(self, s: int = 2, random_state: Any = None) -> None:
         if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
@@ -184,7 +192,7 @@ class Clipping(PreAggregator):
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Diagonal: ``min(1, tau / ||g_i||)``; 1 for zero and non-finite inputs."""
         finite, _ = finite_rows(K)
-        norms = np.sqrt(np.maximum(np.where(finite, np.diag(K), 0.0), 0.0))
+        norms = np.where(finite, row_norms(K), 0.0)
         tau = self.tau if self.tau is not None else (
             float(np.median(norms[finite])) if finite.any() else 1.0)
         with np.errstate(divide="ignore"):
@@ -243,11 +251,7 @@ def make_pre(spec: Any, f: int | None) -> PreAggregator:
 
 def mixed_gram(K: np.ndarray, M: np.ndarray) -> np.ndarray:
     """Gram matrix ``M K M^T`` of the mixed inputs; non-finite where they mix a non-finite input."""
-    finite, _ = finite_rows(K)
-    K2 = M @ finite_gram(K, finite) @ M.T
-    bad = (M[:, ~finite] != 0).any(axis=1)
-    K2[bad, bad] = np.nan
-    return K2
+    return transform_gram(K, M)
 
 
 def _flag_solver(rule: Any):
@@ -321,8 +325,15 @@ class ComposedRule(Rule):
             return self.rule._coefficients
         return _flag_solver(self.rule)
 
+    def _shift(self) -> bool:
+        """Whether the steps and the rule after them allow a shifted Gram."""
+        if not all(step.translation_equivariant for step in self.pre):
+            return False
+        solve = self._solver()
+        return solve is None or getattr(self.rule, "translation_invariant", False)
+
     def _aggregate(self, stack: Stack, backend: Backend) -> RuleResult:
-        K = stack.gram(backend)
+        K = stack.gram(backend, shift=self._shift())
         finite0, excluded = finite_rows(K)
         M = np.eye(stack.p)
         Kmix = K
