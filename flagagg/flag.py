@@ -281,9 +281,17 @@ def solve_gram(
         converged = False
         n_iter = 0
         for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-            _, U = _top(terms.matrix(w_node, w_pair), rank)
-            s_node, s_pair = terms.objective_parts(U, eps)
-            history.append(terms.objective(s_node, s_pair))
+            _, U_new = _top(terms.matrix(w_node, w_pair), rank)
+            parts = terms.objective_parts(U_new, eps)
+            value = terms.objective(*parts)
+            if history and value > history[-1]:
+                # The majorisation step cannot increase F in exact arithmetic: a
+                # rise is round-off at the fixed point. Keep the previous subspace.
+                n_iter -= 1
+                converged = True
+                break
+            U, (s_node, s_pair) = U_new, parts
+            history.append(value)
             w_node = s_node ** -0.5
             w_pair = terms.pair_scale * s_pair ** -0.5
             if n_iter > 1:
