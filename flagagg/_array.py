@@ -153,16 +153,53 @@ class Stack:
             stop = min(start + step, leaf.size)
             yield start, stop, self.xp.stack([row[start:stop] for row in leaf.rows], axis=0)
 
-    def gram(self, backend: Any) -> np.ndarray:
-        """Float64 Gram matrix ``K = G G^T`` of the inputs, summed over leaves and blocks."""
+    def gram(self, backend: Any, *, shift: bool = False) -> Any:
+        """The float64 Gram matrix ``K = G G^T`` of the inputs, exact where it matters.
+
+        Returns a :class:`flagagg._gram.Gram` (an ndarray): finite inputs are
+        never taken for non-finite ones, rows of extreme magnitude are
+        handled in a scaled form, and with ``shift`` the Gram may be that of
+        the inputs shifted by a central input (only for translation-invariant
+        callers). See :func:`flagagg._gram.stack_gram`.
+        """
+        from ._gram import stack_gram
+
+        return stack_gram(self, backend, shift=shift)
+
+    def raw_gram(self, backend: Any, ref: int | None = None,
+                 scale: np.ndarray | None = None) -> np.ndarray:
+        """One pass of ``backend.gram(block, ref, scale)`` summed over leaves and blocks."""
         K = np.zeros((self.p, self.p))
+        kwargs = {} if ref is None and scale is None else {"ref": ref, "scale": scale}
         # Non-finite rows are expected here: they are detected on the diagonal
         # and excluded by the rules, so NumPy's warnings would only be noise.
         with np.errstate(invalid="ignore", over="ignore"):
             for leaf in self.leaves:
                 for _, _, block in self.blocks(leaf):
-                    K += backend.gram(block)
+                    K += backend.gram(block, **kwargs)
         return K
+
+    def row_absmax(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Largest magnitude of each input in ``rows``, and whether it is all finite.
+
+        Read a cache-sized chunk of columns at a time (never a copy of the
+        rows). The maximum of a row holding NaN or Inf is not used.
+        """
+        xp = self.xp
+        rows = np.asarray(rows, dtype=np.int64)
+        amax = np.zeros(rows.size)
+        finite = np.ones(rows.size, dtype=bool)
+        idx = xp.asarray(rows, device=self.device)
+        step = chunk_columns(rows.size)
+        for leaf in self.leaves:
+            for _, _, block in self.blocks(leaf):
+                width = block.shape[1]
+                for start in range(0, width, step):
+                    part = xp.take(block[:, start:min(start + step, width)], idx, axis=0)
+                    finite &= to_numpy(xp.all(xp.isfinite(part), axis=1)).astype(bool)
+                    amax = np.maximum(amax, to_numpy(xp.max(xp.abs(part), axis=1)).astype(
+                        np.float64))
+        return amax, finite
 
     def combine(self, backend: Any, coef: np.ndarray) -> Any:
         """Return ``sum_i coef[i] * g_i`` in the input's structure, library, device and dtype."""

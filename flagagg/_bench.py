@@ -49,8 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backend of the timed solves (default: numba if installed, "
                              "else numpy)")
     parser.add_argument("--skip", action="append", default=[],
-                        choices=["flag", "gram", "dense", "iterations", "memory", "rules"],
+                        choices=["flag", "gram", "dense", "iterations", "memory", "rules",
+                                 "psweep"],
                         help="leave out a section (repeatable)")
+    parser.add_argument("--psweep-mb", type=float, default=None,
+                        help="MiB of float32 input per shape of the p-sweep (default 256; "
+                             "quick: 4)")
     parser.add_argument("--check", action="store_true",
                         help="exit with status 1 when a required target is missed")
 
@@ -465,6 +469,9 @@ def run(args: argparse.Namespace) -> int:
                 table.row(name, "error", ok=None)
                 table.note(f"{type(exc).__name__}: {exc}"[:200])
 
+    if "psweep" not in skip:
+        _psweep(table, args.psweep_mb or (4.0 if quick else 256.0), max(3, repeats // 3))
+
     print()
     if not table.judge:
         print("targets not judged: --quick sizes are a smoke run")
@@ -473,6 +480,51 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("all required targets met")
     return 1 if (args.check and table.missed) else 0
+
+
+# The p-sweep: Gram rules against float64 BLAS on a float64 copy of the input
+# (the copy made beforehand, not timed), FA against np.mean where the data
+# pass dominates, coordinate rules against a sort of every column.
+PSWEEP_P = (15, 64, 256, 1024)
+_PSWEEP_GRAM_RULES = (("flag", "flag", {}), ("krum", "krum", {"f": 3}),
+                      ("multi_krum", "multi_krum", {"f": 3}),
+                      ("geometric_median", "geometric_median", {}),
+                      ("centered_clipping", "centered_clipping", {}),
+                      ("nnm + krum", "krum", {"f": 3, "pre": ["nnm"]}))
+_PSWEEP_COORD_RULES = (("median", {}), ("trimmed_mean", {"f": 3}))
+
+
+def _psweep(table: _Table, mib: float, repeats: int) -> None:
+    """Ratios at p = 15, 64, 256, 1024 with about ``mib`` MiB of float32 input each."""
+    import flagagg
+
+    table.section(f"p-sweep at ~{mib:g} MiB of float32 input: Gram rules vs dgemm on a float64 "
+                  "copy, coordinate rules vs a column sort")
+    for p in PSWEEP_P:
+        n = max(1024, int(mib * 2**20 / (4 * p)))
+        G = make_stack(p, n, seed=2)
+        G64 = G.astype(np.float64)
+        table.note(f"p={p}, n={n:,}")
+        if p < 64:
+            ratio = paired_ratio(lambda G=G: np.mean(G, axis=0),
+                                 lambda G=G: flagagg.flag_aggregate(G), repeats)
+            table.row(f"  p={p}: flag_aggregate / np.mean", _ratio_text(ratio), "<= 2.2x",
+                      ratio.ratio <= 2.2)
+        else:
+            for label, name, kw in _PSWEEP_GRAM_RULES:
+                rule = flagagg.get_rule(name, **kw)
+                ratio = paired_ratio(lambda G64=G64: G64 @ G64.T, lambda G=G, rule=rule: rule(G),
+                                     repeats)
+                table.row(f"  p={p}: {label} / dgemm", _ratio_text(ratio), "<= 1.3x",
+                          ratio.ratio <= 1.3)
+        del G64
+        if p == PSWEEP_P[-1]:
+            for name, kw in _PSWEEP_COORD_RULES:
+                rule = flagagg.get_rule(name, **kw)
+                ratio = paired_ratio(lambda G=G: np.sort(G, axis=0), lambda G=G, rule=rule: rule(G),
+                                     repeats)
+                table.row(f"  p={p}: {name} / np.sort(G, axis=0)", _ratio_text(ratio), "<= 2x",
+                          ratio.ratio <= 2.0)
 
 
 def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:

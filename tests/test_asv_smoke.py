@@ -59,6 +59,7 @@ def _smallest(values):
 @pytest.mark.parametrize("cls,methods", _benchmark_classes())
 def test_every_benchmark_runs_with_smallest_params(cls, methods, monkeypatch):
     monkeypatch.setenv("FLAGAGG_ASV_MAX_BYTES", str(1 << 30))
+    monkeypatch.setenv("FLAGAGG_ASV_LARGE_P_BYTES", str(1 << 22))  # bench_large_p: 4 MiB
     params = getattr(cls, "params", [])
     if params and not isinstance(params[0], (list, tuple)):
         params = [params]

@@ -32,6 +32,22 @@ def symmetric(K: Any) -> np.ndarray:
     return (K + K.T) / 2
 
 
+def transformed_chunk(xp: Any, X: Array, ref: int | None, s: Array | None) -> Array:
+    """Float64 ``s * X - s * X[ref]`` of a column chunk (each part optional).
+
+    Scaling comes first: with ``s`` the powers of two that bring each row
+    near unit size, neither product nor difference can overflow.
+    """
+    B = X if X.dtype == xp.float64 else xp.astype(X, xp.float64)
+    if s is not None:
+        if ref is not None:
+            return B * s - s * B[ref : ref + 1, :]
+        return B * s
+    if ref is not None:
+        return B - B[ref : ref + 1, :]
+    return B
+
+
 def _nonzero_runs(coef: np.ndarray) -> list[tuple[int, int]]:
     """``(start, stop)`` of each run of consecutive non-zero coefficients."""
     nz = np.concatenate([[False], np.asarray(coef) != 0, [False]])
@@ -69,19 +85,25 @@ class ArrayAPIBackend:
     def _step(self, rows: int) -> int:
         return chunk_columns(rows, self.chunk_bytes)
 
-    def gram(self, X: Array) -> np.ndarray:
-        """Float64 ``X @ X.T``, accumulated chunk by chunk for lower precisions.
+    def gram(self, X: Array, ref: int | None = None,
+             scale: np.ndarray | None = None) -> np.ndarray:
+        """Float64 ``Y @ Y.T``, accumulated chunk by chunk for lower precisions.
 
-        Only the ``p x p`` result leaves the device.
+        ``Y`` is ``X``, shifted by row ``ref`` and scaled by ``scale`` when
+        given (see :meth:`flagagg.backends.Backend.gram`). Only the ``p x p``
+        result leaves the device.
         """
         xp = array_namespace(X)
-        if X.dtype == xp.float64:
+        if ref is None and scale is None and X.dtype == xp.float64:
             return symmetric(to_numpy(X @ X.T))
         p, m = X.shape
-        K = xp.zeros((p, p), dtype=xp.float64, device=device(X))
+        dev = device(X)
+        K = xp.zeros((p, p), dtype=xp.float64, device=dev)
+        s = None if scale is None else xp.asarray(
+            np.asarray(scale, dtype=np.float64).reshape(p, 1), device=dev)
         step = self._step(p)
         for start in range(0, m, step):
-            B = xp.astype(X[:, start : min(start + step, m)], xp.float64)
+            B = transformed_chunk(xp, X[:, start : min(start + step, m)], ref, s)
             K = K + B @ B.T
         return symmetric(to_numpy(K))
 

@@ -30,11 +30,27 @@ class Backend(Protocol):
     def accepts(self, x: Array) -> bool:
         """Whether this backend computes on arrays like ``x`` (library and device)."""
 
-    def gram(self, X: Array) -> np.ndarray:
-        """Return ``X @ X.T`` of a ``(p, m)`` block as a float64 NumPy array.
+    def gram(self, X: Array, ref: int | None = None,
+             scale: np.ndarray | None = None) -> np.ndarray:
+        """Return the float64 Gram matrix ``Y @ Y.T`` of a transformed ``(p, m)`` block.
+
+        ``Y = X`` by default. With ``ref`` (a row index), every row is first
+        shifted by row ``ref`` of the same block, ``Y_i = X_i - X_ref`` (so
+        ``Y_ref = 0``): the Gram of the shifted rows gives distances without
+        the cancellation of ``K_ii + K_jj - 2 K_ij`` when the rows share a
+        large common part, and ``sum_i c_i X_i`` is unchanged for
+        coefficients summing to 1. With ``scale`` (a float64 vector of
+        ``p`` powers of two), row ``i`` is also multiplied by ``scale[i]``:
+        ``Y_i = scale[i] X_i - scale[i] X_ref``, scaled before subtracting,
+        so that rows near the overflow (or underflow) threshold give a
+        representable Gram. Both are applied a cache-sized chunk of columns
+        at a time, never to a copy of the block.
 
         Products are accumulated in float64 whatever the input dtype. Rows
-        holding NaN or Inf only spoil their own row and column of the result.
+        holding NaN or Inf only spoil their own row and column of the result
+        (all of it when ``X_ref`` holds one: choose a finite reference).
+        Kernels that take a row list (per-layer inputs) follow the same
+        signature.
         """
 
     def combine(self, coef: np.ndarray, X: Array) -> Array:

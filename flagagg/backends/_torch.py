@@ -21,8 +21,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from array_api_compat import array_namespace
 
-from ._array_api import ArrayAPIBackend, _nonzero_runs, symmetric
+from ._array_api import ArrayAPIBackend, _nonzero_runs, symmetric, transformed_chunk
 
 # Dtypes whose CPU tensors NumPy can view without a copy.
 _VIEWABLE = (torch.float32, torch.float64, torch.float16)
@@ -69,28 +70,37 @@ class TorchBackend(ArrayAPIBackend):
         """Accept torch tensors on any device."""
         return isinstance(x, torch.Tensor)
 
-    def gram(self, X: torch.Tensor) -> np.ndarray:
-        """Float64 ``X @ X.T``; host kernels on CPU, chunked float64 ``addmm`` on a GPU."""
+    def gram(self, X: torch.Tensor, ref: int | None = None,
+             scale: np.ndarray | None = None) -> np.ndarray:
+        """Float64 ``X @ X.T`` (shifted/scaled as in :meth:`Backend.gram`).
+
+        Host kernels on CPU; on a GPU chunked float64 ``addmm``.
+        """
         view = _host_view(X)
         if view is not None:
-            return _host_backend().gram(view)
+            return _host_backend().gram(view, ref, scale)
         if X.device.type == "cpu":
             K = np.zeros((X.shape[0], X.shape[0]))
             for _, _, chunk in _widened_chunks(X):
-                K += _host_backend().gram(chunk)
+                K += _host_backend().gram(chunk, ref, scale)
             return K
-        return self._gram_device(X)
+        return self._gram_device(X, ref, scale)
 
-    def _gram_device(self, X: torch.Tensor) -> np.ndarray:
-        # torch ops only, on any device (tests run it on CPU tensors).
+    def _gram_device(self, X: torch.Tensor, ref: int | None = None,
+                     scale: np.ndarray | None = None) -> np.ndarray:
+        # torch ops only, on any device (tests run it on CPU tensors). Large p
+        # needs no other path here: addmm on a float64 chunk is GEMM already.
         p, m = X.shape
         X = X.detach()
-        if X.dtype == torch.float64:
+        if ref is None and scale is None and X.dtype == torch.float64:
             return symmetric((X @ X.T).cpu().numpy())
+        xp = array_namespace(X)
+        s = None if scale is None else torch.as_tensor(
+            np.asarray(scale, dtype=np.float64).reshape(p, 1), device=X.device)
         K = torch.zeros((p, p), dtype=torch.float64, device=X.device)
         step = self._step(p)
         for start in range(0, m, step):
-            B = X[:, start:start + step].to(torch.float64)
+            B = transformed_chunk(xp, X[:, start:start + step], ref, s)
             K.addmm_(B, B.T)
         return symmetric(K.cpu().numpy())  # the one device -> host copy (p x p)
 

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._array import Leaf, Stack, as_stack
+from .._gram import Gram
 from .._validation import check_int
 from ..backends import Backend, select_backend
 from ._result import AggregationResult, RuleResult, gram_diagnostics, worker_diagnostics
@@ -20,11 +21,17 @@ __all__ = [
     "all_finite",
     "append_input",
     "check_f",
+    "combination_norm",
+    "distance_exponent",
     "finite_gram",
     "finite_rows",
     "nothing_left",
     "nonfinite_or_zero",
+    "normalized_gram",
+    "row_norms",
     "sq_distances",
+    "transform_gram",
+    "unit_gram",
     "validate_f",
 ]
 
@@ -191,9 +198,12 @@ def _with_data_diagnostics(result: AggregationResult, stack: Stack,
     KA = append_input(stack, result.aggregate, result.rule).gram(backend)
     excluded = result.excluded
     if not excluded:
-        # Coordinate rules count NaN as +inf per coordinate; say which inputs had some.
-        bad = np.flatnonzero(~np.isfinite(np.diag(KA)[:p]))
+        # Coordinate rules count NaN as +inf per coordinate; say which inputs had some
+        # (read from the data: a finite row whose squared norm overflows is finite).
+        bad = np.flatnonzero(~finite_rows(KA)[0][:p])
         excluded = tuple((int(i), NONFINITE_COORD) for i in bad)
+    # Influence and cosine do not change with scale: in units of 2^E nothing overflows.
+    KA = unit_gram(KA, distance_exponent(KA))
     diag = worker_diagnostics(KA[:p, p], np.diag(KA)[:p], float(KA[p, p]),
                               result.coefficients, excluded)
     return dataclasses.replace(result, excluded=excluded, **diag)
@@ -211,9 +221,16 @@ class GramRule(Rule):
     matrix, once for the combination. ``_coefficients`` needs nothing but
     ``K``, so it can run on a Gram matrix built elsewhere (e.g. all-reduced
     across ranks).
+
+    A subclass whose coefficients sum to 1 and do not change when every
+    input is translated by one vector sets ``translation_invariant = True``:
+    it is then given the Gram of the inputs shifted by a central input when
+    they share a large common part (see :mod:`flagagg._gram`), which keeps
+    its distances exact.
     """
 
     result_type = AggregationResult
+    translation_invariant = False
 
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         raise NotImplementedError
@@ -223,7 +240,7 @@ class GramRule(Rule):
         return True
 
     def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
-        K = stack.gram(backend)
+        K = stack.gram(backend, shift=self.translation_invariant)
         coef, extras = self._coefficients(K)
         out = stack.combine(backend, coef)
         diag = gram_diagnostics(K, coef, extras.get("excluded", ()))
@@ -233,11 +250,18 @@ class GramRule(Rule):
         )
 
 
-def nonfinite_or_zero(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
-    """Inputs that cannot be normalised, read off the Gram diagonal.
+def _exact(K: np.ndarray) -> Gram | None:
+    """``K`` when it is a :class:`~flagagg._gram.Gram` carrying its finite rows, else None."""
+    return K if isinstance(K, Gram) and K.finite is not None else None
 
-    A row holding NaN or Inf (or so large that its squared norm overflows)
-    has a non-finite ``K_ii``; a zero row has ``K_ii == 0``.
+
+def nonfinite_or_zero(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
+    """Inputs that cannot be normalised.
+
+    A row holding NaN or Inf is non-finite; a zero row has norm 0. For a
+    :class:`~flagagg._gram.Gram` both are read from the data (a finite row
+    whose squared norm overflows or underflows is kept); for a plain matrix,
+    off the diagonal (non-finite or zero ``K_ii``).
 
     Returns
     -------
@@ -245,13 +269,16 @@ def nonfinite_or_zero(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str],
     excluded : tuple of (int, str)
     """
     finite, nonfinite = finite_rows(K)
-    zero = finite & (np.diag(K) == 0)
+    zero = finite & (row_norms(K) == 0)
     excluded = sorted(nonfinite + tuple((int(i), "zero norm") for i in np.flatnonzero(zero)))
     return finite & ~zero, tuple(excluded)
 
 
 def finite_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
-    """Inputs with finite values, read off the Gram diagonal (zero rows are kept).
+    """Inputs with finite values (zero rows are kept).
+
+    Read from the data for a :class:`~flagagg._gram.Gram`, off the diagonal
+    of a plain matrix (where an overflowing norm counts as non-finite).
 
     Returns
     -------
@@ -259,24 +286,143 @@ def finite_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]
     excluded : tuple of (int, str)
         The other inputs, with the reason.
     """
-    finite = np.isfinite(np.diag(K))
-    return finite, tuple((int(i), NONFINITE) for i in np.flatnonzero(~finite))
+    G = _exact(K)
+    finite = G.finite.copy() if G is not None else np.isfinite(np.diag(K))
+    why = NONFINITE if G is None else "non-finite values (NaN or Inf)"
+    return finite, tuple((int(i), why) for i in np.flatnonzero(~finite))
 
 
-def sq_distances(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
-    """Squared distances ``||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij`` from the Gram matrix.
+def row_norms(K: np.ndarray) -> np.ndarray:
+    """Norms ``||y_i||`` of the rows ``K`` is the Gram of, without overflow or underflow.
+
+    NaN for non-finite inputs. (For a shifted Gram these are the norms of
+    the shifted rows: callers that need the inputs' norms use an unshifted
+    Gram.)
+    """
+    G = _exact(K)
+    if G is not None and G.scaled is not None:
+        with np.errstate(invalid="ignore", over="ignore"):
+            n = np.ldexp(np.sqrt(np.maximum(np.diag(G.scaled), 0.0)), G.exponents)
+    else:
+        with np.errstate(invalid="ignore"):
+            n = np.sqrt(np.maximum(np.diag(np.asarray(K)), 0.0))
+    finite, _ = finite_rows(K)
+    return np.where(finite, n, np.nan)
+
+
+def normalized_gram(K: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """``K_ij / (||y_i|| ||y_j||)`` for the inputs ``idx`` (finite, non-zero), symmetric.
+
+    Computed from the scaled form when ``K`` has one, so inputs of any
+    magnitude have exact cosines.
+    """
+    G = _exact(K)
+    S = np.asarray(G.scaled if G is not None and G.scaled is not None else K)[np.ix_(idx, idx)]
+    n = np.sqrt(np.diag(S))
+    Kn = S / np.outer(n, n)
+    return (Kn + Kn.T) / 2
+
+
+def distance_exponent(K: np.ndarray) -> int:
+    """A power of two ``E`` that puts the inputs' distances in range: ``D2 / 4^E``.
+
+    0 unless ``K`` carries a scaled form; then the median exponent of the
+    finite inputs (a minority of huge or tiny inputs cannot move it).
+    """
+    G = _exact(K)
+    if G is None or G.scaled is None or not G.finite.any():
+        return 0
+    return int(np.median(G.exponents[G.finite]))
+
+
+def unit_gram(K: np.ndarray, E: int) -> np.ndarray:
+    """The Gram in units of ``2^E``: ``K / 4^E``, from the scaled form when there is one."""
+    G = _exact(K)
+    if G is None or G.scaled is None:
+        return np.ldexp(np.asarray(K), -2 * E) if E else np.asarray(K)
+    e = G.exponents - E
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        return np.ldexp(G.scaled, e[:, None] + e[None, :])
+
+
+def sq_distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.ndarray:
+    """Squared distances ``||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij``, in units of ``2^exponent``.
 
     Round-off can make the expression slightly negative; it is clipped at
     0. Pairs involving a non-finite input are ``+inf`` (such an input is
     farther from everything than any finite one) and the diagonal is 0.
+    With a scaled :class:`~flagagg._gram.Gram` each pair is formed at the
+    scale of its larger input and saturates to ``+inf`` only when the
+    distance itself overflows (in units of ``2^exponent``; see
+    :func:`distance_exponent` for callers that only compare distances).
+    Distances are exact for a shifted Gram: the shift cancels.
     """
-    d = np.diag(K)
-    with np.errstate(invalid="ignore", over="ignore"):
-        D2 = np.maximum(d[:, None] + d[None, :] - 2.0 * K, 0.0)
+    G = _exact(K)
+    with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+        if G is not None and G.scaled is not None:
+            e = G.exponents
+            S = G.scaled
+            top = np.maximum(e[:, None], e[None, :])  # pair scale 2^top
+            # Each row's scale relative to the pair's, <= 1.
+            si = np.ldexp(1.0, e[:, None] - top)
+            sj = np.ldexp(1.0, e[None, :] - top)
+            ds = np.diag(S)
+            t = si * si * ds[:, None] + sj * sj * ds[None, :] - 2.0 * si * sj * S
+            D2 = np.ldexp(np.maximum(t, 0.0), 2 * (top - exponent))
+        else:
+            d = np.diag(np.asarray(K))
+            D2 = np.maximum(d[:, None] + d[None, :] - 2.0 * np.asarray(K), 0.0)
+            if exponent:
+                D2 = np.ldexp(D2, -2 * exponent)
     D2[~finite, :] = np.inf
     D2[:, ~finite] = np.inf
     np.fill_diagonal(D2, 0.0)
     return D2
+
+
+def combination_norm(K: np.ndarray, coef: np.ndarray) -> float:
+    """``||sum_i c_i y_i||`` without overflow (0 for an empty combination)."""
+    G = _exact(K)
+    nz = coef != 0
+    if not nz.any():
+        return 0.0
+    if G is None or G.scaled is None:
+        # Inputs with a zero coefficient may be non-finite: 0 * nan must not count.
+        Kz = np.where(nz[:, None] & nz[None, :], np.asarray(K), 0.0)
+        return float(np.sqrt(max(float(coef @ Kz @ coef), 0.0)))
+    e = G.exponents + np.frexp(coef)[1]
+    top = int(e[nz].max())
+    c = np.where(nz, np.ldexp(coef, G.exponents - top), 0.0)
+    return float(np.ldexp(np.sqrt(max(float(c @ np.where(nz[:, None] & nz[None, :], G.scaled,
+                                                          0.0) @ c), 0.0)), top))
+
+
+def transform_gram(K: np.ndarray, M: np.ndarray) -> Gram:
+    """The Gram of the mixed inputs ``M G``: ``M K M^T``, exact for inputs of any magnitude.
+
+    A mixed input that includes a non-finite input (``M_ji != 0``) is
+    non-finite (NaN on its diagonal). The shift of ``K``, if any, carries
+    over when the rows of ``M`` sum to 1.
+    """
+    finite, _ = finite_rows(K)
+    bad = (M[:, ~finite] != 0).any(axis=1)
+    Mf = np.where(finite[None, :], M, 0.0)
+    G = _exact(K)
+    ref = G.ref if G is not None else None
+    if G is None or G.scaled is None:
+        K2 = Mf @ finite_gram(np.asarray(K), finite) @ Mf.T
+        K2[bad, bad] = np.nan
+        return Gram(K2, finite=~bad, ref=ref)
+    # Mixed row j at its own scale 2^f_j: A_ji = M_ji 2^(e_i - f_j), |A| <= 1.
+    with np.errstate(divide="ignore"):
+        e_ji = np.where(Mf != 0, np.frexp(Mf)[1] + G.exponents[None, :], np.iinfo(np.int64).min)
+    f = np.where((Mf != 0).any(axis=1), e_ji.max(axis=1), 0)
+    A = np.ldexp(Mf, G.exponents[None, :] - f[:, None])
+    S2 = A @ finite_gram(G.scaled, finite) @ A.T
+    S2[bad, bad] = np.nan
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        values = np.ldexp(S2, f[:, None] + f[None, :])
+    return Gram(values, finite=~bad, ref=ref, exponents=f, scaled=S2)
 
 
 def finite_gram(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
@@ -285,7 +431,7 @@ def finite_gram(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
     Products with coefficient vectors that are zero on those inputs then
     stay finite (``0 * nan`` would not).
     """
-    return np.where(finite[:, None] & finite[None, :], K, 0.0)
+    return np.where(finite[:, None] & finite[None, :], np.asarray(K), 0.0)
 
 
 def append_input(stack: Stack, extra: Any, rule: str) -> Stack:

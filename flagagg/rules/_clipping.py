@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._array import Stack
+from .._gram import unshifted
 from .._validation import check_choice, check_int, check_real
 from ..backends import Backend
 from ._base import (
@@ -14,9 +15,11 @@ from ._base import (
     GramRule,
     append_input,
     check_f,
+    distance_exponent,
     finite_gram,
     finite_rows,
     nothing_left,
+    unit_gram,
     validate_f,
 )
 from ._result import worker_diagnostics
@@ -163,7 +166,10 @@ class CenteredClipping(GramRule):
         finite, excluded = finite_rows(K)
         if not finite.any():
             raise nothing_left(self.name, K.shape[0], excluded)
-        coef, _ = centered_clipping_gram(K, finite, self.tau, self.n_iter, has_center=False)
+        # In units of 2^E (E = 0 unless the inputs are huge or tiny), tau with them.
+        E = distance_exponent(K)
+        coef, _ = centered_clipping_gram(unit_gram(K, E), finite, float(np.ldexp(self.tau, -E)),
+                                         self.n_iter, has_center=False)
         return coef, {"excluded": excluded, "n_iter": self.n_iter}
 
     def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
@@ -173,20 +179,28 @@ class CenteredClipping(GramRule):
         p = stack.p
         self._check(p)
         aug = append_input(stack, v0, self.name)
-        KA = aug.gram(backend)
-        if not np.isfinite(KA[p, p]):
+        # Every iterate is an affine combination of the inputs and the center,
+        # so the Gram of all of them shifted by a central one serves (exact
+        # distances when they share a large common part).
+        KA = aug.gram(backend, shift=True)
+        finite_all, nonfinite = finite_rows(KA)
+        if not finite_all[p]:
             raise ValueError(f"{self.name}: the center holds NaN or Inf values")
-        finite, excluded = finite_rows(KA[:p, :p])
+        finite = finite_all[:p]
+        excluded = tuple((i, why) for i, why in nonfinite if i < p)
         if not finite.any():
             raise nothing_left(self.name, p, excluded)
-        coef, a = centered_clipping_gram(KA, finite, self.tau, self.n_iter, has_center=True)
+        E = distance_exponent(KA)
+        coef, a = centered_clipping_gram(unit_gram(KA, E), finite, float(np.ldexp(self.tau, -E)),
+                                         self.n_iter, has_center=True)
         e = np.append(coef, a)
         out = aug.combine(backend, e)
-        # <g_i, out> and ||out||^2 from the augmented Gram: no extra pass.
-        KAf = finite_gram(KA, np.append(finite, True))
+        # <g_i, out> and ||out||^2 from the augmented (unshifted) Gram: no extra pass.
+        KU = np.asarray(unshifted(KA))
+        KAf = finite_gram(KU, np.append(finite, True))
         inner = KAf[:p] @ e
         inner[~finite] = np.nan
-        diag = worker_diagnostics(inner, np.diag(KA)[:p], float(e @ KAf @ e), coef, excluded)
+        diag = worker_diagnostics(inner, np.diag(KU)[:p], float(e @ KAf @ e), coef, excluded)
         return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
                                  coefficients=coef, excluded=excluded, n_iter=self.n_iter,
                                  details={"center_weight": a}, **diag)

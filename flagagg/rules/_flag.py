@@ -24,8 +24,17 @@ from typing import Any
 
 import numpy as np
 
+from .._linalg import top_eigh
 from .._validation import check_choice, check_int, check_real
-from ._base import GramRule, nonfinite_or_zero, nothing_left, validate_f
+from ._base import (
+    GramRule,
+    combination_norm,
+    nonfinite_or_zero,
+    normalized_gram,
+    nothing_left,
+    row_norms,
+    validate_f,
+)
 from ._result import AggregationResult
 
 __all__ = ["FlagAggregator", "FlagResult", "flag_aggregate", "solve_gram"]
@@ -178,9 +187,8 @@ class _Terms:
 
 
 def _top(B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """Eigenvalues (descending) and the top-``r`` eigenvectors of symmetric ``B``."""
-    lam, vec = np.linalg.eigh(B)
-    return lam[::-1], vec[:, ::-1][:, :r]
+    """The top-``r`` eigenvalues (descending) and eigenvectors of symmetric ``B``."""
+    return top_eigh(B, r)
 
 
 def solve_gram(
@@ -207,17 +215,18 @@ def solve_gram(
     extras : dict
         The other fields of :class:`FlagResult`.
     """
+    # Norms and cosines from the exact (scaled) form when K has one.
+    keep, excluded = nonfinite_or_zero(K)
+    Kx = K
     K = np.asarray(K, dtype=np.float64)
     p = K.shape[0]
     rescale = _resolve_rescale(rescale, variant)
-    keep, excluded = nonfinite_or_zero(K)
     if not keep.any():
         raise nothing_left("flag", p, excluded)
     idx = np.flatnonzero(keep)
     q = idx.size
-    norms = np.sqrt(np.diag(K)[idx])
-    Kn = K[np.ix_(idx, idx)] / np.outer(norms, norms)
-    Kn = np.clip((Kn + Kn.T) / 2, -1.0, 1.0)
+    norms = row_norms(Kx)[idx]
+    Kn = np.clip(normalized_gram(Kx, idx), -1.0, 1.0)
     np.fill_diagonal(Kn, 1.0)
 
     s, V = np.linalg.eigh(Kn)
@@ -248,9 +257,17 @@ def solve_gram(
         converged = False
         n_iter = 0
         for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-            _, U = _top(terms.matrix(w_node, w_pair), rank)
-            s_node, s_pair = terms.objective_parts(U, eps)
-            history.append(terms.objective(s_node, s_pair))
+            _, U_new = _top(terms.matrix(w_node, w_pair), rank)
+            parts = terms.objective_parts(U_new, eps)
+            value = terms.objective(*parts)
+            if history and value > history[-1]:
+                # The majorisation step cannot increase F in exact arithmetic: a
+                # rise is round-off at the fixed point. Keep the previous subspace.
+                n_iter -= 1
+                converged = True
+                break
+            U, (s_node, s_pair) = U_new, parts
+            history.append(value)
             w_node = s_node ** -0.5
             w_pair = terms.pair_scale * s_pair ** -0.5
             if n_iter > 1:
@@ -275,8 +292,7 @@ def solve_gram(
     coef = np.zeros(p)
     coef[idx] = coef_h / norms
     if rescale == "median_norm":
-        Kk = K[np.ix_(idx, idx)]
-        out_norm = math.sqrt(max(float(coef[idx] @ Kk @ coef[idx]), 0.0))
+        out_norm = combination_norm(Kx, coef)
         if out_norm > 0:
             coef *= float(np.median(norms)) / out_norm
 

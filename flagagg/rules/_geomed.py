@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from .._validation import check_int, check_real
-from ._base import GramRule, check_f, finite_rows, nothing_left, sq_distances, validate_f
+from ._base import (
+    GramRule,
+    check_f,
+    distance_exponent,
+    finite_rows,
+    nothing_left,
+    sq_distances,
+    validate_f,
+)
 
 __all__ = ["GeometricMedian", "weiszfeld_gram"]
 
@@ -106,6 +114,7 @@ class GeometricMedian(GramRule):
 
     name = "geometric_median"
     p_bound = (2, 1)
+    translation_invariant = True
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-6,
                  f: int | None = None) -> None:
@@ -122,9 +131,13 @@ class GeometricMedian(GramRule):
         idx = np.flatnonzero(finite)
         if idx.size == 0:
             raise nothing_left(self.name, p, excluded)
-        D2 = sq_distances(K, finite)[np.ix_(idx, idx)]
+        # Distances in units of 2^E (E = 0 unless the inputs are huge or tiny),
+        # eps with them: the same iterations, exactly.
+        E = distance_exponent(K)
+        D2 = sq_distances(K, finite, E)[np.ix_(idx, idx)]
         c, history, converged = weiszfeld_gram(D2, max_iter=self.max_iter, tol=self.tol,
-                                               eps=self.eps)
+                                               eps=float(np.ldexp(self.eps, -E)))
+        history = np.ldexp(history, E)
         coef = np.zeros(p)
         coef[idx] = c
         return coef, {"excluded": excluded, "n_iter": int(history.size), "converged": converged,

@@ -23,6 +23,7 @@ from ._base import (
     GramRule,
     Rule,
     check_f,
+    distance_exponent,
     finite_rows,
     nothing_left,
     sq_distances,
@@ -104,6 +105,7 @@ class Krum(GramRule):
 
     name = "krum"
     p_bound = (2, 3)
+    translation_invariant = True
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -113,7 +115,7 @@ class Krum(GramRule):
         check_f(self.name, self.f, p, 2 * self.f + 3, "p >= 2f + 3")
         finite, excluded = finite_rows(K)
         _need_finite(self.name, finite, excluded, 1)
-        scores = krum_scores(sq_distances(K, finite), p - self.f - 2)
+        scores = krum_scores(sq_distances(K, finite, distance_exponent(K)), p - self.f - 2)
         i = _lowest(scores, finite)
         coef = np.zeros(p)
         coef[i] = 1.0
@@ -149,6 +151,7 @@ class MultiKrum(GramRule):
 
     name = "multi_krum"
     p_bound = (2, 3)
+    translation_invariant = True
 
     def __init__(self, f: int, m: int | None = None) -> None:
         self.f = validate_f(self.name, f)
@@ -162,7 +165,7 @@ class MultiKrum(GramRule):
             raise ValueError(f"need m <= p for {self.name}: got m={m}, p={p}")
         finite, excluded = finite_rows(K)
         _need_finite(self.name, finite, excluded, 1)
-        scores = krum_scores(sq_distances(K, finite), p - self.f - 2)
+        scores = krum_scores(sq_distances(K, finite, distance_exponent(K)), p - self.f - 2)
         idx = np.flatnonzero(finite)
         chosen = idx[np.argsort(scores[idx], kind="stable")][:m]
         coef = np.zeros(p)
@@ -237,12 +240,13 @@ class Bulyan(Rule):
     def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         p, f = stack.p, self.f
         check_f(self.name, f, p, 4 * f + 3, "p >= 4f + 3")
-        K = stack.gram(backend)
+        K = stack.gram(backend, shift=True)
         finite, excluded = finite_rows(K)
         theta = p - 2 * f
         beta = theta - 2 * f
         _need_finite(self.name, finite, excluded, theta)
-        picks, scores = bulyan_select(sq_distances(K, finite), finite, f, theta)
+        picks, scores = bulyan_select(sq_distances(K, finite, distance_exponent(K)), finite,
+                                       f, theta)
         out = coordinate_aggregate(stack, backend, np.sort(picks), "median", 0, beta)
         return AggregationResult(
             aggregate=out, rule=self.name, backend=backend.name, selected=tuple(picks),

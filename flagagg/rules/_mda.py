@@ -8,7 +8,15 @@ import math
 import numpy as np
 
 from .._validation import check_int
-from ._base import GramRule, check_f, finite_rows, nothing_left, sq_distances, validate_f
+from ._base import (
+    GramRule,
+    check_f,
+    distance_exponent,
+    finite_rows,
+    nothing_left,
+    sq_distances,
+    validate_f,
+)
 
 __all__ = ["MDA", "MDA_MAX_SUBSETS", "min_diameter_subset"]
 
@@ -117,6 +125,7 @@ class MDA(GramRule):
 
     name = "mda"
     p_bound = (2, 1)
+    translation_invariant = True
 
     def __init__(self, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> None:
         self.f = validate_f(self.name, f)
@@ -135,7 +144,8 @@ class MDA(GramRule):
         finite, excluded = finite_rows(K)
         if not finite.any():
             raise nothing_left(self.name, p, excluded)
-        kept, diam2, n_subsets = min_diameter_subset(sq_distances(K, finite), f)
+        E = distance_exponent(K)
+        kept, diam2, n_subsets = min_diameter_subset(sq_distances(K, finite, E), f)
         if not np.isfinite(diam2):
             raise ValueError(
                 f"{self.name}: more than f={f} inputs hold NaN or Inf "
@@ -144,4 +154,5 @@ class MDA(GramRule):
         coef = np.zeros(p)
         coef[kept] = 1.0 / kept.size
         return coef, {"selected": tuple(int(i) for i in kept), "excluded": excluded,
-                      "details": {"diameter": float(np.sqrt(diam2)), "n_subsets": n_subsets}}
+                      "details": {"diameter": float(np.ldexp(np.sqrt(diam2), E)),
+                                  "n_subsets": n_subsets}}

@@ -36,9 +36,11 @@ from ._base import (
     Params,
     Rule,
     check_f,
-    finite_gram,
+    distance_exponent,
     finite_rows,
+    row_norms,
     sq_distances,
+    transform_gram,
     validate_f,
 )
 from ._result import gram_diagnostics
@@ -65,6 +67,10 @@ class PreAggregator(Params):
     def outputs(self, p: int) -> int:
         """Number of mixed inputs the step makes from ``p``."""
         return p
+    # Whether M maps a common translation of the inputs to the same
+    # translation of the outputs (rows of M sum to 1, M chosen from
+    # distances only): then a shifted Gram may be used.
+    translation_equivariant = False
 
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Return the mixing matrix for inputs of Gram matrix ``K``."""
@@ -98,6 +104,7 @@ class NNM(PreAggregator):
 
     name = "nnm"
     p_bound = (2, 1)
+    translation_equivariant = True
 
     def __init__(self, f: int) -> None:
         self.f = validate_f(self.name, f)
@@ -107,7 +114,7 @@ class NNM(PreAggregator):
         p = K.shape[0]
         check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
         finite, _ = finite_rows(K)
-        D2 = sq_distances(K, finite)
+        D2 = sq_distances(K, finite, distance_exponent(K))
         np.fill_diagonal(D2, -1.0)  # an input is its own first neighbour
         k = min(p - self.f, int(finite.sum()))
         A = np.zeros((p, p))
@@ -152,6 +159,7 @@ class Bucketing(PreAggregator):
     """
 
     name = "bucketing"
+    translation_equivariant = True
 
     def __init__(self, s: int = 2, random_state: Any = None) -> None:
         self.s = check_int("s", s, owner=self.name, low=1)
@@ -209,7 +217,7 @@ class Clipping(PreAggregator):
     def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         """Diagonal: ``min(1, tau / ||g_i||)``; 1 for zero and non-finite inputs."""
         finite, _ = finite_rows(K)
-        norms = np.sqrt(np.maximum(np.where(finite, np.diag(K), 0.0), 0.0))
+        norms = np.where(finite, row_norms(K), 0.0)
         tau = self.tau if self.tau is not None else (
             float(np.median(norms[finite])) if finite.any() else 1.0)
         with np.errstate(divide="ignore"):
@@ -269,11 +277,7 @@ def make_pre(spec: Any, f: int | None) -> PreAggregator:
 
 def mixed_gram(K: np.ndarray, M: np.ndarray) -> np.ndarray:
     """Gram matrix ``M K M^T`` of the mixed inputs; non-finite where they mix a non-finite input."""
-    finite, _ = finite_rows(K)
-    K2 = M @ finite_gram(K, finite) @ M.T
-    bad = (M[:, ~finite] != 0).any(axis=1)
-    K2[bad, bad] = np.nan
-    return K2
+    return transform_gram(K, M)
 
 
 class ComposedRule(Rule):
@@ -344,8 +348,18 @@ class ComposedRule(Rule):
         # composed output as theirs.
         self.rule._remember(out)
 
+    def _shift(self) -> bool:
+        """Whether the steps and the rule after them allow a shifted Gram."""
+        if not all(step.translation_equivariant for step in self.pre):
+            return False
+        # A rule run on the materialised mixed inputs reads the data itself;
+        # a Gram-only rule needs to be translation invariant.
+        if isinstance(self.rule, GramRule) and self.rule._gram_only():
+            return self.rule.translation_invariant
+        return True
+
     def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
-        K = stack.gram(backend)
+        K = stack.gram(backend, shift=self._shift())
         finite0, excluded = finite_rows(K)
         M = np.eye(stack.p)
         Kmix = K

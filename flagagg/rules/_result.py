@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .._gram import unshifted
+
 __all__ = ["AggregationResult", "RuleResult", "worker_diagnostics"]
 
 # An input whose cosine with the output is below this pulls the other way.
@@ -186,7 +188,12 @@ def worker_diagnostics(
 
 def gram_diagnostics(K: np.ndarray, coef: np.ndarray,
                      excluded: tuple[tuple[int, str], ...]) -> dict:
-    """:func:`worker_diagnostics` of a linear rule, from the Gram matrix alone (no data pass)."""
+    """:func:`worker_diagnostics` of a linear rule, from the Gram matrix alone (no data pass).
+
+    Inner products with the inputs need the Gram of the inputs themselves,
+    so a shifted Gram (exact distances) hands over its first, unshifted pass.
+    """
+    K = np.asarray(unshifted(K))
     finite = np.isfinite(np.diag(K))
     Kf = np.where(finite[:, None] & finite[None, :], K, 0.0)
     inner = Kf @ coef
