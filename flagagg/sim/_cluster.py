@@ -109,6 +109,17 @@ def _takes_f(flagagg, name):
     return True
 
 
+def _rule_for_attack(aggregate, array, scope):
+    """The rule as a defence-aware attack calls it: torch rows in, a torch row out."""
+    def rule(rows):
+        with scope(), np.errstate(all="ignore"):
+            if array == "numpy":
+                return torch.as_tensor(np.asarray(aggregate(rows.numpy())), dtype=rows.dtype)
+            return aggregate(rows).to(rows.dtype)
+
+    return rule
+
+
 def _loss(model):
     def loss(flat, x, y, shapes):
         params, start = {}, 0
@@ -238,6 +249,10 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
 
         def scope():
             return flagagg.backend(backend)
+
+    if attack.defence_aware:
+        # defence-aware attacks call the rule under test, as the server runs it
+        attack = attack.with_rule(_rule_for_attack(aggregate, array, scope))
 
     for t in steps:
         # minibatches with replacement from each worker's own shard, attacks applied
