@@ -49,11 +49,11 @@ def test_loading_is_offline_repeatable_and_leaves_global_random_state(monkeypatc
 
     monkeypatch.setattr(socket, "socket", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
-    np.random.seed(5)
+    np.random.seed(5)  # noqa: NPY002 - the legacy global state mnist1d seeds
     random.seed(5)
-    before_np, before_py = np.random.get_state()[1].copy(), random.getstate()
+    before_np, before_py = np.random.get_state()[1].copy(), random.getstate()  # noqa: NPY002
     a = sim.load_dataset("mnist1d", n_samples=100)
-    np.testing.assert_array_equal(np.random.get_state()[1], before_np)
+    np.testing.assert_array_equal(np.random.get_state()[1], before_np)  # noqa: NPY002
     assert random.getstate() == before_py
     b = sim.load_dataset("mnist1d", n_samples=100)
     np.testing.assert_array_equal(a.X_train, b.X_train)

@@ -78,7 +78,7 @@ def _stratified_split(y, fraction, rng):
 
 
 def _standardise(X_train, others, image):
-    """Standardise with training statistics: per feature, or per channel for images and sequences."""
+    """Standardise with training statistics: per feature, or per channel (images, sequences)."""
     axes = (0, *range(2, X_train.ndim)) if image else (0,)
     mean = X_train.mean(axis=axes, keepdims=True)
     std = X_train.std(axis=axes, keepdims=True)
@@ -168,11 +168,11 @@ def _load_mnist1d(n_samples):
     # make_dataset seeds NumPy's and Python's global generators (with the
     # published seed); the caller's global random state is put back afterwards.
     # It generates the data and downloads nothing (get_dataset would).
-    np_state, py_state = np.random.get_state(), random.getstate()
+    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
     try:
         data = make_dataset(args)
     finally:
-        np.random.set_state(np_state)
+        np.random.set_state(np_state)  # noqa: NPY002
         random.setstate(py_state)
     x_tr = np.asarray(data["x"], np.float64)[:, None, :]
     x_te = np.asarray(data["x_test"], np.float64)[:, None, :]
