@@ -682,8 +682,8 @@ def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max
     ``||rule(honest rows + f malicious rows) - mean(honest)||``: a grid of
     ``points`` evenly spaced values on ``[z_min, z_max]``, then a
     golden-section search of ``refine`` evaluations between the best grid
-    point's neighbours (the line search of ByzFL's optimal variant of the
-    attack, Allouah et al., 2024).
+    point's neighbours (a bounded line search like that of ByzFL's optimal
+    variant of the attack).
 
     Knowledge model: omniscient and defence-aware (calls the rule under
     test on candidate rows).
@@ -741,8 +741,8 @@ def optimal_fall_of_empires(honest, f, *, rng=None, rule=None, eps_min=0.01, eps
     ``||rule(honest rows + f malicious rows) - mean(honest)||``: a grid of
     ``points`` geometrically spaced values on ``[eps_min, eps_max]``, then
     a golden-section search of ``refine`` evaluations (in log eps) between
-    the best grid point's neighbours (the line search of ByzFL's optimal
-    variant of the attack, Allouah et al., 2024).
+    the best grid point's neighbours (a bounded line search like that of
+    ByzFL's optimal variant of the attack).
 
     Knowledge model: omniscient and defence-aware (calls the rule under
     test on candidate rows).

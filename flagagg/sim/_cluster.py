@@ -92,7 +92,8 @@ def build_rule(rule, f, params=None):
             f"rule {rule!r} is not available in this flagagg: available rules are "
             f"{', '.join(known)}"
         )
-    if "f" not in params and _takes_f(flagagg, rule):
+    # compose() hands f to the pre-aggregation steps and drops it for rules without f
+    if "f" not in params and ("pre" in params or _takes_f(flagagg, rule)):
         params["f"] = int(f)
     return flagagg.get_rule(rule, **params)
 
