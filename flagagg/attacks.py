@@ -13,6 +13,12 @@ Two kinds of fault are modelled.
   reaches the aggregator as it is. Each is a pure function
   ``fault(X, y, *, rng, n_classes, **params) -> (X, y)``.
 
+Adaptive attacks search their parameter every round: ``min_max`` and
+``min_sum`` from the honest rows alone (omniscient), the ``optimal_*``
+variants by calling the rule under test on candidate rows (defence-aware:
+``Attack.defence_aware`` is true and :meth:`Attack.with_rule` binds the
+rule). Each docstring states its cost per round.
+
 Randomness comes only from ``rng`` (a :class:`numpy.random.Generator`, or an
 int seed), drawn in NumPy and then moved to the input's library, so a seed
 gives the same rows for NumPy and PyTorch inputs.
@@ -26,7 +32,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from statistics import NormalDist
 from typing import Any
 
@@ -46,8 +52,12 @@ __all__ = [
     "little_is_enough",
     "little_is_enough_z",
     "mimic",
+    "min_max",
+    "min_sum",
     "no_attack",
     "non_finite",
+    "optimal_fall_of_empires",
+    "optimal_little_is_enough",
     "partial_drop",
     "random_gradients",
     "reverse",
@@ -412,6 +422,375 @@ def non_finite(honest, f, *, rng=None, value=math.nan, own=None):
 
 
 # --------------------------------------------------------------------------
+# adaptive attacks
+#
+# The two Shejwalkar and Houmansadr attacks are omniscient (they read the
+# honest rows); the two "optimal" ones are also defence-aware: they call the
+# rule under test on candidate rows. Their searches are bounded and take no
+# random numbers, so a round's rows depend only on its inputs.
+
+_PERTURBATIONS = ("std", "sign", "unit")
+
+
+def _perturbation(xp, mu, H, kind):
+    """The direction of a Shejwalkar and Houmansadr attack, float64."""
+    if kind == "std":
+        return -xp.std(H, axis=0)
+    if kind == "sign":
+        return -xp.sign(mu)
+    if kind == "unit":
+        norm = float(xp.sqrt(xp.sum(mu * mu)))
+        # a zero mean has no direction; the attack then sends the mean
+        return -mu / norm if norm > 0 else mu * 0.0
+    raise ValueError(f"perturbation must be one of {', '.join(map(repr, _PERTURBATIONS))}: "
+                     f"got {kind!r}")
+
+
+def _largest_feasible(feasible, steps, doublings):
+    """The largest gamma >= 0 with ``feasible(gamma)``, for a feasible set [0, b].
+
+    The upper end is first bracketed by doubling from 1 (at most
+    ``doublings`` times), then bisected ``steps`` times; the value returned
+    was checked feasible. At most ``doublings + steps + 1`` calls.
+    """
+    lo, hi = 0.0, 1.0
+    for _ in range(doublings):
+        if not feasible(hi):
+            break
+        lo, hi = hi, 2.0 * hi
+    else:
+        if feasible(hi):
+            return hi
+    for _ in range(steps):
+        mid = 0.5 * (lo + hi)
+        if feasible(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _check_search(steps, doublings):
+    for label, v in (("steps", steps), ("doublings", doublings)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{label} must be a non-negative int: got {v!r}")
+
+
+def _shejwalkar(honest, f, own, perturbation, steps, doublings, name, objective):
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, name)
+    _check_search(steps, doublings)
+    H = xp.astype(honest, xp.float64)
+    mu = xp.mean(H, axis=0)
+    p = _perturbation(xp, mu, H, perturbation)
+    value, bound = objective(xp, H)
+    gamma = _largest_feasible(lambda g: value(mu + g * p) <= bound, steps, doublings)
+    row = xp.astype(mu + gamma * p, honest.dtype)
+    return _repeat_row(xp, row, f)
+
+
+def _sq_dists(xp, x, H):
+    d = H - x[None, :]
+    return xp.sum(d * d, axis=1)
+
+
+def _pairwise_sq(xp, H):
+    # exact differences, not the Gram identity: rows far from the origin would
+    # lose their small distances to cancellation
+    return xp.stack([_sq_dists(xp, H[i, :], H) for i in range(H.shape[0])])
+
+
+def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, own=None):
+    """Min-Max (Shejwalkar and Houmansadr, 2021): the farthest shift that stays close to all.
+
+    Every faulty worker sends ``mean + gamma * p``, with ``p`` a perturbation
+    direction and ``gamma`` the largest value for which the malicious row is
+    no farther from any honest row than the two farthest honest rows are from
+    each other: ``max_i ||g_m - g_i|| <= max_{i,j} ||g_i - g_j||`` (the
+    NDSS 2021 paper's aggregation-agnostic Min-Max).
+
+    Knowledge model: omniscient (reads the honest gradients of the round);
+    it does not call the rule.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused: the search is deterministic.
+    perturbation : {"std", "sign", "unit"}, default="std"
+        ``p``: minus the coordinate-wise standard deviation of the honest
+        rows, minus the sign of their mean, or minus their mean scaled to
+        unit norm (the paper's inverse std, inverse sign and inverse unit
+        vector).
+    steps : int, default=30
+        Bisection steps once ``gamma`` is bracketed; the result is within
+        ``upper / 2**steps`` of the largest feasible ``gamma``.
+    doublings : int, default=40
+        At most this many doublings from ``gamma = 1`` to bracket it; if
+        ``2**doublings`` is still feasible (e.g. ``p = 0``) it is used.
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` copies of the malicious row. ``gamma = 0`` (the honest mean) is
+        always feasible, so the constraint holds for the rows returned (up
+        to rounding to the input dtype).
+
+    Notes
+    -----
+    Cost: one pass over the honest pairs (``p_honest**2 * n``) and at most
+    ``doublings + steps + 1`` distance checks (``p_honest * n`` each); no
+    rule evaluations. The search runs in float64.
+    """
+    def objective(xp, H):
+        bound = float(xp.max(_pairwise_sq(xp, H)))
+        return (lambda x: float(xp.max(_sq_dists(xp, x, H)))), bound
+
+    return _shejwalkar(honest, f, own, perturbation, steps, doublings, "min_max", objective)
+
+
+def min_sum(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, own=None):
+    """Min-Sum (Shejwalkar and Houmansadr, 2021): a shift whose total squared distance is honest.
+
+    Every faulty worker sends ``mean + gamma * p`` with the largest
+    ``gamma`` for which the malicious row's sum of squared distances to the
+    honest rows is at most the largest such sum of an honest row:
+    ``sum_i ||g_m - g_i||^2 <= max_k sum_i ||g_k - g_i||^2`` (the NDSS 2021
+    paper's aggregation-agnostic Min-Sum).
+
+    Knowledge model: omniscient (reads the honest gradients of the round);
+    it does not call the rule.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused: the search is deterministic.
+    perturbation : {"std", "sign", "unit"}, default="std"
+        The direction ``p``, as for :func:`min_max`.
+    steps : int, default=30
+        Bisection steps once ``gamma`` is bracketed.
+    doublings : int, default=40
+        At most this many doublings from ``gamma = 1`` to bracket it.
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` copies of the malicious row; ``gamma = 0`` is always feasible.
+
+    Notes
+    -----
+    Cost: one pass over the honest pairs and at most ``doublings + steps +
+    1`` distance checks; no rule evaluations. The search runs in float64.
+    """
+    def objective(xp, H):
+        bound = float(xp.max(xp.sum(_pairwise_sq(xp, H), axis=1)))
+        return (lambda x: float(xp.sum(_sq_dists(xp, x, H)))), bound
+
+    return _shejwalkar(honest, f, own, perturbation, steps, doublings, "min_sum", objective)
+
+
+def _golden_max(objective, lo, hi, steps):
+    """Golden-section search for the largest ``objective`` on [lo, hi]: ``steps`` calls."""
+    inv = (math.sqrt(5.0) - 1.0) / 2.0
+    a, b = lo, hi
+    c, d = b - inv * (b - a), a + inv * (b - a)
+    fc, fd = objective(c), objective(d)
+    best = max((fc, -c, c), (fd, -d, d))
+    for _ in range(max(steps - 2, 0)):
+        if fc >= fd:
+            b, d, fd = d, c, fc
+            c = b - inv * (b - a)
+            fc = objective(c)
+            best = max(best, (fc, -c, c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + inv * (b - a)
+            fd = objective(d)
+            best = max(best, (fd, -d, d))
+    return best
+
+
+def _line_search(objective, grid, refine, log):
+    """Maximise ``objective`` over a sorted grid, then refine around the best point.
+
+    Returns ``(value, parameter)``; ties go to the smaller parameter. Calls
+    ``objective`` ``len(grid) + refine`` times at most (``refine`` only when
+    ``refine >= 2``). With ``log`` the refinement works on log(parameter).
+    """
+    scores = [objective(x) for x in grid]
+    k = max(range(len(grid)), key=lambda i: (scores[i], -grid[i]))
+    best = (scores[k], -grid[k], grid[k])
+    if refine >= 2 and len(grid) > 1:
+        lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+        if log and lo > 0:
+            fv, _, y = _golden_max(lambda y: objective(math.exp(y)), math.log(lo),
+                                   math.log(hi), refine)
+            best = max(best, (fv, -math.exp(y), math.exp(y)))
+        else:
+            best = max(best, _golden_max(objective, lo, hi, refine))
+    return best[0], best[2]
+
+
+def _check_grid(name, lo, hi, points, refine, positive):
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and (lo > 0 or not positive)):
+        raise ValueError(f"{name} needs finite bounds with {'0 < ' if positive else ''}min < max: "
+                         f"got ({lo!r}, {hi!r})")
+    if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
+        raise ValueError(f"points must be an int >= 2: got {points!r}")
+    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int: got {refine!r}")
+
+
+def _damage(xp, honest, f, rule, make_row):
+    """The objective of the optimal attacks: ``||rule(honest + f candidates) - mean||``."""
+    if rule is None:
+        raise ValueError(
+            "this attack calls the rule under test and none was given: bind one with "
+            "attack.with_rule(rule) (flagagg.sim.simulate does this itself) or pass rule=..."
+        )
+    mu = xp.mean(honest, axis=0)
+    mu64 = xp.astype(mu, xp.float64)
+
+    def objective(param):
+        rows = xp.concat([honest, _repeat_row(xp, make_row(param), f)], axis=0)
+        out = xp.asarray(rule(rows))
+        d = xp.astype(out, xp.float64) - mu64
+        value = float(xp.sqrt(xp.sum(d * d)))
+        # a rule that returns NaN for these rows is not damaged in a measurable way
+        return value if math.isfinite(value) else -math.inf
+
+    return objective
+
+
+def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max=10.0,
+                             points=11, refine=8, own=None):
+    """A Little Is Enough with ``z`` chosen each round against the rule (Baruch et al., 2019).
+
+    All faulty workers send ``mean - z * std`` of the honest rows, as in
+    :func:`little_is_enough`, but ``z`` maximises
+    ``||rule(honest rows + f malicious rows) - mean(honest)||``: a grid of
+    ``points`` evenly spaced values on ``[z_min, z_max]``, then a
+    golden-section search of ``refine`` evaluations between the best grid
+    point's neighbours (a bounded line search like that of ByzFL's optimal
+    variant of the attack).
+
+    Knowledge model: omniscient and defence-aware (calls the rule under
+    test on candidate rows).
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused: the search is deterministic.
+    rule : callable, optional
+        The rule under test, ``(p, n) array -> (n,) array`` in the library of
+        ``honest``; required (:meth:`Attack.with_rule` binds it). It is
+        called on the honest rows followed by the ``f`` candidate rows.
+    z_min, z_max : float, default=0.0, 10.0
+        The range searched.
+    points : int, default=11
+        Grid size.
+    refine : int, default=8
+        Evaluations of the refinement (0 or 1: none).
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` copies of ``mean - z * std`` for the best ``z`` found (ties go
+        to the smaller ``z``).
+
+    Notes
+    -----
+    Cost: at most ``points + refine`` rule evaluations per round (19 by
+    default) on ``(p_honest + f, n)`` arrays.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "optimal_little_is_enough")
+    _check_grid("optimal_little_is_enough", z_min, z_max, points, refine, positive=False)
+    mu, sigma = xp.mean(honest, axis=0), xp.std(honest, axis=0)
+    if f == 0:
+        return _repeat_row(xp, mu, 0)
+    objective = _damage(xp, honest, f, rule, lambda z: mu - z * sigma)
+    grid = [float(z) for z in np.linspace(z_min, z_max, int(points))]
+    _, z = _line_search(objective, grid, int(refine), log=False)
+    return _repeat_row(xp, mu - z * sigma, f)
+
+
+def optimal_fall_of_empires(honest, f, *, rng=None, rule=None, eps_min=0.01, eps_max=100.0,
+                            points=13, refine=8, own=None):
+    """Fall of Empires with ``eps`` chosen each round against the rule (Xie et al., 2019).
+
+    All faulty workers send ``-eps * mean`` of the honest rows, as in
+    :func:`fall_of_empires`, but ``eps`` maximises
+    ``||rule(honest rows + f malicious rows) - mean(honest)||``: a grid of
+    ``points`` geometrically spaced values on ``[eps_min, eps_max]``, then
+    a golden-section search of ``refine`` evaluations (in log eps) between
+    the best grid point's neighbours (a bounded line search like that of
+    ByzFL's optimal variant of the attack).
+
+    Knowledge model: omniscient and defence-aware (calls the rule under
+    test on candidate rows).
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused: the search is deterministic.
+    rule : callable, optional
+        The rule under test, ``(p, n) array -> (n,) array``; required
+        (:meth:`Attack.with_rule` binds it).
+    eps_min, eps_max : float, default=0.01, 100.0
+        The range searched, ``0 < eps_min < eps_max``.
+    points : int, default=13
+        Grid size (geometric spacing: every third of a decade by default).
+    refine : int, default=8
+        Evaluations of the refinement (0 or 1: none).
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` copies of ``-eps * mean`` for the best ``eps`` found (ties go to
+        the smaller ``eps``).
+
+    Notes
+    -----
+    Cost: at most ``points + refine`` rule evaluations per round (21 by
+    default) on ``(p_honest + f, n)`` arrays.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "optimal_fall_of_empires")
+    _check_grid("optimal_fall_of_empires", eps_min, eps_max, points, refine, positive=True)
+    mu = xp.mean(honest, axis=0)
+    if f == 0:
+        return _repeat_row(xp, mu, 0)
+    objective = _damage(xp, honest, f, rule, lambda eps: -eps * mu)
+    grid = [float(e) for e in np.geomspace(eps_min, eps_max, int(points))]
+    _, eps = _line_search(objective, grid, int(refine), log=True)
+    return _repeat_row(xp, -eps * mu, f)
+
+
+# --------------------------------------------------------------------------
 # data faults
 
 
@@ -512,6 +891,9 @@ class Attack:
         The underlying function.
     params : dict
         The bound parameters (treat as read-only).
+    defence_aware : bool
+        Whether the attack calls the rule under test: it then needs the rule,
+        bound with :meth:`with_rule` (the simulator does this).
     """
 
     name: str
@@ -519,10 +901,30 @@ class Attack:
     omniscient: bool
     func: Callable[..., Any]
     params: Mapping[str, Any] = field(default_factory=dict)
+    defence_aware: bool = False
 
     def __call__(self, *args, **kwargs):
         """Call the attack with the bound parameters."""
         return self.func(*args, **self.params, **kwargs)
+
+    def with_rule(self, rule):
+        """A copy that calls ``rule`` (the rule under test), for defence-aware attacks.
+
+        Parameters
+        ----------
+        rule : callable
+            ``(p, n) array -> (n,) array``, taking arrays of the library the
+            attack is called with.
+
+        Returns
+        -------
+        attack : Attack
+        """
+        if not self.defence_aware:
+            raise TypeError(f"attack {self.name!r} does not call the rule; it takes no rule")
+        if not callable(rule):
+            raise TypeError(f"rule must be callable: got {type(rule).__name__}")
+        return replace(self, params={**self.params, "rule": rule})
 
 
 # name -> (function, kind, omniscient, parameter defaults overriding the function's)
@@ -536,11 +938,20 @@ _REGISTRY: dict[str, tuple[Callable[..., Any], str, bool, dict[str, Any]]] = {
     "little_is_enough": (little_is_enough, "gradient", True, {}),
     "fall_of_empires": (fall_of_empires, "gradient", True, {}),
     "mimic": (mimic, "gradient", True, {}),
+    "min_max": (min_max, "gradient", True, {}),
+    "min_sum": (min_sum, "gradient", True, {}),
+    "optimal_little_is_enough": (optimal_little_is_enough, "gradient", True, {}),
+    "optimal_fall_of_empires": (optimal_fall_of_empires, "gradient", True, {}),
     "nan": (non_finite, "gradient", False, {}),
     "inf": (non_finite, "gradient", False, {"value": math.inf}),
     "label_flip": (label_flip, "data", False, {}),
     "distorted_data": (distorted_data, "data", False, {}),
 }
+
+
+# attacks that call the rule under test (their ``rule`` is a call argument,
+# bound by Attack.with_rule, not a tunable parameter)
+_DEFENCE_AWARE = frozenset({"optimal_little_is_enough", "optimal_fall_of_empires"})
 
 
 def available_attacks(kind=None):
@@ -574,6 +985,8 @@ def attack_parameters(name):
     """
     func, kind, _, overrides = _lookup(name)
     call = _DATA_CALL if kind == "data" else _GRADIENT_CALL
+    if name in _DEFENCE_AWARE:
+        call = (*call, "rule")
     sig = inspect.signature(func)
     defaults = {
         k: v.default
@@ -629,4 +1042,4 @@ def get_attack(name, **params):
             f"its parameters are {known}"
         )
     bound = {**overrides, **params}
-    return Attack(name, kind, omniscient, func, bound)
+    return Attack(name, kind, omniscient, func, bound, defence_aware=name in _DEFENCE_AWARE)

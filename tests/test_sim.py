@@ -126,7 +126,7 @@ def test_partitions_cover_every_sample_once(digits):
 
 def test_models():
     x = torch.zeros(4, 1, 8, 8)
-    for name in sim.MODELS:
+    for name in (m for m in sim.MODELS if m != "cnn1d"):  # cnn1d: tests/test_mnist1d.py
         model = sim.init_parameters(sim.make_model(name, (1, 8, 8), 10), 0)
         assert model(x).shape == (4, 10)
     a = sim.init_parameters(sim.make_model("mlp", (64,), 10), 3)

@@ -96,6 +96,17 @@ def build_rule(rule, f, params=None):
     return flagagg.get_rule(rule, **params)
 
 
+def _rule_for_attack(aggregate, array, scope):
+    """The rule as a defence-aware attack calls it: torch rows in, a torch row out."""
+    def rule(rows):
+        with scope(), np.errstate(all="ignore"):
+            if array == "numpy":
+                return torch.as_tensor(np.asarray(aggregate(rows.numpy())), dtype=rows.dtype)
+            return aggregate(rows).to(rows.dtype)
+
+    return rule
+
+
 def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, attack_params=None,
              workers=15, model="logreg", model_params=None, partition_method="iid", alpha=0.5,
              rounds=150, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, seed=0,
@@ -203,6 +214,10 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
 
         def scope():
             return flagagg.backend(backend)
+
+    if attack.defence_aware:
+        # defence-aware attacks call the rule under test, as the server runs it
+        attack = attack.with_rule(_rule_for_attack(aggregate, array, scope))
 
     for t in steps:
         # minibatches with replacement from each worker's own shard, attacks applied

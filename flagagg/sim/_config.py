@@ -111,7 +111,7 @@ class ExperimentConfig:
     test_fraction: float = 0.25
     validation_fraction: float = 0.15
     max_train: int | None = None
-    n_samples: int = 2000
+    n_samples: int | None = None
     n_features: int = 20
     n_classes: int = 4
     workers: int = 15
@@ -320,7 +320,7 @@ _CHECKS = {
     "test_fraction": _float(0, 1, lo_open=True, hi_open=True),
     "validation_fraction": _float(0, 1, lo_open=True, hi_open=True),
     "max_train": _optional(_int(1), zero=True),
-    "n_samples": _int(20),
+    "n_samples": _optional(_int(20)),
     "n_features": _int(2),
     "n_classes": _int(2),
     "workers": _int(2),
@@ -463,6 +463,11 @@ def _cross_check(c):
         raise ConfigError(
             f"{src}: [model] 'cnn' needs image data but dataset {c.dataset!r} is tabular; "
             "use model = 'logreg' or 'mlp'"
+        )
+    if c.model == "cnn1d" and DATASETS[c.dataset][0] != "sequence":
+        raise ConfigError(
+            f"{src}: [model] 'cnn1d' needs sequence data (e.g. dataset = 'mnist1d') but "
+            f"dataset {c.dataset!r} is {DATASETS[c.dataset][0]}; use 'cnn', 'logreg' or 'mlp'"
         )
     bad_f = [f for f in c.f if f >= c.workers]
     if bad_f:

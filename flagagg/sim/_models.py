@@ -1,4 +1,4 @@
-"""PyTorch models of the simulated cluster: logistic regression, MLP, small CNN."""
+"""PyTorch models of the simulated cluster: logistic regression, MLP, small CNNs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 __all__ = ["MODELS", "init_parameters", "make_model"]
 
-MODELS = ("logreg", "mlp", "cnn")
+MODELS = ("logreg", "mlp", "cnn", "cnn1d")
 
 
 def make_model(name, input_shape, n_classes, *, hidden=64, channels=(16, 32)):
@@ -18,18 +18,24 @@ def make_model(name, input_shape, n_classes, *, hidden=64, channels=(16, 32)):
 
     Parameters
     ----------
-    name : {"logreg", "mlp", "cnn"}
+    name : {"logreg", "mlp", "cnn", "cnn1d"}
         ``"logreg"``: softmax regression; ``"mlp"``: one hidden ReLU layer;
         ``"cnn"``: two 3x3 convolution + ReLU + 2x2 max-pool blocks and a
-        linear layer (image data only).
+        linear layer (image data only); ``"cnn1d"``: one 1-D convolution of
+        stride 2 and padding 1 + ReLU per entry of ``channels`` (kernel 5,
+        then 3) and a linear layer (sequence data, ``(channels, length)``;
+        with ``channels=(25, 25, 25)`` it has the shape of the MNIST-1D
+        paper's CNN, Greydanus 2020).
     input_shape : tuple of int
-        Shape of one input, ``(d,)`` or ``(channels, height, width)``.
+        Shape of one input, ``(d,)``, ``(channels, length)`` or
+        ``(channels, height, width)``.
     n_classes : int
         Number of outputs.
     hidden : int, default=64
         Width of the MLP's hidden layer.
-    channels : tuple of two int, default=(16, 32)
-        Channels of the CNN's convolutions.
+    channels : tuple of int, default=(16, 32)
+        Channels of the CNN's convolutions (two for ``"cnn"``, one or more
+        for ``"cnn1d"``).
 
     Returns
     -------
@@ -55,7 +61,32 @@ def make_model(name, input_shape, n_classes, *, hidden=64, channels=(16, 32)):
             nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), n_classes),
         )
+    if name == "cnn1d":
+        return _cnn1d(input_shape, n_classes, channels)
     raise ValueError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")
+
+
+def _cnn1d(input_shape, n_classes, channels):
+    if len(input_shape) != 2:
+        raise ValueError(
+            f"model 'cnn1d' needs sequences of shape (channels, length): got inputs of shape "
+            f"{tuple(input_shape)}; use 'cnn' for images, 'logreg' or 'mlp' for tabular data"
+        )
+    if len(channels) < 1:
+        raise ValueError("model 'cnn1d' needs at least one entry in channels")
+    c, length = input_shape
+    layers = []
+    for i, out in enumerate(channels):
+        kernel = 5 if i == 0 else 3
+        layers += [nn.Conv1d(c, int(out), kernel, stride=2, padding=1), nn.ReLU()]
+        length = (length + 2 - kernel) // 2 + 1
+        c = int(out)
+        if length < 1:
+            raise ValueError(
+                f"model 'cnn1d': inputs of length {input_shape[1]} are too short for "
+                f"{len(channels)} convolutions of stride 2; use fewer channels entries"
+            )
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * length, n_classes))
 
 
 def init_parameters(model, rng):
@@ -79,7 +110,7 @@ def init_parameters(model, rng):
     rng = np.random.default_rng(rng)
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
                 bound = 1.0 / math.sqrt(module.weight[0].numel())
                 for param in (module.weight, module.bias):
                     if param is not None:
