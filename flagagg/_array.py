@@ -160,14 +160,55 @@ class Stack:
         # and excluded by the rules, so NumPy's warnings would only be noise.
         with np.errstate(invalid="ignore", over="ignore"):
             for leaf in self.leaves:
-                for _, _, block in self.blocks(leaf):
-                    K += backend.gram(block)
+                if leaf.block is not None:
+                    K += backend.gram(leaf.block)
+            row_leaves = self.row_leaves()
+            if row_leaves:
+                K += backend.gram_rows(row_leaves)
         return K
 
     def combine(self, backend: Any, coef: np.ndarray) -> Any:
         """Return ``sum_i coef[i] * g_i`` in the input's structure, library, device and dtype."""
         coef = np.ascontiguousarray(coef, dtype=np.float64)
-        return self.map_columns(lambda block: backend.combine(coef, block))
+        return self.map_leaves(lambda block: backend.combine(coef, block),
+                               lambda leaves: backend.combine_rows(coef, leaves))
+
+    def row_leaves(self) -> list[list[Array]]:
+        """The rows of every leaf given as ``p`` rows, in leaf order."""
+        return [leaf.rows for leaf in self.leaves if leaf.rows is not None]
+
+    def coordinate_stat(self, backend: Any, rows: np.ndarray, center: str, trim: int,
+                        k: int) -> Any:
+        """The per-coordinate statistic of the inputs ``rows``, in the input's structure."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        return self.map_leaves(
+            lambda block: backend.coordinate_stat(block, rows, center, trim, k),
+            lambda leaves: backend.coordinate_stat_rows(leaves, rows, center, trim, k))
+
+    def map_leaves(self, block_fn: Callable[[Array], Array],
+                   rows_fn: Callable[[list[list[Array]]], list[Array]]) -> Any:
+        """Apply a column-wise kernel to every leaf and rebuild the input's structure.
+
+        ``block_fn(block) -> (m,) array`` runs on each leaf given as one
+        block; ``rows_fn(leaves) -> list of (m,) arrays`` runs once on all
+        leaves given as rows (so the per-row kernels see them together).
+        Each output is cast to its leaf's dtype and reshaped.
+        """
+        row_leaves = self.row_leaves()
+        row_outs = iter(rows_fn(row_leaves) if row_leaves else [])
+        outs = [block_fn(leaf.block) if leaf.block is not None else next(row_outs)
+                for leaf in self.leaves]
+        return self._finish(outs)
+
+    def _finish(self, outs: list[Array]) -> Any:
+        xp = self.xp
+        shaped = []
+        for leaf, out in zip(self.leaves, outs, strict=True):
+            target = getattr(xp, leaf.dtype_name)
+            if out.dtype != target:
+                out = xp.astype(out, target)
+            shaped.append(xp.reshape(out, leaf.shape))
+        return self.unflatten(shaped)
 
     def map_columns(self, fn: Callable[[Array], Array]) -> Any:
         """Apply a column-wise kernel ``fn(block) -> (m,) array`` to every leaf.
