@@ -70,6 +70,10 @@ def row_tables(leaves, eligible, address, kernel_dtype):
     rest : list of int
         Positions of the leaves left for the generic path.
     """
+    cache = getattr(leaves, "cache", None)
+    key = (eligible, address, kernel_dtype)
+    if cache is not None and key in cache:
+        return cache[key]
     groups: dict = {}
     rest = []
     for j, rows in enumerate(leaves):
@@ -84,6 +88,10 @@ def row_tables(leaves, eligible, address, kernel_dtype):
         sizes = np.array([int(leaves[j][0].shape[0]) for j in index], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         tables.append(RowTable(index, ptrs, offsets, dt, [leaves[j] for j in index]))
+    if cache is not None:
+        # Kept with the leaves (a Stack's RowLeaves): the Gram and the
+        # combination passes of one aggregation share the tables.
+        cache[key] = (tables, rest)
     return tables, rest
 
 

@@ -224,12 +224,19 @@ def _cpu_tables(leaves: list) -> tuple[list, list]:
         return [], list(range(len(leaves)))
     from ._rows import row_tables
 
-    return row_tables(
-        leaves,
-        lambda r: r.device.type == "cpu" and r.dim() == 1 and r.is_contiguous(),
-        lambda r: r.data_ptr(),
-        lambda r: _KERNEL_NP.get(r.dtype),
-    )
+    return row_tables(leaves, _cpu_row_ok, _address, _kernel_dtype)
+
+
+def _cpu_row_ok(row: torch.Tensor) -> bool:
+    return row.device.type == "cpu" and row.dim() == 1 and row.is_contiguous()
+
+
+def _address(row: torch.Tensor) -> int:
+    return row.data_ptr()
+
+
+def _kernel_dtype(row: torch.Tensor) -> Any:
+    return _KERNEL_NP.get(row.dtype)
 
 
 BACKEND = TorchBackend()
