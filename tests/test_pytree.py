@@ -37,8 +37,8 @@ def stacked(p=P, f=F, seed=0, dtype="float32", offset=0.0, nan_row=False):
 def split(G, to=np.array):
     """Row i of G as worker i's list of per-layer arrays (separate copies, not views)."""
     offs = np.cumsum([0] + [int(np.prod(s)) for s in SHAPES])
-    return [[to(np.array(g[a:b]).reshape(s)) for a, b, s in zip(offs[:-1], offs[1:], SHAPES)]
-            for g in G]
+    bounds = list(zip(offs[:-1], offs[1:], SHAPES, strict=True))
+    return [[to(np.array(g[a:b]).reshape(s)) for a, b, s in bounds] for g in G]
 
 
 def joined(tree, lib):
