@@ -10,6 +10,7 @@ shape ``(p, m)`` and the output is rebuilt in the input's structure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -516,7 +517,7 @@ def _stack_from_trees(trees: list[Any]) -> Stack:
                 )
             column = [_check_dtype(xp, a, f"{path or 'input'} of input {i}")
                       for i, a in enumerate(column)]
-        if int(np.prod(shape, dtype=np.int64)) == 0:
+        if math.prod(shape) == 0:
             continue
         rows = [flat_row(a) for a in column]
         leaves.append(Leaf(shape, dtype_name(xp, rows[0].dtype), rows=rows))
@@ -528,7 +529,7 @@ def _stack_from_trees(trees: list[Any]) -> Stack:
         it_outs = iter(outs)
         full = []
         for a0 in flat0:
-            if int(np.prod(a0.shape, dtype=np.int64)) == 0:
+            if math.prod(a0.shape) == 0:
                 full.append(xp.zeros(tuple(a0.shape), dtype=a0.dtype, device=dev))
             else:
                 full.append(next(it_outs))

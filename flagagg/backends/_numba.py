@@ -279,8 +279,7 @@ def _numpy_row_ok(row: np.ndarray) -> bool:
     return row.ndim == 1 and row.flags.c_contiguous and row.flags.aligned
 
 
-def _numpy_address(row: np.ndarray) -> int:
-    return row.__array_interface__["data"][0]
+_numpy_address = nk.address
 
 
 def _numpy_kernel_dtype(row: np.ndarray):

@@ -585,3 +585,9 @@ def _coordinate_stat_rows(ptrs, like, offsets, items, rows, net_i, net_j, mode, 
                 dst[c] = v if v == v else np.float32(np.inf)
         start = offsets[leaf] + c0
         _stat_of_sorted_block(buf, w, net_i, net_j, mode, trim, k, block, out[start:start + w])
+
+
+@numba.njit(cache=True, nogil=True)
+def address(x):
+    """Data address of a NumPy array (jitted: ~10x cheaper than ``__array_interface__``)."""
+    return x.ctypes.data
