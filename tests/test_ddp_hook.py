@@ -189,3 +189,39 @@ def test_bytes_sent_per_rank(ddp_runs):
            for k, v in ddp_runs[0].items() if k != "n"})
     if min(written.values()) > 0:  # /proc/self/io counts socket writes on Linux
         assert written["attacked_gather_flag"] > 1.2 * written["attacked_sharded_flag"]
+
+
+def _nccl_worker(rank, store, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg.torch as fat
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    results = {}
+    for rule, mode in (("flag", "sharded"), ("median", "sharded"), ("median", "gather")):
+        model = DDP(_model().cuda(), device_ids=[0], bucket_cap_mb=0.004)
+        ref = _model().cuda()
+        state, hook = fat.ddp_comm_hook(rule, mode)
+        model.register_comm_hook(state, hook)
+        X, y = _data(0, 64)
+        for net in (model, ref):
+            torch.nn.functional.cross_entropy(net(X.cuda()), y.cuda()).backward()
+        # One rank: the robust aggregate of one gradient is that gradient.
+        results[f"{rule}-{mode}"] = all(
+            q.grad.device.type == "cuda" and torch.allclose(q.grad, r.grad, rtol=1e-5, atol=1e-6)
+            for q, r in zip(model.parameters(), ref.parameters(), strict=True))
+    with open(out, "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(),
+                    reason="no CUDA device (the NCCL path never runs on CPU-only machines)")
+def test_nccl_hook_on_one_gpu(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nccl_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=1)
+    with open(tmp_path / "out") as fh:
+        results = json.load(fh)
+    assert all(results.values()), results
