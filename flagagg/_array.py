@@ -10,6 +10,7 @@ shape ``(p, m)`` and the output is rebuilt in the input's structure.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from array_api_compat import (
     is_torch_array,
 )
 
-__all__ = ["Leaf", "Stack", "array_library", "as_stack", "dtype_name", "to_numpy"]
+__all__ = ["Leaf", "RowLeaves", "Stack", "array_library", "as_stack", "dtype_name", "to_numpy"]
 
 Array = Any
 
@@ -108,6 +109,14 @@ class Leaf:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+class RowLeaves(list):
+    """A list of leaves (each a list of ``p`` rows) with a ``cache`` dict for the backends."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.cache: dict = {}
+
+
 @dataclass
 class Stack:
     """The ``p`` inputs of one aggregation, as leaves plus the structure to rebuild.
@@ -175,8 +184,17 @@ class Stack:
         # and excluded by the rules, so NumPy's warnings would only be noise.
         with np.errstate(invalid="ignore", over="ignore"):
             for leaf in self.leaves:
-                for _, _, block in self.blocks(leaf):
-                    K += backend.gram(block, **kwargs)
+                if kwargs:
+                    # The shifted or scaled pass (rare: ill-conditioned or extreme
+                    # inputs) reads every leaf in stacked chunks; the per-row
+                    # kernels have no reference row or scale.
+                    for _, _, block in self.blocks(leaf):
+                        K += backend.gram(block, **kwargs)
+                elif leaf.block is not None:
+                    K += backend.gram(leaf.block)
+            row_leaves = None if kwargs else self.row_leaves()
+            if row_leaves:
+                K += backend.gram_rows(row_leaves)
         return K
 
     def row_absmax(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +222,54 @@ class Stack:
     def combine(self, backend: Any, coef: np.ndarray) -> Any:
         """Return ``sum_i coef[i] * g_i`` in the input's structure, library, device and dtype."""
         coef = np.ascontiguousarray(coef, dtype=np.float64)
-        return self.map_columns(lambda block: backend.combine(coef, block))
+        return self.map_leaves(lambda block: backend.combine(coef, block),
+                               lambda leaves: backend.combine_rows(coef, leaves))
+
+    def row_leaves(self) -> RowLeaves:
+        """The rows of every leaf given as ``p`` rows, in leaf order.
+
+        The same object on every call, so that a backend can keep what it
+        derives from the rows (address tables) in its ``cache`` between the
+        passes of one aggregation.
+        """
+        cached = self.__dict__.get("_row_leaves")
+        if cached is None:
+            cached = RowLeaves(leaf.rows for leaf in self.leaves if leaf.rows is not None)
+            self.__dict__["_row_leaves"] = cached
+        return cached
+
+    def coordinate_stat(self, backend: Any, rows: np.ndarray, center: str, trim: int,
+                        k: int) -> Any:
+        """The per-coordinate statistic of the inputs ``rows``, in the input's structure."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        return self.map_leaves(
+            lambda block: backend.coordinate_stat(block, rows, center, trim, k),
+            lambda leaves: backend.coordinate_stat_rows(leaves, rows, center, trim, k))
+
+    def map_leaves(self, block_fn: Callable[[Array], Array],
+                   rows_fn: Callable[[list[list[Array]]], list[Array]]) -> Any:
+        """Apply a column-wise kernel to every leaf and rebuild the input's structure.
+
+        ``block_fn(block) -> (m,) array`` runs on each leaf given as one
+        block; ``rows_fn(leaves) -> list of (m,) arrays`` runs once on all
+        leaves given as rows (so the per-row kernels see them together).
+        Each output is cast to its leaf's dtype and reshaped.
+        """
+        row_leaves = self.row_leaves()
+        row_outs = iter(rows_fn(row_leaves) if row_leaves else [])
+        outs = [block_fn(leaf.block) if leaf.block is not None else next(row_outs)
+                for leaf in self.leaves]
+        return self._finish(outs)
+
+    def _finish(self, outs: list[Array]) -> Any:
+        xp = self.xp
+        shaped = []
+        for leaf, out in zip(self.leaves, outs, strict=True):
+            target = getattr(xp, leaf.dtype_name)
+            if out.dtype != target:
+                out = xp.astype(out, target)
+            shaped.append(xp.reshape(out, leaf.shape))
+        return self.unflatten(shaped)
 
     def map_columns(self, fn: Callable[[Array], Array]) -> Any:
         """Apply a column-wise kernel ``fn(block) -> (m,) array`` to every leaf.
@@ -232,45 +297,17 @@ class Stack:
         return self.unflatten(outs)
 
 
+# Types already seen to be arrays: the check runs once per leaf of every input.
+_ARRAY_TYPES: set[type] = {np.ndarray}
+
+
 def _is_array(x: Any) -> bool:
-    return is_array_api_obj(x) and hasattr(x, "shape")
-
-
-def _flatten(tree: Any, path: str, out: list[tuple[str, Array]]) -> Callable[[Iterator], Any]:
-    """Flatten a pytree into ``out``; return a function rebuilding it from leaves."""
-    if _is_array(tree):
-        out.append((path, tree))
-        return lambda it: next(it)
-    if isinstance(tree, Mapping):
-        keys = list(tree)
-        builders = [_flatten(tree[k], f"{path}[{k!r}]", out) for k in keys]
-        kind = type(tree) if type(tree) is not dict else dict
-
-        def build_map(it: Iterator) -> Any:
-            return kind((k, b(it)) for k, b in zip(keys, builders, strict=True))
-
-        return build_map
-    if isinstance(tree, (list, tuple)):
-        builders = [_flatten(item, f"{path}[{i}]", out) for i, item in enumerate(tree)]
-        kind = list if isinstance(tree, list) else tuple
-
-        def build_seq(it: Iterator) -> Any:
-            return kind(b(it) for b in builders)
-
-        return build_seq
-    raise TypeError(
-        f"unsupported leaf {path or 'input'} of type {type(tree).__name__}: pytree leaves "
-        "must be arrays (NumPy, PyTorch, CuPy or array-API); containers may be lists, "
-        "tuples or dicts"
-    )
-
-
-def _structure(tree: Any) -> Any:
-    if _is_array(tree):
-        return None
-    if isinstance(tree, Mapping):
-        return (dict, tuple((k, _structure(v)) for k, v in tree.items()))
-    return (type(tree).__name__, tuple(_structure(v) for v in tree))
+    if type(x) in _ARRAY_TYPES:
+        return True
+    if is_array_api_obj(x) and hasattr(x, "shape"):
+        _ARRAY_TYPES.add(type(x))
+        return True
+    return False
 
 
 def _common_namespace(arrays: Sequence[Array]) -> Any:
@@ -354,49 +391,178 @@ def _stack_from_array(G: Array) -> Stack:
     return Stack(p, [leaf], xp, array_library(G), device(G), G, lambda outs: outs[0])
 
 
+def _path_text(path: tuple) -> str:
+    return "".join(f"[{k!r}]" for k in path)
+
+
+def _register_container(kind: type) -> None:
+    """Teach optree a Mapping or Sequence type it does not know, rebuilt as its own type."""
+    import optree
+
+    if issubclass(kind, Mapping):
+        def flatten(tree: Any) -> tuple:
+            keys = list(tree)
+            try:
+                # Like dicts in optree: the same keys in any order flatten alike.
+                keys = sorted(keys)
+            except TypeError:
+                pass
+            return [tree[k] for k in keys], tuple(keys), keys
+
+        def unflatten(keys: tuple, children: Any) -> Any:
+            return kind(dict(zip(keys, children, strict=True)))
+    else:
+        def flatten(tree: Any) -> tuple:
+            children = list(tree)
+            return children, None, list(range(len(children)))
+
+        def unflatten(_: None, children: Any) -> Any:
+            return kind(list(children))
+
+    optree.register_pytree_node(kind, flatten, unflatten, namespace=_NAMESPACE)
+
+
+# optree namespace of the container types flagagg registers itself.
+_NAMESPACE = "flagagg"
+
+
+def _flatten_tree(tree: Any, i: int) -> tuple[list[Any], Any]:
+    """Leaves (arrays, ``None`` nodes dropped) and treespec of one input's pytree.
+
+    Dicts, OrderedDicts, defaultdicts, lists, tuples and NamedTuples are
+    optree's own; other Mapping and Sequence types are registered on first
+    sight so that the output is rebuilt as their type.
+    """
+    import optree
+
+    while True:
+        leaves, spec = optree.tree_flatten(tree, namespace=_NAMESPACE)
+        others = [x for x in leaves if not _is_array(x)]
+        unknown = {type(x) for x in others
+                   if isinstance(x, (Mapping, Sequence)) and not isinstance(x, (str, bytes))}
+        if not unknown:
+            break
+        for kind in unknown:
+            _register_container(kind)
+    if not others:
+        return leaves, spec
+    for path, x in zip(optree.tree_paths(tree, namespace=_NAMESPACE), leaves, strict=True):
+        if not _is_array(x):
+            raise TypeError(
+                f"unsupported leaf {_path_text(path) or 'input'} of input {i} of type "
+                f"{type(x).__name__}: pytree leaves must be arrays (NumPy, PyTorch, CuPy or "
+                "array-API) or None; containers may be lists, tuples, dicts, NamedTuples or "
+                "other Mapping/Sequence types"
+            )
+    return leaves, spec
+
+
+def _structure_mismatch(tree0: Any, tree: Any, i: int) -> list[int] | None:
+    """How input ``i``'s leaves map onto input 0's when only the order of keys differs.
+
+    Returns the permutation (positions in input ``i``'s leaves, in input
+    0's order), or raises a ValueError naming the first leaf that differs.
+    """
+    import optree
+
+    paths0 = optree.tree_paths(tree0, namespace=_NAMESPACE)
+    paths = optree.tree_paths(tree, namespace=_NAMESPACE)
+    where = {path: j for j, path in enumerate(paths)}
+    if len(paths) == len(paths0) and all(path in where for path in paths0):
+        return [where[path] for path in paths0]
+    none0 = set(optree.tree_paths(tree0, none_is_leaf=True, namespace=_NAMESPACE)) - set(paths0)
+    none = set(optree.tree_paths(tree, none_is_leaf=True, namespace=_NAMESPACE)) - set(paths)
+    missing = [path for path in paths0 if path not in where]
+    extra = [path for path in paths if path not in set(paths0)]
+    if missing and missing[0] in none:
+        detail = (f"leaf {_path_text(missing[0])} is None in input {i} but an array in input 0; "
+                  "a leaf without a gradient (frozen or unused parameter) must be None for every "
+                  "input, or pass zeros")
+    elif extra and extra[0] in none0:
+        detail = (f"leaf {_path_text(extra[0])} is None in input 0 but an array in input {i}; "
+                  "a leaf without a gradient (frozen or unused parameter) must be None for every "
+                  "input, or pass zeros")
+    elif missing:
+        detail = f"input {i} has no leaf {_path_text(missing[0])}"
+    else:
+        detail = f"input 0 has no leaf {_path_text(extra[0])}"
+    raise ValueError(
+        f"input {i} has a different structure from input 0: {detail} (input 0 has leaves "
+        f"{[_path_text(q) for q in paths0][:8]}, input {i} has "
+        f"{[_path_text(q) for q in paths][:8]})"
+    )
+
+
+def _namespace_and_device(everything: list[Array]) -> tuple[Any, Any]:
+    """The one namespace and device of all leaves (one representative per array type)."""
+    kinds: dict[type, Array] = {}
+    for a in everything:
+        kinds.setdefault(type(a), a)
+    xp = _common_namespace(list(kinds.values()))
+    if all(kind is np.ndarray for kind in kinds):
+        return xp, device(everything[0])
+    if is_torch_array(everything[0]):
+        devs = {a.device for a in everything}
+        if len(devs) > 1:
+            first, *others = sorted(devs, key=str)
+            raise ValueError(f"inputs live on different devices ({first} and {others[0]})")
+        return xp, device(everything[0])
+    return xp, _check_devices(everything)
+
+
+def _flattener(xp: Any, a: Array) -> Callable[[Array], Array]:
+    """How to flatten the leaves of arrays like ``a``, decided once per call."""
+    # The arrays' own reshape is several times cheaper than the wrapped one.
+    if isinstance(a, np.ndarray) or is_torch_array(a) or is_cupy_array(a):
+        return lambda x: x.reshape(-1)
+    return lambda x: xp.reshape(x, (-1,))
+
+
 def _stack_from_trees(trees: list[Any]) -> Stack:
+    import optree
+
     p = len(trees)
-    flat0: list[tuple[str, Array]] = []
-    unflatten_tree = _flatten(trees[0], "", flat0)
+    flat0, spec0 = _flatten_tree(trees[0], 0)
     if not flat0:
         raise ValueError("the inputs hold no arrays")
-    structure0 = _structure(trees[0])
-    per_worker = [[a for _, a in flat0]]
+    per_worker = [flat0]
     for i, tree in enumerate(trees[1:], start=1):
-        flat: list[tuple[str, Array]] = []
-        _flatten(tree, "", flat)
-        if _structure(tree) != structure0:
-            raise ValueError(
-                f"input {i} has a different structure from input 0; every pytree must have "
-                f"the same containers and keys (input 0 has leaves "
-                f"{[path for path, _ in flat0][:8]}, "
-                f"input {i} has {[path for path, _ in flat][:8]})"
-            )
-        per_worker.append([a for _, a in flat])
+        flat, spec = _flatten_tree(tree, i)
+        if spec != spec0:
+            order = _structure_mismatch(trees[0], tree, i)
+            flat = [flat[j] for j in order]
+        per_worker.append(flat)
     everything = [a for arrays in per_worker for a in arrays]
-    xp = _common_namespace(everything)
-    dev = _check_devices(everything)
+    xp, dev = _namespace_and_device(everything)
+    names: list[str] | None = None
+    flat_row = _flattener(xp, flat0[0])
     leaves = []
-    for j, (path, a0) in enumerate(flat0):
+    for j, a0 in enumerate(flat0):
         shape = tuple(int(s) for s in a0.shape)
-        name = path or "input"
-        rows = []
-        for i in range(p):
-            a = per_worker[i][j]
-            if tuple(a.shape) != shape:
+        column = [per_worker[i][j] for i in range(p)]
+        bad_shape = [i for i, a in enumerate(column) if tuple(a.shape) != shape]
+        bad_dtype = [i for i, a in enumerate(column) if a.dtype != a0.dtype]
+        if bad_shape or bad_dtype or not _is_float(xp, a0.dtype):
+            if names is None:
+                names = [_path_text(q) for q in optree.tree_paths(trees[0], namespace=_NAMESPACE)]
+            path = names[j]
+            if bad_shape:
+                i = bad_shape[0]
                 raise ValueError(
-                    f"ragged inputs: input {i}{path} has shape {tuple(a.shape)}, "
+                    f"ragged inputs: input {i}{path} has shape {tuple(column[i].shape)}, "
                     f"input 0{path} has shape {shape}"
                 )
-            if a.dtype != a0.dtype:
+            if bad_dtype:
+                i = bad_dtype[0]
                 raise TypeError(
-                    f"input {i}{path} has dtype {dtype_name(xp, a.dtype)}, input 0{path} has "
-                    f"{dtype_name(xp, a0.dtype)}; give every input's leaf the same dtype"
+                    f"input {i}{path} has dtype {dtype_name(xp, column[i].dtype)}, input 0{path} "
+                    f"has {dtype_name(xp, a0.dtype)}; give every input's leaf the same dtype"
                 )
-            a = _check_dtype(xp, a, f"{name} of input {i}")
-            rows.append(xp.reshape(a, (-1,)))
-        if int(np.prod(shape, dtype=np.int64)) == 0:
+            column = [_check_dtype(xp, a, f"{path or 'input'} of input {i}")
+                      for i, a in enumerate(column)]
+        if math.prod(shape) == 0:
             continue
+        rows = [flat_row(a) for a in column]
         leaves.append(Leaf(shape, dtype_name(xp, rows[0].dtype), rows=rows))
     if not leaves:
         raise ValueError("inputs have no coordinates (every leaf is empty)")
@@ -405,11 +571,11 @@ def _stack_from_trees(trees: list[Any]) -> Stack:
         # Empty leaves were skipped by the kernels; give them back as empty arrays.
         it_outs = iter(outs)
         full = []
-        for _, a0 in flat0:
-            if int(np.prod(a0.shape, dtype=np.int64)) == 0:
+        for a0 in flat0:
+            if math.prod(a0.shape) == 0:
                 full.append(xp.zeros(tuple(a0.shape), dtype=a0.dtype, device=dev))
             else:
                 full.append(next(it_outs))
-        return unflatten_tree(iter(full))
+        return optree.tree_unflatten(spec0, full)
 
-    return Stack(p, leaves, xp, array_library(flat0[0][1]), dev, flat0[0][1], unflatten)
+    return Stack(p, leaves, xp, array_library(flat0[0]), dev, flat0[0], unflatten)

@@ -10,7 +10,8 @@ Sections: the Flag Aggregator against ``np.mean`` on a float32 ``(15, n)``
 stack; the Gram kernel against BLAS ``G @ G.T`` (time and accuracy); a dense
 n-space implementation of the same IRLS against the Gram-space solver; the
 cost of IRLS steps; the peak memory of a solve; every registered rule against
-``np.mean``.
+``np.mean``; every rule on per-layer inputs (a ResNet-18-shaped pytree)
+against the same data pre-stacked, NumPy and torch.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["add_arguments", "dense_flag", "make_stack", "paired_ratio", "run"]
+__all__ = ["add_arguments", "dense_flag", "make_stack", "paired_ratio", "per_layer",
+           "resnet18_shapes", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else numpy)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["flag", "gram", "dense", "iterations", "memory", "rules",
-                                 "psweep"],
+                                 "psweep", "pytree"],
                         help="leave out a section (repeatable)")
     parser.add_argument("--psweep-mb", type=float, default=None,
                         help="MiB of float32 input per shape of the p-sweep (default 256; "
@@ -153,6 +155,37 @@ def make_stack(p: int, n: int, f: int = 3, dtype: str = "float32", seed: int = 0
 
 
 # -- the dense n-space reference -----------------------------------------------------------
+
+
+def resnet18_shapes(num_classes: int = 10, width: int = 64) -> list[tuple[int, ...]]:
+    """Parameter shapes of a ResNet-18 (He et al. 2016), in ``named_parameters()`` order.
+
+    62 tensors, 11,181,642 parameters for 10 classes at the standard width
+    64 (torchvision's layout: conv1, bn1, four stages of two basic blocks,
+    a 1x1 downsampling conv in the first block of stages 2-4, fc). A
+    smaller ``width`` keeps the structure for quick runs.
+    """
+    shapes: list[tuple[int, ...]] = [(width, 3, 7, 7), (width,), (width,)]
+    cin = width
+    for stage in range(4):
+        w = width << stage
+        for block in range(2):
+            first = cin if block == 0 else w
+            shapes += [(w, first, 3, 3), (w,), (w,), (w, w, 3, 3), (w,), (w,)]
+            if block == 0 and stage > 0:
+                shapes += [(w, cin, 1, 1), (w,), (w,)]
+        cin = w
+    return shapes + [(num_classes, cin), (num_classes,)]
+
+
+def per_layer(G: np.ndarray, shapes: list[tuple[int, ...]]) -> list[list[np.ndarray]]:
+    """The rows of ``G`` as per-worker lists of per-layer arrays (each its own allocation)."""
+    sizes = [math.prod(s) for s in shapes]
+    if sum(sizes) != G.shape[1]:
+        raise ValueError(f"the shapes hold {sum(sizes)} values, G has {G.shape[1]} columns")
+    offsets = np.cumsum([0] + sizes)
+    return [[np.array(g[a:b]).reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes,
+                                                             strict=True)] for g in G]
 
 
 def dense_flag(G: np.ndarray, r: int, lam: float, steps: int, eps: float = 1e-7):
@@ -471,6 +504,8 @@ def run(args: argparse.Namespace) -> int:
 
     if "psweep" not in skip:
         _psweep(table, args.psweep_mb or (4.0 if quick else 256.0), max(3, repeats // 3))
+    if "pytree" not in skip:
+        _pytree_section(table, p, quick, max(3, repeats // 3))
 
     print()
     if not table.judge:
@@ -525,6 +560,60 @@ def _psweep(table: _Table, mib: float, repeats: int) -> None:
                                      repeats)
                 table.row(f"  p={p}: {name} / np.sort(G, axis=0)", _ratio_text(ratio), "<= 2x",
                           ratio.ratio <= 2.0)
+# Per-layer time / stacked time, for every rule and input library.
+_PYTREE_TARGET = 1.3
+
+
+def _pytree_section(table: _Table, p: int, quick: bool, repeats: int) -> None:
+    """Every rule on a ResNet-18-shaped pytree of per-layer arrays vs the same data stacked."""
+    import flagagg
+
+    shapes = resnet18_shapes(width=8 if quick else 64)
+    n = sum(math.prod(s) for s in shapes)
+    G = make_stack(p, n, seed=2)
+    trees = per_layer(G, shapes)
+    forms = [("numpy", G, trees)]
+    try:
+        import torch
+
+        forms.append(("torch", torch.from_numpy(G),
+                      [[torch.from_numpy(a) for a in t] for t in trees]))
+    except ImportError:
+        table.note("torch is not installed: the torch columns are left out")
+    table.section(f"Per-layer inputs: ResNet-18-shaped pytree ({len(shapes)} leaves, {n:,} "
+                  f"float32 values, p={p}) vs the same data stacked as ({p}, {n:,}); backend auto")
+    cases = [(name, name, {}) for name in flagagg.available_rules()]
+    cases.append(("nnm + krum", "krum", {"pre": ["nnm"]}))
+    for label, name, extra in cases:
+        try:
+            rule = flagagg.get_rule(name, f=3, **extra)
+        except TypeError:
+            rule = flagagg.get_rule(name, **extra)
+        for lib, stacked, layers in forms:
+            try:
+                rule(stacked)
+                rule(layers)
+                ratio = paired_ratio(lambda rule=rule, x=stacked: rule(x),
+                                     lambda rule=rule, x=layers: rule(x), repeats)
+            except Exception as exc:  # noqa: BLE001 - a broken rule is a row, not a crash
+                table.row(f"{label}, {lib}", "error", ok=None)
+                table.note(f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            table.row(f"{label}, {lib}: per-layer / stacked",
+                      f"{ratio.ratio:.2f}x ({_fmt_ms(ratio.cand_s)} vs {_fmt_ms(ratio.base_s)})",
+                      f"<= {_PYTREE_TARGET:g}x", ratio.ratio <= _PYTREE_TARGET)
+    flag = flagagg.get_rule("flag")
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    flag(trees)
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    out_bytes = n * G.itemsize
+    table.row("flag on per-layer numpy: tracemalloc peak", f"{peak / 2**20:.1f} MiB",
+              "O(n): <= 2x output", peak <= 2 * out_bytes + (1 << 20))
+    table.note(f"output {out_bytes / 2**20:.1f} MiB; a stacked copy would be "
+               f"{G.nbytes / 2**20:.0f} MiB")
 
 
 def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:

@@ -141,4 +141,62 @@ class ArrayAPIBackend:
         return coordinate_stat_network(X, rows, center, trim, k, chunk_bytes=self.chunk_bytes)
 
 
+    # Leaves given as p separate 1-D rows (pytrees): the generic path gathers
+    # a chunk of columns of the rows it needs at a time, never a whole leaf.
+
+    def _row_chunks(self, rows: list) -> Any:
+        """Yield ``(start, stop, block)``: column chunks of ``rows`` stacked into ``(q, w)``."""
+        xp = array_namespace(rows[0])
+        m = int(rows[0].shape[0])
+        step = self._step(len(rows))
+        for start in range(0, m, step):
+            stop = min(start + step, m)
+            yield start, stop, xp.stack([r[start:stop] for r in rows], axis=0)
+
+    def gram_rows(self, leaves: list) -> np.ndarray:
+        """Float64 Gram matrix summed over leaves, each given as its ``p`` rows."""
+        p = len(leaves[0])
+        K = np.zeros((p, p))
+        for rows in leaves:
+            for _, _, block in self._row_chunks(rows):
+                K += self.gram(block)
+        return K
+
+    def _map_row_chunks(self, leaves: list, fn: Any) -> list:
+        outs = []
+        for rows in leaves:
+            out = None
+            for start, stop, block in self._row_chunks(rows):
+                part = fn(block)
+                if start == 0 and stop == rows[0].shape[0]:
+                    out = part
+                    break
+                if out is None:
+                    xp = array_namespace(part)
+                    out = xp.empty((rows[0].shape[0],), dtype=part.dtype, device=device(part))
+                out[start:stop] = part
+            outs.append(out)
+        return outs
+
+    def combine_rows(self, coef: np.ndarray, leaves: list) -> list:
+        """Per-leaf ``sum_i coef[i] g_i`` of leaves given as rows; zero-weight rows are not read."""
+        nz = np.flatnonzero(coef)
+        if nz.size == 0:
+            # Zeros in the compute dtype, as combine() returns them.
+            return [self.combine(np.zeros(1), array_namespace(rows[0]).reshape(rows[0], (1, -1)))
+                    for rows in leaves]
+        c = np.ascontiguousarray(coef[nz], dtype=np.float64)
+        return self._map_row_chunks([[rows[i] for i in nz.tolist()] for rows in leaves],
+                                    lambda block: self.combine(c, block))
+
+    def coordinate_stat_rows(self, leaves: list, rows: np.ndarray, center: str, trim: int,
+                             k: int) -> list:
+        """Per-leaf coordinate statistic of the rows ``rows`` of leaves given as rows."""
+        sel = np.asarray(rows, dtype=np.int64)
+        local = np.arange(sel.size, dtype=np.int64)
+        return self._map_row_chunks(
+            [[leaf[i] for i in sel.tolist()] for leaf in leaves],
+            lambda block: self.coordinate_stat(block, local, center, trim, k))
+
+
 BACKEND = ArrayAPIBackend()

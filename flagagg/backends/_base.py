@@ -77,6 +77,20 @@ class Backend(Protocol):
         :meth:`combine`. See :mod:`flagagg.backends._order_stats`.
         """
 
+    # Leaves given as p separate rows (pytrees of per-layer arrays): each
+    # leaf is a list of the p workers' 1-D rows of one length and dtype, all
+    # leaves are passed at once, and no leaf is stacked into a (p, m) copy.
+
+    def gram_rows(self, leaves: list) -> np.ndarray:
+        """Return the float64 Gram matrix summed over ``leaves``, as :meth:`gram`."""
+
+    def combine_rows(self, coef: np.ndarray, leaves: list) -> list:
+        """Return each leaf's ``sum_i coef[i] * row_i``, as :meth:`combine`."""
+
+    def coordinate_stat_rows(self, leaves: list, rows: np.ndarray, center: str, trim: int,
+                             k: int) -> list:
+        """Return each leaf's statistic of the rows ``rows``, as :meth:`coordinate_stat`."""
+
 
 def compute_dtype_name(dtype_name: str) -> str:
     """Name of the float dtype used for arithmetic on inputs of ``dtype_name``.

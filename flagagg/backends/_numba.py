@@ -16,6 +16,7 @@ from . import _numba_kernels as nk
 from ._array_api import symmetric, transformed_chunk
 from ._numba_kernels import SEGMENT
 from ._numpy import NumpyBackend
+from ._rows import RowTable, row_tables, scatter
 
 # From this many rows on, the Gram goes to float64 BLAS (syrk) on converted
 # column chunks: the p^2/2 products per column outweigh the conversion, and
@@ -231,5 +232,105 @@ class NumbaBackend(NumpyBackend):
                                     k, block, out[start:stop])
         return out
 
+    # Leaves given as p separate rows: the per-row kernels read the rows in
+    # place (every float32/float64 leaf of one dtype in one call); others
+    # go through the generic chunked path.
+
+    def gram_rows(self, leaves: list) -> np.ndarray:
+        """Float64 Gram matrix summed over leaves given as rows, read in place."""
+        tables, rest = _split_rows(leaves)
+        K = sum((gram_table(t) for t in tables), np.zeros((len(leaves[0]),) * 2))
+        if rest:
+            K = K + super().gram_rows([leaves[j] for j in rest])
+        return K
+
+    def combine_rows(self, coef: np.ndarray, leaves: list) -> list:
+        """Per-leaf ``sum_i coef[i] g_i`` (views of one flat result per dtype)."""
+        tables, rest = _split_rows(leaves)
+        flats = [combine_table(coef, t) for t in tables]
+        others = super().combine_rows(coef, [leaves[j] for j in rest]) if rest else []
+        return scatter(len(leaves), tables, flats, rest, others)
+
+    def coordinate_stat_rows(self, leaves: list, rows: np.ndarray, center: str, trim: int,
+                             k: int) -> list:
+        """Per-leaf coordinate statistic of leaves given as rows, read in place."""
+        tables, rest = _split_rows(leaves)
+        flats = [coordinate_stat_table(t, rows, center, trim, k) for t in tables]
+        others = (super().coordinate_stat_rows([leaves[j] for j in rest], rows, center, trim, k)
+                  if rest else [])
+        return scatter(len(leaves), tables, flats, rest, others)
+
 
 BACKEND = NumbaBackend()
+
+
+# ---------------------------------------------------------------------------
+# Leaves given as p separate rows (a pytree per worker): the per-row kernels
+# read every row in place through a table of addresses, all leaves of one
+# dtype in one kernel call.
+
+
+def gram_table(table: RowTable) -> np.ndarray:
+    """Float64 Gram matrix of a table's rows, summed over its leaves (symmetric)."""
+    p = table.ptrs.shape[1]
+    bounds = _segment_bounds(table.n)
+    partials = np.zeros((bounds.size - 1, p, p))
+    with _threads(p * (p + 1) // 2 * table.n >= _PARALLEL_MIN_PRODUCTS):
+        nk._gram_partials_rows(table.ptrs, table.like, table.offsets, bounds,
+                               _gram_width(p, table.dtype.itemsize), nk.tile_size(p), partials)
+    K = partials.sum(axis=0)  # in segment order: deterministic
+    S = K + K.T
+    np.fill_diagonal(S, np.diagonal(K))
+    return S
+
+
+def combine_table(coef: np.ndarray, table: RowTable) -> np.ndarray:
+    """``sum_i coef[i] g_i`` over a table's leaves, as one flat array in the table's dtype."""
+    rows = np.flatnonzero(coef).astype(np.int64)
+    out = np.empty(table.n, dtype=table.dtype)
+    if rows.size == 0:
+        out[:] = 0
+        return out
+    c = np.ascontiguousarray(coef[rows], dtype=np.float64)
+    with _threads(rows.size * table.n >= _PARALLEL_MIN_ELEMENTS):
+        nk._combine_rows(table.ptrs, table.like, table.offsets, rows, c,
+                         _segment_bounds(table.n), _COMBINE_WIDTH, out)
+    return out
+
+
+def coordinate_stat_table(table: RowTable, rows: np.ndarray, center: str, trim: int,
+                          k: int) -> np.ndarray:
+    """The per-column statistic of ``rows`` over a table's leaves, as one flat array."""
+    from ._order_stats import check_args, network, stat_block
+
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    q = rows.size
+    check_args(q, center, trim, k)
+    net_i, net_j = network(q, center, trim, k)
+    block = stat_block(q, table.dtype.itemsize)
+    sizes = np.diff(table.offsets)
+    per_leaf = -(-sizes // block)
+    leaf_of = np.repeat(np.arange(sizes.size, dtype=np.int64), per_leaf)
+    first = np.repeat(np.cumsum(per_leaf) - per_leaf, per_leaf)
+    c0 = (np.arange(leaf_of.size, dtype=np.int64) - first) * block
+    items = np.ascontiguousarray(np.stack([leaf_of, c0], axis=1), dtype=np.int64)
+    out = np.empty(table.n, dtype=table.dtype)
+    with np.errstate(invalid="ignore"):
+        nk._coordinate_stat_rows(table.ptrs, table.like, table.offsets, items, rows, net_i, net_j,
+                                 0 if center == "median" else 1, trim, k, block, out)
+    return out
+
+
+def _numpy_row_ok(row: np.ndarray) -> bool:
+    return row.ndim == 1 and row.flags.c_contiguous and row.flags.aligned
+
+
+_numpy_address = nk.address
+
+
+def _numpy_kernel_dtype(row: np.ndarray):
+    return row.dtype if row.dtype in _KERNEL_DTYPES else None
+
+
+def _split_rows(leaves):
+    return row_tables(leaves, _numpy_row_ok, _numpy_address, _numpy_kernel_dtype)

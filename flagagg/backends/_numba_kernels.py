@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 from numba import prange, types
+from numba.extending import intrinsic
 
 # No "nnan"/"ninf": excluded rows are detected from non-finite Gram entries.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
@@ -334,6 +335,62 @@ _OS_RO32 = types.Array(types.float32, 1, "C", readonly=True)
 _OS_RO64 = types.Array(types.float64, 1, "C", readonly=True)
 
 
+@_helper
+def _stat_of_sorted_block(buf, w, net_i, net_j, mode, trim, k, block, res):
+    """Sort the first ``w`` columns of ``buf`` by the network; write their statistic to ``res``.
+
+    The body of the coordinate kernels once a block is in ``buf``; see
+    :func:`_coordinate_stat`.
+    """
+    q = buf.shape[0]
+    for e in range(net_i.size):
+        lo = buf[net_i[e]]
+        hi = buf[net_j[e]]
+        for c in range(w):
+            a = lo[c]
+            z = hi[c]
+            lo[c] = min(a, z)
+            hi[c] = max(a, z)
+    cen = np.zeros(block)
+    if mode == 0:
+        # Odd q reads the middle twice: one code path for both parities.
+        mid0 = buf[(q - 1) // 2]
+        mid1 = buf[q // 2]
+        for c in range(w):
+            cen[c] = 0.5 * (np.float64(mid0[c]) + np.float64(mid1[c]))
+    else:
+        for u in range(trim, q - trim):
+            row = buf[u]
+            for c in range(w):
+                cen[c] += row[c]
+        for c in range(w):
+            cen[c] /= q - 2 * trim
+    if k == 0:
+        for c in range(w):
+            res[c] = cen[c]
+        return
+    # Window start: how many left ends lose to the value k places right.
+    s = np.zeros(block, dtype=np.int64)
+    for u in range(q - k):
+        left = buf[u]
+        right = buf[u + k]
+        for c in range(w):
+            s[c] += 1 if np.float64(right[c]) - cen[c] < cen[c] - np.float64(left[c]) else 0
+    acc = np.zeros(block)
+    for u in range(q):
+        row = buf[u]
+        if q - k <= u < k:
+            # Inside every possible window (s <= q - k, s + k >= k).
+            for c in range(w):
+                acc[c] += row[c]
+        else:
+            for c in range(w):
+                # A select, not a product with a mask: values outside may be +inf.
+                acc[c] += np.float64(row[c]) if s[c] <= u and u < s[c] + k else 0.0
+    for c in range(w):
+        res[c] = acc[c] / k
+
+
 @_jit([types.void(X, types.int64, types.int64[::1], types.int64[::1], types.int64[::1],
                   types.int64, types.int64, types.int64, types.int64, out)
        for X, out in ((_OS_RO32, types.float32[::1]), (_OS_RO64, types.float64[::1]))])
@@ -362,50 +419,175 @@ def _coordinate_stat(X, ld, rows, net_i, net_j, mode, trim, k, block, out):
             for c in range(w):
                 v = src[c]
                 dst[c] = v if v == v else np.float32(np.inf)  # exact in float64 too
-        for e in range(net_i.size):
-            lo = buf[net_i[e]]
-            hi = buf[net_j[e]]
-            for c in range(w):
-                a = lo[c]
-                z = hi[c]
-                lo[c] = min(a, z)
-                hi[c] = max(a, z)
-        cen = np.zeros(block)
-        if mode == 0:
-            # Odd q reads the middle twice: one code path for both parities.
-            mid0 = buf[(q - 1) // 2]
-            mid1 = buf[q // 2]
-            for c in range(w):
-                cen[c] = 0.5 * (np.float64(mid0[c]) + np.float64(mid1[c]))
-        else:
-            for u in range(trim, q - trim):
-                row = buf[u]
+        _stat_of_sorted_block(buf, w, net_i, net_j, mode, trim, k, block, out[c0:c0 + w])
+
+
+# ---------------------------------------------------------------------------
+# Per-row kernels: a pytree of L leaves, each given as p separate 1-D arrays
+# (one per worker), read in place through a table of their addresses. The
+# columns of all leaves are laid end to end in one virtual row of length n
+# (leaf l spans ``offsets[l]:offsets[l+1]``); segments of that virtual row
+# make the partials, so small leaves cost no kernel call of their own and
+# no stacked copy of any leaf is made.
+
+
+@intrinsic
+def _pointer(typingctx, address, like):
+    """The int64 ``address`` as a pointer to ``like``'s dtype (for :func:`numba.carray`)."""
+    sig = types.CPointer(like.dtype)(types.int64, like)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@_helper
+def _leaf_piece(ptrs, like, leaf, i, m, c0, w):
+    """Columns ``c0:c0+w`` of worker ``i``'s row of that leaf (length ``m``)."""
+    return numba.carray(_pointer(ptrs[leaf, i], like), m)[c0:c0 + w]
+
+
+@_helper
+def _sweep4_rows(acc, ptrs, like, leaf, p, m, c0, w, i0):
+    """:func:`_sweep4` on the rows of one leaf."""
+    x0 = _leaf_piece(ptrs, like, leaf, min(i0, p - 1), m, c0, w)
+    x1 = _leaf_piece(ptrs, like, leaf, min(i0 + 1, p - 1), m, c0, w)
+    x2 = _leaf_piece(ptrs, like, leaf, min(i0 + 2, p - 1), m, c0, w)
+    x3 = _leaf_piece(ptrs, like, leaf, min(i0 + 3, p - 1), m, c0, w)
+    _add_tile(acc, _diag_tile(x0, x1, x2, x3, w), i0, i0, p, True, 4)
+    for j0 in range(0, i0, 4):
+        y0 = _leaf_piece(ptrs, like, leaf, j0, m, c0, w)
+        y1 = _leaf_piece(ptrs, like, leaf, j0 + 1, m, c0, w)
+        y2 = _leaf_piece(ptrs, like, leaf, j0 + 2, m, c0, w)
+        y3 = _leaf_piece(ptrs, like, leaf, j0 + 3, m, c0, w)
+        _add_tile(acc, _off_tile(x0, x1, x2, x3, y0, y1, y2, y3, w), i0, j0, p, False, 4)
+
+
+@_helper
+def _sweep5_rows(acc, ptrs, like, leaf, p, m, c0, w, i0):
+    """:func:`_sweep5` on the rows of one leaf."""
+    x0 = _leaf_piece(ptrs, like, leaf, min(i0, p - 1), m, c0, w)
+    x1 = _leaf_piece(ptrs, like, leaf, min(i0 + 1, p - 1), m, c0, w)
+    x2 = _leaf_piece(ptrs, like, leaf, min(i0 + 2, p - 1), m, c0, w)
+    x3 = _leaf_piece(ptrs, like, leaf, min(i0 + 3, p - 1), m, c0, w)
+    x4 = _leaf_piece(ptrs, like, leaf, min(i0 + 4, p - 1), m, c0, w)
+    _add_tile(acc, _diag_tile5(x0, x1, x2, x3, x4, w), i0, i0, p, True, 5)
+    for j0 in range(0, i0, 5):
+        y0 = _leaf_piece(ptrs, like, leaf, j0, m, c0, w)
+        y1 = _leaf_piece(ptrs, like, leaf, j0 + 1, m, c0, w)
+        y2 = _leaf_piece(ptrs, like, leaf, j0 + 2, m, c0, w)
+        y3 = _leaf_piece(ptrs, like, leaf, j0 + 3, m, c0, w)
+        y4 = _leaf_piece(ptrs, like, leaf, j0 + 4, m, c0, w)
+        t = _off_tile5(x0, x1, x2, x3, x4, y0, y1, y2, y3, y4, w)
+        _add_tile(acc, t, i0, j0, p, False, 5)
+
+
+_LIKE32 = types.float32[::1]
+_LIKE64 = types.float64[::1]
+_PTRS = types.int64[:, ::1]
+
+
+@_jit([types.void(_PTRS, like, types.int64[::1], types.int64[::1], types.int64, types.int64,
+                  types.float64[:, :, ::1]) for like in (_LIKE32, _LIKE64)])
+def _gram_partials_rows(ptrs, like, offsets, bounds, width, tile, partials):
+    """:func:`_gram_partials` on the leaves of an address table.
+
+    ``ptrs[leaf, i]`` is the address of worker ``i``'s row of leaf ``leaf`` (dtype
+    of ``like``, contiguous, length ``offsets[leaf+1] - offsets[leaf] > 0``);
+    ``bounds`` are segments of the virtual row ``0:offsets[-1]``.
+    """
+    n_leaves, p = ptrs.shape
+    n_tiles = (p + tile - 1) // tile
+    for s in prange(bounds.size - 1):
+        acc = partials[s]
+        lo = bounds[s]
+        hi = bounds[s + 1]
+        leaf = np.searchsorted(offsets, lo, side="right") - 1
+        while leaf < n_leaves and offsets[leaf] < hi:
+            m = offsets[leaf + 1] - offsets[leaf]
+            a = max(lo, offsets[leaf]) - offsets[leaf]
+            b = min(hi, offsets[leaf + 1]) - offsets[leaf]
+            for c0 in range(a, b, width):
+                w = min(width, b - c0)
+                for ti in range(n_tiles):
+                    if tile == 5:
+                        _sweep5_rows(acc, ptrs, like, leaf, p, m, c0, w, 5 * ti)
+                    else:
+                        _sweep4_rows(acc, ptrs, like, leaf, p, m, c0, w, 4 * ti)
+            leaf += 1
+
+
+@_jit([types.void(_PTRS, like, types.int64[::1], types.int64[::1], types.float64[::1],
+                  types.int64[::1], types.int64, out[::1])
+       for like, out in ((_LIKE32, types.float32), (_LIKE64, types.float64))])
+def _combine_rows(ptrs, like, offsets, rows, coef, bounds, width, out):
+    """:func:`_combine` on the leaves of an address table, into the flat ``out`` (length n).
+
+    Leaf ``leaf`` of the result is ``out[offsets[leaf]:offsets[leaf+1]]``; only the
+    workers listed in ``rows`` are read, summed in float64 in that order.
+    """
+    n_leaves = ptrs.shape[0]
+    nr = rows.size
+    for s in prange(bounds.size - 1):
+        acc = np.empty(width, dtype=np.float64)
+        lo = bounds[s]
+        hi = bounds[s + 1]
+        leaf = np.searchsorted(offsets, lo, side="right") - 1
+        while leaf < n_leaves and offsets[leaf] < hi:
+            m = offsets[leaf + 1] - offsets[leaf]
+            a = max(lo, offsets[leaf]) - offsets[leaf]
+            b = min(hi, offsets[leaf + 1]) - offsets[leaf]
+            for c0 in range(a, b, width):
+                w = min(width, b - c0)
+                acc[:w] = 0.0
+                k = 0
+                while k + 4 <= nr:
+                    _axpy4(acc, coef[k], coef[k + 1], coef[k + 2], coef[k + 3],
+                           _leaf_piece(ptrs, like, leaf, rows[k], m, c0, w),
+                           _leaf_piece(ptrs, like, leaf, rows[k + 1], m, c0, w),
+                           _leaf_piece(ptrs, like, leaf, rows[k + 2], m, c0, w),
+                           _leaf_piece(ptrs, like, leaf, rows[k + 3], m, c0, w), w)
+                    k += 4
+                while k < nr:
+                    _axpy1(acc, coef[k], _leaf_piece(ptrs, like, leaf, rows[k], m, c0, w), w)
+                    k += 1
+                start = offsets[leaf] + c0
+                o = out[start:start + w]
                 for c in range(w):
-                    cen[c] += row[c]
+                    o[c] = acc[c]
+            leaf += 1
+
+
+@_jit([types.void(_PTRS, like, types.int64[::1], types.int64[:, ::1], types.int64[::1],
+                  types.int64[::1], types.int64[::1], types.int64, types.int64, types.int64,
+                  types.int64, out[::1])
+       for like, out in ((_LIKE32, types.float32), (_LIKE64, types.float64))])
+def _coordinate_stat_rows(ptrs, like, offsets, items, rows, net_i, net_j, mode, trim, k, block,
+                          out):
+    """:func:`_coordinate_stat` on the leaves of an address table, into the flat ``out``.
+
+    ``items[b] = (leaf, c0)``: block ``b`` is columns ``c0:c0+block`` of leaf
+    ``leaf`` (cut at the leaf's end), so no block straddles two leaves.
+    """
+    q = rows.size
+    for b in prange(items.shape[0]):
+        leaf = items[b, 0]
+        c0 = items[b, 1]
+        m = offsets[leaf + 1] - offsets[leaf]
+        w = min(block, m - c0)
+        buf = np.empty((q, block), dtype=out.dtype)
+        for r in range(q):
+            src = _leaf_piece(ptrs, like, leaf, rows[r], m, c0, w)
+            dst = buf[r]
             for c in range(w):
-                cen[c] /= q - 2 * trim
-        res = out[c0:c0 + w]
-        if k == 0:
-            for c in range(w):
-                res[c] = cen[c]
-            continue
-        # Window start: how many left ends lose to the value k places right.
-        s = np.zeros(block, dtype=np.int64)
-        for u in range(q - k):
-            left = buf[u]
-            right = buf[u + k]
-            for c in range(w):
-                s[c] += 1 if np.float64(right[c]) - cen[c] < cen[c] - np.float64(left[c]) else 0
-        acc = np.zeros(block)
-        for u in range(q):
-            row = buf[u]
-            if q - k <= u < k:
-                # Inside every possible window (s <= q - k, s + k >= k).
-                for c in range(w):
-                    acc[c] += row[c]
-            else:
-                for c in range(w):
-                    # A select, not a product with a mask: values outside may be +inf.
-                    acc[c] += np.float64(row[c]) if s[c] <= u and u < s[c] + k else 0.0
-        for c in range(w):
-            res[c] = acc[c] / k
+                v = src[c]
+                dst[c] = v if v == v else np.float32(np.inf)
+        start = offsets[leaf] + c0
+        _stat_of_sorted_block(buf, w, net_i, net_j, mode, trim, k, block, out[start:start + w])
+
+
+@numba.njit(cache=True, nogil=True)
+def address(x):
+    """Data address of a NumPy array (jitted: ~10x cheaper than ``__array_interface__``)."""
+    return x.ctypes.data

@@ -155,4 +155,98 @@ class TorchBackend(ArrayAPIBackend):
         return super().coordinate_stat(X.detach(), rows, center, trim, k)
 
 
+    # Leaves given as p separate rows (pytrees of per-layer tensors). On CPU
+    # the numba per-row kernels read every row in place through its
+    # data_ptr(); on a GPU the combination is one fused foreach add per
+    # worker over all leaves, and the Gram matrix goes through chunks.
+
+    def gram_rows(self, leaves: list) -> np.ndarray:
+        """Float64 Gram matrix summed over leaves given as rows."""
+        tables, rest = _cpu_tables(leaves)
+        K = np.zeros((len(leaves[0]),) * 2)
+        if tables:
+            from ._numba import gram_table
+
+            for t in tables:
+                K += gram_table(t)
+        if rest:
+            K += super().gram_rows([leaves[j] for j in rest])
+        return K
+
+    def combine_rows(self, coef: np.ndarray, leaves: list) -> list:
+        """Per-leaf ``sum_i coef[i] g_i`` of leaves given as rows, on their device."""
+        tables, rest = _cpu_tables(leaves)
+        from ._rows import scatter
+
+        flats = []
+        if tables:
+            from ._numba import combine_table
+
+            flats = [torch.from_numpy(combine_table(coef, t)) for t in tables]
+        fused = [j for j in rest if leaves[j][0].device.type != "cpu"
+                 and leaves[j][0].dtype in (torch.float32, torch.float64)]
+        generic = [j for j in rest if j not in set(fused)]
+        outs = scatter(len(leaves), tables, flats, generic,
+                       super().combine_rows(coef, [leaves[j] for j in generic]) if generic
+                       else [])
+        if fused:
+            for j, out in zip(fused, self._combine_rows_device(coef, [leaves[j] for j in fused]),
+                              strict=True):
+                outs[j] = out
+        return outs
+
+    def _combine_rows_device(self, coef: np.ndarray, leaves: list) -> list:
+        # torch ops only, on any device (tests run it on CPU tensors). Each
+        # worker with a non-zero coefficient is one _foreach_add_ over all
+        # leaves: p kernel launches per dtype, no stacked copy.
+        outs = [torch.zeros(rows[0].shape, dtype=rows[0].dtype, device=rows[0].device)
+                for rows in leaves]
+        for i in np.flatnonzero(coef).tolist():
+            torch._foreach_add_(outs, [rows[i].detach() for rows in leaves],
+                                alpha=float(coef[i]))
+        return outs
+
+    def coordinate_stat_rows(self, leaves: list, rows: np.ndarray, center: str, trim: int,
+                             k: int) -> list:
+        """Per-leaf coordinate statistic of leaves given as rows."""
+        tables, rest = _cpu_tables(leaves)
+        from ._rows import scatter
+
+        flats = []
+        if tables:
+            from ._numba import coordinate_stat_table
+
+            flats = [torch.from_numpy(coordinate_stat_table(t, rows, center, trim, k))
+                     for t in tables]
+        others = (super().coordinate_stat_rows([leaves[j] for j in rest], rows, center, trim, k)
+                  if rest else [])
+        return scatter(len(leaves), tables, flats, rest, others)
+
+
+_KERNEL_NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.float64)}
+
+
+def _cpu_tables(leaves: list) -> tuple[list, list]:
+    """Address tables of the CPU float32/float64 leaves when numba is installed; the rest."""
+    from . import _library_installed
+
+    if not _library_installed("numba"):
+        return [], list(range(len(leaves)))
+    from ._rows import row_tables
+
+    return row_tables(leaves, _cpu_row_ok, _address, _kernel_dtype)
+
+
+def _cpu_row_ok(row: torch.Tensor) -> bool:
+    return row.device.type == "cpu" and row.dim() == 1 and row.is_contiguous()
+
+
+def _address(row: torch.Tensor) -> int:
+    return row.data_ptr()
+
+
+def _kernel_dtype(row: torch.Tensor) -> Any:
+    return _KERNEL_NP.get(row.dtype)
+
+
 BACKEND = TorchBackend()

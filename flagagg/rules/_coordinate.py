@@ -31,8 +31,7 @@ __all__ = ["MeaMed", "Median", "Phocas", "TrimmedMean", "coordinate_aggregate"]
 def coordinate_aggregate(stack: Stack, backend: Backend, rows: np.ndarray, center: str,
                          trim: int, k: int) -> Any:
     """Run the backend's order-statistics kernel on ``rows`` of every leaf of ``stack``."""
-    rows = np.ascontiguousarray(rows, dtype=np.int64)
-    return stack.map_columns(lambda block: backend.coordinate_stat(block, rows, center, trim, k))
+    return stack.coordinate_stat(backend, rows, center, trim, k)
 
 
 class _CoordinateRule(Rule):

@@ -1,0 +1,227 @@
+"""The DDP communication hook on 4 gloo ranks (CPU): robustness, identical replicas, traffic."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+dist = pytest.importorskip("torch.distributed")
+
+WORLD = 4
+BAD = 3  # the rank that sends -10 times its gradient
+STEPS = 30
+
+
+def _data(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    centers = torch.linspace(-1, 1, 20).reshape(1, 20)
+    X = torch.randn(n, 20, generator=g) + (2 * y[:, None] - 1) * centers
+    return X, y
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.ReLU(),
+                               torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+
+
+def _wchar():
+    try:
+        with open("/proc/self/io") as fh:
+            return int(next(line for line in fh if line.startswith("wchar")).split()[1])
+    except (OSError, StopIteration):
+        return -1
+
+
+def _train(rank, hook, attack, nan_step=None):
+    """Train a DDP replica; return accuracy, parameters, hook state, bytes written."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg.torch as fat
+
+    model = DDP(_model(), bucket_cap_mb=0.004)  # several buckets per step
+    state = None
+    if hook is None:
+        inner_state, inner = None, default_hooks.allreduce_hook
+    else:
+        rule, mode, params = hook
+        state, inner = fat.ddp_comm_hook(rule, mode, **params)
+        inner_state = state
+    step = {"i": 0}
+
+    def wrapped(st, bucket):
+        if attack and rank == BAD:
+            bucket.buffer().mul_(-10.0)
+        if nan_step is not None and rank == 2 and step["i"] == nan_step:
+            bucket.buffer().fill_(float("nan"))
+        return inner(st, bucket)
+
+    if hook is not None or attack or nan_step is not None:
+        model.register_comm_hook(inner_state, wrapped)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    X, y = _data(100 + rank, 64 * STEPS)
+    excluded = []
+    before = _wchar()
+    for i in range(STEPS):
+        step["i"] = i
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X[64 * i:64 * (i + 1)]),
+                                                 y[64 * i:64 * (i + 1)])
+        loss.backward()
+        opt.step()
+        if state is not None:
+            excluded.append([r for r, _ in state.excluded])
+    written = _wchar() - before
+    Xt, yt = _data(999, 2000)
+    with torch.no_grad():
+        acc = (model(Xt).argmax(1) == yt).float().mean().item()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return acc, flat, state, written, excluded
+
+
+def _worker(rank, store, out):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+    results = {}
+    scenarios = {
+        "honest_allreduce": (None, False, None),
+        "attacked_allreduce": (None, True, None),
+        "attacked_sharded_flag": (("flag", "sharded", {}), True, None),
+        "attacked_gather_flag": (("flag", "gather", {}), True, None),
+        "attacked_sharded_median": (("median", "sharded", {}), True, None),
+        "attacked_sharded_geomed": (("geometric_median", "sharded", {}), True, None),
+        "nan_sharded_flag": (("flag", "sharded", {}), True, 3),
+        "nan_gather_median": (("median", "gather", {}), False, 3),
+    }
+    for name, (hook, attack, nan_step) in scenarios.items():
+        acc, flat, state, written, excluded = _train(rank, hook, attack, nan_step)
+        parts = [torch.empty_like(flat) for _ in range(WORLD)]
+        dist.all_gather(parts, flat)
+        same = all(torch.equal(parts[0], q) for q in parts[1:])
+        results[name] = {
+            "acc": acc, "identical": same, "finite": bool(torch.isfinite(flat).all()),
+            "bytes_written": written,
+            "elements_sent": None if state is None else state.elements_sent,
+            "excluded": excluded,
+        }
+    n = sum(p.numel() for p in _model().parameters())
+    results["n"] = n
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ddp")
+    env = {"OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        mp.spawn(_worker, args=(str(tmp / "store"), str(tmp / "out")), nprocs=WORLD, join=True)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    runs = []
+    for r in range(WORLD):
+        with open(tmp / f"out.{r}") as fh:
+            runs.append(json.load(fh))
+    return runs
+
+
+ROBUST = ["attacked_sharded_flag", "attacked_gather_flag", "attacked_sharded_median",
+          "attacked_sharded_geomed"]
+
+
+def test_hook_trains_near_honest_where_all_reduce_fails(ddp_runs):
+    r = ddp_runs[0]
+    honest = r["honest_allreduce"]["acc"]
+    assert honest > 0.85
+    assert r["attacked_allreduce"]["acc"] < honest - 0.2
+    for name in ROBUST:
+        assert r[name]["acc"] > honest - 0.05, (name, r[name]["acc"], honest)
+
+
+def test_replicas_are_bit_identical(ddp_runs):
+    for run in ddp_runs:
+        for name, res in run.items():
+            if name not in ("n", "attacked_allreduce"):  # that one diverges to NaN
+                assert res["identical"], name
+
+
+def test_nonfinite_rank_is_excluded_and_reported_on_every_rank(ddp_runs):
+    for run in ddp_runs:
+        for name in ("nan_sharded_flag", "nan_gather_median"):
+            res = run[name]
+            assert res["finite"]
+            assert 2 in res["excluded"][3]
+            assert all(2 not in ex for i, ex in enumerate(res["excluded"]) if i != 3)
+            assert res["excluded"] == ddp_runs[0][name]["excluded"]
+
+
+def test_bytes_sent_per_rank(ddp_runs):
+    """Sharded moves what a ring all-reduce moves; gather about p/2 times that."""
+    n = ddp_runs[0]["n"]
+    per_step_sharded = ddp_runs[0]["attacked_sharded_flag"]["elements_sent"] / STEPS
+    per_step_gather = ddp_runs[0]["attacked_gather_flag"]["elements_sent"] / STEPS
+    ring = 2 * n * (WORLD - 1) / WORLD
+    assert ring <= per_step_sharded <= ring + 2 * WORLD + 16
+    assert per_step_gather == pytest.approx(n * (WORLD - 1), abs=WORLD)
+    written = {k: np.mean([run[k]["bytes_written"] for run in ddp_runs])
+               for k in ("honest_allreduce", "attacked_sharded_flag", "attacked_gather_flag")}
+    print("\nper rank, per step: n =", n, "elements sent: sharded", per_step_sharded,
+          "gather", per_step_gather, "ring all-reduce", ring,
+          "; bytes written (/proc/self/io):", {k: v / STEPS for k, v in written.items()})
+    print({k: (v["acc"], v["excluded"][:5] if v["excluded"] else None)
+           for k, v in ddp_runs[0].items() if k != "n"})
+    if min(written.values()) > 0:  # /proc/self/io counts socket writes on Linux
+        assert written["attacked_gather_flag"] > 1.2 * written["attacked_sharded_flag"]
+
+
+def _nccl_worker(rank, store, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg.torch as fat
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    results = {}
+    for rule, mode in (("flag", "sharded"), ("median", "sharded"), ("median", "gather")):
+        model = DDP(_model().cuda(), device_ids=[0], bucket_cap_mb=0.004)
+        ref = _model().cuda()
+        state, hook = fat.ddp_comm_hook(rule, mode)
+        model.register_comm_hook(state, hook)
+        X, y = _data(0, 64)
+        for net in (model, ref):
+            torch.nn.functional.cross_entropy(net(X.cuda()), y.cuda()).backward()
+        # One rank: the robust aggregate of one gradient is that gradient.
+        results[f"{rule}-{mode}"] = all(
+            q.grad.device.type == "cuda" and torch.allclose(q.grad, r.grad, rtol=1e-5, atol=1e-6)
+            for q, r in zip(model.parameters(), ref.parameters(), strict=True))
+    with open(out, "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(),
+                    reason="no CUDA device (the NCCL path never runs on CPU-only machines)")
+def test_nccl_hook_on_one_gpu(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_nccl_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=1)
+    with open(tmp_path / "out") as fh:
+        results = json.load(fh)
+    assert all(results.values()), results
