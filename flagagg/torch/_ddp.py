@@ -62,41 +62,25 @@ class DDPHookState:
 
 def _kind(rule: Any) -> str:
     """How the sharded mode computes ``rule``: "gram", "coordinate", or "" (it cannot)."""
-    from ..flag import FlagAggregator
     from ..rules._base import GramRule
     from ..rules._coordinate import _CoordinateRule
     from ..rules._mean import Mean
 
-    if isinstance(rule, GramRule) and rule._gram_only():
-        return "gram"
-    if isinstance(rule, (FlagAggregator, Mean)):
+    # The Flag Aggregator is a GramRule: its coefficients come from K alone.
+    if (isinstance(rule, GramRule) and rule._gram_only()) or isinstance(rule, Mean):
         return "gram"
     if isinstance(rule, _CoordinateRule):
         return "coordinate"
     return ""
 
 
-def _flag_coefficients(rule: Any, K: np.ndarray) -> tuple[np.ndarray, dict]:
-    # Today's FlagAggregator is not a GramRule: its Gram-space solve, isolated
-    # here. (Once flag is a GramRule it takes the GramRule path of _solve.)
-    from ..flag import solve_gram
-
-    sol = solve_gram(K, rule.r, rule.lam, max_iter=rule.max_iter, tol=rule.tol, eps=rule.eps,
-                     variant=rule.variant, rescale=rule.rescale)
-    excluded = getattr(sol, "excluded", ())
-    return sol.coefficients, {"excluded": excluded}
-
-
 def _solve(rule: Any, K: np.ndarray) -> tuple[np.ndarray, tuple]:
     """Coefficients of ``rule`` from the float64 Gram matrix ``K``, and the inputs it excluded."""
-    from ..flag import FlagAggregator
     from ..rules._base import GramRule
     from ..rules._mean import Mean
 
     if isinstance(rule, GramRule):
         coef, extras = rule._coefficients(K)
-    elif isinstance(rule, FlagAggregator):
-        coef, extras = _flag_coefficients(rule, K)
     elif isinstance(rule, Mean):
         coef, extras = np.full(K.shape[0], 1.0 / K.shape[0]), {}
     else:  # pragma: no cover - _kind() refused it when the hook was made
