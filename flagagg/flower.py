@@ -172,9 +172,10 @@ class RobustStrategy(FedAvg):
         ``p`` and scales every honest update towards 0, which a robust rule
         only partly undoes. Replies whose count is not a finite number
         ``> 0`` are rejected when it is on.
-    fraction_train, fraction_evaluate, min_train_nodes, min_evaluate_nodes, min_available_nodes : \
-optional
-        Flower's sampling, as in :class:`flwr.serverapp.strategy.FedAvg`.
+    fraction_train, fraction_evaluate : float, optional
+        Flower's sampling, as in ``flwr.serverapp.strategy.FedAvg``.
+    min_train_nodes, min_evaluate_nodes, min_available_nodes : int, optional
+        Flower's sampling, as in FedAvg.
     weighted_by_key, arrayrecord_key, configrecord_key : str, optional
         Record keys, as in FedAvg.
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn : callable, optional
