@@ -16,7 +16,6 @@ Run: ``python flower_digits.py [--rounds 10]`` (needs ``flagagg[flower-sim]``).
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import time
@@ -50,9 +49,13 @@ CLIENTS, BYZANTINE = 15, 3
 EPOCHS, LR = 5, 1.0  # local full-batch gradient steps per round, and their step size
 
 
-@functools.lru_cache(maxsize=1)
+_DATA: dict = {}  # a plain dict, not lru_cache: Ray pickles this module's functions by value
+
+
 def load(seed: int = 0):
     """Digits scaled to [0, 1]: the 15 clients' shards and the server's test set."""
+    if seed in _DATA:
+        return _DATA[seed]
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -60,7 +63,8 @@ def load(seed: int = 0):
     X = (X / 16.0).astype(np.float32)
     Xtr, Xte, ytr, yte = train_test_split(X, y, test_size=0.3, random_state=seed, stratify=y)
     shards = np.array_split(np.random.default_rng(seed).permutation(len(ytr)), CLIENTS)
-    return [(Xtr[s], ytr[s]) for s in shards], (Xte, yte)
+    _DATA[seed] = [(Xtr[s], ytr[s]) for s in shards], (Xte, yte)
+    return _DATA[seed]
 
 
 def local_train(W, b, X, y):
@@ -151,6 +155,10 @@ def main(grid: Grid, context: Context) -> None:
             RESULTS[attack, name] = float(
                 result.evaluate_metrics_serverapp[rounds]["accuracy"])
             if isinstance(strategy, RobustStrategy):
+                trouble = {r: (d.rejected, d.skipped) for r, d in strategy.diagnostics_.items()
+                           if d.rejected or d.skipped}
+                if trouble:  # e.g. failing clients: the table would mean nothing
+                    raise RuntimeError(f"{name} under {attack}: {trouble}")
                 SECONDS.setdefault(name, []).extend(
                     d.seconds for d in strategy.diagnostics_.values())
 
