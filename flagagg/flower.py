@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,8 +186,8 @@ class RobustStrategy(FedAvg):
         the round).
     **rule_params
         Parameters of the rule, e.g. ``r`` for ``"flag"`` or ``m`` for
-        ``"multi_krum"``. For ``"flag"``, ``rescale`` defaults to
-        ``"median_norm"`` here: the global model moves by about a client
+        ``"multi_krum"``. ``"flag"``'s default output is on the updates' own
+        scale (median norm), so the global model moves by about a client
         update's length, not by the published normalised output's.
 
     Attributes
@@ -321,7 +321,7 @@ class RobustStrategy(FedAvg):
             )
         glob = self._round[1]
         replies = list(replies)
-        nodes, updates, fixed, sq_norms, weights, contents = [], [], [], [], [], []
+        nodes, updates, fixed, weights, contents = [], [], [], [], []
         rejected: dict[int, str] = {}
         # A node that answers one message twice is not trusted with either reply.
         per_node = Counter(int(msg.metadata.src_node_id) for msg in replies)
@@ -332,7 +332,7 @@ class RobustStrategy(FedAvg):
                     if nid in rejected:
                         continue
                     raise _Malformed(f"{per_node[nid]} replies from the same node")
-                tree, ints, sq = _read_update(msg, glob, self.arrayrecord_key)
+                tree, ints, _ = _read_update(msg, glob, self.arrayrecord_key)
                 if self.weight_by_num_examples:
                     weights.append(_num_examples(msg, self.weighted_by_key))
             except _Malformed as why:
@@ -342,7 +342,6 @@ class RobustStrategy(FedAvg):
             nodes.append(nid)
             updates.append(tree)
             fixed.append(ints)
-            sq_norms.append(sq)
             contents.append(msg.content)
 
         base = dict(server_round=server_round, rule=self.rule_name, replies=len(replies),
@@ -356,13 +355,11 @@ class RobustStrategy(FedAvg):
 
         if not nodes:
             return skip(f"no usable reply ({len(replies)} received, {len(rejected)} rejected)")
-        sq_norms = np.asarray(sq_norms)
         if self.weight_by_num_examples:
             scale = np.asarray(weights) * (len(weights) / math.fsum(weights))
             for tree, s in zip(updates, scale, strict=True):
                 for u in tree.values():
                     u *= u.dtype.type(s)
-            sq_norms = sq_norms * scale**2
 
         agg: dict[str, np.ndarray] = {}
         result = None
@@ -385,8 +382,7 @@ class RobustStrategy(FedAvg):
                 new[key] = _lower_median([ints[key] for ints in fixed])
 
         diag = RoundDiagnostics(**base, aggregated=tuple(nodes),
-                                **_client_diagnostics(nodes, updates, sq_norms, agg, result,
-                                                      self._per_input),
+                                **_client_diagnostics(nodes, result, self._per_input),
                                 seconds=time.perf_counter() - t0)
         self._log(diag)
         arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()})
@@ -436,33 +432,14 @@ def _make_rule(rule: Any, f: int | None, pre: Any, params: dict[str, Any]) -> An
                 f"rule object: got f={f!r}, pre={pre!r}, {sorted(params)}"
             )
         return rule
+    # Every rule takes f (flag's default output is on the updates' own scale,
+    # so a model update moves the model by about a client update's length).
     kwargs = dict(params)
-    if rule.strip().lower() == "flag":
-        # A model update must move the model by about a client update's
-        # length; the published output's norm is at most p / r whatever the
-        # updates' scale.
-        kwargs.setdefault("rescale", "median_norm")
     if pre:
         kwargs["pre"] = pre
-    return _get_rule_with_f(rule, f, kwargs)
-
-
-def _get_rule_with_f(name: str, f: int | None, kwargs: dict[str, Any]) -> Any:
-    """``get_rule(name, f=f, **kwargs)``, leaving ``f`` out for rules that take none.
-
-    Today ``get_rule("flag", f=...)`` and ``get_rule("mean", f=...)`` raise a
-    TypeError (with ``pre``, flagagg passes ``f`` to the steps only). Once
-    every rule accepts ``f`` this helper is ``get_rule(name, f=f, **kwargs)``.
-    """
-    if f is None:
-        return get_rule(name, **kwargs)
-    try:
-        return get_rule(name, f=f, **kwargs)
-    except TypeError as with_f:
-        try:
-            return get_rule(name, **kwargs)
-        except TypeError as without_f:
-            raise TypeError(f"{with_f}; and without f: {without_f}") from None
+    if f is not None:
+        kwargs["f"] = f
+    return get_rule(rule, **kwargs)
 
 
 # --------------------------------------------------------------------------
@@ -626,35 +603,23 @@ def _lower_median(values: list[np.ndarray]) -> np.ndarray:
 # per-client diagnostics
 
 
-def _client_diagnostics(nodes: list[int], updates: list[dict[str, np.ndarray]],
-                        sq_norms: np.ndarray, agg: Mapping[str, np.ndarray], result: Any,
-                        per_input: bool) -> dict[str, Any]:
+def _client_diagnostics(nodes: list[int], result: Any, per_input: bool) -> dict[str, Any]:
     """Per-client influence, cosine, exclusions, selection and FA ratios, keyed by node id.
 
-    Influence is ``c_i <u_i, out> / ||out||^2`` (for rules that return
-    coefficients), cosine ``<u_i, out> / (||u_i|| ||out||)``; the dot
-    products are per layer, summed in float64. Kept apart so that it can be
-    swapped for the per-worker fields of the rule's result once every
-    result has them.
+    Read off the rule's result: influence ``c_i <u_i, out> / ||out||^2`` (an
+    equivalent for coordinate-wise rules) and cosine ``<u_i, out> / (||u_i||
+    ||out||)``, see :class:`flagagg.AggregationResult`.
     """
     if result is None:
         return {}
-    dots = np.zeros(len(nodes))
-    out_sq = 0.0
-    for key, a in agg.items():
-        out_sq += _dot(a, a)
-        for i, tree in enumerate(updates):
-            dots[i] += _dot(tree[key], a)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cosine = dots / np.sqrt(sq_norms * out_sq)
-    diag: dict[str, Any] = {"cosine": dict(zip(nodes, cosine.tolist(), strict=True))}
-    coef = getattr(result, "coefficients", None)
-    if coef is not None and out_sq > 0:
-        diag["influence"] = dict(zip(nodes, (np.asarray(coef) * dots / out_sq).tolist(),
-                                     strict=True))
-    diag["excluded"] = {nodes[i]: reason for i, reason in getattr(result, "excluded", ())}
+    diag: dict[str, Any] = {}
+    if result.cosine is not None:
+        diag["cosine"] = dict(zip(nodes, np.asarray(result.cosine).tolist(), strict=True))
+    if result.influence is not None:
+        diag["influence"] = dict(zip(nodes, np.asarray(result.influence).tolist(), strict=True))
+    diag["excluded"] = {nodes[i]: reason for i, reason in result.excluded}
     if per_input:
-        diag["selected"] = tuple(nodes[i] for i in getattr(result, "selected", ()))
+        diag["selected"] = tuple(nodes[i] for i in result.selected)
         ratios = getattr(result, "reconstruction_ratios", None)
         if ratios is not None:
             diag["ratios"] = dict(zip(nodes, np.asarray(ratios).tolist(), strict=True))

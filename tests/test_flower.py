@@ -368,18 +368,22 @@ def test_diagnostics_in_the_metric_record():
         v = np.concatenate([u[k].ravel() for k in glob]).astype(np.float64)
         assert diag.cosine[i] == pytest.approx(v @ out / np.linalg.norm(v) / np.linalg.norm(out),
                                                abs=1e-4)
-    # Krum family: which clients were selected; coordinate rules: no influence.
+    # Krum family: which clients were selected; coordinate rules: their influence
+    # equivalent, negative for the reversed clients too.
     mk = RobustStrategy("multi_krum", f=3)
     _, metrics, ids = run_round(mk, glob, updates)
     assert [metrics[f"flagagg.selected.{i}"] for i in ids[:3]] == [0, 0, 0]
     assert sum(metrics[f"flagagg.selected.{i}"] for i in ids) == 12 - 3
     med = RobustStrategy("median", f=3)
     _, metrics, ids = run_round(med, glob, updates)
-    assert med.diagnostics_[1].influence == {} and f"flagagg.cosine.{ids[0]}" in metrics
+    med_influence = np.array([med.diagnostics_[1].influence[i] for i in ids])
+    assert med_influence[:3].max() < 0 < med_influence[3:].min()
+    assert f"flagagg.cosine.{ids[0]}" in metrics
 
 
 def test_rule_arguments():
-    assert RobustStrategy("flag", f=3).rule_.rescale == "median_norm"
+    # the drop-in default: on the updates' own scale
+    assert RobustStrategy("flag", f=3).rule_.rescale == "auto"
     assert RobustStrategy("flag", f=3, rescale=None).rule_.rescale is None
     assert RobustStrategy("flag", f=2, pre=["nnm"]).rule_name == "nnm+flag"
     rule = flagagg.get_rule("krum", f=1)
