@@ -24,7 +24,6 @@ import json
 import os
 import queue
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -676,7 +675,8 @@ def test_torchrun_starts_a_run_over_gloo(tmp_path):
     # may start another Python (and another flagagg) than this one
     if importlib.util.find_spec("torch.distributed.run") is None:
         pytest.skip("torch.distributed.run is not available")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "5", "-m", "flagagg", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "5", "-m", "flagagg", "train",
            "--config", "demo", "--rule", "flag", "--attack", "reverse", "--f", "1",
            "--workers", "4", "--rounds", "6", "--eval-every", "3", "--output", "out",
            "--transport", "gloo", "--quorum", "4"]
