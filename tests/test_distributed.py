@@ -531,7 +531,7 @@ def _in_threads(spec, **server_options):
 
 
 def test_a_resumed_run_continues_the_same_run(tmp_path):
-    spec = _spec(rule="flag", attack="reverse", f=1, workers=3, round_timeout=20)
+    spec = _spec(rule="flag", attack="reverse", f=1, workers=3, round_timeout=20, quorum=3)
     first = _in_threads(dataclasses.replace(spec, config=spec.config.replace(rounds=3)),
                         checkpoint=tmp_path / "ck.pt")
     resumed = _in_threads(spec, resume=tmp_path / "ck.pt")

@@ -262,9 +262,13 @@ def test_replayed_and_tampered_frames_cost_their_sender_its_connection():
     peers[3].sock.sendall(frame3)
     for w in (0, 2, 3):
         assert _closed_without_answer(peers[w].sock)
-    peers[1].sock.close()
+    # worker 1's frame, sent again on a new connection of worker 1 (which
+    # replaces the old one)
     stolen = Peer(server, 1)
     assert stolen.worker == 1
+    peers[1].sock.settimeout(20)
+    while peers[1].sock.recv(1 << 20):  # round 3's parameters, then the end
+        pass
     stolen.sock.sendall(frame1)
     assert _closed_without_answer(stolen.sock)
     thread.join(60)
@@ -275,8 +279,8 @@ def test_replayed_and_tampered_frames_cost_their_sender_its_connection():
     for w in (0, 2, 3):
         assert status[2, w][0] == "missing"
         assert "wrong tag" in status[2, w][1], status[2, w]
-    # none of the round-2 frames reached the rule: no gradient, no step
-    assert record["rounds"][1]["received"] == 1 and record["rounds"][1]["stepped"]
+    # none of the changed or replayed frames reached the rule
+    assert record["rounds"][1]["received"] == 1 and status[2, 1] == ("ok", "")
     assert record["rounds"][2]["received"] == 0
 
 
@@ -448,7 +452,7 @@ def test_a_slow_loris_peer_does_not_stretch_rounds_with_a_quorum():
 # nothing lost
 
 
-def _train_cmd(out, *extra, rounds=12):
+def _train_cmd(out, *extra, rounds=8):
     return [sys.executable, "-m", "flagagg", "train", "--config", "demo", "--rule", "median",
             "--attack", "none", "--f", "0", "--workers", "3", "--rounds", str(rounds),
             "--eval-every", "2", "--round-timeout", "20", "--output", str(out),
@@ -508,11 +512,11 @@ def test_a_killed_server_resumes_and_the_records_cover_every_round(tmp_path):
     assert "round    4: test accuracy" in text  # resumed from round 4's checkpoint
     with open(out / "rounds.csv", newline="") as fh:
         rounds = [int(r["round"]) for r in csv.DictReader(fh)]
-    assert rounds == list(range(1, 13))
+    assert rounds == list(range(1, 9))
     doc = json.loads((out / "train.json").read_text())
-    assert [r["round"] for r in doc["rounds"]] == list(range(1, 13))
+    assert [r["round"] for r in doc["rounds"]] == list(range(1, 9))
     with open(out / "curves.csv", newline="") as fh:
-        assert [int(r["round"]) for r in csv.DictReader(fh)] == list(range(0, 13, 2))
+        assert [int(r["round"]) for r in csv.DictReader(fh)] == list(range(0, 9, 2))
     for who, pid in pids.items():
         assert not _alive(pid), f"{who} (pid {pid}) outlived the run"
 
