@@ -19,11 +19,11 @@ import csv
 import dataclasses
 import datetime
 import gc
+import importlib.util
 import json
 import os
 import queue
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -39,18 +39,29 @@ pytest.importorskip("sklearn")
 
 from flagagg import distributed, sim  # noqa: E402
 from flagagg.distributed._protocol import (  # noqa: E402
+    CHALLENGE_BYTES,
+    FROM_SERVER,
+    FROM_WORKER,
     HEADER,
+    PROOF_BYTES,
     FrameReader,
     Kind,
     ProtocolError,
+    Sealer,
+    check_proof,
     encode_json,
     encode_tensor,
+    recv_exactly,
     recv_frame,
+    respond,
     send_frame,
+    session_key,
 )
 from flagagg.sim import ConfigError  # noqa: E402
 
 RUN_TIMEOUT = 150  # seconds any one multi-process run may take on a busy machine
+SECRET = b"test-secret-" + secrets.token_hex(16).encode()
+KEY = bytes(range(32))  # a connection key, for the wire-format tests
 
 
 def _spec(**kw):
@@ -64,16 +75,20 @@ def _spec(**kw):
 # wire format
 
 
+def _sealed(sealer, parts):
+    return b"".join(bytes(p) for p in sealer.seal(parts))
+
+
 def test_frames_reassemble_from_any_split():
-    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO})
+    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO}, key=KEY, direction=FROM_WORKER)
+    sealer = Sealer(KEY, FROM_WORKER)
     row = np.arange(5, dtype=np.float32)
-    data = b"".join(bytes(p) for p in encode_tensor(Kind.GRAD, row, worker=3, round=7,
-                                                    seconds=0.25))
-    data += b"".join(bytes(p) for p in encode_json(Kind.HELLO, {"worker": 1}))
+    data = _sealed(sealer, encode_tensor(Kind.GRAD, row, worker=3, round=7, seconds=0.25))
+    data += _sealed(sealer, encode_json(Kind.HELLO, {"worker": 1}))
     frames = []
     for i in range(len(data)):  # one byte at a time: nothing comes out early
         frames += reader.feed(data[i:i + 1])
-        if i < HEADER.size + 20 - 1:
+        if i < HEADER.size + 20 + 32 - 1:
             assert not frames
     grad, hello = frames
     assert (grad.kind, grad.worker, grad.round, grad.seconds) == (Kind.GRAD, 3, 7, 0.25)
@@ -84,13 +99,13 @@ def test_frames_reassemble_from_any_split():
 
 @pytest.mark.parametrize("bad, match", [
     (b"JUNK" + bytes(HEADER.size - 4), "bad magic"),
-    (HEADER.pack(b"FLAG", Kind.GRAD, 1, 1, 0, 1, 10**12, 0.0), "over the"),
-    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, 1, 0, 1, 4, 0.0), "unexpected frame kind"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 1, 2, 0, 1, 10**12, 0.0), "over the"),
+    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, 2, 0, 1, 4, 0.0), "unexpected frame kind"),
     (HEADER.pack(b"FLAG", Kind.GRAD, 1, 99, 0, 1, 4, 0.0), "protocol version"),
-    (HEADER.pack(b"FLAG", Kind.GRAD, 77, 1, 0, 1, 4, 0.0), "dtype"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 77, 2, 0, 1, 4, 0.0), "dtype"),
 ])
 def test_bad_headers_are_refused_before_their_payload(bad, match):
-    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO})
+    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO}, key=KEY, direction=FROM_WORKER)
     with pytest.raises(ProtocolError, match=match):
         reader.feed(bad)
 
@@ -114,11 +129,14 @@ def test_transport_choice_and_what_is_missing(monkeypatch):
     from flagagg.distributed._collective import check_transport
 
     spec = _spec()
-    assert spec.transport == "auto"
-    assert spec.transport_for("cpu") == "gloo" and spec.transport_for("cuda:1") == "nccl"
-    assert _spec(transport="tcp").transport_for("cuda:0") == "tcp"
-    with pytest.raises(ConfigError, match="not one of auto, gloo, nccl, tcp"):
+    assert spec.transport == "tcp"  # authenticated by default; gloo and nccl only on request
+    assert spec.transport_for("cpu") == spec.transport_for("cuda:1") == "tcp"
+    assert _spec(transport="gloo").transport_for("cuda:0") == "gloo"
+    with pytest.raises(ConfigError, match="not one of tcp, gloo, nccl"):
         _spec(transport="mpi")
+    assert _spec(f=1).quorum_size == 3 and _spec(quorum=2).quorum_size == 2
+    with pytest.raises(ConfigError, match="quorum 5 is not in 1..4"):
+        _spec(quorum=5)
     check_transport("gloo")  # present in every torch build the suite runs on
     monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)
     with pytest.raises(RuntimeError, match="no NCCL backend.*--transport gloo or tcp"):
@@ -142,10 +160,10 @@ def test_a_worker_started_with_another_transport_says_so(monkeypatch, capsys):
                           timeout=datetime.timedelta(seconds=10))
     store.set("flagagg/server/0", json.dumps({"transport": "gloo"}))
     for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(store.port)}.items():
+                 "MASTER_PORT": str(store.port), "FLAGAGG_SECRET": SECRET.decode()}.items():
         monkeypatch.setenv(k, v)
     for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
-              "TORCHELASTIC_RESTART_COUNT"):
+              "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR", "FLAGAGG_SECRET_FILE"):
         monkeypatch.delenv(k, raising=False)
     threads = torch.get_num_threads()
     try:
@@ -163,9 +181,11 @@ def test_server_address_choice(monkeypatch):
     monkeypatch.delenv("FLAGAGG_SERVER_ADDR", raising=False)
     assert _server_address(None, "10.1.2.3", True) == ("127.0.0.1", "127.0.0.1", 0)
     assert _server_address(None, "127.0.0.1", False) == ("127.0.0.1", "127.0.0.1", 0)
-    assert _server_address("192.0.2.7:4000", "10.1.2.3", False) == ("192.0.2.7", "0.0.0.0", 4000)
+    # elsewhere it binds the configured address, not every interface
+    assert _server_address("192.0.2.7:4000", "10.1.2.3", False) == \
+        ("192.0.2.7", "192.0.2.7", 4000)
     monkeypatch.setenv("FLAGAGG_SERVER_ADDR", "192.0.2.8")
-    assert _server_address(None, "10.1.2.3", False) == ("192.0.2.8", "0.0.0.0", 0)
+    assert _server_address(None, "10.1.2.3", False) == ("192.0.2.8", "192.0.2.8", 0)
 
 
 def test_cli_reports_config_errors_without_starting_processes(capsys):
@@ -182,21 +202,32 @@ def test_cli_reports_config_errors_without_starting_processes(capsys):
 class Peer:
     """A worker written by hand, to send exactly what a test needs."""
 
-    def __init__(self, server, worker, fingerprint=None):
+    def __init__(self, server, worker, fingerprint=None, secret=SECRET):
         self.sock = socket.create_connection(server.address, timeout=20)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        response, ns, nc = respond(secret, recv_exactly(self.sock, CHALLENGE_BYTES, 20))
+        self.sock.sendall(response)
+        check_proof(secret, ns, nc, recv_exactly(self.sock, PROOF_BYTES, 20))
+        self.key = session_key(secret, ns, nc)
+        self.sealer = Sealer(self.key, FROM_WORKER)
         self.reader = FrameReader(1 << 20, kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS,
-                                                  Kind.STOP})
+                                                  Kind.STOP}, key=self.key, direction=FROM_SERVER)
         self.pending = []
         self.worker = worker
         hello = {"worker": worker, "rank": worker + 1, "pid": 0, "host": "test",
                  "fingerprint": fingerprint or server.spec.fingerprint(),
                  "n_params": server.n, "device": "cpu"}
-        send_frame(self.sock, encode_json(Kind.HELLO, hello, worker=worker))
+        send_frame(self.sock, encode_json(Kind.HELLO, hello), self.sealer)
         self.answer = self.recv()
+        if self.answer.kind == Kind.WELCOME:
+            self.worker = self.answer.json()["worker"]
 
     def recv(self):
         return recv_frame(self.sock, self.reader, self.pending, 20)
+
+    def frame(self, parts):
+        """The bytes of a frame, tagged as this peer's next one."""
+        return _sealed(self.sealer, parts)
 
     def params(self, t):
         frame = self.recv()
@@ -205,7 +236,7 @@ class Peer:
 
     def send(self, t, row):
         send_frame(self.sock, encode_tensor(Kind.GRAD, row, worker=self.worker, round=t,
-                                            seconds=0.001))
+                                            seconds=0.001), self.sealer)
 
 
 def _serve(server):
@@ -241,16 +272,16 @@ def _check_rounds_1_to_3(record, n):
 
 
 def test_server_survives_every_kind_of_bad_worker():
-    server = distributed.Server(_spec(rounds=5))
+    server = distributed.Server(_spec(rounds=5), secret=SECRET)
     thread, out = _serve(server)
     n = server.n
     ok = np.full(n, 1e-3, np.float32)
     p0 = Peer(server, 0)
-    impostor = Peer(server, 0)
     stranger = Peer(server, 1, fingerprint="0" * 16)
-    assert impostor.answer.kind == stranger.answer.kind == Kind.REJECT
-    assert "already connected" in impostor.answer.json()["reason"]
-    assert "different config" in stranger.answer.json()["reason"]
+    assert stranger.answer.kind == Kind.REJECT
+    reason = stranger.answer.json()["reason"]
+    # a member with another config hears why, but not the server's fingerprint
+    assert "different config" in reason and server.spec.fingerprint() not in reason
     p1, p2, p3 = Peer(server, 1), Peer(server, 2), Peer(server, 3)
     peers = [p0, p1, p2, p3]
     assert all(p.answer.kind == Kind.WELCOME for p in peers)
@@ -268,7 +299,7 @@ def test_server_survives_every_kind_of_bad_worker():
         p.params(2)
     p0.send(2, ok)
     p1.send(2, ok)
-    half = b"".join(bytes(x) for x in encode_tensor(Kind.GRAD, ok, worker=3, round=2))
+    half = p3.frame(encode_tensor(Kind.GRAD, ok, worker=3, round=2))
     p3.sock.sendall(half[: len(half) // 2])
     p3.sock.close()
     # round 3 (it starts when round 2's deadline has passed): worker 2 is still
@@ -299,7 +330,7 @@ def test_server_survives_every_kind_of_bad_worker():
     assert all(status[t, w][0] == "ok" for t in (4, 5) for w in range(4))
     assert [r["received"] for r in record["rounds"]] == [1, 2, 3, 4, 4]
     events = [(e.get("worker"), e["event"]) for e in record["events"]]
-    for expected in ((0, "refused"), (1, "refused"), (3, "disconnected"), (3, "reconnected")):
+    for expected in ((1, "refused"), (3, "disconnected"), (3, "reconnected")):
         assert expected in events
 
 
@@ -460,7 +491,7 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
 
 def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
     path = tmp_path / "ck.pt"
-    server = distributed.Server(_spec(workers=2, rounds=2), checkpoint=path)
+    server = distributed.Server(_spec(workers=2, rounds=2), secret=SECRET, checkpoint=path)
     thread, out = _serve(server)
     peers = [Peer(server, w) for w in range(2)]
     for t in (1, 2):
@@ -472,11 +503,11 @@ def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
     state = distributed.load_checkpoint(path)
     assert state["round"] == 2
     np.testing.assert_array_equal(state["parameters"].numpy(), out["record"]["parameters"])
-    again = distributed.Server(_spec(workers=2, rounds=4), resume=path)
+    again = distributed.Server(_spec(workers=2, rounds=4), secret=SECRET, resume=path)
     assert again.start_round == 3 and torch.equal(again.flat, state["parameters"])
     again._stop_workers(0)
     with pytest.raises(ValueError, match="nothing left to train"):
-        distributed.Server(_spec(workers=2, rounds=2), resume=path)
+        distributed.Server(_spec(workers=2, rounds=2), secret=SECRET, resume=path)
 
     # a checkpoint that smuggles in an arbitrary object is not unpickled
     torch.save({"format": "flagagg-distributed-checkpoint", "payload": Peer}, tmp_path / "evil.pt")
@@ -486,10 +517,11 @@ def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
 
 def _in_threads(spec, **server_options):
     """A whole run in this process: the server and real workers on threads."""
-    server = distributed.Server(spec, **server_options)
+    server = distributed.Server(spec, secret=SECRET, **server_options)
     thread, out = _serve(server)
     workers = [threading.Thread(target=distributed.run_worker, daemon=True,
-                                args=(spec, w, server.address)) for w in range(spec.workers)]
+                                args=(spec, w, server.address), kwargs={"secret": SECRET})
+               for w in range(spec.workers)]
     for t in workers:
         t.start()
     for t in [thread, *workers]:
@@ -499,7 +531,7 @@ def _in_threads(spec, **server_options):
 
 
 def test_a_resumed_run_continues_the_same_run(tmp_path):
-    spec = _spec(rule="flag", attack="reverse", f=1, workers=3, round_timeout=20)
+    spec = _spec(rule="flag", attack="reverse", f=1, workers=3, round_timeout=20, quorum=3)
     first = _in_threads(dataclasses.replace(spec, config=spec.config.replace(rounds=3)),
                         checkpoint=tmp_path / "ck.pt")
     resumed = _in_threads(spec, resume=tmp_path / "ck.pt")
@@ -517,8 +549,9 @@ def test_a_resumed_run_continues_the_same_run(tmp_path):
 @pytest.mark.parametrize("transport", ["gloo", "tcp"])
 def test_byzantine_run_trains_and_matches_the_simulator(transport):
     config = sim.load_config("demo")
+    # quorum 4: every round waits for all four, as the simulator does
     run = distributed.train(config, rule="flag", attack="reverse", f=1, workers=4, rounds=20,
-                            eval_every=10, timeout=RUN_TIMEOUT, transport=transport)
+                            eval_every=10, timeout=RUN_TIMEOUT, transport=transport, quorum=4)
     assert run.status == 0 and run.transport == transport
     assert [t for t, _ in run.curve] == [0, 10, 20]
     assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
@@ -577,7 +610,7 @@ def test_killed_and_frozen_workers_do_not_stop_training(tmp_path, transport):
             text.append(line)
             if "connected (rank" in line:
                 pids[int(line.split()[1])] = int(line.split("pid ")[1].split(",")[0])
-            elif line.startswith("server: listening"):
+            elif line.startswith("server: ") and "(pid " in line:
                 pids["server"] = int(line.split("(pid ")[1].split(",")[0])
             elif line.startswith("round    3: test accuracy"):
                 os.kill(pids[1], signal.SIGKILL)   # a crash
@@ -638,12 +671,15 @@ def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on(transpo
 
 def test_torchrun_starts_a_run_over_gloo(tmp_path):
     """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``."""
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
-    if torchrun is None:
-        pytest.skip("torchrun is not installed next to this Python")
-    cmd = [torchrun, "--standalone", "--nproc-per-node", "5", "-m", "flagagg", "train",
+    # torchrun's module, not its script: a copied virtual environment's script
+    # may start another Python (and another flagagg) than this one
+    if importlib.util.find_spec("torch.distributed.run") is None:
+        pytest.skip("torch.distributed.run is not available")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "5", "-m", "flagagg", "train",
            "--config", "demo", "--rule", "flag", "--attack", "reverse", "--f", "1",
-           "--workers", "4", "--rounds", "6", "--eval-every", "3", "--output", "out"]
+           "--workers", "4", "--rounds", "6", "--eval-every", "3", "--output", "out",
+           "--transport", "gloo", "--quorum", "4"]
     # its own session, so that a run that overstays can be ended with all its processes
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

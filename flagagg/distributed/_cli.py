@@ -39,6 +39,10 @@ def add_arguments(parser):
     faults.add_argument("--connect-timeout", type=float, default=120.0, metavar="SECONDS",
                         help="how long the server waits for the workers to join, and the "
                              "workers for the server (default: 120)")
+    faults.add_argument("--quorum", type=int, metavar="Q",
+                        help="close a round once Q gradients are in (plus a short grace) "
+                             "instead of waiting for the deadline; later ones are reported "
+                             "as missing, never waited for (default: workers - f)")
     faults.add_argument("--keep-nonfinite", action="store_true",
                         help="hand gradients with NaN or Inf to the rule instead of excluding "
                              "them (what the simulator does)")
@@ -50,26 +54,42 @@ def add_arguments(parser):
     where = parser.add_argument_group("where")
     where.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                        help="device of each process's model (cuda: cuda:LOCAL_RANK)")
-    where.add_argument("--transport", choices=("auto", "gloo", "nccl", "tcp"), default="auto",
-                       help="how parameters and gradients travel: gloo or nccl point-to-point "
-                            "(one process group per worker), or tcp (flagagg's own framing, "
-                            "safe against workers that attack the protocol itself); auto: "
-                            "nccl on CUDA, else gloo (default)")
+    where.add_argument("--transport", choices=("tcp", "gloo", "nccl"), default="tcp",
+                       help="how parameters and gradients travel: tcp (default: flagagg's "
+                            "own framing over connections authenticated with the run's "
+                            "secret, safe against outsiders and against workers that attack "
+                            "the protocol), or, ON TRUSTED CLUSTERS ONLY, gloo or nccl "
+                            "point-to-point: torch's store, which they meet through, lets "
+                            "anyone who reaches it join, crash or stall the run")
     where.add_argument("--threads", type=int, default=1, metavar="N",
                        help="torch threads per process (default: 1)")
     where.add_argument("--server-addr", metavar="HOST[:PORT]",
                        help="address the server listens on and tells the workers (default: "
                             "127.0.0.1 on one machine, else this node's address towards "
                             "MASTER_ADDR, on a free port); also FLAGAGG_SERVER_ADDR")
+    sec = parser.add_argument_group("security (tcp transport)")
+    sec.add_argument("--secret-file", metavar="PATH",
+                     help="file holding the run's secret (at least 16 bytes), the same on "
+                          "every node; also FLAGAGG_SECRET or FLAGAGG_SECRET_FILE. Needed "
+                          "under torchrun; `flagagg train` on one machine makes a fresh one "
+                          "for its processes")
+    sec.add_argument("--tls-cert", metavar="PEM",
+                     help="encrypt the connections with TLS: the server's certificate (the "
+                          "workers trust exactly this one); with --tls-key on the server")
+    sec.add_argument("--tls-key", metavar="PEM", help="the server's TLS private key")
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="train-results", metavar="DIR",
-                     help="folder for the results (default: train-results)")
+                     help="folder for the results, appended to round by round (default: "
+                          "train-results); one holding another run is moved aside to "
+                          "DIR.previous-N")
     out.add_argument("--checkpoint", metavar="PATH",
-                     help="save parameters and momentum here (at the end, and every "
-                          "--checkpoint-every rounds)")
-    out.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
-                     help="checkpoint every N rounds (default: only at the end)")
-    out.add_argument("--resume", metavar="PATH", help="start from a checkpoint")
+                     help="save parameters and momentum here, every --checkpoint-every "
+                          "rounds and at the end (default: DIR/checkpoint.pt)")
+    out.add_argument("--checkpoint-every", type=int, default=10, metavar="N",
+                     help="checkpoint every N rounds; 0: only at the end (default: 10)")
+    out.add_argument("--resume", metavar="PATH",
+                     help="continue a run from a checkpoint, e.g. DIR/checkpoint.pt after "
+                          "the server died; the records in DIR then cover every round")
 
 
 def run(args):
@@ -89,17 +109,31 @@ def run(args):
             seed=args.seed, rounds=args.rounds, workers=args.workers,
             eval_every=args.eval_every, round_timeout=args.round_timeout,
             connect_timeout=args.connect_timeout, drop_nonfinite=not args.keep_nonfinite,
-            device=args.device, transport=args.transport, faults=faults,
+            device=args.device, transport=args.transport, faults=faults, quorum=args.quorum,
         )
+        if args.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         return report_error(exc)
-    node = {"output": args.output, "checkpoint": args.checkpoint,
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from pathlib import Path
+
+        checkpoint = str(Path(args.output, "checkpoint.pt"))
+    node = {"output": args.output, "checkpoint": checkpoint,
             "checkpoint_every": args.checkpoint_every, "resume": args.resume,
             "threads": args.threads}
+    tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if in_launched_process():
         from ._node import run_node
 
-        return run_node(spec, server_addr=args.server_addr, **node)
+        return run_node(spec, server_addr=args.server_addr, secret_file=args.secret_file,
+                        **tls, **node)
+    if args.secret_file or args.tls_cert:
+        return report_error(ValueError(
+            "--secret-file and --tls-cert are for runs over several machines (under "
+            "torchrun); on one machine `flagagg train` makes a fresh secret for its processes "
+            "and they talk over loopback"))
 
     from ._launch import launch
 

@@ -3,10 +3,15 @@
 The launcher gives each process the environment ``torchrun`` would
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
 relays what they print, and, unlike ``torchrun``, does not tear the run down
-when a worker dies: the server decides what a missing worker means. When the
-server has finished, workers get a few seconds to leave; any still running
-(hung, stopped) is terminated and then killed, so no process outlives the
-launcher.
+when a worker dies: the server decides what a missing worker means. It makes
+a fresh random secret for the run's processes and hands it to them in their
+environment (``FLAGAGG_SECRET``; never on a command line, which every user
+of the machine can read), with the server's loopback address
+(``FLAGAGG_SERVER_ADDR``). When the server has finished, workers get a few
+seconds to leave; any still running (hung, stopped) is terminated and then
+killed, so no process outlives the launcher. SIGTERM or SIGINT to the
+launcher asks the server to stop after its round and write its results, then
+ends the workers the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -103,13 +109,23 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
         spec_file = Path(tmp, "run.json")
         spec_file.write_text(json.dumps({"spec": spec_to_dict(spec), "node": node}),
                              encoding="utf-8")
-        env = {k: v for k, v in os.environ.items() if k not in _TORCHRUN_VARIABLES}
+        env = {k: v for k, v in os.environ.items()
+               if k not in _TORCHRUN_VARIABLES and k != "FLAGAGG_SECRET_FILE"}
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    WORLD_SIZE=str(p + 1), LOCAL_WORLD_SIZE=str(p + 1), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x))
+                   PYTHONPATH=os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x),
+                   FLAGAGG_SECRET=secrets.token_hex(32),
+                   FLAGAGG_SERVER_ADDR=f"127.0.0.1:{free_port()}", FLAGAGG_LAUNCHED="1")
         procs, threads_, lock = [], [], threading.Lock()
         kept = [] if quiet else None
         status = None
+        main = threading.current_thread() is threading.main_thread()
+        previous = {}
+        if main:
+            def interrupted(signum, _frame):
+                raise _Interrupted(signum)
+
+            previous = {s: signal.signal(s, interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             for rank in range(p + 1):
                 proc = subprocess.Popen(
@@ -138,13 +154,36 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
                 if proc.poll() is None:
                     say(f"worker {rank - 1} (pid {proc.pid}) was still running {grace:g} s after "
                         "the server finished; stopping it")
+        except _Interrupted as exc:
+            name = signal.Signals(exc.signum).name
+            say(f"flagagg train: {name}: asking the server to finish its round and write its "
+                "results, then stopping the workers")
+            # a second signal must not cut the clean stop short
+            for s in previous:
+                signal.signal(s, signal.SIG_IGN)
+            if procs and procs[0].poll() is None:
+                with contextlib.suppress(OSError):
+                    procs[0].send_signal(signal.SIGTERM)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    procs[0].wait(max(grace, spec.round_timeout + 10.0))
+            status = 128 + exc.signum
         finally:
             _stop(procs)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
             for th in threads_:
                 th.join(5.0)
             if kept is not None and status != 0:
                 print("\n".join(kept), file=out, flush=True)
     return status
+
+
+class _Interrupted(BaseException):
+    """SIGTERM or SIGINT reached the launcher."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _stop(procs):

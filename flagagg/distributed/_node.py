@@ -2,11 +2,15 @@
 
 Every process reads its role from the environment that ``torchrun`` (or the
 local launcher, which sets the same variables) provides: ``RANK`` 0 is the
-parameter server, ranks 1..p are workers 0..p-1. They meet through a
-``torch.distributed.TCPStore`` at ``MASTER_ADDR:MASTER_PORT``: the server
-publishes its transport there (and, for ``tcp``, the address it listens on);
-the workers read it and join (see :mod:`flagagg.distributed._collective` for
-the gloo and NCCL transports).
+parameter server, ranks 1..p are workers 0..p-1. Over the ``tcp`` transport
+(the default) the workers reach the server at ``FLAGAGG_SERVER_ADDR`` when it
+names a port (the local launcher sets it), else at the address the server
+publishes on a ``torch.distributed.TCPStore`` at ``MASTER_ADDR:MASTER_PORT``;
+either way every connection proves knowledge of the run's secret
+(``FLAGAGG_SECRET``, ``FLAGAGG_SECRET_FILE`` or ``--secret-file``), both ways,
+so a store or an address an outsider has changed leads nowhere. The gloo and
+NCCL transports meet and talk through the store, which trusts everyone (see
+:mod:`flagagg.distributed._collective`).
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ import datetime
 import ipaddress
 import json
 import os
+import signal
 import socket
 import sys
+import threading
 
-__all__ = ["ROLE_VARIABLES", "in_launched_process", "run_node"]
+__all__ = ["ROLE_VARIABLES", "in_launched_process", "read_secret", "run_node"]
 
 ROLE_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -69,8 +75,51 @@ def _server_address(server_addr, master_addr, all_local):
                 probe.close()
             if _is_loopback(host):
                 host = socket.getfqdn()
-    bind = "127.0.0.1" if _is_loopback(host) else "0.0.0.0"
+    # the configured address, not every interface
+    bind = "127.0.0.1" if _is_loopback(host) else socket.gethostbyname(host)
     return host, bind, port
+
+
+def read_secret(secret_file=None):
+    """The run's secret: ``secret_file``, else ``FLAGAGG_SECRET_FILE``, else ``FLAGAGG_SECRET``.
+
+    Returns
+    -------
+    secret : bytes or None
+        None when none is given.
+
+    Raises
+    ------
+    ValueError
+        If the one given is too short (see :func:`flagagg.distributed._protocol.load_secret`).
+    OSError
+        If the file cannot be read.
+    """
+    from ._protocol import load_secret
+
+    path = secret_file or os.environ.get("FLAGAGG_SECRET_FILE")
+    if path:
+        return load_secret(path=path)
+    text = os.environ.get("FLAGAGG_SECRET")
+    return None if not text else load_secret(text)
+
+
+_NO_SECRET = (
+    "no secret for this run: the tcp transport admits only processes that prove they know "
+    "the run's secret. Make one (`python -c \"import secrets; print(secrets.token_hex(32))\" "
+    "> run.secret; chmod 600 run.secret`), copy it to every node and pass --secret-file "
+    "run.secret (or set FLAGAGG_SECRET) on every node; `flagagg train` without torchrun makes "
+    "one itself"
+)
+
+
+def _direct_address(server_addr):
+    """(host, port) from ``--server-addr`` or ``FLAGAGG_SERVER_ADDR`` when it names a port."""
+    text = server_addr or os.environ.get("FLAGAGG_SERVER_ADDR") or ""
+    host, _, port = text.rpartition(":")
+    if host and port.isdigit() and int(port) > 0:
+        return host, int(port)
+    return None
 
 
 def _device(choice, local_rank):
@@ -95,7 +144,8 @@ def _store(rank, world, master_addr, master_port, timeout):
 
 
 def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=None,
-             server_addr=None, threads=1, log=None):
+             server_addr=None, threads=1, log=None, secret_file=None, tls_cert=None,
+             tls_key=None):
     """Run this process's part of a distributed run (server or worker).
 
     Parameters
@@ -115,6 +165,12 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         Torch threads per process.
     log : callable, optional
         Where messages go; ``print`` (flushed) by default.
+    secret_file : str or path-like, optional
+        File holding the run's secret (see :func:`read_secret`); the tcp
+        transport needs one.
+    tls_cert, tls_key : str or path-like, optional
+        PEM certificate and key: the server wraps its connections in TLS,
+        and the workers check the server against ``tls_cert``.
 
     Returns
     -------
@@ -140,17 +196,32 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         )
     torch.set_num_threads(max(1, int(threads)))
     device = _device(spec.device, local_rank)
-    store = _store(rank, world, master_addr, master_port, spec.connect_timeout)
+    transport = spec.transport_for(device)
+    secret = None
+    if transport == "tcp":
+        try:
+            secret = read_secret(secret_file)
+        except (OSError, ValueError) as exc:
+            log(f"rank {rank}: cannot read the run's secret: {exc}")
+            return 2
+        if secret is None:
+            log(f"rank {rank}: {_NO_SECRET}")
+            return 2
+    tls = _tls_context(rank, tls_cert, tls_key)
+    direct = _direct_address(server_addr) if transport == "tcp" else None
+    store = None
+    if direct is None:
+        store = _store(rank, world, master_addr, master_port, spec.connect_timeout)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     key, prefix = f"flagagg/server/{restart}", f"flagagg/{restart}/"
     if rank == 0:
-        transport = spec.transport_for(device)
         if transport == "tcp":
             host, bind, port = _server_address(server_addr, master_addr, local_world == world)
-            server = Server(spec, listen=(bind, port), device=device, log=log,
+            server = Server(spec, secret=secret, listen=(bind, port), device=device, log=log,
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                            resume=resume)
-            where = f"listening on {host}:{server.address[1]}"
+                            resume=resume, tls=tls)
+            where = (f"authenticated tcp{' over TLS' if tls else ''}, listening on "
+                     f"{host}:{server.address[1]}")
             published = {"transport": "tcp", "host": host, "port": server.address[1]}
         else:
             from ._collective import CollectiveServer
@@ -160,44 +231,100 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
                                       checkpoint_every=checkpoint_every, resume=resume)
             where = f"{transport} point-to-point, store {master_addr}:{master_port}"
             published = {"transport": transport}
-        store.set(key, json.dumps(published))
+        if store is not None:
+            store.set(key, json.dumps(published))
+        recorder = None
+        if output is not None:
+            from ._results import RunLog
+
+            recorder = RunLog(output, spec, server.lr, resuming=resume is not None, log=log)
+            server.recorder = recorder
         log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
-            f"{device}); round deadline {spec.round_timeout:g} s")
+            f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}")
         if spec.f:
             log(f"server: Byzantine workers (drawn from the seed): {sorted(server.byzantine)}, "
                 f"attack {spec.attack}")
-        record = server.run()
+
+        def stop(signum, _frame):
+            # finish the round, then write the checkpoint and the results
+            server.stop_requested = signal.Signals(signum).name
+
+        main = threading.current_thread() is threading.main_thread()
+        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+            if main else {}
+        try:
+            record = server.run()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         _report(spec, record, log)
-        if output is not None:
+        if recorder is not None:
             from ._results import write_results
 
+            recorder.close()
             write_results(output, spec, record, server.lr)
         return record["status"]
 
     def wlog(text):
         print(text, file=sys.stderr, flush=True)
 
+    if os.environ.get("FLAGAGG_LAUNCHED") == "1" and \
+            threading.current_thread() is threading.main_thread():
+        # Ctrl-C reaches the whole process group; the launcher stops the workers
+        # once the server has finished its round
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    if direct is not None:
+        return run_worker(spec, rank - 1, direct, secret=secret, device=device, log=wlog,
+                          tls=tls)
     try:
         published = json.loads(store.get(key).decode())
     except Exception as exc:  # noqa: BLE001 - the store raises several types on a timeout
         wlog(f"worker {rank - 1}: the server (rank 0) did not publish how to reach it within "
              f"{spec.connect_timeout:g} s ({exc})")
         return 1
-    transport = published.get("transport")
-    if spec.transport not in ("auto", transport):
-        wlog(f"worker {rank - 1}: the server uses --transport {transport}, this worker was "
-             f"started with --transport {spec.transport}: start every process with the same "
-             "arguments")
+    published = published if isinstance(published, dict) else {}
+    if published.get("transport") != transport:
+        wlog(f"worker {rank - 1}: the server uses --transport {published.get('transport')}, "
+             f"this worker was started with --transport {transport}: start every process "
+             "with the same arguments")
         return 2
     if transport == "tcp":
         del store  # the worker needs it no more, and must not keep the rendezvous alive
-        return run_worker(spec, rank - 1, (published["host"], int(published["port"])),
-                          device=device, log=wlog)
+        # the address comes from an unauthenticated store: the handshake proves whether
+        # what answers there is the run's server
+        try:
+            address = (str(published["host"]), int(published["port"]))
+        except (KeyError, TypeError, ValueError):
+            wlog(f"worker {rank - 1}: the store holds no usable server address")
+            return 1
+        return run_worker(spec, rank - 1, address, secret=secret, device=device, log=wlog,
+                          tls=tls)
     from ._collective import run_collective_worker
 
-    # a worker left at auto follows the server, e.g. NCCL on a GPU server
     return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
                                  device=device, log=wlog)
+
+
+def _tls_context(rank, cert, key):
+    """The server's or a worker's TLS context, or None without a certificate."""
+    if cert is None:
+        return None
+    import ssl
+
+    if rank == 0:
+        if key is None:
+            raise ValueError("--tls-cert needs --tls-key on the server")
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert, key)
+        return ctx
+    # the workers trust exactly the server's certificate
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cert)
+    ctx.check_hostname = False
+    return ctx
 
 
 def _ranges(rounds):

@@ -1,22 +1,32 @@
-"""The wire format between the parameter server and its workers.
+"""The wire format between the parameter server and its workers, and how peers prove membership.
 
-Every message is one frame: a fixed 36-byte header, then ``nbytes`` of
-payload. Tensors travel as their raw little-endian bytes (the header names
-the dtype), control messages as small JSON objects; nothing is ever
-unpickled. The server reads frames with :class:`FrameReader`, which holds a
-frame back until all of it has arrived, so a worker that dies mid-message
-leaves nothing behind to aggregate, and refuses a header whose size is over
-the limit before reading its payload, so a worker cannot make the server
-buffer without bound.
+A connection starts with a fixed-size handshake in which both sides prove
+that they know the run's secret (HMAC-SHA256 challenge-response, mutual),
+then carries frames: a fixed 36-byte header, ``nbytes`` of payload and a
+32-byte tag, an HMAC-SHA256 of the header and payload under a key of this
+connection, with the frame's direction and sequence number inside. A frame
+replayed (on this connection or another), reordered, reflected or changed
+in any byte fails its tag and closes the connection. Tensors travel as their
+raw little-endian bytes (the header names the dtype), control messages as
+small JSON objects; nothing is ever unpickled.
 
-This is the ``tcp`` transport's format; the gloo and NCCL transport
-(:mod:`flagagg.distributed._collective`) is the default. It exists for
-workers that may attack the protocol itself: with gloo (measured with
-PyTorch 2.13's build), a message longer than the posted receive buffer
-aborts the receiving process (``gloo::EnforceNotMet``, ``std::terminate``),
-so a worker that announces one size and sends a longer message can end the
-server. Here the server reads each header before its payload, so it refuses
-any size over the limit without reading it, and bounds every wait itself.
+The handshake (``K`` the secret, ``Ns``, ``Nc`` fresh 32-byte nonces)::
+
+    server -> worker  CHALLENGE  b"FLAGAUTH" version(2) Ns                      42 bytes
+    worker -> server  RESPONSE   b"FLAGAUTH" version(2) Nc HMAC(K, "worker"|Ns|Nc) 74 bytes
+    server -> worker  PROOF      HMAC(K, "server"|Ns|Nc)                       32 bytes
+
+The server reads exactly the response's 74 bytes from a peer that has not
+proved itself, and nothing else; a wrong response closes the connection with
+no answer. A worker that gets a wrong proof knows it reached something that
+is not the run's server. The connection's frame key is
+``HMAC(K, "frames"|Ns|Nc)``.
+
+The server reads frames with :class:`FrameReader`, which holds a frame back
+until all of it has arrived and its tag is checked, so a worker that dies
+mid-message leaves nothing behind to aggregate, and refuses a header whose
+size is over the limit before reading its payload, so a worker cannot make
+the server buffer without bound.
 
 Header (little-endian)::
 
@@ -24,15 +34,24 @@ Header (little-endian)::
     kind   B    HELLO, WELCOME, REJECT, PARAMS, GRAD, STOP
     dtype  B    0 for JSON, else a code of DTYPES
     version H   PROTOCOL_VERSION
-    worker I    the worker a GRAD or HELLO comes from
+    worker I    the worker a GRAD comes from
     round  Q    the training round a PARAMS or GRAD belongs to
     nbytes Q    payload size
     seconds d   GRAD: the worker's compute time for the round
+
+Tag: ``HMAC(frame key, direction(1) | sequence(8, little-endian) | header |
+SHA256(payload))``, direction 0 from the server, 1 from a worker, sequence
+counting that direction's frames on the connection from 0. (Hashing the
+payload first lets the server hash a round's parameters once for all its
+workers.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import secrets
 import struct
 import time
 from dataclasses import dataclass
@@ -40,8 +59,15 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "CHALLENGE_BYTES",
     "DTYPES",
     "HEADER",
+    "MIN_SECRET_BYTES",
+    "PROOF_BYTES",
+    "RESPONSE_BYTES",
+    "TAG_BYTES",
+    "AuthError",
+    "Sealer",
     "PROTOCOL_VERSION",
     "Frame",
     "FrameReader",
@@ -50,13 +76,30 @@ __all__ = [
     "encode",
     "encode_json",
     "encode_tensor",
+    "challenge",
+    "check_proof",
+    "check_response",
+    "load_secret",
     "recv_frame",
+    "recv_exactly",
+    "respond",
     "send_frame",
+    "session_key",
 ]
 
 MAGIC = b"FLAG"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("<4sBBHIQQd")
+AUTH_MAGIC = b"FLAGAUTH"
+_AUTH_HEAD = struct.Struct("<8sH")
+NONCE_BYTES = 32
+TAG_BYTES = 32
+CHALLENGE_BYTES = _AUTH_HEAD.size + NONCE_BYTES             # 42
+RESPONSE_BYTES = _AUTH_HEAD.size + NONCE_BYTES + TAG_BYTES  # 74
+PROOF_BYTES = TAG_BYTES
+# a shorter secret can be guessed offline from one recorded handshake
+MIN_SECRET_BYTES = 16
+FROM_SERVER, FROM_WORKER = 0, 1
 # JSON control messages are tiny; anything larger is a broken or hostile peer
 MAX_JSON_BYTES = 1 << 16
 
@@ -82,6 +125,166 @@ _CODES = {dt: code for code, dt in DTYPES.items()}
 
 class ProtocolError(Exception):
     """A peer sent something that is not a valid frame; the connection is closed."""
+
+
+class AuthError(ProtocolError):
+    """A peer failed to prove that it knows the run's secret."""
+
+
+def load_secret(text=None, *, path=None):
+    """The run's secret as bytes, from its text or a file, checked for length.
+
+    Parameters
+    ----------
+    text : str or bytes, optional
+        The secret itself (e.g. ``FLAGAGG_SECRET``).
+    path : str or path-like, optional
+        A file holding it (surrounding whitespace is ignored).
+
+    Returns
+    -------
+    secret : bytes
+
+    Raises
+    ------
+    ValueError
+        If neither or both are given, or the secret is shorter than
+        ``MIN_SECRET_BYTES``.
+    """
+    if (text is None) == (path is None):
+        raise ValueError("give the secret either as text or as a file, not both or neither")
+    if path is not None:
+        with open(path, "rb") as fh:
+            secret = fh.read().strip()
+        where = f"secret file {path}"
+    else:
+        secret = (text.encode("utf-8") if isinstance(text, str) else bytes(text)).strip()
+        where = "the secret"
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(
+            f"{where} has {len(secret)} bytes, fewer than {MIN_SECRET_BYTES}: make one with "
+            "`python -c \"import secrets; print(secrets.token_hex(32))\"`"
+        )
+    return secret
+
+
+def _mac(key, *parts):
+    h = hmac.new(key, digestmod=hashlib.sha256)
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
+def challenge():
+    """The server's first message on a connection and its nonce: (bytes, nonce)."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    return _AUTH_HEAD.pack(AUTH_MAGIC, PROTOCOL_VERSION) + nonce, nonce
+
+
+def _auth_head(data, what):
+    magic, version = _AUTH_HEAD.unpack_from(data)
+    if magic != AUTH_MAGIC:
+        raise AuthError(f"{what} does not start like a flagagg handshake")
+    if version != PROTOCOL_VERSION:
+        raise AuthError(f"{what} speaks protocol version {version}, this side "
+                        f"{PROTOCOL_VERSION}: run the same flagagg version on every node")
+
+
+def respond(secret, data):
+    """The worker's answer to a server's challenge ``data``.
+
+    Returns
+    -------
+    response : bytes
+        What to send.
+    server_nonce, worker_nonce : bytes
+        For :func:`check_proof` and :func:`session_key`.
+
+    Raises
+    ------
+    AuthError
+        If ``data`` is not a challenge of this protocol version.
+    """
+    if len(data) != CHALLENGE_BYTES:
+        raise AuthError("the challenge has the wrong size")
+    _auth_head(data, "the server's challenge")
+    ns = bytes(data[_AUTH_HEAD.size:])
+    nc = secrets.token_bytes(NONCE_BYTES)
+    head = _AUTH_HEAD.pack(AUTH_MAGIC, PROTOCOL_VERSION)
+    return head + nc + _mac(secret, b"worker", ns, nc), ns, nc
+
+
+def check_response(secret, server_nonce, data):
+    """Check a worker's response; return (proof to send back, worker nonce).
+
+    Raises
+    ------
+    AuthError
+        If the response is malformed or its HMAC is wrong (the peer does not
+        know the secret).
+    """
+    if len(data) != RESPONSE_BYTES:
+        raise AuthError("the response has the wrong size")
+    _auth_head(data, "the response")
+    nc = bytes(data[_AUTH_HEAD.size:_AUTH_HEAD.size + NONCE_BYTES])
+    tag = bytes(data[_AUTH_HEAD.size + NONCE_BYTES:])
+    if not hmac.compare_digest(tag, _mac(secret, b"worker", server_nonce, nc)):
+        raise AuthError("wrong HMAC in the response: the peer does not know the run's secret")
+    return _mac(secret, b"server", server_nonce, nc), nc
+
+
+def check_proof(secret, server_nonce, worker_nonce, data):
+    """Check the server's proof that it knows the secret.
+
+    Raises
+    ------
+    AuthError
+        If it is wrong: whatever answered is not the run's server.
+    """
+    if len(data) != PROOF_BYTES or not hmac.compare_digest(
+            bytes(data), _mac(secret, b"server", server_nonce, worker_nonce)):
+        raise AuthError("the server did not prove that it knows the run's secret: the address "
+                        "leads to something that is not this run's server")
+
+
+def session_key(secret, server_nonce, worker_nonce):
+    """The key of a connection's frame tags."""
+    return _mac(secret, b"frames", server_nonce, worker_nonce)
+
+
+class Sealer:
+    """Tags the frames one side sends on one connection.
+
+    Parameters
+    ----------
+    key : bytes
+        The connection's key (:func:`session_key`).
+    direction : int
+        ``FROM_SERVER`` or ``FROM_WORKER``.
+    """
+
+    def __init__(self, key, direction):
+        self.key = key
+        self.direction = bytes([direction])
+        self.sequence = 0
+
+    def tag(self, head, payload=b"", digest=None):
+        """The tag of the next frame (advances the sequence).
+
+        ``digest``, the payload's SHA-256, may be given instead of hashing
+        ``payload`` again: the server sends one parameter payload to every
+        worker and hashes it once.
+        """
+        seq = self.sequence.to_bytes(8, "little")
+        self.sequence += 1
+        if digest is None:
+            digest = hashlib.sha256(payload).digest()
+        return _mac(self.key, self.direction, seq, head, digest)
+
+    def seal(self, parts):
+        """A frame from :func:`encode` with its tag appended: (header, payload, tag)."""
+        head, view = parts
+        return head, view, self.tag(head, view)
 
 
 @dataclass(frozen=True)
@@ -184,13 +387,20 @@ class FrameReader:
         protocol error, raised before any of the payload is read.
     kinds : collection of int
         Frame kinds this side accepts.
+    key : bytes
+        The connection's key (:func:`session_key`).
+    direction : int
+        Who sends what this reader reads: ``FROM_SERVER`` or ``FROM_WORKER``.
     """
 
-    def __init__(self, max_tensor_bytes, kinds):
+    def __init__(self, max_tensor_bytes, kinds, *, key, direction):
         self.max_tensor_bytes = int(max_tensor_bytes)
         self.kinds = frozenset(kinds)
         self._buf = bytearray()
         self._head = None
+        self._raw = None
+        # the sender's sequence, checked through the tag
+        self._opener = Sealer(key, direction)
 
     def feed(self, data):
         """Add received bytes; return the frames they complete.
@@ -198,7 +408,8 @@ class FrameReader:
         Raises
         ------
         ProtocolError
-            On a bad magic number, version, kind, dtype or size.
+            On a bad magic number, version, kind, dtype or size, or a tag that
+            does not match (a forged, changed, replayed or reordered frame).
         """
         self._buf += data
         frames = []
@@ -206,13 +417,20 @@ class FrameReader:
             if self._head is None:
                 if len(self._buf) < HEADER.size:
                     return frames
-                self._head = self._check(HEADER.unpack_from(self._buf))
+                self._raw = bytes(self._buf[:HEADER.size])
+                self._head = self._check(HEADER.unpack_from(self._raw))
                 del self._buf[:HEADER.size]
             nbytes = self._head[6]
-            if len(self._buf) < nbytes:
+            if len(self._buf) < nbytes + TAG_BYTES:
                 return frames
             payload = self._buf[:nbytes]
-            del self._buf[:nbytes]
+            tag = bytes(self._buf[nbytes:nbytes + TAG_BYTES])
+            del self._buf[:nbytes + TAG_BYTES]
+            if not hmac.compare_digest(tag, self._opener.tag(self._raw, payload)):
+                raise ProtocolError(
+                    f"{Kind.NAMES[self._head[1]]} frame with a wrong tag: forged, changed, "
+                    "replayed or out of order"
+                )
             _, kind, dtype, _, worker, rnd, _, seconds = self._head
             self._head = None
             frames.append(Frame(kind, dtype, worker, rnd, seconds, payload))
@@ -243,11 +461,45 @@ class FrameReader:
         return head
 
 
-def send_frame(sock, parts):
-    """Send a frame from :func:`encode` on a blocking socket."""
-    # one write: a header sent on its own would wait for the peer's delayed ACK
-    # (Nagle's algorithm) on sockets without TCP_NODELAY
-    sock.sendall(b"".join(parts))
+def send_frame(sock, parts, sealer):
+    """Send a frame from :func:`encode`, tagged by ``sealer``, on a blocking socket."""
+    head, view, tag = sealer.seal(parts)
+    if view.nbytes > 1 << 16:
+        # a large payload is sent from its own buffer rather than copied
+        sock.sendall(head)
+        sock.sendall(view)
+        sock.sendall(tag)
+    else:
+        # one write: a header sent on its own would wait for the peer's delayed ACK
+        # (Nagle's algorithm) on sockets without TCP_NODELAY
+        sock.sendall(b"".join((head, view, tag)))
+
+
+def recv_exactly(sock, n, timeout):
+    """Receive exactly ``n`` bytes on a blocking socket within ``timeout`` seconds.
+
+    Raises
+    ------
+    ConnectionError
+        If the peer closed the connection first.
+    TimeoutError
+        If they did not arrive in time.
+    """
+    end = time.monotonic() + timeout
+    buf = bytearray()
+    while len(buf) < n:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete message within {timeout:g} s")
+        sock.settimeout(left)
+        try:
+            data = sock.recv(n - len(buf))
+        except TimeoutError:
+            raise TimeoutError(f"no complete message within {timeout:g} s") from None
+        if not data:
+            raise ConnectionError("the connection was closed by the other side")
+        buf += data
+    return bytes(buf)
 
 
 def recv_frame(sock, reader, pending, timeout):

@@ -22,6 +22,8 @@ times, bytes, and the rule's diagnostics.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import math
 import os
 import selectors
@@ -36,18 +38,30 @@ import torch
 from ..sim._replica import sgd_step
 from ._protocol import (
     DTYPES,
+    FROM_SERVER,
+    FROM_WORKER,
+    RESPONSE_BYTES,
+    AuthError,
     FrameReader,
     Kind,
     ProtocolError,
+    Sealer,
+    challenge,
+    check_response,
     encode_json,
     encode_tensor,
+    load_secret,
+    session_key,
 )
+from ._results import fsync_dir
 from ._settings import make_replica
 
 __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
 
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
+# once a round has its quorum, it waits this fraction of the time the quorum took
+QUORUM_GRACE = 0.5
 
 
 class _Link:
@@ -63,22 +77,27 @@ class _Link:
 
 
 class _Peer(_Link):
-    """One TCP worker connection: its socket, reader and outbox."""
+    """One TCP connection: its socket, where it is in the handshake, its reader and outbox."""
 
-    def __init__(self, sock, addr, max_tensor_bytes, now):
+    def __init__(self, sock, addr, now):
         super().__init__(addr)
         self.sock = sock
-        self.reader = FrameReader(max_tensor_bytes, kinds={Kind.HELLO, Kind.GRAD})
-        self.outbox = deque()  # [kind, round, memoryview, bytes already sent]
+        self.state = "auth"    # tls -> auth -> hello -> (joined: worker set)
+        self.want_write = False
+        self.nonce = None
+        self.raw = b""         # the handshake response, as it arrives
+        self.sealer = None
+        self.reader = None
+        self.outbox = deque()  # _Outgoing
         self.opened = now
         self.closing = False   # close once the outbox is empty (after a REJECT)
 
-    def queue(self, kind, rnd, data):
-        if kind == Kind.PARAMS:
+    def queue(self, entry):
+        if entry.kind == Kind.PARAMS:
             # a worker that fell behind only needs the newest parameters;
             # a frame already partly on the wire must be finished, though
-            self.outbox = deque(e for e in self.outbox if e[0] != Kind.PARAMS or e[3] > 0)
-        self.outbox.append([kind, rnd, memoryview(data).cast("B"), 0])
+            self.outbox = deque(e for e in self.outbox if e.kind != Kind.PARAMS or e.started)
+        self.outbox.append(entry)
 
 
 class _ServerCore:
@@ -95,7 +114,7 @@ class _ServerCore:
     """
 
     def __init__(self, spec, *, device="cpu", log=print, checkpoint=None, checkpoint_every=0,
-                 resume=None):
+                 resume=None, recorder=None):
         from ..sim._cluster import build_rule
 
         self.spec = spec
@@ -130,6 +149,9 @@ class _ServerCore:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.events = []
+        self.recorder = recorder
+        self.quorum = spec.quorum_size
+        self.stop_requested = None  # a signal's name once one asked the server to stop
 
     def _say(self, text, event=None):
         self.log(text)
@@ -283,6 +305,13 @@ class _ServerCore:
                 break
             if not st.expected and st.status:
                 break
+            if st.quorum_at is None and \
+                    sum(1 for s in st.status.values() if s[0] == "ok") >= self.quorum:
+                st.quorum_at = now
+                # a short grace, in proportion to how long the quorum took, lets
+                # gradients arriving together with it count
+                deadline = min(deadline, now + QUORUM_GRACE * (now - st.start) + 0.002)
+                continue
             self._pump(deadline - now)
         st.wait_s = time.monotonic() - st.start
         self.state = None
@@ -330,7 +359,8 @@ class _ServerCore:
             ``rounds`` (one dict per round), ``workers`` (one per round and
             worker), ``curve`` ((round, accuracy) pairs), ``events``,
             ``diverged_round``, ``seconds``, ``final_accuracy`` and
-            ``status`` (the exit status: 0 trained, 1 no workers).
+            ``status`` (the exit status: 0 trained, 1 no workers, 3 stopped
+            early by a signal, see ``stop_requested``).
         """
         t_start = time.perf_counter()
         spec, config = self.spec, self.config
@@ -338,20 +368,42 @@ class _ServerCore:
         joined = self.wait_for_workers()
         record = {"rounds": [], "workers": [], "curve": [], "events": self.events,
                   "diverged_round": None, "status": 0, "start_round": self.start_round}
+        known = 0  # events already in the recorder's files
+        if self.recorder is not None:
+            # a resumed run's records start with the rounds before its checkpoint
+            earlier = self.recorder.earlier(self.start_round)
+            for key in ("rounds", "workers", "curve"):
+                record[key] = list(earlier[key])
+            self.events[:0] = earlier["events"]
+            known = len(earlier["events"])
         if joined == 0:
             self._say(f"no worker connected within {spec.connect_timeout:g} s: check that the "
                       f"workers were started and can reach {self.address[0]}:{self.address[1]}")
+            if self.recorder is not None:
+                self.recorder.write_round(None, [], None, self.events[known:], None)
             record["status"] = 1
             return self._finish(record, t_start)
         if joined < p:
             absent = sorted(set(range(p)) - set(self.peers))
             self._say(f"starting with {joined} of {p} workers; not connected: {absent}")
         acc = self.replica.accuracy(self.flat)
-        record["curve"].append((self.start_round - 1, acc))
+        point = (self.start_round - 1, acc)
+        if any(t == point[0] for t, _ in record["curve"]):
+            point = None  # a resumed run: evaluated there before
+        else:
+            record["curve"].append(point)
         self._say(f"round {self.start_round - 1:>4}: test accuracy {acc:.3f}")
+        events_logged = len(self.events)
+        if self.recorder is not None:
+            self.recorder.write_round(None, [], None, self.events[known:events_logged], point)
         shown = {}
         window = []
         for t in range(self.start_round, config.rounds + 1):
+            if self.stop_requested is not None:
+                self._say(f"round {t}: stopping before this round ({self.stop_requested})",
+                          {"event": "stopped", "reason": self.stop_requested})
+                record["status"] = 3
+                break
             self.round = t
             if not self.peers:
                 if time.monotonic() - self.last_seen > spec.connect_timeout:
@@ -401,6 +453,10 @@ class _ServerCore:
             record["rounds"].append(row)
             record["workers"].extend(wrows)
             window.append(row)
+            if self.recorder is not None:
+                self.recorder.write_round(row, wrows, None, self.events[events_logged:],
+                                          None if accuracy is None else (t, accuracy))
+                events_logged = len(self.events)
             if diverged:
                 record["diverged_round"] = t
                 self._say(f"round {t:>4}: the parameters became non-finite (diverged); stopping")
@@ -416,8 +472,10 @@ class _ServerCore:
             for t in range(record["diverged_round"], config.rounds + 1):
                 if t % config.eval_every == 0 or t == config.rounds:
                     record["curve"].append((t, 0.0))
-        if self.checkpoint is not None and record["diverged_round"] is None:
+        if self.checkpoint is not None and record["diverged_round"] is None and self.round:
             self.save_checkpoint(self.round)
+        if self.recorder is not None:
+            self.recorder.write_round(None, [], None, self.events[events_logged:], None)
         return self._finish(record, t_start)
 
     def _finish(self, record, t_start):
@@ -448,6 +506,9 @@ class _ServerCore:
                 status, reason = "missing", "still busy with an earlier round (slow or hung)"
             elif w in self.peers and w not in st.queued:
                 status, reason = "missing", "joined during the round; takes part from the next"
+            elif w in self.peers and st.quorum_at is not None:
+                status, reason = "missing", \
+                    f"no gradient before the round closed on its quorum of {self.quorum}"
             elif w in self.peers:
                 status, reason = "missing", \
                     f"no gradient within the {self.spec.round_timeout:g} s deadline"
@@ -504,8 +565,14 @@ class _ServerCore:
         }
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoint.with_name(self.checkpoint.name + ".tmp")
-        torch.save(state, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.checkpoint)
+        fsync_dir(self.checkpoint.parent)
+        if self.recorder is not None:
+            self.recorder.sync()
 
     def _resume(self, path):
         state = load_checkpoint(path)
@@ -527,12 +594,25 @@ class _ServerCore:
 
 
 class Server(_ServerCore):
-    """The parameter server of one run, over plain TCP sockets.
+    """The parameter server of one run, over authenticated TCP connections.
+
+    Every connection first proves that it knows the run's secret (see
+    :mod:`flagagg.distributed._protocol`); until it has, the server reads
+    nothing from it but the handshake's fixed 74 bytes, keeps it at most
+    ``handshake_timeout`` seconds, and holds at most ``max_pending`` such
+    connections. A peer that fails is closed without an answer and reported
+    to the operator's log (rate-limited). The server, not the peer, decides
+    which worker slot an authenticated peer takes: the one of its rank when
+    that is free or held by an older connection of the same worker (a
+    restarted worker gets its slot back), else a free one.
 
     Parameters
     ----------
     spec : RunSpec
         The run.
+    secret : bytes
+        The run's secret, shared with the workers (at least
+        ``MIN_SECRET_BYTES`` bytes; see :func:`load_secret`).
     listen : tuple of (str, int), default=("127.0.0.1", 0)
         Address to listen on (port 0: any free port).
     device : str, default="cpu"
@@ -546,104 +626,245 @@ class Server(_ServerCore):
         the end when ``checkpoint`` is given.
     resume : str or path-like, optional
         Checkpoint to start from (loaded with ``weights_only=True``).
+    handshake_timeout : float, default=5.0
+        Seconds a new connection has to authenticate and say HELLO.
+    max_pending : int, default=64
+        Connections that have not authenticated yet held at once; more are
+        closed as they come.
+    tls : ssl.SSLContext, optional
+        Wrap every connection in TLS (server side) before the handshake.
+    recorder : optional
+        Gets every round's records as the run goes (see
+        :class:`flagagg.distributed._results.RunLog`).
     """
 
     transport = "tcp"
 
-    def __init__(self, spec, *, listen=("127.0.0.1", 0), device="cpu", log=print,
-                 checkpoint=None, checkpoint_every=0, resume=None):
+    def __init__(self, spec, *, secret, listen=("127.0.0.1", 0), device="cpu", log=print,
+                 checkpoint=None, checkpoint_every=0, resume=None, handshake_timeout=5.0,
+                 max_pending=64, tls=None, recorder=None):
+        self.secret = load_secret(secret)
         super().__init__(spec, device=device, log=log, checkpoint=checkpoint,
-                         checkpoint_every=checkpoint_every, resume=resume)
+                         checkpoint_every=checkpoint_every, resume=resume, recorder=recorder)
+        self.handshake_timeout = float(handshake_timeout)
+        self.max_pending = int(max_pending)
+        self.tls = tls
         self.sel = selectors.DefaultSelector()
         self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.lsock.bind(listen)
-        self.lsock.listen(max(16, 2 * self.config.workers))
+        self.lsock.listen(max(64, 2 * self.config.workers))
         self.lsock.setblocking(False)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
         self.address = self.lsock.getsockname()[:2]
         self.unnamed = set()     # connections that have not said HELLO yet
+        self.accept_paused_until = None
+        self.refusals = _Refusals(log)
+        self._params_digest = None
 
     # ------------------------------------------------------------------ I/O
 
     def _set_events(self, peer):
         mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
+        if peer.state == "tls" and peer.want_write:
+            mask |= selectors.EVENT_WRITE
         with contextlib.suppress(KeyError, ValueError):
             self.sel.modify(peer.sock, mask, peer)
 
     def _pump(self, timeout):
         """Wait up to ``timeout`` seconds for I/O and handle what happened."""
+        now = time.monotonic()
+        if self.accept_paused_until is not None:
+            if now >= self.accept_paused_until:
+                self.accept_paused_until = None
+                with contextlib.suppress(KeyError, ValueError):
+                    self.sel.register(self.lsock, selectors.EVENT_READ, None)
+            else:
+                timeout = min(timeout, self.accept_paused_until - now)
+        if self.unnamed:
+            first = min(q.opened for q in self.unnamed) + self.handshake_timeout
+            timeout = min(timeout, max(0.0, first - now) + 0.01)
         for key, mask in self.sel.select(max(0.0, timeout)):
             if key.data is None:
                 self._accept()
                 continue
             peer = key.data
+            if peer.sock.fileno() < 0:
+                continue
+            if peer.state == "tls":
+                self._tls_handshake(peer)
+                continue
             if mask & selectors.EVENT_READ:
                 self._read(peer)
             if mask & selectors.EVENT_WRITE and peer.sock.fileno() >= 0:
                 self._flush(peer)
         now = time.monotonic()
         for peer in list(self.unnamed):
-            if now - peer.opened > self.spec.connect_timeout:
-                self._drop(peer, "no HELLO")
+            if now - peer.opened > self.handshake_timeout:
+                self._drop(peer, None)
+                self.refusals.note(peer.addr, f"did not authenticate and say HELLO within "
+                                   f"{self.handshake_timeout:g} s")
+        self.refusals.flush()
 
     def _accept(self):
-        try:
-            sock, addr = self.lsock.accept()
-        except (BlockingIOError, InterruptedError):
+        for _ in range(64):  # a burst of connections is taken in one go
+            try:
+                sock, addr = self.lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                self._out_of_descriptors(exc)
+                return
+            if len(self.unnamed) >= self.max_pending:
+                sock.close()
+                self.refusals.note(addr, f"over the cap of {self.max_pending} connections "
+                                   "that have not authenticated yet")
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = _Peer(sock, addr, time.monotonic())
+            self.unnamed.add(peer)
+            if self.tls is not None:
+                try:
+                    peer.sock = self.tls.wrap_socket(sock, server_side=True,
+                                                     do_handshake_on_connect=False)
+                except (OSError, ValueError) as exc:
+                    self.unnamed.discard(peer)
+                    sock.close()
+                    self.refusals.note(addr, f"TLS failed: {exc}")
+                    continue
+                peer.state = "tls"
+                self.sel.register(peer.sock, selectors.EVENT_READ, peer)
+                self._tls_handshake(peer)
+                continue
+            self.sel.register(sock, selectors.EVENT_READ, peer)
+            self._start_auth(peer)
+
+    def _out_of_descriptors(self, exc):
+        """Out of file descriptors: shed the oldest stranger, or stop accepting a moment."""
+        self.refusals.note(None, f"cannot accept a connection: {exc.strerror} "
+                           f"(errno {exc.errno}); backing off")
+        strangers = sorted((q for q in self.unnamed), key=lambda q: q.opened)
+        if strangers:
+            self._drop(strangers[0], None)
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        peer = _Peer(sock, addr, self.max_gradient_bytes, time.monotonic())
-        self.unnamed.add(peer)
-        self.sel.register(sock, selectors.EVENT_READ, peer)
+        # the connection stays in the backlog; without a pause the selector
+        # would report it again at once and the server would spin
+        with contextlib.suppress(KeyError, ValueError):
+            self.sel.unregister(self.lsock)
+        self.accept_paused_until = time.monotonic() + 0.5
+
+    def _tls_handshake(self, peer):
+        import ssl
+
+        try:
+            peer.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            peer.want_write = False
+        except ssl.SSLWantWriteError:
+            peer.want_write = True
+        except (OSError, ValueError) as exc:
+            self._drop(peer, None)
+            self.refusals.note(peer.addr, f"TLS handshake failed: {exc}")
+            return
+        else:
+            peer.state = "auth"
+            self._start_auth(peer)
+            return
+        self._set_events(peer)
+
+    def _start_auth(self, peer):
+        peer.state = "auth"
+        data, peer.nonce = challenge()
+        self._send_raw(peer, data)
 
     def _read(self, peer):
+        # before authentication, read no more than the handshake's response
+        want = RESPONSE_BYTES - len(peer.raw) if peer.state == "auth" else 1 << 20
         try:
-            data = peer.sock.recv(1 << 20)
+            data = peer.sock.recv(want)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
+            if _tls_want(exc):
+                return
             self._drop(peer, f"connection error: {exc}")
+            if peer.worker is None:
+                self.refusals.note(peer.addr, f"connection error before joining: {exc}")
             return
         if not data:
             self._drop(peer, "connection closed")
             return
         peer.bytes_received += len(data)
         self.bytes_received += len(data)
+        if peer.state == "auth":
+            peer.raw += data
+            if len(peer.raw) == RESPONSE_BYTES:
+                self._authenticate(peer)
+            return
         try:
-            frames = peer.reader.feed(data)
-            for frame in frames:
+            for frame in peer.reader.feed(data):
+                if peer.sock.fileno() < 0:
+                    return
                 if frame.kind == Kind.HELLO:
                     self._hello(peer, frame)
                 else:
                     self._gradient(peer, frame)
         except ProtocolError as exc:
-            self._drop(peer, f"protocol error: {exc}")
+            if peer.worker is None:
+                self._drop(peer, None)
+                self.refusals.note(peer.addr, f"protocol error before joining: {exc}")
+            else:
+                self._drop(peer, f"protocol error: {exc}")
+
+    def _authenticate(self, peer):
+        try:
+            proof, worker_nonce = check_response(self.secret, peer.nonce, peer.raw)
+        except AuthError as exc:
+            # no answer: the peer learns only that the connection closed
+            self._drop(peer, None)
+            self.refusals.note(peer.addr, str(exc))
+            return
+        key = session_key(self.secret, peer.nonce, worker_nonce)
+        peer.raw = b""
+        peer.sealer = Sealer(key, FROM_SERVER)
+        peer.reader = FrameReader(self.max_gradient_bytes, kinds={Kind.HELLO, Kind.GRAD},
+                                  key=key, direction=FROM_WORKER)
+        peer.state = "hello"
+        self._send_raw(peer, proof)
 
     def _flush(self, peer):
         while peer.outbox:
             entry = peer.outbox[0]
-            view, sent = entry[2], entry[3]
+            if entry.parts is None:
+                entry.start(peer.sealer)
             try:
-                k = peer.sock.send(view[sent:])
+                k = peer.sock.send(entry.parts[entry.part][entry.offset:])
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
+                if _tls_want(exc):
+                    break
                 self._drop(peer, f"connection error: {exc}")
                 return
-            entry[3] += k
             peer.bytes_sent += k
             self.bytes_sent += k
-            if entry[3] >= len(view):
+            if entry.advance(k):
                 peer.outbox.popleft()
         if peer.closing and not peer.outbox:
             self._drop(peer, None)
             return
         self._set_events(peer)
 
+    def _send_raw(self, peer, data):
+        peer.outbox.append(_Outgoing(None, 0, data, b""))
+        self._flush(peer)
+
     def _send(self, peer, kind, rnd, parts):
-        peer.queue(kind, rnd, b"".join(parts))
+        head, view = parts
+        peer.queue(_Outgoing(kind, rnd, head, view))
         self._flush(peer)
 
     def _drop(self, peer, reason):
@@ -660,16 +881,52 @@ class Server(_ServerCore):
         if peer.worker is not None:
             raise ProtocolError("a second HELLO on one connection")
         hello = frame.json()
-        problem = self._check_hello(hello)
         self.unnamed.discard(peer)
+        problem, told = self._admission(hello)
         if problem is not None:
+            # an authenticated peer is a member of the run: it hears why, but not the
+            # server's fingerprint or model size
             self._refused(peer.addr[0], hello, problem)
             peer.closing = True
-            self._send(peer, Kind.REJECT, 0, encode_json(Kind.REJECT, {"reason": problem}))
+            self._send(peer, Kind.REJECT, 0, encode_json(Kind.REJECT, {"reason": told}))
             return
-        next_round = self._welcome(peer, hello)
+        slot = self._slot_for(hello)
+        if slot is None:
+            self._refused(peer.addr[0], hello, "every worker slot is taken")
+            peer.closing = True
+            self._send(peer, Kind.REJECT, 0,
+                       encode_json(Kind.REJECT, {"reason": "every worker slot is taken"}))
+            return
+        old = self.peers.get(slot)
+        if old is not None:
+            self._drop(old, None)
+            self._say(f"worker {slot}: a new authenticated connection replaces the old one "
+                      f"({old.addr[0]}), e.g. a restarted process",
+                      {"worker": slot, "event": "replaced"})
+        next_round = self._welcome(peer, {**hello, "worker": slot})
         self._send(peer, Kind.WELCOME, 0,
-                   encode_json(Kind.WELCOME, {"round": next_round, "n_params": self.n}))
+                   encode_json(Kind.WELCOME, {"round": next_round, "worker": slot}))
+
+    def _admission(self, hello):
+        """(why for the log, what the peer is told) if ``hello`` cannot join, else (None, None)."""
+        if hello.get("fingerprint") != self.spec.fingerprint():
+            return (f"it runs a different config, rule, attack, f or seed (fingerprint "
+                    f"{hello.get('fingerprint')!s:.16} != {self.spec.fingerprint()})",
+                    "this worker runs a different config, rule, attack, f or seed than the "
+                    "server: start every process with the same arguments and config file")
+        if hello.get("n_params") != self.n:
+            return (f"its model has {hello.get('n_params')!s:.20} parameters, the server's "
+                    f"{self.n}", "this worker's model differs from the server's")
+        return None, None
+
+    def _slot_for(self, hello):
+        """The worker slot the server gives an admitted peer, or None if the run is full."""
+        want = hello.get("worker")
+        if isinstance(want, int) and not isinstance(want, bool) and \
+                0 <= want < self.config.workers:
+            return want
+        free = [w for w in range(self.config.workers) if w not in self.peers]
+        return free[0] if free else None
 
     def _gradient(self, peer, frame):
         w = peer.worker
@@ -682,12 +939,13 @@ class Server(_ServerCore):
                                   frame.array, frame.seconds)
 
     def _send_params(self, st, links, params):
-        frame = b"".join(encode_tensor(Kind.PARAMS, params.numpy(), round=st.round))
+        head, view = encode_tensor(Kind.PARAMS, params.numpy(), round=st.round)
+        digest = hashlib.sha256(view).digest()
         for peer in links:
             # latency counts from here: the send below may be the last thing this
             # process does before the scheduler runs the workers
             st.queued[peer.worker] = time.monotonic()
-            peer.queue(Kind.PARAMS, st.round, frame)
+            peer.queue(_Outgoing(Kind.PARAMS, st.round, head, view, digest))
             peer.sent_round = st.round
             self._flush(peer)
 
@@ -703,8 +961,84 @@ class Server(_ServerCore):
             self._pump(min(0.2, end - time.monotonic()))
         for peer in list(self.peers.values()) + list(self.unnamed):
             self._drop(peer, None)
+        self.refusals.flush(force=True)
         self.sel.close()
         self.lsock.close()
+
+
+def _tls_want(exc):
+    """Whether ``exc`` is TLS asking to be called again (non-blocking)."""
+    import ssl
+
+    return isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
+
+
+class _Outgoing:
+    """A frame in an outbox.
+
+    It is tagged when its first byte goes out, so that frames dropped before
+    that (older parameters) leave no hole in the sequence.
+    """
+
+    def __init__(self, kind, rnd, head, payload, digest=None):
+        self.kind, self.round = kind, rnd
+        self.head, self.payload, self.digest = head, memoryview(payload).cast("B"), digest
+        self.parts = None
+        self.part = self.offset = 0
+
+    @property
+    def started(self):
+        return self.parts is not None
+
+    def start(self, sealer):
+        if self.kind is None:  # handshake bytes: no tag
+            self.parts = [memoryview(self.head).cast("B")]
+        else:
+            tag = sealer.tag(self.head, self.payload, self.digest)
+            self.parts = [memoryview(self.head).cast("B"), self.payload, memoryview(tag)]
+            self.parts = [p for p in self.parts if p.nbytes]
+
+    def advance(self, k):
+        """Count ``k`` bytes sent; whether the whole frame is out."""
+        self.offset += k
+        while self.part < len(self.parts) and self.offset >= self.parts[self.part].nbytes:
+            self.offset -= self.parts[self.part].nbytes
+            self.part += 1
+        return self.part >= len(self.parts)
+
+
+class _Refusals:
+    """Refused connections, for the operator: a few lines each window, then a count.
+
+    A flood of strangers must not flood the log, nor grow the server's memory.
+    """
+
+    def __init__(self, log, burst=5, window=10.0):
+        self.log, self.burst, self.window = log, burst, window
+        self.shown = 0
+        self.hidden = 0
+        self.total = 0
+        self.since = time.monotonic()
+
+    def note(self, addr, why):
+        self.total += 1
+        self.flush()
+        if self.shown < self.burst:
+            self.shown += 1
+            where = f" from {addr[0]}:{addr[1]}" if addr else ""
+            self.log(f"server: refused a connection{where}: {why}")
+        else:
+            self.hidden += 1
+
+    def flush(self, force=False):
+        now = time.monotonic()
+        if now - self.since < self.window and not force:
+            return
+        if self.hidden:
+            self.log(f"server: refused {self.hidden} more connections in the last "
+                     f"{now - self.since:.0f} s (not shown one by one)")
+        self.shown = self.hidden = 0
+        self.since = now
 
 
 class _Round:
@@ -719,6 +1053,7 @@ class _Round:
         self.timing = {}   # worker -> (compute seconds, seconds from send to arrival)
         self.queued = {}   # worker -> when its parameters were queued
         self.stale = {}
+        self.quorum_at = None  # when the quorum of gradients was in
         self.wait_s = 0.0
         self.aggregate_s = 0.0
 

@@ -22,7 +22,9 @@ FAULT_KINDS = {
     "wrong_size": False,  # sends 7 values too many
     "bad_frame": False,   # sends bytes that are not a frame
 }
-TRANSPORTS = ("auto", "gloo", "nccl", "tcp")
+# tcp (authenticated) first: the default; gloo and NCCL trust everyone who can
+# reach torch's store and are for trusted clusters only
+TRANSPORTS = ("tcp", "gloo", "nccl")
 _FAULT = re.compile(
     r"^(?P<worker>\d+):(?P<kind>[a-z_]+)(=(?P<value>[0-9.]+))?"
     r"(@(?P<first>\d+)(?P<dash>-(?P<last>\d+)?)?)?$"
@@ -124,13 +126,16 @@ class RunSpec:
     device : str
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     transport : str
-        How parameters and gradients travel: ``"gloo"`` or ``"nccl"``
-        (torch.distributed point-to-point, one process group per worker),
-        ``"tcp"`` (flagagg's own framing, for workers that may attack the
-        protocol itself), or ``"auto"``: NCCL when the server computes on a
-        CUDA device, else gloo.
+        How parameters and gradients travel: ``"tcp"`` (the default:
+        flagagg's own framing over connections authenticated with the run's
+        secret), or, on trusted clusters only, ``"gloo"`` or ``"nccl"``
+        (torch.distributed point-to-point, one process group per worker,
+        which anyone who reaches torch's store can join or disrupt).
     faults : tuple of Fault
         Injected faults.
+    quorum : int, optional
+        Gradients after which a round closes (plus a short grace) instead of
+        waiting for its deadline; ``workers - f`` by default.
     """
 
     config: ExperimentConfig
@@ -142,19 +147,28 @@ class RunSpec:
     connect_timeout: float = 120.0
     drop_nonfinite: bool = True
     device: str = "cpu"
-    transport: str = "auto"
+    transport: str = "tcp"
     faults: tuple = ()
+    quorum: int | None = None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport {self.transport!r} is not one of "
                               f"{', '.join(TRANSPORTS)}")
+        if self.quorum is not None and not 1 <= self.quorum <= self.config.workers:
+            raise ConfigError(f"quorum {self.quorum} is not in 1..{self.config.workers} "
+                              "(the number of workers)")
+
+    @property
+    def quorum_size(self):
+        """Gradients that close a round early: ``quorum``, else ``workers - f`` (at least 1)."""
+        if self.quorum is not None:
+            return int(self.quorum)
+        return max(1, self.config.workers - self.f)
 
     def transport_for(self, device):
-        """The transport a process computing on ``device`` uses (``auto`` resolved)."""
-        if self.transport != "auto":
-            return self.transport
-        return "nccl" if str(device).startswith("cuda") else "gloo"
+        """The transport a process computing on ``device`` uses."""
+        return self.transport
 
     @property
     def workers(self):
@@ -266,7 +280,7 @@ def spec_to_dict(spec):
     """A JSON-able description of ``spec`` (see :func:`spec_from_dict`)."""
     out = {k: getattr(spec, k) for k in ("rule", "attack", "f", "seed", "round_timeout",
                                           "connect_timeout", "drop_nonfinite", "device",
-                                          "transport")}
+                                          "transport", "quorum")}
     out["config"] = spec.config.to_dict()
     out["source"] = spec.config.source
     out["faults"] = [dataclasses.asdict(x) for x in spec.faults]

@@ -11,13 +11,25 @@ import numpy as np
 import torch
 
 from ._protocol import (
+    CHALLENGE_BYTES,
+    FROM_SERVER,
+    FROM_WORKER,
     HEADER,
+    PROOF_BYTES,
+    AuthError,
     FrameReader,
     Kind,
+    ProtocolError,
+    Sealer,
+    check_proof,
     encode_json,
     encode_tensor,
+    load_secret,
+    recv_exactly,
     recv_frame,
+    respond,
     send_frame,
+    session_key,
 )
 
 __all__ = ["GradientSource", "run_worker"]
@@ -26,6 +38,8 @@ __all__ = ["GradientSource", "run_worker"]
 # how long a worker waits for the next message before deciding the server is gone;
 # the server sends one every round, and a dead server closes the connection at once
 IDLE_TIMEOUT = 600.0
+# how long a worker waits for each step of the handshake
+HANDSHAKE_TIMEOUT = 10.0
 
 
 def _connect(address, timeout):
@@ -81,6 +95,11 @@ class GradientSource:
         # rounds whose minibatches have been drawn from the batch stream; a worker
         # that joins late (or a resumed run) replays the earlier rounds' draws first
         self.drawn = 0
+
+    def assign(self, worker):
+        """Compute as worker ``worker`` from now on (the slot the server gave)."""
+        self.worker = worker
+        self.faults = self.spec.faults_of(worker)
 
     def hello(self):
         """Who this worker is, for the server's checks."""
@@ -146,39 +165,113 @@ class GradientSource:
         return payload, action
 
 
-def run_worker(spec, worker, address, *, device="cpu", log=print):
-    """Serve one worker of a run over TCP until the server says stop.
+class _Rejected(Exception):
+    """The server refused this worker (the reason is the message)."""
+
+
+def _join(address, secret, source, deadline, tls=None):
+    """Connect, authenticate both ways and say HELLO; retry while the server sheds us.
+
+    Returns
+    -------
+    sock, sealer, reader, pending, welcome
+
+    Raises
+    ------
+    AuthError
+        If what answered cannot prove that it knows the secret.
+    _Rejected
+        If the server refused this worker.
+    ConnectionError, TimeoutError, OSError
+        If no authenticated connection came about before ``deadline``.
+    """
+    while True:
+        sock = _connect(address, max(1.0, deadline - time.monotonic()))
+        try:
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=address[0])
+            response, ns, nc = respond(secret, recv_exactly(sock, CHALLENGE_BYTES,
+                                                            HANDSHAKE_TIMEOUT))
+            sock.sendall(response)
+            check_proof(secret, ns, nc, recv_exactly(sock, PROOF_BYTES, HANDSHAKE_TIMEOUT))
+            key = session_key(secret, ns, nc)
+            sealer = Sealer(key, FROM_WORKER)
+            reader = FrameReader(4 * source.n_params + 1024,
+                                 kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS, Kind.STOP},
+                                 key=key, direction=FROM_SERVER)
+            pending = []
+            send_frame(sock, encode_json(Kind.HELLO, source.hello()), sealer)
+            answer = recv_frame(sock, reader, pending, HANDSHAKE_TIMEOUT)
+            if answer.kind == Kind.REJECT:
+                raise _Rejected(str(answer.json().get("reason"))[:500])
+            if answer.kind != Kind.WELCOME:
+                raise ConnectionError(f"the server answered HELLO with "
+                                      f"{Kind.NAMES.get(answer.kind)}")
+            return sock, sealer, reader, pending, answer.json()
+        except (ConnectionError, TimeoutError) as exc:
+            # the server closes connections it cannot take now (too many strangers,
+            # no file descriptors): try again until the connect deadline
+            sock.close()
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"no authenticated connection to the server before the deadline (last: "
+                    f"{exc}); a server that closes the connection during the handshake "
+                    "refused the secret: give every process the same one"
+                ) from None
+            time.sleep(0.5)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def run_worker(spec, worker, address, *, secret, device="cpu", log=print, tls=None):
+    """Serve one worker of a run over authenticated TCP until the server says stop.
 
     Parameters
     ----------
     spec : RunSpec
         The run; every process of the run holds the same one.
     worker : int
-        This worker's index, 0-based (rank ``worker + 1``).
+        The worker slot this process asks for, 0-based (rank ``worker + 1``);
+        the server may give another one.
     address : tuple of (str, int)
         The server's host and port.
+    secret : bytes or str
+        The run's secret.
     device : str, default="cpu"
         Device of the model and the gradient computation.
     log : callable, default=print
         Where messages go.
+    tls : ssl.SSLContext, optional
+        Client-side TLS context, when the server uses TLS.
 
     Returns
     -------
     status : int
         0 when the server ended training, 1 when the server went away,
-        2 when it refused this worker.
+        2 when it refused this worker or could not prove that it knows the
+        secret.
     """
+    secret = load_secret(secret)
     source = GradientSource(spec, worker, device)
-    sock = _connect(address, spec.connect_timeout)
-    reader = FrameReader(4 * source.n_params + 1024,
-                         kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS, Kind.STOP})
-    pending = []
     try:
-        send_frame(sock, encode_json(Kind.HELLO, source.hello(), worker=worker))
-        answer = recv_frame(sock, reader, pending, spec.connect_timeout)
-        if answer.kind == Kind.REJECT:
-            log(f"worker {worker}: the server refused this worker: {answer.json().get('reason')}")
-            return 2
+        sock, sealer, reader, pending, welcome = _join(
+            address, secret, source, time.monotonic() + spec.connect_timeout, tls)
+    except AuthError as exc:
+        log(f"worker {worker}: {exc}; not sending it anything")
+        return 2
+    except _Rejected as exc:
+        log(f"worker {worker}: the server refused this worker: {exc}")
+        return 2
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        log(f"worker {worker}: {exc}")
+        return 1
+    slot = welcome.get("worker")
+    if isinstance(slot, int) and slot != worker:
+        log(f"worker {worker}: the server gave this process worker slot {slot}")
+        source.assign(slot)
+        worker = slot
+    try:
         while True:
             frame = recv_frame(sock, reader, pending, IDLE_TIMEOUT)
             if frame.kind == Kind.STOP:
@@ -195,12 +288,15 @@ def run_worker(spec, worker, address, *, device="cpu", log=print):
                     pass
                 return 0
             if action == "bad_frame":
-                send_frame(sock, (b"JUNK" + bytes(HEADER.size - 4),))
+                sock.sendall(b"JUNK" + bytes(HEADER.size - 4))
                 continue
             send_frame(sock, encode_tensor(Kind.GRAD, payload, worker=worker, round=t,
-                                           seconds=seconds))
+                                           seconds=seconds), sealer)
     except (ConnectionError, TimeoutError, OSError) as exc:
         log(f"worker {worker}: lost the server ({exc}); exiting")
+        return 1
+    except ProtocolError as exc:
+        log(f"worker {worker}: the server's messages fail their checks ({exc}); exiting")
         return 1
     finally:
         sock.close()
