@@ -11,6 +11,7 @@ import pytest
 
 import flagagg
 from flagagg import attacks
+from flagagg import sim
 from flagagg.attacks import get_attack
 
 torch = pytest.importorskip("torch")
@@ -236,3 +237,18 @@ def test_simulator_binds_the_rule_and_stays_repeatable():
     for name in ("min_max", "min_sum", "optimal_fall_of_empires"):
         r = sim.simulate(data, "trimmed_mean", attack=name, **kw)
         assert 0.0 <= r.final_accuracy <= 1.0
+
+
+def test_a_distributed_worker_binds_the_rule_for_defence_aware_attacks():
+    # `flagagg train` workers pick attacks from the same registry as the simulator; a
+    # defence-aware one must be handed the run's rule, or it could not search.
+    from flagagg.distributed._settings import make_spec
+    from flagagg.distributed._worker import GradientSource
+
+    config = sim.load_config("mnist1d")
+    label = next(a.label for a in config.attacks if a.attack == "optimal_little_is_enough")
+    spec = make_spec(config, rule="median", attack=label, f=1, workers=4, rounds=2)
+    source = GradientSource(spec, 0, "cpu")
+    assert source.attack.defence_aware
+    payload, _ = source.compute(1, source.replica.initial_parameters())
+    assert payload.shape == (source.n_params,) and np.all(np.isfinite(payload))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -85,6 +86,15 @@ class GradientSource:
         self.replica = make_replica(spec, device)
         attack_spec = config.attack(spec.attack)
         self.attack = get_attack(attack_spec.attack, **attack_spec.params)
+        if self.attack.defence_aware:
+            # A defence-aware worker calls the run's rule, as the server runs it
+            # (the simulator binds it the same way).
+            from ..sim._cluster import _rule_for_attack, build_rule
+
+            rule_spec = config.rule(spec.rule)
+            rule = build_rule(rule_spec.rule, spec.f, rule_spec.params)
+            self.attack = self.attack.with_rule(
+                _rule_for_attack(rule, "numpy", contextlib.nullcontext))
         self.faults = spec.faults_of(worker)
         self.n_params = self.replica.n_params
         # compute one gradient before joining (without touching the random streams),
