@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 import flagagg
-from flagagg import attacks
-from flagagg import sim
+from flagagg import attacks, sim
 from flagagg.attacks import get_attack
 
 torch = pytest.importorskip("torch")
