@@ -323,7 +323,7 @@ def test_garbage_and_oversized_headers_before_and_after_authentication():
 
 
 def test_500_idle_connections_do_not_stall_training():
-    held = []
+    held, peak = [], [0]
 
     def flood(server, stop):
         # connect and say nothing; reconnect whenever the server sheds one
@@ -334,6 +334,7 @@ def test_500_idle_connections_do_not_stall_training():
                     held.append(socket.create_connection(server.address, timeout=5))
                 except OSError:
                     break
+                peak[0] = max(peak[0], len(held))
             time.sleep(0.2)
         for s in held:
             s.close()
@@ -344,7 +345,10 @@ def test_500_idle_connections_do_not_stall_training():
     # a round waits for its three gradients, not for strangers: well under the
     # deadline even on a loaded machine
     assert max(r["wait_s"] for r in record["rounds"]) < 10.0, record["rounds"]
-    assert server.refusals.total >= 500
+    # How many of the flood's connections the server has shed by the end depends on
+    # how fast training went (243 of 500 on a loaded 2-core CI run): what must hold is
+    # that the flood outnumbered the cap of 64 pending connections and was shed.
+    assert peak[0] > 2 * 64 and server.refusals.total > 64, (peak[0], server.refusals.total)
     assert sum("refused" in x for x in server.lines) <= 40
 
 
