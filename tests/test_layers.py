@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
+
+import pytest
 
 import flagagg
 
@@ -159,3 +163,15 @@ def test_crossings_are_found_in_a_tree_that_has_them(tmp_path):
         ("flagagg.sim._a", "flagagg.distributed"), ("flagagg.sim._a", "flagagg.distributed._b")]
     assert cycles(graph) == [("flagagg.distributed._b", "flagagg.sim._a")]
     assert cycles(import_graph(pkg, deferred=False)) == []
+
+
+def test_reading_a_config_and_importing_distributed_load_no_simulator():
+    pytest.importorskip("torch")
+    code = ("import sys\n"
+            "from flagagg.training._config import load_config\n"
+            "load_config('demo')\n"
+            "import flagagg.distributed\n"
+            "print(sorted(m for m in sys.modules if m.startswith('flagagg.sim')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stdout
