@@ -281,6 +281,8 @@ def _source_read(app, docname: str, source: list[str]) -> None:
 
 def _builder_inited(app) -> None:
     _CACHE.clear()
+    # every command runs afresh (see CommandOutput): keep no outputs of earlier builds
+    getattr(app.env, "programoutput_cache", {}).clear()
     os.environ.setdefault("MPLBACKEND", "Agg")
     # programoutput runs commands with this environment: the shown `flagagg ...`
     # and `python ...` must be this interpreter and this checkout, whatever PATH says
