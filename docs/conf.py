@@ -31,6 +31,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "numpydoc",
     "matplotlib.sphinxext.plot_directive",
+    "sphinxcontrib.programoutput",
     "flagagg_sphinx",
 ]
 

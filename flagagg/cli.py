@@ -21,6 +21,12 @@ COMMANDS = {
 }
 
 
+def report_error(exc: BaseException) -> int:
+    """Print a configuration or data error without a traceback; return the exit status."""
+    print(f"flagagg: error: {exc}", file=sys.stderr)
+    return 2
+
+
 def _version() -> str:
     from . import __version__
 

@@ -120,13 +120,19 @@ def test_flag_result_fields_documented():
     assert not missing, f"document these FlagResult fields in flag-aggregator.rst: {missing}"
 
 
-def test_generated_tables():
+@pytest.fixture(scope="module")
+def infos():
+    import flagagg_tables
+
+    return flagagg_tables.rule_infos()
+
+
+def test_generated_tables(infos):
     """The tables the docs build computes from the registries can be computed."""
     import flagagg_tables
 
     import flagagg
 
-    infos = flagagg_tables.rule_infos()
     assert [i.name for i in infos] == flagagg.available_rules()
     problems = {i.name: i.problems for i in infos if i.problems}
     assert not problems, f"measuring these rules for the docs failed: {problems}"
@@ -134,3 +140,21 @@ def test_generated_tables():
                   flagagg_tables.support_rst(infos), flagagg_tables.extras_rst()):
         assert lines and all("\n" not in line for line in lines)
     assert any("``flag``" in line for line in flagagg_tables.rules_rst(infos))
+
+
+def test_rules_table_bounds_are_the_ones_the_rules_enforce(infos):
+    """The table reads each rule's p_bound and check_workers; real inputs agree with both."""
+    import flagagg
+
+    rng = np.random.default_rng(0)
+    by_name = {i.name: i for i in infos}
+    assert by_name["krum"].min_p == {1: 5, 2: 7, 3: 9}
+    assert by_name["krum"].precondition.startswith("p ≥ 2f + 3")
+    assert by_name["mean"].precondition == "any p ≥ 1"
+    for info in infos:
+        for f, p_min in info.min_p.items():
+            rule = flagagg.get_rule(info.name, f=f)
+            rule(rng.normal(1.0, 1.0, (p_min, 16)), backend="numpy")
+            if p_min > 1:
+                with pytest.raises(ValueError):
+                    rule(rng.normal(1.0, 1.0, (p_min - 1, 16)), backend="numpy")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import pathlib
 import threading
 
 import numpy as np
@@ -14,7 +12,6 @@ from flagagg.rules._flag import FlagAggregator
 from flagagg.rules._pre import Bucketing
 
 P, F = 11, 2
-ROOT = pathlib.Path(flagagg.__file__).parent
 
 
 def honest_and_reversed(p=P, f=F, n=200, seed=0, scale=1.0):
@@ -213,60 +210,6 @@ def test_bucketing_shared_by_threads_draws_each_permutation_once():
 def test_validation_type_vs_value(name, params, err, match):
     with pytest.raises(err, match=match):
         flagagg.get_rule(name, **params)
-
-
-# ----------------------------------------------------------------------------- import cycles
-
-def _import_graph():
-    mods = {}
-    for path in ROOT.rglob("*.py"):
-        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
-        is_pkg = parts[-1] == "__init__"
-        mods[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
-    graph = {}
-    for mod, (path, is_pkg) in mods.items():
-        deps = set()
-        # Deferred imports inside functions count: they hide a cycle from the
-        # interpreter, not from the design.
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom):
-                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                if node.level:
-                    base = base[: len(base) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                deps.update(t for t in [target, *(f"{target}.{a.name}" for a in node.names)]
-                            if t in mods)
-            elif isinstance(node, ast.Import):
-                deps.update(a.name for a in node.names if a.name in mods)
-        # a module importing its own parent package is the ordinary relative import
-        graph[mod] = {d for d in deps if d != mod and not mod.startswith(d + ".")}
-    return graph
-
-
-def _cycles(graph):
-    found = []
-    for start in graph:
-        stack, seen = [(start, (start,))], set()
-        while stack:
-            node, path = stack.pop()
-            for nxt in graph[node]:
-                if nxt == start:
-                    found.append(frozenset(path))
-                elif nxt not in seen:
-                    seen.add(nxt)
-                    stack.append((nxt, (*path, nxt)))
-    return {tuple(sorted(c)) for c in found}
-
-
-def test_no_import_cycles():
-    cycles = _cycles(_import_graph())
-    assert not cycles, sorted(cycles)
-
-
-def test_cycle_finder_finds_a_cycle():
-    assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == {("a", "b")}
 
 
 def test_bucketing_copies_and_pickles_with_its_own_lock():

@@ -16,7 +16,7 @@ import flagagg  # noqa: E402
 from flagagg import sim  # noqa: E402
 from flagagg.cli import main as cli_main  # noqa: E402
 from flagagg.sim import ConfigError, parse_config  # noqa: E402
-from flagagg.sim._config import tomllib  # noqa: E402  (tomli on Python 3.10)
+from flagagg.training._config import tomllib  # noqa: E402  (tomli on Python 3.10)
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +394,7 @@ def test_shipped_config_shows_nnm_before_flag():
 def test_all_gradients_overflowing_is_divergence_not_an_error(digits, monkeypatch):
     # every gradient non-finite (a model blowing up): the mean has nothing
     # finite to aggregate and raises, which the run reports as divergence
-    from flagagg.sim import _replica
+    from flagagg.training import _replica
 
     real = _replica.Replica.gradients
 

@@ -25,10 +25,13 @@ Options:
 ``:hide-output:``
     Run, but do not show what the block printed.
 
-``.. command-output:: flagagg ARGS`` runs the flagagg command line (what
-``python -m flagagg ARGS`` runs, in-process, in a scratch folder) and shows
-the command and what it printed; ``.. command-output:: python SCRIPT ARGS`` does the same
-for a script next to the page. A non-zero exit status is an error.
+``.. command-output:: flagagg ARGS`` (or ``python SCRIPT ARGS``, a script
+next to the page) is sphinxcontrib-programoutput's directive, which runs the
+command while the docs are built and shows it with its output
+(:mod:`flagagg_sphinx` adds the ``:requires:`` option). Under pytest,
+:func:`run_command` runs the same commands (``flagagg`` in-process, which
+saves an interpreter start per command); a non-zero exit status is an error
+in both.
 """
 
 from __future__ import annotations

@@ -7,8 +7,12 @@ Directives
     namespace) and shows the code followed by what it printed. An exception
     fails the build. Options: see :mod:`docblocks`.
 ``command-output``
-    Runs a ``flagagg ...`` command line (or ``python SCRIPT ...``) and shows
-    it with its output.
+    sphinxcontrib-programoutput's directive (it runs the command and shows
+    it with its output; a non-zero exit status fails the build), with a
+    ``:requires: mod1, mod2`` option as for ``exec-code``. ``flagagg`` and
+    ``python`` on its command lines are the interpreter building the docs;
+    a command runs in a scratch folder (it may write results), or next to
+    the page for ``python SCRIPT``, unless ``:cwd:`` says otherwise.
 ``flagagg-rules-table``, ``flagagg-pre-table``, ``flagagg-attacks-table``,
 ``flagagg-support-table``
     Tables computed from the registries by :mod:`flagagg_tables`.
@@ -28,6 +32,9 @@ from __future__ import annotations
 import importlib
 import os
 import re
+import shlex
+import stat
+import sys
 import tempfile
 import traceback
 from pathlib import Path
@@ -38,6 +45,7 @@ from docutils import nodes
 from docutils.parsers.rst import directives
 from docutils.statemachine import StringList
 from sphinx.util.docutils import SphinxDirective
+from sphinxcontrib.programoutput import Command, ProgramOutputDirective, program_output
 
 __all__ = ["setup"]
 
@@ -46,6 +54,8 @@ _NAMESPACES: dict[str, dict] = {}
 _SCRATCH: dict[str, tempfile.TemporaryDirectory] = {}
 # Rule measurements, computed once per build.
 _CACHE: dict[str, object] = {}
+# The folder of the `flagagg` and `python` commands that command-output runs.
+_BIN: list[tempfile.TemporaryDirectory] = []
 
 
 def _scratch(docname: str) -> str:
@@ -120,31 +130,54 @@ class ExecCode(_Dynamic):
         return result
 
 
-class CommandOutput(_Dynamic):
-    """Run a flagagg command line at build time and show it with its output."""
+class CommandOutput(ProgramOutputDirective):
+    """programoutput's ``command-output``, shown with a note when a module it needs is missing."""
 
-    required_arguments = 1
-    final_argument_whitespace = True
-    option_spec = {"requires": directives.unchanged, "timeout": directives.positive_int}
+    option_spec = {**ProgramOutputDirective.option_spec, "requires": directives.unchanged}
 
     def run(self) -> list[nodes.Node]:
-        """Run the command; a non-zero exit status becomes a build error."""
-        self.note_dynamic()
+        """Hand the command to programoutput, or show it with a note when it cannot run here."""
+        env = self.state.document.settings.env
+        # re-read on every build, like the other generated content
+        if not hasattr(env, "flagagg_dynamic"):
+            env.flagagg_dynamic = set()
+        env.flagagg_dynamic.add(env.docname)
         command = self.arguments[0]
         block = docblocks.Block("command-output", command, "", self.lineno, self.lineno,
-                                {k: str(v) for k, v in self.options.items()})
+                                {"requires": self.options.pop("requires", "")})
         reason = docblocks.skip_reason(block)
         if reason:
             text = f"$ {command}"
             return [nodes.literal_block(text, text, language="console"), _not_run(reason)]
-        try:
-            output = docblocks.run_command(block, _scratch(self.env.docname),
-                                           page_dir=Path(self.get_source_info()[0]).parent,
-                                           timeout=self.options.get("timeout", 300))
-        except Exception as exc:  # noqa: BLE001
-            raise self.error(f"command-output `{command}` failed: {exc}") from None
-        text = f"$ {command}\n{output.rstrip()}"
-        return [nodes.literal_block(text, text, language="console")]
+        self.options.setdefault("language", "console")
+        made = super().run()
+        words = shlex.split(command)
+        script = words[:1] == ["python"] and len(words) > 1 and words[1].endswith(".py")
+        cwd = Path(env.doc2path(env.docname)).parent if script else _scratch(env.docname)
+        for node in made:
+            for found in node.findall(program_output):
+                if "cwd" not in self.options:
+                    found["working_directory"] = str(cwd)
+                # Run it now, in page order, through programoutput's cache (which
+                # shows it when the page is read): the exec-code blocks after it
+                # read what it wrote. Fresh on every build, like the other blocks.
+                key = Command.from_program_output_node(found)
+                env.programoutput_cache.pop(key, None)
+                env.programoutput_cache[key]  # noqa: B018 - the lookup runs the command
+        return made
+
+
+def _command_bin() -> str:
+    """A folder whose ``flagagg`` and ``python`` run this interpreter (what builds the docs)."""
+    if not _BIN:
+        _BIN.append(tempfile.TemporaryDirectory(prefix="flagagg-docs-bin-"))
+        folder = Path(_BIN[0].name)
+        for name, line in (("python", f'exec "{sys.executable}" "$@"'),
+                           ("flagagg", f'exec "{sys.executable}" -m flagagg "$@"')):
+            script = folder / name
+            script.write_text(f"#!/bin/sh\n{line}\n", encoding="utf-8")
+            script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return _BIN[0].name
 
 
 def _rule_infos() -> list:
@@ -248,7 +281,18 @@ def _source_read(app, docname: str, source: list[str]) -> None:
 
 def _builder_inited(app) -> None:
     _CACHE.clear()
+    # every command runs afresh (see CommandOutput): keep no outputs of earlier builds
+    getattr(app.env, "programoutput_cache", {}).clear()
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # programoutput runs commands with this environment: the shown `flagagg ...`
+    # and `python ...` must be this interpreter and this checkout, whatever PATH says
+    folder = _command_bin()
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != folder:
+        os.environ["PATH"] = os.pathsep.join(p for p in (folder, os.environ.get("PATH")) if p)
+    root = str(Path(__file__).resolve().parents[2])
+    if root not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (root, os.environ.get("PYTHONPATH")) if p)
 
 
 def _env_get_outdated(app, env, added, changed, removed) -> list[str]:
@@ -266,9 +310,10 @@ def _env_merge_info(app, env, docnames, other) -> None:
 
 
 def _build_finished(app, exception) -> None:
-    for tmp in _SCRATCH.values():
+    for tmp in [*_SCRATCH.values(), *_BIN]:
         tmp.cleanup()
     _SCRATCH.clear()
+    _BIN.clear()
     _NAMESPACES.clear()
 
 
@@ -283,8 +328,9 @@ def setup(app) -> dict:
     -------
     metadata : dict
     """
+    app.setup_extension("sphinxcontrib.programoutput")
     app.add_directive("exec-code", ExecCode)
-    app.add_directive("command-output", CommandOutput)
+    app.add_directive("command-output", CommandOutput, override=True)
     app.add_directive("flagagg-rules-table", RulesTable)
     app.add_directive("flagagg-attacks-table", AttacksTable)
     app.add_directive("flagagg-support-table", SupportTable)

@@ -214,10 +214,11 @@ class RuleInfo:
     takes_f : bool
         Whether it takes the Byzantine count ``f``.
     min_p : dict
-        ``f -> smallest p accepted`` (measured; key ``None`` for rules
-        without ``f``), or empty when the rule cannot be built with defaults.
+        ``f -> smallest p`` the rule's ``check_workers`` accepts (key
+        ``None`` for rules without ``f``), or empty when the rule cannot be
+        built with defaults.
     precondition : str
-        The measured precondition in words.
+        The rule's declared bound (``p_bound``) in words, with those values.
     complexity : str
     nan_documented : str or None
     nan_measured : str
@@ -281,42 +282,22 @@ def _build(name: str, f: int | None, pre: list | None = None) -> Any:
         name, **kwargs)
 
 
-def _accepts(name: str, f: int | None, p: int) -> bool:
-    """Whether the rule (built with ``f``) aggregates ``p`` inputs; ValueError means no."""
-    try:
-        rule = _build(name, f)
-        rule(_inputs(p), backend="numpy")
-    except ValueError:
-        return False
-    return True
-
-
-def _smallest_p(name: str, f: int | None, p_max: int = 64) -> int | None:
+def _smallest_p(rule: Any, p_max: int = 64) -> int | None:
+    """Smallest number of inputs the rule's own ``check_workers`` accepts."""
     for p in range(1, p_max + 1):
-        if _accepts(name, f, p):
-            return p
+        try:
+            rule.check_workers(p)
+        except ValueError:
+            continue
+        return p
     return None
 
 
-def _linear(points: dict) -> str | None:
-    """``"p >= a f + b"`` when the smallest p is linear in f over the probed f."""
-    fs = sorted(points)
-    if len(fs) < 3 or any(points[f] is None for f in fs):
-        return None
-    slopes = {(points[b] - points[a]) / (b - a) for a, b in zip(fs, fs[1:], strict=False)}
-    if len(slopes) != 1:
-        return None
-    a = next(iter(slopes))
-    if a != int(a):
-        return None
-    a = int(a)
-    b = points[fs[0]] - a * fs[0]
-    if a == 0:
-        return f"p ≥ {b}"
+def _formula(bound: tuple[int, int]) -> str:
+    """``"p ≥ a f + b"`` from a rule's declared ``p_bound``."""
+    a, b = bound
     term = "f" if a == 1 else f"{a}f"
-    if b == 0:
-        return f"p ≥ {term}"
-    return f"p ≥ {term} {'+' if b > 0 else '-'} {abs(b)}"
+    return f"p ≥ {term}" if b == 0 else f"p ≥ {term} {'+' if b > 0 else '-'} {abs(b)}"
 
 
 def _nan_behaviour(name: str, f: int | None, p: int, value: float) -> str:
@@ -372,12 +353,12 @@ def _source(cls: type) -> str:
 
 
 def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
-    """Describe every registered rule, measuring preconditions and NaN handling.
+    """Describe every registered rule: its declared bound on p, its measured NaN handling.
 
     Parameters
     ----------
     f_values : tuple of int, default=(1, 2, 3)
-        Byzantine counts at which the smallest accepted ``p`` is measured.
+        Byzantine counts at which the smallest accepted ``p`` is listed.
 
     Returns
     -------
@@ -411,16 +392,19 @@ def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
             infos.append(info)
             continue
         try:
+            # the bound each rule declares (p_bound) and enforces (check_workers)
             if takes_f:
-                info.min_p = {f: _smallest_p(name, f) for f in f_values}
-                formula = _linear(info.min_p)
-                listed = ", ".join(f"f={f}: p ≥ {p}" for f, p in info.min_p.items())
-                info.precondition = f"{formula} ({listed})" if formula else listed
+                rules = {f: _build(name, f) for f in f_values}
                 f_probe = f_values[0]
             else:
-                info.min_p = {None: _smallest_p(name, None)}
-                info.precondition = f"p ≥ {info.min_p[None]}"
+                rules = {None: _build(name, None)}
                 f_probe = None
+            info.min_p = {f: _smallest_p(rule) for f, rule in rules.items()}
+            bound = rules[f_probe].p_bound
+            listed = ", ".join(f"f={f}: p ≥ {p}" for f, p in info.min_p.items()
+                               if f is not None)
+            info.precondition = (f"{_formula(bound)} ({listed})" if bound and listed
+                                 else f"any p ≥ {min(info.min_p.values())}")
             p_probe = max(7, (info.min_p.get(f_probe) or 7))
             out = _build(name, f_probe)(_inputs(p_probe), backend="numpy")
             if getattr(out, "ndim", 1) != 1:

@@ -4,11 +4,10 @@ import time
 
 import torch
 
-import flagagg
 from flagagg import sim
 from flagagg.attacks import get_attack
-from flagagg.sim._cluster import _rule_for_attack
-from flagagg.sim._replica import Replica
+from flagagg.training._replica import Replica
+from flagagg.training._step import rule_for_attack
 
 torch.set_num_threads(1)
 data = sim.load_dataset("mnist1d")
@@ -25,11 +24,6 @@ print(f"n_params {rep.n_params}; 15 worker gradients per round: {1e3 * grad_s:.1
 H = G[3:]
 
 
-def scope():
-    """The backend the simulator runs the rule on."""
-    return flagagg.backend("numpy")
-
-
 for rule_name in ("median", "flag"):
     agg = sim.build_rule(rule_name, 3)
     agg(G.numpy())
@@ -41,7 +35,7 @@ for rule_name in ("median", "flag"):
                  "optimal_little_is_enough", "optimal_fall_of_empires"):
         a = get_attack(name)
         if a.defence_aware:
-            a = a.with_rule(_rule_for_attack(agg, "numpy", scope))
+            a = a.with_rule(rule_for_attack(agg, "numpy", "numpy"))
         elif rule_name != "median":
             continue
         a(H, 3, rng=0)

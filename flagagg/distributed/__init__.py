@@ -143,7 +143,7 @@ def train(config="demo", *, rule=None, attack=None, f=None, seed=None, rounds=No
     -------
     run : DistributedRun
     """
-    from ..sim._experiment import as_config
+    from ..training._config import as_config
 
     faults = tuple(x if isinstance(x, Fault) else parse_fault(x) for x in faults)
     spec = make_spec(as_config(config), rule=rule, attack=attack, f=f, seed=seed, rounds=rounds,

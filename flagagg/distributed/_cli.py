@@ -94,8 +94,8 @@ def add_arguments(parser):
 
 def run(args):
     """Build the run from the arguments and start it; return the exit status."""
-    from ..sim._cli_common import report_error
-    from ..sim._config import ConfigError, load_config
+    from ..cli import report_error
+    from ..training._config import ConfigError, load_config
     from ._node import in_launched_process
     from ._settings import make_spec, parse_fault
 

@@ -267,7 +267,7 @@ def write_results(folder, spec, record, lr):
     -------
     paths : list of pathlib.Path
     """
-    from ..sim._experiment import Results
+    from ..training._results import Results
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

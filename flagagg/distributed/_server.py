@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sim._replica import sgd_step
+from ..training._replica import sgd_step
+from ..training._step import aggregate_step, build_rule, rule_columns
 from ._protocol import (
     DTYPES,
     FROM_SERVER,
@@ -115,8 +116,6 @@ class _ServerCore:
 
     def __init__(self, spec, *, device="cpu", log=print, checkpoint=None, checkpoint_every=0,
                  resume=None, recorder=None):
-        from ..sim._cluster import build_rule
-
         self.spec = spec
         self.log = log
         self.device = torch.device(device)
@@ -324,31 +323,11 @@ class _ServerCore:
             return None, workers, None, "no gradient arrived"
         G = torch.stack([st.status[w][2] for w in workers]).to(self.device)
         backend = None if self.config.backend == "auto" else self.config.backend
-        if backend is None:
-            scope = contextlib.nullcontext()
-        else:
-            import flagagg
-
-            scope = flagagg.backend(backend)
-        t0 = time.perf_counter()
-        try:
-            # diverging non-robust rules overflow; that is reported as divergence,
-            # not as floating-point warnings from inside the rule
-            with scope, np.errstate(all="ignore"):
-                if self.config.array == "numpy":
-                    result = self.rule(G.cpu().numpy(), return_result=True)
-                    g = torch.as_tensor(np.asarray(result.aggregate), dtype=torch.float32)
-                else:
-                    result = self.rule(G, return_result=True)
-                    g = result.aggregate.to(torch.float32)
-        except Exception as exc:  # noqa: BLE001 - a failing rule skips a step, not the run
-            st.aggregate_s = time.perf_counter() - t0
-            return None, workers, None, (f"the rule cannot aggregate these {len(workers)} "
-                                         f"gradients: {type(exc).__name__}: {exc}")
-        st.aggregate_s = time.perf_counter() - t0
-        if tuple(g.shape) != (self.n,):
-            return None, workers, result, f"the rule returned shape {tuple(g.shape)}"
-        return g.to(self.device), workers, result, None
+        # the simulator's step; a failing rule skips this round, not the run
+        step = aggregate_step(self.rule, G, array=self.config.array, backend=backend,
+                              diagnostics=True)
+        st.aggregate_s = step.seconds
+        return step.gradient, workers, step.result, step.problem or None
 
     def run(self):
         """Train: wait for the workers, run every round, stop the workers.
@@ -492,12 +471,7 @@ class _ServerCore:
     # ------------------------------------------------------------ reporting
 
     def _worker_rows(self, st, rows, result, peer_bytes):
-        ratios = _field(result, "reconstruction_ratios")
-        coefs = _field(result, "coefficients")
-        rule_excluded = {}
-        for i, why in (getattr(result, "excluded", None) or ()):
-            if 0 <= int(i) < len(rows):
-                rule_excluded[rows[int(i)]] = str(why)
+        columns = rule_columns(result, rows, range(self.config.workers))
         out = []
         for w in range(self.config.workers):
             if w in st.status:
@@ -515,7 +489,6 @@ class _ServerCore:
             else:
                 status, reason = "missing", f"not connected ({self.gone.get(w, 'never joined')})"
             seconds, arrival = st.timing.get(w, (None, None))
-            i = rows.index(w) if w in rows else None
             peer = self.peers.get(w)
             before = peer_bytes.get(w, (0, 0))
             out.append({
@@ -527,9 +500,7 @@ class _ServerCore:
                 "stale": st.stale.get(w, 0),
                 "bytes_sent": (peer.bytes_sent - before[0]) if peer is not None else 0,
                 "bytes_received": (peer.bytes_received - before[1]) if peer is not None else 0,
-                "reconstruction_ratio": None if ratios is None or i is None else float(ratios[i]),
-                "coefficient": None if coefs is None or i is None else float(coefs[i]),
-                "rule_excluded": rule_excluded.get(w, ""),
+                **columns[w],
             })
         return out
 
@@ -1056,11 +1027,6 @@ class _Round:
         self.quorum_at = None  # when the quorum of gradients was in
         self.wait_s = 0.0
         self.aggregate_s = 0.0
-
-
-def _field(result, name):
-    value = getattr(result, name, None)
-    return None if value is None else np.asarray(value)
 
 
 def _summary(window, p):

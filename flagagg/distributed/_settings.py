@@ -8,7 +8,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from ..sim._config import ConfigError, ExperimentConfig
+from ..training._config import ConfigError, ExperimentConfig
 
 __all__ = ["FAULT_KINDS", "TRANSPORTS", "Fault", "RunSpec", "make_replica", "make_spec",
            "parse_fault", "spec_from_dict", "spec_to_dict"]
@@ -266,8 +266,8 @@ def make_replica(spec, device):
     The server and every worker build the same one from the spec, which is
     what makes a distributed run train the model the simulator trains.
     """
-    from ..sim._data import load_dataset
-    from ..sim._replica import Replica
+    from ..training._data import load_dataset
+    from ..training._replica import Replica
 
     config = spec.config
     return Replica(load_dataset(config.dataset, **config.data_kwargs()), workers=config.workers,
@@ -289,7 +289,7 @@ def spec_to_dict(spec):
 
 def spec_from_dict(data):
     """Rebuild a :class:`RunSpec` from :func:`spec_to_dict`'s output, validating the config."""
-    from ..sim._config import parse_config
+    from ..training._config import parse_config
 
     fields = dict(data)
     config = parse_config(fields.pop("config"), source=fields.pop("source", "<dict>"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -89,12 +88,12 @@ class GradientSource:
         if self.attack.defence_aware:
             # A defence-aware worker calls the run's rule, as the server runs it
             # (the simulator binds it the same way).
-            from ..sim._cluster import _rule_for_attack, build_rule
+            from ..training._step import build_rule, rule_for_attack
 
             rule_spec = config.rule(spec.rule)
             rule = build_rule(rule_spec.rule, spec.f, rule_spec.params)
-            self.attack = self.attack.with_rule(
-                _rule_for_attack(rule, "numpy", contextlib.nullcontext))
+            backend = None if config.backend == "auto" else config.backend
+            self.attack = self.attack.with_rule(rule_for_attack(rule, config.array, backend))
         self.faults = spec.faults_of(worker)
         self.n_params = self.replica.n_params
         # compute one gradient before joining (without touching the random streams),

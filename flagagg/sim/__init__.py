@@ -13,8 +13,7 @@ Examples
 >>> print(results.table())                                      # doctest: +SKIP
 """
 
-from ._cluster import TrainResult, build_rule, simulate
-from ._config import (
+from ..training._config import (
     AttackSpec,
     ConfigError,
     ExperimentConfig,
@@ -23,9 +22,11 @@ from ._config import (
     load_config,
     parse_config,
 )
-from ._data import DATASETS, Dataset, load_dataset, partition
-from ._experiment import Results, run_experiment
-from ._models import MODELS, init_parameters, make_model
+from ..training._data import DATASETS, Dataset, load_dataset, partition
+from ..training._models import MODELS, init_parameters, make_model
+from ..training._results import Results
+from ._cluster import TrainResult, build_rule, simulate
+from ._experiment import run_experiment
 from ._tune import TuneResult, tune
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from ..cli import report_error
 
 __all__ = ["add_common_arguments", "load_from_args", "report_error"]
 
@@ -25,15 +25,10 @@ def add_common_arguments(parser, *, seeds=True):
 
 def load_from_args(source, args):
     """Load and validate the config named by ``source`` with the CLI's selections."""
-    from ._config import load_config
+    from ..training._config import load_config
 
     config = load_config(source, rules=args.rules, attacks=args.attacks)
     if args.rounds is not None:
         config = config.replace(rounds=args.rounds, eval_every=min(config.eval_every, args.rounds))
     return config
 
-
-def report_error(exc):
-    """Print a configuration or data error without a traceback; return the exit status."""
-    print(f"flagagg: error: {exc}", file=sys.stderr)
-    return 2

@@ -24,7 +24,7 @@ def add_arguments(parser):
 
 def run(args):
     """Run the experiment; return the exit status."""
-    from ._config import ConfigError
+    from ..training._config import ConfigError
     from ._experiment import run_experiment
 
     t0 = time.perf_counter()

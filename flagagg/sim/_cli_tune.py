@@ -25,7 +25,7 @@ def add_arguments(parser):
 
 def run(args):
     """Tune; return the exit status."""
-    from ._config import ConfigError
+    from ..training._config import ConfigError
     from ._tune import tune
 
     try:

@@ -12,15 +12,15 @@ comparisons).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ._data import Dataset, load_dataset
-from ._replica import Replica, _accuracy, sgd_step
+from ..training._data import Dataset, load_dataset
+from ..training._replica import Replica, _accuracy, sgd_step
+from ..training._step import aggregate_step, build_rule, rule_for_attack
 
 __all__ = ["TrainResult", "build_rule", "simulate"]
 
@@ -58,53 +58,6 @@ class TrainResult:
     seconds: float
     parameters: np.ndarray
     faulty: tuple
-
-
-def build_rule(rule, f, params=None):
-    """Make an aggregation callable from a rule name, or pass a callable through.
-
-    Parameters
-    ----------
-    rule : str or callable
-        A name from :func:`flagagg.available_rules`, or a callable taking a
-        (p, n) array and returning an (n,) array.
-    f : int
-        Number of faulty workers; every rule takes ``f`` (and hands it to
-        its pre-aggregation steps, e.g. ``params={"pre": ["nnm"]}``) unless
-        ``params`` sets it.
-    params : dict, optional
-        Further parameters of the rule.
-
-    Returns
-    -------
-    rule : callable
-    """
-    params = dict(params or {})
-    if callable(rule):
-        if params:
-            raise TypeError("rule parameters are only accepted with a rule name")
-        return rule
-    import flagagg
-
-    known = tuple(flagagg.available_rules())
-    if rule not in known:
-        raise ValueError(
-            f"rule {rule!r} is not available in this flagagg: available rules are "
-            f"{', '.join(known)}"
-        )
-    params.setdefault("f", int(f))
-    return flagagg.get_rule(rule, **params)
-
-
-def _rule_for_attack(aggregate, array, scope):
-    """The rule as a defence-aware attack calls it: torch rows in, a torch row out."""
-    def rule(rows):
-        with scope(), np.errstate(all="ignore"):
-            if array == "numpy":
-                return torch.as_tensor(np.asarray(aggregate(rows.numpy())), dtype=rows.dtype)
-            return aggregate(rows).to(rows.dtype)
-
-    return rule
 
 
 def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, attack_params=None,
@@ -195,7 +148,6 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
                       model_params=model_params, partition_method=partition_method, alpha=alpha)
     faulty, net, shapes = replica.faulty, replica.net, replica.shapes
     flat = replica.initial_parameters()
-    n_params = replica.n_params
     buf = None
     everyone = list(range(workers))
     X_eval, y_eval = (torch.from_numpy(a) for a in dataset.split(evaluate_on))
@@ -207,39 +159,24 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="rounds", leave=False)
-    if backend is None:
-        scope = contextlib.nullcontext
-    else:
-        import flagagg
-
-        def scope():
-            return flagagg.backend(backend)
-
     if attack.defence_aware:
         # defence-aware attacks call the rule under test, as the server runs it
-        attack = attack.with_rule(_rule_for_attack(aggregate, array, scope))
+        attack = attack.with_rule(rule_for_attack(aggregate, array, backend))
 
     for t in steps:
         # minibatches with replacement from each worker's own shard, attacks applied
         G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone)
-        # diverging non-robust rules overflow; that is reported as divergence,
-        # not as floating-point warnings from inside the rule
-        try:
-            with scope(), np.errstate(all="ignore"):
-                if array == "numpy":
-                    g = torch.as_tensor(np.asarray(aggregate(G.numpy())), dtype=torch.float32)
-                else:
-                    g = aggregate(G).to(torch.float32)
-        except ValueError:
-            # every gradient overflowed (a model already blowing up): the rules
-            # refuse to aggregate nothing, and the run has diverged
-            if bool(torch.isfinite(G).all(dim=1).any()):
-                raise
-            diverged_round = t
-            break
-        if tuple(g.shape) != (n_params,):
-            raise ValueError(f"the rule returned shape {tuple(g.shape)}; expected ({n_params},)")
-        flat, buf = sgd_step(flat, buf, g, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        step = aggregate_step(aggregate, G, array=array, backend=backend)
+        if step.gradient is None:
+            if isinstance(step.error, ValueError) and not bool(torch.isfinite(G).all(dim=1).any()):
+                # every gradient overflowed (a model already blowing up): the rules
+                # refuse to aggregate nothing, and the run has diverged
+                diverged_round = t
+                break
+            # a rule that fails on finite rows is a bug to see, not a run to score
+            raise step.error or ValueError(step.problem)
+        flat, buf = sgd_step(flat, buf, step.gradient, lr=lr, momentum=momentum,
+                             weight_decay=weight_decay)
         if not bool(torch.isfinite(flat).all()):
             diverged_round = t
             break

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._config import ExperimentConfig
-from ._experiment import Results, _grid, _run_tasks, as_config
+from ..training._config import ExperimentConfig, as_config
+from ..training._results import Results
+from ._experiment import _grid, _run_tasks
 
 __all__ = ["TuneResult", "tune"]
 

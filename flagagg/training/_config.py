@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -53,6 +54,7 @@ __all__ = [
     "RuleSpec",
     "available_configs",
     "load_config",
+    "as_config",
     "parse_config",
 ]
 
@@ -445,7 +447,7 @@ def parse_config(data, *, source="<dict>"):
 def _cross_check(c):
     """Checks that involve several keys, the rule registry and the attack registry."""
     from .. import attacks as attacks_mod
-    from ._cluster import build_rule
+    from ._step import build_rule
 
     src = c.source
     if set(c.seeds) & set(c.validation_seeds):
@@ -529,6 +531,12 @@ def _cross_check(c):
                     raise ConfigError(f"{src}: [attacks.{a.label}] with f = {f}: {exc}") from None
 
 
+def _shipped():
+    # The shipped configs are the simulator's package data; they are read
+    # through the top-level package so that reading one imports no flagagg.sim.
+    return resources.files("flagagg").joinpath("sim").joinpath("configs")
+
+
 def available_configs():
     """Names of the configurations shipped with flagagg (e.g. ``"demo"``).
 
@@ -536,8 +544,22 @@ def available_configs():
     -------
     names : tuple of str
     """
-    folder = resources.files("flagagg.sim").joinpath("configs")
+    folder = _shipped()
     return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml")))
+
+
+def as_config(config):
+    """Accept an ExperimentConfig, a dict in the TOML structure, a path or a shipped name."""
+    if isinstance(config, ExperimentConfig):
+        return config
+    if isinstance(config, dict):
+        return parse_config(config)
+    if isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    raise TypeError(
+        f"config must be an ExperimentConfig, a dict, a TOML path or a shipped config name: "
+        f"got {type(config).__name__}"
+    )
 
 
 def _keep(data, kind, labels, source):
@@ -579,7 +601,7 @@ def load_config(source, *, rules=None, attacks=None):
     if path.is_file():
         text, label = path.read_text(encoding="utf-8"), str(path)
     elif isinstance(source, str) and source in available_configs():
-        res = resources.files("flagagg.sim").joinpath("configs", f"{source}.toml")
+        res = _shipped().joinpath(f"{source}.toml")
         text, label = res.read_text(encoding="utf-8"), f"{source} (shipped config)"
     else:
         raise FileNotFoundError(
