@@ -1,6 +1,10 @@
 # Every target sets itself up from nothing: a local virtual environment in
-# $(VENV) with the CPU build of torch (an unpinned torch pulls a multi-GB CUDA
-# wheel). Override TORCH_SPEC to use another build, e.g. on a GPU machine.
+# $(VENV) with torch installed first, as TORCH_SPEC says (an unpinned torch
+# pulls a multi-GB CUDA wheel). The default pin resolves to a CPU wheel on the
+# project's build machines, which serve one from a local wheel folder; on
+# another Linux machine PyPI's torch==2.13.0 is the CUDA build, so ask for the
+# CPU one explicitly, e.g.
+#   make test TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
