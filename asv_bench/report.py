@@ -42,7 +42,7 @@ from benchmarks._data import (  # noqa: E402 - the suite's folder is put on the 
     per_layer,
     resnet18_shapes,
 )
-from benchmarks._data import time_once as _time_once  # noqa: E402
+from benchmarks._data import seconds as _time_once  # noqa: E402
 
 __all__ = ["Ratio", "add_arguments", "dense_flag", "main", "make_stack", "paired_ratio",
            "per_layer", "resnet18_shapes", "run"]

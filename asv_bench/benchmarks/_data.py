@@ -84,7 +84,7 @@ def per_layer(G: np.ndarray, shapes: list[tuple[int, ...]]) -> list[list[np.ndar
                                                              strict=True)] for g in G]
 
 
-def time_once(fn: Callable[[], object]) -> float:
+def seconds(fn: Callable[[], object]) -> float:
     """Seconds of one call of ``fn``."""
     start = time.perf_counter()
     fn()
@@ -123,11 +123,11 @@ def paired_ratio(base: Callable[[], object], cand: Callable[[], object], repeats
     tb, tc, ratios = [], [], []
     for k in range(max(1, repeats)):
         if k % 2:
-            c = time_once(cand)
-            b = time_once(base)
+            c = seconds(cand)
+            b = seconds(base)
         else:
-            b = time_once(base)
-            c = time_once(cand)
+            b = seconds(base)
+            c = seconds(cand)
         tb.append(b)
         tc.append(c)
         ratios.append(c / b)

@@ -20,8 +20,7 @@ GPU before returning, and kernels are compiled in ``setup``.
 
 import importlib.util
 import os
-import subprocess
-import sys
+import re
 
 import numpy as np
 
@@ -38,31 +37,41 @@ ALL_BACKENDS = ("numpy", "numba", "torch:cpu", "torch:cuda", "cupy")
 RATIO_REPEATS = 7
 MAX_BYTES = int(os.environ.get("FLAGAGG_ASV_MAX_BYTES", 1 << 30))
 
-_GPU_PROBE = {
-    "torch:cuda": "import torch; print(int(torch.cuda.is_available()))",
-    "cupy": "import cupy; print(int(cupy.cuda.runtime.getDeviceCount() > 0))",
-}
+GPU_SPECS = ("torch:cuda", "cupy")
 
 
-def _probe_gpu(spec):
-    """Whether ``spec``'s device works, asked of a child process (CUDA is not fork-safe)."""
+def _nvidia_driver():
+    """An NVIDIA driver is loaded (no CUDA call: the process asv forks from must not make one)."""
+    return os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidia0")
+
+
+def _torch_has_cuda():
+    """The installed torch is a CUDA build, read from its version file without importing it."""
+    spec = importlib.util.find_spec("torch")
+    path = os.path.join(os.path.dirname(spec.origin), "version.py")
     try:
-        out = subprocess.run([sys.executable, "-c", _GPU_PROBE[spec]], capture_output=True,
-                             text=True, timeout=120)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and out.stdout.strip().endswith("1")
+        with open(path) as fh:
+            text = fh.read()
+    except OSError:
+        return True  # unknown: setup's own check decides
+    return not re.search(r"^cuda\b.*=\s*None\s*$", text, re.MULTILINE)
 
 
 def _present():
-    """Backend spec -> None when usable here, else the reason it is not."""
+    """Backend spec -> None when usable here, else the reason it is not.
+
+    The GPU check here is cheap (driver loaded, CUDA build of torch); setup
+    asks the library itself (Device) and skips when the device does not work.
+    """
     found = {}
     for spec in ALL_BACKENDS:
-        library = spec.partition(":")[0]
+        library, _, where = spec.partition(":")
         if importlib.util.find_spec(library) is None:
             found[spec] = f"{library} not installed"
-        elif spec in _GPU_PROBE and not _probe_gpu(spec):
+        elif spec in GPU_SPECS and not _nvidia_driver():
             found[spec] = "no CUDA device"
+        elif spec == "torch:cuda" and not _torch_has_cuda():
+            found[spec] = "torch is a CPU build"
         else:
             found[spec] = None
     return found
@@ -85,7 +94,7 @@ def backends(full=ALL_BACKENDS, quick=None):
     """
     if QUICK:
         wanted = quick if quick is not None else (
-            [DEFAULT_CPU] + [s for s in full if s in _GPU_PROBE])
+            [DEFAULT_CPU] + [s for s in full if s in GPU_SPECS])
     else:
         wanted = full
     return [s for s in wanted if PRESENT[s] is None]
@@ -94,7 +103,7 @@ def backends(full=ALL_BACKENDS, quick=None):
 def left_out(full=ALL_BACKENDS, quick=None):
     """``{spec: reason}`` for the specs of this tier that :func:`backends` dropped."""
     wanted = full if not QUICK else (
-        quick if quick is not None else [DEFAULT_CPU] + [s for s in full if s in _GPU_PROBE])
+        quick if quick is not None else [DEFAULT_CPU] + [s for s in full if s in GPU_SPECS])
     return {s: PRESENT[s] for s in wanted if PRESENT[s] is not None}
 
 
@@ -119,6 +128,8 @@ class Device:
         elif library == "torch":
             import torch
 
+            if where == "cuda" and not torch.cuda.is_available():
+                raise NotImplementedError("torch: no CUDA device")
             self.to = lambda a: torch.from_numpy(a).to(where)
             self.mean = lambda G: G.mean(0)
             if where == "cuda":
@@ -126,6 +137,11 @@ class Device:
         elif library == "cupy":
             import cupy
 
+            try:
+                if cupy.cuda.runtime.getDeviceCount() < 1:
+                    raise NotImplementedError("cupy: no CUDA device")
+            except cupy.cuda.runtime.CUDARuntimeError as exc:
+                raise NotImplementedError(f"cupy: {exc}") from exc
             self.to = cupy.asarray
             self.mean = lambda G: G.mean(0)
             self.sync = cupy.cuda.get_current_stream().synchronize
