@@ -94,11 +94,6 @@ class Median(_CoordinateRule):
     def _stat(self, p: int) -> tuple[str, int, int]:
         return "median", 0, 0
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
-        # THROWAWAY (asv-compare demonstration): a second, wasted pass over the data
-        coordinate_aggregate(stack, backend, np.arange(stack.p), "median", 0, 0)
-        return super()._aggregate(stack, backend)
-
 
 class TrimmedMean(_CoordinateRule):
     """Coordinate-wise trimmed mean: drop the ``f`` largest and ``f`` smallest values.
