@@ -18,9 +18,11 @@ NotImplementedError (asv's skip) when an input would exceed
 GPU before returning, and kernels are compiled in ``setup``.
 """
 
+import contextlib
 import importlib.util
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -149,6 +151,29 @@ class Device:
             raise ValueError(f"unknown backend spec {spec!r}: use one of {ALL_BACKENDS}")
 
 
+@contextlib.contextmanager
+def one_cpu_thread():
+    """numba's parallel kernels and the BLAS limited to the calling thread, then restored."""
+    saved = None
+    if "numba" in sys.modules:
+        import numba
+
+        saved = numba.get_num_threads()
+        numba.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        limits = contextlib.nullcontext()
+    else:
+        limits = threadpool_limits(1)
+    try:
+        with limits:
+            yield
+    finally:
+        if saved is not None:
+            numba.set_num_threads(saved)
+
+
 def _no_sync():
     pass
 
@@ -210,7 +235,13 @@ class BackendBenchmark:
         self.device.sync()
 
     def ratio(self, base, cand, repeats=None):
-        """Median over interleaved pairs of ``time(cand) / time(base)``, device synchronised."""
+        """Median over interleaved pairs of ``time(cand) / time(base)``, device synchronised.
+
+        On the CPU both sides run on one thread (numba and BLAS limited to
+        the calling thread): a ratio of single-threaded times does not
+        depend on the core count, and a busy machine slows both sides alike
+        instead of stalling one side's parallel workers.
+        """
         sync = self.device.sync
 
         def timed(fn):
@@ -219,7 +250,8 @@ class BackendBenchmark:
                 sync()
             return call
 
-        return paired_ratio(timed(base), timed(cand), repeats or RATIO_REPEATS).ratio
+        with one_cpu_thread():
+            return paired_ratio(timed(base), timed(cand), repeats or RATIO_REPEATS).ratio
 
     def warm(self, fn, p):
         """Compile (or load from the cache) every kernel ``fn`` uses, serial and parallel."""
