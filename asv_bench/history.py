@@ -33,13 +33,18 @@ PLOT = ROOT / "docs" / "_static" / "asv_ratio_history.png"
 FIELDS = ["commit", "date", "subject", "env", "benchmark", "params", "ratio"]
 
 
-def digest(machine: str, results_dir: Path) -> list[dict[str, str]]:
-    """Rows of every ``track_ratio_*`` result of ``machine``'s built commits."""
+def digest(machine: str, results_dir: Path, branch: str = "main") -> list[dict[str, str]]:
+    """Rows of every ``track_ratio_*`` result of ``machine``'s built commits of ``branch``.
+
+    Commits off the branch's first-parent line (e.g. measured by
+    ``make asv-compare`` on a feature branch) are left out.
+    """
     from asv.results import iter_results_for_machine
 
+    on_branch = set(_git("rev-list", "--first-parent", branch).split())
     rows = []
     for res in iter_results_for_machine(str(results_dir), machine):
-        if not res.env_name.startswith("virtualenv"):
+        if not res.env_name.startswith("virtualenv") or res.commit_hash not in on_branch:
             continue
         date = dt.datetime.fromtimestamp(res.date / 1000, dt.timezone.utc)
         subject = _git("log", "-1", "--format=%s", res.commit_hash)
@@ -81,7 +86,7 @@ def read_digest(path: Path = DIGEST) -> list[dict[str, str]]:
 def _panel(key: str) -> str:
     cls = key.split(".")[1]
     return "Rules: time / mean(G, 0), (15, 1M) float32" if cls == "Rules" else (
-        "Flag Aggregator, kernels, per-layer inputs, p = 256")
+        "The other ratio tracks (Flag Aggregator, kernels, per-layer, large p)")
 
 
 def _label(key: str, params: str) -> str:
@@ -123,7 +128,7 @@ def plot(rows: list[dict[str, str]], path: Path = PLOT) -> None:
                  f"machine {rows[0].get('machine', '') or os.environ.get('ASV_MACHINE', '')}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -132,13 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--machine", default=os.uname().nodename, help="asv machine name")
     ap.add_argument("--results", type=Path, default=HERE / ".asv" / "results")
+    ap.add_argument("--branch", default="main", help="first-parent line of commits to plot")
     ap.add_argument("--from-digest", action="store_true",
                     help="redraw the plot from asv_bench/history.csv, without asv's results")
     args = ap.parse_args(argv)
     if args.from_digest:
         rows = read_digest()
     else:
-        rows = digest(args.machine, args.results)
+        rows = digest(args.machine, args.results, args.branch)
         if not rows:
             print(f"no track_ratio results for machine {args.machine!r} in {args.results}",
                   file=sys.stderr)
