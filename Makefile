@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.flagagg-installed
 
-.PHONY: demo test bench docs lint venv clean
+.PHONY: demo test bench docs lint venv clean asv asv-full asv-compare asv-publish asv-machine
 
 venv: $(STAMP)
 
@@ -30,7 +30,57 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m flagagg bench
+	$(PY) asv_bench/report.py $(BENCH_ARGS)
+
+# airspeed velocity (asv_bench/). asv keeps its machine description in
+# ~/.asv-machine.json: HOME points at a folder of the checkout instead, so no
+# target ever prompts, and results are kept per ASV_MACHINE (name a GPU box
+# apart, e.g. ASV_MACHINE=mybox-h100). The quick tier takes minutes; the full
+# tier adds large shapes and the p-sweep. make asv and asv-full measure this
+# checkout in $(VENV) (recorded under HEAD); asv-compare and asv-publish build
+# commits in fresh virtualenvs (committed code only).
+ASV_MACHINE ?= $(shell hostname)
+ASV_HOME := $(CURDIR)/asv_bench/.asv/home
+ASV_RUN = cd asv_bench && PIP_CACHE_DIR="$${PIP_CACHE_DIR:-$$HOME/.cache/pip}" \
+	HOME="$(ASV_HOME)" FLAGAGG_ASV_TIER=$(1) $(abspath $(PY)) -m asv
+BASE ?= main
+FACTOR ?= 1.3
+COMPARE_BENCH ?= track_ratio
+HISTORY ?= main~10..main
+HISTORY_BENCH ?= track_ratio
+# One process imports the suite and forks every benchmark from it (asv's
+# default spawns a fresh interpreter per benchmark: seconds each). The suite's
+# modules import only numpy at module level, and make no CUDA call there.
+ASV_LAUNCH ?= --launch-method forkserver
+
+asv-machine: $(STAMP)
+	mkdir -p "$(ASV_HOME)"
+	$(call ASV_RUN,quick) machine --yes --machine "$(ASV_MACHINE)" >/dev/null
+
+asv: asv-machine
+	FLAGAGG_ASV_TIER=quick $(PY) asv_bench/plan.py
+	$(call ASV_RUN,quick) run --python=same --machine "$(ASV_MACHINE)" $(ASV_LAUNCH) \
+		--set-commit-hash "$$(git rev-parse HEAD)" $(ASV_ARGS)
+
+asv-full: asv-machine
+	FLAGAGG_ASV_TIER=full $(PY) asv_bench/plan.py
+	$(call ASV_RUN,full) run --python=same --machine "$(ASV_MACHINE)" $(ASV_LAUNCH) \
+		--set-commit-hash "$$(git rev-parse HEAD)" $(ASV_ARGS)
+
+# Exit status 1 when a benchmark matching COMPARE_BENCH (the ratio tracks of
+# the quick tier) is slower at HEAD than at BASE by more than FACTOR.
+asv-compare: asv-machine
+	$(call ASV_RUN,quick) continuous --factor $(FACTOR) --split --bench '$(COMPARE_BENCH)' \
+		$(ASV_LAUNCH) --machine "$(ASV_MACHINE)" "$$(git rev-parse $(BASE))" "$$(git rev-parse HEAD)"
+
+# The ratio tracks over HISTORY (first-parent commits); commits whose flagagg
+# lacks an API a benchmark needs record it as skipped or failed, so asv's
+# status 2 (some failed) does not stop the publication.
+asv-publish: asv-machine
+	$(call ASV_RUN,quick) run --bench '$(HISTORY_BENCH)' --skip-existing-successful \
+		$(ASV_LAUNCH) --machine "$(ASV_MACHINE)" "$(HISTORY)" || test $$? -eq 2
+	$(call ASV_RUN,quick) publish
+	$(PY) asv_bench/history.py --machine "$(ASV_MACHINE)"
 
 docs: $(STAMP)
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html

@@ -39,6 +39,11 @@ root_doc = "index"
 exclude_patterns = ["_build", "_generated_*.rst"]
 templates_path = ["_templates"]
 html_static_path = ["_static"]
+# `make asv-publish` writes asv's HTML report to asv_bench/.asv/published/asv;
+# when it is there, the build copies it in as asv/ (benchmarks.rst links it).
+# The build itself never runs asv.
+_ASV_PUBLISHED = HERE.parent / "asv_bench" / ".asv" / "published"
+html_extra_path = [str(_ASV_PUBLISHED)] if (_ASV_PUBLISHED / "asv" / "index.html").is_file() else []
 default_role = "code"
 nitpicky = False
 

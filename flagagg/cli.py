@@ -1,8 +1,10 @@
-"""Command-line interface: ``flagagg demo | experiment | tune | train | bench``.
+"""Command-line interface: ``flagagg demo | experiment | tune | train``.
 
 Each sub-command lives in the module that implements it; that module offers
 ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when
-its sub-command runs, so ``flagagg --help`` does not import torch.
+its sub-command runs, so ``flagagg --help`` does not import torch. The speed
+report is not a sub-command: it runs from a source checkout (``make bench``,
+``asv_bench/report.py``), where the asv suite it shares its data with lives.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ COMMANDS = {
     "experiment": ("flagagg.sim._cli_experiment", "run a rules x attacks x f x seeds grid"),
     "tune": ("flagagg.sim._cli_tune", "tune each rule's learning rate on validation seeds"),
     "train": ("flagagg.distributed._cli", "parameter-server training on torch.distributed"),
-    "bench": ("flagagg._bench", "speed ratios of the kernels and rules, from one process"),
 }
 
 

@@ -1,16 +1,31 @@
-"""``flagagg bench`` runs end to end, and its dense reference computes the same math."""
+"""``make bench`` (asv_bench/report.py) runs end to end, and its dense reference is right."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import flagagg
-from flagagg import _bench
 
 from oracle import flag_dense
+
+REPORT = Path(__file__).resolve().parent.parent / "asv_bench" / "report.py"
+
+
+def _load_report():
+    spec = importlib.util.spec_from_file_location("flagagg_bench_report", REPORT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_bench = _load_report()
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
@@ -47,3 +62,17 @@ def test_bench_runs_tiny(capsys):
         assert text in out
     for name in flagagg.available_rules():
         assert f"  {name} " in out
+
+
+def test_report_shares_the_asv_suites_data_builders():
+    # one definition of the inputs: make bench and asv measure the same data
+    data = sys.modules["benchmarks._data"]
+    assert _bench.make_stack is data.make_stack and _bench.per_layer is data.per_layer
+    assert _bench.paired_ratio is data.paired_ratio
+
+
+def test_bench_is_not_a_cli_command_and_the_package_has_no_bench_module():
+    assert importlib.util.find_spec("flagagg._bench") is None
+    out = subprocess.run([sys.executable, "-m", "flagagg", "bench"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "invalid choice: 'bench'" in out.stderr

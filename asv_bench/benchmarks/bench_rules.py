@@ -1,32 +1,19 @@
-"""Every registered aggregation rule, f = 3, on a float32 (15, n) stack."""
+"""Every aggregation rule, f = 3, on a float32 (15, n) stack: time, memory, ratio to the mean."""
 
-import flagagg
-
-from .common import BackendBenchmark
-
-
-def _build(name):
-    try:
-        return flagagg.get_rule(name, f=3)
-    except TypeError:  # rules without f (mean, flag)
-        return flagagg.get_rule(name)
+from ._data import RULES
+from .common import QUICK, BackendBenchmark, backends, build_rule, tiered
 
 
 class Rules(BackendBenchmark):
-    """``aggregate(G, rule=name)`` for every name in ``flagagg.available_rules()``."""
+    """``rule(G)`` for every rule (and NNM before Krum), and its time over ``mean(G, 0)``."""
 
-    params = BackendBenchmark.params + [flagagg.available_rules(), [100_000, 1_000_000]]
-    param_names = BackendBenchmark.param_names + ["rule", "n"]
+    params = [backends(), RULES + ["nnm+krum"], tiered([1_000_000], [100_000, 1_000_000])]
+    param_names = ["backend", "rule", "n"]
 
     def setup(self, backend, rule, n):
         self.setup_device(backend, 15, n)
-        try:
-            self.rule = _build(rule)
-            self.warm(self.apply, 15)
-        except NotImplementedError:
-            raise
-        except Exception as exc:  # a rule that cannot run here is skipped, not a crash
-            raise NotImplementedError(f"{rule}: {exc}") from exc
+        self.rule = build_rule(rule)
+        self.warm(self.apply, 15)
 
     def apply(self, G):
         return self.rule(G, backend=self.device.backend)
@@ -35,6 +22,13 @@ class Rules(BackendBenchmark):
         self.apply(self.G)
         self.device.sync()
 
-    def peakmem_rule(self, backend, rule, n):
-        self.apply(self.G)
-        self.device.sync()
+    if not QUICK:  # the input dominates the peak; the quick tier leaves it to FlagAggregate
+
+        def peakmem_rule(self, backend, rule, n):
+            self.apply(self.G)
+            self.device.sync()
+
+    def track_ratio_over_mean(self, backend, rule, n):
+        return self.ratio(lambda: self.device.mean(self.G), lambda: self.apply(self.G))
+
+    track_ratio_over_mean.unit = "ratio"

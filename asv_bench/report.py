@@ -1,4 +1,8 @@
-"""``flagagg bench``: speed ratios of the kernels and rules, measured in one process.
+"""``make bench``: speed ratios of the kernels and rules, measured in one process.
+
+Run from a checkout: ``python asv_bench/report.py [--quick] [--check]``. The
+data builders and the paired timer are the asv suite's
+(``asv_bench/benchmarks/_data.py``), so both measure the same inputs.
 
 Every number is a ratio of two timings taken in the same process on the same
 data, interleaved (baseline, candidate, candidate, baseline, ...) so that a
@@ -22,19 +26,30 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-__all__ = ["add_arguments", "dense_flag", "make_stack", "paired_ratio", "per_layer",
-           "resnet18_shapes", "run"]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks._data import (  # noqa: E402 - the suite's folder is put on the path first
+    Ratio,
+    make_stack,
+    paired_ratio,
+    per_layer,
+    resnet18_shapes,
+)
+from benchmarks._data import seconds as _time_once  # noqa: E402
+
+__all__ = ["Ratio", "add_arguments", "dense_flag", "main", "make_stack", "paired_ratio",
+           "per_layer", "resnet18_shapes", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the options of ``flagagg bench`` to ``parser``."""
+    """Add the options of ``make bench`` to ``parser``."""
     parser.add_argument("--quick", action="store_true",
                         help="small sizes and few repeats (a smoke run for CI, seconds)")
     parser.add_argument("-n", type=int, default=None,
@@ -61,57 +76,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="exit with status 1 when a required target is missed")
 
 
-# -- measuring -----------------------------------------------------------------------------
-
-
-def _time_once(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-@dataclass(frozen=True)
-class Ratio:
-    """Median timings of a baseline and a candidate, and the median per-pair ratio."""
-
-    base_s: float
-    cand_s: float
-    ratio: float  # candidate time / baseline time
-
-
-def paired_ratio(base: Callable[[], object], cand: Callable[[], object], repeats: int) -> Ratio:
-    """Time ``cand`` against ``base`` in interleaved pairs.
-
-    Parameters
-    ----------
-    base, cand : callable
-        Called without arguments; each is called once first to warm up (JIT
-        compilation, caches, page faults of first use).
-    repeats : int
-        Number of timed pairs. The order within a pair alternates.
-
-    Returns
-    -------
-    ratio : Ratio
-        Median times and the median of ``time(cand) / time(base)`` over pairs.
-    """
-    base()
-    cand()
-    gc.collect()
-    tb, tc, ratios = [], [], []
-    for k in range(max(1, repeats)):
-        if k % 2:
-            c = _time_once(cand)
-            b = _time_once(base)
-        else:
-            b = _time_once(base)
-            c = _time_once(cand)
-        tb.append(b)
-        tc.append(c)
-        ratios.append(c / b)
-    return Ratio(statistics.median(tb), statistics.median(tc), statistics.median(ratios))
-
-
 # Speed targets of the baseline rules (ratio to np.mean, f=3, float32
 # (15, 1_000_000)): Gram rules read the data twice, coordinate rules sort p
 # values per column, Bulyan does both.
@@ -123,69 +87,7 @@ _RULE_TARGETS = {
 }
 
 
-def make_stack(p: int, n: int, f: int = 3, dtype: str = "float32", seed: int = 0) -> np.ndarray:
-    """A ``(p, n)`` stack: ``p - f`` honest rows around a common direction, ``f`` reversed ones.
-
-    Generated in float32 a row at a time, so no float64 copy of the whole
-    stack is made.
-
-    Parameters
-    ----------
-    p, n : int
-        Inputs and coordinates.
-    f : int, default=3
-        Faulty rows (the last ``f``), the honest ones scaled by -10.
-    dtype : str, default="float32"
-        Dtype of the result.
-    seed : int, default=0
-        Seed of :func:`numpy.random.default_rng`.
-
-    Returns
-    -------
-    G : ndarray of shape (p, n)
-    """
-    rng = np.random.default_rng(seed)
-    base = rng.standard_normal(n, dtype=np.float32)
-    G = np.empty((p, n), dtype=np.float32)
-    for i in range(p):
-        G[i] = base + np.float32(0.5) * rng.standard_normal(n, dtype=np.float32)
-    for i in range(p - f, p):
-        G[i] *= np.float32(-10.0)
-    return G.astype(dtype, copy=False)
-
-
 # -- the dense n-space reference -----------------------------------------------------------
-
-
-def resnet18_shapes(num_classes: int = 10, width: int = 64) -> list[tuple[int, ...]]:
-    """Parameter shapes of a ResNet-18 (He et al. 2016), in ``named_parameters()`` order.
-
-    62 tensors, 11,181,642 parameters for 10 classes at the standard width
-    64 (torchvision's layout: conv1, bn1, four stages of two basic blocks,
-    a 1x1 downsampling conv in the first block of stages 2-4, fc). A
-    smaller ``width`` keeps the structure for quick runs.
-    """
-    shapes: list[tuple[int, ...]] = [(width, 3, 7, 7), (width,), (width,)]
-    cin = width
-    for stage in range(4):
-        w = width << stage
-        for block in range(2):
-            first = cin if block == 0 else w
-            shapes += [(w, first, 3, 3), (w,), (w,), (w, w, 3, 3), (w,), (w,)]
-            if block == 0 and stage > 0:
-                shapes += [(w, cin, 1, 1), (w,), (w,)]
-        cin = w
-    return shapes + [(num_classes, cin), (num_classes,)]
-
-
-def per_layer(G: np.ndarray, shapes: list[tuple[int, ...]]) -> list[list[np.ndarray]]:
-    """The rows of ``G`` as per-worker lists of per-layer arrays (each its own allocation)."""
-    sizes = [math.prod(s) for s in shapes]
-    if sum(sizes) != G.shape[1]:
-        raise ValueError(f"the shapes hold {sum(sizes)} values, G has {G.shape[1]} columns")
-    offsets = np.cumsum([0] + sizes)
-    return [[np.array(g[a:b]).reshape(s) for a, b, s in zip(offsets[:-1], offsets[1:], shapes,
-                                                             strict=True)] for g in G]
 
 
 def dense_flag(G: np.ndarray, r: int, lam: float, steps: int, eps: float = 1e-7):
@@ -331,7 +233,7 @@ def _ratio_text(r: Ratio) -> str:
 
 
 def _default_backend() -> str:
-    from .backends import installed_backends
+    from flagagg.backends import installed_backends
 
     return "numba" if "numba" in installed_backends() else "numpy"
 
@@ -405,7 +307,7 @@ def run(args: argparse.Namespace) -> int:
                   ratio.ratio <= 1.10)
 
     if "gram" not in skip:
-        from .backends import get_backend_impl
+        from flagagg.backends import get_backend_impl
 
         impl = get_backend_impl(backend)
         table.section(f"Gram kernel ({backend}, float64 accumulation) vs BLAS G @ G.T (float32)")
@@ -637,3 +539,16 @@ def _warm(backend: str) -> None:
 
     # Large enough for the parallel code path (the small one runs single-threaded).
     flagagg.flag_aggregate(make_stack(7, 300_000), 2, 1.0, backend=backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and run; return the exit status."""
+    parser = argparse.ArgumentParser(
+        prog="python asv_bench/report.py",
+        description="speed ratios of the kernels and rules, from one process (make bench)")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
