@@ -135,6 +135,37 @@ def test_krum_offset_sweep_matches_exact_krum(offset):
     assert wrong == []
 
 
+def slow_choose_reference(K, ok):
+    """choose_reference written out pair by pair, as its docstring states it."""
+    from flagagg._gram import SHIFT_BELOW
+
+    idx = [int(i) for i in np.flatnonzero(ok)]
+    if len(idx) < 2:
+        return None
+
+    def d2(i, j):
+        return max(K[i, i] + K[j, j] - 2.0 * K[i, j], 0.0)
+
+    nearest = [min(d2(i, j) / (K[i, i] + K[j, j]) for j in idx if j != i) for i in idx]
+    if np.median(nearest) >= SHIFT_BELOW:
+        return None
+    spread = [np.median([d2(i, j) for j in idx if j != i]) for i in idx]
+    return idx[int(np.argmin(spread))]
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e2, 1e4, 1e8])
+@pytest.mark.parametrize("seed", range(4))
+def test_choose_reference_matches_slow_reference(offset, seed):
+    rng = np.random.default_rng(seed)
+    p = int(rng.integers(2, 12))
+    G = offset + rng.normal(size=(p, 30)) * rng.uniform(0.1, 10.0, size=(p, 1))
+    G[rng.integers(p)] *= -50.0  # a far-off input
+    ok = rng.uniform(size=p) > 0.2
+    K = G @ G.T
+    assert choose_reference(K, ok) == slow_choose_reference(K, ok)
+    assert choose_reference(K, np.ones(p, bool)) == slow_choose_reference(K, np.ones(p, bool))
+
+
 def test_shift_only_when_ill_conditioned():
     G = np.random.default_rng(0).normal(size=(9, 200))
     K = G @ G.T
