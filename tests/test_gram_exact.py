@@ -101,6 +101,24 @@ def test_numba_blas_path_matches_tiled_kernel(dtype):
                                rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.skipif(not has_module("numba"), reason="numba missing")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_numba_blas_path_over_many_chunks(monkeypatch, dtype, shifted):
+    # syrk accumulates chunk after chunk into one matrix, and the last chunk is narrower.
+    from flagagg.backends import _numba
+
+    monkeypatch.setattr(_numba, "_blocked_width", lambda p: 256)
+    rng = np.random.default_rng(6)
+    X = (1e3 + rng.normal(size=(_numba.BLAS_MIN_ROWS + 5, 3000))).astype(dtype)[:, 3:]
+    ref, scale = (4, np.ldexp(1.0, -rng.integers(-3, 4, size=X.shape[0]))) if shifted else (
+        None, None)
+    K = _numba._gram_blocked(X, ref, scale, blas=True)
+    want = _reference_gram(X, ref, scale)
+    np.testing.assert_allclose(K, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_array_equal(K, K.T)
+
+
 @pytest.mark.parametrize("k", [5, PARTIAL_MIN_SIZE + 4])
 def test_top_eigh_matches_full_decomposition(k):
     rng = np.random.default_rng(k)
