@@ -276,9 +276,10 @@ class GramRule(Rule):
         K = stack.gram(backend, shift=self.translation_invariant)
         coef, extras = self._coefficients(K)
         out = stack.combine(backend, coef)
+        late = extras.pop("_late", None)
         return self.result_type(
             aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-            **extras, **deferred_diagnostics(K, coef, extras.get("excluded", ())),
+            **extras, **deferred_diagnostics(K, coef, extras.get("excluded", ()), late),
         )
 
 

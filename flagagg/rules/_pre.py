@@ -376,11 +376,12 @@ class ComposedRule(Rule):
                 coef_mixed, extras = self.rule._coefficients(Kmix)
                 rule_details = extras.pop("details", {})
                 rule_excluded = extras.pop("excluded", ())
+                late = extras.pop("_late", None)
                 coef = M.T @ coef_mixed
                 out = stack.combine(backend, coef)
                 result = self.rule.result_type(
                     aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-                    excluded=excluded, **extras, **deferred_diagnostics(K, coef, excluded),
+                    excluded=excluded, **extras, **deferred_diagnostics(K, coef, excluded, late),
                     details={**rule_details, **details, "rule_excluded": rule_excluded},
                 )
             else:

@@ -85,7 +85,7 @@ class AggregationResult:
     influence: np.ndarray | None = None
     cosine: np.ndarray | None = None
     verdict: tuple[str, ...] = ()
-    # (K, coef, excluded) of a linear rule whose per-input diagnostics are not
+    # (K, coef, excluded, late) of a linear rule whose per-input diagnostics are not
     # computed yet: they cost more than the rule itself at small sizes, so they
     # are formed only when a result is handed out (see with_diagnostics).
     _deferred: tuple | None = field(default=None, repr=False, compare=False)
@@ -192,14 +192,17 @@ def worker_diagnostics(
 
 
 def deferred_diagnostics(K: np.ndarray, coef: np.ndarray,
-                         excluded: tuple[tuple[int, str], ...]) -> dict:
+                         excluded: tuple[tuple[int, str], ...], late: Any = None) -> dict:
     """Keyword arguments of :class:`AggregationResult` that defer :func:`gram_diagnostics`.
 
     The rule's hot path keeps a reference to the ``p x p`` Gram and the
     coefficients; :func:`with_diagnostics` forms the columns when a caller
-    asks for the result.
+    asks for the result. ``late``, if given, is a function returning more
+    fields of the result, formed at the same time (a rule's own costly
+    diagnostics, such as the Flag Aggregator's final eigenvalues); a rule's
+    ``_coefficients`` hands it over as ``extras["_late"]``.
     """
-    return {"_deferred": (K, coef, excluded)}
+    return {"_deferred": (K, coef, excluded, late)}
 
 
 def with_diagnostics(result: AggregationResult) -> AggregationResult:
@@ -208,8 +211,11 @@ def with_diagnostics(result: AggregationResult) -> AggregationResult:
         return result
     from dataclasses import replace
 
-    K, coef, excluded = result._deferred
-    return replace(result, _deferred=None, **gram_diagnostics(K, coef, excluded))
+    K, coef, excluded, late = result._deferred
+    fields = gram_diagnostics(K, coef, excluded)
+    if late is not None:
+        fields.update(late())
+    return replace(result, _deferred=None, **fields)
 
 
 def gram_diagnostics(K: np.ndarray, coef: np.ndarray,
