@@ -506,7 +506,7 @@ def _bulyan_select_round_by_round(D2, finite, f, theta):
 
 @pytest.mark.parametrize("kind", ["spread", "ties", "duplicates", "non-finite"])
 def test_bulyan_selection_matches_round_by_round_definition(kind):
-    from flagagg.rules._krum import bulyan_select
+    from flagagg.rules._krum import _bulyan_select_incremental as bulyan_select
 
     rng = np.random.default_rng(["spread", "ties", "duplicates", "non-finite"].index(kind))
     for _ in range(150):
@@ -531,3 +531,18 @@ def test_bulyan_selection_matches_round_by_round_definition(kind):
         want_picks, want_first = _bulyan_select_round_by_round(D2, finite, f, theta)
         assert picks == want_picks, (p, f)
         np.testing.assert_array_equal(first, want_first)
+
+
+def test_bulyan_selection_at_many_inputs_matches_definition():
+    from flagagg.rules._krum import BULYAN_INCREMENTAL_MIN, bulyan_select
+
+    p = BULYAN_INCREMENTAL_MIN + 1
+    f = (p - 3) // 4
+    X = np.random.default_rng(7).normal(size=(p, 4))
+    X[:f] = 3.0 + 0.01 * X[:f]  # a clustered minority
+    D2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+    finite = np.ones(p, dtype=bool)
+    got = bulyan_select(D2, finite, f, p - 2 * f)
+    want = _bulyan_select_round_by_round(D2, finite, f, p - 2 * f)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])
