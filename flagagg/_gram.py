@@ -146,18 +146,22 @@ def choose_reference(K: np.ndarray, ok: np.ndarray) -> int | None:
         make the shifted rows large. Otherwise None.
     """
     idx = np.flatnonzero(ok)
-    if idx.size < 2:
+    q = idx.size
+    if q < 2:
         return None
-    Ko = np.asarray(K)[np.ix_(idx, idx)]
-    d = np.diag(Ko)
-    norms2 = d[:, None] + d[None, :]
+    K = np.asarray(K)
+    Ko = K if q == K.shape[0] else K[np.ix_(idx, idx)]
+    # Few, whole-matrix operations: this runs on every call of a shifting
+    # rule, where at small p numpy's per-call overhead is the whole cost.
+    d = Ko.diagonal()
+    norms2 = d[:, None] + d[None, :]  # > 0: the inputs that may serve have d >= SAFE_LO
     D2 = np.maximum(norms2 - 2.0 * Ko, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(norms2 > 0, D2 / norms2, np.inf)
-    np.fill_diagonal(ratio, np.inf)
-    if np.median(ratio.min(axis=1)) >= SHIFT_BELOW:
+    ratio = D2 / norms2
+    ratio.flat[:: q + 1] = np.inf
+    nearest = np.sort(ratio.min(axis=1))
+    if nearest[(q - 1) // 2] + nearest[q // 2] >= 2.0 * SHIFT_BELOW:  # the median
         return None
-    np.fill_diagonal(D2, np.nan)
+    D2.flat[:: q + 1] = np.nan
     return int(idx[np.argmin(np.nanmedian(D2, axis=1))])
 
 
@@ -182,9 +186,15 @@ def stack_gram(stack: Any, backend: Any, *, shift: bool = False) -> Gram:
         magnitude, to read their largest value).
     """
     K = stack.raw_gram(backend)
-    d = np.diag(K).copy()
+    d = K.diagonal()
     with np.errstate(invalid="ignore"):
-        ordinary = np.isfinite(d) & (d >= SAFE_LO) & (d <= SAFE_HI)
+        ordinary = (d >= SAFE_LO) & (d <= SAFE_HI)  # False for NaN, +-inf
+    if ordinary.all():
+        # The common case, kept to a handful of small operations.
+        ref = choose_reference(K, ordinary) if shift else None
+        if ref is None:
+            return Gram(K, finite=ordinary)
+        return Gram(stack.raw_gram(backend, ref=ref), finite=ordinary, ref=ref, unshifted=K)
     finite = ordinary.copy()
     mag = np.where(ordinary, np.sqrt(np.where(ordinary, d, 0.0)), 0.0)
     extreme = np.flatnonzero(~ordinary)

@@ -260,6 +260,26 @@ def test_higher_dimensional_stack_keeps_shape():
     np.testing.assert_allclose(out.ravel(), flagagg.flag_aggregate(G, 2, **PUBLISHED))
 
 
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_deferred_subspace_diagnostics_equal_eager_ones(lam):
+    # The aggregate-only path leaves out the final eigendecomposition; result_ and
+    # return_result form it, equal to solve_gram's eager one.
+    from flagagg._array import as_stack
+    from flagagg.backends import get_backend_impl
+    from flagagg.rules._flag import solve_gram
+
+    G = attacked_stack(9, 40, 2, seed=3)
+    agg = flagagg.FlagAggregator(r=3, lam=lam, backend="numpy")
+    agg(G)
+    lazy = agg.result_
+    res = agg(G, return_result=True)
+    _, eager = solve_gram(as_stack(G).gram(get_backend_impl("numpy")), 3, lam)
+    for got in (lazy, res):
+        np.testing.assert_array_equal(got.eigenvalues, eager["eigenvalues"])
+        assert got.stationarity == eager["stationarity"]
+        assert got.eigengap == eager["eigengap"] > 0
+
+
 def test_aggregator_object_keeps_result():
     agg = flagagg.FlagAggregator(r=3, backend="numpy")
     G = attacked_stack(7, 30, 1, seed=0)

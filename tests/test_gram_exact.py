@@ -101,6 +101,24 @@ def test_numba_blas_path_matches_tiled_kernel(dtype):
                                rtol=1e-12, atol=1e-10)
 
 
+@pytest.mark.skipif(not has_module("numba"), reason="numba missing")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_numba_blas_path_over_many_chunks(monkeypatch, dtype, shifted):
+    # syrk accumulates chunk after chunk into one matrix, and the last chunk is narrower.
+    from flagagg.backends import _numba
+
+    monkeypatch.setattr(_numba, "_blocked_width", lambda p: 256)
+    rng = np.random.default_rng(6)
+    X = (1e3 + rng.normal(size=(_numba.BLAS_MIN_ROWS + 5, 3000))).astype(dtype)[:, 3:]
+    ref, scale = (4, np.ldexp(1.0, -rng.integers(-3, 4, size=X.shape[0]))) if shifted else (
+        None, None)
+    K = _numba._gram_blocked(X, ref, scale, blas=True)
+    want = _reference_gram(X, ref, scale)
+    np.testing.assert_allclose(K, want, rtol=1e-12, atol=1e-12 * np.abs(want).max())
+    np.testing.assert_array_equal(K, K.T)
+
+
 @pytest.mark.parametrize("k", [5, PARTIAL_MIN_SIZE + 4])
 def test_top_eigh_matches_full_decomposition(k):
     rng = np.random.default_rng(k)
@@ -133,6 +151,37 @@ def test_krum_offset_sweep_matches_exact_krum(offset):
                                   return_result=True).selected[0]
              != orc.krum_select(offset_stack(offset, seed), 1)]
     assert wrong == []
+
+
+def slow_choose_reference(K, ok):
+    """choose_reference written out pair by pair, as its docstring states it."""
+    from flagagg._gram import SHIFT_BELOW
+
+    idx = [int(i) for i in np.flatnonzero(ok)]
+    if len(idx) < 2:
+        return None
+
+    def d2(i, j):
+        return max(K[i, i] + K[j, j] - 2.0 * K[i, j], 0.0)
+
+    nearest = [min(d2(i, j) / (K[i, i] + K[j, j]) for j in idx if j != i) for i in idx]
+    if np.median(nearest) >= SHIFT_BELOW:
+        return None
+    spread = [np.median([d2(i, j) for j in idx if j != i]) for i in idx]
+    return idx[int(np.argmin(spread))]
+
+
+@pytest.mark.parametrize("offset", [0.0, 10.0, 1e2, 1e4, 1e8])
+@pytest.mark.parametrize("seed", range(4))
+def test_choose_reference_matches_slow_reference(offset, seed):
+    rng = np.random.default_rng(seed)
+    p = int(rng.integers(2, 12))
+    G = offset + rng.normal(size=(p, 30)) * rng.uniform(0.1, 10.0, size=(p, 1))
+    G[rng.integers(p)] *= -50.0  # a far-off input
+    ok = rng.uniform(size=p) > 0.2
+    K = G @ G.T
+    assert choose_reference(K, ok) == slow_choose_reference(K, ok)
+    assert choose_reference(K, np.ones(p, bool)) == slow_choose_reference(K, np.ones(p, bool))
 
 
 def test_shift_only_when_ill_conditioned():

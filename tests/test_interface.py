@@ -162,6 +162,42 @@ def test_rules_keep_no_gradient_sized_state():
         assert not big, (name, big)
 
 
+def test_diagnostics_only_when_a_result_is_asked_for(monkeypatch):
+    # They cost more than a small aggregation: the aggregate-only path skips them,
+    # result_ forms them on first access, identical to return_result=True.
+    from flagagg.rules import _result
+
+    calls = []
+    real = _result.gram_diagnostics
+    monkeypatch.setattr(_result, "gram_diagnostics",
+                        lambda *a: calls.append(1) or real(*a))
+    G = honest_and_reversed()
+    rules = [flagagg.get_rule(name, f=F) for name in flagagg.available_rules()]
+    rules.append(flagagg.get_rule("krum", f=F, pre=["nnm"]))
+    rules.append(flagagg.get_rule("flag", f=F, pre=["nnm"]))
+    linear = 0
+    for rule in rules:
+        calls.clear()
+        rule(G, backend="numpy")
+        assert calls == [], rule
+        lazy = rule.result_
+        res = rule(G, backend="numpy", return_result=True)
+        assert res._deferred is None and rule.result_._deferred is None
+        if res.coefficients is None or rule.name == "mean":
+            continue  # diagnostics from a pass over the data, only with return_result
+        linear += 1
+        assert len(calls) == 2, rule  # once for result_, once for return_result
+        assert lazy.verdict == res.verdict and len(res.verdict) == G.shape[0]
+        np.testing.assert_array_equal(lazy.influence, res.influence)
+        np.testing.assert_array_equal(lazy.cosine, res.cosine)
+    assert linear >= 6
+
+
+def test_result_before_first_call_is_an_attribute_error():
+    rule = flagagg.get_rule("krum", f=1)
+    assert not hasattr(rule, "result_")
+
+
 def test_centered_clipping_previous_center_is_explicit_state():
     G = honest_and_reversed(f=0)
     cc = flagagg.get_rule("centered_clipping", tau=0.5, center="previous")

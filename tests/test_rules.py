@@ -485,3 +485,64 @@ def test_every_rule_is_registered():
     assert flagagg.rules.available_pre() == ["bucketing", "clipping", "nnm"]
     for name in names - {"mean", "flag"}:
         flagagg.get_rule(name, f=0)  # every robust rule takes f
+
+
+def _bulyan_select_round_by_round(D2, finite, f, theta):
+    """Recursive Krum as defined: rescore the inputs left in every round."""
+    from flagagg.rules._krum import krum_scores
+
+    left = np.ones(D2.shape[0], dtype=bool)
+    picks, first = [], None
+    for _ in range(theta):
+        R = np.flatnonzero(left)
+        scores = krum_scores(D2[np.ix_(R, R)], R.size - f - 2)
+        first = scores if first is None else first
+        cand = np.flatnonzero(finite[R])
+        i = int(R[cand[np.argmin(scores[cand])]])
+        picks.append(i)
+        left[i] = False
+    return picks, first
+
+
+@pytest.mark.parametrize("kind", ["spread", "ties", "duplicates", "non-finite"])
+def test_bulyan_selection_matches_round_by_round_definition(kind):
+    from flagagg.rules._krum import _bulyan_select_incremental as bulyan_select
+
+    rng = np.random.default_rng(["spread", "ties", "duplicates", "non-finite"].index(kind))
+    for _ in range(150):
+        p = int(rng.integers(3, 30))
+        f = int(rng.integers(0, max(1, (p - 3) // 4) + 1))
+        X = rng.normal(size=(p, 3))
+        if kind == "ties":
+            X = np.round(X)
+        elif kind == "duplicates":
+            X = np.round(X * 2) / 2
+            X[: p // 3] = X[0]
+        D2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+        finite = np.ones(p, dtype=bool)
+        if kind == "non-finite":
+            bad = rng.choice(p, int(rng.integers(0, 2 * f + 1)), replace=False)
+            finite[bad] = False
+            D2[bad, :] = np.inf
+            D2[:, bad] = np.inf
+            np.fill_diagonal(D2, 0.0)
+        theta = max(1, min(p - 2 * f, int(finite.sum())))
+        picks, first = bulyan_select(D2, finite, f, theta)
+        want_picks, want_first = _bulyan_select_round_by_round(D2, finite, f, theta)
+        assert picks == want_picks, (p, f)
+        np.testing.assert_array_equal(first, want_first)
+
+
+def test_bulyan_selection_at_many_inputs_matches_definition():
+    from flagagg.rules._krum import BULYAN_INCREMENTAL_MIN, bulyan_select
+
+    p = BULYAN_INCREMENTAL_MIN + 1
+    f = (p - 3) // 4
+    X = np.random.default_rng(7).normal(size=(p, 4))
+    X[:f] = 3.0 + 0.01 * X[:f]  # a clustered minority
+    D2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+    finite = np.ones(p, dtype=bool)
+    got = bulyan_select(D2, finite, f, p - 2 * f)
+    want = _bulyan_select_round_by_round(D2, finite, f, p - 2 * f)
+    assert got[0] == want[0]
+    np.testing.assert_array_equal(got[1], want[1])

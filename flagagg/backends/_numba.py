@@ -135,24 +135,53 @@ def _gram_blocked(X: np.ndarray, ref: int | None, scale: np.ndarray | None,
     """Float64 Gram of float64 column chunks of ``X`` (shifted and scaled when asked).
 
     Each chunk is one ``p x w`` float64 block of about ``_BLAS_CHUNK_BYTES``
-    (the only extra memory); its Gram goes to BLAS ``syrk`` (``blas``) or to
-    the tiled kernel. Chunks are summed in column order: deterministic.
+    (the only extra memory, one buffer reused for every chunk); its Gram goes
+    to BLAS ``syrk`` (``blas``, accumulated in place into the lower triangle)
+    or to the tiled kernel. Chunks are summed in column order: deterministic.
     """
     p, m = X.shape
     s = None if scale is None else np.asarray(scale, dtype=np.float64).reshape(p, 1)
     if blas and ref is None and s is None and X.dtype == np.float64:
         return symmetric(X @ X.T)  # numpy hands A @ A.T to syrk
-    step = max(SEGMENT, _BLAS_CHUNK_BYTES // (8 * p) // 256 * 256)
-    K = np.zeros((p, p))
+    step = _blocked_width(p)
+    plain = ref is None and s is None
+    buf = np.empty(p * min(step, m)) if plain else None
+    if blas:
+        from scipy.linalg.blas import dsyrk
+
+        # Fortran order: syrk updates it in place (beta = 1), no p x p temporary per chunk.
+        K = np.zeros((p, p), order="F")
+    else:
+        K = np.zeros((p, p))
     with _threads(p * (p + 1) // 2 * m >= _PARALLEL_MIN_PRODUCTS):
         for start in range(0, m, step):
-            B = np.ascontiguousarray(
-                transformed_chunk(np, X[:, start:min(start + step, m)], ref, s))
+            part = X[:, start:min(start + step, m)]
+            if plain:
+                # Converted into the one buffer: no fresh pages (and their
+                # zeroing by the OS) per chunk.
+                B = buf[: part.size].reshape(part.shape)
+                np.copyto(B, part)
+            else:
+                B = np.ascontiguousarray(transformed_chunk(np, part, ref, s))
             if blas:
-                K += B @ B.T
+                # B.T is the Fortran-ordered w x p matrix A, and A^T A = B B^T.
+                K = dsyrk(1.0, B.T, beta=1.0, c=K, trans=1, lower=1, overwrite_c=1)
             else:
                 K += _mirror(_gram_flat(B.reshape(-1), p, B.shape[1], B.shape[1]))
+    if blas:
+        K = np.tril(K)
+        K = K + np.tril(K, -1).T
     return symmetric(K)
+
+
+def _blocked_width(p: int) -> int:
+    """Columns per float64 chunk of the blocked Gram: about ``_BLAS_CHUNK_BYTES``, >= 1024.
+
+    With many rows a chunk of ``_BLAS_CHUNK_BYTES`` gets narrow, and syrk's
+    efficiency falls with its inner dimension; 1024 columns keep it high at
+    ``p * 8 KiB`` of buffer (8 MiB at p = 1024).
+    """
+    return max(1024, _BLAS_CHUNK_BYTES // (8 * p) // 256 * 256)
 
 
 class NumbaBackend(NumpyBackend):

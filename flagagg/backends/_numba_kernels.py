@@ -483,6 +483,39 @@ def _sweep5_rows(acc, ptrs, like, leaf, p, m, c0, w, i0):
         _add_tile(acc, t, i0, j0, p, False, 5)
 
 
+@_helper
+def _segment_pieces(offsets, lo, hi, width):
+    """The pieces of the virtual row ``lo:hi`` over the leaves, in order.
+
+    Row ``t`` is ``(leaf, m, c0, w)``: columns ``c0:c0+w`` (``w <= width``)
+    of leaf ``leaf``, whose rows have length ``m``; ``offsets[leaf]`` is
+    where that leaf starts in the virtual row (``offsets[-1]`` its end). The
+    one walk over the leaves of the kernels on address tables.
+    """
+    n_leaves = offsets.size - 1
+    first = np.searchsorted(offsets, lo, side="right") - 1
+    n = 0
+    stop = first
+    while stop < n_leaves and offsets[stop] < hi:
+        a = max(lo, offsets[stop]) - offsets[stop]
+        b = min(hi, offsets[stop + 1]) - offsets[stop]
+        n += (b - a + width - 1) // width
+        stop += 1
+    pieces = np.empty((n, 4), dtype=np.int64)
+    t = 0
+    for leaf in range(first, stop):
+        m = offsets[leaf + 1] - offsets[leaf]
+        a = max(lo, offsets[leaf]) - offsets[leaf]
+        b = min(hi, offsets[leaf + 1]) - offsets[leaf]
+        for c0 in range(a, b, width):
+            pieces[t, 0] = leaf
+            pieces[t, 1] = m
+            pieces[t, 2] = c0
+            pieces[t, 3] = min(width, b - c0)
+            t += 1
+    return pieces
+
+
 _LIKE32 = types.float32[::1]
 _LIKE64 = types.float64[::1]
 _PTRS = types.int64[:, ::1]
@@ -497,25 +530,18 @@ def _gram_partials_rows(ptrs, like, offsets, bounds, width, tile, partials):
     of ``like``, contiguous, length ``offsets[leaf+1] - offsets[leaf] > 0``);
     ``bounds`` are segments of the virtual row ``0:offsets[-1]``.
     """
-    n_leaves, p = ptrs.shape
+    p = ptrs.shape[1]
     n_tiles = (p + tile - 1) // tile
     for s in prange(bounds.size - 1):
         acc = partials[s]
-        lo = bounds[s]
-        hi = bounds[s + 1]
-        leaf = np.searchsorted(offsets, lo, side="right") - 1
-        while leaf < n_leaves and offsets[leaf] < hi:
-            m = offsets[leaf + 1] - offsets[leaf]
-            a = max(lo, offsets[leaf]) - offsets[leaf]
-            b = min(hi, offsets[leaf + 1]) - offsets[leaf]
-            for c0 in range(a, b, width):
-                w = min(width, b - c0)
-                for ti in range(n_tiles):
-                    if tile == 5:
-                        _sweep5_rows(acc, ptrs, like, leaf, p, m, c0, w, 5 * ti)
-                    else:
-                        _sweep4_rows(acc, ptrs, like, leaf, p, m, c0, w, 4 * ti)
-            leaf += 1
+        pieces = _segment_pieces(offsets, bounds[s], bounds[s + 1], width)
+        for t in range(pieces.shape[0]):
+            leaf, m, c0, w = pieces[t, 0], pieces[t, 1], pieces[t, 2], pieces[t, 3]
+            for ti in range(n_tiles):
+                if tile == 5:
+                    _sweep5_rows(acc, ptrs, like, leaf, p, m, c0, w, 5 * ti)
+                else:
+                    _sweep4_rows(acc, ptrs, like, leaf, p, m, c0, w, 4 * ti)
 
 
 @_jit([types.void(_PTRS, like, types.int64[::1], types.int64[::1], types.float64[::1],
@@ -527,36 +553,28 @@ def _combine_rows(ptrs, like, offsets, rows, coef, bounds, width, out):
     Leaf ``leaf`` of the result is ``out[offsets[leaf]:offsets[leaf+1]]``; only the
     workers listed in ``rows`` are read, summed in float64 in that order.
     """
-    n_leaves = ptrs.shape[0]
     nr = rows.size
     for s in prange(bounds.size - 1):
         acc = np.empty(width, dtype=np.float64)
-        lo = bounds[s]
-        hi = bounds[s + 1]
-        leaf = np.searchsorted(offsets, lo, side="right") - 1
-        while leaf < n_leaves and offsets[leaf] < hi:
-            m = offsets[leaf + 1] - offsets[leaf]
-            a = max(lo, offsets[leaf]) - offsets[leaf]
-            b = min(hi, offsets[leaf + 1]) - offsets[leaf]
-            for c0 in range(a, b, width):
-                w = min(width, b - c0)
-                acc[:w] = 0.0
-                k = 0
-                while k + 4 <= nr:
-                    _axpy4(acc, coef[k], coef[k + 1], coef[k + 2], coef[k + 3],
-                           _leaf_piece(ptrs, like, leaf, rows[k], m, c0, w),
-                           _leaf_piece(ptrs, like, leaf, rows[k + 1], m, c0, w),
-                           _leaf_piece(ptrs, like, leaf, rows[k + 2], m, c0, w),
-                           _leaf_piece(ptrs, like, leaf, rows[k + 3], m, c0, w), w)
-                    k += 4
-                while k < nr:
-                    _axpy1(acc, coef[k], _leaf_piece(ptrs, like, leaf, rows[k], m, c0, w), w)
-                    k += 1
-                start = offsets[leaf] + c0
-                o = out[start:start + w]
-                for c in range(w):
-                    o[c] = acc[c]
-            leaf += 1
+        pieces = _segment_pieces(offsets, bounds[s], bounds[s + 1], width)
+        for t in range(pieces.shape[0]):
+            leaf, m, c0, w = pieces[t, 0], pieces[t, 1], pieces[t, 2], pieces[t, 3]
+            acc[:w] = 0.0
+            k = 0
+            while k + 4 <= nr:
+                _axpy4(acc, coef[k], coef[k + 1], coef[k + 2], coef[k + 3],
+                       _leaf_piece(ptrs, like, leaf, rows[k], m, c0, w),
+                       _leaf_piece(ptrs, like, leaf, rows[k + 1], m, c0, w),
+                       _leaf_piece(ptrs, like, leaf, rows[k + 2], m, c0, w),
+                       _leaf_piece(ptrs, like, leaf, rows[k + 3], m, c0, w), w)
+                k += 4
+            while k < nr:
+                _axpy1(acc, coef[k], _leaf_piece(ptrs, like, leaf, rows[k], m, c0, w), w)
+                k += 1
+            start = offsets[leaf] + c0
+            o = out[start:start + w]
+            for c in range(w):
+                o[c] = acc[c]
 
 
 @_jit([types.void(_PTRS, like, types.int64[::1], types.int64[:, ::1], types.int64[::1],

@@ -6,6 +6,7 @@ is the one-shot form. Rules register themselves in :data:`_RULES` by name.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 from typing import Any
@@ -126,18 +127,24 @@ def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
 _MEANING = {"f": "the number of Byzantine inputs tolerated"}
 
 
+@functools.cache
+def _parameters(cls: type[Rule]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Names of ``cls``'s parameters, and those without a default (read once per class)."""
+    sig = inspect.signature(cls.__init__).parameters
+    names = tuple(k for k in sig if k != "self")
+    return names, tuple(k for k in names if sig[k].default is inspect.Parameter.empty)
+
+
 def _check_names(cls: type[Rule], params: dict[str, Any]) -> None:
     """Give flagagg's own message for a missing or unknown parameter, before Python's."""
-    sig = inspect.signature(cls.__init__).parameters
-    names = [k for k in sig if k != "self"]
+    names, required = _parameters(cls)
     unknown = sorted(set(params) - set(names))
     if unknown:
         raise TypeError(
             f"rule {cls.name!r} takes no parameter {', '.join(map(repr, unknown))}; "
             f"its parameters: {', '.join(names) or 'none'}"
         )
-    missing = [k for k in names if sig[k].default is inspect.Parameter.empty
-               and k not in params]
+    missing = [k for k in required if k not in params]
     if missing:
         what = ", ".join(f"{k} ({_MEANING[k]})" if k in _MEANING else k for k in missing)
         raise TypeError(

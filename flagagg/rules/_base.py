@@ -10,7 +10,13 @@ from .._array import Leaf, Stack, as_stack
 from .._gram import Gram
 from .._validation import check_int
 from ..backends import Backend, select_backend
-from ._result import AggregationResult, RuleResult, gram_diagnostics, worker_diagnostics
+from ._result import (
+    AggregationResult,
+    RuleResult,
+    deferred_diagnostics,
+    with_diagnostics,
+    worker_diagnostics,
+)
 
 __all__ = [
     "AggregationResult",
@@ -109,7 +115,10 @@ class Rule(Params):
 
     ``result_`` holds the diagnostics of the last call (its ``aggregate``
     dropped, so no gradient-sized array stays alive), for interactive use;
-    with several threads sharing a rule, use ``return_result=True``.
+    with several threads sharing a rule, use ``return_result=True``. The
+    per-input diagnostics (influence, cosine, verdict) cost more than a small
+    aggregation itself, so they are formed only when a result is asked for:
+    with ``return_result=True`` or on reading ``result_``.
     """
 
     name = "rule"
@@ -156,11 +165,35 @@ class Rule(Params):
         stack = as_stack(gradients)
         impl = select_backend(backend, stack.sample, stack.library)
         result = self._aggregate(stack, impl)
-        if return_result and not result.verdict:
+        out = result.aggregate
+        self._remember(out)
+        if not return_result:
+            # The result goes nowhere but result_: drop the gradient-sized
+            # aggregate in place (no copy) and leave the diagnostics deferred.
+            object.__setattr__(result, "aggregate", None)
+            self._last_result = result
+            return out
+        result = with_diagnostics(result)
+        if not result.verdict:
             result = _with_data_diagnostics(result, stack, impl)
-        self._remember(result.aggregate)
-        self.result_ = _light(result)
-        return result if return_result else result.aggregate
+        self._last_result = _light(result)
+        return result
+
+    @property
+    def result_(self) -> AggregationResult:
+        """The result of the last call, without its aggregate (for interactive use).
+
+        Per-input diagnostics of a linear rule are formed on first access
+        (from the ``p x p`` Gram, no pass over the data); a coordinate-wise
+        rule has them only after a call with ``return_result=True``.
+        """
+        last = self.__dict__.get("_last_result")
+        if last is None:
+            raise AttributeError(f"{type(self).__name__} has no result_ before its first call")
+        if last._deferred is not None:
+            last = with_diagnostics(last)
+            self._last_result = last
+        return last
 
     def _remember(self, out: Any) -> None:
         """Keep what the next call needs (nothing, for a stateless rule)."""
@@ -243,10 +276,10 @@ class GramRule(Rule):
         K = stack.gram(backend, shift=self.translation_invariant)
         coef, extras = self._coefficients(K)
         out = stack.combine(backend, coef)
-        diag = gram_diagnostics(K, coef, extras.get("excluded", ()))
+        late = extras.pop("_late", None)
         return self.result_type(
             aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-            **extras, **diag,
+            **extras, **deferred_diagnostics(K, coef, extras.get("excluded", ()), late),
         )
 
 

@@ -201,12 +201,22 @@ def solve_gram(
     eps: float = 1e-7,
     variant: str = "paper",
     rescale: str | None = "auto",
+    defer: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Solve the Flag Aggregator given only the Gram matrix of the inputs.
 
     Parameters are those of :func:`flag_aggregate`; ``K`` is the float64
     ``p x p`` Gram matrix ``G G^T`` (it may come from anywhere, e.g. an
     all-reduce across ranks).
+
+    Parameters
+    ----------
+    defer : bool, default=False
+        Leave out the diagnostics of the returned subspace (``stationarity``,
+        ``eigengap``, ``eigenvalues``: one more full eigendecomposition) and
+        return, under the key ``"_late"``, a function that computes them.
+        The aggregation's hot path uses it; see
+        :func:`flagagg.rules._result.deferred_diagnostics`.
 
     Returns
     -------
@@ -246,7 +256,10 @@ def solve_gram(
         # makes every weight (1 - O(r/n) + eps)^(-1/2), equal in the limit).
         ref = _Terms(T, lam, "reference")
         c = lam / (q * (q - 1)) if q > 1 else 0.0
-        _, U = _top(ref.matrix(np.ones(q), np.full(ref.D.shape[0], 2.0 * c * c)), rank)
+        if ref.D.shape[0]:
+            _, U = _top(ref.matrix(np.ones(q), np.full(ref.D.shape[0], 2.0 * c * c)), rank)
+        else:
+            U = np.eye(k, rank)  # B = T^T T = S, as in the first "paper" step
         s_node, s_pair = terms.objective_parts(U, eps)
         history = [terms.objective(s_node, s_pair)]
         n_iter, converged = 1, False
@@ -257,7 +270,12 @@ def solve_gram(
         converged = False
         n_iter = 0
         for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-            _, U_new = _top(terms.matrix(w_node, w_pair), rank)
+            if n_iter == 1 and not terms.D.shape[0]:
+                # Uniform weights, no pair vectors: B = T^T T = S is diagonal
+                # (descending), its top-r eigenvectors the first r axes.
+                U_new = np.eye(k, rank)
+            else:
+                _, U_new = _top(terms.matrix(w_node, w_pair), rank)
             parts = terms.objective_parts(U_new, eps)
             value = terms.objective(*parts)
             if history and value > history[-1]:
@@ -276,15 +294,21 @@ def solve_gram(
                     converged = True
                     break
 
-    # Weights at the returned subspace: B_final is the matrix the next step would use.
     weights_final = s_node ** -0.5
-    B_final = terms.matrix(weights_final, terms.pair_scale * s_pair ** -0.5)
-    eig_final = np.linalg.eigvalsh(B_final)[::-1]
-    BU = B_final @ U
-    resid = BU - U @ (U.T @ BU)
-    stationarity = float(np.linalg.norm(resid) / max(np.linalg.norm(BU), np.finfo(float).tiny))
-    nxt = eig_final[rank] if rank < k else 0.0
-    eigengap = float(eig_final[rank - 1] - nxt)
+    w_pair_final = terms.pair_scale * s_pair ** -0.5
+
+    def late() -> dict:
+        # B_final is the matrix the next step would use, from the weights at U.
+        B_final = terms.matrix(weights_final, w_pair_final)
+        eig_final = np.linalg.eigvalsh(B_final)[::-1]
+        BU = B_final @ U
+        resid = BU - U @ (U.T @ BU)
+        nxt = eig_final[rank] if rank < k else 0.0
+        return {
+            "stationarity": float(np.linalg.norm(resid)
+                                  / max(np.linalg.norm(BU), np.finfo(float).tiny)),
+            "eigengap": float(eig_final[rank - 1] - nxt), "eigenvalues": eig_final,
+        }
 
     # Aggregate (1/r) Y Y^T sum_i h_i = Q z, and Q z = H^T (V S^-1/2 z).
     z = U @ (U.T @ T.sum(axis=0)) / rank
@@ -294,7 +318,7 @@ def solve_gram(
     if rescale == "median_norm":
         out_norm = combination_norm(Kx, coef)
         if out_norm > 0:
-            coef *= float(np.median(norms)) / out_norm
+            coef *= _median(norms) / out_norm
 
     basis = np.zeros((p, rank))
     basis[idx] = (V @ (U / np.sqrt(s)[:, None])) / norms[:, None]
@@ -302,14 +326,25 @@ def solve_gram(
     ratios[idx] = np.clip(1.0 - (s_node - eps), 0.0, 1.0)
     weights = np.zeros(p)
     weights[idx] = weights_final
-    return coef, {
+    extras = {
         "rank": rank, "r_requested": r_requested, "rank_clamped": rank < r_requested,
         "basis_coefficients": basis, "reconstruction_ratios": ratios, "weights": weights,
         "objective_history": np.asarray(history), "n_iter": n_iter, "converged": converged,
-        "stationarity": stationarity, "eigengap": eigengap, "eigenvalues": eig_final,
         "excluded": excluded, "variant": variant, "lam": float(lam), "rescale": rescale,
         "max_iter": max_iter,
     }
+    if defer:
+        extras["_late"] = late
+    else:
+        extras.update(late())
+    return coef, extras
+
+
+def _median(x: np.ndarray) -> float:
+    """``np.median`` of a short 1-d array, without np.median's generic (slow) machinery."""
+    y = np.sort(x)
+    m = y.size
+    return float((y[(m - 1) // 2] + y[m // 2]) / 2)
 
 
 def _resolve_rescale(rescale: str | None, variant: str) -> str | None:
@@ -378,7 +413,7 @@ class FlagAggregator(GramRule):
 
     def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
         return solve_gram(K, self.r, self.lam, max_iter=self.max_iter, tol=self.tol,
-                          eps=self.eps, variant=self.variant, rescale=self.rescale)
+                          eps=self.eps, variant=self.variant, rescale=self.rescale, defer=True)
 
 
 def flag_aggregate(

@@ -14,7 +14,7 @@ from ._base import (
     nothing_left,
     validate_f,
 )
-from ._result import gram_diagnostics
+from ._result import deferred_diagnostics
 
 
 class Mean(Rule):
@@ -53,11 +53,11 @@ class Mean(Rule):
         if not excluded:
             # Finite inputs whose mean overflows: nothing to exclude, say so.
             return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
-                                     coefficients=coef, **gram_diagnostics(K, coef, ()))
+                                     coefficients=coef, **deferred_diagnostics(K, coef, ()))
         if not keep.any():
             raise nothing_left(self.name, p, excluded)
         coef = keep / keep.sum()
         out = stack.combine(backend, coef)
         return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
                                  coefficients=coef, excluded=excluded,
-                                 **gram_diagnostics(K, coef, excluded))
+                                 **deferred_diagnostics(K, coef, excluded))

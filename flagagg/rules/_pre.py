@@ -43,7 +43,7 @@ from ._base import (
     transform_gram,
     validate_f,
 )
-from ._result import gram_diagnostics
+from ._result import deferred_diagnostics
 
 __all__ = ["NNM", "Bucketing", "Clipping", "ComposedRule", "PreAggregator", "make_pre"]
 
@@ -376,19 +376,21 @@ class ComposedRule(Rule):
                 coef_mixed, extras = self.rule._coefficients(Kmix)
                 rule_details = extras.pop("details", {})
                 rule_excluded = extras.pop("excluded", ())
+                late = extras.pop("_late", None)
                 coef = M.T @ coef_mixed
                 out = stack.combine(backend, coef)
                 result = self.rule.result_type(
                     aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-                    excluded=excluded, **extras, **gram_diagnostics(K, coef, excluded),
+                    excluded=excluded, **extras, **deferred_diagnostics(K, coef, excluded, late),
                     details={**rule_details, **details, "rule_excluded": rule_excluded},
                 )
             else:
                 res = self.rule._aggregate(_materialise(stack, M, finite0), backend)
                 coef = None if res.coefficients is None else M.T @ res.coefficients
-                diag = ({} if coef is None else gram_diagnostics(K, coef, excluded))
                 if coef is None:
-                    diag = {"influence": None, "cosine": None, "verdict": ()}
+                    diag = {"influence": None, "cosine": None, "verdict": (), "_deferred": None}
+                else:
+                    diag = deferred_diagnostics(K, coef, excluded)
                 result = replace(res, rule=self.name, coefficients=coef, excluded=excluded,
                                  details={**res.details, **details,
                                           "rule_excluded": res.excluded}, **diag)

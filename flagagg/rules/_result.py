@@ -15,7 +15,8 @@ import numpy as np
 
 from .._gram import unshifted
 
-__all__ = ["AggregationResult", "RuleResult", "worker_diagnostics"]
+__all__ = ["AggregationResult", "RuleResult", "deferred_diagnostics", "with_diagnostics",
+           "worker_diagnostics"]
 
 # An input whose cosine with the output is below this pulls the other way.
 AGAINST_COS = 0.0
@@ -84,6 +85,10 @@ class AggregationResult:
     influence: np.ndarray | None = None
     cosine: np.ndarray | None = None
     verdict: tuple[str, ...] = ()
+    # (K, coef, excluded, late) of a linear rule whose per-input diagnostics are not
+    # computed yet: they cost more than the rule itself at small sizes, so they
+    # are formed only when a result is handed out (see with_diagnostics).
+    _deferred: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def excluded_indices(self) -> tuple[int, ...]:
@@ -184,6 +189,33 @@ def worker_diagnostics(
         else:
             verdict.append("trusted")
     return {"influence": influence, "cosine": np.clip(cos, -1.0, 1.0), "verdict": tuple(verdict)}
+
+
+def deferred_diagnostics(K: np.ndarray, coef: np.ndarray,
+                         excluded: tuple[tuple[int, str], ...], late: Any = None) -> dict:
+    """Keyword arguments of :class:`AggregationResult` that defer :func:`gram_diagnostics`.
+
+    The rule's hot path keeps a reference to the ``p x p`` Gram and the
+    coefficients; :func:`with_diagnostics` forms the columns when a caller
+    asks for the result. ``late``, if given, is a function returning more
+    fields of the result, formed at the same time (a rule's own costly
+    diagnostics, such as the Flag Aggregator's final eigenvalues); a rule's
+    ``_coefficients`` hands it over as ``extras["_late"]``.
+    """
+    return {"_deferred": (K, coef, excluded, late)}
+
+
+def with_diagnostics(result: AggregationResult) -> AggregationResult:
+    """``result`` with its deferred per-input diagnostics formed (itself if none are pending)."""
+    if result._deferred is None:
+        return result
+    from dataclasses import replace
+
+    K, coef, excluded, late = result._deferred
+    fields = gram_diagnostics(K, coef, excluded)
+    if late is not None:
+        fields.update(late())
+    return replace(result, _deferred=None, **fields)
 
 
 def gram_diagnostics(K: np.ndarray, coef: np.ndarray,
