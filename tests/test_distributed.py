@@ -9,7 +9,7 @@ resuming from a checkpoint continues the same run. The real runs (one server
 and four worker processes each, over gloo and over TCP) check Byzantine
 training that matches the simulator (to float tolerance; it is in fact bit
 for bit), a worker killed and another one frozen mid-run, workers sending
-NaN and wrong-sized gradients, and a launch by torchrun. Every run is
+NaN and wrong-sized gradients, and launches by torchrun (over tcp and gloo). Every run is
 bounded by a timeout and leaves no process behind.
 """
 
@@ -410,6 +410,12 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
     stranger = GlooPeer(server, 1, fingerprint="0" * 16)
     assert not impostor.answer["ok"] and "already connected" in impostor.answer["reason"]
     assert not stranger.answer["ok"] and "different config" in stranger.answer["reason"]
+    # the answers sit in a store anyone can read: nothing in them helps an outsider
+    # pass the checks (the server's fingerprint, model size, the pid holding a slot)
+    for answer in (ghost.answer, impostor.answer, stranger.answer):
+        text = json.dumps(answer)
+        assert server.spec.fingerprint() not in text and str(n) not in text, text
+        assert "pid" not in text and str(os.getpid()) not in text, text
     p1, p2, p3 = GlooPeer(server, 1), GlooPeer(server, 2), GlooPeer(server, 3)
     assert all(p.answer["ok"] for p in (p0, p1, p2, p3))
 
@@ -669,17 +675,28 @@ def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on(transpo
     assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
 
 
-def test_torchrun_starts_a_run_over_gloo(tmp_path):
-    """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``."""
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
+def test_torchrun_starts_a_run(tmp_path, transport):
+    """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``.
+
+    Over tcp the server publishes its address on torchrun's store and every
+    process reads the run's secret from ``--secret-file``.
+    """
     # torchrun's module, not its script: a copied virtual environment's script
     # may start another Python (and another flagagg) than this one
     if importlib.util.find_spec("torch.distributed.run") is None:
         pytest.skip("torch.distributed.run is not available")
+    extra = []
+    if transport == "tcp":
+        secret = tmp_path / "run.secret"
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+        extra = ["--secret-file", str(secret)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "5", "-m", "flagagg", "train",
            "--config", "demo", "--rule", "flag", "--attack", "reverse", "--f", "1",
            "--workers", "4", "--rounds", "6", "--eval-every", "3", "--output", "out",
-           "--transport", "gloo", "--quorum", "4"]
+           "--transport", transport, "--quorum", "4", *extra]
     # its own session, so that a run that overstays can be ended with all its processes
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -690,10 +707,11 @@ def test_torchrun_starts_a_run_over_gloo(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 0, output
-    assert "server: gloo point-to-point" in output and "done: 6 rounds" in output, output
+    where = "server: authenticated tcp" if transport == "tcp" else "server: gloo point-to-point"
+    assert where in output and "done: 6 rounds" in output, output
     with open(tmp_path / "out" / "train.json", encoding="utf-8") as fh:
         doc = json.load(fh)
-    assert doc["transport"] == "gloo" and doc["status"] == 0
+    assert doc["transport"] == transport and doc["status"] == 0
     assert all(r["received"] == 4 for r in doc["rounds"])
     config = sim.load_config("demo")
     ref = sim.simulate(sim.load_dataset("digits"), "flag", f=1, attack="reverse",

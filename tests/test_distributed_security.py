@@ -77,7 +77,7 @@ def _stranger(server, response=None):
     return sock
 
 
-def _in_threads(spec, *, secret=SECRET, attack=None, **server_options):
+def _in_threads(spec, *, secret=SECRET, attack=None, worker_options=None, **server_options):
     """A whole run in this process (server and real workers on threads), with ``attack``
     running beside it; returns (record, server)."""
     lines = []
@@ -91,7 +91,8 @@ def _in_threads(spec, *, secret=SECRET, attack=None, **server_options):
         attacker.start()
     workers = [threading.Thread(target=distributed.run_worker, daemon=True,
                                 args=(spec, w, server.address),
-                                kwargs={"secret": secret, "log": lines.append})
+                                kwargs={"secret": secret, "log": lines.append,
+                                        **(worker_options or {})})
                for w in range(spec.workers)]
     for t in workers:
         t.start()
@@ -204,6 +205,55 @@ def test_a_fake_server_is_detected_by_the_worker():
     assert status == 2
     assert "did not prove that it knows the run's secret" in lines[-1]
     assert got[1] == b""  # not even a HELLO (fingerprint, pid) reached the fake server
+
+
+def _self_signed(folder, name):
+    """(certificate, key) PEM files of a fresh self-signed certificate, by the openssl tool."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed: cannot make a test certificate")
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_tls_trains_refuses_plain_tcp_and_workers_check_the_certificate(tmp_path):
+    from flagagg.distributed._node import _tls_context
+
+    cert, key = _self_signed(tmp_path, "server")
+    other, _ = _self_signed(tmp_path, "impostor")
+    plain = []
+
+    def plain_client(server, stop):
+        # a client without TLS: what it sends is not a TLS hello, and it never sees
+        # the challenge in clear
+        with socket.create_connection(server.address, timeout=20) as sock:
+            sock.sendall(bytes(RESPONSE_BYTES))
+            plain.append(_closed_without_answer(sock))
+
+    spec = _spec(workers=2, rounds=3, round_timeout=20, quorum=2, connect_timeout=90)
+    record, server = _in_threads(spec, attack=plain_client, tls=_tls_context(0, cert, key),
+                                 worker_options={"tls": _tls_context(1, cert, None)})
+    assert record["status"] == 0, server.lines
+    assert [r["received"] for r in record["rounds"]] == [2, 2, 2]
+    assert plain == [True]
+    assert any("TLS handshake failed" in x for x in server.lines), server.lines
+
+    # a worker that trusts another certificate does not talk to this server
+    server = distributed.Server(_spec(workers=2, rounds=1, connect_timeout=2), secret=SECRET,
+                                tls=_tls_context(0, cert, key), log=lambda text: None)
+    thread, out = _serve(server)
+    lines = []
+    status = distributed.run_worker(_spec(workers=2, connect_timeout=10), 0, server.address,
+                                    secret=SECRET, log=lines.append,
+                                    tls=_tls_context(1, other, None))
+    thread.join(60)
+    assert status == 1 and "certificate verify failed" in lines[-1], lines
+    assert not server.info  # no HELLO reached the server
 
 
 def test_a_multi_node_process_refuses_to_start_without_a_secret(monkeypatch, capsys):

@@ -164,20 +164,34 @@ class _ServerCore:
     # ------------------------------------------------- checks every transport shares
 
     def _check_hello(self, hello):
-        """Why a worker saying ``hello`` (a dict) cannot join, or None if it can."""
+        """Why a worker saying ``hello`` (a dict) cannot join, or (None, None) if it can.
+
+        Returns
+        -------
+        why : str or None
+            For the operator's log: with the fingerprints, sizes and pids.
+        told : str or None
+            For the peer: what to fix, but nothing about the server's run
+            (fingerprint, parameter count, pids) that an outsider could use
+            to pass these checks.
+        """
         w = hello.get("worker")
         if not isinstance(w, int) or not 0 <= w < self.config.workers:
-            return f"worker index {w!r} is not in 0..{self.config.workers - 1}"
+            return (f"worker index {w!r:.20} is not in 0..{self.config.workers - 1}",
+                    "this worker's index is not one of the run's: start every process with "
+                    "the same --workers")
         if hello.get("fingerprint") != self.spec.fingerprint():
-            return ("it runs a different config, rule, attack, f or seed than the server "
-                    f"(fingerprint {hello.get('fingerprint')} != {self.spec.fingerprint()}): "
-                    "start every process with the same arguments and config file")
+            return (f"it runs a different config, rule, attack, f or seed (fingerprint "
+                    f"{hello.get('fingerprint')!s:.16} != {self.spec.fingerprint()})",
+                    "this worker runs a different config, rule, attack, f or seed than the "
+                    "server: start every process with the same arguments and config file")
         if hello.get("n_params") != self.n:
-            return f"its model has {hello.get('n_params')} parameters, the server's {self.n}"
+            return (f"its model has {hello.get('n_params')!s:.20} parameters, the server's "
+                    f"{self.n}", "this worker's model differs from the server's")
         if w in self.peers:
-            return (f"worker {w} is already connected (pid {self.info[w].get('pid')}); "
-                    "give every worker its own rank")
-        return None
+            return (f"worker {w} is already connected (pid {self.info[w].get('pid')})",
+                    f"worker {w} is already connected: give every worker its own rank")
+        return None, None
 
     def _refused(self, addr, hello, problem):
         w = hello.get("worker")
