@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import queue
 import random
 import signal
 import socket
@@ -28,6 +27,7 @@ import time
 
 import numpy as np
 import pytest
+from _procs import note_pid, watch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -421,42 +421,33 @@ _EMFILE_SERVER = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
 def test_a_server_out_of_file_descriptors_backs_off_and_keeps_serving():
-    proc = subprocess.Popen([sys.executable, "-c", _EMFILE_SERVER, SECRET.decode()],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
-    text = []
-    try:
-        while True:
-            line = lines.get(timeout=RUN_TIMEOUT)
-            assert line is not None, "".join(text)
-            text.append(line)
-            if line.startswith("PORT"):
-                port = int(line.split()[1])
-                break
+    flood, workers, text = [], [], []
+
+    def on_line(line, proc):
+        if not line.startswith("PORT"):
+            return
+        port = int(line.split()[1])
         # far more connections than the server has descriptors for
-        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        flood.extend(socket.create_connection(("127.0.0.1", port), timeout=5)
+                     for _ in range(40))
         spec = _spec(workers=2, rounds=4, eval_every=4, round_timeout=30, connect_timeout=60)
-        workers = [threading.Thread(target=distributed.run_worker, daemon=True,
-                                    args=(spec, w, ("127.0.0.1", port)),
-                                    kwargs={"secret": SECRET, "log": text.append})
-                   for w in range(2)]
+        workers.extend(threading.Thread(target=distributed.run_worker, daemon=True,
+                                        args=(spec, w, ("127.0.0.1", port)),
+                                        kwargs={"secret": SECRET, "log": text.append})
+                       for w in range(2))
         for t in workers:
             t.start()
+
+    try:
+        status, output = watch([sys.executable, "-c", _EMFILE_SERVER, SECRET.decode()], None,
+                               on_line, RUN_TIMEOUT)
         for t in workers:
             t.join(RUN_TIMEOUT)
-        for s in flood:
-            s.close()
-        proc.wait(RUN_TIMEOUT)
-        while (line := lines.get(timeout=30)) is not None:
-            text.append(line)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = "".join(text)
-    assert proc.returncode == 0, output
+        for sock in flood:
+            sock.close()
+    output += "".join(text)
+    assert status == 0, output
     assert "RESULT [2, 2, 2, 2]" in output, output
     assert "Too many open files" in output, output
 
@@ -514,36 +505,7 @@ def _train_cmd(out, *extra, rounds=8):
 
 
 def _watch(cmd, cwd, on_line):
-    """Run ``cmd`` in its own session, calling ``on_line(line, proc)``; (status, text)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=cwd)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
-    text, end = [], time.monotonic() + RUN_TIMEOUT
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                pytest.fail("the run did not finish in time:\n" + "".join(text))
-            if line is None:
-                break
-            text.append(line)
-            on_line(line, proc)
-        status = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return status, "".join(text)
-
-
-def _pids(line, pids):
-    if "connected (rank" in line:
-        pids[int(line.split()[1])] = int(line.split("pid ")[1].split(",")[0])
-    elif line.startswith("server: authenticated"):
-        pids["server"] = int(line.split("(pid ")[1].split(",")[0])
+    return watch(cmd, cwd, on_line, RUN_TIMEOUT)
 
 
 def test_a_killed_server_resumes_and_the_records_cover_every_round(tmp_path):
@@ -551,7 +513,7 @@ def test_a_killed_server_resumes_and_the_records_cover_every_round(tmp_path):
     pids = {}
 
     def kill_at_round_6(line, proc):
-        _pids(line, pids)
+        note_pid(line, pids)
         if line.startswith("round    6: test accuracy"):
             os.kill(pids["server"], signal.SIGKILL)
 
@@ -653,7 +615,7 @@ def test_sigterm_to_the_launcher_stops_every_process_and_keeps_the_results(tmp_p
     pids = {}
 
     def term_at_round_4(line, proc):
-        _pids(line, pids)
+        note_pid(line, pids)
         if line.startswith("round    4: test accuracy"):
             os.kill(proc.pid, signal.SIGTERM)
 

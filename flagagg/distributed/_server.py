@@ -675,11 +675,11 @@ class Server(_ServerCore):
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
         self.address = self.lsock.getsockname()[:2]
         if not frame_tags_enabled():
-            if not ipaddress.ip_address(self.address[0]).is_loopback:
+            try:
+                _untagged_only_on_loopback(self.address[0])
+            except RuntimeError:
                 self.lsock.close()
-                raise RuntimeError(f"{NO_FRAME_TAGS_VARIABLE}=1 turns the frame tags off, for "
-                                   "benchmarks on loopback only; this server would listen on "
-                                   f"{self.address[0]}: unset it")
+                raise
             log(f"server: WARNING: frame tags are OFF ({NO_FRAME_TAGS_VARIABLE}=1): messages "
                 "are not authenticated, for measuring what the tags cost only")
         self.unnamed = set()     # connections that have not said HELLO yet
@@ -1032,6 +1032,14 @@ class Server(_ServerCore):
         self.refusals.flush(force=True)
         self.sel.close()
         self.lsock.close()
+
+
+def _untagged_only_on_loopback(host):
+    """Refuse to serve without frame tags on an address other machines can reach."""
+    if not ipaddress.ip_address(host).is_loopback:
+        raise RuntimeError(f"{NO_FRAME_TAGS_VARIABLE}=1 turns the frame tags off, for "
+                           f"benchmarks on loopback only; this server would listen on {host}: "
+                           "unset it")
 
 
 def _tls_want(exc):
