@@ -146,6 +146,15 @@ def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte
             read(bytes(bad))
 
 
+def test_the_tag_benchmark_times_both_sides():
+    from flagagg.distributed._bench_tags import message_costs
+
+    small, _ = message_costs(100, repeats=3)
+    large, check = message_costs(200_000, repeats=5)
+    # hashing 800 kB costs more than hashing 400 bytes, and checking costs something
+    assert 0 < small < large and check > 0
+
+
 def test_the_tags_off_switch_is_for_loopback_benchmarks_only(monkeypatch):
     from flagagg.distributed import _protocol
     from flagagg.distributed._server import _untagged_only_on_loopback

@@ -39,7 +39,23 @@ def _config(model):
 
 
 def round_times(model, workers, tags, *, rounds=40, warmup=5):
-    """Median round time (seconds, evaluation excluded) of one run, and its parameter count."""
+    """Median round time of one run, in seconds, its evaluations excluded.
+
+    Parameters
+    ----------
+    model : {"demo", "mlp4096"}
+        The demo's softmax regression, or an MLP with 4096 hidden units.
+    workers : int
+        Number of worker processes.
+    tags : bool
+        Whether frames are tagged (False sets the measurement-only variable).
+    rounds, warmup : int
+        Rounds of the run, and how many first ones are left out.
+
+    Returns
+    -------
+    seconds : float
+    """
     from . import _protocol
     from ._launch import launch
     from ._settings import make_spec
@@ -70,6 +86,17 @@ def round_times(model, workers, tags, *, rounds=40, warmup=5):
 
 def message_costs(n_params, repeats=50):
     """Microseconds one frame of ``n_params`` float32 values costs: (tag it, check it).
+
+    Parameters
+    ----------
+    n_params : int
+        Values in the frame.
+    repeats : int, default=50
+        Timings of each; the best is kept.
+
+    Returns
+    -------
+    tag_us, check_us : float
 
     The sender's cost is hashing the payload and the HMAC; the receiver's is
     :class:`FrameReader`'s hashing and check, measured as the difference

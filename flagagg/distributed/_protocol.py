@@ -41,9 +41,14 @@ Header (little-endian)::
 
 Tag: ``HMAC(frame key, direction(1) | sequence(8, little-endian) | header |
 SHA256(payload))``, direction 0 from the server, 1 from a worker, sequence
-counting that direction's frames on the connection from 0. (Hashing the
+counting that direction's frames on the connection from 0. Hashing the
 payload first lets the server hash a round's parameters once for all its
-workers.)
+workers, and lets both sides hash a payload in pieces, overlapping the
+network: a receiver hashes each piece as it arrives, a sender puts the
+payload on the wire first and computes the tag that follows it meanwhile.
+The payload's SHA-256 is the bulk of the cost (about 0.65 ms per MB with
+the SHA extensions of current x86 CPUs; keyed BLAKE2b, the other keyed hash
+of the standard library, is slower there), so it is what these overlaps hide.
 """
 
 from __future__ import annotations
