@@ -9,7 +9,7 @@ resuming from a checkpoint continues the same run. The real runs (one server
 and four worker processes each, over gloo and over TCP) check Byzantine
 training that matches the simulator (to float tolerance; it is in fact bit
 for bit), a worker killed and another one frozen mid-run, workers sending
-NaN and wrong-sized gradients, and a launch by torchrun. Every run is
+NaN and wrong-sized gradients, and launches by torchrun (over tcp and gloo). Every run is
 bounded by a timeout and leaves no process behind.
 """
 
@@ -22,7 +22,6 @@ import gc
 import importlib.util
 import json
 import os
-import queue
 import secrets
 import signal
 import socket
@@ -33,6 +32,7 @@ import time
 
 import numpy as np
 import pytest
+from _procs import note_pid, watch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -95,6 +95,84 @@ def test_frames_reassemble_from_any_split():
     np.testing.assert_array_equal(grad.array(), row)
     assert hello.json() == {"worker": 1}
     assert reader.pending == 0
+
+
+def _reference_tag(key, direction, seq, head, payload):
+    """A frame's tag computed from its definition, independently of Sealer."""
+    import hashlib
+    import hmac
+
+    return hmac.new(key, bytes([direction]) + seq.to_bytes(8, "little") + bytes(head)
+                    + hashlib.sha256(bytes(payload)).digest(), "sha256").digest()
+
+
+def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte():
+    rng = np.random.default_rng(1)
+    big = rng.standard_normal(300_001).astype(np.float32)  # over the 64 KiB single-write limit
+    frames = [encode_tensor(Kind.GRAD, big, worker=2, round=9, seconds=1e300),
+              encode_json(Kind.HELLO, {"worker": 0}),
+              encode_tensor(Kind.GRAD, np.zeros(0, np.float32), round=1),
+              encode_tensor(Kind.GRAD, np.array([np.nan, -0.0, 1e38], np.float32), round=2)]
+    data = b"".join(bytes(h) + bytes(v) + _reference_tag(KEY, FROM_WORKER, i, h, v)
+                    for i, (h, v) in enumerate(frames))
+    # the sender's tags are the definition's
+    sealer = Sealer(KEY, FROM_WORKER)
+    assert data == b"".join(_sealed(sealer, parts) for parts in frames)
+
+    def read(data):
+        reader = FrameReader(8 * big.size, kinds={Kind.GRAD, Kind.HELLO}, key=KEY,
+                             direction=FROM_WORKER)
+        out, at = [], 0
+        while at < len(data):  # as recv_into would: pieces of any size, into buffer()
+            buf = reader.buffer()
+            k = min(buf.nbytes, int(rng.integers(1, 200_000)), len(data) - at)
+            buf[:k] = data[at:at + k]
+            at += k
+            frame = reader.received(k)
+            if frame is not None:
+                out.append(frame)
+        return out, reader
+
+    got, reader = read(data)
+    assert reader.pending == 0 and len(got) == 4
+    np.testing.assert_array_equal(got[0].array(), big)
+    assert (got[0].worker, got[0].round, got[0].seconds) == (2, 9, 1e300)
+    assert got[1].json() == {"worker": 0} and got[2].array().size == 0
+    np.testing.assert_array_equal(got[3].array(), frames[3][1].cast("f"))
+    for at in (HEADER.size + 3, HEADER.size + 4 * big.size - 1, HEADER.size + 4 * big.size + 5):
+        bad = bytearray(data)
+        bad[at] ^= 1  # in the payload's first and last piece, and in its tag
+        with pytest.raises(ProtocolError, match="wrong tag"):
+            read(bytes(bad))
+
+
+def test_the_tag_benchmark_times_both_sides():
+    from flagagg.distributed._bench_tags import message_costs
+
+    small, _ = message_costs(100, repeats=3)
+    large, check = message_costs(200_000, repeats=5)
+    # hashing 800 kB costs more than hashing 400 bytes, and checking costs something
+    assert 0 < small < large and check > 0
+
+
+def test_the_tags_off_switch_is_for_loopback_benchmarks_only(monkeypatch):
+    from flagagg.distributed import _protocol
+    from flagagg.distributed._server import _untagged_only_on_loopback
+
+    monkeypatch.setenv(_protocol.NO_FRAME_TAGS_VARIABLE, "1")
+    sealer = Sealer(KEY, FROM_WORKER)
+    parts = encode_tensor(Kind.GRAD, np.ones(3, np.float32))
+    assert sealer.seal(parts)[2] == bytes(32)  # same wire format, nothing computed
+    reader = FrameReader(1 << 16, kinds={Kind.GRAD}, key=KEY, direction=FROM_WORKER)
+    (frame,) = reader.feed(bytes(parts[0]) + bytes(parts[1]) + os.urandom(32))
+    np.testing.assert_array_equal(frame.array(), np.ones(3))
+    _untagged_only_on_loopback("127.0.0.1")
+    with pytest.raises(RuntimeError, match="loopback only"):
+        _untagged_only_on_loopback("10.1.2.3")
+    monkeypatch.setenv(_protocol.NO_FRAME_TAGS_VARIABLE, "0")
+    with pytest.raises(ProtocolError, match="wrong tag"):
+        FrameReader(1 << 16, kinds={Kind.GRAD}, key=KEY, direction=FROM_WORKER).feed(
+            bytes(parts[0]) + bytes(parts[1]) + bytes(32))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -410,6 +488,12 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
     stranger = GlooPeer(server, 1, fingerprint="0" * 16)
     assert not impostor.answer["ok"] and "already connected" in impostor.answer["reason"]
     assert not stranger.answer["ok"] and "different config" in stranger.answer["reason"]
+    # the answers sit in a store anyone can read: nothing in them helps an outsider
+    # pass the checks (the server's fingerprint, model size, the pid holding a slot)
+    for answer in (ghost.answer, impostor.answer, stranger.answer):
+        text = json.dumps(answer)
+        assert server.spec.fingerprint() not in text and str(n) not in text, text
+        assert "pid" not in text and str(os.getpid()) not in text, text
     p1, p2, p3 = GlooPeer(server, 1), GlooPeer(server, 2), GlooPeer(server, 3)
     assert all(p.answer["ok"] for p in (p0, p1, p2, p3))
 
@@ -587,41 +671,16 @@ def test_killed_and_frozen_workers_do_not_stop_training(tmp_path, transport):
            "--attack", "none", "--f", "0", "--workers", "4", "--rounds", "12",
            "--eval-every", "1", "--round-timeout", "2", "--output", str(out),
            "--transport", transport, *slow]
-    # its own session, so that whatever happens the test can end the whole tree
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=tmp_path)
-    lines = queue.Queue()
+    pids = {}
 
-    def read():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)  # end of output
+    def kill_and_freeze(line, proc):
+        note_pid(line, pids)
+        if line.startswith("round    3: test accuracy"):
+            os.kill(pids[1], signal.SIGKILL)   # a crash
+        elif line.startswith("round    6: test accuracy"):
+            os.kill(pids[2], signal.SIGSTOP)   # a hang: alive, silent
 
-    threading.Thread(target=read, daemon=True).start()
-    pids, text, end = {}, [], time.monotonic() + RUN_TIMEOUT
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                pytest.fail("the run did not finish in time:\n" + "".join(text))
-            if line is None:
-                break
-            text.append(line)
-            if "connected (rank" in line:
-                pids[int(line.split()[1])] = int(line.split("pid ")[1].split(",")[0])
-            elif line.startswith("server: ") and "(pid " in line:
-                pids["server"] = int(line.split("(pid ")[1].split(",")[0])
-            elif line.startswith("round    3: test accuracy"):
-                os.kill(pids[1], signal.SIGKILL)   # a crash
-            elif line.startswith("round    6: test accuracy"):
-                os.kill(pids[2], signal.SIGSTOP)   # a hang: alive, silent
-        status = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    output = "".join(text)
+    status, output = watch(cmd, tmp_path, kill_and_freeze, RUN_TIMEOUT)
     assert status == 0, output
     assert "done: 12 rounds" in output, output
     assert f"worker 2 (pid {pids[2]}) was still running" in output
@@ -669,17 +728,28 @@ def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on(transpo
     assert run.final_accuracy > run.curve[0][1] + 0.3, run.curve
 
 
-def test_torchrun_starts_a_run_over_gloo(tmp_path):
-    """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``."""
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
+def test_torchrun_starts_a_run(tmp_path, transport):
+    """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``.
+
+    Over tcp the server publishes its address on torchrun's store and every
+    process reads the run's secret from ``--secret-file``.
+    """
     # torchrun's module, not its script: a copied virtual environment's script
     # may start another Python (and another flagagg) than this one
     if importlib.util.find_spec("torch.distributed.run") is None:
         pytest.skip("torch.distributed.run is not available")
+    extra = []
+    if transport == "tcp":
+        secret = tmp_path / "run.secret"
+        secret.write_text(secrets.token_hex(32))
+        secret.chmod(0o600)
+        extra = ["--secret-file", str(secret)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "5", "-m", "flagagg", "train",
            "--config", "demo", "--rule", "flag", "--attack", "reverse", "--f", "1",
            "--workers", "4", "--rounds", "6", "--eval-every", "3", "--output", "out",
-           "--transport", "gloo", "--quorum", "4"]
+           "--transport", transport, "--quorum", "4", *extra]
     # its own session, so that a run that overstays can be ended with all its processes
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -690,10 +760,11 @@ def test_torchrun_starts_a_run_over_gloo(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 0, output
-    assert "server: gloo point-to-point" in output and "done: 6 rounds" in output, output
+    where = "server: authenticated tcp" if transport == "tcp" else "server: gloo point-to-point"
+    assert where in output and "done: 6 rounds" in output, output
     with open(tmp_path / "out" / "train.json", encoding="utf-8") as fh:
         doc = json.load(fh)
-    assert doc["transport"] == "gloo" and doc["status"] == 0
+    assert doc["transport"] == transport and doc["status"] == 0
     assert all(r["received"] == 4 for r in doc["rounds"])
     config = sim.load_config("demo")
     ref = sim.simulate(sim.load_dataset("digits"), "flag", f=1, attack="reverse",

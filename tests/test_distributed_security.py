@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import queue
 import random
 import signal
 import socket
@@ -28,6 +27,7 @@ import time
 
 import numpy as np
 import pytest
+from _procs import note_pid, watch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -77,7 +77,7 @@ def _stranger(server, response=None):
     return sock
 
 
-def _in_threads(spec, *, secret=SECRET, attack=None, **server_options):
+def _in_threads(spec, *, secret=SECRET, attack=None, worker_options=None, **server_options):
     """A whole run in this process (server and real workers on threads), with ``attack``
     running beside it; returns (record, server)."""
     lines = []
@@ -91,7 +91,8 @@ def _in_threads(spec, *, secret=SECRET, attack=None, **server_options):
         attacker.start()
     workers = [threading.Thread(target=distributed.run_worker, daemon=True,
                                 args=(spec, w, server.address),
-                                kwargs={"secret": secret, "log": lines.append})
+                                kwargs={"secret": secret, "log": lines.append,
+                                        **(worker_options or {})})
                for w in range(spec.workers)]
     for t in workers:
         t.start()
@@ -204,6 +205,55 @@ def test_a_fake_server_is_detected_by_the_worker():
     assert status == 2
     assert "did not prove that it knows the run's secret" in lines[-1]
     assert got[1] == b""  # not even a HELLO (fingerprint, pid) reached the fake server
+
+
+def _self_signed(folder, name):
+    """(certificate, key) PEM files of a fresh self-signed certificate, by the openssl tool."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not installed: cannot make a test certificate")
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return str(cert), str(key)
+
+
+def test_tls_trains_refuses_plain_tcp_and_workers_check_the_certificate(tmp_path):
+    from flagagg.distributed._node import _tls_context
+
+    cert, key = _self_signed(tmp_path, "server")
+    other, _ = _self_signed(tmp_path, "impostor")
+    plain = []
+
+    def plain_client(server, stop):
+        # a client without TLS: what it sends is not a TLS hello, and it never sees
+        # the challenge in clear
+        with socket.create_connection(server.address, timeout=20) as sock:
+            sock.sendall(bytes(RESPONSE_BYTES))
+            plain.append(_closed_without_answer(sock))
+
+    spec = _spec(workers=2, rounds=3, round_timeout=20, quorum=2, connect_timeout=90)
+    record, server = _in_threads(spec, attack=plain_client, tls=_tls_context(0, cert, key),
+                                 worker_options={"tls": _tls_context(1, cert, None)})
+    assert record["status"] == 0, server.lines
+    assert [r["received"] for r in record["rounds"]] == [2, 2, 2]
+    assert plain == [True]
+    assert any("TLS handshake failed" in x for x in server.lines), server.lines
+
+    # a worker that trusts another certificate does not talk to this server
+    server = distributed.Server(_spec(workers=2, rounds=1, connect_timeout=2), secret=SECRET,
+                                tls=_tls_context(0, cert, key), log=lambda text: None)
+    thread, out = _serve(server)
+    lines = []
+    status = distributed.run_worker(_spec(workers=2, connect_timeout=10), 0, server.address,
+                                    secret=SECRET, log=lines.append,
+                                    tls=_tls_context(1, other, None))
+    thread.join(60)
+    assert status == 1 and "certificate verify failed" in lines[-1], lines
+    assert not server.info  # no HELLO reached the server
 
 
 def test_a_multi_node_process_refuses_to_start_without_a_secret(monkeypatch, capsys):
@@ -371,42 +421,33 @@ _EMFILE_SERVER = textwrap.dedent("""
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc (Linux)")
 def test_a_server_out_of_file_descriptors_backs_off_and_keeps_serving():
-    proc = subprocess.Popen([sys.executable, "-c", _EMFILE_SERVER, SECRET.decode()],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
-    text = []
-    try:
-        while True:
-            line = lines.get(timeout=RUN_TIMEOUT)
-            assert line is not None, "".join(text)
-            text.append(line)
-            if line.startswith("PORT"):
-                port = int(line.split()[1])
-                break
+    flood, workers, text = [], [], []
+
+    def on_line(line, proc):
+        if not line.startswith("PORT"):
+            return
+        port = int(line.split()[1])
         # far more connections than the server has descriptors for
-        flood = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(40)]
+        flood.extend(socket.create_connection(("127.0.0.1", port), timeout=5)
+                     for _ in range(40))
         spec = _spec(workers=2, rounds=4, eval_every=4, round_timeout=30, connect_timeout=60)
-        workers = [threading.Thread(target=distributed.run_worker, daemon=True,
-                                    args=(spec, w, ("127.0.0.1", port)),
-                                    kwargs={"secret": SECRET, "log": text.append})
-                   for w in range(2)]
+        workers.extend(threading.Thread(target=distributed.run_worker, daemon=True,
+                                        args=(spec, w, ("127.0.0.1", port)),
+                                        kwargs={"secret": SECRET, "log": text.append})
+                       for w in range(2))
         for t in workers:
             t.start()
+
+    try:
+        status, output = watch([sys.executable, "-c", _EMFILE_SERVER, SECRET.decode()], None,
+                               on_line, RUN_TIMEOUT)
         for t in workers:
             t.join(RUN_TIMEOUT)
-        for s in flood:
-            s.close()
-        proc.wait(RUN_TIMEOUT)
-        while (line := lines.get(timeout=30)) is not None:
-            text.append(line)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = "".join(text)
-    assert proc.returncode == 0, output
+        for sock in flood:
+            sock.close()
+    output += "".join(text)
+    assert status == 0, output
     assert "RESULT [2, 2, 2, 2]" in output, output
     assert "Too many open files" in output, output
 
@@ -464,36 +505,7 @@ def _train_cmd(out, *extra, rounds=8):
 
 
 def _watch(cmd, cwd, on_line):
-    """Run ``cmd`` in its own session, calling ``on_line(line, proc)``; (status, text)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, cwd=cwd)
-    lines = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] + [lines.put(None)],
-                     daemon=True).start()
-    text, end = [], time.monotonic() + RUN_TIMEOUT
-    try:
-        while True:
-            try:
-                line = lines.get(timeout=max(0.1, end - time.monotonic()))
-            except queue.Empty:
-                pytest.fail("the run did not finish in time:\n" + "".join(text))
-            if line is None:
-                break
-            text.append(line)
-            on_line(line, proc)
-        status = proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return status, "".join(text)
-
-
-def _pids(line, pids):
-    if "connected (rank" in line:
-        pids[int(line.split()[1])] = int(line.split("pid ")[1].split(",")[0])
-    elif line.startswith("server: authenticated"):
-        pids["server"] = int(line.split("(pid ")[1].split(",")[0])
+    return watch(cmd, cwd, on_line, RUN_TIMEOUT)
 
 
 def test_a_killed_server_resumes_and_the_records_cover_every_round(tmp_path):
@@ -501,7 +513,7 @@ def test_a_killed_server_resumes_and_the_records_cover_every_round(tmp_path):
     pids = {}
 
     def kill_at_round_6(line, proc):
-        _pids(line, pids)
+        note_pid(line, pids)
         if line.startswith("round    6: test accuracy"):
             os.kill(pids["server"], signal.SIGKILL)
 
@@ -603,7 +615,7 @@ def test_sigterm_to_the_launcher_stops_every_process_and_keeps_the_results(tmp_p
     pids = {}
 
     def term_at_round_4(line, proc):
-        _pids(line, pids)
+        note_pid(line, pids)
         if line.startswith("round    4: test accuracy"):
             os.kill(proc.pid, signal.SIGTERM)
 

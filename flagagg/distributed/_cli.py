@@ -42,7 +42,10 @@ def add_arguments(parser):
     faults.add_argument("--quorum", type=int, metavar="Q",
                         help="close a round once Q gradients are in (plus a short grace) "
                              "instead of waiting for the deadline; later ones are reported "
-                             "as missing, never waited for (default: workers - f)")
+                             "as missing, never waited for (default: workers - f). With Q "
+                             "below the number of workers, which gradients make a round "
+                             "depends on timing, so the run is not bit for bit the "
+                             "simulator's; --quorum P (all P workers) makes it so")
     faults.add_argument("--keep-nonfinite", action="store_true",
                         help="hand gradients with NaN or Inf to the rule instead of excluding "
                              "them (what the simulator does)")
@@ -74,8 +77,10 @@ def add_arguments(parser):
                           "under torchrun; `flagagg train` on one machine makes a fresh one "
                           "for its processes")
     sec.add_argument("--tls-cert", metavar="PEM",
-                     help="encrypt the connections with TLS: the server's certificate (the "
-                          "workers trust exactly this one); with --tls-key on the server")
+                     help="encrypt the connections with TLS: the server's certificate, "
+                          "self-signed is fine (the workers trust exactly this one, "
+                          "whatever host it names); with --tls-key on the server. The "
+                          "secret authenticates both sides with or without TLS")
     sec.add_argument("--tls-key", metavar="PEM", help="the server's TLS private key")
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="train-results", metavar="DIR",

@@ -402,14 +402,16 @@ class CollectiveServer(_ServerCore):
         if old is not None and self.transport == "gloo":
             # a worker restarted after a crash finds its old link not yet noticed gone
             self._probe(old)
-        problem = ("training is over" if self.stopping else self._check_hello(msg))
+        problem, told = (("training is over",) * 2 if self.stopping else self._check_hello(msg))
         host = msg.get("host")
         if problem is not None:
             self._refused(host, msg, problem)
-            self.store.set(answer, json.dumps({"ok": False, "reason": problem}))
+            # the answer lands in the store, which anyone who reaches it can read:
+            # the details (fingerprints, sizes, pids) go to the operator's log only
+            self.store.set(answer, json.dumps({"ok": False, "reason": told}))
             return
         next_round = max(self.round + 1, self.start_round)
-        self.store.set(answer, json.dumps({"ok": True, "round": next_round, "n_params": self.n}))
+        self.store.set(answer, json.dumps({"ok": True, "round": next_round}))
         try:
             pg = _pair_group(self.transport, self.store, f"{self.prefix}pair/{token}/", 0,
                              self.join_timeout, self.device)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
+import ipaddress
 import math
 import os
 import selectors
@@ -41,16 +41,19 @@ from ._protocol import (
     DTYPES,
     FROM_SERVER,
     FROM_WORKER,
+    NO_FRAME_TAGS_VARIABLE,
     RESPONSE_BYTES,
     AuthError,
     FrameReader,
     Kind,
+    PayloadDigest,
     ProtocolError,
     Sealer,
     challenge,
     check_response,
     encode_json,
     encode_tensor,
+    frame_tags_enabled,
     load_secret,
     session_key,
 )
@@ -160,20 +163,34 @@ class _ServerCore:
     # ------------------------------------------------- checks every transport shares
 
     def _check_hello(self, hello):
-        """Why a worker saying ``hello`` (a dict) cannot join, or None if it can."""
+        """Why a worker saying ``hello`` (a dict) cannot join, or (None, None) if it can.
+
+        Returns
+        -------
+        why : str or None
+            For the operator's log: with the fingerprints, sizes and pids.
+        told : str or None
+            For the peer: what to fix, but nothing about the server's run
+            (fingerprint, parameter count, pids) that an outsider could use
+            to pass these checks.
+        """
         w = hello.get("worker")
         if not isinstance(w, int) or not 0 <= w < self.config.workers:
-            return f"worker index {w!r} is not in 0..{self.config.workers - 1}"
+            return (f"worker index {w!r:.20} is not in 0..{self.config.workers - 1}",
+                    "this worker's index is not one of the run's: start every process with "
+                    "the same --workers")
         if hello.get("fingerprint") != self.spec.fingerprint():
-            return ("it runs a different config, rule, attack, f or seed than the server "
-                    f"(fingerprint {hello.get('fingerprint')} != {self.spec.fingerprint()}): "
-                    "start every process with the same arguments and config file")
+            return (f"it runs a different config, rule, attack, f or seed (fingerprint "
+                    f"{hello.get('fingerprint')!s:.16} != {self.spec.fingerprint()})",
+                    "this worker runs a different config, rule, attack, f or seed than the "
+                    "server: start every process with the same arguments and config file")
         if hello.get("n_params") != self.n:
-            return f"its model has {hello.get('n_params')} parameters, the server's {self.n}"
+            return (f"its model has {hello.get('n_params')!s:.20} parameters, the server's "
+                    f"{self.n}", "this worker's model differs from the server's")
         if w in self.peers:
-            return (f"worker {w} is already connected (pid {self.info[w].get('pid')}); "
-                    "give every worker its own rank")
-        return None
+            return (f"worker {w} is already connected (pid {self.info[w].get('pid')})",
+                    f"worker {w} is already connected: give every worker its own rank")
+        return None, None
 
     def _refused(self, addr, hello, problem):
         w = hello.get("worker")
@@ -628,10 +645,17 @@ class Server(_ServerCore):
         self.lsock.setblocking(False)
         self.sel.register(self.lsock, selectors.EVENT_READ, None)
         self.address = self.lsock.getsockname()[:2]
+        if not frame_tags_enabled():
+            try:
+                _untagged_only_on_loopback(self.address[0])
+            except RuntimeError:
+                self.lsock.close()
+                raise
+            log(f"server: WARNING: frame tags are OFF ({NO_FRAME_TAGS_VARIABLE}=1): messages "
+                "are not authenticated, for measuring what the tags cost only")
         self.unnamed = set()     # connections that have not said HELLO yet
         self.accept_paused_until = None
         self.refusals = _Refusals(log)
-        self._params_digest = None
 
     # ------------------------------------------------------------------ I/O
 
@@ -752,43 +776,69 @@ class Server(_ServerCore):
         self._send_raw(peer, data)
 
     def _read(self, peer):
+        if peer.state == "auth":
+            self._read_response(peer)
+            return
+        # straight into the frame's buffer, until the socket has nothing more; a
+        # budget per call keeps one fast peer from starving the others (but TLS
+        # may hold decrypted bytes the selector cannot see: those are read too)
+        budget = 8 << 20
+        while budget > 0 or (self.tls is not None and peer.sock.pending()):
+            try:
+                k = peer.sock.recv_into(peer.reader.buffer())
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if _tls_want(exc):
+                    return
+                self._drop(peer, f"connection error: {exc}")
+                if peer.worker is None:
+                    self.refusals.note(peer.addr, f"connection error before joining: {exc}")
+                return
+            if not k:
+                self._drop(peer, "connection closed")
+                return
+            budget -= k
+            peer.bytes_received += k
+            self.bytes_received += k
+            try:
+                frame = peer.reader.received(k)
+                if frame is None:
+                    continue
+                if frame.kind == Kind.HELLO:
+                    self._hello(peer, frame)
+                else:
+                    self._gradient(peer, frame)
+            except ProtocolError as exc:
+                if peer.worker is None:
+                    self._drop(peer, None)
+                    self.refusals.note(peer.addr, f"protocol error before joining: {exc}")
+                else:
+                    self._drop(peer, f"protocol error: {exc}")
+                return
+            if peer.sock.fileno() < 0:
+                return
+
+    def _read_response(self, peer):
         # before authentication, read no more than the handshake's response
-        want = RESPONSE_BYTES - len(peer.raw) if peer.state == "auth" else 1 << 20
         try:
-            data = peer.sock.recv(want)
+            data = peer.sock.recv(RESPONSE_BYTES - len(peer.raw))
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             if _tls_want(exc):
                 return
             self._drop(peer, f"connection error: {exc}")
-            if peer.worker is None:
-                self.refusals.note(peer.addr, f"connection error before joining: {exc}")
+            self.refusals.note(peer.addr, f"connection error before joining: {exc}")
             return
         if not data:
             self._drop(peer, "connection closed")
             return
         peer.bytes_received += len(data)
         self.bytes_received += len(data)
-        if peer.state == "auth":
-            peer.raw += data
-            if len(peer.raw) == RESPONSE_BYTES:
-                self._authenticate(peer)
-            return
-        try:
-            for frame in peer.reader.feed(data):
-                if peer.sock.fileno() < 0:
-                    return
-                if frame.kind == Kind.HELLO:
-                    self._hello(peer, frame)
-                else:
-                    self._gradient(peer, frame)
-        except ProtocolError as exc:
-            if peer.worker is None:
-                self._drop(peer, None)
-                self.refusals.note(peer.addr, f"protocol error before joining: {exc}")
-            else:
-                self._drop(peer, f"protocol error: {exc}")
+        peer.raw += data
+        if len(peer.raw) == RESPONSE_BYTES:
+            self._authenticate(peer)
 
     def _authenticate(self, peer):
         try:
@@ -806,11 +856,24 @@ class Server(_ServerCore):
         peer.state = "hello"
         self._send_raw(peer, proof)
 
-    def _flush(self, peer):
+    def _flush(self, peer, hold_tags=False):
+        """Send what the outbox holds until the socket is full.
+
+        ``hold_tags``: stop at a tag whose payload digest is not computed yet,
+        so that the caller can send the payload to every worker first.
+        """
         while peer.outbox:
             entry = peer.outbox[0]
             if entry.parts is None:
-                entry.start(peer.sealer)
+                entry.start()
+            if entry.parts[entry.part] is None:
+                # the tag, computed once the payload is out: the peer reads and
+                # hashes the payload meanwhile
+                if hold_tags and entry.digest is not None and not entry.digest.ready:
+                    break
+                digest = None if entry.digest is None else entry.digest.value()
+                entry.parts[entry.part] = memoryview(
+                    peer.sealer.tag(entry.head, entry.payload, digest))
             try:
                 k = peer.sock.send(entry.parts[entry.part][entry.offset:])
             except (BlockingIOError, InterruptedError):
@@ -911,14 +974,19 @@ class Server(_ServerCore):
 
     def _send_params(self, st, links, params):
         head, view = encode_tensor(Kind.PARAMS, params.numpy(), round=st.round)
-        digest = hashlib.sha256(view).digest()
+        # hashed once for every worker, after the payload has gone out to all of them
+        digest = PayloadDigest(view)
         for peer in links:
             # latency counts from here: the send below may be the last thing this
             # process does before the scheduler runs the workers
             st.queued[peer.worker] = time.monotonic()
             peer.queue(_Outgoing(Kind.PARAMS, st.round, head, view, digest))
             peer.sent_round = st.round
-            self._flush(peer)
+            self._flush(peer, hold_tags=True)
+        digest.value()
+        for peer in links:
+            if peer.sock.fileno() >= 0:
+                self._flush(peer)
 
     def _stop_workers(self, timeout=5.0):
         """Tell every worker to stop, wait briefly for the messages to leave, close."""
@@ -937,6 +1005,14 @@ class Server(_ServerCore):
         self.lsock.close()
 
 
+def _untagged_only_on_loopback(host):
+    """Refuse to serve without frame tags on an address other machines can reach."""
+    if not ipaddress.ip_address(host).is_loopback:
+        raise RuntimeError(f"{NO_FRAME_TAGS_VARIABLE}=1 turns the frame tags off, for "
+                           f"benchmarks on loopback only; this server would listen on {host}: "
+                           "unset it")
+
+
 def _tls_want(exc):
     """Whether ``exc`` is TLS asking to be called again (non-blocking)."""
     import ssl
@@ -947,8 +1023,10 @@ def _tls_want(exc):
 class _Outgoing:
     """A frame in an outbox.
 
-    It is tagged when its first byte goes out, so that frames dropped before
-    that (older parameters) leave no hole in the sequence.
+    Its tag is computed once its payload has gone out (see
+    :meth:`Server._flush`), with the sequence number of that moment: frames
+    dropped before they started (older parameters) leave no hole in the
+    sequence, and no frame starts before the one ahead of it is out.
     """
 
     def __init__(self, kind, rnd, head, payload, digest=None):
@@ -961,18 +1039,19 @@ class _Outgoing:
     def started(self):
         return self.parts is not None
 
-    def start(self, sealer):
+    def start(self):
         if self.kind is None:  # handshake bytes: no tag
             self.parts = [memoryview(self.head).cast("B")]
         else:
-            tag = sealer.tag(self.head, self.payload, self.digest)
-            self.parts = [memoryview(self.head).cast("B"), self.payload, memoryview(tag)]
-            self.parts = [p for p in self.parts if p.nbytes]
+            # None: the place of the tag
+            self.parts = [p for p in (memoryview(self.head).cast("B"), self.payload) if p.nbytes]
+            self.parts.append(None)
 
     def advance(self, k):
         """Count ``k`` bytes sent; whether the whole frame is out."""
         self.offset += k
-        while self.part < len(self.parts) and self.offset >= self.parts[self.part].nbytes:
+        while self.part < len(self.parts) and self.parts[self.part] is not None and \
+                self.offset >= self.parts[self.part].nbytes:
             self.offset -= self.parts[self.part].nbytes
             self.part += 1
         return self.part >= len(self.parts)

@@ -15,6 +15,7 @@ from ._protocol import (
     FROM_SERVER,
     FROM_WORKER,
     HEADER,
+    NO_FRAME_TAGS_VARIABLE,
     PROOF_BYTES,
     AuthError,
     FrameReader,
@@ -24,6 +25,7 @@ from ._protocol import (
     check_proof,
     encode_json,
     encode_tensor,
+    frame_tags_enabled,
     load_secret,
     recv_exactly,
     recv_frame,
@@ -262,6 +264,9 @@ def run_worker(spec, worker, address, *, secret, device="cpu", log=print, tls=No
         secret.
     """
     secret = load_secret(secret)
+    if not frame_tags_enabled():
+        log(f"worker {worker}: WARNING: frame tags are OFF ({NO_FRAME_TAGS_VARIABLE}=1), for "
+            "measuring what they cost only")
     source = GradientSource(spec, worker, device)
     try:
         sock, sealer, reader, pending, welcome = _join(
