@@ -30,7 +30,7 @@ __all__ = ["main", "message_costs", "round_times"]
 
 
 def _config(model):
-    from ..sim import load_config
+    from ..training._config import load_config
 
     config = load_config("demo")
     if model == "mlp4096":
