@@ -7,8 +7,9 @@ half-sent message, an oversized announcement, a reconnection, impostors) is
 exercised deterministically and fast; a whole run on threads checks that
 resuming from a checkpoint continues the same run. The real runs (one server
 and four worker processes each, over gloo and over TCP) check Byzantine
-training that matches the simulator (to float tolerance; it is in fact bit
-for bit), a worker killed and another one frozen mid-run, workers sending
+training that matches the simulator (to float tolerance: a worker computes
+its gradient alone where the simulator batches all rows, which can move the
+last bits), a worker killed and another one frozen mid-run, workers sending
 NaN and wrong-sized gradients, and launches by torchrun (over tcp and gloo). Every run is
 bounded by a timeout and leaves no process behind.
 """
