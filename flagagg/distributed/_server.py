@@ -162,6 +162,22 @@ class _ServerCore:
 
     # ------------------------------------------------- checks every transport shares
 
+    def _admission(self, hello):
+        """(why for the log, what the peer is told) if ``hello`` is of another run, else Nones.
+
+        The part of :meth:`_check_hello` that does not depend on a worker index:
+        the tcp transport, which assigns slots itself, asks only this.
+        """
+        if hello.get("fingerprint") != self.spec.fingerprint():
+            return (f"it runs a different config, rule, attack, f or seed (fingerprint "
+                    f"{hello.get('fingerprint')!s:.16} != {self.spec.fingerprint()})",
+                    "this worker runs a different config, rule, attack, f or seed than the "
+                    "server: start every process with the same arguments and config file")
+        if hello.get("n_params") != self.n:
+            return (f"its model has {hello.get('n_params')!s:.20} parameters, the server's "
+                    f"{self.n}", "this worker's model differs from the server's")
+        return None, None
+
     def _check_hello(self, hello):
         """Why a worker saying ``hello`` (a dict) cannot join, or (None, None) if it can.
 
@@ -179,14 +195,9 @@ class _ServerCore:
             return (f"worker index {w!r:.20} is not in 0..{self.config.workers - 1}",
                     "this worker's index is not one of the run's: start every process with "
                     "the same --workers")
-        if hello.get("fingerprint") != self.spec.fingerprint():
-            return (f"it runs a different config, rule, attack, f or seed (fingerprint "
-                    f"{hello.get('fingerprint')!s:.16} != {self.spec.fingerprint()})",
-                    "this worker runs a different config, rule, attack, f or seed than the "
-                    "server: start every process with the same arguments and config file")
-        if hello.get("n_params") != self.n:
-            return (f"its model has {hello.get('n_params')!s:.20} parameters, the server's "
-                    f"{self.n}", "this worker's model differs from the server's")
+        problem = self._admission(hello)
+        if problem[0] is not None:
+            return problem
         if w in self.peers:
             return (f"worker {w} is already connected (pid {self.info[w].get('pid')})",
                     f"worker {w} is already connected: give every worker its own rank")
@@ -940,18 +951,6 @@ class Server(_ServerCore):
         next_round = self._welcome(peer, {**hello, "worker": slot})
         self._send(peer, Kind.WELCOME, 0,
                    encode_json(Kind.WELCOME, {"round": next_round, "worker": slot}))
-
-    def _admission(self, hello):
-        """(why for the log, what the peer is told) if ``hello`` cannot join, else (None, None)."""
-        if hello.get("fingerprint") != self.spec.fingerprint():
-            return (f"it runs a different config, rule, attack, f or seed (fingerprint "
-                    f"{hello.get('fingerprint')!s:.16} != {self.spec.fingerprint()})",
-                    "this worker runs a different config, rule, attack, f or seed than the "
-                    "server: start every process with the same arguments and config file")
-        if hello.get("n_params") != self.n:
-            return (f"its model has {hello.get('n_params')!s:.20} parameters, the server's "
-                    f"{self.n}", "this worker's model differs from the server's")
-        return None, None
 
     def _slot_for(self, hello):
         """The worker slot the server gives an admitted peer, or None if the run is full."""
