@@ -45,6 +45,7 @@ from flagagg.distributed._protocol import (  # noqa: E402
     FROM_WORKER,
     HEADER,
     PROOF_BYTES,
+    PROTOCOL_VERSION,
     FrameReader,
     Kind,
     ProtocolError,
@@ -100,11 +101,16 @@ def test_frames_reassemble_from_any_split():
 
 def _reference_tag(key, direction, seq, head, payload):
     """A frame's tag computed from its definition, independently of Sealer."""
-    import hashlib
     import hmac
 
-    return hmac.new(key, bytes([direction]) + seq.to_bytes(8, "little") + bytes(head)
-                    + hashlib.sha256(bytes(payload)).digest(), "sha256").digest()
+    from cryptography.hazmat.primitives.poly1305 import Poly1305
+
+    where = bytes([direction]) + seq.to_bytes(8, "little")
+    payload = bytes(payload)
+    if len(payload) > 1 << 16:
+        one_time = hmac.new(key, b"payload" + where, "sha256").digest()
+        payload = Poly1305.generate_tag(one_time, payload)
+    return hmac.new(key, where + bytes(head) + payload, "sha256").digest()
 
 
 def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte():
@@ -112,6 +118,9 @@ def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte
     big = rng.standard_normal(300_001).astype(np.float32)  # over the 64 KiB single-write limit
     frames = [encode_tensor(Kind.GRAD, big, worker=2, round=9, seconds=1e300),
               encode_json(Kind.HELLO, {"worker": 0}),
+              # either side of the size where the payload's Poly1305 takes over
+              encode_tensor(Kind.GRAD, big[:1 << 14], round=3),
+              encode_tensor(Kind.GRAD, big[:(1 << 14) + 1], round=4),
               encode_tensor(Kind.GRAD, np.zeros(0, np.float32), round=1),
               encode_tensor(Kind.GRAD, np.array([np.nan, -0.0, 1e38], np.float32), round=2)]
     data = b"".join(bytes(h) + bytes(v) + _reference_tag(KEY, FROM_WORKER, i, h, v)
@@ -135,12 +144,17 @@ def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte
         return out, reader
 
     got, reader = read(data)
-    assert reader.pending == 0 and len(got) == 4
+    assert reader.pending == 0 and len(got) == 6
     np.testing.assert_array_equal(got[0].array(), big)
     assert (got[0].worker, got[0].round, got[0].seconds) == (2, 9, 1e300)
-    assert got[1].json() == {"worker": 0} and got[2].array().size == 0
-    np.testing.assert_array_equal(got[3].array(), frames[3][1].cast("f"))
-    for at in (HEADER.size + 3, HEADER.size + 4 * big.size - 1, HEADER.size + 4 * big.size + 5):
+    assert got[1].json() == {"worker": 0} and got[4].array().size == 0
+    for k in (2, 3, 5):
+        np.testing.assert_array_equal(got[k].array(), frames[k][1].cast("f"))
+    starts = np.cumsum([0] + [HEADER.size + v.nbytes + 32 for _, v in frames])
+    flips = [HEADER.size + 3, HEADER.size + 4 * big.size - 1, HEADER.size + 4 * big.size + 5]
+    # the last payload byte of the frames either side of the Poly1305 size
+    flips += [starts[k] + HEADER.size + frames[k][1].nbytes - 1 for k in (2, 3)]
+    for at in flips:
         bad = bytearray(data)
         bad[at] ^= 1  # in the payload's first and last piece, and in its tag
         with pytest.raises(ProtocolError, match="wrong tag"):
@@ -178,10 +192,10 @@ def test_the_tags_off_switch_is_for_loopback_benchmarks_only(monkeypatch):
 
 @pytest.mark.parametrize("bad, match", [
     (b"JUNK" + bytes(HEADER.size - 4), "bad magic"),
-    (HEADER.pack(b"FLAG", Kind.GRAD, 1, 2, 0, 1, 10**12, 0.0), "over the"),
-    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, 2, 0, 1, 4, 0.0), "unexpected frame kind"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 1, PROTOCOL_VERSION, 0, 1, 10**12, 0.0), "over the"),
+    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, PROTOCOL_VERSION, 0, 1, 4, 0.0), "unexpected frame kind"),
     (HEADER.pack(b"FLAG", Kind.GRAD, 1, 99, 0, 1, 4, 0.0), "protocol version"),
-    (HEADER.pack(b"FLAG", Kind.GRAD, 77, 2, 0, 1, 4, 0.0), "dtype"),
+    (HEADER.pack(b"FLAG", Kind.GRAD, 77, PROTOCOL_VERSION, 0, 1, 4, 0.0), "dtype"),
 ])
 def test_bad_headers_are_refused_before_their_payload(bad, match):
     reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO}, key=KEY, direction=FROM_WORKER)

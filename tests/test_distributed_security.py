@@ -46,6 +46,7 @@ from flagagg.distributed._protocol import (  # noqa: E402
     CHALLENGE_BYTES,
     HEADER,
     PROOF_BYTES,
+    PROTOCOL_VERSION,
     RESPONSE_BYTES,
     Kind,
     encode_json,
@@ -189,7 +190,7 @@ def test_a_fake_server_is_detected_by_the_worker():
     def fake():
         conn, _ = lsock.accept()
         with conn:
-            conn.sendall(b"FLAGAUTH" + (2).to_bytes(2, "little") + os.urandom(32))
+            conn.sendall(b"FLAGAUTH" + PROTOCOL_VERSION.to_bytes(2, "little") + os.urandom(32))
             got.append(recv_exactly(conn, RESPONSE_BYTES, 20))
             conn.sendall(os.urandom(PROOF_BYTES))  # it cannot compute the proof
             conn.settimeout(20)
@@ -338,7 +339,7 @@ def test_garbage_and_oversized_headers_before_and_after_authentication():
     spec = _spec(workers=2, rounds=1, round_timeout=20)
     server = distributed.Server(spec, secret=SECRET)
     thread, out = _serve(server)
-    big = HEADER.pack(b"FLAG", Kind.GRAD, 1, 2, 0, 1, 10**12, 0.0)
+    big = HEADER.pack(b"FLAG", Kind.GRAD, 1, PROTOCOL_VERSION, 0, 1, 10**12, 0.0)
     before = server.bytes_received
     # before authentication: 4 MB of garbage, and an oversized header; the server
     # reads the response's 74 bytes of each and not one more

@@ -46,7 +46,6 @@ from ._protocol import (
     AuthError,
     FrameReader,
     Kind,
-    PayloadDigest,
     ProtocolError,
     Sealer,
     challenge,
@@ -870,8 +869,8 @@ class Server(_ServerCore):
     def _flush(self, peer, hold_tags=False):
         """Send what the outbox holds until the socket is full.
 
-        ``hold_tags``: stop at a tag whose payload digest is not computed yet,
-        so that the caller can send the payload to every worker first.
+        ``hold_tags``: stop at the tag of a tensor frame, so that the caller
+        can send the payload to every worker before computing any tag.
         """
         while peer.outbox:
             entry = peer.outbox[0]
@@ -879,12 +878,10 @@ class Server(_ServerCore):
                 entry.start()
             if entry.parts[entry.part] is None:
                 # the tag, computed once the payload is out: the peer reads and
-                # hashes the payload meanwhile
-                if hold_tags and entry.digest is not None and not entry.digest.ready:
+                # authenticates the payload meanwhile
+                if hold_tags and entry.kind in Kind.TENSOR:
                     break
-                digest = None if entry.digest is None else entry.digest.value()
-                entry.parts[entry.part] = memoryview(
-                    peer.sealer.tag(entry.head, entry.payload, digest))
+                entry.parts[entry.part] = memoryview(peer.sealer.tag(entry.head, entry.payload))
             try:
                 k = peer.sock.send(entry.parts[entry.part][entry.offset:])
             except (BlockingIOError, InterruptedError):
@@ -973,16 +970,16 @@ class Server(_ServerCore):
 
     def _send_params(self, st, links, params):
         head, view = encode_tensor(Kind.PARAMS, params.numpy(), round=st.round)
-        # hashed once for every worker, after the payload has gone out to all of them
-        digest = PayloadDigest(view)
+        # every connection has its own tag (its own key and sequence): the payload
+        # goes out to all workers first, so that they receive it while the tags
+        # are computed
         for peer in links:
             # latency counts from here: the send below may be the last thing this
             # process does before the scheduler runs the workers
             st.queued[peer.worker] = time.monotonic()
-            peer.queue(_Outgoing(Kind.PARAMS, st.round, head, view, digest))
+            peer.queue(_Outgoing(Kind.PARAMS, st.round, head, view))
             peer.sent_round = st.round
             self._flush(peer, hold_tags=True)
-        digest.value()
         for peer in links:
             if peer.sock.fileno() >= 0:
                 self._flush(peer)
@@ -1028,9 +1025,9 @@ class _Outgoing:
     sequence, and no frame starts before the one ahead of it is out.
     """
 
-    def __init__(self, kind, rnd, head, payload, digest=None):
+    def __init__(self, kind, rnd, head, payload):
         self.kind, self.round = kind, rnd
-        self.head, self.payload, self.digest = head, memoryview(payload).cast("B"), digest
+        self.head, self.payload = head, memoryview(payload).cast("B")
         self.parts = None
         self.part = self.offset = 0
 
