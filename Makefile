@@ -41,8 +41,9 @@ bench: $(STAMP)
 # commits in fresh virtualenvs (committed code only).
 ASV_MACHINE ?= $(shell hostname)
 ASV_HOME := $(CURDIR)/asv_bench/.asv/home
-ASV_RUN = cd asv_bench && PIP_CACHE_DIR="$${PIP_CACHE_DIR:-$$HOME/.cache/pip}" \
-	HOME="$(ASV_HOME)" FLAGAGG_ASV_TIER=$(1) $(abspath $(PY)) -m asv
+ASV_PY = cd asv_bench && PIP_CACHE_DIR="$${PIP_CACHE_DIR:-$$HOME/.cache/pip}" \
+	HOME="$(ASV_HOME)" FLAGAGG_ASV_TIER=$(1) $(abspath $(PY))
+ASV_RUN = $(call ASV_PY,$(1)) -m asv
 BASE ?= main
 FACTOR ?= 1.3
 COMPARE_BENCH ?= track_ratio
@@ -68,10 +69,16 @@ asv-full: asv-machine
 		--set-commit-hash "$$(git rev-parse HEAD)" $(ASV_ARGS)
 
 # Exit status 1 when a benchmark matching COMPARE_BENCH (the ratio tracks of
-# the quick tier) is slower at HEAD than at BASE by more than FACTOR.
+# the quick tier) is slower at HEAD than at BASE by more than FACTOR, in asv's
+# comparison and again in the median over CONFIRM further runs of each flagged
+# row on each commit (asv_bench/compare.py: one run of a ratio is noisy).
+# NEW names the commit to compare with BASE (default: the checkout's HEAD).
+CONFIRM ?= 2
+NEW ?= HEAD
 asv-compare: asv-machine
-	$(call ASV_RUN,quick) continuous --factor $(FACTOR) --split --bench '$(COMPARE_BENCH)' \
-		$(ASV_LAUNCH) --machine "$(ASV_MACHINE)" "$$(git rev-parse $(BASE))" "$$(git rev-parse HEAD)"
+	$(call ASV_PY,quick) compare.py --factor $(FACTOR) \
+		--bench '$(COMPARE_BENCH)' --confirm $(CONFIRM) --machine "$(ASV_MACHINE)" \
+		--base "$$(git rev-parse $(BASE))" --head "$$(git rev-parse $(NEW))" -- $(ASV_LAUNCH)
 
 # The ratio tracks over HISTORY (first-parent commits); commits whose flagagg
 # lacks an API a benchmark needs record it as skipped or failed, so asv's
