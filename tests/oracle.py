@@ -99,7 +99,7 @@ class PairTermsDense:
                 self.D = E
         self.has_pairs = self.D.shape[0] > 0
 
-    def objective_parts(self, U, eps):
+    def objective_parts(self, U, eps, P=None):
         P = self.T @ U
         s_node = np.maximum(1.0 - np.einsum("ij,ij->i", P, P), 0.0) + eps
         PD = self.D @ U

@@ -204,13 +204,16 @@ class _Terms:
         for a in range(0, ci.size, step):
             yield self.T[ci[a:a + step]] - self.T[cj[a:a + step]]
 
-    def objective_parts(self, U: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    def objective_parts(self, U: np.ndarray, eps: float,
+                        P: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Slack ``1 - ||U^T u||^2 + eps`` of every node (``q``) and pair (``q x q``) vector.
 
         Pair slacks are 1 where there is no pair vector (the diagonal, pairs
-        without a defined direction).
+        without a defined direction). ``P`` is ``T @ U`` when the caller has
+        it for free (``U`` the first axes: a slice of ``T``).
         """
-        P = self.T @ U
+        if P is None:
+            P = self.T @ U
         v = np.einsum("ij,ij->i", P, P)
         s_node = np.maximum(1.0 - v, 0.0) + eps
         if not self.has_pairs or self.variant == "reference":
@@ -235,7 +238,8 @@ class _Terms:
 
     def matrix(self, w_node: np.ndarray, w_pair: np.ndarray | float) -> np.ndarray:
         """``B = sum_i w_i t_i t_i^T + sum_pairs w_ij d_ij d_ij^T`` (``k x k``)."""
-        B = (self.T * w_node[:, None]).T @ self.T
+        X = self.T * np.sqrt(w_node)[:, None]
+        B = X.T @ X  # numpy hands X^T X to syrk: half the products of a GEMM
         if self.has_pairs and self.variant == "reference":
             # sum_{i<j} (t_i - t_j)(t_i - t_j)^T = q Tc^T Tc, one weight for all.
             B += (float(w_pair) * self.q) * (self.Tc.T @ self.Tc)
@@ -279,7 +283,8 @@ def solve_gram(
     defer : bool, default=False
         Leave out the diagnostics of the returned subspace (``stationarity``,
         ``eigengap``, ``eigenvalues``: one more full eigendecomposition) and
-        return, under the key ``"_late"``, a function that computes them.
+        its ``basis_coefficients`` (a ``p x k x r`` product), and return,
+        under the key ``"_late"``, a function that computes them.
         The aggregation's hot path uses it; see
         :func:`flagagg.rules._result.deferred_diagnostics`.
 
@@ -321,11 +326,13 @@ def solve_gram(
         # makes every weight (1 - O(r/n) + eps)^(-1/2), equal in the limit).
         ref = _Terms(T, lam, "reference")
         c = lam / (q * (q - 1)) if q > 1 else 0.0
+        P = None
         if ref.has_pairs:
             _, U = _top(ref.matrix(np.ones(q), 2.0 * c * c), rank)
         else:
             U = np.eye(k, rank)  # B = T^T T = S, as in the first "paper" step
-        s_node, s_pair = terms.objective_parts(U, eps)
+            P = T[:, :rank]
+        s_node, s_pair = terms.objective_parts(U, eps, P)
         history = [terms.objective(s_node, s_pair)]
         n_iter, converged = 1, False
     else:
@@ -335,13 +342,15 @@ def solve_gram(
         converged = False
         n_iter = 0
         for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
+            P = None
             if n_iter == 1 and not terms.has_pairs:
                 # Uniform weights, no pair vectors: B = T^T T = S is diagonal
                 # (descending), its top-r eigenvectors the first r axes.
                 U_new = np.eye(k, rank)
+                P = T[:, :rank]
             else:
                 _, U_new = _top(terms.matrix(w_node, w_pair), rank)
-            parts = terms.objective_parts(U_new, eps)
+            parts = terms.objective_parts(U_new, eps, P)
             value = terms.objective(*parts)
             if history and value > history[-1]:
                 # The majorisation step cannot increase F in exact arithmetic: a
@@ -369,7 +378,10 @@ def solve_gram(
         BU = B_final @ U
         resid = BU - U @ (U.T @ BU)
         nxt = eig_final[rank] if rank < k else 0.0
+        basis = np.zeros((p, rank))
+        basis[idx] = (V @ (U / np.sqrt(s)[:, None])) / norms[:, None]
         return {
+            "basis_coefficients": basis,
             "stationarity": float(np.linalg.norm(resid)
                                   / max(np.linalg.norm(BU), np.finfo(float).tiny)),
             "eigengap": float(eig_final[rank - 1] - nxt), "eigenvalues": eig_final,
@@ -385,15 +397,13 @@ def solve_gram(
         if out_norm > 0:
             coef *= _median(norms) / out_norm
 
-    basis = np.zeros((p, rank))
-    basis[idx] = (V @ (U / np.sqrt(s)[:, None])) / norms[:, None]
     ratios = np.zeros(p)
     ratios[idx] = np.clip(1.0 - (s_node - eps), 0.0, 1.0)
     weights = np.zeros(p)
     weights[idx] = weights_final
     extras = {
         "rank": rank, "r_requested": r_requested, "rank_clamped": rank < r_requested,
-        "basis_coefficients": basis, "reconstruction_ratios": ratios, "weights": weights,
+        "reconstruction_ratios": ratios, "weights": weights,
         "objective_history": np.asarray(history), "n_iter": n_iter, "converged": converged,
         "excluded": excluded, "variant": variant, "lam": float(lam), "rescale": rescale,
         "max_iter": max_iter,
