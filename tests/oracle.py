@@ -65,3 +65,56 @@ def flag_dense(G, r=None, lam=0.0, *, max_iter=100, tol=1e-6, eps=1e-7, variant=
                 break
     out = Y @ (Y.T @ H.sum(axis=0)) / r
     return out, Y, np.array(history, dtype=float), kept
+
+
+class PairTermsDense:
+    """The Flag Aggregator's objective vectors with every pair vector formed explicitly.
+
+    A drop-in for :class:`flagagg.rules._flag._Terms` (same constructor and
+    methods) that materialises the ``q(q-1)/2`` difference vectors of the
+    span coordinates ``t_i`` as rows, as flagagg did before the Laplacian
+    form: ``O(q^2 k)`` memory, each pair's direction and projection from its
+    own difference, so no cancellation between pairs. Pair weights are
+    ``q x q`` symmetric matrices or scalars, as in ``_Terms``.
+    """
+
+    def __init__(self, T, lam, variant):
+        q = T.shape[0]
+        self.T = T
+        self.q = q
+        n_pairs_total = q * (q - 1) // 2
+        self.pair_scale = lam / n_pairs_total if n_pairs_total else 0.0
+        self.i = self.j = np.zeros(0, dtype=int)
+        self.D = np.zeros((0, T.shape[1]))
+        if lam > 0 and q > 1:
+            i, j = np.triu_indices(q, 1)
+            E = T[i] - T[j]
+            nd2 = np.einsum("ij,ij->i", E, E)
+            if variant == "paper":
+                ok = nd2 > 1e-12
+                self.i, self.j = i[ok], j[ok]
+                self.D = E[ok] / np.sqrt(nd2[ok])[:, None]
+            else:
+                self.i, self.j = i, j
+                self.D = E
+        self.has_pairs = self.D.shape[0] > 0
+
+    def objective_parts(self, U, eps, P=None):
+        P = self.T @ U
+        s_node = np.maximum(1.0 - np.einsum("ij,ij->i", P, P), 0.0) + eps
+        PD = self.D @ U
+        s = np.maximum(1.0 - np.einsum("ij,ij->i", PD, PD), 0.0) + eps
+        s_pair = np.ones((self.q, self.q))
+        s_pair[self.i, self.j] = s_pair[self.j, self.i] = s
+        return s_node, s_pair
+
+    def objective(self, s_node, s_pair):
+        return float(np.sqrt(s_node).sum()
+                     + self.pair_scale * np.sqrt(s_pair[self.i, self.j]).sum())
+
+    def matrix(self, w_node, w_pair):
+        B = (self.T * w_node[:, None]).T @ self.T
+        if self.has_pairs:
+            w = np.broadcast_to(w_pair, (self.q, self.q))[self.i, self.j]
+            B += (self.D * w[:, None]).T @ self.D
+        return (B + B.T) / 2

@@ -10,7 +10,7 @@ from scipy.linalg import subspace_angles
 
 import flagagg
 
-from oracle import flag_dense
+from oracle import PairTermsDense, flag_dense
 
 # The published, normalised output: what the dense oracle computes (the default
 # rescales it to the median input norm, tested in test_interface.py).
@@ -291,3 +291,104 @@ def test_aggregator_object_keeps_result():
     np.testing.assert_array_equal(res.aggregate, out)
     np.testing.assert_array_equal(agg.result_.coefficients, res.coefficients)
     assert "FlagAggregator(r=3" in repr(agg)
+
+
+def _pair_stack(kind, p, seed):
+    """Inputs for the pair-term checks; hostile kinds stress cancellation and range."""
+    rng = np.random.default_rng(seed)
+    n = 3 * p
+    base = rng.normal(size=n)
+    G = base + 0.5 * rng.normal(size=(p, n))
+    if kind == "random":
+        G = rng.normal(size=(p, n))
+    elif kind.startswith("near"):
+        # a quarter of the rows near-copies of one: pair differences far below the norms
+        G[: p // 4] = G[0] + float(kind[4:]) * rng.normal(size=(p // 4, n))
+    elif kind.startswith("offset"):
+        G = float(kind[6:]) + rng.normal(size=(p, n))
+    elif kind == "scales_nan":
+        G[0] *= 1e300
+        G[1] *= 1e-300
+        G[2, 1] = np.nan
+        G[3] = 0.0
+    return G
+
+
+PAIR_KINDS = ["random", "cluster", "near1e-3", "near1e-5", "offset1e2", "offset1e4",
+              "offset1e8", "scales_nan"]
+
+
+@pytest.mark.parametrize("variant", ["paper", "reference"])
+@pytest.mark.parametrize("kind", PAIR_KINDS)
+@pytest.mark.parametrize("p", [9, 48])
+def test_pair_terms_match_explicit_pair_vectors(monkeypatch, p, kind, variant):
+    """The Laplacian pair algebra gives what the explicit q(q-1)/2 pair vectors give."""
+    from flagagg.rules import _flag
+
+    G = _pair_stack(kind, p, seed=p)
+    kw = dict(r=p // 3, lam=4.0, variant=variant, max_iter=5, tol=0.0, return_result=True,
+              **PUBLISHED)
+    new = flagagg.flag_aggregate(G, **kw)
+    monkeypatch.setattr(_flag, "_Terms", PairTermsDense)
+    old = flagagg.flag_aggregate(G, **kw)
+    assert new.excluded == old.excluded
+    assert new.n_iter == old.n_iter and new.rank == old.rank
+
+    def close(a, b, rtol):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+        err = np.max(np.abs(a - b), initial=0.0)
+        assert err <= rtol * np.max(np.abs(b), initial=0.0), (err, rtol)
+
+    close(new.aggregate, old.aggregate, 1e-10)
+    close(new.objective_history, old.objective_history, 1e-10)
+    # Weights (1 - v_i + eps)^(-1/2) of rows the subspace fits have slack ~eps,
+    # where either implementation's round-off of 1e-16 in v_i moves them by
+    # ~1e-9 relative: compare the slacks, and B's eigenvalues (built from the
+    # weights) as loosely. Slacks lie in [eps, 1 + eps]: an absolute bound.
+    np.testing.assert_allclose(1 / new.weights[new.weights > 0] ** 2,
+                               1 / old.weights[old.weights > 0] ** 2, rtol=0, atol=1e-13)
+    close(new.eigenvalues, old.eigenvalues, 1e-7)
+    if not kind.startswith("near"):
+        # Each input's share c_i ||g_i|| (the coefficients span 600 decades
+        # here). Near-copies have loose coefficients: only their sum matters.
+        m = np.abs(np.nan_to_num(G)).max(axis=1, keepdims=True)
+        norms = np.ravel(m) * np.linalg.norm(np.nan_to_num(G) / np.where(m > 0, m, 1), axis=1)
+        close(new.coefficients * norms, old.coefficients * norms, 1e-10)
+        close(new.stationarity, old.stationarity, 1e-6)
+
+
+def test_pair_terms_take_both_paths():
+    """Near-copies go through the explicit differences, the other pairs the Gram form."""
+    from flagagg.rules._flag import _Terms
+
+    G = _pair_stack("near1e-5", 16, seed=1)
+    H = G / np.linalg.norm(G, axis=1, keepdims=True)
+    s, V = np.linalg.eigh(H @ H.T)
+    T = V[:, s > 1e-10 * s.max()] * np.sqrt(s[s > 1e-10 * s.max()])
+    terms = _Terms(T, 1.0, "paper")
+    close_pairs = {(int(i), int(j)) for i, j in zip(terms.ci, terms.cj, strict=True)}
+    assert close_pairs == {(i, j) for i in range(4) for j in range(i + 1, 4)}
+    assert np.count_nonzero(terms.inv_far) == 16 * 15 - 2 * len(close_pairs)
+
+
+def test_pair_terms_memory_is_quadratic_in_p():
+    """Peak memory of a lam > 0 solve grows like p^2 (the explicit pairs: p^3)."""
+    import tracemalloc
+
+    from flagagg.rules._flag import solve_gram
+
+    peaks = []
+    for p in (96, 192):
+        G = np.random.default_rng(p).normal(size=(p, 2 * p))
+        K = G @ G.T
+        solve_gram(K[:8, :8], lam=1.0)  # imports outside the measurement
+        tracemalloc.start()
+        try:
+            solve_gram(K, lam=1.0)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+    # p^2: ratio 4; p^3: 8. The explicit pair vectors alone are 192^3 * 4 bytes = 28 MB.
+    assert peaks[1] / peaks[0] < 5.0, peaks
+    assert peaks[1] < 64 * 192**2 * 8, peaks

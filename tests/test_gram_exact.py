@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import flagagg
 from flagagg._array import as_stack
 from flagagg._gram import Gram, choose_reference
-from flagagg._linalg import PARTIAL_MIN_SIZE, top_eigh
+from flagagg._linalg import PARTIAL_MAX_FRACTION, PARTIAL_MIN_SIZE, top_eigh
 from flagagg.backends import get_backend_impl
 from flagagg.rules._base import (
     combination_norm,
@@ -119,13 +119,22 @@ def test_numba_blas_path_over_many_chunks(monkeypatch, dtype, shifted):
     np.testing.assert_array_equal(K, K.T)
 
 
-@pytest.mark.parametrize("k", [5, PARTIAL_MIN_SIZE + 4])
-def test_top_eigh_matches_full_decomposition(k):
+@pytest.mark.parametrize("k,frac", [(5, 3), (PARTIAL_MIN_SIZE + 4, 3),
+                                    (PARTIAL_MIN_SIZE + 4, round(1 / PARTIAL_MAX_FRACTION))])
+def test_top_eigh_matches_full_decomposition(monkeypatch, k, frac):
+    # k // 3 eigenpairs take the full decomposition, k // 5 of a large B the partial one.
+    import scipy.linalg
+
+    calls = []
+    partial = scipy.linalg.eigh
+    monkeypatch.setattr(scipy.linalg, "eigh",
+                        lambda *a, **kw: calls.append(kw) or partial(*a, **kw))
     rng = np.random.default_rng(k)
     A = rng.normal(size=(k, k))
     B = A @ A.T
-    r = k // 3
+    r = k // frac
     vals, vecs = top_eigh(B, r)
+    assert len(calls) == (k >= PARTIAL_MIN_SIZE and r <= PARTIAL_MAX_FRACTION * k) == (frac == 5)
     full = np.linalg.eigvalsh(B)[::-1][:r]
     np.testing.assert_allclose(vals, full, rtol=1e-10)
     np.testing.assert_allclose(B @ vecs, vecs * vals, atol=1e-8 * full[0])

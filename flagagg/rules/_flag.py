@@ -49,6 +49,12 @@ RESCALE = ("auto", None, "none", "median_norm")
 RANK_RTOL = 1e-10
 # Pairs with ||h_i - h_j||^2 below this have no defined direction d_ij.
 PAIR_ATOL = 1e-12
+# Pairs with ||t_i - t_j||^2 below this fraction of ||t_i||^2 + ||t_j||^2
+# have their difference formed explicitly: the Gram form would have lost
+# more than 3 of its 16 digits on them.
+CLOSE_PAIR = 1e-3
+# Elements per chunk of explicit pair differences (8 MB of float64).
+CHUNK_ELEMENTS = 2 ** 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,46 +149,109 @@ class FlagResult(AggregationResult):
 
 
 class _Terms:
-    """The vectors of the objective as points in the ``k``-dim span coordinates."""
+    """The vectors of the objective as points in the ``k``-dim span coordinates.
+
+    The pair vectors are never formed: with ``C_ij = w_ij / ||t_i - t_j||^2``
+    (symmetric, zero diagonal),
+    ``sum_{i<j} w_ij d_ij d_ij^T = T^T (diag(C 1) - C) T``, and the pairs'
+    projections ``||U^T (t_i - t_j)||^2`` come from the ``q x q`` Gram of
+    ``T U``. That is ``O(q^2)`` memory and BLAS work. The Gram form loses
+    digits for pairs whose difference is tiny against the points themselves
+    (near-duplicate inputs); those few pairs get their differences formed
+    explicitly, in bounded chunks. Pair weights are ``q x q`` symmetric
+    matrices (or one scalar), read only at the pairs of the objective.
+    """
 
     def __init__(self, T: np.ndarray, lam: float, variant: str) -> None:
-        q = T.shape[0]
+        q, k = T.shape
         self.T = T
-        self.lam = lam
+        self.q = q
+        self.variant = variant
         n_pairs_total = q * (q - 1) // 2
         # lam / P with P = q(q-1)/2 counts every pair, defined direction or not.
         self.pair_scale = lam / n_pairs_total if n_pairs_total else 0.0
-        if lam > 0 and q > 1:
-            i, j = np.triu_indices(q, 1)
-            E = T[i] - T[j]
-            nd2 = np.einsum("ij,ij->i", E, E)
-            if variant == "paper":
-                ok = nd2 > PAIR_ATOL
-                self.D = E[ok] / np.sqrt(nd2[ok])[:, None]
-            else:
-                # The published code: un-normalised ordered-pair differences
-                # scaled by lam / (q(q-1)); both orders give the same outer
-                # product, hence the factor 2 in the weight.
-                self.D = E
-        else:
-            self.D = np.zeros((0, T.shape[1]))
+        self.has_pairs = lam > 0 and q > 1
+        # Centring changes no difference t_i - t_j and keeps the Laplacian
+        # products free of a common part the differences would cancel.
+        self.Tc = T - T.mean(axis=0) if self.has_pairs else T
+        if not self.has_pairs or variant == "reference":
+            # The published code: every ordered pair, un-normalised, scaled by
+            # lam / (q(q-1)); the weight carries the factor 2 of both orders.
+            return
+        sq = np.einsum("ij,ij->i", T, T)
+        tt = sq[:, None] + sq[None, :]
+        nd2 = np.maximum(tt - 2.0 * (T @ T.T), 0.0)
+        close = np.triu(nd2 < CLOSE_PAIR * tt, 1)
+        ci, cj = np.nonzero(close)
+        nd2_close = np.concatenate([np.einsum("ij,ij->i", E, E)
+                                    for E in self._differences(ci, cj)] or [np.zeros(0)])
+        nd2[ci, cj] = nd2[cj, ci] = nd2_close
+        ok = nd2 > PAIR_ATOL
+        np.fill_diagonal(ok, False)
+        self.has_pairs = bool(ok.any())
+        self.ok = ok
+        keep = ok[ci, cj]
+        self.ci, self.cj = ci[keep], cj[keep]
+        self.inv_close = 1.0 / nd2_close[keep]
+        # 1 / ||t_i - t_j||^2 at the pairs of the Gram form (0 elsewhere).
+        far = ok.copy()
+        far[ci, cj] = far[cj, ci] = False
+        self.inv_far = np.divide(1.0, nd2, out=np.zeros_like(nd2), where=far)
 
-    def objective_parts(self, U: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:
-        """Slack ``1 - ||U^T u||^2 + eps`` of every node and pair vector."""
-        P = self.T @ U
+    def _differences(self, ci: np.ndarray, cj: np.ndarray):
+        """The rows ``t_i - t_j`` for the pairs ``(ci, cj)``, in chunks of bounded size."""
+        step = max(1, CHUNK_ELEMENTS // max(self.T.shape[1], 1))
+        for a in range(0, ci.size, step):
+            yield self.T[ci[a:a + step]] - self.T[cj[a:a + step]]
+
+    def objective_parts(self, U: np.ndarray, eps: float,
+                        P: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Slack ``1 - ||U^T u||^2 + eps`` of every node (``q``) and pair (``q x q``) vector.
+
+        Pair slacks are 1 where there is no pair vector (the diagonal, pairs
+        without a defined direction). ``P`` is ``T @ U`` when the caller has
+        it for free (``U`` the first axes: a slice of ``T``).
+        """
+        if P is None:
+            P = self.T @ U
         v = np.einsum("ij,ij->i", P, P)
-        PD = self.D @ U
-        vp = np.einsum("ij,ij->i", PD, PD)
-        return np.maximum(1.0 - v, 0.0) + eps, np.maximum(1.0 - vp, 0.0) + eps
+        s_node = np.maximum(1.0 - v, 0.0) + eps
+        if not self.has_pairs or self.variant == "reference":
+            return s_node, np.ones((0, 0))
+        Pc = self.Tc @ U
+        vc = np.einsum("ij,ij->i", Pc, Pc)
+        pe2 = np.maximum(vc[:, None] + vc[None, :] - 2.0 * (Pc @ Pc.T), 0.0)
+        vp = pe2 * self.inv_far
+        if self.ci.size:
+            pe2_close = np.concatenate([np.einsum("ij,ij->i", EU, EU) for EU in (
+                E @ U for E in self._differences(self.ci, self.cj))])
+            vp[self.ci, self.cj] = vp[self.cj, self.ci] = pe2_close * self.inv_close
+        s_pair = np.where(self.ok, np.maximum(1.0 - vp, 0.0) + eps, 1.0)
+        return s_node, s_pair
 
     def objective(self, s_node: np.ndarray, s_pair: np.ndarray) -> float:
-        return float(np.sqrt(s_node).sum() + self.pair_scale * np.sqrt(s_pair).sum())
+        pairs = 0.0
+        if s_pair.size:
+            # Both triangles hold every pair: half the masked sum.
+            pairs = 0.5 * float(np.sqrt(s_pair, where=self.ok, out=np.zeros_like(s_pair)).sum())
+        return float(np.sqrt(s_node).sum() + self.pair_scale * pairs)
 
-    def matrix(self, w_node: np.ndarray, w_pair: np.ndarray) -> np.ndarray:
+    def matrix(self, w_node: np.ndarray, w_pair: np.ndarray | float) -> np.ndarray:
         """``B = sum_i w_i t_i t_i^T + sum_pairs w_ij d_ij d_ij^T`` (``k x k``)."""
-        B = (self.T * w_node[:, None]).T @ self.T
-        if self.D.shape[0]:
-            B += (self.D * w_pair[:, None]).T @ self.D
+        X = self.T * np.sqrt(w_node)[:, None]
+        B = X.T @ X  # numpy hands X^T X to syrk: half the products of a GEMM
+        if self.has_pairs and self.variant == "reference":
+            # sum_{i<j} (t_i - t_j)(t_i - t_j)^T = q Tc^T Tc, one weight for all.
+            B += (float(w_pair) * self.q) * (self.Tc.T @ self.Tc)
+        elif self.has_pairs:
+            C = w_pair * self.inv_far
+            B += (self.Tc * C.sum(axis=1)[:, None]).T @ self.Tc - self.Tc.T @ (C @ self.Tc)
+            if self.ci.size:
+                c = np.broadcast_to(w_pair, (self.q, self.q))[self.ci, self.cj] * self.inv_close
+                a = 0
+                for E in self._differences(self.ci, self.cj):
+                    B += (E * c[a:a + E.shape[0], None]).T @ E
+                    a += E.shape[0]
         return (B + B.T) / 2
 
 
@@ -214,7 +283,8 @@ def solve_gram(
     defer : bool, default=False
         Leave out the diagnostics of the returned subspace (``stationarity``,
         ``eigengap``, ``eigenvalues``: one more full eigendecomposition) and
-        return, under the key ``"_late"``, a function that computes them.
+        its ``basis_coefficients`` (a ``p x k x r`` product), and return,
+        under the key ``"_late"``, a function that computes them.
         The aggregation's hot path uses it; see
         :func:`flagagg.rules._result.deferred_diagnostics`.
 
@@ -256,27 +326,31 @@ def solve_gram(
         # makes every weight (1 - O(r/n) + eps)^(-1/2), equal in the limit).
         ref = _Terms(T, lam, "reference")
         c = lam / (q * (q - 1)) if q > 1 else 0.0
-        if ref.D.shape[0]:
-            _, U = _top(ref.matrix(np.ones(q), np.full(ref.D.shape[0], 2.0 * c * c)), rank)
+        P = None
+        if ref.has_pairs:
+            _, U = _top(ref.matrix(np.ones(q), 2.0 * c * c), rank)
         else:
             U = np.eye(k, rank)  # B = T^T T = S, as in the first "paper" step
-        s_node, s_pair = terms.objective_parts(U, eps)
+            P = T[:, :rank]
+        s_node, s_pair = terms.objective_parts(U, eps, P)
         history = [terms.objective(s_node, s_pair)]
         n_iter, converged = 1, False
     else:
         w_node = np.ones(q)
-        w_pair = np.full(terms.D.shape[0], terms.pair_scale)
+        w_pair = terms.pair_scale
         history = []
         converged = False
         n_iter = 0
         for n_iter in range(1, max_iter + 1):  # noqa: B007 - n_iter is reported
-            if n_iter == 1 and not terms.D.shape[0]:
+            P = None
+            if n_iter == 1 and not terms.has_pairs:
                 # Uniform weights, no pair vectors: B = T^T T = S is diagonal
                 # (descending), its top-r eigenvectors the first r axes.
                 U_new = np.eye(k, rank)
+                P = T[:, :rank]
             else:
                 _, U_new = _top(terms.matrix(w_node, w_pair), rank)
-            parts = terms.objective_parts(U_new, eps)
+            parts = terms.objective_parts(U_new, eps, P)
             value = terms.objective(*parts)
             if history and value > history[-1]:
                 # The majorisation step cannot increase F in exact arithmetic: a
@@ -304,7 +378,10 @@ def solve_gram(
         BU = B_final @ U
         resid = BU - U @ (U.T @ BU)
         nxt = eig_final[rank] if rank < k else 0.0
+        basis = np.zeros((p, rank))
+        basis[idx] = (V @ (U / np.sqrt(s)[:, None])) / norms[:, None]
         return {
+            "basis_coefficients": basis,
             "stationarity": float(np.linalg.norm(resid)
                                   / max(np.linalg.norm(BU), np.finfo(float).tiny)),
             "eigengap": float(eig_final[rank - 1] - nxt), "eigenvalues": eig_final,
@@ -320,15 +397,13 @@ def solve_gram(
         if out_norm > 0:
             coef *= _median(norms) / out_norm
 
-    basis = np.zeros((p, rank))
-    basis[idx] = (V @ (U / np.sqrt(s)[:, None])) / norms[:, None]
     ratios = np.zeros(p)
     ratios[idx] = np.clip(1.0 - (s_node - eps), 0.0, 1.0)
     weights = np.zeros(p)
     weights[idx] = weights_final
     extras = {
         "rank": rank, "r_requested": r_requested, "rank_clamped": rank < r_requested,
-        "basis_coefficients": basis, "reconstruction_ratios": ratios, "weights": weights,
+        "reconstruction_ratios": ratios, "weights": weights,
         "objective_history": np.asarray(history), "n_iter": n_iter, "converged": converged,
         "excluded": excluded, "variant": variant, "lam": float(lam), "rescale": rescale,
         "max_iter": max_iter,
