@@ -76,10 +76,16 @@ def flagged(base: dict[str, float], head: dict[str, float], factor: float):
 
 
 def verdict(base_runs: list[float], head_runs: list[float], factor: float) -> tuple[float, bool]:
-    """The ratio of the medians, and whether it confirms a slowdown of more than ``factor``."""
-    b = statistics.median(v for v in base_runs if not math.isnan(v))
-    h = statistics.median(v for v in head_runs if not math.isnan(v))
-    ratio = h / b
+    """The ratio of the medians, and whether it confirms a slowdown of more than ``factor``.
+
+    Failed runs (NaN) are left out; a side with no finished run leaves the
+    slowdown unrefuted, so it counts as confirmed (ratio NaN).
+    """
+    b_ok = [v for v in base_runs if not math.isnan(v)]
+    h_ok = [v for v in head_runs if not math.isnan(v)]
+    if not b_ok or not h_ok:
+        return math.nan, True
+    ratio = statistics.median(h_ok) / statistics.median(b_ok)
     return ratio, ratio > factor
 
 

@@ -39,6 +39,10 @@ def test_the_verdict_is_on_medians_so_one_outlier_does_not_decide():
                                                                      False)
     ratio, worse = compare.verdict([2.0, 2.1, 1.9], [4.6, 4.4, math.nan, 4.5], 1.3)
     assert worse and ratio == pytest.approx(4.5 / 2.0)
+    # a row whose every re-run failed on one side is not cleared
+    ratio, worse = compare.verdict([2.0, 2.1, 1.9], [math.nan, math.nan], 1.3)
+    assert worse and math.isnan(ratio)
+    assert compare.verdict([math.nan], [2.0, 2.0], 1.3)[1]
 
 
 class _FakeAsv:
