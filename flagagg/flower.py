@@ -175,7 +175,12 @@ class RobustStrategy(FedAvg):
     fraction_train, fraction_evaluate : float, optional
         Flower's sampling, as in ``flwr.serverapp.strategy.FedAvg``.
     min_train_nodes, min_evaluate_nodes, min_available_nodes : int, optional
-        Flower's sampling, as in FedAvg.
+        Flower's sampling, as in FedAvg. Flower sizes a round's sample from
+        the nodes connected when the round starts, before it waits for
+        ``min_available_nodes``: a first round that starts while clients are
+        still registering can sample as few as ``min_train_nodes``. A robust
+        rule's ``f`` counts replies, so set ``min_train_nodes`` to the number
+        of clients a round must hear.
     weighted_by_key, arrayrecord_key, configrecord_key : str, optional
         Record keys, as in FedAvg.
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn : callable, optional

@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import random
+import select
 import signal
 import socket
 import subprocess
@@ -78,9 +79,15 @@ def _stranger(server, response=None):
     return sock
 
 
-def _in_threads(spec, *, secret=SECRET, attack=None, worker_options=None, **server_options):
+def _in_threads(spec, *, secret=SECRET, attack=None, attack_ready=None, worker_options=None,
+                **server_options):
     """A whole run in this process (server and real workers on threads), with ``attack``
-    running beside it; returns (record, server)."""
+    running beside it; returns (record, server).
+
+    With ``attack_ready`` (an event the attack sets), the workers start only once the
+    attack is in place, so that what the attack did before training does not depend on
+    how fast the machine is.
+    """
     lines = []
     server = distributed.Server(spec, secret=SECRET, log=lines.append, **server_options)
     server.lines = lines
@@ -90,6 +97,8 @@ def _in_threads(spec, *, secret=SECRET, attack=None, worker_options=None, **serv
     if attack is not None:
         attacker = threading.Thread(target=attack, args=(server, stop), daemon=True)
         attacker.start()
+    if attack_ready is not None:
+        assert attack_ready.wait(RUN_TIMEOUT), "the attack never got in place"
     workers = [threading.Thread(target=distributed.run_worker, daemon=True,
                                 args=(spec, w, server.address),
                                 kwargs={"secret": secret, "log": lines.append,
@@ -374,33 +383,60 @@ def test_garbage_and_oversized_headers_before_and_after_authentication():
 
 
 def test_500_idle_connections_do_not_stall_training():
-    held, peak = [], [0]
+    held, shed, ready = [], [0], threading.Event()
 
     def flood(server, stop):
-        # connect and say nothing; reconnect whenever the server sheds one
+        # 500 connections that say nothing, all open before the workers start and
+        # held while training runs
         while not stop.is_set():
-            held[:] = [s for s in held if s.fileno() >= 0]
-            while len(held) < 500 and not stop.is_set():
+            poll = select.poll()  # not select(): the descriptors may pass 1024
+            for s in held:
+                poll.register(s, select.POLLIN)
+            readable = {fd for fd, _ in poll.poll(0)}
+            for s in [s for s in held if s.fileno() in readable]:
+                # the server sends a challenge, then nothing; closed means shed
+                if _at_end(s):
+                    s.close()
+                    held.remove(s)
+                    shed[0] += 1
+            while len(held) + shed[0] < 500 and not stop.is_set():
                 try:
                     held.append(socket.create_connection(server.address, timeout=5))
                 except OSError:
                     break
-                peak[0] = max(peak[0], len(held))
+            # in place once the server has shed all beyond its cap
+            if shed[0] >= 500 - 64:
+                ready.set()
             time.sleep(0.2)
         for s in held:
             s.close()
 
     spec = _spec(workers=3, rounds=12, eval_every=12, round_timeout=20)
-    record, server = _in_threads(spec, attack=flood, handshake_timeout=2.0, max_pending=64)
+    record, server = _in_threads(spec, attack=flood, attack_ready=ready,
+                                 handshake_timeout=2.0, max_pending=64)
     assert [r["received"] for r in record["rounds"]] == [3] * 12
     # a round waits for its three gradients, not for strangers: well under the
     # deadline even on a loaded machine
     assert max(r["wait_s"] for r in record["rounds"]) < 10.0, record["rounds"]
-    # How many of the flood's connections the server has shed by the end depends on
-    # how fast training went (243 of 500 on a loaded 2-core CI run): what must hold is
-    # that the flood outnumbered the cap of 64 pending connections and was shed.
-    assert peak[0] > 2 * 64 and server.refusals.total > 64, (peak[0], server.refusals.total)
+    # before training began the server had closed the 436 beyond its cap of 64, and
+    # the rest after the handshake deadline; it says so to the operator, a few lines
+    # and then a count
+    assert server.refusals.total >= 500 - 64 and shed[0] >= 500 - 64, (server.refusals.total,
+                                                                      shed[0])
     assert sum("refused" in x for x in server.lines) <= 40
+
+
+def _at_end(sock):
+    """Whether the peer has closed ``sock`` (after whatever it sent was read)."""
+    try:
+        while True:
+            data = sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            if not data:
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
 
 
 _EMFILE_SERVER = textwrap.dedent("""

@@ -127,7 +127,9 @@ SECONDS: dict[str, list[float]] = {}
 
 def strategies():
     """The three strategies compared, fresh for each run."""
-    common = dict(fraction_evaluate=0.0, min_available_nodes=CLIENTS)
+    # min_train_nodes too: Flower sizes a round's sample from the clients connected
+    # when the round starts, before waiting for min_available_nodes
+    common = dict(fraction_evaluate=0.0, min_available_nodes=CLIENTS, min_train_nodes=CLIENTS)
     return {
         "FedAvg": FedAvg(**common),
         'RobustStrategy("flag")': RobustStrategy("flag", f=BYZANTINE, **common),
