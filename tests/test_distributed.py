@@ -161,6 +161,58 @@ def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte
             read(bytes(bad))
 
 
+def _params_with_early_work(tamper):
+    """recv_frame(early=...) on a PARAMS frame whose tag is sent once the early work ran.
+
+    Returns what the early work saw, and recv_frame's (frame, result).
+    """
+    big = np.random.default_rng(2).standard_normal(70_000).astype(np.float32)
+    seen, ran = [], threading.Event()
+
+    def early(frame):
+        seen.append((frame.kind, frame.round, float(frame.array().sum())))
+        ran.set()
+        return "gradient"
+
+    sealer = Sealer(KEY, FROM_SERVER)
+    head, view, tag = sealer.seal(encode_tensor(Kind.PARAMS, big, round=4))
+    if tamper:
+        tag = bytes([tag[0] ^ 1]) + tag[1:]
+    a, b = socket.socketpair()
+    with a, b:
+        def send_tag():
+            a.sendall(bytes(head) + bytes(view))
+            # nothing of the tag is on the wire while the early work runs
+            assert ran.wait(20)
+            a.sendall(tag)
+
+        sender = threading.Thread(target=send_tag, daemon=True)
+        sender.start()
+        reader = FrameReader(8 * big.size, kinds={Kind.PARAMS}, key=KEY, direction=FROM_SERVER)
+        try:
+            return seen, recv_frame(b, reader, [], 20, early=early), big
+        finally:
+            sender.join(20)
+
+
+def test_early_work_sees_the_payload_before_its_tag_and_counts_only_once_it_checks():
+    """A worker computes while the server's tag is in flight; a bad tag still ends it."""
+    seen, (frame, result), big = _params_with_early_work(tamper=False)
+    assert seen == [(Kind.PARAMS, 4, float(big.sum()))]  # once, on the payload's bytes
+    assert (frame.kind, frame.round, result) == (Kind.PARAMS, 4, "gradient")
+    np.testing.assert_array_equal(frame.array(), big)
+    with pytest.raises(ProtocolError, match="wrong tag"):
+        _params_with_early_work(tamper=True)
+    # a frame decoded before the call is returned without early work
+    sealer = Sealer(KEY, FROM_SERVER)
+    reader = FrameReader(64, kinds={Kind.STOP}, key=KEY, direction=FROM_SERVER)
+    pending = reader.feed(_sealed(sealer, encode_json(Kind.STOP, {})))
+    a, b = socket.socketpair()
+    with a, b:
+        frame, result = recv_frame(b, reader, pending, 20, early=lambda f: "never")
+    assert frame.kind == Kind.STOP and result is None
+
+
 def test_the_tag_benchmark_times_both_sides():
     from flagagg.distributed._bench_tags import message_costs
 

@@ -586,6 +586,19 @@ class FrameReader:
                 frames.append(frame)
         return frames
 
+    def unchecked(self):
+        """The frame whose payload is complete and whose tag has not arrived yet, or None.
+
+        Neither its header nor its payload is authenticated yet: only for
+        work whose result is used once the tag has checked, and thrown away
+        (with the connection) when it does not, such as computing a gradient
+        while the tag is in flight. The payload must not be changed.
+        """
+        if self._part != 2 or self._got:
+            return None
+        _, kind, dtype, _, worker, rnd, _, seconds = self._head
+        return Frame(kind, dtype, worker, rnd, seconds, self._payload)
+
     @property
     def pending(self):
         """Bytes of an incomplete frame held back."""
@@ -656,7 +669,7 @@ def recv_exactly(sock, n, timeout):
     return bytes(buf)
 
 
-def recv_frame(sock, reader, pending, timeout):
+def recv_frame(sock, reader, pending, timeout, early=None):
     """Receive the next frame on a blocking socket.
 
     Parameters
@@ -669,6 +682,13 @@ def recv_frame(sock, reader, pending, timeout):
         Frames received earlier and not yet returned; consumed first.
     timeout : float
         Seconds to wait in all.
+    early : callable, optional
+        Called as ``early(frame)`` once, with the :meth:`FrameReader.unchecked`
+        frame, when a frame's payload has arrived and its tag has not: work
+        that overlaps the wait for the tag. With ``early``, the return value
+        is ``(frame, result)``, ``result`` being what ``early`` returned for
+        this frame (None when it was not called); it belongs to a frame
+        whose tag has checked, the same bytes ``early`` saw.
 
     Returns
     -------
@@ -682,6 +702,7 @@ def recv_frame(sock, reader, pending, timeout):
         If no complete frame came within ``timeout``.
     """
     end = time.monotonic() + timeout
+    result = None
     while not pending:
         left = end - time.monotonic()
         if left <= 0:
@@ -696,4 +717,12 @@ def recv_frame(sock, reader, pending, timeout):
         frame = reader.received(k)
         if frame is not None:
             pending.append(frame)
-    return pending.pop(0)
+        elif early is not None:
+            unchecked = reader.unchecked()
+            if unchecked is not None:
+                result = early(unchecked)
+    if early is None:
+        return pending.pop(0)
+    # the early result is for the frame that completed in this call, never for one
+    # that was already pending
+    return pending.pop(0), result

@@ -12,6 +12,7 @@ import torch
 
 from ._protocol import (
     CHALLENGE_BYTES,
+    DTYPES,
     FROM_SERVER,
     FROM_WORKER,
     HEADER,
@@ -141,6 +142,21 @@ class GradientSource:
         row = self.replica.gradients(flat, idx, self.attack, [self.worker])[0]
         payload = row.detach().to("cpu", torch.float32).numpy()
         return payload, time.perf_counter() - t0
+
+    def compute_early(self, frame):
+        """The gradient of a PARAMS frame whose tag is still in flight, or None.
+
+        The server tags its parameters once they have gone out to every
+        worker, so the tag arrives a little after them: computing meanwhile
+        takes the tag's latency off the round. Nothing computed here leaves
+        the worker before the tag has checked (a frame that fails its check
+        ends the connection). Only a frame that can be the next round's
+        parameters is worked on.
+        """
+        if frame.kind != Kind.PARAMS or DTYPES.get(frame.dtype) != np.float32 or \
+                len(frame.payload) != 4 * self.n_params or frame.round <= self.drawn:
+            return None
+        return self.compute(frame.round, frame.array().astype(np.float32))
 
     def inject(self, t, payload, log):
         """Apply this round's injected faults to ``payload``; may not return (crash).
@@ -287,13 +303,17 @@ def run_worker(spec, worker, address, *, secret, device="cpu", log=print, tls=No
         worker = slot
     try:
         while True:
-            frame = recv_frame(sock, reader, pending, IDLE_TIMEOUT)
+            frame, early = recv_frame(sock, reader, pending, IDLE_TIMEOUT,
+                                      early=source.compute_early)
             if frame.kind == Kind.STOP:
                 return 0
             if frame.kind != Kind.PARAMS:
                 continue
             t = frame.round
-            payload, seconds = source.compute(t, frame.array().astype(np.float32))
+            if early is not None:
+                payload, seconds = early
+            else:
+                payload, seconds = source.compute(t, frame.array().astype(np.float32))
             payload, action = source.inject(t, payload, log)
             if action == "hang":
                 # read and drop messages until the server stops, so that an injected
