@@ -213,6 +213,26 @@ def test_early_work_sees_the_payload_before_its_tag_and_counts_only_once_it_chec
     assert frame.kind == Kind.STOP and result is None
 
 
+def test_early_work_is_only_the_next_rounds_parameters():
+    """An unauthenticated header cannot make a worker draw minibatches up to a far round."""
+    from flagagg.distributed._protocol import Frame
+    from flagagg.distributed._worker import GradientSource
+
+    source = GradientSource(_spec(), 0, "cpu")
+    flat = np.zeros(source.n_params, np.float32)
+
+    def frame(kind=Kind.PARAMS, rnd=1, values=flat, dtype=1):
+        return Frame(kind, dtype, 0, rnd, 0.0, np.frombuffer(values.tobytes(), np.uint8))
+
+    for bad in (frame(rnd=10**15), frame(rnd=0), frame(values=flat[:-1]),
+                frame(values=flat.astype(np.float64), dtype=2), frame(kind=Kind.STOP)):
+        assert source.compute_early(bad) is None
+    assert source.drawn == 0  # nothing was drawn for them
+    payload, seconds = source.compute_early(frame(rnd=1))
+    assert payload.shape == (source.n_params,) and seconds >= 0 and source.drawn == 1
+    assert source.compute_early(frame(rnd=3)) is None  # a skipped round waits for its check
+
+
 def test_the_tag_benchmark_times_both_sides():
     from flagagg.distributed._bench_tags import message_costs
 

@@ -563,8 +563,7 @@ class FrameReader:
             )
         self._head = self._payload = self._view = self._mac = None
         self._part = self._got = 0
-        _, kind, dtype, _, worker, rnd, _, seconds = head
-        return Frame(kind, dtype, worker, rnd, seconds, payload)
+        return _frame(head, payload)
 
     def feed(self, data):
         """Add received bytes (copied in); return the frames they complete.
@@ -596,8 +595,7 @@ class FrameReader:
         """
         if self._part != 2 or self._got:
             return None
-        _, kind, dtype, _, worker, rnd, _, seconds = self._head
-        return Frame(kind, dtype, worker, rnd, seconds, self._payload)
+        return _frame(self._head, self._payload)
 
     @property
     def pending(self):
@@ -625,6 +623,12 @@ class FrameReader:
         if kind in Kind.TENSOR and dtype not in DTYPES:
             raise ProtocolError(f"unknown dtype code {dtype}")
         return head
+
+
+def _frame(head, payload):
+    """The :class:`Frame` of an unpacked header and its payload."""
+    _, kind, dtype, _, worker, rnd, _, seconds = head
+    return Frame(kind, dtype, worker, rnd, seconds, payload)
 
 
 def send_frame(sock, parts, sealer):

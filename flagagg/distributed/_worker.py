@@ -150,11 +150,13 @@ class GradientSource:
         worker, so the tag arrives a little after them: computing meanwhile
         takes the tag's latency off the round. Nothing computed here leaves
         the worker before the tag has checked (a frame that fails its check
-        ends the connection). Only a frame that can be the next round's
-        parameters is worked on.
+        ends the connection). Only parameters of the right size for the very
+        next round are worked on: the header is not authenticated yet either,
+        and a forged round far ahead would make :meth:`compute` draw every
+        minibatch up to it. Any other frame waits for its check.
         """
         if frame.kind != Kind.PARAMS or DTYPES.get(frame.dtype) != np.float32 or \
-                len(frame.payload) != 4 * self.n_params or frame.round <= self.drawn:
+                len(frame.payload) != 4 * self.n_params or frame.round != self.drawn + 1:
             return None
         return self.compute(frame.round, frame.array().astype(np.float32))
 
