@@ -368,6 +368,46 @@ def test_nnm_with_nan_rows():
     np.testing.assert_allclose(res.aggregate, orc.multi_krum(mixed, F)[0], rtol=1e-10)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 9), st.integers(0, 2 ** 32 - 1), st.sampled_from(["ties", "spread", "inf"]))
+def test_nearest_mask_is_the_first_k_of_a_stable_argsort(p, seed, kind):
+    from flagagg.rules._pre import nearest_mask
+
+    rng = np.random.default_rng(seed)
+    # Few distinct values make ties the rule, not the exception.
+    D2 = rng.integers(0, 3, size=(p, p)).astype(float) if kind == "ties" else rng.random((p, p))
+    if kind == "inf":
+        D2[rng.random((p, p)) < 0.3] = np.inf
+    np.fill_diagonal(D2, -1.0)
+    for k in range(1, p + 1):
+        want = np.zeros((p, p), dtype=bool)
+        for i in range(p):
+            want[i, np.argsort(D2[i], kind="stable")[:k]] = True
+        np.testing.assert_array_equal(nearest_mask(D2, k), want)
+
+
+def test_nnm_mixing_at_large_p_is_the_per_row_definition():
+    # Distances with exact ties (integer data), one NaN input: the vectorised
+    # neighbourhoods must be those of the definition, row by row.
+    rng = np.random.default_rng(3)
+    G = rng.integers(-2, 3, size=(40, 3)).astype(float)
+    G[7] = np.nan
+    f = 5
+    res = flagagg.aggregate(G, rule="mean", f=f, pre=["nnm"], return_result=True,
+                            backend="numpy")
+    A = res.details["mixing"]
+    finite = np.isfinite(G).all(axis=1)
+    for i in range(40):
+        if not finite[i]:
+            assert A[i].tolist() == [float(j == i) for j in range(40)]
+            continue
+        d = np.where(finite, ((G - G[i]) ** 2).sum(axis=1), np.inf)
+        d[i] = -1.0
+        want = np.zeros(40)
+        want[np.argsort(d, kind="stable")[:40 - f]] = 1.0 / (40 - f)
+        np.testing.assert_array_equal(A[i], want)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 def test_sorting_network_sorts_every_binary_input():

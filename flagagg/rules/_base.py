@@ -439,7 +439,8 @@ def transform_gram(K: np.ndarray, M: np.ndarray) -> Gram:
     """
     finite, _ = finite_rows(K)
     bad = (M[:, ~finite] != 0).any(axis=1)
-    Mf = np.where(finite[None, :], M, 0.0)
+    # All finite (the usual case): no masked copies of two p x p matrices.
+    Mf = M if finite.all() else np.where(finite[None, :], M, 0.0)
     G = _exact(K)
     ref = G.ref if G is not None else None
     if G is None or G.scaled is None:
@@ -462,8 +463,11 @@ def finite_gram(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
     """``K`` with the rows and columns of non-finite inputs set to 0.
 
     Products with coefficient vectors that are zero on those inputs then
-    stay finite (``0 * nan`` would not).
+    stay finite (``0 * nan`` would not). When every input is finite this is
+    ``K`` itself, not a copy: read it, do not write to it.
     """
+    if finite.all():
+        return np.asarray(K)
     return np.where(finite[:, None] & finite[None, :], np.asarray(K), 0.0)
 
 

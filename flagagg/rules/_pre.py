@@ -117,14 +117,25 @@ class NNM(PreAggregator):
         D2 = sq_distances(K, finite, distance_exponent(K))
         np.fill_diagonal(D2, -1.0)  # an input is its own first neighbour
         k = min(p - self.f, int(finite.sum()))
-        A = np.zeros((p, p))
-        for i in range(p):
-            if finite[i]:
-                nb = np.argsort(D2[i], kind="stable")[:k]
-                A[i, nb] = 1.0 / k
-            else:
-                A[i, i] = 1.0
+        A = nearest_mask(D2, k) * (1.0 / k)
+        bad = np.flatnonzero(~finite)
+        A[bad] = 0.0
+        A[bad, bad] = 1.0
         return A, {"neighbours": k}
+
+
+def nearest_mask(D2: np.ndarray, k: int) -> np.ndarray:
+    """``mask[i, j]``: whether ``j`` is among the ``k`` smallest of row ``i`` of ``D2``.
+
+    Ties go to the lowest index, so each row holds exactly the first ``k``
+    of a stable argsort. One partition and a few whole-matrix operations
+    (``O(p^2)``), not ``p`` sorts.
+    """
+    kth = np.partition(D2, k - 1, axis=1)[:, k - 1 : k]
+    below = D2 < kth
+    tied = D2 == kth
+    room = k - np.count_nonzero(below, axis=1, keepdims=True)
+    return below | (tied & (np.cumsum(tied, axis=1) <= room))
 
 
 class Bucketing(PreAggregator):
@@ -364,10 +375,10 @@ class ComposedRule(Rule):
         M = np.eye(stack.p)
         Kmix = K
         infos = []
-        for step in self.pre:
+        for n_step, step in enumerate(self.pre):
             Mi, info = step.mixing(Kmix)
             Kmix = mixed_gram(Kmix, Mi)
-            M = Mi @ M
+            M = Mi if n_step == 0 else Mi @ M  # a p^3 product with the identity saved
             infos.append({"step": step.name, **info})
         details = {"pre": infos, "mixing": M}
         gram_rule = isinstance(self.rule, GramRule) and self.rule._gram_only()
