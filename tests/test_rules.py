@@ -386,7 +386,7 @@ def test_nearest_mask_is_the_first_k_of_a_stable_argsort(p, seed, kind):
         np.testing.assert_array_equal(nearest_mask(D2, k), want)
 
 
-def test_nnm_mixing_at_large_p_is_the_per_row_definition():
+def test_nnm_mixing_is_the_per_row_definition_with_ties_and_nan():
     # Distances with exact ties (integer data), one NaN input: the vectorised
     # neighbourhoods must be those of the definition, row by row.
     rng = np.random.default_rng(3)

@@ -372,14 +372,17 @@ class ComposedRule(Rule):
     def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
         K = stack.gram(backend, shift=self._shift())
         finite0, excluded = finite_rows(K)
-        M = np.eye(stack.p)
+        M = None
         Kmix = K
         infos = []
-        for n_step, step in enumerate(self.pre):
+        for step in self.pre:
             Mi, info = step.mixing(Kmix)
             Kmix = mixed_gram(Kmix, Mi)
-            M = Mi if n_step == 0 else Mi @ M  # a p^3 product with the identity saved
+            # The first step's matrix is the product so far: no p^3 product with I.
+            M = Mi if M is None else Mi @ M
             infos.append({"step": step.name, **info})
+        if M is None:
+            M = np.eye(stack.p)
         details = {"pre": infos, "mixing": M}
         gram_rule = isinstance(self.rule, GramRule) and self.rule._gram_only()
         try:
