@@ -29,11 +29,13 @@ __all__ = [
     "check_f",
     "combination_norm",
     "distance_exponent",
+    "distances",
     "finite_gram",
     "finite_rows",
     "nothing_left",
     "nonfinite_or_zero",
     "normalized_gram",
+    "relative_unit_gram",
     "row_norms",
     "sq_distances",
     "transform_gram",
@@ -378,17 +380,12 @@ def unit_gram(K: np.ndarray, E: int) -> np.ndarray:
         return np.ldexp(G.scaled, e[:, None] + e[None, :])
 
 
-def sq_distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.ndarray:
-    """Squared distances ``||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij``, in units of ``2^exponent``.
+def _pair_terms(K: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(t, top)``: ``||y_i - y_j||^2 = 4^top t_ij`` (``top`` None: ``t`` is the plain value).
 
-    Round-off can make the expression slightly negative; it is clipped at
-    0. Pairs involving a non-finite input are ``+inf`` (such an input is
-    farther from everything than any finite one) and the diagonal is 0.
-    With a scaled :class:`~flagagg._gram.Gram` each pair is formed at the
-    scale of its larger input and saturates to ``+inf`` only when the
-    distance itself overflows (in units of ``2^exponent``; see
-    :func:`distance_exponent` for callers that only compare distances).
-    Distances are exact for a shifted Gram: the shift cancels.
+    With a scaled :class:`~flagagg._gram.Gram` each pair is formed at the scale
+    ``2^top`` of its larger input, so ``t`` is representable whatever the inputs'
+    magnitudes; otherwise ``t = K_ii + K_jj - 2 K_ij``.
     """
     G = _exact(K)
     with np.errstate(invalid="ignore", over="ignore", under="ignore"):
@@ -401,16 +398,97 @@ def sq_distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.nda
             sj = np.ldexp(1.0, e[None, :] - top)
             ds = np.diag(S)
             t = si * si * ds[:, None] + sj * sj * ds[None, :] - 2.0 * si * sj * S
-            D2 = np.ldexp(np.maximum(t, 0.0), 2 * (top - exponent))
+            return np.maximum(t, 0.0), top
+        d = np.diag(np.asarray(K))
+        return np.maximum(d[:, None] + d[None, :] - 2.0 * np.asarray(K), 0.0), None
+
+
+def _mark_nonfinite(D: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    D[~finite, :] = np.inf
+    D[:, ~finite] = np.inf
+    np.fill_diagonal(D, 0.0)
+    return D
+
+
+def sq_distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.ndarray:
+    """Squared distances ``||g_i - g_j||^2 = K_ii + K_jj - 2 K_ij``, in units of ``2^exponent``.
+
+    Round-off can make the expression slightly negative; it is clipped at
+    0. Pairs involving a non-finite input are ``+inf`` (such an input is
+    farther from everything than any finite one) and the diagonal is 0.
+    With a scaled :class:`~flagagg._gram.Gram` each pair is formed at the
+    scale of its larger input and saturates to ``+inf`` only when the
+    distance itself overflows (in units of ``2^exponent``; see
+    :func:`distance_exponent` for callers that only compare distances).
+    Distances are exact for a shifted Gram: the shift cancels.
+    """
+    t, top = _pair_terms(K)
+    with np.errstate(over="ignore", under="ignore"):
+        if top is not None:
+            D2 = np.ldexp(t, 2 * (top - exponent))
         else:
-            d = np.diag(np.asarray(K))
-            D2 = np.maximum(d[:, None] + d[None, :] - 2.0 * np.asarray(K), 0.0)
+            D2 = np.ldexp(t, -2 * exponent) if exponent else t
+    return _mark_nonfinite(D2, finite)
+
+
+def distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.ndarray:
+    """Distances ``||g_i - g_j||`` in units of ``2^exponent``, as :func:`sq_distances`.
+
+    The square root is taken at the pair's own scale, so a distance saturates
+    to ``+inf`` only when it is itself beyond float64 (in the units), not when
+    its square is: 1e300 apart is 1e300.
+    """
+    t, top = _pair_terms(K)
+    with np.errstate(over="ignore", under="ignore"):
+        if top is not None:
+            D = np.ldexp(np.sqrt(t), top - exponent)
+        else:
+            D = np.sqrt(t)
             if exponent:
-                D2 = np.ldexp(D2, -2 * exponent)
-    D2[~finite, :] = np.inf
-    D2[:, ~finite] = np.inf
-    np.fill_diagonal(D2, 0.0)
-    return D2
+                D = np.ldexp(D, -exponent)
+    return _mark_nonfinite(D, finite)
+
+
+def relative_unit_gram(K: np.ndarray, idx: np.ndarray,
+                       r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lengths and unit Gram of the inputs ``idx`` relative to one of them, without overflow.
+
+    For ``y_i = g_i - g_r`` (``i`` in ``idx``, ``r`` a position in ``idx``):
+    ``||y_i|| = 2^t_i n_i`` and ``U_ij = y_i . y_j / (||y_i|| ||y_j||)``.
+    Each ``y_i`` is formed at the scale ``2^t_i`` of the larger of ``g_i`` and
+    ``g_r`` (from the scaled form when ``K`` has one), so inputs of any
+    magnitude give exact directions and lengths; ``U`` is clipped to
+    ``[-1, 1]``, with rows and columns of zero-length ``y_i`` set to 0 (and 1
+    on the diagonal).
+
+    Returns
+    -------
+    n : ndarray of shape (q,)
+    t : ndarray of int, shape (q,)
+    U : ndarray of shape (q, q)
+    """
+    G = _exact(K)
+    idx = np.asarray(idx)
+    if G is not None and G.scaled is not None:
+        S = G.scaled[np.ix_(idx, idx)]
+        e = G.exponents[idx]
+    else:
+        S = np.asarray(K)[np.ix_(idx, idx)]
+        e = np.zeros(idx.size, dtype=np.int64)
+    t = np.maximum(e, e[r])
+    with np.errstate(under="ignore"):
+        a = np.ldexp(1.0, e - t)  # g_i's scale relative to y_i's, <= 1
+        b = np.ldexp(1.0, e[r] - t)  # g_r's
+    aSr = a * S[:, r]
+    # (a_i x_i - b_i x_r) . (a_j x_j - b_j x_r), x the scaled rows.
+    V = np.outer(a, a) * S - np.outer(aSr, b) - np.outer(b, aSr) + S[r, r] * np.outer(b, b)
+    n = np.sqrt(np.maximum(np.diag(V), 0.0))
+    pos = n > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        U = np.where(pos[:, None] & pos[None, :], V / np.outer(n, n), 0.0)
+    U = np.clip((U + U.T) / 2, -1.0, 1.0)
+    np.fill_diagonal(U, 1.0)
+    return n, t, U
 
 
 def combination_norm(K: np.ndarray, coef: np.ndarray) -> float:
