@@ -32,6 +32,7 @@ __all__ = [
     "distances",
     "finite_gram",
     "finite_rows",
+    "in_unit",
     "nothing_left",
     "nonfinite_or_zero",
     "normalized_gram",
@@ -39,6 +40,7 @@ __all__ = [
     "row_norms",
     "sq_distances",
     "transform_gram",
+    "unit_distances",
     "unit_gram",
     "validate_f",
 ]
@@ -450,10 +452,11 @@ def distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.ndarra
 
 
 def relative_unit_gram(K: np.ndarray, idx: np.ndarray,
-                       r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                       r: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Lengths and unit Gram of the inputs ``idx`` relative to one of them, without overflow.
 
-    For ``y_i = g_i - g_r`` (``i`` in ``idx``, ``r`` a position in ``idx``):
+    For ``y_i = g_i - g_r`` (``i`` in ``idx``, ``r`` a position in ``idx``;
+    ``y_i = g_i`` for ``r=None``, which needs an unshifted ``K``):
     ``||y_i|| = 2^t_i n_i`` and ``U_ij = y_i . y_j / (||y_i|| ||y_j||)``.
     Each ``y_i`` is formed at the scale ``2^t_i`` of the larger of ``g_i`` and
     ``g_r`` (from the scaled form when ``K`` has one), so inputs of any
@@ -475,13 +478,16 @@ def relative_unit_gram(K: np.ndarray, idx: np.ndarray,
     else:
         S = np.asarray(K)[np.ix_(idx, idx)]
         e = np.zeros(idx.size, dtype=np.int64)
-    t = np.maximum(e, e[r])
-    with np.errstate(under="ignore"):
-        a = np.ldexp(1.0, e - t)  # g_i's scale relative to y_i's, <= 1
-        b = np.ldexp(1.0, e[r] - t)  # g_r's
-    aSr = a * S[:, r]
-    # (a_i x_i - b_i x_r) . (a_j x_j - b_j x_r), x the scaled rows.
-    V = np.outer(a, a) * S - np.outer(aSr, b) - np.outer(b, aSr) + S[r, r] * np.outer(b, b)
+    if r is None:
+        t, V = e, S
+    else:
+        t = np.maximum(e, e[r])
+        with np.errstate(under="ignore"):
+            a = np.ldexp(1.0, e - t)  # g_i's scale relative to y_i's, <= 1
+            b = np.ldexp(1.0, e[r] - t)  # g_r's
+        aSr = a * S[:, r]
+        # (a_i x_i - b_i x_r) . (a_j x_j - b_j x_r), x the scaled rows.
+        V = np.outer(a, a) * S - np.outer(aSr, b) - np.outer(b, aSr) + S[r, r] * np.outer(b, b)
     n = np.sqrt(np.maximum(np.diag(V), 0.0))
     pos = n > 0
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -489,6 +495,33 @@ def relative_unit_gram(K: np.ndarray, idx: np.ndarray,
     U = np.clip((U + U.T) / 2, -1.0, 1.0)
     np.fill_diagonal(U, 1.0)
     return n, t, U
+
+
+def unit_distances(s: np.ndarray, U: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``||z - s_i u_i||`` for ``z = sum_j b_j u_j``, from lengths ``s`` and ``U_ij = u_i . u_j``.
+
+    Each distance is formed relative to ``max(s_i, ||z||)``: no squared length
+    is ever formed, so a point at ``1e300`` (in the unit of ``s``) is exact and
+    one at ``+inf`` (beyond float64 in that unit) is at ``+inf``.
+    """
+    far = np.isinf(s)
+    sf = np.where(far, 0.0, s)
+    Ub = U @ b
+    nz = np.sqrt(max(float(b @ Ub), 0.0))
+    m = np.maximum(sf, nz)
+    with np.errstate(invalid="ignore", divide="ignore", under="ignore"):
+        inv = np.where(m > 0, 1.0 / m, 0.0)
+        a = sf * inv
+        t = a * a - 2.0 * a * (Ub * inv) + (nz * inv) ** 2
+    d = m * np.sqrt(np.maximum(t, 0.0))
+    return np.where(far, np.inf, d)
+
+
+def in_unit(n: np.ndarray, t: np.ndarray, unit: float) -> np.ndarray:
+    """``2^t n / unit`` without overflow or underflow on the way (``+inf`` if it overflows)."""
+    m, e = np.frexp(unit)
+    with np.errstate(over="ignore", under="ignore"):
+        return np.ldexp(n / m, t - e)
 
 
 def combination_norm(K: np.ndarray, coef: np.ndarray) -> float:

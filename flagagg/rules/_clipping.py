@@ -15,11 +15,12 @@ from ._base import (
     GramRule,
     append_input,
     check_f,
-    distance_exponent,
     finite_gram,
     finite_rows,
+    in_unit,
     nothing_left,
-    unit_gram,
+    relative_unit_gram,
+    unit_distances,
     validate_f,
 )
 from ._result import worker_diagnostics
@@ -34,8 +35,10 @@ def centered_clipping_gram(KA: np.ndarray, finite: np.ndarray, tau: float, n_ite
     Parameters
     ----------
     KA : ndarray of shape (p + 1, p + 1) or (p, p)
-        Gram matrix of the inputs, with the starting center as a last row and
-        column when ``has_center``. Rows of non-finite inputs are ignored.
+        Gram matrix of the inputs (a :class:`~flagagg._gram.Gram` or a plain
+        matrix), with the starting center as a last row and column when
+        ``has_center`` (then it may be shifted; otherwise it must not be).
+        Rows of non-finite inputs are ignored.
     finite : ndarray of bool, shape (p,)
     tau, n_iter
         As in :class:`CenteredClipping`.
@@ -48,27 +51,40 @@ def centered_clipping_gram(KA: np.ndarray, finite: np.ndarray, tau: float, n_ite
         The result is ``a v_0 + sum_i coef_i g_i``...
     a : float
         ...with this weight on the starting center.
+
+    Notes
+    -----
+    The iterates are written ``v = v_0 + sum_i b_i u_i`` with ``u_i`` the
+    direction of ``g_i - v_0`` and lengths in units of ``tau``: each clipped
+    difference is then at most 1 long whatever ``||g_i||`` is (no squared
+    norm is formed), so an input at 1e300 is clipped like one at 10.
     """
     p = finite.size
-    KA = finite_gram(KA, np.append(finite, True) if has_center else finite)
-    dA = np.diag(KA)
-    # e = (c, a): the current center v = sum_i c_i g_i + a v_0.
-    e = np.zeros(KA.shape[0])
+    idx = np.flatnonzero(finite)
     if has_center:
-        e[p] = 1.0
+        n, t, U = relative_unit_gram(KA, np.append(idx, p), r=idx.size)
+        n, t, U = n[:-1], t[:-1], U[:-1, :-1]
+    else:
+        n, t, U = relative_unit_gram(KA, idx, r=None)
+    s = in_unit(n, t, tau)  # ||g_i - v_0|| / tau, +inf beyond float64
+    far = np.isinf(s)
+    b = np.zeros(idx.size)
     for _ in range(n_iter):
-        t = KA @ e
-        # ||g_i - v||^2 = K_ii - 2 (K e)_i + e^T K e
-        d = np.sqrt(np.maximum(dA[:p] - 2.0 * t[:p] + e @ t, 0.0))
-        with np.errstate(divide="ignore"):
-            w = np.where(d > tau, tau / d, 1.0)
-        # A non-finite input contributes nothing: it counts as an input
-        # equal to the current center.
-        w[~finite] = 0.0
-        # v <- v + (1/p) sum_i w_i (g_i - v)
-        e *= 1.0 - w.sum() / p
-        e[:p] += w / p
-    return e[:p], float(e[p]) if has_center else 0.0
+        d = unit_distances(s, U, b)
+        # (g_i - v) min(1, tau / ||g_i - v||) in units of tau is (s_i u_i - v) w_i with
+        # w_i = min(1, 1 / d_i); a point too far for float64 gives u_i - 0 v (its limit).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w = np.where(d > 1.0, 1.0 / d, 1.0)
+            pull = np.where(far, 1.0, np.where(d > 1.0, s / d, s))
+        w[far] = 0.0
+        # v <- v + (1/p) sum_i w_i (g_i - v); a non-finite input counts as one equal
+        # to the current center (it contributes nothing, the 1/p keeps counting it).
+        b = b * (1.0 - w.sum() / p) + pull / p
+    with np.errstate(divide="ignore", invalid="ignore", under="ignore"):
+        c = np.where((n > 0) & ~far, b / s, 0.0)
+    coef = np.zeros(p)
+    coef[idx] = c
+    return coef, float(1.0 - c.sum()) if has_center else 0.0
 
 
 class CenteredClipping(GramRule):
@@ -166,10 +182,7 @@ class CenteredClipping(GramRule):
         finite, excluded = finite_rows(K)
         if not finite.any():
             raise nothing_left(self.name, K.shape[0], excluded)
-        # In units of 2^E (E = 0 unless the inputs are huge or tiny), tau with them.
-        E = distance_exponent(K)
-        coef, _ = centered_clipping_gram(unit_gram(K, E), finite, float(np.ldexp(self.tau, -E)),
-                                         self.n_iter, has_center=False)
+        coef, _ = centered_clipping_gram(K, finite, self.tau, self.n_iter, has_center=False)
         return coef, {"excluded": excluded, "n_iter": self.n_iter}
 
     def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
@@ -190,9 +203,7 @@ class CenteredClipping(GramRule):
         excluded = tuple((i, why) for i, why in nonfinite if i < p)
         if not finite.any():
             raise nothing_left(self.name, p, excluded)
-        E = distance_exponent(KA)
-        coef, a = centered_clipping_gram(unit_gram(KA, E), finite, float(np.ldexp(self.tau, -E)),
-                                         self.n_iter, has_center=True)
+        coef, a = centered_clipping_gram(KA, finite, self.tau, self.n_iter, has_center=True)
         e = np.append(coef, a)
         out = aug.combine(backend, e)
         # <g_i, out> and ||out||^2 from the augmented (unshifted) Gram: no extra pass.

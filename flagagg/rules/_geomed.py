@@ -13,6 +13,7 @@ from ._base import (
     finite_rows,
     nothing_left,
     relative_unit_gram,
+    unit_distances,
     validate_f,
 )
 
@@ -73,20 +74,11 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
     b = np.zeros(q)  # the start: the origin
 
     def dist(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        # ||z - y_i|| with z = sum_j b_j u_j, each term relative to max(s_i, ||z||):
-        # no squared length is ever formed, so a point at 1e300 (in the unit) is exact.
-        Ub = U @ b
-        zz = max(float(b @ Ub), 0.0)
-        nz = np.sqrt(zz)
-        m = np.maximum(sf, nz)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            a = np.where(m > 0, sf / m, 0.0)
-            t = a * a - 2.0 * a * np.where(m > 0, Ub / m, 0.0) + np.where(m > 0, (nz / m) ** 2, 0.0)
-        d = m * np.sqrt(np.maximum(t, 0.0))
+        d = unit_distances(s, U, b)
         # s_i / d_i, the pull of point i in the step; 1 in the limit of an infinitely far one.
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(far, 1.0, sf / np.maximum(d, eps))
-        return np.where(far, np.inf, d), ratio
+        return d, ratio
 
     def objective(d: np.ndarray) -> float:
         # Huber-like smoothing of ||z - y_i||: quadratic below eps, so the
