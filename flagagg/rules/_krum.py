@@ -53,7 +53,10 @@ def krum_scores(D2: np.ndarray, n_neighbours: int) -> np.ndarray:
         return np.zeros(q)
     M = D2.copy()
     np.fill_diagonal(M, np.inf)  # an input is not its own neighbour
-    return np.sort(M, axis=1)[:, :n_neighbours].sum(axis=1)
+    # A score that overflows is +inf: such an input is farther from its neighbours
+    # than any input with a finite score, and is never picked before one.
+    with np.errstate(over="ignore"):
+        return np.sort(M, axis=1)[:, :n_neighbours].sum(axis=1)
 
 
 def _lowest(scores: np.ndarray, candidates: np.ndarray) -> int:
