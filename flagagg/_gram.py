@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Gram", "choose_reference", "stack_gram", "unshifted"]
+__all__ = ["Gram", "choose_reference", "scale_exponents", "stack_gram", "unshifted",
+           "usable_rows"]
 
 # A squared norm outside [SAFE_LO, SAFE_HI] (or exactly 0, which may be an
 # underflow) sends the row to the exact path. Inside it the products, the
@@ -46,6 +47,13 @@ SAFE_HI = 2.0 ** 800
 # lost more than 3 of its 16 digits for most inputs. Well-spread gradients
 # (ratio ~0.1 and up) never pay the extra pass.
 SHIFT_BELOW = 1e-3
+
+# Why an input is not used (see usable_rows).
+NONFINITE_VALUES = "non-finite values (NaN or Inf)"
+NOT_REPRESENTED = ("finite values, but a squared norm beyond float64 and no scaled form to "
+                   "hold it (build the Gram with scale_exponents)")
+NONFINITE_UNKNOWN = ("non-finite values (NaN or Inf), or a squared norm beyond float64 (a Gram "
+                     "matrix without its data cannot tell them apart)")
 
 
 class Gram(np.ndarray):
@@ -91,6 +99,24 @@ class Gram(np.ndarray):
         obj.unshifted = unshifted
         return obj
 
+    @classmethod
+    def from_scaled(cls, scaled: np.ndarray, exponents: np.ndarray, *, finite: np.ndarray,
+                    ref: int | None = None) -> Gram:
+        """The exact Gram ``K_ij = 2^(e_i + e_j) scaled_ij`` from its scaled form.
+
+        For a producer that has the rows only in pieces (shards on several
+        ranks): with ``exponents`` from :func:`scale_exponents` of the rows'
+        largest magnitudes (``p`` numbers to exchange), the Gram of the scaled
+        pieces ``2^-e_i g_i`` summed over pieces is ``scaled``, representable
+        whatever the rows' magnitudes; the rules then decide about every row
+        as on one machine (:func:`usable_rows`).
+        """
+        S = np.asarray(scaled, dtype=np.float64)
+        e = np.asarray(exponents, dtype=np.int64)
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            values = np.ldexp(S, e[:, None] + e[None, :])
+        return cls(values, finite=finite, ref=ref, exponents=e, scaled=S)
+
     def __array_finalize__(self, obj: Any) -> None:
         self.ref = None
         self.finite = None
@@ -113,6 +139,59 @@ class Gram(np.ndarray):
     def __reduce__(self) -> Any:
         # Pickles (results sent between processes) hold the plain matrix.
         return self.view(np.ndarray).__reduce__()
+
+
+def scale_exponents(absmax: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """Exponents ``e_i`` with ``|2^-e_i g_i| < 1`` in every coordinate (0 for non-finite rows).
+
+    Parameters
+    ----------
+    absmax : ndarray of shape (p,)
+        Largest magnitude of each row (any value for a non-finite row).
+    finite : ndarray of bool, shape (p,)
+
+    Returns
+    -------
+    exponents : ndarray of int64, shape (p,)
+        The scale of the rows in the scaled form of a :class:`Gram`: the scaled
+        rows have norms below ``sqrt(n)``, so their Gram is representable.
+    """
+    amax = np.where(finite, np.asarray(absmax, dtype=np.float64), 0.0)
+    e = np.frexp(amax)[1].astype(np.int64)
+    e[~np.asarray(finite, dtype=bool)] = 0
+    return e
+
+
+def usable_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
+    """The one decision on which inputs of a Gram matrix the rules use.
+
+    An input is used when its values are finite and the matrix represents its
+    inner products, whatever its magnitude. A :class:`Gram` built from the data
+    (:func:`stack_gram`, or :meth:`Gram.from_scaled` from pieces) knows both:
+    its finite rows are all used, a row of 1e300 included (the scaled form
+    holds it exactly). A matrix without the data (a plain ndarray) is read off
+    its diagonal, where a NaN or Inf value and a finite row whose squared norm
+    overflows both show as non-finite: such a row is not used, and the reason
+    says that the two cannot be told apart there.
+
+    Returns
+    -------
+    usable : ndarray of bool, shape (p,)
+    excluded : tuple of (int, str)
+        The other inputs, with the reason.
+    """
+    if isinstance(K, Gram) and K.finite is not None:
+        usable = K.finite.copy()
+        if K.scaled is not None:
+            return usable, tuple((int(i), NONFINITE_VALUES) for i in np.flatnonzero(~usable))
+        # Finite rows but no scaled form: a row whose diagonal overflowed is not held.
+        held = np.isfinite(K.diagonal())
+        why = {int(i): NONFINITE_VALUES for i in np.flatnonzero(~usable)}
+        why.update((int(i), NOT_REPRESENTED) for i in np.flatnonzero(usable & ~held))
+        usable &= held
+        return usable, tuple(sorted(why.items()))
+    usable = np.isfinite(np.diag(np.asarray(K)))
+    return usable, tuple((int(i), NONFINITE_UNKNOWN) for i in np.flatnonzero(~usable))
 
 
 def _plain(x: Any) -> Any:
@@ -211,8 +290,7 @@ def stack_gram(stack: Any, backend: Any, *, shift: bool = False) -> Gram:
         if ref is not None:
             # The shifted row g_i - g_ref is at most |g_i| + |g_ref| in each coordinate.
             mag = np.maximum(mag, mag[ref])
-        exponents = np.frexp(mag)[1].astype(np.int64)  # |2^-e y_i| < 1 coordinate-wise
-        exponents[~finite] = 0
+        exponents = scale_exponents(mag, finite)
         scale = np.ldexp(1.0, -exponents)
     Kt = stack.raw_gram(backend, ref=ref, scale=scale)
     unshifted = None if ref is None else K

@@ -59,7 +59,7 @@ def build(name: str, pre: str | None, f: int):
 
 
 def tolerated_f(name: str, pre: str | None, p: int = P) -> int:
-    """The largest ``f < p / 2`` the rule (after ``pre``) accepts at ``p`` inputs (0: not robust)."""
+    """The largest ``f < p / 2`` the rule (after ``pre``) accepts at ``p`` inputs (0: none)."""
     if name in NOT_ROBUST or not takes_f(name):
         return 0
     # A rule without a declared bound is held to f < p' / 2 of the p' inputs it sees
@@ -82,8 +82,9 @@ def scaled_norm(Y: np.ndarray) -> np.ndarray:
     return m * np.linalg.norm(Y / m[:, None], axis=1)
 
 
-def inputs(scenario: str, M: float, f: int, dtype: str, seed: int) -> tuple[np.ndarray, int]:
-    """``(G, h)``: ``P`` rows in ``dtype`` whose first ``h`` rows are honest.
+def inputs(scenario: str, M: float, f: int, dtype: str, seed: int, p: int = P,
+           n: int = N) -> tuple[np.ndarray, int]:
+    """``(G, h)``: ``p`` rows of ``n`` values in ``dtype`` whose first ``h`` rows are honest.
 
     ``same``: the ``f`` Byzantine rows all equal ``M`` in every coordinate.
     ``mixed``: Byzantine row ``k`` of magnitude log-spaced in ``[1e3, M]``, random
@@ -94,28 +95,29 @@ def inputs(scenario: str, M: float, f: int, dtype: str, seed: int) -> tuple[np.n
     """
     rng = np.random.default_rng(seed)
     top = float(np.finfo(dtype).max)
-    H = rng.normal(size=(P, N))
+    H = rng.normal(size=(p, n))
     mags = np.logspace(3.0, math.log10(M), max(f, 1))
-    dirs = rng.normal(size=(max(f, 1), N))
+    dirs = rng.normal(size=(max(f, 1), n))
     dirs /= np.abs(dirs).max(axis=1, keepdims=True)  # |entries| <= 1: row magnitude exactly M
     if f == 0:
         if scenario == "same":
             H = H / np.abs(H).max() * M
         elif scenario == "mixed":
-            H = H / np.abs(H).max(axis=1, keepdims=True) * np.logspace(0.0, math.log10(M), P)[:, None]
+            sizes = np.logspace(0.0, math.log10(M), p)[:, None]
+            H = H / np.abs(H).max(axis=1, keepdims=True) * sizes
         else:
             H = H + OFFSET
     elif scenario == "same":
-        H[P - f:] = M
+        H[p - f:] = M
     elif scenario == "mixed":
-        H[P - f:] = mags[:, None] * dirs
+        H[p - f:] = mags[:, None] * dirs
     else:
         H = H + OFFSET
         # 1e8 + M stays finite in the dtype: M is at most the largest value minus the offset.
-        H[P - f:] = OFFSET + min(M, top - 2 * OFFSET) * dirs
+        H[p - f:] = OFFSET + min(M, top - 2 * OFFSET) * dirs
     G = H.astype(dtype)
     assert np.isfinite(G).all()
-    return G, P - f
+    return G, p - f
 
 
 def guarantee(name: str, pre: str | None, out: np.ndarray, honest: np.ndarray, p: int,
@@ -182,27 +184,33 @@ def guarantee(name: str, pre: str | None, out: np.ndarray, honest: np.ndarray, p
 
 
 def check(name: str, pre: str | None, backend: str, dtype: str, M: float,
-          scenario: str) -> str:
-    """Run one case: "pass", "error" (flagagg's own ValueError), or raise AssertionError."""
-    f = tolerated_f(name, pre)
-    seed = zlib.crc32(f"{name}/{pre}/{dtype}/{M:g}/{scenario}".encode())
-    G, h = inputs(scenario, M, f, dtype, seed)
+          scenario: str, p: int = P, n: int = N, layers: bool = False) -> str:
+    """Run one case: "pass", "error" (flagagg's own ValueError), or raise AssertionError.
+
+    ``layers``: each input given as two per-layer arrays (the pytree path).
+    """
+    f = tolerated_f(name, pre, p)
+    seed = zlib.crc32(f"{name}/{pre}/{dtype}/{M:g}/{scenario}/{p}/{n}".encode())
+    G, h = inputs(scenario, M, f, dtype, seed, p, n)
     lib = make_lib(backend)
     rule = build(name, pre, f)
-    where = f"{name} pre={pre} {backend} {dtype} M={M:g} {scenario} f={f}"
+    where = f"{name} pre={pre} {backend} {dtype} M={M:g} {scenario} p={p} n={n} f={f}"
+    X = [[lib.to(g[: n // 3]), lib.to(g[n // 3:])] for g in G] if layers else lib.to(G)
     try:
         with warnings.catch_warnings():
             # A numerical warning from flagagg is a NaN or an overflow being made.
             warnings.filterwarnings("error", category=RuntimeWarning, module="flagagg")
-            out = rule(lib.to(G), backend=lib.backend)
+            out = rule(X, backend=lib.backend)
     except ValueError as exc:
         # flagagg's own error names the rule; anything else (NumPy's, torch's) is a defect.
         assert rule.name in str(exc) or name in str(exc), f"{where}: foreign error {exc!r}"
         return "error"
-    lib.check(out, dtype)
-    out = np.asarray(to_numpy(out))
+    for leaf in out if layers else [out]:
+        lib.check(leaf, dtype)
+    out = np.concatenate([np.asarray(to_numpy(x)) for x in out]) if layers else np.asarray(
+        to_numpy(out))
     assert np.isfinite(out).all(), f"{where}: non-finite output {out}"
-    ok, why = guarantee(name, pre, out, G[:h], P, f)
+    ok, why = guarantee(name, pre, out, G[:h], p, f)
     assert ok, f"{where}: {why}"
     return "pass"
 
@@ -218,6 +226,21 @@ def test_bounded_on_any_finite_input(name, pre, backend, dtype):
     for M in MAGNITUDES[dtype]:
         for scenario in SCENARIOS:
             check(name, pre, backend, dtype, M, scenario)
+
+
+# The kernels' other paths: p >= 96 (numba's BLAS Gram), n over several Gram chunks and
+# order-statistic segments, inputs given per layer (the row kernels), at the extremes.
+# One rule per path: a Gram rule's passes and combination, a coordinate-wise statistic,
+# and Bulyan (both).
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("p,n,layers", [(97, 40, False), (13, 5000, False), (11, 3000, True)],
+                         ids=["p97", "n5000", "layers"])
+@pytest.mark.parametrize("name", ["geometric_median", "median", "bulyan", "mean"])
+def test_bounded_on_the_kernels_other_paths(name, p, n, layers, backend, dtype):
+    M = MAGNITUDES[dtype][-1]
+    for scenario in ("mixed", "offset"):
+        check(name, None, backend, dtype, M, scenario, p=p, n=n, layers=layers)
 
 
 def test_the_matrix_covers_every_rule_and_step():

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import flagagg
 from flagagg._array import as_stack
-from flagagg._gram import Gram, choose_reference
+from flagagg._gram import Gram, choose_reference, scale_exponents, usable_rows
 from flagagg._linalg import PARTIAL_MAX_FRACTION, PARTIAL_MIN_SIZE, top_eigh
 from flagagg.backends import get_backend_impl
 from flagagg.rules._base import (
@@ -312,6 +312,57 @@ def test_finite_huge_row_is_not_nonfinite():
     assert [i for i, _ in res.excluded] == [4]
     # An overflowing Gram written out as a plain matrix still reads as non-finite there.
     assert not finite_rows(np.asarray(K))[0][0]
+
+
+def _sharded_gram(G, shards=3):
+    """The Gram a sharded producer builds: p row maxima exchanged, scaled pieces summed."""
+    finite = np.isfinite(G).all(axis=1)
+    e = scale_exponents(np.abs(np.where(np.isfinite(G), G, 0.0)).max(axis=1), finite)
+    S = sum(np.ldexp(np.where(finite[:, None], piece, 0.0), -e[:, None])
+            @ np.ldexp(np.where(finite[:, None], piece, 0.0), -e[:, None]).T
+            for piece in np.array_split(G, shards, axis=1))
+    return Gram.from_scaled(S, e, finite=finite)
+
+
+@pytest.mark.parametrize("rule,params", [("geometric_median", {}), ("krum", {"f": 1}),
+                                         ("centered_clipping", {"n_iter": 3}),
+                                         ("flag", {"r": 2}), ("mda", {"f": 1})])
+def test_overflow_decided_alike_on_every_path(rule, params):
+    # A finite row whose squared norm overflows (1e160) and a row holding NaN: the
+    # Gram built from the data and the one a sharded producer assembles from scaled
+    # pieces make the same decision (usable_rows) and give the same coefficients.
+    G = np.random.default_rng(3).normal(size=(7, 12))
+    G[5] = 1e160
+    G[6, 3] = np.nan
+    local = as_stack(G).gram(get_backend_impl("numpy"))
+    sharded = _sharded_gram(G)
+    for K in (local, sharded):
+        usable, excluded = usable_rows(K)
+        assert usable.tolist() == [True] * 6 + [False]
+        assert [i for i, _ in excluded] == [6] and "NaN" in excluded[0][1]
+        fin, why = finite_rows(K)  # the rules' helper is that one decision
+        assert np.array_equal(fin, usable) and why == excluded
+    r = flagagg.get_rule(rule, **params)
+    c_local, _ = r._coefficients(local)
+    c_sharded, _ = r._coefficients(sharded)
+    np.testing.assert_allclose(c_sharded, c_local, rtol=1e-9, atol=1e-12 * np.abs(c_local).max())
+    # Without the data, the diagonal cannot tell an overflow from an Inf: the same
+    # function decides, says so, and the row is not used (never a NaN output).
+    plain = np.asarray(local)
+    usable, excluded = usable_rows(plain)
+    assert usable.tolist() == [True] * 5 + [False, False]
+    assert "cannot tell" in dict(excluded)[5]
+    try:
+        coef, _ = r._coefficients(plain)
+    except ValueError as exc:  # MDA with f=1 and two inputs not used: its own error
+        assert rule == "mda" and "more than f=1" in str(exc)
+    else:
+        assert np.isfinite(coef).all() and coef[5] == coef[6] == 0.0
+    # Rows known finite but given without a scaled form: not held, and the reason says so.
+    bare = Gram(plain, finite=np.isfinite(G).all(axis=1))
+    usable, excluded = usable_rows(bare)
+    assert usable.tolist() == [True] * 5 + [False, False]
+    assert "scale_exponents" in dict(excluded)[5] and "NaN" in dict(excluded)[6]
 
 
 def test_transform_gram_and_combination_norm_huge():

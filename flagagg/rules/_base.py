@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from .._array import Leaf, Stack, as_stack
-from .._gram import Gram
+from .._gram import Gram, usable_rows
 from .._validation import check_int
 from ..backends import Backend, select_backend
 from ._result import (
@@ -29,6 +29,7 @@ __all__ = [
     "check_f",
     "combination_norm",
     "distance_exponent",
+    "distance_ranks",
     "distances",
     "finite_gram",
     "finite_rows",
@@ -44,8 +45,6 @@ __all__ = [
     "unit_gram",
     "validate_f",
 ]
-
-NONFINITE = "non-finite values (NaN or Inf) or an overflowing norm"
 
 
 def validate_f(rule: str, f: Any, *, required: bool = True) -> int | None:
@@ -312,10 +311,10 @@ def nonfinite_or_zero(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str],
 
 
 def finite_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]:
-    """Inputs with finite values (zero rows are kept).
+    """Inputs the rules use: finite values, represented in ``K`` (zero rows are kept).
 
-    Read from the data for a :class:`~flagagg._gram.Gram`, off the diagonal
-    of a plain matrix (where an overflowing norm counts as non-finite).
+    The decision is :func:`flagagg._gram.usable_rows`, the same for every
+    rule and every kind of Gram matrix.
 
     Returns
     -------
@@ -323,10 +322,7 @@ def finite_rows(K: np.ndarray) -> tuple[np.ndarray, tuple[tuple[int, str], ...]]
     excluded : tuple of (int, str)
         The other inputs, with the reason.
     """
-    G = _exact(K)
-    finite = G.finite.copy() if G is not None else np.isfinite(np.diag(K))
-    why = NONFINITE if G is None else "non-finite values (NaN or Inf)"
-    return finite, tuple((int(i), why) for i in np.flatnonzero(~finite))
+    return usable_rows(K)
 
 
 def row_norms(K: np.ndarray) -> np.ndarray:
@@ -449,6 +445,30 @@ def distances(K: np.ndarray, finite: np.ndarray, exponent: int = 0) -> np.ndarra
             if exponent:
                 D = np.ldexp(D, -exponent)
     return _mark_nonfinite(D, finite)
+
+
+def distance_ranks(K: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """The order of the distances ``||g_i - g_j||``, as dense ranks (equal distances, equal ranks).
+
+    For rules that only compare distances (minimum-diameter subsets): each
+    distance is ordered by its binary exponent, then its mantissa, at the
+    pair's own scale, so no comparison is lost to overflow or underflow
+    whatever the inputs' magnitudes. Pairs with a non-finite input are
+    ``+inf``; the diagonal has the lowest rank (distance 0).
+    """
+    t, top = _pair_terms(K)
+    m, ex = np.frexp(np.sqrt(t))
+    if top is not None:
+        ex = ex + top
+    ex = np.where(m == 0, np.iinfo(np.int64).min, ex)  # 0 below every positive distance
+    order = np.lexsort((m.ravel(), ex.ravel()))
+    km, ke = m.ravel()[order], ex.ravel()[order]
+    new = np.ones(order.size, dtype=np.int64)
+    new[1:] = (km[1:] != km[:-1]) | (ke[1:] != ke[:-1])
+    new[0] = 0
+    R = np.empty(order.size)
+    R[order] = np.cumsum(new)
+    return _mark_nonfinite(R.reshape(t.shape), finite)
 
 
 def relative_unit_gram(K: np.ndarray, idx: np.ndarray,

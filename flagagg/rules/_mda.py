@@ -12,9 +12,10 @@ from ._base import (
     GramRule,
     check_f,
     distance_exponent,
+    distance_ranks,
+    distances,
     finite_rows,
     nothing_left,
-    sq_distances,
     validate_f,
 )
 
@@ -33,7 +34,8 @@ def min_diameter_subset(D2: np.ndarray, f: int) -> tuple[np.ndarray, float, int]
     Parameters
     ----------
     D2 : ndarray of shape (p, p)
-        Squared distances (``+inf`` for non-finite inputs).
+        Squared distances, or anything in the same order (distances, their
+        ranks): the search only compares them. ``+inf`` for non-finite inputs.
     f : int
         Inputs removed.
 
@@ -42,7 +44,7 @@ def min_diameter_subset(D2: np.ndarray, f: int) -> tuple[np.ndarray, float, int]
     kept : ndarray of int
         Indices kept, ascending.
     diameter2 : float
-        Their squared diameter.
+        Their diameter in the units of ``D2``.
     n_subsets : int
         Subsets examined, ``C(p, f)``.
 
@@ -144,9 +146,10 @@ class MDA(GramRule):
         finite, excluded = finite_rows(K)
         if not finite.any():
             raise nothing_left(self.name, p, excluded)
-        E = distance_exponent(K)
-        kept, diam2, n_subsets = min_diameter_subset(sq_distances(K, finite, E), f)
-        if not np.isfinite(diam2):
+        # The search only compares distances: their ranks, which no magnitude can
+        # overflow (a diameter of 1e300 is compared exactly with one of 1e-300).
+        kept, rank, n_subsets = min_diameter_subset(distance_ranks(K, finite), f)
+        if not np.isfinite(rank):
             raise ValueError(
                 f"{self.name}: more than f={f} inputs hold NaN or Inf "
                 f"({len(excluded)} of p={p}); every subset of p - f inputs contains one"
@@ -154,5 +157,13 @@ class MDA(GramRule):
         coef = np.zeros(p)
         coef[kept] = 1.0 / kept.size
         return coef, {"selected": tuple(int(i) for i in kept), "excluded": excluded,
-                      "details": {"diameter": float(np.ldexp(np.sqrt(diam2), E)),
+                      "details": {"diameter": _diameter(K, finite, kept),
                                   "n_subsets": n_subsets}}
+
+
+def _diameter(K: np.ndarray, finite: np.ndarray, kept: np.ndarray) -> float:
+    """Largest distance among the inputs ``kept`` (``inf`` only beyond float64)."""
+    E = distance_exponent(K)
+    D = distances(K, finite, E)[np.ix_(kept, kept)]
+    with np.errstate(over="ignore"):
+        return float(np.ldexp(D.max(), E)) if kept.size else 0.0
