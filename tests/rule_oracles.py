@@ -145,15 +145,27 @@ def bulyan(G, f):
 
 # ----------------------------------------------------------------------------- others
 
+def norm(x):
+    """``||x||`` as nrm2 computes it: scaled by the largest magnitude, so 1e200 does not overflow."""
+    x = _f64(x)
+    m = float(np.abs(x).max()) if x.size else 0.0
+    return 0.0 if m == 0.0 else m * float(np.linalg.norm(x / m))
+
+
 def geometric_median(G, *, max_iter=5000, tol=1e-14, eps=1e-6):
-    """Smoothed Weiszfeld in n-space over the finite rows, from the mean."""
+    """Smoothed Weiszfeld in n-space over the finite rows, from the coordinate-wise median.
+
+    The start is robust (the mean would sit next to a far outlier) and every
+    norm is nrm2's, so a row at 1e300 is exact. Stops when a step is below
+    ``tol`` times the median distance to the iterate.
+    """
     X = _f64(G)[_finite(G)]
-    z = X.mean(axis=0)
+    z = np.median(X, axis=0)
     for _ in range(max_iter):
-        d = np.linalg.norm(X - z, axis=1)
+        d = np.array([norm(x - z) for x in X])
         w = 1.0 / np.maximum(d, eps)
         z_new = (w[:, None] * X).sum(axis=0) / w.sum()
-        if np.linalg.norm(z_new - z) <= tol * max(np.linalg.norm(z), 1.0):
+        if norm(z_new - z) <= tol * max(float(np.median(d)), eps):
             return z_new
         z = z_new
     return z
@@ -171,8 +183,8 @@ def centered_clipping(G, tau, n_iter, v0=None):
             if not ok[i]:
                 continue
             d = G[i] - v
-            norm = np.linalg.norm(d)
-            step += d * (min(1.0, tau / norm) if norm > 0 else 1.0)
+            dn = norm(d)
+            step += d * (min(1.0, tau / dn) if dn > 0 else 1.0)
         v = v + step / p
     return v
 

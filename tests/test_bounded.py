@@ -2,7 +2,7 @@
 
 One property, checked for every rule of :func:`flagagg.available_rules`, alone
 and behind every step of :func:`flagagg.available_pre` (so a new rule or step is
-covered without touching this file), on the numpy, numba and torch (CPU)
+covered without touching this file), on the numpy, numba, torch (CPU) and array-API
 backends, in float32 and float64: with up to the rule's tolerated ``f`` inputs
 at magnitudes 1e3 ... 1e300 (float64) or 1e3 ... 3e38 (float32), all equal,
 of mixed magnitudes and directions, or on a common offset of 1e8, the output
@@ -33,7 +33,8 @@ P, N = 11, 16
 MAGNITUDES = {"float64": (1e3, 1e30, 1e155, 1e300), "float32": (1e3, 1e20, 3e38)}
 SCENARIOS = ("same", "mixed", "offset")
 OFFSET = 1e8
-BACKENDS = tuple(b for b, mod in (("numpy", "numpy"), ("numba", "numba"), ("torch-cpu", "torch"))
+BACKENDS = tuple(b for b, mod in (("numpy", "numpy"), ("numba", "numba"), ("torch-cpu", "torch"),
+                                  ("array_api_strict", "array_api_strict"))
                  if has_module(mod))
 # Rules whose breakdown point is 0: they tolerate no Byzantine input, so they are
 # checked with every input honest (at the magnitudes, offset, or of mixed sizes).

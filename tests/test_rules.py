@@ -290,6 +290,66 @@ def test_geometric_median_reports_non_convergence():
     assert res.n_iter == 2 and not res.converged
 
 
+# The cases of issue 24: one input far off must not move the median (its breakdown
+# point is 1/2), whatever its size; the mean start and an objective-based stop did.
+@pytest.mark.parametrize("mag", [1e3, 1e6, 1e10, 1e30, 1e160, 1e300])
+def test_geometric_median_one_far_outlier(lib, mag):
+    G = np.random.default_rng(24).normal(size=(7, 5))
+    G[6] = mag
+    want = orc.geometric_median(G)
+    res = flagagg.aggregate(lib.to(G), rule="geometric_median", backend=lib.backend,
+                            return_result=True)
+    err = orc.norm(lib.back(res.aggregate) - want) / orc.norm(want)
+    assert res.converged and err < 1e-5, (err, res.n_iter)
+    tight = flagagg.aggregate(lib.to(G), rule="geometric_median", backend=lib.backend,
+                              tol=1e-12, max_iter=1000, return_result=True)
+    assert tight.converged and orc.norm(lib.back(tight.aggregate) - want) < 1e-9 * orc.norm(want)
+    # Stopped early, it says so (the old stop said converged after 9 iterations at 1e30).
+    early = flagagg.aggregate(G, rule="geometric_median", max_iter=3, return_result=True)
+    assert not early.converged and np.all(np.isfinite(early.aggregate))
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_geometric_median_one_worker_at_minus_1e8_g(dtype):
+    # p = 15, one worker sends -1e8 times the honest mean (5 % error before, float32 too).
+    H = np.random.default_rng(8).normal(size=(15, 2000))
+    H[14] = -1e8 * H[:14].mean(axis=0)
+    G = H.astype(dtype)
+    want = orc.geometric_median(G)
+    res = flagagg.aggregate(G, rule="geometric_median", return_result=True)
+    assert res.converged
+    assert orc.norm(res.aggregate.astype(np.float64) - want) < 1e-5 * orc.norm(want)
+
+
+def test_geometric_median_converged_means_stationary():
+    # converged=True certifies the pulls balance: the sum of the unit vectors from the
+    # output to the inputs is at most about tol * p (plus the eps smoothing).
+    G = stack(seed=3, kind="huge")
+    res = flagagg.aggregate(G, rule="geometric_median", tol=1e-8, return_result=True)
+    d = G - res.aggregate
+    unit = d / np.linalg.norm(d, axis=1, keepdims=True)
+    assert res.converged and np.linalg.norm(unit.sum(axis=0)) < 1e-6 * P
+
+
+@pytest.mark.parametrize("mag", [1e3, 1e155, 1e300, 3e38])
+def test_centered_clipping_clips_any_size(lib, mag):
+    # A row of 1e155 or more was not clipped (its squared distance overflowed): the
+    # output was 3.7e199 instead of about 0.4.
+    dtype = "float32" if mag == 3e38 else "float64"
+    G = np.random.default_rng(5).normal(size=(7, 4)).astype(dtype)
+    G[6] = mag
+    want = orc.centered_clipping(G, 1.0, 3)
+    for center in (None, np.full(4, 0.5, dtype=dtype)):
+        if center is not None:
+            want = orc.centered_clipping(G, 1.0, 3, v0=center)
+        rule = flagagg.get_rule("centered_clipping", tau=1.0, n_iter=3,
+                                center=None if center is None else lib.to(center))
+        out = lib.back(rule(lib.to(G), backend=lib.backend)).astype(np.float64)
+        rtol = 1e-5 if dtype == "float32" else 1e-10
+        np.testing.assert_allclose(out, want, rtol=rtol, atol=rtol)
+        assert orc.norm(out - (0 if center is None else center)) <= 3.0
+
+
 def test_centered_clipping_with_previous_center():
     G = stack(seed=5)
     rule = flagagg.get_rule("centered_clipping", tau=1.0, n_iter=2, center="previous")
