@@ -146,7 +146,7 @@ def bulyan(G, f):
 # ----------------------------------------------------------------------------- others
 
 def norm(x):
-    """``||x||`` as nrm2 computes it: scaled by the largest magnitude, so 1e200 does not overflow."""
+    """``||x||`` as nrm2 computes it: scaled by its largest magnitude, 1e200 included."""
     x = _f64(x)
     m = float(np.abs(x).max()) if x.size else 0.0
     return 0.0 if m == 0.0 else m * float(np.linalg.norm(x / m))
