@@ -10,7 +10,7 @@ is finite and within the rule's own guarantee (:func:`guarantee`), or the call
 raises flagagg's own ValueError. Never a silent NaN or a runaway output.
 
 ``python tests/test_bounded.py`` prints the matrix (rule x backend x dtype x
-magnitude) as the reStructuredText table of ``docs/rules-and-attacks.rst``.
+magnitude); with ``--compact``, the table of ``docs/rules-and-attacks.rst``.
 """
 
 from __future__ import annotations
@@ -257,27 +257,45 @@ def test_the_matrix_covers_every_rule_and_step():
     assert not ok
 
 
-def matrix() -> str:
-    """The pass/fail matrix as a reStructuredText table (rule x backend x dtype x magnitude)."""
+def matrix(compact: bool = False) -> str:
+    """The pass/fail matrix as a reStructuredText table: rule x backend x dtype x magnitude.
+
+    Each cell holds the three scenarios at one magnitude: "pass", "error"
+    (flagagg's own ValueError in every scenario) or "FAIL". ``compact``: one
+    column per backend and dtype, a cell "pass" when every magnitude passed.
+    """
     cols = [(b, d, M) for b in BACKENDS for d in ("float64", "float32") for M in MAGNITUDES[d]]
-    head = ["rule"] + [f"{b} {d[5:]} {M:.0e}".replace("e+", "e") for b, d, M in cols]
-    rows = []
+    cells: dict[tuple[str, str | None], list[str]] = {}
     for name, pre in CASES:
-        cells = []
+        row = []
         for b, d, M in cols:
             try:
                 got = {check(name, pre, b, d, M, s) for s in SCENARIOS}
-                cells.append("error" if got == {"error"} else "pass")
+                row.append("error" if got == {"error"} else "pass")
             except AssertionError:
-                cells.append("FAIL")
-        rows.append([name if pre is None else f"{pre}+{name}"] + cells)
+                row.append("FAIL")
+        cells[name, pre] = row
+    if compact:
+        groups = [(b, d) for b in BACKENDS for d in ("float64", "float32")]
+        head = ["rule"] + [f"{b} {d}" for b, d in groups]
+        rows = []
+        for (name, pre), row in cells.items():
+            out = []
+            for b, d in groups:
+                vals = {v for (cb, cd, _), v in zip(cols, row, strict=True) if (cb, cd) == (b, d)}
+                out.append("pass" if vals == {"pass"} else "/".join(sorted(vals)))
+            rows.append([name if pre is None else f"{pre}+{name}"] + out)
+    else:
+        head = ["rule"] + [f"{b} {d[5:]} {M:.0e}".replace("e+", "e") for b, d, M in cols]
+        rows = [[name if pre is None else f"{pre}+{name}"] + row
+                for (name, pre), row in cells.items()]
     widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
     line = "  ".join("=" * w for w in widths)
     fmt = [line, "  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)), line]
     fmt += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(fmt + [line])
+    return "\n".join(x.rstrip() for x in fmt + [line])
 
 
 if __name__ == "__main__":  # pragma: no cover - the docs' table
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
-    print(matrix())
+    print(matrix(compact="--compact" in sys.argv))
