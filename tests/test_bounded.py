@@ -206,6 +206,8 @@ def check(name: str, pre: str | None, backend: str, dtype: str, M: float,
         # flagagg's own error names the rule; anything else (NumPy's, torch's) is a defect.
         assert rule.name in str(exc) or name in str(exc), f"{where}: foreign error {exc!r}"
         return "error"
+    except RuntimeWarning as exc:
+        raise AssertionError(f"{where}: numerical warning {exc!r}") from None
     for leaf in out if layers else [out]:
         lib.check(leaf, dtype)
     out = np.concatenate([np.asarray(to_numpy(x)) for x in out]) if layers else np.asarray(
