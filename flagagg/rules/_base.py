@@ -480,9 +480,8 @@ def relative_unit_gram(K: np.ndarray, idx: np.ndarray,
     ``||y_i|| = 2^t_i n_i`` and ``U_ij = y_i . y_j / (||y_i|| ||y_j||)``.
     Each ``y_i`` is formed at the scale ``2^t_i`` of the larger of ``g_i`` and
     ``g_r`` (from the scaled form when ``K`` has one), so inputs of any
-    magnitude give exact directions and lengths; ``U`` is clipped to
-    ``[-1, 1]``, with rows and columns of zero-length ``y_i`` set to 0 (and 1
-    on the diagonal).
+    magnitude give exact directions and lengths; rows and columns of
+    zero-length ``y_i`` are 0 in ``U`` (with 1 on the diagonal).
 
     Returns
     -------
@@ -492,41 +491,55 @@ def relative_unit_gram(K: np.ndarray, idx: np.ndarray,
     """
     G = _exact(K)
     idx = np.asarray(idx)
+    whole = idx.size == K.shape[0]  # idx is every input (the usual case): no copy of K
     if G is not None and G.scaled is not None:
-        S = G.scaled[np.ix_(idx, idx)]
+        S = G.scaled if whole else G.scaled[np.ix_(idx, idx)]
         e = G.exponents[idx]
+        if r is None:
+            t, V = e, S
+        else:
+            t = np.maximum(e, e[r])
+            with np.errstate(under="ignore"):
+                a = np.ldexp(1.0, e - t)  # g_i's scale relative to y_i's, <= 1
+                b = np.ldexp(1.0, e[r] - t)  # g_r's
+            aSr = a * S[:, r]
+            # (a_i x_i - b_i x_r) . (a_j x_j - b_j x_r), x the scaled rows.
+            V = np.outer(a, a) * S - np.outer(aSr, b) - np.outer(b, aSr) + S[r, r] * np.outer(b, b)
     else:
-        S = np.asarray(K)[np.ix_(idx, idx)]
-        e = np.zeros(idx.size, dtype=np.int64)
-    if r is None:
-        t, V = e, S
-    else:
-        t = np.maximum(e, e[r])
-        with np.errstate(under="ignore"):
-            a = np.ldexp(1.0, e - t)  # g_i's scale relative to y_i's, <= 1
-            b = np.ldexp(1.0, e[r] - t)  # g_r's
-        aSr = a * S[:, r]
-        # (a_i x_i - b_i x_r) . (a_j x_j - b_j x_r), x the scaled rows.
-        V = np.outer(a, a) * S - np.outer(aSr, b) - np.outer(b, aSr) + S[r, r] * np.outer(b, b)
+        # Every input of ordinary magnitude: the same formula with a = b = 1, in place.
+        S = np.asarray(K) if whole else np.asarray(K)[np.ix_(idx, idx)]
+        t = np.zeros(idx.size, dtype=np.int64)
+        if r is None:
+            V = S
+        else:
+            Sr = S[:, r].copy()
+            V = S - Sr[:, None]
+            V -= Sr[None, :]
+            V += Sr[r]
     n = np.sqrt(np.maximum(np.diag(V), 0.0))
-    pos = n > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        U = np.where(pos[:, None] & pos[None, :], V / np.outer(n, n), 0.0)
-    U = np.clip((U + U.T) / 2, -1.0, 1.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(n > 0, 1.0 / n, 0.0)
+    # Round-off may put an entry a little outside [-1, 1]; the distances formed from
+    # U clip at 0, so that is harmless. Rows of zero length are 0, with 1 on the diagonal.
+    U = V * inv[:, None]
+    U *= inv[None, :]
     np.fill_diagonal(U, 1.0)
     return n, t, U
 
 
-def unit_distances(s: np.ndarray, U: np.ndarray, b: np.ndarray) -> np.ndarray:
+def unit_distances(s: np.ndarray, U: np.ndarray, b: np.ndarray,
+                   Ub: np.ndarray | None = None) -> np.ndarray:
     """``||z - s_i u_i||`` for ``z = sum_j b_j u_j``, from lengths ``s`` and ``U_ij = u_i . u_j``.
 
     Each distance is formed relative to ``max(s_i, ||z||)``: no squared length
     is ever formed, so a point at ``1e300`` (in the unit of ``s``) is exact and
-    one at ``+inf`` (beyond float64 in that unit) is at ``+inf``.
+    one at ``+inf`` (beyond float64 in that unit) is at ``+inf``. ``Ub``:
+    ``U @ b`` when the caller has it.
     """
     far = np.isinf(s)
     sf = np.where(far, 0.0, s)
-    Ub = U @ b
+    if Ub is None:
+        Ub = U @ b
     nz = np.sqrt(max(float(b @ Ub), 0.0))
     m = np.maximum(sf, nz)
     with np.errstate(invalid="ignore", divide="ignore", under="ignore"):

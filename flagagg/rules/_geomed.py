@@ -34,6 +34,9 @@ def medoid(D: np.ndarray) -> int:
     cannot overflow; a distance that did overflow counts as twice that (it
     is larger than every finite one, and the same for every honest point).
     """
+    sums = D.sum(axis=1)
+    if np.isfinite(sums).all():  # the usual case: no distance, and no sum, overflowed
+        return int(np.argmin(sums))
     fin = np.isfinite(D)
     top = float(D[fin].max()) if fin.any() else 0.0
     if top == 0.0:
@@ -73,8 +76,8 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
     sf = np.where(far, 0.0, s)
     b = np.zeros(q)  # the start: the origin
 
-    def dist(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        d = unit_distances(s, U, b)
+    def dist(b: np.ndarray, Ub: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        d = unit_distances(s, U, b, Ub)
         # s_i / d_i, the pull of point i in the step; 1 in the limit of an infinitely far one.
         with np.errstate(invalid="ignore", divide="ignore"):
             ratio = np.where(far, 1.0, sf / np.maximum(d, eps))
@@ -86,13 +89,16 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
         dm = np.minimum(d, eps)
         return float(np.where(d >= eps, d, dm * dm / (2 * eps) + eps / 2).sum())
 
-    d, ratio = dist(b)
+    Ub = np.zeros(q)
+    d, ratio = dist(b, Ub)
     # The first step from the start (a point that coincides with y_i for s_i = 0)
     # leaves those points out: with them at weight 1 / eps it would be eps long, and
     # smoothed Weiszfeld would creep away from a data point one eps at a time.
     w = np.where(far | (s == 0), 0.0, 1.0 / np.maximum(d, eps))
-    b = ratio / w.sum() if w.sum() > 0 else b
-    d, ratio = dist(b)
+    if w.sum() > 0:
+        b = ratio / w.sum()
+        Ub = U @ b
+        d, ratio = dist(b, Ub)
     history = [objective(d)]
     converged = False
     for _ in range(max_iter - 1):
@@ -100,16 +106,17 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
         w = np.where(far, 0.0, 1.0 / np.maximum(d, eps))
         W = w.sum()
         b_new = ratio / W
+        Ub_new = U @ b_new
         step = b_new - b
         # The step is minus the gradient over W, and each point pulls with at most 1:
         # stop when the pulls balance to tol (the gradient is at most tol q), i.e. when
         # the step, with the honest scale (1) as curvature radius, is at most tol long.
         # (A step alone can be short without the gradient being so, at a data point.)
-        grad = W * np.sqrt(max(float(step @ U @ step), 0.0))
-        if grad <= tol * q:
-            converged = True
-        b = b_new
-        d, ratio = dist(b)
+        # ||step||^2 from the products at hand, confirmed exactly before stopping.
+        if W * W * max(float(step @ (Ub_new - Ub)), 0.0) <= (tol * q) ** 2:
+            converged = W * np.sqrt(max(float(step @ (U @ step)), 0.0)) <= tol * q
+        b, Ub = b_new, Ub_new
+        d, ratio = dist(b, Ub)
         history.append(objective(d))
         if converged:
             break
@@ -149,7 +156,8 @@ def weiszfeld_gram(K: np.ndarray, idx: np.ndarray, *, max_iter: int, tol: float,
     E = distance_exponent(K)
     finite = np.zeros(K.shape[0], dtype=bool)
     finite[idx] = True
-    r = medoid(distances(K, finite, E)[np.ix_(idx, idx)])
+    D = distances(K, finite, E)
+    r = medoid(D if q == K.shape[0] else D[np.ix_(idx, idx)])
     # Lengths ||g_i - g_r|| = 2^t_i n_i and the unit Gram of the g_i - g_r.
     n, t, U = relative_unit_gram(K, idx, r)
     coef = np.zeros(q)
