@@ -18,12 +18,17 @@ from flagagg._linalg import PARTIAL_MAX_FRACTION, PARTIAL_MIN_SIZE, top_eigh
 from flagagg.backends import get_backend_impl
 from flagagg.rules._base import (
     combination_norm,
+    distance_ranks,
+    distances,
     finite_rows,
+    in_unit,
     nonfinite_or_zero,
     normalized_gram,
+    relative_unit_gram,
     row_norms,
     sq_distances,
     transform_gram,
+    unit_distances,
 )
 
 import rule_oracles as orc
@@ -363,6 +368,56 @@ def test_overflow_decided_alike_on_every_path(rule, params):
     usable, excluded = usable_rows(bare)
     assert usable.tolist() == [True] * 5 + [False, False]
     assert "scale_exponents" in dict(excluded)[5] and "NaN" in dict(excluded)[6]
+
+
+def _mixed_rows(seed=0):
+    """Rows from 1e-300 to 1e300 (squared norms under- and overflow), two of them equal."""
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(8, 6)) * np.array([1e-300, 1e-150, 1.0, 1.0, 3.0, 1e150, 1e200,
+                                            1e300])[:, None]
+    G[3] = G[2]
+    return G
+
+
+def test_distances_and_their_order_at_any_magnitude():
+    G = _mixed_rows()
+    K = as_stack(G).gram(get_backend_impl("numpy"))
+    fin = np.ones(8, dtype=bool)
+    want = np.array([[orc.norm(a - b) for b in G] for a in G])
+    E = -7
+    np.testing.assert_allclose(np.ldexp(distances(K, fin, E), E), want, rtol=1e-12)
+    R = distance_ranks(K, fin)
+    # Same order as the n-space distances, ties (the equal rows) kept as ties.
+    iu = np.triu_indices(8, 1)
+    w, r = want[iu], R[iu]
+    assert np.array_equal(np.sign(w[:, None] - w[None, :]), np.sign(r[:, None] - r[None, :]))
+
+
+@pytest.mark.parametrize("r", [None, 2, 7])
+def test_relative_unit_gram_and_unit_distances_at_any_magnitude(r):
+    # Lengths and directions of g_i - g_r from the scaled Gram, and distances from a
+    # combination of them, against n-space with nrm2-safe norms.
+    G = _mixed_rows(1)
+    K = as_stack(G).gram(get_backend_impl("numpy"))
+    n, t, U = relative_unit_gram(K, np.arange(8), r)
+    Y = G - (0.0 if r is None else G[r])
+    lengths = np.array([orc.norm(y) for y in Y])
+    np.testing.assert_allclose(np.ldexp(n, t), lengths, rtol=1e-12)
+    pos = lengths > 0
+    unit = np.array([y / orc.norm(y) if orc.norm(y) > 0 else 0.0 * y for y in Y])
+    np.testing.assert_allclose(U[np.ix_(pos, pos)], (unit @ unit.T)[np.ix_(pos, pos)],
+                               atol=1e-12)
+    # z = 0.3 u_a + 0.2 u_b in units of 2 (lengths in that unit may overflow: +inf).
+    s = in_unit(n, t, 2.0)
+    b = np.zeros(8)
+    a, c = (3, 4) if r != 2 else (4, 5)
+    b[a], b[c] = 0.3, 0.2
+    z = 2.0 * (0.3 * unit[a] + 0.2 * unit[c])
+    want = np.array([orc.norm(z - y) for y in Y]) / 2.0
+    got = unit_distances(s, U, b)
+    finite = np.isfinite(s)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-10)
+    assert np.all(np.isinf(got[~finite]))
 
 
 def test_transform_gram_and_combination_norm_huge():

@@ -69,7 +69,10 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
     history : ndarray of shape (n_iter,)
         Smoothed objective after each iteration (``+inf`` if a length is).
     converged : bool
-        Whether the last step was at most ``tol`` long.
+        Whether the pulls balanced to ``tol``: the gradient of the smoothed
+        objective (a sum of ``q`` pulls of length at most 1) was at most
+        ``tol q`` long, i.e. the step at most ``tol`` long with the unit as
+        curvature radius.
     """
     q = s.size
     far = np.isinf(s)
@@ -113,8 +116,9 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
         # the step, with the honest scale (1) as curvature radius, is at most tol long.
         # (A step alone can be short without the gradient being so, at a data point.)
         # ||step||^2 from the products at hand, confirmed exactly before stopping.
-        if W * W * max(float(step @ (Ub_new - Ub)), 0.0) <= (tol * q) ** 2:
-            converged = W * np.sqrt(max(float(step @ (U @ step)), 0.0)) <= tol * q
+        # (Divided by W, not multiplied: W is up to q / eps.)
+        if np.sqrt(max(float(step @ (Ub_new - Ub)), 0.0)) <= tol * q / W:
+            converged = bool(np.sqrt(max(float(step @ (U @ step)), 0.0)) <= tol * q / W)
         b, Ub = b_new, Ub_new
         d, ratio = dist(b, Ub)
         history.append(objective(d))
