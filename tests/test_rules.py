@@ -350,6 +350,18 @@ def test_centered_clipping_clips_any_size(lib, mag):
         assert orc.norm(out - (0 if center is None else center)) <= 3.0
 
 
+@pytest.mark.xfail(strict=True, reason="per-input cosine of a finite input whose squared norm "
+                   "overflows is NaN: rules/_result.py forms it from the plain Gram (issue 24, "
+                   "left to the owner of _result.py)")
+@pytest.mark.parametrize("rule,params", [("geometric_median", {}), ("median", {})])
+def test_diagnostics_of_a_huge_finite_input_are_finite(rule, params):
+    G = np.random.default_rng(6).normal(size=(7, 5))
+    G[6] = 1e200
+    res = flagagg.aggregate(G, rule=rule, return_result=True, **params)
+    assert res.excluded == () and np.isfinite(res.aggregate).all()
+    assert np.isfinite(res.cosine).all() and np.isfinite(res.influence).all()
+
+
 def test_centered_clipping_with_previous_center():
     G = stack(seed=5)
     rule = flagagg.get_rule("centered_clipping", tau=1.0, n_iter=2, center="previous")
