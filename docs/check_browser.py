@@ -124,7 +124,9 @@ MEASURE_JS = r"""
   for (const el of [article, ...article.querySelectorAll('*')]) {
     if (el.closest('mjx-assistive-mml')) continue;      // MathJax's hidden copy for readers
     const cs = getComputedStyle(el);
-    if (cs.display.startsWith('inline') && cs.display !== 'inline-block') continue;
+    // inline boxes (words, inline code, inline math) overflow into their line: what
+    // matters is whether the block around them does
+    if (cs.display.startsWith('inline')) continue;
     if (!shown(el)) continue;
     const over = el.scrollWidth - el.clientWidth;
     if (over <= 1) continue;
@@ -398,7 +400,7 @@ def default_pages(html: Path) -> list[str]:
     """Top-level pages, the gallery and the API pages of a build (names without .html)."""
     skip = {"genindex", "search", "py-modindex"}
     pages = [p.stem for p in sorted(html.glob("*.html")) if p.stem not in skip]
-    for folder in ("auto_examples", "api"):
+    for folder in ("auto_examples", "api", "generated"):
         pages += [f"{folder}/{p.stem}" for p in sorted((html / folder).glob("*.html"))]
     return pages
 

@@ -110,9 +110,12 @@ sphinx_gallery_conf = {
     "capture_repr": ("_repr_html_",),
     "matplotlib_animations": False,
     "image_scrapers": ("matplotlib",),
-    "reset_modules": ("matplotlib",),
+    "reset_modules": ("matplotlib", "flagagg_gallery.reset_torch_threads"),
+    "reset_modules_order": "both",
     "show_memory": False,
     "min_reported_time": 1,
+    # its page of execution times loads jQuery and DataTables from CDNs
+    "write_computation_times": False,
     "line_numbers": False,
     "plot_gallery": "True",
 }

@@ -17,9 +17,13 @@ by how the rule aggregates.
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 
 from flagagg import sim
 
+# The models are tiny: one thread is faster than waking a pool of them for
+# every small operation (several times faster on a busy machine).
+torch.set_num_threads(1)
 data = sim.load_dataset("digits")
 rules = ["mean", "flag", "median", "multi_krum", "geometric_median"]
 attacks = ["none", "reverse", "random", "little_is_enough", "fall_of_empires",
