@@ -127,6 +127,8 @@ MEASURE_JS = r"""
     // inline boxes (words, inline code, inline math) overflow into their line: what
     // matters is whether the block around them does
     if (cs.display.startsWith('inline')) continue;
+    const parent = el.parentElement;
+    if (parent && getComputedStyle(parent).display.startsWith('inline')) continue;
     if (!shown(el)) continue;
     const over = el.scrollWidth - el.clientWidth;
     if (over <= 1) continue;
