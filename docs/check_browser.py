@@ -454,9 +454,11 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for rep in reports:
         m = rep.measured
+        scrolling = sum(b["overflow"] in ("auto", "scroll") for b in m.get("boxes", []))
         info = (f"math {m.get('math_rendered', 0)}/{m.get('math', 0)}, "
                 f"left links {m.get('primary_sidebar_links')}, "
-                f"right links {m.get('secondary_sidebar_links')}") if m else ""
+                f"right links {m.get('secondary_sidebar_links')}, "
+                f"{scrolling} wide boxes scroll") if m else ""
         print(f"{'FAIL' if rep.problems else 'ok  '} {rep.page:40s} {info}")
         for text in rep.problems:
             print(f"       - {text}")
