@@ -135,9 +135,13 @@ class Rule(Params):
             The number of inputs the rule itself sees.
         """
         f = getattr(self, "f", None)
-        if self.p_bound is not None and f is not None:
-            a, b = self.p_bound
-            check_f(self.name, f, p, a * f + b, f"p >= {a}f + {b}")
+        if f is None:
+            return p
+        # A rule with no bound of its own (the mean, the Flag Aggregator) still
+        # refuses an f that no rule could tolerate: f faulty inputs of p are a
+        # majority or a tie when 2f >= p.
+        a, b = self.p_bound if self.p_bound is not None else (2, 1)
+        check_f(self.name, f, p, a * f + b, f"p >= {a}f + {b}")
         return p
 
     def __call__(
@@ -163,6 +167,7 @@ class Rule(Params):
         if backend is None:
             backend = getattr(self, "backend", None)
         stack = as_stack(gradients)
+        self.check_workers(stack.p)
         impl = select_backend(backend, stack.sample, stack.library)
         result = self._aggregate(stack, impl)
         out = result.aggregate
@@ -238,7 +243,7 @@ def _with_data_diagnostics(result: AggregationResult, stack: Stack,
     # Influence and cosine do not change with scale: in units of 2^E nothing overflows.
     KA = unit_gram(KA, distance_exponent(KA))
     diag = worker_diagnostics(KA[:p, p], np.diag(KA)[:p], float(KA[p, p]),
-                              result.coefficients, excluded)
+                              result.coefficients, excluded, KA[:p, :p])
     return dataclasses.replace(result, excluded=excluded, **diag)
 
 

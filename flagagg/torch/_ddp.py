@@ -41,6 +41,14 @@ class DDPHookState:
     coefficients : ndarray of shape (p,) or None
         The last step's coefficients ``c`` (aggregate ``sum_r c_r g_r``) for
         rules that have them.
+    influence : ndarray of shape (p,) or None
+        The last step's signed share of each rank in the aggregate, as
+        :attr:`flagagg.AggregationResult.influence`.
+    cosine : ndarray of shape (p,) or None
+        The last step's ``cos(g_r, out)`` for each rank (NaN for excluded ranks).
+    verdict : tuple of str
+        The last step's verdict on each rank, as
+        :attr:`flagagg.AggregationResult.verdict`.
     steps : int
         Steps aggregated so far.
     elements_sent : int
@@ -54,10 +62,21 @@ class DDPHookState:
     process_group: Any = None
     excluded: tuple = ()
     coefficients: np.ndarray | None = None
+    influence: np.ndarray | None = None
+    cosine: np.ndarray | None = None
+    verdict: tuple = ()
     steps: int = 0
     elements_sent: int = 0
     _pending: dict = field(default_factory=dict, repr=False)
     _count: int | None = field(default=None, repr=False)
+    _checked: int | None = field(default=None, repr=False)
+
+    @property
+    def suspects(self) -> tuple[int, ...]:
+        """Ranks the last step found suspect, as :attr:`flagagg.AggregationResult.suspects`."""
+        from ..rules._result import suspects_of
+
+        return suspects_of(self.verdict)
 
 
 def _kind(rule: Any) -> str:
@@ -149,10 +168,32 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
             f"rule {agg.name!r} needs the whole gradients of every rank; use mode='gather' "
             "(sharded mode runs rules that need only the Gram matrix, and coordinate-wise rules)"
         )
-    return DDPHookState(agg, mode, process_group), _hook
+    state = DDPHookState(agg, mode, process_group)
+    if dist.is_available() and dist.is_initialized():
+        # The world size is known: a rule that cannot run on it fails here, in
+        # its own words, not at the first backward() inside DDP's reducer.
+        _check_world(state)
+    return state, _hook
 
 
-def _hook(state: DDPHookState, bucket: Any) -> torch.futures.Future:
+def _check_world(state: DDPHookState) -> int:
+    """Check the rule's bound on p against the group's size (once per size)."""
+    world = dist.get_world_size(state.process_group)
+    if state._checked != world:
+        try:
+            state.rule.check_workers(world)
+        except ValueError as exc:
+            raise ValueError(f"flagagg DDP hook on {world} ranks: {exc}") from None
+        state._checked = world
+    return world
+
+
+def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Collect ``bucket``; once the last one is in, aggregate them all (see the module doc)."""
+    if state._count is None and not state._pending:
+        # First bucket of a step: a configuration error is raised here, as a
+        # Python exception from the hook, before any future exists.
+        _check_world(state)
     fut: torch.futures.Future = torch.futures.Future()
     state._pending[bucket.index()] = (bucket.buffer(), fut)
     if bucket.is_last():
@@ -171,6 +212,13 @@ def _hook(state: DDPHookState, bucket: Any) -> torch.futures.Future:
     return fut
 
 
+# torch's register_comm_hook compares these annotations with the objects
+# themselves (torch >= 2.x); under ``from __future__ import annotations``
+# they would be strings, which it refuses.
+_hook.__annotations__ = {"state": DDPHookState, "bucket": dist.GradBucket,
+                         "return": torch.futures.Future[torch.Tensor]}
+
+
 def _all_gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, tensor, group=group)
@@ -179,6 +227,8 @@ def _all_gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
 
 def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
     """Aggregate the flat gradient made of ``buffers`` and write it back into them."""
+    from ..rules._result import worker_diagnostics
+
     group = state.process_group
     world = dist.get_world_size(group)
     flat = torch.cat([b.reshape(-1) for b in buffers])
@@ -189,12 +239,23 @@ def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
     keep = np.flatnonzero(flags)
     excluded = [(int(r), "non-finite values (NaN or Inf)") for r in np.flatnonzero(~flags)]
     if state.mode == "gather":
-        out, coef, rule_excluded = _gather_step(state, flat, keep, world)
+        out, coef, rule_excluded, stats = _gather_step(state, flat, keep, world)
     else:
-        out, coef, rule_excluded = _sharded_step(state, flat, keep, world)
+        out, coef, rule_excluded, stats = _sharded_step(state, flat, keep, world)
     excluded += [(int(keep[i]), reason) for i, reason in rule_excluded]
     state.excluded = tuple(sorted(excluded))
     state.coefficients = coef
+    if stats is None:  # every rank left out
+        state.influence, state.cosine = None, np.full(world, np.nan)
+        state.verdict = tuple(f"excluded: {why}" for _, why in state.excluded)
+    elif isinstance(stats, dict):  # gather: the rule's own result, on the kept ranks
+        state.influence, state.cosine, state.verdict = _spread(stats, keep, state.excluded,
+                                                               world)
+    else:
+        inner, sq_norms, out_sq, K = stats
+        diag = worker_diagnostics(inner, sq_norms, out_sq, coef, state.excluded, K)
+        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
+                                                        diag["verdict"])
     state.steps += 1
     start = 0
     for b in buffers:
@@ -202,23 +263,52 @@ def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
         start += b.numel()
 
 
+def _inner_stats(rows: torch.Tensor, out: torch.Tensor) -> np.ndarray:
+    """``[<g_r, out> for r, ||g_r||^2 for r, ||out||^2]`` in float64, for diagnostics."""
+    R = rows.to(torch.float64)
+    o = out.to(torch.float64)
+    return torch.cat([R @ o, (R * R).sum(dim=1), (o @ o).reshape(1)]).cpu().numpy()
+
+
+def _split_stats(v: np.ndarray, world: int) -> tuple:
+    return v[:world], v[world:2 * world], float(v[2 * world]), None
+
+
+def _spread(res: dict, keep: np.ndarray, excluded: tuple, world: int) -> tuple:
+    """The kept ranks' diagnostics put at their ranks; excluded ranks say why."""
+    reasons = dict(excluded)
+    influence = None
+    if res["influence"] is not None:
+        influence = np.zeros(world)
+        influence[keep] = res["influence"]
+    cosine = np.full(world, np.nan)
+    if res["cosine"] is not None:
+        cosine[keep] = res["cosine"]
+    verdict = [f"excluded: {reasons.get(r, '')}" for r in range(world)]
+    for i, r in enumerate(keep.tolist()):
+        verdict[r] = f"excluded: {reasons[r]}" if r in reasons else res["verdict"][i]
+    return influence, cosine, tuple(verdict)
+
+
 def _gather_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
-                 world: int) -> tuple[torch.Tensor, np.ndarray | None, list]:
+                 world: int) -> tuple[torch.Tensor, np.ndarray | None, list, tuple | None]:
     parts = _all_gather(flat, state.process_group)
     state.elements_sent += flat.numel() * (world - 1)
     if keep.size == 0:
-        return torch.zeros_like(flat), None, []
+        return torch.zeros_like(flat), None, [], None
     res = state.rule([parts[r] for r in keep.tolist()], return_result=True)
     coef = None
     if res.coefficients is not None:
         coef = np.zeros(world)
         coef[keep] = res.coefficients
-    return res.aggregate.to(flat.dtype), coef, list(res.excluded)
+    stats = {"influence": res.influence, "cosine": res.cosine, "verdict": res.verdict}
+    return res.aggregate.to(flat.dtype), coef, list(res.excluded), stats
 
 
 def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
-                  world: int) -> tuple[torch.Tensor, np.ndarray | None, list]:
+                  world: int) -> tuple[torch.Tensor, np.ndarray | None, list, tuple | None]:
     from ..backends import select_backend
+    from ..rules._result import gram_stats
 
     group = state.process_group
     n = flat.numel()
@@ -231,10 +321,15 @@ def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
     X = recv.view(world, s)  # row r: rank r's values of this rank's shard
     coef = None
     rule_excluded: list = []
+    stats = None
     if keep.size == 0:
         shard = torch.zeros(s, dtype=flat.dtype, device=flat.device)
     elif _kind(state.rule) == "coordinate":
         shard = state.rule(X if keep.size == world else X[torch.as_tensor(keep)])
+        # Inner products with the output, shard by shard, summed in rank order
+        # like K below: 2p + 1 numbers per rank.
+        part = torch.as_tensor(_inner_stats(X, shard), device=flat.device)
+        stats = _split_stats(sum(q.cpu().numpy() for q in _all_gather(part, group)), world)
     else:
         impl = select_backend(None, X, "torch")
         K_part = torch.as_tensor(impl.gram(X), device=flat.device)
@@ -245,6 +340,7 @@ def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
         coef = np.zeros(world)
         coef[keep] = coef_kept
         shard = impl.combine(coef, X)
+        stats = gram_stats(K, coef)
     shards = _all_gather(shard.to(flat.dtype).contiguous(), group)
     state.elements_sent += s * (world - 1)
-    return torch.cat(shards)[:n], coef, rule_excluded
+    return torch.cat(shards)[:n], coef, rule_excluded, stats
