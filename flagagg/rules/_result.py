@@ -93,9 +93,9 @@ class AggregationResult:
         or a norm that overflows: a share no honest input could have;
         ``"not selected, outsized"`` when the rule gave it no weight);
         ``"not selected"`` (coefficient 0); ``"pulls against"`` (negative
-        cosine with the aggregate of the inputs that are not outsized,
-        which is the aggregate itself unless a linear rule gave outsized
-        inputs weight; also appended to ``"not selected"``);
+        cosine with the aggregate and, where the rule has the inputs' Gram
+        matrix, with the mean of the finite inputs that are not outsized;
+        also appended to ``"not selected"``);
         ``"down-weighted"`` (less than half an equal share); ``"trusted"``.
         An outsized input is never ``"trusted"``.
     """
@@ -192,9 +192,9 @@ def worker_diagnostics(
         The linear rule's ``c_i``; ``None`` for a coordinate-wise rule.
     excluded : tuple of (int, str)
     K : ndarray of shape (p, p), optional
-        The inputs' Gram matrix (same units as ``inner``), for a linear rule:
-        when the rule gave outsized inputs weight, "pulls against" is judged
-        against the aggregate of the other inputs, formed from ``K``.
+        The inputs' Gram matrix (same units as ``inner``): with it, "pulls
+        against" also needs a negative inner product with the mean of the
+        finite inputs that are not outsized (see :func:`_against_consensus`).
 
     Returns
     -------
@@ -225,9 +225,8 @@ def worker_diagnostics(
     else:
         influence = inner / (max(int(ok.sum()), 1) * out_sq)
     against = np.isfinite(cos) & (cos < AGAINST_COS)
-    if (K is not None and coefficients is not None and outsized.any()
-            and np.any(coefficients[outsized] != 0)):
-        against = _against_without(K, coefficients, ok & ~outsized, cos, against)
+    if K is not None:
+        against &= _against_consensus(K, ok & ~outsized)
     share = 1.0 / max(int(ok.sum()), 1)
     verdict = []
     for i in range(p):
@@ -247,23 +246,23 @@ def worker_diagnostics(
     return {"influence": influence, "cosine": np.clip(cos, -1.0, 1.0), "verdict": tuple(verdict)}
 
 
-def _against_without(K: np.ndarray, coef: np.ndarray, normal: np.ndarray, cos: np.ndarray,
-                     against: np.ndarray) -> np.ndarray:
-    """Who pulls against the aggregate of the inputs that are not outsized (sign of ``K w``).
+def _against_consensus(K: np.ndarray, normal: np.ndarray) -> np.ndarray:
+    """Inputs that point against the mean of the ``normal`` inputs (sign of ``K w``).
 
-    One huge input makes a mean point its way; every honest input would then
-    "pull against" the output. The reference keeps the rule's weights on the
-    other inputs (uniform weights when the rule gave them none).
+    "Pulls against" needs both: a negative cosine with the aggregate and
+    with this consensus. The aggregate alone misleads twice: a rule that
+    selects one input (Krum) makes its honest peers' cosines as noisy as
+    one gradient, and one huge input makes a mean point its way, so that
+    every honest input would seem to pull against it. The mean of the
+    inputs that are finite and not outsized is held by the honest majority.
+    Inputs that are not ``normal`` keep the aggregate's verdict (True here).
     """
+    out = np.ones(normal.shape[0], dtype=bool)
     if not normal.any():
-        return against
-    w = np.where(normal, coef, 0.0)
-    if not np.any(w != 0):
-        w = normal / normal.sum()
+        return out
+    w = normal / normal.sum()
     Kn = np.where(normal[:, None] & normal[None, :], np.asarray(K, dtype=np.float64), 0.0)
-    ref_inner = Kn @ w
-    out = against.copy()
-    out[normal] = ref_inner[normal] < 0
+    out[normal] = (Kn @ w)[normal] < 0
     return out
 
 
