@@ -8,6 +8,7 @@ loops at once on shared cores, as torchrun ranks do.
 import statistics
 import time
 
+from . import common
 from ._loop import make_loop
 
 
@@ -21,8 +22,7 @@ class TrainingLoop:
     def setup(self, path):
         self.loop = make_loop(path)
         for fn in self.loop.values():  # compile, fill caches, start pools
-            for _ in range(3):
-                fn()
+            fn()
 
     def time_step(self, path):
         self.loop["step"]()
@@ -30,7 +30,7 @@ class TrainingLoop:
     def track_step_over_plain_plus_aggregation(self, path):
         # Interleaved, median per variant: load hits all three alike.
         times = {k: [] for k in ("plain", "agg", "step")}
-        for _ in range(15):
+        for _ in range(2 * common.RATIO_REPEATS + 1):
             for k in times:
                 t0 = time.perf_counter()
                 self.loop[k]()
