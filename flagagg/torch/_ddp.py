@@ -121,10 +121,12 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
         A rule name (with ``params``) or a rule object.
     mode : {"sharded", "gather"}, default="sharded"
         ``"sharded"``: each rank sends shard ``j`` of its flat gradient to
-        rank ``j`` (all-to-all); rank ``j`` computes the ``p x p`` partial
-        Gram matrix of its shard; the partial Gram matrices are exchanged
-        (``p^3`` floats) and summed in rank order, so every rank solves the
-        same coefficients and combines its shard; the shards are
+        rank ``j`` (all-to-all; for the Gram rules bucket by bucket, started
+        as each bucket arrives, so it overlaps the rest of the backward
+        pass); rank ``j`` computes the ``p x p`` partial Gram matrix of its
+        shard; the partial Gram matrices are exchanged (``p^3`` floats, with
+        the finiteness flags) and summed in rank order, so every rank solves
+        the same coefficients and combines its shard; the shards are
         all-gathered. About ``2 n (p-1)/p`` elements sent per rank, as a ring
         all-reduce. Coordinate-wise rules run shard by shard. Rules that are
         neither (bulyan, composed rules, centered clipping with a center)
@@ -195,19 +197,27 @@ def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[
         # Python exception from the hook, before any future exists.
         _check_world(state)
     fut: torch.futures.Future = torch.futures.Future()
-    state._pending[bucket.index()] = (bucket.buffer(), fut)
+    early = state.mode == "sharded" and _kind(state.rule) == "gram"
+    # The Gram rules' all-to-all starts as each bucket arrives, while backward
+    # still computes the next ones (as DDP's all-reduce overlaps it).
+    sent = _send_shards(state, bucket.buffer()) if early else None
+    state._pending[bucket.index()] = (bucket.buffer(), fut, sent)
     if bucket.is_last():
         state._count = bucket.index() + 1
     if state._count is not None and len(state._pending) == state._count:
         pending = [state._pending[i] for i in range(state._count)]
         state._pending, state._count = {}, None
         try:
-            _aggregate_step(state, [b for b, _ in pending])
+            if early:
+                _bucketed_gram_step(state, [b for b, _, _ in pending],
+                                    [x for _, _, x in pending])
+            else:
+                _aggregate_step(state, [b for b, _, _ in pending])
         except Exception as exc:  # noqa: BLE001 - every waiting future must learn of it
-            for _, f in pending:
+            for _, f, _ in pending:
                 f.set_exception(exc)
             return fut
-        for buffer, f in pending:
+        for buffer, f, _ in pending:
             f.set_result(buffer)
     return fut
 
@@ -217,6 +227,84 @@ def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[
 # they would be strings, which it refuses.
 _hook.__annotations__ = {"state": DDPHookState, "bucket": dist.GradBucket,
                          "return": torch.futures.Future[torch.Tensor]}
+
+
+def _send_shards(state: DDPHookState, buffer: torch.Tensor) -> tuple:
+    """Start the all-to-all of one bucket: rank j will hold shard j of every rank's bucket."""
+    world = dist.get_world_size(state.process_group)
+    flat = buffer.reshape(-1)
+    n = flat.numel()
+    s = -(-n // world)
+    padded = torch.zeros(s * world, dtype=flat.dtype, device=flat.device)
+    padded[:n] = flat
+    recv = torch.empty_like(padded)
+    work = dist.all_to_all_single(recv, padded, group=state.process_group, async_op=True)
+    state.elements_sent += s * (world - 1)
+    return recv, work, s, torch.isfinite(flat).all()
+
+
+def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: list) -> None:
+    """Sharded step of a Gram rule on shards cut bucket by bucket (all-to-alls already sent).
+
+    The Gram matrix is additive over coordinates, so the partial Gram
+    matrices of every bucket's shard are summed (in bucket order) on each
+    rank, exchanged with the finiteness flags in one all-gather and summed in
+    rank order: every rank solves the same coefficients. Each rank combines
+    its shard of every bucket and the shards are all-gathered back.
+    """
+    from ..backends import select_backend
+    from ..rules._result import gram_stats, worker_diagnostics
+
+    group = state.process_group
+    world = dist.get_world_size(group)
+    K_part, ok, impl, X = None, True, None, []
+    for recv, work, s, finite in sent:
+        work.wait()
+        Xb = recv.view(world, s)
+        X.append(Xb)
+        impl = impl or select_backend(None, Xb, "torch")
+        Kb = np.asarray(impl.gram(Xb), dtype=np.float64)
+        K_part = Kb if K_part is None else K_part + Kb
+        ok = ok and bool(finite)
+    device = buffers[0].device
+    msg = torch.cat([torch.as_tensor(K_part, device=device).reshape(-1),
+                     torch.tensor([1.0 if ok else 0.0], dtype=torch.float64, device=device)])
+    parts = [q.cpu().numpy() for q in _all_gather(msg, group)]
+    state.elements_sent += world - 1  # the flag; the p x p partial Gram is not gradient
+    keep = np.flatnonzero([q[-1] > 0.5 for q in parts])
+    excluded = [(int(r), "non-finite values (NaN or Inf)")
+                for r in sorted(set(range(world)) - set(keep.tolist()))]
+    coef, stats, rule_excluded = None, None, []
+    if keep.size:
+        K = sum(q[:-1].reshape(world, world) for q in parts)
+        coef_kept, rule_excluded = _solve(state.rule, K[np.ix_(keep, keep)])
+        coef = np.zeros(world)
+        coef[keep] = coef_kept
+        stats = gram_stats(K, coef)
+    works, outs = [], []
+    for buf, Xb, (_, _, s, _) in zip(buffers, X, sent, strict=True):
+        shard = (impl.combine(coef, Xb) if coef is not None
+                 else torch.zeros(s, dtype=buf.dtype, device=device))
+        out = torch.empty(s * world, dtype=buf.dtype, device=device)
+        works.append(dist.all_gather_into_tensor(out, shard.to(buf.dtype).contiguous(),
+                                                 group=group, async_op=True))
+        outs.append(out)
+        state.elements_sent += s * (world - 1)
+    excluded += [(int(keep[i]), reason) for i, reason in rule_excluded]
+    state.excluded = tuple(sorted(excluded))
+    state.coefficients = coef
+    if stats is None:
+        state.influence, state.cosine = None, np.full(world, np.nan)
+        state.verdict = tuple(f"excluded: {why}" for _, why in state.excluded)
+    else:
+        inner, sq_norms, out_sq, K = stats
+        diag = worker_diagnostics(inner, sq_norms, out_sq, coef, state.excluded, K)
+        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
+                                                        diag["verdict"])
+    state.steps += 1
+    for buf, out, work in zip(buffers, outs, works, strict=True):
+        work.wait()
+        buf.copy_(out[:buf.numel()].view_as(buf))
 
 
 def _all_gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
@@ -236,19 +324,16 @@ def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
     group = state.process_group
     world = dist.get_world_size(group)
     flat = torch.cat([b.reshape(-1) for b in buffers])
+    # Every rank learns which gradients are not finite: p flags. (Gram rules in
+    # sharded mode take _bucketed_gram_step, where the flags ride with K.)
     ok = torch.isfinite(flat).all()
-    if state.mode == "sharded" and _kind(state.rule) == "gram":
-        # The p flags travel with the partial Gram matrices: one collective fewer.
-        out, coef, rule_excluded, stats, keep = _sharded_gram_step(state, flat, ok, world)
+    flags = torch.cat(_all_gather(ok.to(torch.int32).reshape(1), group))
+    keep = np.flatnonzero(flags.cpu().numpy().astype(bool))
+    state.elements_sent += world - 1
+    if state.mode == "gather":
+        out, coef, rule_excluded, stats = _gather_step(state, flat, keep, world)
     else:
-        # Every rank learns which gradients are not finite: p flags.
-        flags = torch.cat(_all_gather(ok.to(torch.int32).reshape(1), group))
-        keep = np.flatnonzero(flags.cpu().numpy().astype(bool))
-        state.elements_sent += world - 1
-        if state.mode == "gather":
-            out, coef, rule_excluded, stats = _gather_step(state, flat, keep, world)
-        else:
-            out, coef, rule_excluded, stats = _sharded_step(state, flat, keep, world)
+        out, coef, rule_excluded, stats = _sharded_step(state, flat, keep, world)
     excluded = [(int(r), "non-finite values (NaN or Inf)")
                 for r in sorted(set(range(world)) - set(keep.tolist()))]
     excluded += [(int(keep[i]), reason) for i, reason in rule_excluded]
@@ -314,53 +399,9 @@ def _gather_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
     return res.aggregate.to(flat.dtype), coef, list(res.excluded), stats
 
 
-def _shards(state: DDPHookState, flat: torch.Tensor, world: int) -> tuple[torch.Tensor, int]:
-    """All-to-all: row r of the result is rank r's values of this rank's shard; shard size."""
-    n = flat.numel()
-    s = -(-n // world)
-    padded = torch.zeros(s * world, dtype=flat.dtype, device=flat.device)
-    padded[:n] = flat
-    recv = torch.empty_like(padded)
-    dist.all_to_all_single(recv, padded, group=state.process_group)
-    state.elements_sent += s * (world - 1)
-    return recv.view(world, s), s
-
-
-def _sharded_gram_step(state: DDPHookState, flat: torch.Tensor, ok: torch.Tensor,
-                       world: int) -> tuple:
-    """Sharded step of a rule that needs only the Gram matrix (see :func:`ddp_comm_hook`)."""
-    from ..backends import select_backend
-    from ..rules._result import gram_stats
-
-    group = state.process_group
-    n = flat.numel()
-    X, s = _shards(state, flat, world)
-    impl = select_backend(None, X, "torch")
-    K_part = torch.as_tensor(impl.gram(X), dtype=torch.float64, device=flat.device)
-    msg = torch.cat([K_part.reshape(-1), ok.to(torch.float64).reshape(1)])
-    parts = [q.cpu().numpy() for q in _all_gather(msg, group)]
-    state.elements_sent += world - 1  # the flag; the p x p partial Gram is not gradient
-    keep = np.flatnonzero([q[-1] > 0.5 for q in parts])
-    if keep.size == 0:
-        return torch.zeros_like(flat), None, [], None, keep
-    # Summed in rank order on every rank (not all_reduce, whose order of
-    # summation the backend chooses): identical K everywhere.
-    K = sum(q[:-1].reshape(world, world) for q in parts)
-    coef_kept, rule_excluded = _solve(state.rule, K[np.ix_(keep, keep)])
-    coef = np.zeros(world)
-    coef[keep] = coef_kept
-    shard = impl.combine(coef, X)
-    gathered = torch.empty(s * world, dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(gathered, shard.to(flat.dtype).contiguous(), group=group)
-    state.elements_sent += s * (world - 1)
-    return gathered[:n], coef, rule_excluded, gram_stats(K, coef), keep
-
-
 def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
                   world: int) -> tuple[torch.Tensor, np.ndarray | None, list, tuple | None]:
-    from ..backends import select_backend
-    from ..rules._result import gram_stats
-
+    """Sharded step of a coordinate-wise rule: shard by shard (Gram rules: _bucketed_gram_step)."""
     group = state.process_group
     n = flat.numel()
     s = -(-n // world)
@@ -375,23 +416,12 @@ def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
     stats = None
     if keep.size == 0:
         shard = torch.zeros(s, dtype=flat.dtype, device=flat.device)
-    elif _kind(state.rule) == "coordinate":
+    else:
         shard = state.rule(X if keep.size == world else X[torch.as_tensor(keep)])
         # Inner products with the output, shard by shard, summed in rank order
-        # like K below: 2p + 1 numbers per rank.
+        # on every rank: 2p + 1 numbers per rank.
         part = torch.as_tensor(_inner_stats(X, shard), device=flat.device)
         stats = _split_stats(sum(q.cpu().numpy() for q in _all_gather(part, group)), world)
-    else:
-        impl = select_backend(None, X, "torch")
-        K_part = torch.as_tensor(impl.gram(X), device=flat.device)
-        # Summed in rank order on every rank (not all_reduce, whose order
-        # of summation the backend chooses): identical K everywhere.
-        K = sum(p.cpu().numpy() for p in _all_gather(K_part, group))
-        coef_kept, rule_excluded = _solve(state.rule, K[np.ix_(keep, keep)])
-        coef = np.zeros(world)
-        coef[keep] = coef_kept
-        shard = impl.combine(coef, X)
-        stats = gram_stats(K, coef)
     gathered = torch.empty(s * world, dtype=flat.dtype, device=flat.device)
     dist.all_gather_into_tensor(gathered, shard.to(flat.dtype).contiguous(), group=group)
     state.elements_sent += s * (world - 1)
