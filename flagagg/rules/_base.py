@@ -123,8 +123,11 @@ class Rule(Params):
 
     name = "rule"
     # p >= a f + b, declared once: read by the rule's own checks, by
-    # check_workers (configs, the CLI) and by the docs. None: no bound.
-    p_bound: tuple[int, int] | None = None
+    # check_workers (configs, the CLI) and by the docs. A rule that does not
+    # use f (the mean, the Flag Aggregator) keeps this default: it still
+    # refuses an f no rule could tolerate, f faulty inputs of p being a
+    # majority or a tie when 2f >= p. None: no bound.
+    p_bound: tuple[int, int] | None = (2, 1)
 
     def check_workers(self, p: int) -> int:
         """Raise the rule's own ValueError if ``p`` inputs are too few for its ``f``.
@@ -135,13 +138,9 @@ class Rule(Params):
             The number of inputs the rule itself sees.
         """
         f = getattr(self, "f", None)
-        if f is None:
-            return p
-        # A rule with no bound of its own (the mean, the Flag Aggregator) still
-        # refuses an f that no rule could tolerate: f faulty inputs of p are a
-        # majority or a tie when 2f >= p.
-        a, b = self.p_bound if self.p_bound is not None else (2, 1)
-        check_f(self.name, f, p, a * f + b, f"p >= {a}f + {b}")
+        if self.p_bound is not None and f is not None:
+            a, b = self.p_bound
+            check_f(self.name, f, p, a * f + b, f"p >= {a}f + {b}")
         return p
 
     def __call__(
