@@ -408,6 +408,13 @@ def run(args: argparse.Namespace) -> int:
         _psweep(table, args.psweep_mb or (4.0 if quick else 256.0), max(3, repeats // 3))
     if "pytree" not in skip:
         _pytree_section(table, p, quick, max(3, repeats // 3))
+    if "detection" not in skip:
+        _detection_section(table, quick)
+    # Whole training loops in child processes (minutes): left out of --quick.
+    if not quick and "loop" not in skip:
+        _loop_section(table)
+    if not quick and "ddp" not in skip:
+        _ddp_section(table)
 
     print()
     if not table.judge:
@@ -516,6 +523,53 @@ def _pytree_section(table: _Table, p: int, quick: bool, repeats: int) -> None:
               "O(n): <= 2x output", peak <= 2 * out_bytes + (1 << 20))
     table.note(f"output {out_bytes / 2**20:.1f} MiB; a stacked copy would be "
                f"{G.nbytes / 2**20:.0f} MiB")
+
+
+def _detection_section(table: _Table, quick: bool) -> None:
+    """Precision and recall of ``suspects`` (asv_bench/detection.py), worst over rules."""
+    import detection
+
+    steps = 3 if quick else 30
+    attacks = detection.TARGETED if quick else detection.ATTACKS
+    table.section(f"Detection: suspects vs the faulty set, p=15, f=3, {steps} steps "
+                  "(worst rule)")
+    result = detection.run(steps, attacks=attacks, progress=False)
+    for attack in attacks:
+        cells = [(r, v) for (r, a), v in result.items() if a == attack]
+        rule_p, (prec, _) = min(cells, key=lambda c: c[1][0])
+        rule_r, (_, rec) = min(cells, key=lambda c: c[1][1])
+        value = f"{prec:.2f} ({rule_p}) / {rec:.2f} ({rule_r})"
+        if attack in detection.TARGETED:
+            table.row(f"{attack}: precision / recall", value, f">= {detection.TARGET}",
+                      min(prec, rec) >= detection.TARGET)
+        else:
+            table.row(f"{attack}: precision / recall", value, "reported")
+
+
+def _loop_section(table: _Table) -> None:
+    """A training loop that aggregates every step (asv_bench/threads.py)."""
+    import threads
+
+    table.section("Training loop with aggregation (8-worker MLP, OMP_NUM_THREADS=1)")
+    for path, r in threads.measure(steps=40, rounds=3).items():
+        table.row(f"{path}: step / (plain step + aggregation)", f"{r['alone']:.2f}x",
+                  f"<= {threads.TARGET}", r["alone"] <= threads.TARGET)
+        table.row(f"{path}: 4 loops / 4 tamed by hand", f"{r['loops']:.2f}x",
+                  f"<= {threads.TARGET}", r["loops"] <= threads.TARGET)
+
+
+def _ddp_section(table: _Table) -> None:
+    """The sharded flag DDP hook against DDP's all-reduce (asv_bench/ddp_hook.py)."""
+    import ddp_hook
+
+    table.section("DDP: sharded flag hook / all-reduce hook, 4 gloo ranks")
+    for name, r in ddp_hook.measure(world=4, steps=20).items():
+        target = r["n"] >= 1_000_000
+        table.row(f"{name} step time", f"{r['ratio']:.2f}x",
+                  f"<= {ddp_hook.TARGET}" if target else "reported",
+                  r["ratio"] <= ddp_hook.TARGET if target else None)
+        table.note(f"bytes per rank per step: {4 * r['elements_per_step']:,.0f} "
+                   f"(ring all-reduce {4 * r['ring']:,.0f})")
 
 
 def _one_thread(fn: Callable[[], object]) -> Callable[[], object]:

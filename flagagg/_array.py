@@ -78,15 +78,21 @@ def _is_float(xp: Any, dtype: Any) -> bool:
 
 
 def _check_dtype(xp: Any, x: Array, where: str) -> Array:
-    """Return ``x`` with a real floating dtype, promoting integers and bools."""
+    """Return ``x`` with a real floating dtype, casting integers and bools to float64.
+
+    The one policy for every library and rule: integer and boolean inputs
+    are cast to float64 (as ``np.mean`` does) and the output is float64;
+    complex and other dtypes are refused with a TypeError.
+    """
     if _is_float(xp, x.dtype):
         return x
     if xp.isdtype(x.dtype, ("integral", "bool")) if hasattr(xp, "isdtype") else False:
         # Like np.mean: integer gradients are averaged in the default float.
         return xp.astype(x, xp.float64)
     raise TypeError(
-        f"{where} has dtype {dtype_name(xp, x.dtype)}; flagagg aggregates real "
-        "floating-point gradients (float16, bfloat16, float32, float64); cast it first"
+        f"{where} has dtype {dtype_name(xp, x.dtype)}; flagagg aggregates real numbers: "
+        "floating-point gradients (float16, bfloat16, float32, float64) keep their dtype, "
+        "integer and boolean ones are cast to float64; cast it first"
     )
 
 

@@ -62,7 +62,9 @@ class _Malformed(Exception):
 class RoundDiagnostics:
     """What the strategy did with the replies of one training round.
 
-    Every mapping is keyed by the node id of the client.
+    Every mapping is keyed by the node id of the client (Flower's, random
+    per run); :attr:`clients` maps it to the id the client states (its
+    partition id), and :meth:`label` names a client by both.
 
     Attributes
     ----------
@@ -85,13 +87,26 @@ class RoundDiagnostics:
         Updates the rule selected (Krum family without pre-aggregation),
         else empty.
     influence : dict of int to float
-        Signed share of each aggregated update in the aggregate,
-        ``c_i <u_i, out> / ||out||^2``, for rules that return a linear
-        combination ``out = sum_i c_i u_i`` (they sum to 1); empty for
-        coordinate-wise rules.
+        Signed share of each aggregated update in the aggregate, as
+        :attr:`flagagg.AggregationResult.influence`: ``|c_i| <u_i, out> /
+        ||out||^2`` for rules that return a linear combination ``out = sum_i
+        c_i u_i``, an equivalent for coordinate-wise rules. Its sign is the
+        cosine's: negative means the update pulls against the aggregate.
     cosine : dict of int to float
         Cosine between each aggregated update and the aggregate (NaN for a
         zero update or a zero aggregate).
+    verdict : dict of int to str
+        The rule's verdict on each aggregated update
+        (:attr:`flagagg.AggregationResult.verdict`).
+    suspects : tuple of int
+        Node ids whose reply was rejected or whose update the rule found
+        suspect (excluded, outsized or pulling against), ascending.
+    clients : dict of int to int or str
+        The id each client states in its reply's MetricRecord under the
+        strategy's ``client_id_key`` (``"partition-id"`` by default), where it
+        states one. It is a label the client chooses, not an authenticated
+        identity: a Byzantine client can claim any id (two replies claiming
+        one id are both labelled with it); the node id stays the key.
     ratios : dict of int to float
         The Flag Aggregator's reconstruction ratios ``v_i`` in [0, 1]; empty
         for other rules and after pre-aggregation (the ratios then belong to
@@ -114,8 +129,17 @@ class RoundDiagnostics:
     influence: dict[int, float] = field(default_factory=dict)
     cosine: dict[int, float] = field(default_factory=dict)
     ratios: dict[int, float] = field(default_factory=dict)
+    verdict: dict[int, str] = field(default_factory=dict)
+    suspects: tuple[int, ...] = ()
+    clients: dict[int, int | str] = field(default_factory=dict)
     skipped: str | None = None
     seconds: float = 0.0
+
+    def label(self, node_id: int) -> str:
+        """``"partition 3 (node 8412...)"``, or ``"node 8412..."`` when the client stated no id."""
+        if node_id in self.clients:
+            return f"partition {self.clients[node_id]} (node {node_id})"
+        return f"node {node_id}"
 
     def metrics(self) -> dict[str, int | float]:
         """The diagnostics as MetricRecord entries, ``"flagagg.<what>.<node id>"``.
@@ -128,7 +152,9 @@ class RoundDiagnostics:
             node ``flagagg.excluded.<id>`` (1 when rejected or excluded by the
             rule, else 0), ``flagagg.influence.<id>``,
             ``flagagg.cosine.<id>``, ``flagagg.ratio.<id>`` and
-            ``flagagg.selected.<id>`` where the rule has them.
+            ``flagagg.selected.<id>`` where the rule has them,
+            ``flagagg.suspect.<id>`` (1/0) and ``flagagg.client.<id>`` (the
+            stated partition id, where it is a number).
         """
         out: dict[str, int | float] = {
             f"{_PREFIX}replies": self.replies,
@@ -146,6 +172,11 @@ class RoundDiagnostics:
         if self.selected:
             for nid in self.aggregated:
                 out[f"{_PREFIX}selected.{nid}"] = int(nid in self.selected)
+        for nid in (*self.rejected, *self.aggregated):
+            out[f"{_PREFIX}suspect.{nid}"] = int(nid in self.suspects)
+        for nid, cid in self.clients.items():
+            if isinstance(cid, int):
+                out[f"{_PREFIX}client.{nid}"] = cid
         return out
 
 
@@ -183,6 +214,11 @@ class RobustStrategy(FedAvg):
         of clients a round must hear.
     weighted_by_key, arrayrecord_key, configrecord_key : str, optional
         Record keys, as in FedAvg.
+    client_id_key : str or None, default="partition-id"
+        Key of the id a client states in its reply's MetricRecord (e.g.
+        ``MetricRecord({"num-examples": n, "partition-id": pid})``, with
+        ``pid = context.node_config["partition-id"]``); the diagnostics name
+        clients by it beside Flower's node id. None: node ids only.
     train_metrics_aggr_fn, evaluate_metrics_aggr_fn : callable, optional
         Aggregation of the clients' own MetricRecords, as in FedAvg (by
         default Flower's average weighted by ``weighted_by_key``; only
@@ -251,6 +287,7 @@ class RobustStrategy(FedAvg):
         configrecord_key: str = "config",
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
+        client_id_key: str | None = "partition-id",
         **rule_params: Any,
     ) -> None:
         super().__init__(
@@ -268,6 +305,7 @@ class RobustStrategy(FedAvg):
         self.rule_ = _make_rule(rule, f, pre, rule_params)
         self.f = f
         self.weight_by_num_examples = bool(weight_by_num_examples)
+        self.client_id_key = client_id_key
         self.diagnostics_: dict[int, RoundDiagnostics] = {}
         # Per-client indices of the rule's selected/ratios refer to the mixed
         # inputs after pre-aggregation, so they are reported only without it.
@@ -330,8 +368,12 @@ class RobustStrategy(FedAvg):
         rejected: dict[int, str] = {}
         # A node that answers one message twice is not trusted with either reply.
         per_node = Counter(int(msg.metadata.src_node_id) for msg in replies)
+        clients: dict[int, int | str] = {}
         for msg in replies:
             nid = int(msg.metadata.src_node_id)
+            cid = _client_id(msg, self.client_id_key)
+            if cid is not None:
+                clients[nid] = cid
             try:
                 if per_node[nid] > 1:
                     if nid in rejected:
@@ -350,7 +392,7 @@ class RobustStrategy(FedAvg):
             contents.append(msg.content)
 
         base = dict(server_round=server_round, rule=self.rule_name, replies=len(replies),
-                    rejected=rejected)
+                    rejected=rejected, clients=clients)
 
         def skip(reason: str) -> tuple[None, MetricRecord]:
             diag = RoundDiagnostics(**base, aggregated=tuple(nodes), skipped=reason,
@@ -386,8 +428,9 @@ class RobustStrategy(FedAvg):
             else:
                 new[key] = _lower_median([ints[key] for ints in fixed])
 
-        diag = RoundDiagnostics(**base, aggregated=tuple(nodes),
-                                **_client_diagnostics(nodes, result, self._per_input),
+        per_client = _client_diagnostics(nodes, result, self._per_input)
+        per_client["suspects"] = tuple(sorted({*rejected, *per_client.get("suspects", ())}))
+        diag = RoundDiagnostics(**base, aggregated=tuple(nodes), **per_client,
                                 seconds=time.perf_counter() - t0)
         self._log(diag)
         arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()})
@@ -418,8 +461,12 @@ class RobustStrategy(FedAvg):
             for name, values in (("influence", d.influence), ("cosine", d.cosine),
                                  ("ratio", d.ratios)):
                 if nid in values:
-                    parts.append(f"{name} {values[nid]:+.3f}")
-            logger.info("\tnode %d: %s", nid, ", ".join(parts))
+                    v = values[nid]
+                    parts.append(f"{name} {v:+.3e}" if math.isfinite(v) and abs(v) >= 1e4
+                                 else f"{name} {v:+.3f}")
+            if nid in d.verdict:
+                parts.append(d.verdict[nid] + (" <<" if nid in d.suspects else ""))
+            logger.info("\t%s: %s", d.label(nid), ", ".join(parts))
 
 
 # --------------------------------------------------------------------------
@@ -562,6 +609,21 @@ def _decode(arr: Any, like: np.ndarray, key: str) -> np.ndarray:
     return x.reshape(like.shape, order="F" if fortran else "C")
 
 
+def _client_id(msg: Message, key: str | None) -> int | str | None:
+    """The id a reply states under ``key`` in a MetricRecord (an integer), else None."""
+    if key is None or not msg.has_content():
+        return None
+    for record in msg.content.metric_records.values():
+        value = record.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)
+    return None
+
+
 def _num_examples(msg: Message, key: str) -> float:
     records = list(msg.content.metric_records.values())
     if len(records) != 1 or key not in records[0]:
@@ -611,7 +673,7 @@ def _lower_median(values: list[np.ndarray]) -> np.ndarray:
 def _client_diagnostics(nodes: list[int], result: Any, per_input: bool) -> dict[str, Any]:
     """Per-client influence, cosine, exclusions, selection and FA ratios, keyed by node id.
 
-    Read off the rule's result: influence ``c_i <u_i, out> / ||out||^2`` (an
+    Read off the rule's result: influence ``|c_i| <u_i, out> / ||out||^2`` (an
     equivalent for coordinate-wise rules) and cosine ``<u_i, out> / (||u_i||
     ||out||)``, see :class:`flagagg.AggregationResult`.
     """
@@ -623,6 +685,9 @@ def _client_diagnostics(nodes: list[int], result: Any, per_input: bool) -> dict[
     if result.influence is not None:
         diag["influence"] = dict(zip(nodes, np.asarray(result.influence).tolist(), strict=True))
     diag["excluded"] = {nodes[i]: reason for i, reason in result.excluded}
+    if result.verdict:
+        diag["verdict"] = dict(zip(nodes, result.verdict, strict=True))
+        diag["suspects"] = tuple(nodes[i] for i in result.suspects)
     if per_input:
         diag["selected"] = tuple(nodes[i] for i in result.selected)
         ratios = getattr(result, "reconstruction_ratios", None)

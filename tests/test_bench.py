@@ -53,8 +53,9 @@ def test_paired_ratio_is_a_ratio():
 def test_bench_runs_tiny(capsys):
     parser = argparse.ArgumentParser()
     _bench.add_arguments(parser)
+    # The detection section has its own cheap test below (and tests/test_detection.py).
     args = parser.parse_args(["--quick", "-n", "20000", "--rules-n", "5000", "--dense-n", "2000",
-                              "--repeats", "1"])
+                              "--repeats", "1", "--skip", "detection"])
     assert _bench.run(args) == 0
     out = capsys.readouterr().out
     for text in ("flag_aggregate lam=0 / np.mean", "time of G @ G.T / kernel",
@@ -76,3 +77,20 @@ def test_bench_is_not_a_cli_command_and_the_package_has_no_bench_module():
     out = subprocess.run([sys.executable, "-m", "flagagg", "bench"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2 and "invalid choice: 'bench'" in out.stderr
+
+
+def test_detection_section_judges_the_targeted_attacks(capsys, monkeypatch):
+    import detection
+
+    def fake_run(steps, attacks, progress):
+        table = {(r, a): (1.0, 1.0) for r in ("flag", "median") for a in attacks}
+        table["median", "nan"] = (0.5, 1.0)  # a miss on a targeted attack
+        return table
+
+    monkeypatch.setattr(detection, "run", fake_run)
+    table = _bench._Table(judge=True)
+    _bench._detection_section(table, quick=False)
+    out = capsys.readouterr().out
+    assert "nan: precision / recall" in out and "0.50 (median)" in out
+    assert table.missed == ["nan: precision / recall"]
+    assert "alie: precision / recall" in out and "reported" in out

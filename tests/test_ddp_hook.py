@@ -40,39 +40,31 @@ def _wchar():
 
 def _train(rank, hook, attack, nan_step=None):
     """Train a DDP replica; return accuracy, parameters, hook state, bytes written."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import flagagg.torch as fat
 
     model = DDP(_model(), bucket_cap_mb=0.004)  # several buckets per step
     state = None
-    if hook is None:
-        inner_state, inner = None, default_hooks.allreduce_hook
-    else:
+    if hook is not None:
         rule, mode, params = hook
+        # Exactly as the docs say: the hook ddp_comm_hook returns, no wrapper.
         state, inner = fat.ddp_comm_hook(rule, mode, **params)
-        inner_state = state
-    step = {"i": 0}
-
-    def wrapped(st, bucket):
-        if attack and rank == BAD:
-            bucket.buffer().mul_(-10.0)
-        if nan_step is not None and rank == 2 and step["i"] == nan_step:
-            bucket.buffer().fill_(float("nan"))
-        return inner(st, bucket)
-
-    if hook is not None or attack or nan_step is not None:
-        model.register_comm_hook(inner_state, wrapped)
+        model.register_comm_hook(state, inner)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     X, y = _data(100 + rank, 64 * STEPS)
     excluded = []
     before = _wchar()
     for i in range(STEPS):
-        step["i"] = i
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(X[64 * i:64 * (i + 1)]),
                                                  y[64 * i:64 * (i + 1)])
+        # The faults come from the data, as a user's would: the loss scaled by
+        # -10 on the bad rank (its gradient reversed, x10), NaN on rank 2 once.
+        if attack and rank == BAD:
+            loss = -10.0 * loss
+        if nan_step is not None and rank == 2 and i == nan_step:
+            loss = loss * float("nan")
         loss.backward()
         opt.step()
         if state is not None:
@@ -225,3 +217,118 @@ def test_nccl_hook_on_one_gpu(tmp_path):
     with open(tmp_path / "out") as fh:
         results = json.load(fh)
     assert all(results.values()), results
+
+
+REGISTERED = [("flag", "sharded", {}), ("median", "sharded", {}), ("krum", "sharded", {"f": 0}),
+              ("flag", "gather", {}), ("multi_krum", "gather", {"f": 0})]
+SCALED = 3  # the rank whose loss (so gradient) is scaled x100
+
+
+def _register_worker(rank, store, out):
+    """Register the hook exactly as documented; check the aggregate, the state, the errors."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg
+    import flagagg.torch as fat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+    results = {}
+    X, y = _data(500 + rank, 64)
+    for rule, mode, params in REGISTERED:
+        model = DDP(_model(), bucket_cap_mb=0.004)
+        state, hook = fat.ddp_comm_hook(rule, mode, **params)
+        model.register_comm_hook(state, hook)
+        scale = 100.0 if rank == SCALED else 1.0
+        (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
+        got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+        # The reference: this rank's plain gradient, all-gathered, aggregated by flagagg.
+        ref_model = _model()
+        (scale * torch.nn.functional.cross_entropy(ref_model(X), y)).backward()
+        mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+        every = torch.stack(_gather(mine))
+        expect = torch.as_tensor(flagagg.get_rule(rule, **params)(every.double().numpy(),
+                                                                  backend="numpy"))
+        # Never opposite signs (influence is 0 for inputs a rule gave no weight).
+        sign_ok = bool(np.all(state.influence * np.nan_to_num(state.cosine) >= 0))
+        results[f"{rule}-{mode}"] = {
+            "close": bool(torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-6)),
+            "identical": all(torch.equal(got, q) for q in _gather(got)),
+            "verdict": list(state.verdict), "suspects": list(state.suspects),
+            "signs": sign_ok, "n_influence": len(state.influence),
+        }
+    errors = {}
+    for name, (rule, mode, params) in {
+        "krum_bound": ("krum", "sharded", {"f": 1}),
+        "no_majority": ("flag", "sharded", {"f": 2}),
+        "mode": ("bulyan", "sharded", {"f": 0}),
+    }.items():
+        try:
+            fat.ddp_comm_hook(rule, mode, **params)
+            errors[name] = None
+        except Exception as exc:  # noqa: BLE001 - the test compares types and words
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    # A rule changed after the hook was built is caught at the first backward,
+    # still in flagagg's words.
+    model = DDP(_model())
+    state, hook = fat.ddp_comm_hook("krum", "sharded", f=0)
+    state.rule = flagagg.get_rule("krum", f=1)
+    state._checked = None
+    model.register_comm_hook(state, hook)
+    try:
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        errors["late"] = None
+    except Exception as exc:  # noqa: BLE001
+        errors["late"] = f"{type(exc).__name__}: {exc}"
+    results["errors"] = errors
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+def _gather(t):
+    parts = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(parts, t)
+    return parts
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ddp_registered")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_register_worker, args=(str(tmp / "store"), str(tmp / "out")), nprocs=WORLD,
+             join=True)
+    runs = []
+    for r in range(WORLD):
+        with open(tmp / f"out.{r}") as fh:
+            runs.append(json.load(fh))
+    return runs
+
+
+@pytest.mark.parametrize("key", [f"{r}-{m}" for r, m, _ in REGISTERED])
+def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
+    """``state, hook = ddp_comm_hook(...); model.register_comm_hook(state, hook)``, no wrapper."""
+    for run in registered:
+        res = run[key]
+        assert res["close"], key
+        assert res["identical"], key
+        assert res["n_influence"] == WORLD
+        # The state carries the diagnostics; the x100 rank is suspect, never trusted.
+        assert SCALED in res["suspects"], res
+        assert res["verdict"][SCALED] != "trusted"
+        assert res["signs"], res
+        assert res["verdict"] == registered[0][key]["verdict"]
+
+
+def test_hook_configuration_errors_are_raised_when_built_in_flagaggs_words(registered):
+    errors = registered[0]["errors"]
+    assert errors["krum_bound"].startswith("ValueError: flagagg DDP hook on 4 ranks: need p >= "
+                                           "2f + 3 for krum: got p=4, f=1"), errors
+    assert errors["no_majority"].startswith("ValueError"), errors
+    assert "p >= 2f + 1 for flag" in errors["no_majority"]
+    assert errors["mode"].startswith("ValueError") and "mode='gather'" in errors["mode"]
+    assert errors["late"] is not None and "need p >= 2f + 3 for krum" in errors["late"], errors
+    assert "Unable to cast" not in errors["late"]

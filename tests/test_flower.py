@@ -355,7 +355,9 @@ def test_diagnostics_in_the_metric_record():
     influence = np.array([metrics[f"flagagg.influence.{i}"] for i in ids])
     cosine = np.array([metrics[f"flagagg.cosine.{i}"] for i in ids])
     ratios = np.array([metrics[f"flagagg.ratio.{i}"] for i in ids])
-    assert influence.sum() == pytest.approx(1.0, abs=1e-5)  # a linear rule: shares sum to 1
+    # The Flag Aggregator gives the reversed clients negative coefficients; their
+    # influence is negative like their cosine (the docs: negative = pulls the other way).
+    assert np.all(np.sign(influence) == np.sign(cosine))
     assert np.all(np.abs(cosine) <= 1 + 1e-9) and np.all((ratios >= 0) & (ratios <= 1 + 1e-9))
     # The reversed clients point away from the aggregate.
     assert cosine[:3].max() < 0 < cosine[3:].min()
@@ -447,8 +449,10 @@ SIMULATION = textwrap.dedent("""
             new = w - 10.0 * (1.0 - w)
         else:                                          # honest: halfway to the optimum 1
             new = w + 0.5 * (1.0 - w)
+        pid = int(context.node_config["partition-id"])  # stated, so logs name partitions
         return Message(RecordDict({"arrays": ArrayRecord({"w": Array(new)}),
-                                   "metrics": MetricRecord({"num-examples": 1})}),
+                                   "metrics": MetricRecord({"num-examples": 1,
+                                                            "partition-id": pid})}),
                        reply_to=msg)
 
     server = ServerApp()
@@ -488,7 +492,9 @@ SIMULATION = textwrap.dedent("""
     logging.getLogger("flwr").setLevel(logging.WARNING)
     run_simulation(server_app=server, client_app=client, num_supernodes=5,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                   "init_args": {"num_cpus": 2}})
+                                   "init_args": {"num_cpus": 2,
+                                                 "_node_ip_address": "127.0.0.1",
+                                                 "include_dashboard": False}})
     print("RESULT", json.dumps(final))
 """)
 
@@ -519,3 +525,46 @@ def test_end_to_end_flower_simulation(tmp_path):
     assert metrics["flagagg.aggregated"] == 5 and metrics["flagagg.rejected"] == 0
     assert sum(v for k, v in metrics.items() if k.startswith("flagagg.selected.")) == 4
     assert final["skipped"] == [None, None, None]
+    # Clients named by partition: partition 0 (the Byzantine one) is the one suspect.
+    partition = {k.rsplit(".", 1)[1]: v for k, v in metrics.items()
+                 if k.startswith("flagagg.client.")}
+    assert sorted(partition.values()) == [0, 1, 2, 3, 4]
+    suspects = [partition[k.rsplit(".", 1)[1]] for k, v in metrics.items()
+                if k.startswith("flagagg.suspect.") and v == 1]
+    assert suspects == [0], metrics
+
+
+@pytest.mark.parametrize("name", ["flag", "median", "krum"])
+def test_diagnostics_name_clients_by_partition_and_flag_the_reversed_one(name):
+    """Clients state their partition id; the -10x client is a suspect, signs agree."""
+    rng = np.random.default_rng(7)
+    glob = global_arrays(rng)
+    updates = honest_updates(rng, glob, 7)
+    updates[4] = {k: -10 * u for k, u in updates[4].items()}
+    strategy = RobustStrategy(name, f=2)
+    node_ids = [9_000_000_000 + 17 * i for i in range(7)]
+    msgs = start_round(strategy, glob, node_ids)
+    replies = [reply(msgs[nid], {k: glob[k] + u[k] for k in glob},
+                     metrics={"num-examples": 10, "partition-id": i})
+               for i, (nid, u) in enumerate(zip(node_ids, updates, strict=True))]
+    _, metrics = strategy.aggregate_train(1, replies)
+    d = strategy.diagnostics_[1]
+    assert d.clients == {nid: i for i, nid in enumerate(node_ids)}
+    assert d.label(node_ids[4]) == f"partition 4 (node {node_ids[4]})"
+    assert node_ids[4] in d.suspects and d.verdict[node_ids[4]] != "trusted"
+    assert all(d.verdict[n] != "trusted" or n not in d.suspects for n in node_ids)
+    for nid in node_ids:
+        assert d.influence[nid] * np.nan_to_num(d.cosine[nid]) >= 0, (nid, d)
+    assert metrics[f"flagagg.client.{node_ids[3]}"] == 3
+    assert metrics[f"flagagg.suspect.{node_ids[4]}"] == 1
+    assert metrics[f"flagagg.suspect.{node_ids[0]}"] == 0
+
+
+def test_without_a_stated_id_clients_are_named_by_node():
+    rng = np.random.default_rng(8)
+    glob = global_arrays(rng)
+    strategy = RobustStrategy("flag")
+    _, metrics, ids = run_round(strategy, glob, honest_updates(rng, glob, 5))
+    d = strategy.diagnostics_[1]
+    assert d.clients == {} and d.label(ids[0]) == f"node {ids[0]}"
+    assert not any(k.startswith("flagagg.client.") for k in metrics)

@@ -99,7 +99,8 @@ def _slow_diagnostics(G, out, coef):
     inner = G @ out
     cos = inner / (np.linalg.norm(G, axis=1) * np.linalg.norm(out))
     if coef is not None:
-        influence = coef * inner / (out @ out)
+        # |c_i|: the sign of an input's influence is the sign of its cosine.
+        influence = np.abs(coef) * inner / (out @ out)
     else:
         influence = inner / (G.shape[0] * (out @ out))
     return influence, cos
@@ -112,8 +113,10 @@ def test_influence_and_cosine_match_the_dense_definitions(name):
     influence, cos = _slow_diagnostics(G, res.aggregate, res.coefficients)
     np.testing.assert_allclose(res.cosine, cos, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(res.influence, influence, rtol=1e-9, atol=1e-12)
-    if res.coefficients is not None:
+    if res.coefficients is not None and (res.coefficients >= 0).all():
         assert res.influence.sum() == pytest.approx(1.0, rel=1e-9)
+    # Never opposite signs: negative influence means pulling the other way.
+    assert np.all(res.influence * np.nan_to_num(res.cosine) >= 0)
     # The reversed workers are the ones marked, by every rule.
     assert res.suspects == tuple(range(P - F, P)), res.summary()
     text = res.summary()
@@ -127,8 +130,11 @@ def test_readme_example_marks_the_three_reversed_workers():
     honest = rng.normal(1.0, 0.1, size=(12, 1000))
     G = np.vstack([honest, -honest[:3], rng.normal(0, 5, size=(2, 1000))])
     res = flagagg.flag_aggregate(G, return_result=True)
-    assert res.suspects == (12, 13, 14)
-    assert "pull the other way or excluded: 12, 13, 14" in res.summary()
+    # The reversed rows pull against; the two N(0, 5) rows have 5x an honest norm.
+    assert res.suspects == (12, 13, 14, 15, 16)
+    assert res.verdict[15] == res.verdict[16] == "outsized"
+    assert ("suspects (excluded, outsized or pulling the other way): 12, 13, 14, 15, 16"
+            in res.summary())
 
 
 # ----------------------------------------------------------------------------- drop-in scale
@@ -256,3 +262,42 @@ def test_bucketing_copies_and_pickles_with_its_own_lock():
     for clone in (copy.deepcopy(step), pickle.loads(pickle.dumps(step))):
         assert clone._lock is not step._lock
         assert clone.mixing(np.eye(6))[1] == copy.deepcopy(step).mixing(np.eye(6))[1]
+
+
+# ----------------------------------------------------------------------------- one interface
+
+
+@pytest.mark.parametrize("name", flagagg.available_rules())
+def test_every_rule_refuses_an_f_no_rule_could_tolerate(name):
+    """f faulty of p with 2f >= p: refused by every rule, also those that do not use f."""
+    G = np.random.default_rng(0).normal(size=(8, 5))
+    for f in (4, 100):
+        with pytest.raises(ValueError, match=rf"need p >= \d+f \+ \d+ for {name}.*p=8, f={f}"):
+            flagagg.aggregate(G, rule=name, f=f, backend="numpy")
+        with pytest.raises(ValueError, match=f"for {name}"):
+            flagagg.get_rule(name, f=f).check_workers(8)
+    # f = 3 of 8 is allowed wherever the rule's own bound allows it.
+    rule = flagagg.get_rule(name, f=1)
+    assert rule.check_workers(8) == 8
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_integer_and_boolean_inputs_are_cast_to_float64_for_every_library(lib):
+    G = np.arange(12).reshape(4, 3)
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        ints, bools = torch.as_tensor(G), torch.as_tensor(G % 2 == 0)
+        f64 = torch.float64
+    else:
+        ints, bools, f64 = G, G % 2 == 0, np.float64
+    for rule in ("mean", "median", "flag"):
+        out = flagagg.aggregate(ints, rule=rule)
+        assert out.dtype == f64, (rule, out.dtype)
+        out = flagagg.aggregate(bools, rule=rule)
+        assert out.dtype == f64
+    np.testing.assert_allclose(np.asarray(flagagg.aggregate(ints, rule="mean")), G.mean(axis=0))
+
+
+def test_complex_input_error_states_the_policy():
+    with pytest.raises(TypeError, match="integer and boolean ones are cast to float64"):
+        flagagg.aggregate(np.ones((3, 2)) + 1j, rule="mean")

@@ -229,8 +229,9 @@ def test_simulate_argument_errors(digits):
     (lambda c: c["rules"].update(mean={"learning_rate": 1}), "did you mean 'lr_grid'|lr"),
     (lambda c: c["attacks"].update(x={"attack": "gausian"}), "unknown attack 'gausian'"),
     (lambda c: c["attacks"].update(reverse={"params": {"eps": 1}}), "no parameter 'eps'"),
+    # 2f >= p: every rule refuses it now (issue 23), before ALIE's z formula would.
     (lambda c: c.update(cluster={"workers": 7, "f": [4]}, attacks={"little_is_enough": {}}),
-     "pass z explicitly"),
+     r"pass z explicitly|need p >= 2f \+ 1 for mean: got p=7, f=4"),
     (lambda c: c.update(rules={}), "no rules"),
     (lambda c: c.update(optimiser={}), "unknown key 'optimiser'.*did you mean 'optimizer'"),
 ])

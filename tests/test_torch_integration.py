@@ -134,3 +134,21 @@ def test_import_flagagg_does_not_import_flagagg_torch():
     code = "import sys, flagagg; print('flagagg.torch' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_parameters_instead_of_gradients_are_refused():
+    import flagagg.torch as fat
+
+    model = torch.nn.Linear(3, 2)
+    params = dict(model.named_parameters())
+    with pytest.raises(TypeError, match="is a parameter .* not a gradient"):
+        fat.aggregate_grads(model, [params] * 4, "mean")
+    with pytest.raises(TypeError, match="not a gradient"):
+        fat.aggregate_grads(model, [list(model.parameters())] * 4, "median")
+    # A leaf that requires grad (a parameter copy) is no gradient either.
+    leafs = {n: q.detach().clone().requires_grad_() for n, q in params.items()}
+    with pytest.raises(TypeError, match="not a gradient"):
+        fat.aggregate_grads(model, [leafs] * 4, "flag")
+    # Real gradients go through.
+    torch.nn.functional.mse_loss(model(torch.ones(5, 3)), torch.zeros(5, 2)).backward()
+    fat.aggregate_grads(model, [fat.collect_grads(model)] * 4, "mean")

@@ -41,22 +41,16 @@ def train(rank: int, mode: str | None, steps: int) -> tuple[float, object]:
     state = None
     if mode is not None:
         state, hook = flagagg.torch.ddp_comm_hook("flag", mode)
-    else:
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-        hook = allreduce_hook
-
-    def faulty(st, bucket):
-        if rank == WORLD - 1:
-            bucket.buffer().mul_(-10.0)  # the fault: this rank's gradient, reversed, x10
-        return hook(st, bucket)
-
-    model.register_comm_hook(state, faulty)
+        model.register_comm_hook(state, hook)  # exactly as documented: no wrapper
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     X, y = data(rank, 64 * steps)
     for i in range(steps):
         opt.zero_grad()
         batch = slice(64 * i, 64 * (i + 1))
-        torch.nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
+        loss = torch.nn.functional.cross_entropy(model(X[batch]), y[batch])
+        if rank == WORLD - 1:
+            loss = -10.0 * loss  # the fault: this rank's gradient, reversed, x10
+        loss.backward()
         opt.step()
     Xt, yt = data(999, 2000)
     with torch.no_grad():
@@ -76,6 +70,8 @@ def worker(rank: int, store: str, steps: int) -> None:
             sent = "" if state is None else f", {state.elements_sent / steps:,.0f} elements " \
                                             "sent per step by rank 0"
             print(f"{name:24s} accuracy {acc:.3f}{sent}")
+            if state is not None:
+                print(f"{'':24s} last step: suspects {state.suspects}, verdicts {state.verdict}")
     dist.destroy_process_group()
 
 

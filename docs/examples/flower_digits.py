@@ -114,7 +114,8 @@ def train(msg: Message, context: Context) -> Message:
         b1 = b + bad[W.size:]
     reply = RecordDict({
         "arrays": ArrayRecord({"W": Array(W1), "b": Array(b1)}),
-        "metrics": MetricRecord({"num-examples": len(shards[pid][1])}),
+        # The partition id, stated: the strategy's diagnostics name clients by it.
+        "metrics": MetricRecord({"num-examples": len(shards[pid][1]), "partition-id": pid}),
     })
     return Message(reply, reply_to=msg)
 
@@ -174,7 +175,10 @@ def run(rounds: int) -> None:
     run_simulation(
         server_app=server, client_app=client, num_supernodes=CLIENTS,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "logging_level": "ERROR"}},
+                        # Ray on the loopback interface only, no dashboard.
+                        "init_args": {"num_cpus": 2, "logging_level": "ERROR",
+                                      "_node_ip_address": "127.0.0.1",
+                                      "include_dashboard": False}},
     )
     wall = time.perf_counter() - t0
     names = list(strategies())

@@ -17,6 +17,7 @@ from ._array_api import symmetric, transformed_chunk
 from ._numba_kernels import SEGMENT
 from ._numpy import NumpyBackend
 from ._rows import RowTable, row_tables, scatter
+from ._threads import thread_cap
 
 # From this many rows on, the Gram goes to float64 BLAS (syrk) on converted
 # column chunks: the p^2/2 products per column outweigh the conversion, and
@@ -48,12 +49,16 @@ _PARALLEL_MIN_ELEMENTS = 1 << 23
 
 @contextlib.contextmanager
 def _threads(parallel: bool):
-    """Run the enclosed kernels on all of numba's threads, or on the calling one only."""
-    if parallel:
-        yield
-        return
+    """Run the enclosed kernels on numba's threads (at most the process's cap), or on one."""
     previous = numba.get_num_threads()
-    numba.set_num_threads(1)  # thread-local: other callers keep their setting
+    n = 1
+    if parallel:
+        cap = thread_cap()
+        n = previous if cap is None else max(1, min(previous, cap))
+        if n == previous:
+            yield
+            return
+    numba.set_num_threads(n)  # thread-local: other callers keep their setting
     try:
         yield
     finally:

@@ -27,6 +27,12 @@ import numpy as np
 from numba import prange, types
 from numba.extending import intrinsic
 
+from ._threads import size_pool
+
+# Before the first kernel below is compiled or loaded from the cache (which may
+# start numba's threads): a pool no larger than the process's thread budget.
+size_pool()
+
 # No "nnan"/"ninf": excluded rows are detected from non-finite Gram entries.
 _FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
 

@@ -126,8 +126,11 @@ class Rule(Params):
 
     name = "rule"
     # p >= a f + b, declared once: read by the rule's own checks, by
-    # check_workers (configs, the CLI) and by the docs. None: no bound.
-    p_bound: tuple[int, int] | None = None
+    # check_workers (configs, the CLI) and by the docs. A rule that does not
+    # use f (the mean, the Flag Aggregator) keeps this default: it still
+    # refuses an f no rule could tolerate, f faulty inputs of p being a
+    # majority or a tie when 2f >= p. None: no bound.
+    p_bound: tuple[int, int] | None = (2, 1)
 
     def check_workers(self, p: int) -> int:
         """Raise the rule's own ValueError if ``p`` inputs are too few for its ``f``.
@@ -166,6 +169,7 @@ class Rule(Params):
         if backend is None:
             backend = getattr(self, "backend", None)
         stack = as_stack(gradients)
+        self.check_workers(stack.p)
         impl = select_backend(backend, stack.sample, stack.library)
         result = self._aggregate(stack, impl)
         out = result.aggregate
@@ -241,7 +245,7 @@ def _with_data_diagnostics(result: AggregationResult, stack: Stack,
     # Influence and cosine do not change with scale: in units of 2^E nothing overflows.
     KA = unit_gram(KA, distance_exponent(KA))
     diag = worker_diagnostics(KA[:p, p], np.diag(KA)[:p], float(KA[p, p]),
-                              result.coefficients, excluded)
+                              result.coefficients, excluded, KA[:p, :p])
     return dataclasses.replace(result, excluded=excluded, **diag)
 
 

@@ -78,7 +78,17 @@ def aggregate_grads(params: Any, gradients: list, rule: str = "flag", *,
     Returns
     -------
     result : RuleResult or FlagResult
-        The full result; ``result.excluded`` names the workers left out.
+        The full result; ``result.excluded`` names the workers left out,
+        ``result.suspects`` the workers found suspect.
+
+    Raises
+    ------
+    TypeError
+        If a gradient set holds parameters (tensors that require grad)
+        instead of gradients.
+    ValueError
+        If a gradient set does not match the parameters, or the rule's
+        ``f`` is too large for ``p`` (every rule refuses ``2 f >= p``).
 
     Notes
     -----
@@ -109,6 +119,19 @@ def aggregate_grads(params: Any, gradients: list, rule: str = "flag", *,
                 raise ValueError(f"gradient set {i} has {len(g)} entries for {len(names)} "
                                  "parameters")
             trees.append(dict(zip(names, g, strict=True)))
+    params_by_id = {id(q) for _, q in named}
+    for i, tree in enumerate(trees):
+        for n, g in tree.items():
+            if isinstance(g, torch.Tensor) and (
+                    id(g) in params_by_id or isinstance(g, torch.nn.Parameter)
+                    or (g.requires_grad and g.is_leaf)):
+                # A parameter where a gradient belongs: aggregating the weights
+                # would "work" and silently train on nonsense.
+                raise TypeError(
+                    f"gradient set {i}, entry {n!r} is a parameter (a tensor that requires "
+                    "grad), not a gradient; pass the gradients: flagagg.torch.collect_grads("
+                    "model) after loss.backward(), or [q.grad for q in model.parameters()]"
+                )
     agg = flagagg.get_rule(rule, **rule_params)
     result = agg(trees, return_result=True, backend=backend)
     with torch.no_grad():

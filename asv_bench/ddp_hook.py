@@ -1,0 +1,130 @@
+"""DDP hook benchmark: the flag hook's step time and traffic against DDP's all-reduce.
+
+Run from a checkout: ``python asv_bench/ddp_hook.py [--world 4] [--steps 20]``.
+
+``world`` gloo ranks on this machine (loopback, ``OMP_NUM_THREADS=1`` as
+torchrun sets it) train two DDP replicas of the same model side by side,
+one with DDP's default all-reduce and one with
+``flagagg.torch.ddp_comm_hook(rule, mode)``, alternating steps so that load
+hits both alike. Reported per model: median step time of each (forward,
+backward with the communication, SGD step), their ratio, and the bytes each
+rank hands to collectives per step (``state.elements_sent``) against a ring
+all-reduce's ``2 n (p - 1) / p`` elements. Models: the issue's 5.6k MLP
+(20-64-64-2) and a 1.06M-parameter MLP (512-1024-512-10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET = 1.3
+MODELS = {"mlp-5.6k": (20, 64, 64, 2), "mlp-1.06M": (512, 1024, 512, 10)}
+
+
+def _model(sizes):
+    import torch
+
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def _rank(rank, world, store, out, steps, rule, mode):
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg.torch as fat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    for name, sizes in MODELS.items():
+        plain = DDP(_model(sizes))
+        robust = DDP(_model(sizes))
+        state, hook = fat.ddp_comm_hook(rule, mode)
+        robust.register_comm_hook(state, hook)
+        opts = {k: torch.optim.SGD(m.parameters(), lr=0.01)
+                for k, m in (("plain", plain), ("hook", robust))}
+        models = {"plain": plain, "hook": robust}
+        g = torch.Generator().manual_seed(rank)
+        X = torch.randn(32, sizes[0], generator=g)
+        y = torch.randint(0, sizes[-1], (32,), generator=g)
+        times = {"plain": [], "hook": []}
+        for i in range(steps + 3):
+            for k in ("plain", "hook") if i % 2 else ("hook", "plain"):
+                dist.barrier()
+                t0 = time.perf_counter()
+                opts[k].zero_grad()
+                torch.nn.functional.cross_entropy(models[k](X), y).backward()
+                opts[k].step()
+                if i >= 3:  # warm-up: buckets rebuilt after the first step, kernels loaded
+                    times[k].append(time.perf_counter() - t0)
+        n = sum(q.numel() for q in plain.parameters())
+        state.elements_sent = 0
+        opts["hook"].zero_grad()
+        torch.nn.functional.cross_entropy(robust(X), y).backward()
+        results[name] = {"n": n, "plain": statistics.median(times["plain"]),
+                         "hook": statistics.median(times["hook"]),
+                         "elements_per_step": state.elements_sent,
+                         "ring": 2 * n * (world - 1) / world}
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+def measure(world=4, steps=20, rule="flag", mode="sharded"):
+    """Per model: median step times on rank 0 (max over ranks), ratio, elements sent."""
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(world, os.path.join(tmp, "store"), os.path.join(tmp, "out"),
+                              steps, rule, mode), nprocs=world, join=True)
+        runs = [json.loads(Path(tmp, f"out.{r}").read_text()) for r in range(world)]
+    rows = {}
+    for name in MODELS:
+        plain = max(r[name]["plain"] for r in runs)
+        hook = max(r[name]["hook"] for r in runs)
+        rows[name] = {**runs[0][name], "plain": plain, "hook": hook, "ratio": hook / plain}
+    return rows
+
+
+def main(argv=None):
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--rule", default="flag")
+    parser.add_argument("--mode", default="sharded")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--check", action="store_true")
+    args = parser.parse_args(argv)
+    rows = measure(args.world, args.steps, args.rule, args.mode)
+    print(f"{args.world} gloo ranks, {os.cpu_count()} CPUs; {args.rule} hook ({args.mode}) "
+          "against DDP's all-reduce; median ms per step")
+    print(f"{'model':<11}{'n':>10}{'all-reduce':>12}{'hook':>9}{'ratio':>7}"
+          f"{'bytes/rank/step':>17}{'ring all-reduce':>17}")
+    bad = False
+    for name, r in rows.items():
+        print(f"{name:<11}{r['n']:>10,}{1e3 * r['plain']:>12.2f}{1e3 * r['hook']:>9.2f}"
+              f"{r['ratio']:>7.2f}{4 * r['elements_per_step']:>17,.0f}{4 * r['ring']:>17,.0f}")
+        bad |= r["n"] >= 1_000_000 and r["ratio"] > TARGET
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if args.check and bad else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
