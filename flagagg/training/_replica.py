@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ._data import partition
+from ._grads import GradientEngine
 from ._models import init_parameters, make_model
 
 __all__ = ["Replica", "sgd_step"]
@@ -87,13 +88,20 @@ class Replica:
         self.net.to(self.device)
         self.shapes = [(n, p.shape, p.numel()) for n, p in self.net.named_parameters()]
         self.n_params = sum(size for _, _, size in self.shapes)
-        self._per_worker = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
+        self._per_worker_vmap = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
+        self._engine = GradientEngine(self.net, self.shapes)
 
         self.sizes = np.array([s.size for s in shards])
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self.pooled = np.concatenate(shards)
         self.X_train = torch.from_numpy(dataset.X_train).to(self.device)
         self.y_train = torch.from_numpy(dataset.y_train).to(self.device)
+
+    def _per_worker(self, flat, xb, yb, shapes):
+        """Every worker's minibatch gradient at ``flat``: (p, B, ...) data in, (p, n) out."""
+        if not self._engine.supported:
+            return self._per_worker_vmap(flat, xb, yb, shapes)
+        return self._engine(flat[None], xb[None], yb[None])[0]
 
     def initial_parameters(self):
         """The initial model as a flat float32 vector on the replica's device."""
