@@ -52,6 +52,15 @@ class GradientEngine:
         self.shapes = list(shapes)
         self.plan = _plan(model)
         self.supported = self.plan is not None
+        self._tap_cache = {}
+
+    def _taps(self, L, k, s, device):
+        """Padded input position read by tap j of window l, at ``l * k + j``."""
+        key = (L, k, s, str(device))
+        if key not in self._tap_cache:
+            where = torch.arange(L)[:, None] * s + torch.arange(k)[None, :]
+            self._tap_cache[key] = where.reshape(-1).to(device)
+        return self._tap_cache[key]
 
     def __call__(self, flats, xb, yb):
         """Gradients of R runs' p workers.
@@ -83,7 +92,8 @@ class GradientEngine:
             # products over the last axis without transposing activations
             a = a.transpose(2, 3)
         tape = []
-        for step in self.plan:
+        padded = None  # a ReLU output already written into the next convolution's padding
+        for at, step in enumerate(self.plan):
             kind = step[0]
             if kind == "conv":
                 _, name, k, s, pad = step
@@ -92,7 +102,9 @@ class GradientEngine:
                 L_in = a.shape[2]
                 # im2col with (window position, tap, channel) order, so that the
                 # input gradient's col2im below is a single index_add
-                cols = F.pad(a, (0, 0, pad, pad)).unfold(2, k, s).transpose(3, 4)
+                ap = padded if padded is not None else F.pad(a, (0, 0, pad, pad))
+                padded = None
+                cols = ap.unfold(2, k, s).transpose(3, 4)
                 L = cols.shape[2]                                       # (R, N, L, k, C)
                 cols = cols.reshape(R, N * L, k * C)
                 wm = w.transpose(2, 3).reshape(R, Co, k * C)
@@ -113,7 +125,18 @@ class GradientEngine:
                 tape.append(("linear", name, a, w, perm, b is not None))
                 a = z
             elif kind == "relu":
-                a = torch.relu_(a)
+                nxt = self.plan[at + 1] if at + 1 < len(self.plan) else None
+                if nxt is not None and nxt[0] == "conv" and nxt[4] > 0:
+                    # write the activation straight into the next layer's padded
+                    # input: one copy fewer than padding it there
+                    pad = nxt[4]
+                    L = a.shape[2]
+                    padded = a.new_empty(R, N, L + 2 * pad, a.shape[3])
+                    padded[:, :, :pad].zero_()
+                    padded[:, :, pad + L :].zero_()
+                    a = torch.clamp_min(a, 0, out=padded[:, :, pad : pad + L])
+                else:
+                    a = torch.relu_(a)
                 tape.append(("relu", a))
             else:  # flatten
                 tape.append(("flatten", a.shape))
@@ -161,9 +184,8 @@ class GradientEngine:
                 if not first:
                     dcols = torch.bmm(grad.reshape(R, N * L, Co), wm).view(R, N, L * k, C)
                     # col2im: tap j of window l read padded input position l*s + j
-                    where = (torch.arange(L)[:, None] * s + torch.arange(k)[None, :]).reshape(-1)
                     dpad = grad.new_zeros(R, N, L_in + 2 * pad, C)
-                    dpad.index_add_(2, where.to(grad.device), dcols)
+                    dpad.index_add_(2, self._taps(L, k, s, grad.device), dcols)
                     grad = dpad[:, :, pad : pad + L_in, :]
         return torch.cat([out[name].reshape(R, p, size) for name, _, size in self.shapes],
                          dim=2)
