@@ -162,8 +162,9 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_grid_resumes_redoing_only_the_runs_in_flight(tmp_path, sig):
+@pytest.mark.parametrize(("sig", "jobs"), [(signal.SIGTERM, 1), (signal.SIGINT, 1),
+                                         (signal.SIGTERM, 2)])
+def test_interrupted_grid_resumes_redoing_only_the_runs_in_flight(tmp_path, sig, jobs):
     # runs of about half a second each, so that the signal lands mid-grid
     cfg = _config(experiment={"rounds": 150, "seeds": [0, 1, 2], "eval_every": 50},
                   model={"model": "mlp", "hidden": 64})
@@ -172,7 +173,7 @@ def test_interrupted_grid_resumes_redoing_only_the_runs_in_flight(tmp_path, sig)
     out = tmp_path / "out"
     store = out / "store"
     cmd = [sys.executable, "-m", "flagagg", "experiment", str(path), "--output", str(out),
-           "--quiet", "--no-plots"]
+           "--quiet", "--no-plots", "--jobs", str(jobs)]
     proc = subprocess.Popen(cmd, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
@@ -186,7 +187,8 @@ def test_interrupted_grid_resumes_redoing_only_the_runs_in_flight(tmp_path, sig)
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.glob("*.json")}
     assert 3 <= len(before) < 12
     assert f"{len(before)} of 12 runs done in {store}" in err
-    assert "1 run(s) in flight were lost" in err
+    assert f"{jobs} run(s) in flight were lost" in err
+    assert "Traceback" not in err
     command = re.search(r"resume with: (.+)", err).group(1)
     assert command.startswith("flagagg experiment ") and "--output" in command
     assert not list(store.glob("*.tmp"))

@@ -299,14 +299,13 @@ def _processes(config, tasks, done, jobs):
             for fut in finished:
                 done(futures[fut], fut.result())
     except BaseException:
-        # stop now: queued runs are dropped, runs in flight are ended with their
-        # processes (they are what an interrupted grid loses)
-        for fut in futures:
-            fut.cancel()
-        for proc in list(getattr(pool, "_processes", {}).values()):
+        # stop now: the runs in flight end with their processes (they are what
+        # an interrupted grid loses); the pool then fails the queued runs itself
+        # (cancelling them first races its manager thread)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
             with suppress(Exception):
                 proc.terminate()
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True)
         raise
     pool.shutdown()
     return 0
