@@ -121,7 +121,8 @@ def test_check_says_done_remaining_and_cost(tmp_path, capsys):
     assert cli_main(["experiment", str(path), "--output", str(out), "--check"]) == 0
     text = capsys.readouterr().out
     assert "8 runs" in text and "0 done" in text and "8 to run" in text
-    assert "extrapolated from a 6-round run" in text and "CPU seconds" in text
+    assert "extrapolated from 6-round runs of the grid's first, middle and last" in text
+    assert "CPU seconds" in text
     assert cli_main(["experiment", str(path), "--output", str(out), "--quiet", "--no-plots",
                      "--seeds", "0"]) == 0
     capsys.readouterr()

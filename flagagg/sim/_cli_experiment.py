@@ -60,7 +60,8 @@ def _check(config, args, store):
         how = f"the mean of the {status['done']} stored runs"
     else:
         per_run = probe_cpu_seconds(config, split=args.split)
-        how = f"extrapolated from a {min(10, config.rounds)}-round run on this machine"
+        how = (f"extrapolated from {min(10, config.rounds)}-round runs of the grid's first, "
+               "middle and last settings on this machine")
     print(f"estimated cost of the rest: {status['remaining']} x {per_run:.3g} s = "
           f"{_fmt_cpu(status['remaining'] * per_run)} ({how}, one core per run)")
     return 0

@@ -510,25 +510,30 @@ def grid_status(config, *, seeds=None, split="test", store=None):
             "cpu_seconds_remaining": None if per_run is None else per_run * remaining}
 
 
-def probe_cpu_seconds(config, *, rounds=10, split="test"):
-    """CPU seconds one run of the grid takes, extrapolated from a short run.
+def probe_cpu_seconds(config, *, rounds=10, split="test", samples=3):
+    """CPU seconds one run of the grid takes, extrapolated from short runs.
 
-    Runs the grid's first task for ``rounds`` rounds (at most the config's)
-    twice on one thread, and scales the second (set-up excluded) to the
-    config's rounds.
+    Runs ``samples`` tasks spread over the grid (its first, middle and last
+    settings by default: rules and attacks differ a lot in cost) for
+    ``rounds`` rounds (at most the config's) on one thread, after one
+    warm-up run that keeps set-up costs out, and scales their mean per-round
+    time to the config's rounds.
     """
     import torch
 
     tasks = _grid(config, tuple(config.seeds[:1]), split)
+    picks = sorted({round(i * (len(tasks) - 1) / max(1, samples - 1))
+                    for i in range(max(1, samples))})
     short = config.replace(rounds=min(rounds, config.rounds),
                            eval_every=min(config.eval_every, rounds, config.rounds))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _run_task(short, tasks[0])
+        _run_task(short, tasks[picks[0]])
         c0 = time.process_time()
-        _run_task(short, tasks[0])
-        per_round = (time.process_time() - c0) / short.rounds
+        for i in picks:
+            _run_task(short, tasks[i])
+        per_round = (time.process_time() - c0) / short.rounds / len(picks)
     finally:
         torch.set_num_threads(threads)
     return per_round * config.rounds
