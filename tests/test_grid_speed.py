@@ -115,6 +115,32 @@ def test_lockstep_runs_give_each_run_its_own_gradients_bit_for_bit(datasets, nam
         assert torch.equal(together[i], alone)
 
 
+@pytest.mark.parametrize(("name", "model", "params"), CASES)
+def test_engine_scratch_arrays_carry_nothing_between_calls(datasets, name, model, params):
+    """The kept padded activations and col2im arrays: a call after calls with other
+    parameters, data and batch sizes gives what a fresh engine gives, bit for bit,
+    and returns a new array that later calls do not overwrite."""
+    ds = datasets[name]
+    rep = Replica(ds, workers=5, f=0, seed=2, model=model, model_params=params)
+    gen = torch.Generator().manual_seed(1)
+    calls = []
+    for batch in (8, 8, 3, 8):
+        flat = rep.initial_parameters() + 0.1 * torch.randn(rep.n_params, generator=gen)
+        idx = torch.from_numpy(rep.draw_batches(batch))
+        calls.append((flat, rep.X_train[idx], rep.y_train[idx]))
+    outs = [rep._engine(f[None], x[None], y[None])[0] for f, x, y in calls]
+    kept = [o.clone() for o in outs]
+    for (f, x, y), out, was in zip(calls, outs, kept, strict=True):
+        fresh = GradientEngine(rep.net, rep.shapes)(f[None], x[None], y[None])[0]
+        assert torch.equal(out, fresh)
+        assert torch.equal(out, was)  # not overwritten by the calls after it
+    # huge activations once, then ordinary ones: nothing of the first stays behind
+    f, x, y = calls[0]
+    rep._engine((f * 1e30)[None], x[None], y[None])
+    again = rep._engine(f[None], x[None], y[None])[0]
+    assert torch.equal(again, kept[0])
+
+
 # --------------------------------------------------------------------------
 # the data set cache
 

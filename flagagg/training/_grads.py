@@ -53,6 +53,23 @@ class GradientEngine:
         self.plan = _plan(model)
         self.supported = self.plan is not None
         self._tap_cache = {}
+        # per-call scratch arrays, kept between calls: a round allocates the
+        # same few 0.1-1 MB arrays every time, and fresh ones cost page faults
+        # (about 120 a call) and zero-filling; the padding of a kept padded
+        # activation is written once and stays zero
+        self._scratch = {}
+
+    def _buffer(self, key, shape, like, zero):
+        """A scratch array for ``key``, zero-filled when new (``zero``: every call)."""
+        shape = tuple(int(d) for d in shape)
+        buf = self._scratch.get(key)
+        if (buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype
+                or buf.device != like.device):
+            buf = like.new_zeros(shape)
+            self._scratch[key] = buf
+        elif zero:
+            buf.zero_()
+        return buf
 
     def _taps(self, L, k, s, device):
         """Padded input position read by tap j of window l, at ``l * k + j``."""
@@ -131,9 +148,9 @@ class GradientEngine:
                     # input: one copy fewer than padding it there
                     pad = nxt[4]
                     L = a.shape[2]
-                    padded = a.new_empty(R, N, L + 2 * pad, a.shape[3])
-                    padded[:, :, :pad].zero_()
-                    padded[:, :, pad + L :].zero_()
+                    # only the interior is written, so the padding stays zero
+                    padded = self._buffer(("padded", at), (R, N, L + 2 * pad, a.shape[3]), a,
+                                          zero=False)
                     a = torch.clamp_min(a, 0, out=padded[:, :, pad : pad + L])
                 else:
                     a = torch.relu_(a)
@@ -145,9 +162,12 @@ class GradientEngine:
         # cross-entropy, mean over each worker's B samples
         logits = a
         grad = torch.softmax(logits, dim=-1)
-        grad.scatter_add_(-1, yb.reshape(R, N, 1),
-                          torch.full((R, N, 1), -1.0, dtype=grad.dtype, device=grad.device))
-        grad = grad / B
+        minus_one = self._scratch.get(("minus_one", R, N, grad.dtype, grad.device))
+        if minus_one is None:
+            minus_one = torch.full((R, N, 1), -1.0, dtype=grad.dtype, device=grad.device)
+            self._scratch[("minus_one", R, N, grad.dtype, grad.device)] = minus_one
+        grad.scatter_add_(-1, yb.reshape(R, N, 1), minus_one)
+        grad = grad.div_(B)
 
         out = {}
         # no gradient flows below the first layer with parameters
@@ -184,7 +204,7 @@ class GradientEngine:
                 if not first:
                     dcols = torch.bmm(grad.reshape(R, N * L, Co), wm).view(R, N, L * k, C)
                     # col2im: tap j of window l read padded input position l*s + j
-                    dpad = grad.new_zeros(R, N, L_in + 2 * pad, C)
+                    dpad = self._buffer(("dpad", i), (R, N, L_in + 2 * pad, C), grad, zero=True)
                     dpad.index_add_(2, self._taps(L, k, s, grad.device), dcols)
                     grad = dpad[:, :, pad : pad + L_in, :]
         return torch.cat([out[name].reshape(R, p, size) for name, _, size in self.shapes],
