@@ -106,6 +106,7 @@ class Replica:
         self.n_params = sum(size for _, _, size in self.shapes)
         self._per_worker_vmap = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
         self._engine = GradientEngine(self.net, self.shapes)
+        self._positions = {}
 
         self.sizes = np.array([s.size for s in shards])
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
@@ -181,18 +182,36 @@ class Replica:
             G = self._with_momentum(self._per_worker(flat, xb, yb, self.shapes), need)
             return G[[need.index(r) for r in rows]]
         need = list(range(self.workers)) if attack.omniscient else sorted(set(faulty) | set(rows))
-        sel = torch.from_numpy(idx[need])
+        sel = torch.from_numpy(idx if len(need) == self.workers else idx[need])
         G = self._per_worker(flat, self.X_train[sel], self.y_train[sel], self.shapes)
         # the honest computation of every row at hand (the faulty workers' own
         # included): the attack sees momenta when the workers send momenta
         G = self._with_momentum(G, need)
-        pos = {w: i for i, w in enumerate(need)}
-        f_rows = [pos[w] for w in faulty]
-        # the honest rows at hand: all of them for an omniscient attack (and in the
-        # simulator); the others only read their shape and dtype
-        h_rows = [pos[w] for w in need if w not in faulty]
+        f_rows, h_rows, out_rows = self._row_positions(need, faulty, rows)
         G[f_rows] = attack(G[h_rows], self.f, rng=self.attack_rng, own=G[f_rows])
-        return G if need == rows else G[[pos[r] for r in rows]]
+        return G if out_rows is None else G[out_rows]
+
+    def _row_positions(self, need, faulty, rows):
+        """Index tensors of the faulty rows, the honest rows and the wanted rows in ``need``.
+
+        Built once per combination and kept: a Python list used as an index
+        is converted to a tensor on every use, several times a round.
+        """
+        key = (tuple(need), tuple(faulty), tuple(rows))
+        hit = self._positions.get(key)
+        if hit is None:
+            pos = {w: i for i, w in enumerate(need)}
+            f_rows = torch.tensor([pos[w] for w in faulty], dtype=torch.long,
+                                  device=self.device)
+            # the honest rows at hand: all of them for an omniscient attack (and in
+            # the simulator); the others only read their shape and dtype
+            h_rows = torch.tensor([pos[w] for w in need if w not in faulty],
+                                  dtype=torch.long, device=self.device)
+            out_rows = (None if need == list(rows) else
+                        torch.tensor([pos[r] for r in rows], dtype=torch.long,
+                                     device=self.device))
+            hit = self._positions[key] = (f_rows, h_rows, out_rows)
+        return hit
 
     def _with_momentum(self, G, workers):
         """Rows ``G`` of ``workers`` -> their (updated) momenta; ``G`` itself without momentum."""
