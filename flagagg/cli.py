@@ -67,4 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"flagagg {ns.command}", description=text)
     module.add_arguments(sub)
-    return int(module.run(sub.parse_args(ns.args)) or 0)
+    args = sub.parse_args(ns.args)
+    # the exact command, for messages that say how to run it again (resume a grid)
+    args.argv = [ns.command, *ns.args]
+    return int(module.run(args) or 0)

@@ -218,3 +218,56 @@ def test_bad_inputs_are_explained(honest_np):
 def test_import_does_not_load_torch():
     code = "import sys, flagagg.attacks; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# the fast column standard deviation of torch rows (A Little Is Enough and the
+# attacks built on it) against the old formula (torch.std) and an exact reference
+
+def _hostile_rows(case, dtype):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((12, 257))
+    if case == "offset":
+        # a one-pass E[x^2] - E[x]^2 loses every digit here
+        a = 1e8 + 100.0 * a
+    elif case == "huge":
+        a[0] = 1e30  # squared, 1e60 overflows float32
+    elif case == "tiny":
+        a = a * 1e-30
+    elif case == "constant":
+        a[:] = 7.0
+    return a.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["plain", "offset", "huge", "tiny", "constant"])
+def test_std0_torch_matches_old_formula_and_exact(case, dtype):
+    a = _hostile_rows(case, dtype)
+    t = torch.from_numpy(a)
+    got = attacks._std0(torch, t)
+    assert got.dtype == t.dtype and got.shape == (a.shape[1],)
+    old = torch.std(t, dim=0, correction=0)
+    # exact reference: two-pass in extended precision on the stored values
+    wide = a.astype(np.longdouble)
+    ref = np.sqrt(((wide - wide.mean(axis=0)) ** 2).mean(axis=0))
+    assert np.all(np.isfinite(got.numpy()))
+    # float64 rows at an offset of 1e8 with spread 100 condition the variance
+    # by 1e6: a two-pass result is good to ~1e-10 there, a one-pass one to none
+    rtol = 1e-6 if dtype == "float32" else 1e-9
+    np.testing.assert_allclose(got.numpy(), ref.astype(dtype), rtol=rtol, atol=0)
+    np.testing.assert_allclose(got.numpy(), old.numpy(), rtol=4 * rtol, atol=0)
+
+
+def test_std0_torch_propagates_nan_and_inf_like_torch_std():
+    a = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+    a[1, 0], a[2, 1] = np.nan, np.inf
+    t = torch.from_numpy(a)
+    got, old = attacks._std0(torch, t), torch.std(t, dim=0, correction=0)
+    np.testing.assert_array_equal(np.isnan(got.numpy()), np.isnan(old.numpy()))
+    np.testing.assert_allclose(got.numpy()[2:], old.numpy()[2:], rtol=1e-6)
+
+
+def test_little_is_enough_torch_equals_numpy_on_offset_rows():
+    a = _hostile_rows("offset", "float64")
+    out_t = attacks.little_is_enough(torch.from_numpy(a), 3)
+    out_n = attacks.little_is_enough(a, 3)
+    np.testing.assert_allclose(out_t.numpy(), out_n, rtol=1e-12)

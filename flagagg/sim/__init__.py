@@ -22,7 +22,7 @@ from ..training._config import (
     load_config,
     parse_config,
 )
-from ..training._data import DATASETS, Dataset, load_dataset, partition
+from ..training._data import DATASETS, Dataset, cache_dir, load_dataset, partition
 from ..training._models import MODELS, init_parameters, make_model
 from ..training._results import Results
 from ._cluster import TrainResult, build_rule, simulate
@@ -42,6 +42,7 @@ __all__ = [
     "TuneResult",
     "available_configs",
     "build_rule",
+    "cache_dir",
     "init_parameters",
     "load_config",
     "load_dataset",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ._cli_common import add_common_arguments, load_from_args, report_error
+from ._cli_common import add_common_arguments, check_executor, load_from_args, report_error
 
 
 def add_arguments(parser):
@@ -27,6 +27,9 @@ def run(args):
     from ._experiment import run_experiment
 
     t0 = time.perf_counter()
+    problem = check_executor(args)
+    if problem:
+        return report_error(ValueError(problem))
     try:
         config = load_from_args("demo", args)
     except (ConfigError, FileNotFoundError) as exc:
@@ -37,7 +40,8 @@ def run(args):
               f"{len(config.attacks)} attacks x {len(args.seeds or config.seeds)} seeds)")
     results = run_experiment(config, seeds=args.seeds, output=args.output,
                              plots=not args.no_plots, progress=False if args.quiet else None,
-                             jobs=args.jobs)
+                             jobs=args.jobs, executor=args.executor, address=args.address,
+                             store=False)  # minutes to run: measured afresh every time
     print()
     print(results.table())
     print()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._cli_common import add_common_arguments, load_from_args, report_error
+from ._cli_common import add_common_arguments, check_executor, load_from_args, report_error
 
 
 def add_arguments(parser):
@@ -28,12 +28,15 @@ def run(args):
     from ..training._config import ConfigError
     from ._tune import tune
 
+    problem = check_executor(args)
+    if problem:
+        return report_error(ValueError(problem))
     try:
         config = load_from_args(args.config, args)
     except (ConfigError, FileNotFoundError) as exc:
         return report_error(exc)
     result = tune(config, lr_grid=args.lr_grid, progress=False if args.quiet else None,
-                  jobs=args.jobs)
+                  jobs=args.jobs, executor=args.executor, address=args.address)
     print(result.table())
     print()
     print(f"chosen learning rates ({result.seconds:.0f} s):")

@@ -62,7 +62,8 @@ class TrainResult:
 
 def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, attack_params=None,
              workers=15, model="logreg", model_params=None, partition_method="iid", alpha=0.5,
-             rounds=150, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4, seed=0,
+             rounds=150, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
+             worker_momentum=0.0, seed=0,
              eval_every=10, evaluate_on="test", array="numpy", backend="numpy",
              progress=False):
     """Train a model on a simulated cluster with faulty workers.
@@ -97,6 +98,12 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
     lr, momentum, weight_decay : float
         Server SGD: ``buf = momentum * buf + (g + weight_decay * w)``,
         ``w -= lr * buf``.
+    worker_momentum : float, default=0.0
+        Local momentum beta of the workers: each sends
+        ``m = beta * m + (1 - beta) * g`` rather than its gradient ``g``
+        (Karimireddy, He and Jaggi, ICML 2021; ByzFL's benchmark trains honest
+        clients with beta = 0.9). Omniscient attacks see the honest workers'
+        momenta. 0 (the default) sends gradients.
     seed : int, default=0
         Fixes shards, faulty workers, initial model, minibatches and attack.
     eval_every : int, default=10
@@ -145,7 +152,8 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
     # shards, faulty workers, initial model and random streams, built the same
     # way by the distributed trainer's processes (flagagg.distributed)
     replica = Replica(dataset, workers=workers, f=f, seed=seed, model=model,
-                      model_params=model_params, partition_method=partition_method, alpha=alpha)
+                      model_params=model_params, partition_method=partition_method, alpha=alpha,
+                      worker_momentum=worker_momentum)
     faulty, net, shapes = replica.faulty, replica.net, replica.shapes
     flat = replica.initial_parameters()
     buf = None

@@ -1,15 +1,44 @@
-"""Experiment grids: rules x attacks x f x seeds, tidy results, tables, plots."""
+"""Experiment grids: rules x attacks x f x seeds, a resumable result store, executors.
+
+Every run of a grid is keyed by a hash of everything that decides its result
+(:func:`run_settings`: data, cluster, model, optimiser, rounds, the rule's and
+the attack's names and parameters, f, seed, learning rate, split, and the
+flagagg version). With a :class:`ResultStore`, a run's result is written the
+moment it finishes, so a grid that is stopped loses only the runs in flight,
+running it again skips every stored run, and a changed setting re-runs only
+the runs whose settings it changes. Tables and plots are made from the
+store's records.
+
+Runs execute one after the other, on ``jobs`` local processes, or as Ray
+tasks of one CPU each (on a local Ray, or on an existing cluster); the
+results do not depend on where they ran.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import NamedTuple
 
 from ..training._config import as_config
 from ..training._results import Results
 
-__all__ = ["run_experiment"]
+__all__ = ["GridInterrupted", "ResultStore", "grid_status", "run_experiment", "run_settings"]
+
+EXECUTORS = ("local", "ray")
+
+# bump when a stored record's layout or meaning changes: old records are then re-run
+_STORE_FORMAT = 1
 
 
 class Task(NamedTuple):
@@ -23,7 +52,151 @@ class Task(NamedTuple):
     split: str
 
 
+class GridInterrupted(KeyboardInterrupt):
+    """A grid stopped by SIGINT or SIGTERM; every finished run is in its store.
+
+    Attributes
+    ----------
+    done : int
+        Runs of the grid in the store (including those stored before).
+    total : int
+        Runs of the grid.
+    lost : int
+        Runs that were in flight and have to run again.
+    store : pathlib.Path or None
+        Where the finished runs are.
+    """
+
+    def __init__(self, done, total, lost, store):
+        self.done, self.total, self.lost, self.store = done, total, lost, store
+        where = f" in {store}" if store is not None else " (no store: nothing was kept)"
+        super().__init__(
+            f"grid interrupted: {done} of {total} runs done{where}; {lost} run(s) in flight "
+            "were lost and will run again"
+        )
+
+
+# --------------------------------------------------------------------------
+# what decides a run's result, and where it is kept
+
+
+def run_settings(config, task):
+    """Everything that decides the result of one run, as a JSON-able dict.
+
+    Labels, the experiment's name and the other runs of the grid are not in
+    it: renaming a rule or adding a seed re-runs nothing. Settings a run
+    does not read (the MLP's width for a CNN, Dirichlet's alpha for iid
+    shards, ...) are left out, so changing them re-runs nothing either.
+
+    Parameters
+    ----------
+    config : ExperimentConfig
+    task : Task
+
+    Returns
+    -------
+    settings : dict
+    """
+    import flagagg
+
+    rule, attack = config.rule(task.rule), config.attack(task.attack)
+    data = {"dataset": config.dataset, "split_seed": config.split_seed,
+            "validation_fraction": config.validation_fraction, "max_train": config.max_train}
+    if config.dataset in ("digits", "breast_cancer", "synthetic"):
+        data["test_fraction"] = config.test_fraction
+    if config.dataset in ("synthetic", "mnist1d"):
+        data["n_samples"] = config.n_samples
+    if config.dataset == "synthetic":
+        data.update(n_features=config.n_features, n_classes=config.n_classes)
+    if config.path is not None:
+        data["path"] = str(config.path)
+    cluster = {"workers": config.workers, "partition": config.partition,
+               "batch_size": config.batch_size}
+    if config.partition == "dirichlet":
+        cluster["alpha"] = config.alpha
+    model = {"model": config.model}
+    if config.model == "mlp":
+        model["hidden"] = config.hidden
+    if config.model in ("cnn", "cnn1d"):
+        model["channels"] = list(config.channels)
+    return {
+        "format": _STORE_FORMAT,
+        "flagagg": flagagg.__version__,
+        "data": data,
+        "cluster": cluster,
+        "model": model,
+        "optimizer": {"lr": task.lr, "momentum": config.momentum,
+                      "weight_decay": config.weight_decay,
+                      "worker_momentum": config.worker_momentum},
+        "run": {"rounds": config.rounds, "eval_every": config.eval_every,
+                "array": config.array, "backend": config.backend},
+        "rule": {"rule": rule.rule, "params": rule.params},
+        "attack": {"attack": attack.attack, "params": attack.params},
+        "f": task.f, "seed": task.seed, "split": task.split,
+    }
+
+
+def run_key(settings):
+    """The store key of a run: a hash of its :func:`run_settings`."""
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+class ResultStore:
+    """A folder of finished runs, one JSON file each, named by the run's key.
+
+    Files are written to a temporary name and renamed into place, so a
+    stopped grid leaves only whole records, and several grids (or several
+    machines' drivers sharing a folder) can write to one store.
+
+    Parameters
+    ----------
+    folder : str or path-like
+    """
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def __repr__(self):
+        return f"ResultStore({str(self.folder)!r})"
+
+    def _path(self, key):
+        return self.folder / f"{key}.json"
+
+    def get(self, key):
+        """The stored record of a run, or None (absent, unreadable, or another format)."""
+        try:
+            record = json.loads(self._path(key).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(record, dict) or record.get("key") != key \
+                or record.get("format") != _STORE_FORMAT:
+            return None
+        return record
+
+    def put(self, key, settings, result):
+        """Write a run's result (atomically); return the file's path."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        record = {"format": _STORE_FORMAT, "key": key, "settings": settings,
+                  "result": result, "written": time.time()}
+        fd, tmp = tempfile.mkstemp(prefix=".run-", suffix=".tmp", dir=self.folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(record, fh, allow_nan=True)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return self._path(key)
+
+
+# --------------------------------------------------------------------------
+# running one task
+
+
 # datasets are loaded once per process and reused by every run of the grid
+# (and generated data sets come from the disk cache, see load_dataset)
 _DATASETS: dict = {}
 
 
@@ -39,9 +212,10 @@ def _dataset(config):
 
 
 def _run_task(config, task):
-    """Run one task; returns (run row, curve rows)."""
+    """Run one task; return its result (a JSON-able dict)."""
     from ._cluster import simulate
 
+    cpu0 = time.process_time()
     rule, attack = config.rule(task.rule), config.attack(task.attack)
     res = simulate(
         _dataset(config), rule.rule, f=task.f, attack=attack.attack,
@@ -49,56 +223,229 @@ def _run_task(config, task):
         model=config.model, model_params={"hidden": config.hidden, "channels": config.channels},
         partition_method=config.partition, alpha=config.alpha, rounds=config.rounds,
         batch_size=config.batch_size, lr=task.lr, momentum=config.momentum,
-        weight_decay=config.weight_decay, seed=task.seed, eval_every=config.eval_every,
-        evaluate_on=task.split, array=config.array,
-        backend=None if config.backend == "auto" else config.backend,
+        weight_decay=config.weight_decay, worker_momentum=config.worker_momentum,
+        seed=task.seed, eval_every=config.eval_every, evaluate_on=task.split,
+        array=config.array, backend=None if config.backend == "auto" else config.backend,
     )
+    return {
+        "final_accuracy": res.final_accuracy, "diverged": res.diverged,
+        "diverged_round": res.diverged_round, "seconds": res.seconds,
+        "cpu_seconds": time.process_time() - cpu0,
+        "rounds": list(res.rounds), "accuracy": list(res.accuracy),
+        "faulty": list(res.faulty),
+    }
+
+
+def _rows(config, task, result):
+    """The run row and curve rows of a task's result, labelled as the grid labels them."""
     key = {"f": task.f, "rule": task.rule, "attack": task.attack, "seed": task.seed,
            "lr": task.lr}
     run = {
         "experiment": config.name, "dataset": config.dataset, "model": config.model,
         "workers": config.workers, **key, "split": task.split,
-        "final_accuracy": res.final_accuracy, "diverged": res.diverged,
-        "diverged_round": res.diverged_round, "seconds": round(res.seconds, 4),
+        "final_accuracy": result["final_accuracy"], "diverged": result["diverged"],
+        "diverged_round": result["diverged_round"], "seconds": round(result["seconds"], 4),
+        "cpu_seconds": round(result.get("cpu_seconds", math.nan), 4),
     }
     curve = [{**key, "round": t, "accuracy": a}
-             for t, a in zip(res.rounds, res.accuracy, strict=True)]
+             for t, a in zip(result["rounds"], result["accuracy"], strict=True)]
     return run, curve
 
 
 def _init_process():
     import torch
 
+    # small models: one thread per run is fastest and keeps runs repeatable;
+    # the parent handles Ctrl-C (and ends the workers), the workers ignore it
     torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _run_tasks(config, tasks, *, progress=None, jobs=1, desc="runs"):
-    """Run tasks in order (or on ``jobs`` processes); results come back in task order."""
+def _ray_task(config, task):
     import torch
-    from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(tasks), desc=desc, unit="run",
-               disable=None if progress is None else not progress)
-    out = [None] * len(tasks)
+    torch.set_num_threads(1)
+    return _run_task(config, task)
+
+
+# --------------------------------------------------------------------------
+# executors: each calls done(i, result) as task i finishes
+
+
+def _serial(config, tasks, done):
+    import torch
+
     threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        if jobs is None or jobs <= 1:
-            # small models: one thread per run is fastest and keeps runs repeatable
-            torch.set_num_threads(1)
-            for i, task in enumerate(tasks):
-                out[i] = _run_task(config, task)
-                bar.update()
-        else:
-            import multiprocessing
-
-            ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_process) as pool:
-                futures = {pool.submit(_run_task, config, t): i for i, t in enumerate(tasks)}
-                for fut in as_completed(futures):
-                    out[futures[fut]] = fut.result()
-                    bar.update()
+        for i, task in enumerate(tasks):
+            done(i, _run_task(config, task))
     finally:
         torch.set_num_threads(threads)
+    return 0
+
+
+def _processes(config, tasks, done, jobs):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_process)
+    futures = {}
+    try:
+        futures = {pool.submit(_run_task, config, t): i for i, t in enumerate(tasks)}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                done(futures[fut], fut.result())
+    except BaseException:
+        # stop now: the runs in flight end with their processes (they are what
+        # an interrupted grid loses); the pool then fails the queued runs itself
+        # (cancelling them first races its manager thread)
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            with suppress(Exception):
+                proc.terminate()
+        pool.shutdown(wait=True)
+        raise
+    pool.shutdown()
+    return 0
+
+
+def _ray(config, tasks, done, jobs, address):
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError("executor 'ray' needs Ray: pip install 'ray[default]'") from exc
+    started = False
+    if not ray.is_initialized():
+        if address is None:
+            # a private Ray on this machine, reachable from loopback only
+            ray.init(num_cpus=jobs if jobs and jobs > 1 else None, include_dashboard=False,
+                     _node_ip_address="127.0.0.1", log_to_driver=False,
+                     logging_level="ERROR")
+        else:
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        started = True
+    remote = ray.remote(num_cpus=1, max_retries=2)(_ray_task)
+    refs = {}
+    try:
+        config_ref = ray.put(config)
+        refs = {remote.remote(config_ref, t): i for i, t in enumerate(tasks)}
+        pending = list(refs)
+        while pending:
+            finished, pending = ray.wait(pending, num_returns=1)
+            for ref in finished:
+                done(refs[ref], ray.get(ref))
+    except BaseException:
+        for ref in refs:
+            with suppress(Exception):
+                ray.cancel(ref, force=True)
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    return 0
+
+
+@contextmanager
+def _sigterm_interrupts():
+    """SIGTERM stops a grid the way Ctrl-C does (in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _fmt_seconds(s):
+    if not math.isfinite(s):
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m:02d}:{sec:02d}"
+
+
+def _run_tasks(config, tasks, *, progress=None, jobs=1, desc="runs", store=None,
+               executor="local", address=None):
+    """Run tasks; return their results in task order.
+
+    Stored runs are read back, the others run on the executor and are
+    stored as they finish. The progress bar counts runs done of the grid
+    and its ETA is the mean measured time of this session's runs times the
+    runs left, over the runs that run at once.
+    """
+    from tqdm.auto import tqdm
+
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {', '.join(EXECUTORS)}: got {executor!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1: got {jobs!r}")
+    if address is not None and executor != "ray":
+        raise ValueError("address is the address of a Ray cluster: it needs executor='ray'")
+    store = None if store is None else (store if isinstance(store, ResultStore)
+                                        else ResultStore(store))
+    out = [None] * len(tasks)
+    settings = [run_settings(config, t) for t in tasks]
+    keys = [run_key(s) for s in settings]
+    if store is not None:
+        for i, key in enumerate(keys):
+            record = store.get(key)
+            if record is not None:
+                out[i] = record["result"]
+    todo = [i for i, r in enumerate(out) if r is None]
+    skipped = len(tasks) - len(todo)
+
+    bar = tqdm(total=len(tasks), initial=skipped, desc=desc, unit="run",
+               disable=None if progress is None else not progress,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} runs "
+                          "[{elapsed}{postfix}]")
+    at_once = jobs if executor == "local" else (jobs if address is None and jobs > 1 else None)
+    seconds = []
+
+    def done(j, result):
+        i = todo[j]
+        out[i] = result
+        if store is not None:
+            store.put(keys[i], settings[i], result)
+        seconds.append(float(result["seconds"]))
+        left = sum(r is None for r in out)
+        if at_once is None:
+            # runs at once on a cluster: as many as have finished per run time so far
+            elapsed = time.perf_counter() - t0
+            eta = elapsed / len(seconds) * left
+        else:
+            eta = sum(seconds) / len(seconds) * left / min(at_once, max(left, 1))
+        bar.set_postfix_str(f"ETA {_fmt_seconds(eta)} from {len(seconds)} measured run(s)",
+                            refresh=False)
+        bar.update()
+
+    sub = [tasks[i] for i in todo]
+    t0 = time.perf_counter()
+    try:
+        with _sigterm_interrupts():
+            if not sub:
+                pass
+            elif executor == "ray":
+                _ray(config, sub, done, jobs, address)
+            elif jobs <= 1:
+                _serial(config, sub, done)
+            else:
+                _processes(config, sub, done, jobs)
+    except KeyboardInterrupt:
+        finished = sum(r is not None for r in out)
+        in_flight = 1 if executor == "local" and jobs <= 1 else min(
+            len(tasks) - finished, at_once or len(tasks) - finished)
+        raise GridInterrupted(finished if store is not None else 0, len(tasks),
+                              in_flight, None if store is None else store.folder) from None
+    finally:
         bar.close()
     return out
 
@@ -115,9 +462,86 @@ def _grid(config, seeds, split, lrs=None):
     return tasks
 
 
+def _default_store(output, store):
+    if store is False:
+        return None
+    if store is not None and store is not True:
+        return store
+    return None if output is None else Path(output) / "store"
+
+
+def grid_status(config, *, seeds=None, split="test", store=None):
+    """How much of a grid is in a store, and what the rest will cost.
+
+    Parameters
+    ----------
+    config : ExperimentConfig, dict, str or path-like
+    seeds : sequence of int, optional
+        The config's ``seeds`` by default.
+    split : {"test", "val"}, default="test"
+    store : str, path-like or ResultStore, optional
+        The store; without one nothing is done.
+
+    Returns
+    -------
+    status : dict
+        ``total``, ``done`` and ``remaining`` runs, ``cpu_seconds_done``
+        (the stored runs' measured CPU time), ``cpu_seconds_per_run`` (the
+        mean of those runs, scaled to this grid's rounds; None when no run
+        is stored) and ``cpu_seconds_remaining`` (the estimate, or None).
+    """
+    config = as_config(config)
+    seeds = tuple(config.seeds if seeds is None else seeds)
+    tasks = _grid(config, seeds, split)
+    store = None if store is None else (store if isinstance(store, ResultStore)
+                                        else ResultStore(store))
+    cpu, done = [], 0
+    for t in tasks:
+        record = None if store is None else store.get(run_key(run_settings(config, t)))
+        if record is not None:
+            done += 1
+            c = record["result"].get("cpu_seconds")
+            if c is not None and math.isfinite(c):
+                cpu.append(float(c))
+    per_run = sum(cpu) / len(cpu) if cpu else None
+    remaining = len(tasks) - done
+    return {"total": len(tasks), "done": done, "remaining": remaining,
+            "cpu_seconds_done": float(sum(cpu)), "cpu_seconds_per_run": per_run,
+            "cpu_seconds_remaining": None if per_run is None else per_run * remaining}
+
+
+def probe_cpu_seconds(config, *, rounds=10, split="test", samples=3):
+    """CPU seconds one run of the grid takes, extrapolated from short runs.
+
+    Runs ``samples`` tasks spread over the grid (its first, middle and last
+    settings by default: rules and attacks differ a lot in cost) for
+    ``rounds`` rounds (at most the config's) on one thread, after one
+    warm-up run that keeps set-up costs out, and scales their mean per-round
+    time to the config's rounds.
+    """
+    import torch
+
+    tasks = _grid(config, tuple(config.seeds[:1]), split)
+    picks = sorted({round(i * (len(tasks) - 1) / max(1, samples - 1))
+                    for i in range(max(1, samples))})
+    short = config.replace(rounds=min(rounds, config.rounds),
+                           eval_every=min(config.eval_every, rounds, config.rounds))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_task(short, tasks[picks[0]])
+        c0 = time.process_time()
+        for i in picks:
+            _run_task(short, tasks[i])
+        per_round = (time.process_time() - c0) / short.rounds / len(picks)
+    finally:
+        torch.set_num_threads(threads)
+    return per_round * config.rounds
+
+
 def run_experiment(config, *, seeds=None, split="test", output=None, plots=True,
-                   progress=None, jobs=1):
-    """Run a rules x attacks x f x seeds grid.
+                   progress=None, jobs=1, store=None, executor="local", address=None):
+    """Run a rules x attacks x f x seeds grid, resuming from its result store.
 
     Parameters
     ----------
@@ -129,30 +553,62 @@ def run_experiment(config, *, seeds=None, split="test", output=None, plots=True,
         Split the accuracy is measured on.
     output : str or path-like, optional
         Folder to write ``runs.csv``, ``curves.csv``, ``summary.csv``,
-        ``results.json`` and (with ``plots``) PNG figures into.
+        ``results.json`` and (with ``plots``) PNG figures into; the result
+        store is its ``store`` folder unless ``store`` says otherwise.
     plots : bool, default=True
         Whether to draw figures into ``output``.
     progress : bool, optional
-        Show a progress bar; by default only on a terminal.
+        Show a progress bar (runs done of the grid, with an ETA from the
+        measured run times); by default only on a terminal.
     jobs : int, default=1
-        Processes to run on. Results do not depend on it.
+        Local processes to run on (``executor="local"``), or the CPUs of the
+        private Ray started for ``executor="ray"``. Results do not depend on it.
+    store : str, path-like, ResultStore or bool, optional
+        Where finished runs are kept and read back from: ``output/store`` by
+        default, False for no store. Stored runs are not run again.
+    executor : {"local", "ray"}, default="local"
+        ``"ray"`` runs every run as a Ray task of one CPU: on the Ray this
+        process is connected to, on ``address``, or on a private Ray started
+        on this machine (loopback only).
+    address : str, optional
+        Address of an existing Ray cluster (``"auto"``, ``"HOST:6379"`` or
+        ``"ray://HOST:10001"``); only with ``executor="ray"``.
 
     Returns
     -------
     results : Results
+
+    Raises
+    ------
+    GridInterrupted
+        On SIGINT or SIGTERM; the finished runs are in the store.
     """
     config = as_config(config)
     seeds = tuple(config.seeds if seeds is None else seeds)
     t0 = time.perf_counter()
     tasks = _grid(config, seeds, split)
-    out = _run_tasks(config, tasks, progress=progress, jobs=jobs)
+    store = _default_store(output, store)
+    out = _run_tasks(config, tasks, progress=progress, jobs=jobs, store=store,
+                     executor=executor, address=address)
+    if store is not None:
+        # the table and the plots are made from what the store holds
+        st = store if isinstance(store, ResultStore) else ResultStore(store)
+        out = [st.get(run_key(run_settings(config, t)))["result"] for t in tasks]
+    rows = [_rows(config, t, r) for t, r in zip(tasks, out, strict=True)]
     results = Results(
         config=config,
-        runs=[run for run, _ in out],
-        curves=[row for _, curve in out for row in curve],
+        runs=[run for run, _ in rows],
+        curves=[row for _, curve in rows for row in curve],
         split=split,
         seconds=time.perf_counter() - t0,
     )
     if output is not None:
         results.save(output, plots=plots)
     return results
+
+
+def _print_interrupted(exc, command=None, file=sys.stderr):
+    """Say where an interrupted grid's results are and how to resume it."""
+    print(f"\nflagagg: {exc}", file=file)
+    if command:
+        print(f"flagagg: resume with: {command}", file=file)

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..training._config import ExperimentConfig, as_config
 from ..training._results import Results
-from ._experiment import _grid, _run_tasks
+from ._experiment import _grid, _rows, _run_tasks
 
 __all__ = ["TuneResult", "tune"]
 
@@ -92,7 +92,8 @@ class TuneResult:
         return "\n".join(f"[rules.{label}]\nlr = {lr!r}" for label, lr in self.best.items())
 
 
-def tune(config, *, lr_grid=None, rules=None, progress=None, jobs=1):
+def tune(config, *, lr_grid=None, rules=None, progress=None, jobs=1, store=None,
+         executor="local", address=None):
     """Choose each rule's learning rate by worst-case validation accuracy.
 
     Parameters
@@ -108,6 +109,12 @@ def tune(config, *, lr_grid=None, rules=None, progress=None, jobs=1):
         Show a progress bar; by default only on a terminal.
     jobs : int, default=1
         Processes to run on.
+    store : str, path-like or ResultStore, optional
+        Keep every validation run there and skip those already there (see
+        :func:`run_experiment`); none by default.
+    executor : {"local", "ray"}, default="local"
+    address : str, optional
+        As in :func:`run_experiment`.
 
     Returns
     -------
@@ -126,8 +133,10 @@ def tune(config, *, lr_grid=None, rules=None, progress=None, jobs=1):
     sub = dataclasses.replace(
         config, rules=tuple(r for r in config.rules if r.label in labels))
     tasks = _grid(sub, config.validation_seeds, "val", lrs=grids)
-    out = _run_tasks(sub, tasks, progress=progress, jobs=jobs, desc="tuning")
-    results = Results(sub, [run for run, _ in out], [row for _, c in out for row in c],
+    out = _run_tasks(sub, tasks, progress=progress, jobs=jobs, desc="tuning", store=store,
+                     executor=executor, address=address)
+    rows = [_rows(sub, t, r) for t, r in zip(tasks, out, strict=True)]
+    results = Results(sub, [run for run, _ in rows], [row for _, c in rows for row in c],
                       split="val", seconds=time.perf_counter() - t0)
     scores = []
     cells = {}

@@ -127,6 +127,7 @@ class ExperimentConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    worker_momentum: float = 0.0
     lr_grid: tuple = (0.01, 0.03, 0.1, 0.3, 1.0)
     rules: tuple = ()
     attacks: tuple = ()
@@ -205,7 +206,7 @@ _SECTIONS = {
              "max_train", "n_samples", "n_features", "n_classes"),
     "cluster": ("workers", "f", "partition", "alpha", "batch_size"),
     "model": ("model", "hidden", "channels"),
-    "optimizer": ("lr", "momentum", "weight_decay"),
+    "optimizer": ("lr", "momentum", "weight_decay", "worker_momentum"),
     "tune": ("lr_grid",),
 }
 _RULE_KEYS = ("rule", "params", "lr", "lr_grid")
@@ -336,6 +337,7 @@ _CHECKS = {
     "lr": _float(0, lo_open=True),
     "momentum": _float(0, 1, hi_open=True),
     "weight_decay": _float(0),
+    "worker_momentum": _float(0, 1, hi_open=True),
     "lr_grid": _list(_float(0, lo_open=True), unique=True),
 }
 

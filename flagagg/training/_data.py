@@ -8,14 +8,22 @@ only from a path the user gives: flagagg never downloads anything.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
+import json
+import os
 import pickle
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DATASETS", "Dataset", "load_dataset", "partition"]
+__all__ = ["DATASETS", "Dataset", "cache_dir", "load_dataset", "partition"]
+
+# bump when the cached arrays' layout or meaning changes: old files are then ignored
+_CACHE_FORMAT = 1
 
 # name -> (input kind, needs a path)
 DATASETS = {
@@ -152,36 +160,127 @@ def _load_cifar10(path):
     return x_tr, np.concatenate(ys[:5]), xs[5].astype(np.float64) / 255.0, ys[5]
 
 
-def _load_mnist1d(n_samples):
-    """MNIST-1D generated offline with the package's published arguments."""
-    try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError as exc:
-        raise ImportError(
-            "dataset 'mnist1d' needs the mnist1d package: pip install mnist1d "
-            "(it is in flagagg's sim extra)"
-        ) from exc
-    import random
+def cache_dir(cache=None):
+    """The folder generated data sets are cached in, or None for no cache.
 
-    args = get_dataset_args()
-    args.num_samples = int(n_samples)
-    # make_dataset seeds NumPy's and Python's global generators (with the
-    # published seed); the caller's global random state is put back afterwards.
-    # It generates the data and downloads nothing (get_dataset would).
-    np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+    Parameters
+    ----------
+    cache : bool, str, path-like or None, default=None
+        None or True: ``$FLAGAGG_CACHE_DIR`` if set (an empty value turns the
+        cache off), else ``$XDG_CACHE_HOME/flagagg``, else
+        ``~/.cache/flagagg``. False: no cache. A path: that folder.
+
+    Returns
+    -------
+    folder : pathlib.Path or None
+    """
+    if cache is False:
+        return None
+    if cache is None or cache is True:
+        env = os.environ.get("FLAGAGG_CACHE_DIR")
+        if env is not None:
+            return Path(env).expanduser() if env else None
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        return Path(base).expanduser() / "flagagg"
+    if isinstance(cache, (str, os.PathLike)):
+        return Path(cache).expanduser()
+    raise TypeError(f"cache must be None, a bool or a path: got {type(cache).__name__}")
+
+
+def _cached(kind, args, make, cache):
+    """``make()``'s arrays, read from the cache when ``args`` were generated before.
+
+    The file is named by a hash of ``kind``, ``args`` and the cache format;
+    it is written to a temporary file in the same folder and renamed into
+    place, so processes of a grid that race each write a whole file and
+    readers never see a partial one (the last rename wins; all hold the
+    same arrays). A file that cannot be read is generated again.
+    """
+    folder = cache_dir(cache)
+    if folder is None:
+        return make()
+    key = json.dumps({"kind": kind, "format": _CACHE_FORMAT, "args": args}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    path = folder / f"{kind}-{digest}.npz"
     try:
-        data = make_dataset(args)
-    finally:
-        np.random.set_state(np_state)  # noqa: NPY002
-        random.setstate(py_state)
-    x_tr = np.asarray(data["x"], np.float64)[:, None, :]
-    x_te = np.asarray(data["x_test"], np.float64)[:, None, :]
-    return (x_tr, np.asarray(data["y"], np.int64), x_te, np.asarray(data["y_test"], np.int64))
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["key"]) == key:
+                return tuple(z[f"a{i}"] for i in range(int(z["n"])))
+    except (OSError, ValueError, KeyError, EOFError):
+        pass  # absent, unreadable or another key: generate it
+    arrays = make()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{kind}-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, key=np.array(key), n=np.array(len(arrays)),
+                         **{f"a{i}": a for i, a in enumerate(arrays)})
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is not
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        # a read-only or full cache folder costs the next process the
+        # generation again, never this run
+        import warnings
+
+        warnings.warn(f"flagagg: cannot write the data set cache {path}: {exc}",
+                      RuntimeWarning, stacklevel=3)
+    return arrays
+
+
+def _load_mnist1d(n_samples, cache=None):
+    """MNIST-1D generated offline with the package's published arguments.
+
+    Generating it takes seconds of CPU (and importing the package another
+    second); the arrays are cached on disk (see :func:`cache_dir`), keyed by
+    the number of samples and the mnist1d package's version (whose published
+    arguments fix every other setting), so every process of a grid generates
+    them at most once.
+    """
+    import random
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("mnist1d")
+    except PackageNotFoundError:
+        pkg = None
+
+    def make():
+        try:
+            from mnist1d.data import get_dataset_args, make_dataset
+        except ImportError as exc:
+            raise ImportError(
+                "dataset 'mnist1d' needs the mnist1d package: pip install mnist1d "
+                "(it is in flagagg's sim extra)"
+            ) from exc
+        args = get_dataset_args()
+        args.num_samples = int(n_samples)
+        # make_dataset seeds NumPy's and Python's global generators (with the
+        # published seed); the caller's global random state is put back
+        # afterwards. It generates the data and downloads nothing (get_dataset would).
+        np_state, py_state = np.random.get_state(), random.getstate()  # noqa: NPY002
+        try:
+            data = make_dataset(args)
+        finally:
+            np.random.set_state(np_state)  # noqa: NPY002
+            random.setstate(py_state)
+        return (np.asarray(data["x"], np.float64)[:, None, :], np.asarray(data["y"], np.int64),
+                np.asarray(data["x_test"], np.float64)[:, None, :],
+                np.asarray(data["y_test"], np.int64))
+
+    if pkg is None:
+        # no installed version to key the cache by (or no package: make() says so)
+        return make()
+    return _cached("mnist1d", {"mnist1d": pkg, "num_samples": int(n_samples)}, make, cache)
 
 
 def load_dataset(name, *, path=None, split_seed=0, test_fraction=0.25,
                  validation_fraction=0.15, max_train=None, n_samples=None, n_features=20,
-                 n_classes=4):
+                 n_classes=4, cache=None):
     """Load a dataset and split it into train, validation and test parts.
 
     Parameters
@@ -209,6 +308,10 @@ def load_dataset(name, *, path=None, split_seed=0, test_fraction=0.25,
         (default 5000, the published size: 4000 train, 1000 test).
     n_features, n_classes : int
         Size of the ``"synthetic"`` data (scikit-learn's ``make_classification``).
+    cache : bool, str, path-like or None, default=None
+        Where generated data (``"mnist1d"``) are cached on disk, see
+        :func:`cache_dir`; False generates them every time. The data are the
+        same either way.
 
     Returns
     -------
@@ -233,7 +336,8 @@ def load_dataset(name, *, path=None, split_seed=0, test_fraction=0.25,
         loader = _load_mnist if name == "mnist" else _load_cifar10
         X_tr, y_tr, X_te, y_te = loader(path)
     elif name == "mnist1d":
-        X_tr, y_tr, X_te, y_te = _load_mnist1d(5000 if n_samples is None else int(n_samples))
+        X_tr, y_tr, X_te, y_te = _load_mnist1d(5000 if n_samples is None else int(n_samples),
+                                               cache)
     else:
         from sklearn import datasets as skd
 

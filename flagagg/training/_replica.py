@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ._data import partition
+from ._grads import GradientEngine
 from ._models import init_parameters, make_model
 
 __all__ = ["Replica", "sgd_step"]
@@ -45,6 +46,15 @@ class Replica:
         Dirichlet concentration.
     device : str or torch.device, default="cpu"
         Where the model, the data and the gradients live.
+    worker_momentum : float, default=0.0
+        Local (worker) momentum beta: every worker sends
+        ``m = beta * m + (1 - beta) * g`` (``m`` starts at zero) instead of its
+        gradient ``g`` (Karimireddy, He and Jaggi, "Learning from History for
+        Byzantine Robust Optimization", ICML 2021; ByzFL's honest clients
+        compute the same). 0 sends the gradient itself. Faulty workers with a
+        gradient attack compute their own momenta honestly and the attack sees
+        the momenta, as in the literature; workers with a data attack keep
+        momenta of their poisoned gradients.
 
     Attributes
     ----------
@@ -64,8 +74,15 @@ class Replica:
     """
 
     def __init__(self, dataset, *, workers, f, seed, model="logreg", model_params=None,
-                 partition_method="iid", alpha=0.5, device="cpu"):
+                 partition_method="iid", alpha=0.5, device="cpu", worker_momentum=0.0):
         self.dataset = dataset
+        beta = float(worker_momentum)
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"worker_momentum must be in [0, 1): got {worker_momentum!r}")
+        self.worker_momentum = beta
+        # each worker's momentum, for the rows this replica computes (all of them in
+        # the simulator; a distributed worker's own, or all for an omniscient attack)
+        self._momenta = None
         self.workers = int(workers)
         self.f = int(f)
         self.device = torch.device(device)
@@ -87,13 +104,21 @@ class Replica:
         self.net.to(self.device)
         self.shapes = [(n, p.shape, p.numel()) for n, p in self.net.named_parameters()]
         self.n_params = sum(size for _, _, size in self.shapes)
-        self._per_worker = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
+        self._per_worker_vmap = vmap(grad(_loss(self.net)), in_dims=(None, 0, 0, None))
+        self._engine = GradientEngine(self.net, self.shapes)
+        self._positions = {}
 
         self.sizes = np.array([s.size for s in shards])
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
         self.pooled = np.concatenate(shards)
         self.X_train = torch.from_numpy(dataset.X_train).to(self.device)
         self.y_train = torch.from_numpy(dataset.y_train).to(self.device)
+
+    def _per_worker(self, flat, xb, yb, shapes):
+        """Every worker's minibatch gradient at ``flat``: (p, B, ...) data in, (p, n) out."""
+        if not self._engine.supported:
+            return self._per_worker_vmap(flat, xb, yb, shapes)
+        return self._engine(flat[None], xb[None], yb[None])[0]
 
     def initial_parameters(self):
         """The initial model as a flat float32 vector on the replica's device."""
@@ -144,7 +169,7 @@ class Replica:
         if not touched:
             sel = torch.from_numpy(idx[rows])
             xb, yb = self.X_train[sel], self.y_train[sel]
-            return self._per_worker(flat, xb, yb, self.shapes)
+            return self._with_momentum(self._per_worker(flat, xb, yb, self.shapes), rows)
         n_classes = self.dataset.n_classes
         if attack.kind == "data":
             # the faulty rows first, in the simulator's order, for the attack stream
@@ -154,18 +179,52 @@ class Replica:
             xf, yf = attack(xb[: self.f], yb[: self.f], rng=self.attack_rng, n_classes=n_classes)
             xb, yb = xb.clone(), yb.clone()
             xb[: self.f], yb[: self.f] = xf, yf
-            G = self._per_worker(flat, xb, yb, self.shapes)
+            G = self._with_momentum(self._per_worker(flat, xb, yb, self.shapes), need)
             return G[[need.index(r) for r in rows]]
         need = list(range(self.workers)) if attack.omniscient else sorted(set(faulty) | set(rows))
-        sel = torch.from_numpy(idx[need])
+        sel = torch.from_numpy(idx if len(need) == self.workers else idx[need])
         G = self._per_worker(flat, self.X_train[sel], self.y_train[sel], self.shapes)
-        pos = {w: i for i, w in enumerate(need)}
-        f_rows = [pos[w] for w in faulty]
-        # the honest rows at hand: all of them for an omniscient attack (and in the
-        # simulator); the others only read their shape and dtype
-        h_rows = [pos[w] for w in need if w not in faulty]
+        # the honest computation of every row at hand (the faulty workers' own
+        # included): the attack sees momenta when the workers send momenta
+        G = self._with_momentum(G, need)
+        f_rows, h_rows, out_rows = self._row_positions(need, faulty, rows)
         G[f_rows] = attack(G[h_rows], self.f, rng=self.attack_rng, own=G[f_rows])
-        return G if need == rows else G[[pos[r] for r in rows]]
+        return G if out_rows is None else G[out_rows]
+
+    def _row_positions(self, need, faulty, rows):
+        """Index tensors of the faulty rows, the honest rows and the wanted rows in ``need``.
+
+        Built once per combination and kept: a Python list used as an index
+        is converted to a tensor on every use, several times a round.
+        """
+        key = (tuple(need), tuple(faulty), tuple(rows))
+        hit = self._positions.get(key)
+        if hit is None:
+            pos = {w: i for i, w in enumerate(need)}
+            f_rows = torch.tensor([pos[w] for w in faulty], dtype=torch.long,
+                                  device=self.device)
+            # the honest rows at hand: all of them for an omniscient attack (and in
+            # the simulator); the others only read their shape and dtype
+            h_rows = torch.tensor([pos[w] for w in need if w not in faulty],
+                                  dtype=torch.long, device=self.device)
+            out_rows = (None if need == list(rows) else
+                        torch.tensor([pos[r] for r in rows], dtype=torch.long,
+                                     device=self.device))
+            hit = self._positions[key] = (f_rows, h_rows, out_rows)
+        return hit
+
+    def _with_momentum(self, G, workers):
+        """Rows ``G`` of ``workers`` -> their (updated) momenta; ``G`` itself without momentum."""
+        beta = self.worker_momentum
+        if beta == 0.0:
+            return G
+        if self._momenta is None:
+            self._momenta = torch.zeros(self.workers, G.shape[1], dtype=G.dtype,
+                                        device=G.device)
+        at = torch.as_tensor(list(workers), dtype=torch.long, device=G.device)
+        m = torch.add(self._momenta[at] * beta, G, alpha=1.0 - beta)
+        self._momenta[at] = m
+        return m
 
     def accuracy(self, flat, split="test"):
         """Accuracy of the flat parameters on a split of the dataset."""

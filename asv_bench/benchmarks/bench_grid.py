@@ -1,0 +1,112 @@
+"""The cost of a robustness grid: MNIST-1D, the paper's 1-D CNN, p = 15, f = 3.
+
+``track_grid_cpu_seconds`` is the CPU time of a whole grid (2 rules x 3
+seeds, A Little Is Enough) in a fresh process on one thread: interpreter,
+imports, data and every round, as ``flagagg experiment`` pays it. It uses
+only ``flagagg.sim.run_experiment``, so ``make asv-compare`` measures it on
+older commits too (the before/after of issue 26). ``data`` says whether the
+data set cache starts empty (``cold``: the first process of a grid on a
+machine) or filled (``warm``: every other one); a commit without the cache
+generates the data either way.
+
+``track_ratio_gradients_vmap_over_engine`` times one round's per-worker
+gradients through ``torch.func.vmap`` against the hand-written engine
+(skipped on commits without it).
+"""
+
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import textwrap
+
+from ._data import paired_ratio
+from .common import RATIO_REPEATS, tiered
+
+_GRID = textwrap.dedent("""
+    import torch
+    torch.set_num_threads(1)
+    from flagagg import sim
+    cfg = {{"experiment": {{"name": "bench", "rounds": {rounds}, "seeds": [0, 1, 2],
+                            "eval_every": {eval_every}}},
+           "data": {{"dataset": "mnist1d", "n_samples": 5000}},
+           "cluster": {{"workers": 15, "f": 3}},
+           "model": {{"model": "cnn1d", "channels": [25, 25, 25]}},
+           "optimizer": {{"lr": 0.05}},
+           "rules": {{"mean": {{}}, "flag": {{}}}}, "attacks": {{"little_is_enough": {{}}}}}}
+    kw = {{"store": False}} if "store" in sim.run_experiment.__code__.co_varnames else {{}}
+    sim.run_experiment(cfg, plots=False, progress=False, **kw)
+""")
+
+
+def _needs_mnist1d():
+    try:
+        import mnist1d  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as exc:
+        raise NotImplementedError(f"needs the sim extra: {exc}") from None
+
+
+class MNIST1DGrid:
+    """CPU seconds of a 6-run grid in a fresh process, data included."""
+
+    params = [tiered([200], [200, 1000]), ["cold", "warm"]]
+    param_names = ["rounds", "data"]
+    timeout = 1800
+    number = 1
+    repeat = 1
+
+    def setup(self, rounds, data):
+        _needs_mnist1d()
+        self.cache = tempfile.TemporaryDirectory()
+        self.env = dict(os.environ, FLAGAGG_CACHE_DIR=self.cache.name)
+        if data == "warm":
+            subprocess.run([sys.executable, "-c", "from flagagg import sim; "
+                            "sim.load_dataset('mnist1d', n_samples=5000)"],
+                           env=self.env, check=True)
+
+    def teardown(self, rounds, data):
+        self.cache.cleanup()
+
+    def track_grid_cpu_seconds(self, rounds, data):
+        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-c", code], env=self.env, check=True)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    track_grid_cpu_seconds.unit = "seconds"
+
+
+class MNIST1DGradients:
+    """One round's 15 per-worker gradients of the 1-D CNN: vmap over the engine."""
+
+    def setup(self):
+        _needs_mnist1d()
+        import torch
+
+        from flagagg import sim
+        from flagagg.training import _replica
+
+        try:
+            from flagagg.training import _grads  # noqa: F401
+        except ImportError:
+            raise NotImplementedError("this commit has no gradient engine") from None
+        torch.set_num_threads(1)
+        ds = sim.load_dataset("mnist1d", n_samples=5000)
+        self.rep = _replica.Replica(ds, workers=15, f=0, seed=0, model="cnn1d",
+                                    model_params={"channels": (25, 25, 25)})
+        self.flat = self.rep.initial_parameters()
+        idx = torch.from_numpy(self.rep.draw_batches(32))
+        self.xb, self.yb = self.rep.X_train[idx], self.rep.y_train[idx]
+
+    def track_ratio_gradients_vmap_over_engine(self):
+        rep = self.rep
+        return paired_ratio(
+            lambda: rep._per_worker(self.flat, self.xb, self.yb, rep.shapes),
+            lambda: rep._per_worker_vmap(self.flat, self.xb, self.yb, rep.shapes),
+            RATIO_REPEATS * 3,
+        ).ratio
+
+    track_ratio_gradients_vmap_over_engine.unit = "ratio"

@@ -1,0 +1,226 @@
+"""The cheaper grid: cached data sets, the hand-written per-worker gradients, lockstep runs.
+
+Every fast path here is checked against the slow, obviously correct one:
+the gradient engine against ``torch.func.vmap`` of ``torch.func.grad``,
+cached data against freshly generated data, lockstep runs against runs one
+at a time.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+
+from flagagg import sim  # noqa: E402
+from flagagg.training._grads import GradientEngine  # noqa: E402
+from flagagg.training._replica import Replica  # noqa: E402
+
+CASES = [
+    ("digits", "logreg", {}),
+    ("digits", "mlp", {"hidden": 17}),
+    ("breast_cancer", "mlp", {"hidden": 8}),
+]
+try:
+    import mnist1d  # noqa: F401
+
+    CASES += [("mnist1d", "cnn1d", {"channels": (25, 25, 25)}),
+              ("mnist1d", "cnn1d", {"channels": (4, 6)}),
+              ("mnist1d", "mlp", {"hidden": 9})]
+except ImportError:  # pragma: no cover - the sim extra without mnist1d
+    pass
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out = {}
+    for name in {c[0] for c in CASES}:
+        kw = {"n_samples": 600, "cache": cache} if name == "mnist1d" else {}
+        out[name] = sim.load_dataset(name, **kw)
+    return out
+
+
+def _vmap_reference(rep, flat, xb, yb):
+    return rep._per_worker_vmap(flat, xb, yb, rep.shapes)
+
+
+@pytest.mark.parametrize(("name", "model", "params"), CASES)
+def test_engine_matches_vmap_of_grad(datasets, name, model, params):
+    ds = datasets[name]
+    rep = Replica(ds, workers=7, f=0, seed=3, model=model, model_params=params)
+    assert rep._engine.supported
+    gen = torch.Generator().manual_seed(0)
+    flat = rep.initial_parameters() + 0.05 * torch.randn(rep.n_params, generator=gen)
+    idx = torch.from_numpy(rep.draw_batches(11))
+    xb, yb = rep.X_train[idx], rep.y_train[idx]
+    got = rep._per_worker(flat, xb, yb, rep.shapes)
+    want = _vmap_reference(rep, flat, xb, yb)
+    assert got.shape == want.shape == (7, rep.n_params) and got.dtype == torch.float32
+    scale = float(want.abs().max())
+    assert float((got - want).abs().max()) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e30])
+def test_engine_matches_vmap_on_hostile_parameters(datasets, offset):
+    """Huge weights: the logits overflow the same way (inf/NaN where vmap has them)."""
+    ds = datasets["digits"]
+    rep = Replica(ds, workers=4, f=0, seed=1, model="mlp", model_params={"hidden": 5})
+    flat = rep.initial_parameters() * offset
+    idx = torch.from_numpy(rep.draw_batches(6))
+    xb, yb = rep.X_train[idx], rep.y_train[idx]
+    got = rep._per_worker(flat, xb, yb, rep.shapes)
+    want = _vmap_reference(rep, flat, xb, yb)
+    np.testing.assert_array_equal(torch.isfinite(got).numpy(), torch.isfinite(want).numpy())
+    ok = torch.isfinite(want)
+    np.testing.assert_allclose(got[ok].numpy(), want[ok].numpy(), rtol=1e-4,
+                               atol=1e-5 * float(want[ok].abs().max()))
+
+
+def test_engine_declines_models_it_does_not_implement(datasets):
+    """The image CNN (max-pooling) keeps the vmap path, and still gives its gradients."""
+    ds = datasets["digits"]
+    rep = Replica(ds, workers=3, f=0, seed=0, model="cnn")
+    assert not rep._engine.supported
+    flat = rep.initial_parameters()
+    idx = torch.from_numpy(rep.draw_batches(4))
+    xb, yb = rep.X_train[idx], rep.y_train[idx]
+    torch.testing.assert_close(rep._per_worker(flat, xb, yb, rep.shapes),
+                               _vmap_reference(rep, flat, xb, yb))
+    assert not GradientEngine(torch.nn.Linear(3, 2), []).supported
+
+
+@pytest.mark.parametrize(("name", "model", "params"), CASES)
+def test_lockstep_runs_give_each_run_its_own_gradients_bit_for_bit(datasets, name, model,
+                                                                    params):
+    """R runs stacked on a run axis: each run's rows are those of the run alone."""
+    ds = datasets[name]
+    reps = [Replica(ds, workers=5, f=0, seed=s, model=model, model_params=params)
+            for s in range(3)]
+    flats = torch.stack([r.initial_parameters() for r in reps])
+    xs, ys = [], []
+    for r in reps:
+        idx = torch.from_numpy(r.draw_batches(8))
+        xs.append(r.X_train[idx])
+        ys.append(r.y_train[idx])
+    engine = reps[0]._engine
+    together = engine(flats, torch.stack(xs), torch.stack(ys))
+    for i in range(3):
+        alone = engine(flats[i : i + 1], xs[i][None], ys[i][None])[0]
+        assert torch.equal(together[i], alone)
+
+
+@pytest.mark.parametrize(("name", "model", "params"), CASES)
+def test_engine_scratch_arrays_carry_nothing_between_calls(datasets, name, model, params):
+    """The kept padded activations and col2im arrays: a call after calls with other
+    parameters, data and batch sizes gives what a fresh engine gives, bit for bit,
+    and returns a new array that later calls do not overwrite."""
+    ds = datasets[name]
+    rep = Replica(ds, workers=5, f=0, seed=2, model=model, model_params=params)
+    gen = torch.Generator().manual_seed(1)
+    calls = []
+    for batch in (8, 8, 3, 8):
+        flat = rep.initial_parameters() + 0.1 * torch.randn(rep.n_params, generator=gen)
+        idx = torch.from_numpy(rep.draw_batches(batch))
+        calls.append((flat, rep.X_train[idx], rep.y_train[idx]))
+    outs = [rep._engine(f[None], x[None], y[None])[0] for f, x, y in calls]
+    kept = [o.clone() for o in outs]
+    for (f, x, y), out, was in zip(calls, outs, kept, strict=True):
+        fresh = GradientEngine(rep.net, rep.shapes)(f[None], x[None], y[None])[0]
+        assert torch.equal(out, fresh)
+        assert torch.equal(out, was)  # not overwritten by the calls after it
+    # huge activations once, then ordinary ones: nothing of the first stays behind
+    f, x, y = calls[0]
+    rep._engine((f * 1e30)[None], x[None], y[None])
+    again = rep._engine(f[None], x[None], y[None])[0]
+    assert torch.equal(again, kept[0])
+
+
+# --------------------------------------------------------------------------
+# the data set cache
+
+def test_mnist1d_cache_gives_the_generated_data(tmp_path, monkeypatch):
+    pytest.importorskip("mnist1d")
+    import mnist1d.data
+
+    calls = []
+    real = mnist1d.data.make_dataset
+
+    def counting(args):
+        calls.append(args.num_samples)
+        return real(args)
+
+    monkeypatch.setattr(mnist1d.data, "make_dataset", counting)
+    fresh = sim.load_dataset("mnist1d", n_samples=120, cache=False)
+    first = sim.load_dataset("mnist1d", n_samples=120, cache=tmp_path)
+    again = sim.load_dataset("mnist1d", n_samples=120, cache=tmp_path)
+    other = sim.load_dataset("mnist1d", n_samples=140, cache=tmp_path)
+    # generated without a cache, once for the cache, and once for another size
+    assert calls == [120, 120, 140]
+    for d in (first, again):
+        for key in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test"):
+            np.testing.assert_array_equal(getattr(d, key), getattr(fresh, key))
+    assert len(other.y_test) == 28
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.startswith("mnist1d-") and f.endswith(".npz")
+                                   for f in files)
+
+
+def test_mnist1d_cache_survives_a_corrupt_file(tmp_path):
+    pytest.importorskip("mnist1d")
+    sim.load_dataset("mnist1d", n_samples=100, cache=tmp_path)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(b"not an npz")
+    d = sim.load_dataset("mnist1d", n_samples=100, cache=tmp_path)
+    ref = sim.load_dataset("mnist1d", n_samples=100, cache=False)
+    np.testing.assert_array_equal(d.X_train, ref.X_train)
+    with np.load(path) as z:  # rewritten whole
+        assert int(z["n"]) == 4
+
+
+def test_cache_dir_from_the_environment(tmp_path, monkeypatch):
+    from flagagg.training._data import cache_dir
+
+    monkeypatch.setenv("FLAGAGG_CACHE_DIR", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("FLAGAGG_CACHE_DIR", "")
+    assert cache_dir() is None
+    monkeypatch.delenv("FLAGAGG_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert cache_dir() == tmp_path / "x" / "flagagg"
+    assert cache_dir(False) is None
+    assert cache_dir(tmp_path) == tmp_path
+    with pytest.raises(TypeError, match="cache must be"):
+        cache_dir(3)
+
+
+def _load_in_child(folder, n, queue):
+    d = sim.load_dataset("mnist1d", n_samples=n, cache=folder)
+    queue.put(float(d.X_train.astype(np.float64).sum()))
+
+
+def test_mnist1d_cache_is_safe_when_processes_race(tmp_path):
+    """Four processes fill one cache at once: all read whole, equal arrays."""
+    pytest.importorskip("mnist1d")
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_in_child, args=(str(tmp_path), 150, queue))
+             for _ in range(4)]
+    env = os.environ.get("PYTHONPATH")
+    assert env is None or env  # the children import this flagagg (spawn inherits it)
+    for p in procs:
+        p.start()
+    sums = [queue.get(timeout=240) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    ref = float(sim.load_dataset("mnist1d", n_samples=150, cache=False).X_train
+                .astype(np.float64).sum())
+    assert sums == [ref] * 4
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] != []
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
