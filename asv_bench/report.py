@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "else numpy)")
     parser.add_argument("--skip", action="append", default=[],
                         choices=["flag", "gram", "dense", "iterations", "memory", "rules",
-                                 "psweep", "pytree"],
+                                 "psweep", "pytree", "detection", "loop", "ddp"],
                         help="leave out a section (repeatable)")
     parser.add_argument("--psweep-mb", type=float, default=None,
                         help="MiB of float32 input per shape of the p-sweep (default 256; "
