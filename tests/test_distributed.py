@@ -356,6 +356,29 @@ def test_server_survives_every_kind_of_bad_worker():
     events = [(e.get("worker"), e["event"]) for e in record["events"]]
     for expected in ((1, "refused"), (3, "disconnected"), (3, "reconnected")):
         assert expected in events
+    # the rule's per-worker diagnostics, for the rows it got (and none for the rest)
+    for r in record["workers"]:
+        if r["status"] == "ok":
+            assert -1 <= r["cosine"] <= 1 and r["verdict"] and isinstance(r["suspect"], bool)
+        else:
+            assert r["cosine"] is None and r["verdict"] == "" and r["suspect"] is False
+
+
+def test_an_excluded_gradient_says_what_was_wrong_in_bytes_and_values():
+    """The issue: a 2,602-byte gradient was excluded as "650 values, expected 650"."""
+    server = distributed.Server(_spec(workers=2, rounds=1, round_timeout=20), tls=SERVER_PEM)
+    thread, out = _serve(server)
+    p, q = Peer(server, 0), Peer(server, 1)
+    p.params(1)
+    q.params(1)
+    head = HEADER.pack(b"FLAG", Kind.GRAD, 1, PROTOCOL_VERSION, 0, 1, 4 * server.n + 2, 0.0)
+    p.sock.sendall(head + bytes(4 * server.n + 2))
+    q.send(1, np.zeros(server.n, np.float32))
+    thread.join(60)
+    row = out["record"]["workers"][0]
+    n = server.n
+    assert row["reason"] == (f"wrong size: {4 * n + 2} bytes = {n + 0.5:g} float32 values, "
+                             f"expected {4 * n} bytes = {n} values")
 
 
 class GlooPeer:

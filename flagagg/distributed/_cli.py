@@ -40,12 +40,18 @@ def add_arguments(parser):
                         help="how long the server waits for the workers to join, and the "
                              "workers for the server (default: 120)")
     faults.add_argument("--quorum", type=int, metavar="Q",
-                        help="close a round once Q gradients are in (plus a short grace) "
+                        help="close a round once Q gradients are in (plus a grace of half "
+                             "the median round time, at least 25 ms) "
                              "instead of waiting for the deadline; later ones are reported "
                              "as missing, never waited for (default: workers - f). With Q "
                              "below the number of workers, which gradients make a round "
                              "depends on timing, so the run is not bit for bit the "
                              "simulator's; --quorum P (all P workers) makes it so")
+    faults.add_argument("--min-gradients", type=int, metavar="M",
+                        help="never step with fewer than M accepted gradients: below it a "
+                             "round does not step, and after --connect-timeout seconds "
+                             "without a step the run stops with exit status 4 (default: the "
+                             "fewest the rule accepts with --f, at least 2f+1 when f > 0)")
     faults.add_argument("--keep-nonfinite", action="store_true",
                         help="hand gradients with NaN or Inf to the rule instead of excluding "
                              "them (what the simulator does)")
@@ -109,6 +115,7 @@ def run(args):
             eval_every=args.eval_every, round_timeout=args.round_timeout,
             connect_timeout=args.connect_timeout, drop_nonfinite=not args.keep_nonfinite,
             device=args.device, transport=args.transport, faults=faults, quorum=args.quorum,
+            min_gradients=args.min_gradients,
         )
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")

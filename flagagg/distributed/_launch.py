@@ -4,10 +4,11 @@ The launcher gives each process the environment ``torchrun`` would
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
 relays what they print, and, unlike ``torchrun``, does not tear the run down
 when a worker dies: the server decides what a missing worker means. It makes
-the run's own CA and one certificate per process (:func:`flagagg.distributed.
-_tls.issue`) in a temporary folder only this user can read (files 0600,
-removed at the end), and tells the processes where (``FLAGAGG_CERTS``), with
-the server's loopback address (``FLAGAGG_SERVER_ADDR``). When the server has
+the run's own CA and one certificate per process
+(:func:`flagagg.distributed.issue_certificates`) in a temporary folder only
+this user can read (files 0600, removed at the end), and tells the
+processes where (``FLAGAGG_CERTS``), with the server's loopback address
+(``FLAGAGG_SERVER_ADDR``). When the server has
 finished, workers get a few seconds to leave; any still running (hung,
 stopped) is terminated and then killed, so no process outlives the launcher.
 SIGTERM or SIGINT to the launcher asks the server to stop after its round

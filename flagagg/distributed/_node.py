@@ -237,7 +237,8 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
             recorder = RunLog(output, spec, server.lr, resuming=resume is not None, log=log)
             server.recorder = recorder
         log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
-            f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}")
+            f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}, "
+            f"never a step with fewer than {server.floor} gradients")
         if spec.f:
             log(f"server: Byzantine workers (drawn from the seed): {sorted(server.byzantine)}, "
                 f"attack {spec.attack}")
@@ -329,6 +330,10 @@ def _report(spec, record, log):
             hit = [r["round"] for r in mine if r["status"] == status]
             if hit:
                 log(f"  worker {w} {status} in {len(hit)} of {done} rounds ({_ranges(hit)})")
+        left = record.get("left_out_by_quorum", {}).get(w, 0)
+        if left:
+            log(f"  worker {w} left out by the quorum (answered after the round closed) in "
+                f"{left} of {done} rounds")
         ruled = [r["round"] for r in mine if r["rule_excluded"]]
         if ruled:
             log(f"  worker {w} left out by the rule in {len(ruled)} rounds ({_ranges(ruled)})")

@@ -1,7 +1,7 @@
 """The wire format between the parameter server and its workers.
 
 Every connection is mutual TLS 1.3 with the run's own certificates
-(:mod:`flagagg.distributed._tls`): TLS encrypts and authenticates every
+(:func:`flagagg.distributed.issue_certificates`): TLS encrypts and authenticates every
 byte, and the certificates say who is at each end. Inside it, a message is a
 fixed 36-byte header and ``nbytes`` of payload. Tensors travel as their raw
 little-endian bytes (the header names the dtype), control messages as small

@@ -56,8 +56,30 @@ __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
 
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
-# once a round has its quorum, it waits this fraction of the time the quorum took
+# once a round has its quorum, it waits this fraction of the median round time (or of
+# the time the quorum took, if longer), and at least MIN_GRACE seconds, so that workers
+# only slightly slower than the others are not left out round after round
 QUORUM_GRACE = 0.5
+MIN_GRACE = 0.025
+# exit status of a run stopped because too few gradients arrived for too long
+STARVED = 4
+
+
+def rule_floor(rule, f, workers):
+    """The fewest gradients ``rule`` aggregates with ``f`` (probed), at least 2f+1 if f > 0.
+
+    Returns ``workers + 1`` when the rule refuses every count up to ``workers``.
+    """
+    rng = np.random.default_rng(0)
+    need = workers + 1
+    for k in range(1, workers + 1):
+        try:
+            rule(rng.standard_normal((k, 4)).astype(np.float32))
+        except ValueError:
+            continue
+        need = k
+        break
+    return max(need, 2 * f + 1 if f else 1)
 
 
 class _Link:
@@ -122,7 +144,9 @@ class _ServerCore:
         self.bytes_received = 0
         self.events = []
         self.recorder = recorder
-        self.quorum = spec.quorum_size
+        self.floor = spec.min_gradients or rule_floor(self.rule, spec.f, config.workers)
+        self.quorum = max(spec.quorum_size, min(self.floor, config.workers))
+        self.recent = deque(maxlen=20)   # durations of the latest rounds, for the grace
         self.stop_requested = None  # a signal's name once one asked the server to stop
 
     def _say(self, text, event=None):
@@ -300,16 +324,18 @@ class _ServerCore:
             now = time.monotonic()
             if now >= deadline:
                 break
-            if st.expected and all(w in st.status for w in st.expected):
+            ok = sum(1 for s in st.status.values() if s[0] == "ok")
+            # below the floor a round waits for its deadline: workers that are
+            # reconnecting may be back for the next one
+            if ok >= self.floor and st.expected and all(w in st.status for w in st.expected):
                 break
-            if not st.expected and st.status:
+            if ok >= self.floor and not st.expected and st.status:
                 break
-            if st.quorum_at is None and \
-                    sum(1 for s in st.status.values() if s[0] == "ok") >= self.quorum:
+            if st.quorum_at is None and ok >= self.quorum:
                 st.quorum_at = now
-                # a short grace, in proportion to how long the quorum took, lets
-                # gradients arriving together with it count
-                deadline = min(deadline, now + QUORUM_GRACE * (now - st.start) + 0.002)
+                typical = float(np.median(self.recent)) if self.recent else 0.0
+                grace = max(MIN_GRACE, QUORUM_GRACE * max(typical, now - st.start))
+                deadline = min(deadline, now + grace)
                 continue
             self._pump(deadline - now)
         st.wait_s = time.monotonic() - st.start
@@ -317,10 +343,16 @@ class _ServerCore:
         return st
 
     def _aggregate(self, st):
-        """Aggregate the accepted rows; returns (gradient or None, rows, result, problem)."""
+        """Aggregate the accepted rows; returns (gradient or None, rows, result, problem).
+
+        Fewer rows than the floor give no step and no problem: the run counts
+        how long it has been starved.
+        """
         workers = sorted(w for w, s in st.status.items() if s[0] == "ok")
-        if not workers:
-            return None, workers, None, "no gradient arrived"
+        if len(workers) < self.floor:
+            st.starved = (f"{len(workers)} gradients, below the floor of {self.floor} "
+                          f"(rule {self.spec.rule} with f = {self.spec.f})")
+            return None, workers, None, None
         G = torch.stack([st.status[w][2] for w in workers]).to(self.device)
         backend = None if self.config.backend == "auto" else self.config.backend
         # the simulator's step; a failing rule skips this round, not the run
@@ -377,6 +409,7 @@ class _ServerCore:
             self.recorder.write_round(None, [], None, self.events[known:events_logged], point)
         shown = {}
         window = []
+        starved_since = None  # when the rounds began to have too few gradients to step
         for t in range(self.start_round, config.rounds + 1):
             if self.stop_requested is not None:
                 self._say(f"round {t}: stopping before this round ({self.stop_requested})",
@@ -395,6 +428,10 @@ class _ServerCore:
             t_round = time.perf_counter()
             st = self._collect(t)
             g, rows, result, problem = self._aggregate(st)
+            if g is not None or problem:
+                starved_since = None
+            elif starved_since is None:
+                starved_since = time.monotonic()
             t0 = time.perf_counter()
             stepped = g is not None
             if stepped:
@@ -411,7 +448,8 @@ class _ServerCore:
                 eval_s = time.perf_counter() - t0
                 record["curve"].append((t, accuracy))
             wrows = self._worker_rows(st, rows, result, peer_bytes)
-            self._report_changes(t, wrows, shown, problem)
+            self._report_changes(t, wrows, shown, problem or st.starved)
+            self.recent.append(time.perf_counter() - t_round)
             computes = [r["compute_s"] for r in wrows if r["status"] == "ok"
                         and r["compute_s"] is not None]
             comms = [r["comm_s"] for r in wrows if r["status"] == "ok" and r["comm_s"] is not None]
@@ -427,7 +465,7 @@ class _ServerCore:
                 "aggregate_s": st.aggregate_s, "step_s": step_s, "eval_s": eval_s,
                 "bytes_sent": self.bytes_sent - b_sent,
                 "bytes_received": self.bytes_received - b_recv,
-                "accuracy": accuracy, "problem": problem or "",
+                "accuracy": accuracy, "problem": problem or st.starved or "",
             }
             record["rounds"].append(row)
             record["workers"].extend(wrows)
@@ -436,6 +474,15 @@ class _ServerCore:
                 self.recorder.write_round(row, wrows, None, self.events[events_logged:],
                                           None if accuracy is None else (t, accuracy))
                 events_logged = len(self.events)
+            if starved_since is not None and \
+                    time.monotonic() - starved_since > spec.connect_timeout:
+                self._say(f"round {t:>4}: STOPPED: no step for {spec.connect_timeout:g} s, "
+                          f"every round had fewer gradients than the floor of {self.floor} "
+                          f"(last: {st.starved}); the run cannot train robustly with the "
+                          "workers it has: check the missing and excluded workers above",
+                          {"event": "starved", "reason": st.starved})
+                record["status"] = STARVED
+                break
             if diverged:
                 record["diverged_round"] = t
                 self._say(f"round {t:>4}: the parameters became non-finite (diverged); stopping")
@@ -451,6 +498,15 @@ class _ServerCore:
             for t in range(record["diverged_round"], config.rounds + 1):
                 if t % config.eval_every == 0 or t == config.rounds:
                     record["curve"].append((t, 0.0))
+        last = record["rounds"][-1]["round"] if record["rounds"] else None
+        if record["diverged_round"] is None and last is not None and \
+                (not record["curve"] or record["curve"][-1][0] < last):
+            # a run stopped early: its result is the model it reached, evaluated now
+            accuracy = self.replica.accuracy(self.flat)
+            record["curve"].append((last, accuracy))
+            self._say(f"round {last:>4}: test accuracy {accuracy:.3f} (where the run stopped)")
+            if self.recorder is not None:
+                self.recorder.write_round(None, [], None, [], (last, accuracy))
         if self.checkpoint is not None and record["diverged_round"] is None and self.round:
             self.save_checkpoint(self.round)
         if self.recorder is not None:
@@ -466,12 +522,19 @@ class _ServerCore:
         record["byzantine"] = sorted(self.byzantine)
         record["address"] = None if self.address is None else list(self.address)
         record["transport"] = self.transport
+        record["floor"] = self.floor
+        left = {w: 0 for w in range(self.config.workers)}
+        for r in record["workers"]:
+            if r["reason"].startswith("no gradient before the round closed on its quorum"):
+                left[r["worker"]] += 1
+        record["left_out_by_quorum"] = left
         return record
 
     # ------------------------------------------------------------ reporting
 
     def _worker_rows(self, st, rows, result, peer_bytes):
         columns = rule_columns(result, rows, range(self.config.workers))
+        diagnostics = _diagnostics(result, rows)
         out = []
         for w in range(self.config.workers):
             if w in st.status:
@@ -498,6 +561,7 @@ class _ServerCore:
                 "comm_s": (arrival - seconds) if seconds is not None and arrival is not None
                 else None,
                 "stale": st.stale.get(w, 0),
+                **diagnostics.get(w, _NO_DIAGNOSTICS),
                 "bytes_sent": (peer.bytes_sent - before[0]) if peer is not None else 0,
                 "bytes_received": (peer.bytes_received - before[1]) if peer is not None else 0,
                 **columns[w],
@@ -572,7 +636,7 @@ class Server(_ServerCore):
     ``readexactly`` under deadlines); the rounds run on the calling thread,
     which gets what the loop read through a queue. Every connection first
     completes a TLS 1.3 handshake with a certificate of the run's CA
-    (:mod:`flagagg.distributed._tls`) within ``handshake_timeout`` seconds,
+    (:func:`flagagg.distributed.issue_certificates`) within ``handshake_timeout`` seconds,
     then says HELLO (at most ``MAX_JSON_BYTES``; nothing larger is read
     before it). The certificate, not the HELLO, says which worker it is: a
     worker can only ever be its own rank, and a second connection of the same
@@ -590,7 +654,7 @@ class Server(_ServerCore):
     spec : RunSpec
         The run.
     tls : str, path-like or ssl.SSLContext
-        The server's PEM file from :func:`flagagg.distributed._tls.issue`
+        The server's PEM file from :func:`flagagg.distributed.issue_certificates`
         (``server.pem``), or a context made from it.
     listen : tuple of (str, int), default=("127.0.0.1", 0)
         Address to listen on (port 0: any free port).
@@ -672,34 +736,38 @@ class Server(_ServerCore):
             self.loop.run_forever()
         self.loop.close()
 
-    def _admit(self, writer, source):
+    def _admit(self, raw, source):
         """Make room for a new connection under the caps: close the oldest without a HELLO."""
-        now = time.monotonic()
-        mine = [w for w, (s, _) in self.pending.items() if s == source]
-        victims = []
+        mine = [t for t, (s, _) in self.pending.items() if s == source]
+        victim = None
         if len(mine) >= self.max_pending_per_source:
-            victims.append(min(mine, key=lambda w: self.pending[w][1]))
+            victim = min(mine, key=lambda t: self.pending[t][1])
         elif len(self.pending) >= self.max_pending:
-            victims.append(min(self.pending, key=lambda w: self.pending[w][1]))
-        for old in victims:
-            self.pending.pop(old, None)
-            old.transport.abort()
+            victim = min(self.pending, key=lambda t: self.pending[t][1])
+        if victim is not None:
+            self.pending.pop(victim, None)
+            victim.abort()
             self.refusals.note((source, 0), f"closed the oldest connection without a HELLO "
                                f"to make room (cap {self.max_pending}, "
                                f"{self.max_pending_per_source} per source)")
-        self.pending[writer] = (source, now)
+        self.pending[raw] = (source, time.monotonic())
 
     async def _connection(self, reader, writer):
-        addr = writer.get_extra_info("peername") or ("?", 0)
-        sock = writer.get_extra_info("socket")
+        # the TCP transport: aborting it ends the connection whatever TLS does above it
+        raw = writer.transport
+        addr = raw.get_extra_info("peername") or ("?", 0)
         with contextlib.suppress(OSError, AttributeError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._admit(writer, addr[0])
-        conn = None
+            raw.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._admit(raw, addr[0])
         try:
             end = self.loop.time() + self.handshake_timeout
             if self.tls is not None:
-                await writer.start_tls(self.tls, ssl_handshake_timeout=self.handshake_timeout)
+                try:
+                    await writer.start_tls(self.tls,
+                                           ssl_handshake_timeout=self.handshake_timeout)
+                except AttributeError:
+                    # asyncio of Python 3.11 fails so when the peer closes mid-handshake
+                    raise ConnectionError("closed during the TLS handshake") from None
                 who = identity(writer.get_extra_info("peercert"))
                 if not isinstance(who, int) or not 0 <= who < self.config.workers:
                     raise ProtocolError(f"its certificate names {who!r}, not a worker of this "
@@ -717,11 +785,12 @@ class Server(_ServerCore):
             elif isinstance(exc, asyncio.IncompleteReadError):
                 why = "closed before its HELLO"
             self.refusals.note(addr, why)
-            writer.transport.abort()
+            raw.abort()
             return
         finally:
-            self.pending.pop(writer, None)
+            self.pending.pop(raw, None)
         conn = _Conn(addr, writer, who)
+        conn.raw = raw
         conn.bytes_received = HEADER.size + len(frame.payload)
         self.inbox.put(("hello", conn, hello))
         sender = asyncio.ensure_future(self._sender(conn))
@@ -740,7 +809,7 @@ class Server(_ServerCore):
         except (OSError, asyncio.CancelledError) as exc:
             reason = f"connection error: {exc or type(exc).__name__}"
         sender.cancel()
-        writer.transport.abort()
+        raw.abort()
         self.inbox.put(("lost", conn, reason))
 
     async def _sender(self, conn):
@@ -762,7 +831,7 @@ class Server(_ServerCore):
                 self.bytes_sent += len(head) + len(payload)
                 await conn.writer.drain()
         except (OSError, RuntimeError):
-            conn.writer.transport.abort()
+            conn.raw.abort()
 
     def _push(self, conn, entry):
         """Queue a message (or None: close) on ``conn``; runs on the loop's thread."""
@@ -839,7 +908,7 @@ class Server(_ServerCore):
     def _close(self, conn):
         conn.open = False
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(conn.writer.transport.abort)
+            self.loop.call_soon_threadsafe(conn.raw.abort)
 
     def _gradient(self, conn, frame):
         if not conn.open or self.peers.get(conn.worker) is not conn:
@@ -874,13 +943,13 @@ class Server(_ServerCore):
             self._send(conn, None)
         end = time.monotonic() + timeout
         while time.monotonic() < end and any(
-                not c.writer.transport.is_closing() for c in links):
+                not c.raw.is_closing() for c in links):
             time.sleep(0.01)
 
         async def shut():
             self.aserver.close()
-            for w in list(self.pending):
-                w.transport.abort()
+            for raw in list(self.pending):
+                raw.abort()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -899,6 +968,7 @@ class _Conn(_Link):
     def __init__(self, addr, writer, identity):
         super().__init__(addr)
         self.writer = writer
+        self.raw = writer.transport  # the TCP transport under TLS
         self.identity = identity   # the worker its certificate names
         self.outbox = deque()      # (kind, head, payload), or None: close
         self.wake = asyncio.Event()
@@ -940,6 +1010,28 @@ class _Refusals:
         self.since = now
 
 
+_NO_DIAGNOSTICS = {"influence": None, "cosine": None, "verdict": "", "suspect": False}
+
+
+def _diagnostics(result, rows):
+    """Worker -> the rule result's ``influence``, ``cosine``, ``verdict`` and ``suspect``."""
+    if result is None:
+        return {}
+    influence = getattr(result, "influence", None)
+    cosine = getattr(result, "cosine", None)
+    verdict = tuple(getattr(result, "verdict", ()) or ())
+    suspects = set(getattr(result, "suspects", ()) or ())
+    out = {}
+    for i, w in enumerate(rows):
+        out[w] = {
+            "influence": None if influence is None else float(influence[i]),
+            "cosine": None if cosine is None else float(cosine[i]),
+            "verdict": verdict[i] if i < len(verdict) else "",
+            "suspect": i in suspects,
+        }
+    return out
+
+
 class _Round:
     """What one round collected."""
 
@@ -953,6 +1045,7 @@ class _Round:
         self.queued = {}   # worker -> when its parameters were queued
         self.stale = {}
         self.quorum_at = None  # when the quorum of gradients was in
+        self.starved = None    # why the round could not step (too few gradients)
         self.wait_s = 0.0
         self.aggregate_s = 0.0
 

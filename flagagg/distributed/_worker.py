@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import signal
@@ -208,7 +209,8 @@ def _join(address, tls, source, deadline):
         raise
 
 
-def run_worker(spec, worker, address, *, tls, device="cpu", log=print):
+def run_worker(spec, worker, address, *, tls, device="cpu", log=print,
+               _plaintext_benchmark=False):
     """Serve one worker of a run over mutual TLS until the server says stop.
 
     A connection that drops is made again, with backoff (0.2 s doubling to
@@ -242,7 +244,14 @@ def run_worker(spec, worker, address, *, tls, device="cpu", log=print):
 
     from ._tls import client_context
 
-    if tls is not None and not isinstance(tls, ssl.SSLContext):
+    if _plaintext_benchmark:
+        # for measuring what TLS costs (asv_bench/tls_cost.py); no CLI reaches it
+        if tls is not None or not ipaddress.ip_address(address[0]).is_loopback:
+            raise RuntimeError("the plaintext benchmark mode is for loopback only")
+    elif tls is None:
+        raise ValueError("the tcp transport needs this worker's TLS certificate file "
+                         "(worker-W.pem from `flagagg certs`)")
+    elif not isinstance(tls, ssl.SSLContext):
         tls = client_context(tls)
     source = GradientSource(spec, worker, device)
     max_bytes = 4 * source.n_params + 1024
