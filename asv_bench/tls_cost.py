@@ -34,7 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _SERVER = """
-import json, sys
+import json, sys, torch
+torch.set_num_threads(1)
 from flagagg import distributed, sim
 from flagagg.distributed._settings import spec_from_dict
 spec = spec_from_dict(json.loads(open(sys.argv[1]).read()))

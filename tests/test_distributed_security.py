@@ -850,8 +850,8 @@ def test_bit_flips_that_leave_only_the_byzantine_worker_stop_the_run_instead_of_
     round steps, and after ``connect_timeout`` seconds the run stops with exit
     status 4 and says why.
     """
-    spec = _spec(rule="median", attack="reverse", f=1, workers=4, rounds=60, eval_every=60,
-                 round_timeout=1.0, connect_timeout=4.0)
+    spec = _spec(rule="median", attack="reverse", f=1, workers=4, rounds=80, eval_every=80,
+                 round_timeout=1.0, connect_timeout=15.0)
     lines = []
     server = distributed.Server(spec, tls=SERVER_PEM, log=lines.append)
     assert server.floor == 3 and server.quorum == 3
@@ -875,15 +875,15 @@ def test_bit_flips_that_leave_only_the_byzantine_worker_stop_the_run_instead_of_
     assert all(r["received"] >= 3 for r in record["rounds"] if r["stepped"])
     assert not any(r["stepped"] for r in record["rounds"]), record["rounds"]
     assert any("below the floor of 3" in r["problem"] for r in record["rounds"])
-    assert any("STOPPED: no step for 4 s" in x for x in lines), lines
-    # the run stopped after about connect_timeout, not after 60 rounds
-    assert len(record["rounds"]) < 20
+    assert any("STOPPED: no step for 15 s" in x for x in lines), lines
+    # the run stopped after about connect_timeout (rounds of 1 s), not after 80 rounds
+    assert len(record["rounds"]) < 40
 
 
 def test_the_quorum_waits_for_a_slightly_slower_worker():
     """The issue: with the default quorum a worker 10 ms slower was dropped in 5,997 of
-    6,000 rounds. Now the round waits a grace after its quorum (half the median round
-    time, at least 25 ms), and the worker takes part in nearly every round.
+    6,000 rounds. Now the round waits a grace after its quorum (as long as the median
+    round, at least 50 ms), and the worker takes part in nearly every round.
     """
     spec = _spec(rule="mean", attack="none", f=1, workers=4, rounds=20, eval_every=20,
                  round_timeout=10)
@@ -894,10 +894,13 @@ def test_the_quorum_waits_for_a_slightly_slower_worker():
     row = np.full(server.n, 1e-3, np.float32)
 
     def answer(p, delay):
-        for t in range(1, 21):
-            p.params(t)
+        # every round's parameters it gets (one that fell behind gets only the newest)
+        while True:
+            frame = p.recv()
+            if frame.kind == Kind.STOP:
+                return
             time.sleep(delay)
-            p.send(t, row)
+            p.send(frame.round, row)
 
     threads = [threading.Thread(target=answer, args=(p, 0.010 if p.worker == 3 else 0.0),
                                 daemon=True) for p in peers]
@@ -917,16 +920,17 @@ def test_a_reconnect_storm_delays_a_joining_worker_by_seconds_at_most():
     """The issue: a storm of about 2,000 connections per second from one process kept
     every joining worker out until it stopped.
 
-    A separate process opens 2,000 connections a second for 8 s (keeping the
-    newest 300 open, closing the oldest); meanwhile three workers join one
-    after the other, each timed from its first connection attempt to its
-    WELCOME.
+    A separate process opens 2,000 connections a second (keeping the newest
+    300 open, closing the oldest) until the workers are in, for at most 40 s;
+    meanwhile three workers join one after the other, each timed from its
+    first connection attempt to its WELCOME.
     """
     spec = _spec(workers=3, rounds=1, round_timeout=20, connect_timeout=60)
     server = distributed.Server(spec, tls=SERVER_PEM, log=lambda text: None)
     thread, out = _serve(server)
-    storm = subprocess.Popen([sys.executable, "-c", _STORM, str(server.address[1]), "2000", "8"],
+    storm = subprocess.Popen([sys.executable, "-c", _STORM, str(server.address[1]), "2000", "40"],
                              stdout=subprocess.PIPE, text=True)
+    began = time.monotonic()
     try:
         time.sleep(1.5)  # the storm is under way
         joins, peers = [], []
@@ -942,27 +946,31 @@ def test_a_reconnect_storm_delays_a_joining_worker_by_seconds_at_most():
             assert p.answer.kind == Kind.WELCOME
             peers.append(p)
         during = storm.poll() is None
+        storm.terminate()  # it prints how many it opened and stops
         opened = int(storm.communicate(timeout=30)[0].split()[-1])
+        seconds = time.monotonic() - began
     finally:
         if storm.poll() is None:
             storm.kill()
             storm.wait()
     assert during, "the storm ended before the workers joined: the test measured nothing"
-    assert opened >= 2000 * 8 * 0.5, opened   # it did storm
+    assert opened >= 2000 * seconds * 0.5, (opened, seconds)   # it did storm
     assert max(joins) < 5.0, joins
     for p in peers:
         p.params(1)
         p.send(1, np.zeros(server.n, np.float32))
     thread.join(60)
     assert out["record"]["rounds"][0]["received"] == 3
-    print(f"join times under a {opened / 8:.0f}/s storm: {[round(x, 3) for x in joins]} s")
+    print(f"join times under a {opened / seconds:.0f}/s storm: {[round(x, 3) for x in joins]} s")
 
 
 _STORM = textwrap.dedent("""
-    import collections, socket, sys, time
+    import collections, signal, socket, sys, time
     port, rate, duration = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
     held, n, t0 = collections.deque(), 0, time.monotonic()
-    while time.monotonic() - t0 < duration:
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    while time.monotonic() - t0 < duration and not stop:
         due = int((time.monotonic() - t0) * rate)
         while n < due:
             n += 1

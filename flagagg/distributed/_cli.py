@@ -40,8 +40,8 @@ def add_arguments(parser):
                         help="how long the server waits for the workers to join, and the "
                              "workers for the server (default: 120)")
     faults.add_argument("--quorum", type=int, metavar="Q",
-                        help="close a round once Q gradients are in (plus a grace of half "
-                             "the median round time, at least 25 ms) "
+                        help="close a round once Q gradients are in (plus a grace as long "
+                             "as the median round, at least 50 ms) "
                              "instead of waiting for the deadline; later ones are reported "
                              "as missing, never waited for (default: workers - f). With Q "
                              "below the number of workers, which gradients make a round "

@@ -56,11 +56,13 @@ __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
 
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
-# once a round has its quorum, it waits this fraction of the median round time (or of
-# the time the quorum took, if longer), and at least MIN_GRACE seconds, so that workers
-# only slightly slower than the others are not left out round after round
-QUORUM_GRACE = 0.5
-MIN_GRACE = 0.025
+# once a round has its quorum, it waits as long again as the median round (or as the
+# quorum took, if longer), and at least MIN_GRACE seconds, so that workers only
+# slightly slower than the others are not left out round after round
+QUORUM_GRACE = 1.0
+MIN_GRACE = 0.05
+# a connection without a HELLO is not closed for a newer one before this many seconds
+MIN_HANDSHAKE = 1.0
 # exit status of a run stopped because too few gradients arrived for too long
 STARVED = 4
 
@@ -327,7 +329,10 @@ class _ServerCore:
             ok = sum(1 for s in st.status.values() if s[0] == "ok")
             # below the floor a round waits for its deadline: workers that are
             # reconnecting may be back for the next one
-            if ok >= self.floor and st.expected and all(w in st.status for w in st.expected):
+            # a worker still busy with the round before is not waited for, but it
+            # gets the grace below: its late gradient may be only just late
+            if ok >= self.floor and st.expected and not st.lagging and \
+                    all(w in st.status for w in st.expected):
                 break
             if ok >= self.floor and not st.expected and st.status:
                 break
@@ -646,8 +651,9 @@ class Server(_ServerCore):
     Connections that have not said HELLO yet are capped (``max_pending`` in
     all, ``max_pending_per_source`` per remote address); when the cap is
     full, the oldest of them (of the same source first) is closed for the
-    new one, so that no rate of connection attempts keeps a worker out for
-    more than a few handshake times.
+    new one once it has had a second for its handshake (before that, the
+    new one is closed), so that no rate of connection attempts keeps a
+    worker out for more than a few tries.
 
     Parameters
     ----------
@@ -737,20 +743,36 @@ class Server(_ServerCore):
         self.loop.close()
 
     def _admit(self, raw, source):
-        """Make room for a new connection under the caps: close the oldest without a HELLO."""
+        """Make room for a new connection under the caps; whether it is let in.
+
+        When the cap (of all, or of this source) is full, the oldest
+        connection without a HELLO is closed for the new one, but only once
+        it has had ``MIN_HANDSHAKE`` seconds for its handshake; before that
+        the new one is closed instead. A storm then cycles the places at most
+        ``cap / MIN_HANDSHAKE`` times a second, whatever its rate, and a
+        worker that gets a place keeps it long enough to finish its
+        handshake on a loaded machine (it retries until it gets one).
+        """
+        now = time.monotonic()
         mine = [t for t, (s, _) in self.pending.items() if s == source]
-        victim = None
-        if len(mine) >= self.max_pending_per_source:
-            victim = min(mine, key=lambda t: self.pending[t][1])
-        elif len(self.pending) >= self.max_pending:
-            victim = min(self.pending, key=lambda t: self.pending[t][1])
-        if victim is not None:
+        full = mine if len(mine) >= self.max_pending_per_source else \
+            list(self.pending) if len(self.pending) >= self.max_pending else None
+        if full is not None:
+            victim = min(full, key=lambda t: self.pending[t][1])
+            if now - self.pending[victim][1] < MIN_HANDSHAKE:
+                raw.abort()
+                self.refusals.note((source, 0), f"no place for a new connection: "
+                                   f"{len(full)} without a HELLO are younger than "
+                                   f"{MIN_HANDSHAKE:g} s (cap {self.max_pending}, "
+                                   f"{self.max_pending_per_source} per source)")
+                return False
             self.pending.pop(victim, None)
             victim.abort()
             self.refusals.note((source, 0), f"closed the oldest connection without a HELLO "
                                f"to make room (cap {self.max_pending}, "
                                f"{self.max_pending_per_source} per source)")
-        self.pending[raw] = (source, time.monotonic())
+        self.pending[raw] = (source, now)
+        return True
 
     async def _connection(self, reader, writer):
         # the TCP transport: aborting it ends the connection whatever TLS does above it
@@ -758,7 +780,8 @@ class Server(_ServerCore):
         addr = raw.get_extra_info("peername") or ("?", 0)
         with contextlib.suppress(OSError, AttributeError):
             raw.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._admit(raw, addr[0])
+        if not self._admit(raw, addr[0]):
+            return
         try:
             end = self.loop.time() + self.handshake_timeout
             if self.tls is not None:
