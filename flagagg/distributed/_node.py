@@ -227,6 +227,9 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
                                       device=device, log=log, checkpoint=checkpoint,
                                       checkpoint_every=checkpoint_every, resume=resume)
             where = f"{transport} point-to-point, store {master_addr}:{master_port}"
+            log(f"server: WARNING: --transport {transport} is for TRUSTED CLUSTERS ONLY: "
+                f"anyone who can reach {master_addr}:{master_port} can join, crash or stall "
+                "this run; use --transport tcp (mutual TLS) otherwise")
             published = {"transport": transport}
         if store is not None:
             store.set(key, json.dumps(published))

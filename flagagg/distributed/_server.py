@@ -329,14 +329,14 @@ class _ServerCore:
             ok = sum(1 for s in st.status.values() if s[0] == "ok")
             # below the floor a round waits for its deadline: workers that are
             # reconnecting may be back for the next one
-            # a worker still busy with the round before is not waited for, but it
-            # gets the grace below: its late gradient may be only just late
-            if ok >= self.floor and st.expected and not st.lagging and \
-                    all(w in st.status for w in st.expected):
+            answered = bool(st.expected) and all(w in st.status for w in st.expected)
+            if ok >= self.floor and answered and all(w in st.status for w in st.lagging):
                 break
             if ok >= self.floor and not st.expected and st.status:
                 break
-            if st.quorum_at is None and ok >= self.quorum:
+            # a worker still busy with the round before is not waited for, but it gets
+            # the grace, as a quorum does: its late gradient may be only just late
+            if st.quorum_at is None and (ok >= self.quorum or (ok >= self.floor and answered)):
                 st.quorum_at = now
                 typical = float(np.median(self.recent)) if self.recent else 0.0
                 grace = max(MIN_GRACE, QUORUM_GRACE * max(typical, now - st.start))
