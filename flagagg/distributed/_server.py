@@ -62,7 +62,7 @@ CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
 QUORUM_GRACE = 1.0
 MIN_GRACE = 0.05
 # a connection without a HELLO is not closed for a newer one before this many seconds
-MIN_HANDSHAKE = 1.0
+MIN_HANDSHAKE = 0.5
 # exit status of a run stopped because too few gradients arrived for too long
 STARVED = 4
 
@@ -651,7 +651,7 @@ class Server(_ServerCore):
     Connections that have not said HELLO yet are capped (``max_pending`` in
     all, ``max_pending_per_source`` per remote address); when the cap is
     full, the oldest of them (of the same source first) is closed for the
-    new one once it has had a second for its handshake (before that, the
+    new one once it has had half a second for its handshake (before that, the
     new one is closed), so that no rate of connection attempts keeps a
     worker out for more than a few tries.
 
@@ -679,7 +679,7 @@ class Server(_ServerCore):
         Seconds a new connection has for its TLS handshake and its HELLO.
     max_pending : int, default=256
         Connections without a HELLO yet held at once.
-    max_pending_per_source : int, default=64
+    max_pending_per_source : int, default=128
         Of those, from one remote address.
     recorder : optional
         Gets every round's records as the run goes (see
@@ -690,7 +690,7 @@ class Server(_ServerCore):
 
     def __init__(self, spec, *, tls, listen=("127.0.0.1", 0), device="cpu", log=print,
                  checkpoint=None, checkpoint_every=0, resume=None, handshake_timeout=5.0,
-                 max_pending=256, max_pending_per_source=64, recorder=None,
+                 max_pending=256, max_pending_per_source=128, recorder=None,
                  _plaintext_benchmark=False):
         import ssl
 
