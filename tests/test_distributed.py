@@ -232,8 +232,8 @@ class Peer:
     its HELLO asks for ``worker``.
     """
 
-    def __init__(self, server, worker, fingerprint=None, cert=None):
-        raw = socket.create_connection(server.address, timeout=20)
+    def __init__(self, server, worker, fingerprint=None, cert=None, timeout=20):
+        raw = socket.create_connection(server.address, timeout=timeout)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ctx = client_context(worker_pem(worker if cert is None else cert))
         self.sock = ctx.wrap_socket(raw)

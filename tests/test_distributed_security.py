@@ -938,7 +938,10 @@ def test_a_reconnect_storm_delays_a_joining_worker_by_seconds_at_most():
             t0 = time.monotonic()
             while True:
                 try:
-                    p = Peer(server, w)
+                    # a new attempt after 2 s, as a worker does (the kernel's own retry
+                    # of a dropped SYN waits 1, 2, 4, ... s)
+                    p = Peer(server, w, timeout=2.0)
+                    p.sock.settimeout(20)
                     break
                 except (OSError, ssl.SSLError):
                     time.sleep(0.05)  # shed by the server: try again, as a worker does

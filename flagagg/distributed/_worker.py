@@ -30,6 +30,8 @@ __all__ = ["GradientSource", "NotTheServer", "run_worker"]
 IDLE_TIMEOUT = 600.0
 # how long a worker waits for each step of the handshake
 HANDSHAKE_TIMEOUT = 10.0
+# how long one attempt waits for the TCP connection to be accepted
+CONNECT_ATTEMPT = 2.0
 
 
 class GradientSource:
@@ -181,7 +183,10 @@ def _join(address, tls, source, deadline):
 
     from ._tls import identity
 
-    sock = socket.create_connection(address, timeout=max(1.0, deadline - time.monotonic()))
+    # a short wait for the TCP handshake: a SYN dropped by a server flooded with
+    # connections is retried sooner by a new attempt than by the kernel's backoff
+    sock = socket.create_connection(
+        address, timeout=max(0.5, min(CONNECT_ATTEMPT, deadline - time.monotonic())))
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tls is not None:
