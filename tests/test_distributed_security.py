@@ -435,7 +435,7 @@ def test_a_flipped_bit_costs_its_connection_and_the_worker_rejoins():
     record = out["record"]
     assert record["status"] == 0, lines
     status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
-    assert proxy[0].flipped >= 2
+    assert proxy[0].flipped >= 1
     assert all(status[t, w] == ("ok", "") for t in range(1, 5) for w in (0, 2))
     assert all(status[t, 1][0] == "missing" for t in range(1, 5)), status
     assert [r["received"] for r in record["rounds"]] == [2] * 4
