@@ -1,4 +1,4 @@
-"""Command-line interface: ``flagagg demo | experiment | tune | train``.
+"""Command-line interface: ``flagagg demo | experiment | tune | train | certs``.
 
 Each sub-command lives in the module that implements it; that module offers
 ``add_arguments(parser)`` and ``run(args) -> int`` and is imported only when
@@ -19,6 +19,8 @@ COMMANDS = {
     "experiment": ("flagagg.sim._cli_experiment", "run a rules x attacks x f x seeds grid"),
     "tune": ("flagagg.sim._cli_tune", "tune each rule's learning rate on validation seeds"),
     "train": ("flagagg.distributed._cli", "parameter-server training on torch.distributed"),
+    "certs": ("flagagg.distributed._cli_certs", "issue a training run's TLS certificates, "
+              "one file per process"),
 }
 
 

@@ -28,8 +28,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,30 +42,32 @@ pytest.importorskip("sklearn")
 
 from flagagg import distributed, sim  # noqa: E402
 from flagagg.distributed._protocol import (  # noqa: E402
-    CHALLENGE_BYTES,
-    FROM_SERVER,
-    FROM_WORKER,
     HEADER,
-    PROOF_BYTES,
+    MAX_JSON_BYTES,
     PROTOCOL_VERSION,
-    FrameReader,
     Kind,
     ProtocolError,
-    Sealer,
-    check_proof,
+    check_header,
+    decode_json,
     encode_json,
     encode_tensor,
-    recv_exactly,
     recv_frame,
-    respond,
     send_frame,
-    session_key,
 )
+from flagagg.distributed._tls import client_context, file_of, issue  # noqa: E402
 from flagagg.sim import ConfigError  # noqa: E402
 
 RUN_TIMEOUT = 150  # seconds any one multi-process run may take on a busy machine
-SECRET = b"test-secret-" + secrets.token_hex(16).encode()
-KEY = bytes(range(32))  # a connection key, for the wire-format tests
+# one CA and certificates for the in-process servers and peers of these tests
+CERTS = Path(tempfile.mkdtemp(prefix="flagagg-test-certs-"))
+issue(CERTS, 16)
+SERVER_PEM = file_of(CERTS, 0)
+SERVER_KINDS = {Kind.WELCOME, Kind.REJECT, Kind.PARAMS, Kind.STOP}
+
+
+def worker_pem(w):
+    """The test run's certificate file of worker ``w``."""
+    return file_of(CERTS, w + 1)
 
 
 def _spec(**kw):
@@ -77,202 +81,59 @@ def _spec(**kw):
 # wire format
 
 
-def _sealed(sealer, parts):
-    return b"".join(bytes(p) for p in sealer.seal(parts))
-
-
-def test_frames_reassemble_from_any_split():
-    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO}, key=KEY, direction=FROM_WORKER)
-    sealer = Sealer(KEY, FROM_WORKER)
+def test_messages_arrive_whole_from_any_split_and_match_the_layout():
     row = np.arange(5, dtype=np.float32)
-    data = _sealed(sealer, encode_tensor(Kind.GRAD, row, worker=3, round=7, seconds=0.25))
-    data += _sealed(sealer, encode_json(Kind.HELLO, {"worker": 1}))
-    frames = []
-    for i in range(len(data)):  # one byte at a time: nothing comes out early
-        frames += reader.feed(data[i:i + 1])
-        if i < HEADER.size + 20 + 32 - 1:
-            assert not frames
-    grad, hello = frames
+    data = b"".join(bytes(x) for x in encode_tensor(Kind.GRAD, row, worker=3, round=7,
+                                                    seconds=0.25))
+    data += b"".join(bytes(x) for x in encode_json(Kind.HELLO, {"worker": 1}))
+    # the layout, written out independently of HEADER
+    assert data[:4] == b"FLAG" and data[4] == Kind.GRAD and data[5] == 1
+    assert int.from_bytes(data[6:8], "little") == PROTOCOL_VERSION
+    assert int.from_bytes(data[20:28], "little") == 20 and data[36:56] == row.tobytes()
+    a, b = socket.socketpair()
+    try:
+        sender = threading.Thread(target=lambda: [a.sendall(data[i:i + 1])
+                                                  for i in range(len(data))])
+        sender.start()
+        grad = recv_frame(b, 1 << 16, {Kind.GRAD}, 20)
+        hello = recv_frame(b, 0, {Kind.HELLO}, 20)
+        sender.join()
+    finally:
+        a.close()
+        b.close()
     assert (grad.kind, grad.worker, grad.round, grad.seconds) == (Kind.GRAD, 3, 7, 0.25)
     np.testing.assert_array_equal(grad.array(), row)
     assert hello.json() == {"worker": 1}
-    assert reader.pending == 0
-
-
-def _reference_tag(key, direction, seq, head, payload):
-    """A frame's tag computed from its definition, independently of Sealer."""
-    import hmac
-
-    from cryptography.hazmat.primitives.poly1305 import Poly1305
-
-    where = bytes([direction]) + seq.to_bytes(8, "little")
-    payload = bytes(payload)
-    if len(payload) > 1 << 16:
-        one_time = hmac.new(key, b"payload" + where, "sha256").digest()
-        payload = Poly1305.generate_tag(one_time, payload)
-    return hmac.new(key, where + bytes(head) + payload, "sha256").digest()
-
-
-def test_frames_read_in_pieces_match_the_definition_and_fail_on_one_changed_byte():
-    rng = np.random.default_rng(1)
-    big = rng.standard_normal(300_001).astype(np.float32)  # over the 64 KiB single-write limit
-    frames = [encode_tensor(Kind.GRAD, big, worker=2, round=9, seconds=1e300),
-              encode_json(Kind.HELLO, {"worker": 0}),
-              # either side of the size where the payload's Poly1305 takes over
-              encode_tensor(Kind.GRAD, big[:1 << 14], round=3),
-              encode_tensor(Kind.GRAD, big[:(1 << 14) + 1], round=4),
-              encode_tensor(Kind.GRAD, np.zeros(0, np.float32), round=1),
-              encode_tensor(Kind.GRAD, np.array([np.nan, -0.0, 1e38], np.float32), round=2)]
-    data = b"".join(bytes(h) + bytes(v) + _reference_tag(KEY, FROM_WORKER, i, h, v)
-                    for i, (h, v) in enumerate(frames))
-    # the sender's tags are the definition's
-    sealer = Sealer(KEY, FROM_WORKER)
-    assert data == b"".join(_sealed(sealer, parts) for parts in frames)
-
-    def read(data):
-        reader = FrameReader(8 * big.size, kinds={Kind.GRAD, Kind.HELLO}, key=KEY,
-                             direction=FROM_WORKER)
-        out, at = [], 0
-        while at < len(data):  # as recv_into would: pieces of any size, into buffer()
-            buf = reader.buffer()
-            k = min(buf.nbytes, int(rng.integers(1, 200_000)), len(data) - at)
-            buf[:k] = data[at:at + k]
-            at += k
-            frame = reader.received(k)
-            if frame is not None:
-                out.append(frame)
-        return out, reader
-
-    got, reader = read(data)
-    assert reader.pending == 0 and len(got) == 6
-    np.testing.assert_array_equal(got[0].array(), big)
-    assert (got[0].worker, got[0].round, got[0].seconds) == (2, 9, 1e300)
-    assert got[1].json() == {"worker": 0} and got[4].array().size == 0
-    for k in (2, 3, 5):
-        np.testing.assert_array_equal(got[k].array(), frames[k][1].cast("f"))
-    starts = np.cumsum([0] + [HEADER.size + v.nbytes + 32 for _, v in frames])
-    flips = [HEADER.size + 3, HEADER.size + 4 * big.size - 1, HEADER.size + 4 * big.size + 5]
-    # the last payload byte of the frames either side of the Poly1305 size
-    flips += [starts[k] + HEADER.size + frames[k][1].nbytes - 1 for k in (2, 3)]
-    for at in flips:
-        bad = bytearray(data)
-        bad[at] ^= 1  # in the payload's first and last piece, and in its tag
-        with pytest.raises(ProtocolError, match="wrong tag"):
-            read(bytes(bad))
-
-
-def _params_with_early_work(tamper):
-    """recv_frame(early=...) on a PARAMS frame whose tag is sent once the early work ran.
-
-    Returns what the early work saw, and recv_frame's (frame, result).
-    """
-    big = np.random.default_rng(2).standard_normal(70_000).astype(np.float32)
-    seen, ran = [], threading.Event()
-
-    def early(frame):
-        seen.append((frame.kind, frame.round, float(frame.array().sum())))
-        ran.set()
-        return "gradient"
-
-    sealer = Sealer(KEY, FROM_SERVER)
-    head, view, tag = sealer.seal(encode_tensor(Kind.PARAMS, big, round=4))
-    if tamper:
-        tag = bytes([tag[0] ^ 1]) + tag[1:]
-    a, b = socket.socketpair()
-    with a, b:
-        def send_tag():
-            a.sendall(bytes(head) + bytes(view))
-            # nothing of the tag is on the wire while the early work runs
-            assert ran.wait(20)
-            a.sendall(tag)
-
-        sender = threading.Thread(target=send_tag, daemon=True)
-        sender.start()
-        reader = FrameReader(8 * big.size, kinds={Kind.PARAMS}, key=KEY, direction=FROM_SERVER)
-        try:
-            return seen, recv_frame(b, reader, [], 20, early=early), big
-        finally:
-            sender.join(20)
-
-
-def test_early_work_sees_the_payload_before_its_tag_and_counts_only_once_it_checks():
-    """A worker computes while the server's tag is in flight; a bad tag still ends it."""
-    seen, (frame, result), big = _params_with_early_work(tamper=False)
-    assert seen == [(Kind.PARAMS, 4, float(big.sum()))]  # once, on the payload's bytes
-    assert (frame.kind, frame.round, result) == (Kind.PARAMS, 4, "gradient")
-    np.testing.assert_array_equal(frame.array(), big)
-    with pytest.raises(ProtocolError, match="wrong tag"):
-        _params_with_early_work(tamper=True)
-    # a frame decoded before the call is returned without early work
-    sealer = Sealer(KEY, FROM_SERVER)
-    reader = FrameReader(64, kinds={Kind.STOP}, key=KEY, direction=FROM_SERVER)
-    pending = reader.feed(_sealed(sealer, encode_json(Kind.STOP, {})))
-    a, b = socket.socketpair()
-    with a, b:
-        frame, result = recv_frame(b, reader, pending, 20, early=lambda f: "never")
-    assert frame.kind == Kind.STOP and result is None
-
-
-def test_early_work_is_only_the_next_rounds_parameters():
-    """An unauthenticated header cannot make a worker draw minibatches up to a far round."""
-    from flagagg.distributed._protocol import Frame
-    from flagagg.distributed._worker import GradientSource
-
-    source = GradientSource(_spec(), 0, "cpu")
-    flat = np.zeros(source.n_params, np.float32)
-
-    def frame(kind=Kind.PARAMS, rnd=1, values=flat, dtype=1):
-        return Frame(kind, dtype, 0, rnd, 0.0, np.frombuffer(values.tobytes(), np.uint8))
-
-    for bad in (frame(rnd=10**15), frame(rnd=0), frame(values=flat[:-1]),
-                frame(values=flat.astype(np.float64), dtype=2), frame(kind=Kind.STOP)):
-        assert source.compute_early(bad) is None
-    assert source.drawn == 0  # nothing was drawn for them
-    payload, seconds = source.compute_early(frame(rnd=1))
-    assert payload.shape == (source.n_params,) and seconds >= 0 and source.drawn == 1
-    assert source.compute_early(frame(rnd=3)) is None  # a skipped round waits for its check
-
-
-def test_the_tag_benchmark_times_both_sides():
-    from flagagg.distributed._bench_tags import message_costs
-
-    small, _ = message_costs(100, repeats=3)
-    large, check = message_costs(200_000, repeats=5)
-    # hashing 800 kB costs more than hashing 400 bytes, and checking costs something
-    assert 0 < small < large and check > 0
-
-
-def test_the_tags_off_switch_is_for_loopback_benchmarks_only(monkeypatch):
-    from flagagg.distributed import _protocol
-    from flagagg.distributed._server import _untagged_only_on_loopback
-
-    monkeypatch.setenv(_protocol.NO_FRAME_TAGS_VARIABLE, "1")
-    sealer = Sealer(KEY, FROM_WORKER)
-    parts = encode_tensor(Kind.GRAD, np.ones(3, np.float32))
-    assert sealer.seal(parts)[2] == bytes(32)  # same wire format, nothing computed
-    reader = FrameReader(1 << 16, kinds={Kind.GRAD}, key=KEY, direction=FROM_WORKER)
-    (frame,) = reader.feed(bytes(parts[0]) + bytes(parts[1]) + os.urandom(32))
-    np.testing.assert_array_equal(frame.array(), np.ones(3))
-    _untagged_only_on_loopback("127.0.0.1")
-    with pytest.raises(RuntimeError, match="loopback only"):
-        _untagged_only_on_loopback("10.1.2.3")
-    monkeypatch.setenv(_protocol.NO_FRAME_TAGS_VARIABLE, "0")
-    with pytest.raises(ProtocolError, match="wrong tag"):
-        FrameReader(1 << 16, kinds={Kind.GRAD}, key=KEY, direction=FROM_WORKER).feed(
-            bytes(parts[0]) + bytes(parts[1]) + bytes(32))
 
 
 @pytest.mark.parametrize("bad, match", [
     (b"JUNK" + bytes(HEADER.size - 4), "bad magic"),
     (HEADER.pack(b"FLAG", Kind.GRAD, 1, PROTOCOL_VERSION, 0, 1, 10**12, 0.0), "over the"),
-    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, PROTOCOL_VERSION, 0, 1, 4, 0.0), "unexpected frame kind"),
+    (HEADER.pack(b"FLAG", Kind.PARAMS, 1, PROTOCOL_VERSION, 0, 1, 4, 0.0), "unexpected"),
     (HEADER.pack(b"FLAG", Kind.GRAD, 1, 99, 0, 1, 4, 0.0), "protocol version"),
     (HEADER.pack(b"FLAG", Kind.GRAD, 77, PROTOCOL_VERSION, 0, 1, 4, 0.0), "dtype"),
+    (HEADER.pack(b"FLAG", Kind.HELLO, 1, PROTOCOL_VERSION, 0, 0, 4, 0.0), "dtype"),
+    (HEADER.pack(b"FLAG", Kind.HELLO, 0, PROTOCOL_VERSION, 0, 0, MAX_JSON_BYTES + 1, 0.0),
+     "over the 4096-byte limit"),
 ])
 def test_bad_headers_are_refused_before_their_payload(bad, match):
-    reader = FrameReader(1 << 16, kinds={Kind.GRAD, Kind.HELLO}, key=KEY, direction=FROM_WORKER)
     with pytest.raises(ProtocolError, match=match):
-        reader.feed(bad)
+        check_header(bad, 1 << 16, {Kind.GRAD, Kind.HELLO})
+
+
+@pytest.mark.parametrize("payload, match", [
+    (b"[" * 60_000, "over the 4096-byte limit"),
+    (b"[" * 4000, "nests deeper"),
+    (b'{"a": {"b": [1]}}', "nests deeper"),
+    (b"\xff\xfe", "not JSON"),
+    (b"[1, 2]", "not a JSON object"),
+    (b'{"a": 1', "not JSON"),
+])
+def test_control_messages_refuse_deep_large_and_broken_json(payload, match):
+    with pytest.raises(ProtocolError, match=match):
+        decode_json(payload)
+    # brackets inside strings are text, not nesting
+    assert decode_json(b'{"host": "[[[{{{", "n": [1, 2]}') == {"host": "[[[{{{", "n": [1, 2]}
 
 
 def test_fault_and_spec_errors_say_what_to_do():
@@ -325,10 +186,10 @@ def test_a_worker_started_with_another_transport_says_so(monkeypatch, capsys):
                           timeout=datetime.timedelta(seconds=10))
     store.set("flagagg/server/0", json.dumps({"transport": "gloo"}))
     for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(store.port), "FLAGAGG_SECRET": SECRET.decode()}.items():
+                 "MASTER_PORT": str(store.port), "FLAGAGG_CERTS": str(CERTS)}.items():
         monkeypatch.setenv(k, v)
     for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
-              "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR", "FLAGAGG_SECRET_FILE"):
+              "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR"):
         monkeypatch.delenv(k, raising=False)
     threads = torch.get_num_threads()
     try:
@@ -365,34 +226,31 @@ def test_cli_reports_config_errors_without_starting_processes(capsys):
 
 
 class Peer:
-    """A worker written by hand, to send exactly what a test needs."""
+    """A worker written by hand, to send exactly what a test needs.
 
-    def __init__(self, server, worker, fingerprint=None, secret=SECRET):
-        self.sock = socket.create_connection(server.address, timeout=20)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        response, ns, nc = respond(secret, recv_exactly(self.sock, CHALLENGE_BYTES, 20))
-        self.sock.sendall(response)
-        check_proof(secret, ns, nc, recv_exactly(self.sock, PROOF_BYTES, 20))
-        self.key = session_key(secret, ns, nc)
-        self.sealer = Sealer(self.key, FROM_WORKER)
-        self.reader = FrameReader(1 << 20, kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS,
-                                                  Kind.STOP}, key=self.key, direction=FROM_SERVER)
-        self.pending = []
+    It holds the certificate of worker ``cert`` (``worker`` by default) and
+    its HELLO asks for ``worker``.
+    """
+
+    def __init__(self, server, worker, fingerprint=None, cert=None, timeout=20):
+        raw = socket.create_connection(server.address, timeout=timeout)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ctx = client_context(worker_pem(worker if cert is None else cert))
+        self.sock = ctx.wrap_socket(raw)
         self.worker = worker
         hello = {"worker": worker, "rank": worker + 1, "pid": 0, "host": "test",
                  "fingerprint": fingerprint or server.spec.fingerprint(),
                  "n_params": server.n, "device": "cpu"}
-        send_frame(self.sock, encode_json(Kind.HELLO, hello), self.sealer)
+        send_frame(self.sock, encode_json(Kind.HELLO, hello))
         self.answer = self.recv()
-        if self.answer.kind == Kind.WELCOME:
-            self.worker = self.answer.json()["worker"]
 
     def recv(self):
-        return recv_frame(self.sock, self.reader, self.pending, 20)
+        return recv_frame(self.sock, 1 << 24, SERVER_KINDS, 20)
 
-    def frame(self, parts):
-        """The bytes of a frame, tagged as this peer's next one."""
-        return _sealed(self.sealer, parts)
+    @staticmethod
+    def frame(parts):
+        """The bytes of a message."""
+        return b"".join(bytes(p) for p in parts)
 
     def params(self, t):
         frame = self.recv()
@@ -401,7 +259,7 @@ class Peer:
 
     def send(self, t, row):
         send_frame(self.sock, encode_tensor(Kind.GRAD, row, worker=self.worker, round=t,
-                                            seconds=0.001), self.sealer)
+                                            seconds=0.001))
 
 
 def _serve(server):
@@ -422,7 +280,8 @@ def _check_rounds_1_to_3(record, n):
     status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
     assert status[1, 0] == ("ok", "")
     assert status[1, 1] == ("excluded", "non-finite values (NaN or Inf)")
-    assert status[1, 2] == ("excluded", f"wrong size: {n + 3} values, expected {n}")
+    assert status[1, 2] == ("excluded", f"wrong size: {4 * n + 12} bytes = {n + 3} float32 "
+                            f"values, expected {4 * n} bytes = {n} values")
     assert status[1, 3][0] == "excluded" and "float64" in status[1, 3][1]
     assert status[2, 2] == ("missing", "no gradient within the 1.5 s deadline")
     assert status[3, 2] == ("ok", "")
@@ -437,7 +296,7 @@ def _check_rounds_1_to_3(record, n):
 
 
 def test_server_survives_every_kind_of_bad_worker():
-    server = distributed.Server(_spec(rounds=5), secret=SECRET)
+    server = distributed.Server(_spec(rounds=5), tls=SERVER_PEM)
     thread, out = _serve(server)
     n = server.n
     ok = np.full(n, 1e-3, np.float32)
@@ -497,6 +356,29 @@ def test_server_survives_every_kind_of_bad_worker():
     events = [(e.get("worker"), e["event"]) for e in record["events"]]
     for expected in ((1, "refused"), (3, "disconnected"), (3, "reconnected")):
         assert expected in events
+    # the rule's per-worker diagnostics, for the rows it got (and none for the rest)
+    for r in record["workers"]:
+        if r["status"] == "ok":
+            assert -1 <= r["cosine"] <= 1 and r["verdict"] and isinstance(r["suspect"], bool)
+        else:
+            assert r["cosine"] is None and r["verdict"] == "" and r["suspect"] is False
+
+
+def test_an_excluded_gradient_says_what_was_wrong_in_bytes_and_values():
+    """The issue: a 2,602-byte gradient was excluded as "650 values, expected 650"."""
+    server = distributed.Server(_spec(workers=2, rounds=1, round_timeout=20), tls=SERVER_PEM)
+    thread, out = _serve(server)
+    p, q = Peer(server, 0), Peer(server, 1)
+    p.params(1)
+    q.params(1)
+    head = HEADER.pack(b"FLAG", Kind.GRAD, 1, PROTOCOL_VERSION, 0, 1, 4 * server.n + 2, 0.0)
+    p.sock.sendall(head + bytes(4 * server.n + 2))
+    q.send(1, np.zeros(server.n, np.float32))
+    thread.join(60)
+    row = out["record"]["workers"][0]
+    n = server.n
+    assert row["reason"] == (f"wrong size: {4 * n + 2} bytes = {n + 0.5:g} float32 values, "
+                             f"expected {4 * n} bytes = {n} values")
 
 
 class GlooPeer:
@@ -662,7 +544,7 @@ def test_gloo_server_survives_every_kind_of_bad_worker():
 
 def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
     path = tmp_path / "ck.pt"
-    server = distributed.Server(_spec(workers=2, rounds=2), secret=SECRET, checkpoint=path)
+    server = distributed.Server(_spec(workers=2, rounds=2), tls=SERVER_PEM, checkpoint=path)
     thread, out = _serve(server)
     peers = [Peer(server, w) for w in range(2)]
     for t in (1, 2):
@@ -674,11 +556,11 @@ def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
     state = distributed.load_checkpoint(path)
     assert state["round"] == 2
     np.testing.assert_array_equal(state["parameters"].numpy(), out["record"]["parameters"])
-    again = distributed.Server(_spec(workers=2, rounds=4), secret=SECRET, resume=path)
+    again = distributed.Server(_spec(workers=2, rounds=4), tls=SERVER_PEM, resume=path)
     assert again.start_round == 3 and torch.equal(again.flat, state["parameters"])
     again._stop_workers(0)
     with pytest.raises(ValueError, match="nothing left to train"):
-        distributed.Server(_spec(workers=2, rounds=2), secret=SECRET, resume=path)
+        distributed.Server(_spec(workers=2, rounds=2), tls=SERVER_PEM, resume=path)
 
     # a checkpoint that smuggles in an arbitrary object is not unpickled
     torch.save({"format": "flagagg-distributed-checkpoint", "payload": Peer}, tmp_path / "evil.pt")
@@ -688,10 +570,10 @@ def test_checkpoints_resume_and_refuse_pickled_objects(tmp_path):
 
 def _in_threads(spec, **server_options):
     """A whole run in this process: the server and real workers on threads."""
-    server = distributed.Server(spec, secret=SECRET, **server_options)
+    server = distributed.Server(spec, tls=SERVER_PEM, **server_options)
     thread, out = _serve(server)
     workers = [threading.Thread(target=distributed.run_worker, daemon=True,
-                                args=(spec, w, server.address), kwargs={"secret": SECRET})
+                                args=(spec, w, server.address), kwargs={"tls": worker_pem(w)})
                for w in range(spec.workers)]
     for t in workers:
         t.start()
@@ -808,7 +690,8 @@ def test_nan_and_wrong_sized_gradients_are_excluded_and_training_goes_on(transpo
     n = run.parameters.size
     assert excluded == {(2, 1): "non-finite values (NaN or Inf)",
                         (3, 1): "non-finite values (NaN or Inf)",
-                        (4, 2): f"wrong size: {n + 7} values, expected {n}"}
+                        (4, 2): f"wrong size: {4 * n + 28} bytes = {n + 7} float32 values, "
+                                f"expected {4 * n} bytes = {n} values"}
     assert [r["received"] for r in run.rounds] == [4, 3, 3, 3, 4, 4, 4, 4]
     assert all(r["stepped"] for r in run.rounds)
     assert np.isfinite(run.parameters).all()
@@ -820,7 +703,7 @@ def test_torchrun_starts_a_run(tmp_path, transport):
     """``torchrun`` (its agent hosts the store) launches the same run as ``flagagg train``.
 
     Over tcp the server publishes its address on torchrun's store and every
-    process reads the run's secret from ``--secret-file``.
+    process reads its own certificate from ``--certs`` (made by ``flagagg certs``).
     """
     # torchrun's module, not its script: a copied virtual environment's script
     # may start another Python (and another flagagg) than this one
@@ -828,10 +711,10 @@ def test_torchrun_starts_a_run(tmp_path, transport):
         pytest.skip("torch.distributed.run is not available")
     extra = []
     if transport == "tcp":
-        secret = tmp_path / "run.secret"
-        secret.write_text(secrets.token_hex(32))
-        secret.chmod(0o600)
-        extra = ["--secret-file", str(secret)]
+        from flagagg.cli import main
+
+        assert main(["certs", "--workers", "4", "--out", str(tmp_path / "certs")]) == 0
+        extra = ["--certs", str(tmp_path / "certs")]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
            "5", "-m", "flagagg", "train",
            "--config", "demo", "--rule", "flag", "--attack", "reverse", "--f", "1",
@@ -847,7 +730,7 @@ def test_torchrun_starts_a_run(tmp_path, transport):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 0, output
-    where = "server: authenticated tcp" if transport == "tcp" else "server: gloo point-to-point"
+    where = "server: mutual-TLS tcp" if transport == "tcp" else "server: gloo point-to-point"
     assert where in output and "done: 6 rounds" in output, output
     with open(tmp_path / "out" / "train.json", encoding="utf-8") as fh:
         doc = json.load(fh)

@@ -1,18 +1,21 @@
-"""The tcp transport against outsiders: each attack first, then what the server does about it.
+"""The tcp transport against outsiders and members: each attack first, then what holds.
 
 Every test plays the attacker on loopback against a real :class:`Server`
 (in this process, or in a subprocess where the attack needs one: a file
-descriptor limit, a kill): a peer without the secret, one that got there
-first, a replayed, a tampered, a garbage or an oversized message, a flood of
-idle connections, no file descriptors left, a peer that answers just before
-the deadline, a fake server, a kill of the server during a run and during
-result writing, SIGTERM to the launcher. Each is bounded in time and stops
-by itself; deadlines are generous wherever correctness does not depend on
-them, so that a loaded machine slows the tests without failing them.
+descriptor limit, a kill): a peer without a certificate of the run, a member
+that asks for another worker's slot, a flipped bit on the path, a garbage, an
+oversized or a deeply nested message, messages before HELLO, a flood of idle
+connections, a reconnect storm, no file descriptors left, a peer that answers
+just before the deadline, a fake server, a kill of the server during a run
+and during result writing, SIGTERM to the launcher. Each is bounded in time
+and count and stops by itself; deadlines are generous wherever correctness
+does not depend on them, so that a loaded machine slows the tests without
+failing them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,11 +23,14 @@ import random
 import select
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,29 +40,31 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from test_distributed import (  # noqa: E402
+    CERTS,
     RUN_TIMEOUT,
-    SECRET,
+    SERVER_PEM,
     Peer,
     _alive,
     _serve,
     _spec,
+    worker_pem,
 )
 
 from flagagg import distributed  # noqa: E402
 from flagagg.distributed._protocol import (  # noqa: E402
-    CHALLENGE_BYTES,
     HEADER,
-    PROOF_BYTES,
     PROTOCOL_VERSION,
-    RESPONSE_BYTES,
     Kind,
+    encode,
     encode_json,
     encode_tensor,
-    recv_exactly,
-    respond,
+    send_frame,
 )
+from flagagg.distributed._tls import client_context, file_of, issue, server_context  # noqa: E402
 
-WRONG = b"not-the-secret-" + b"x" * 16
+# a CA and certificates of another run: valid certificates, the wrong run
+OTHER = Path(tempfile.mkdtemp(prefix="flagagg-test-other-certs-"))
+issue(OTHER, 4)
 
 
 def _closed_without_answer(sock, timeout=20):
@@ -64,32 +72,46 @@ def _closed_without_answer(sock, timeout=20):
     sock.settimeout(timeout)
     try:
         data = sock.recv(1 << 16)
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLError):
         return True
     return data == b""
 
 
-def _stranger(server, response=None):
-    """A connection that reads the challenge and answers with ``response`` (or a wrong one)."""
-    sock = socket.create_connection(server.address, timeout=20)
-    challenge = recv_exactly(sock, CHALLENGE_BYTES, 20)
-    if response is None:
-        response = respond(WRONG, challenge)[0]
-    sock.sendall(response)
-    return sock
+def _tls_refused(server, ctx):
+    """Whether a TLS handshake with ``ctx`` fails or is closed without an answer."""
+    try:
+        sock = ctx.wrap_socket(socket.create_connection(server.address, timeout=20))
+    except (ssl.SSLError, OSError):
+        return True
+    with sock:
+        try:
+            # TLS 1.3: the server checks the client's certificate after the client
+            # finished; a refusal shows on the first read
+            send_frame(sock, encode_json(Kind.HELLO, {"worker": 0}))
+        except (ssl.SSLError, OSError):
+            return True
+        return _closed_without_answer(sock)
 
 
-def _in_threads(spec, *, secret=SECRET, attack=None, attack_ready=None, worker_options=None,
+def _no_cert_context():
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _in_threads(spec, *, attack=None, attack_ready=None, worker_options=None, addresses=None,
                 **server_options):
     """A whole run in this process (server and real workers on threads), with ``attack``
     running beside it; returns (record, server).
 
     With ``attack_ready`` (an event the attack sets), the workers start only once the
     attack is in place, so that what the attack did before training does not depend on
-    how fast the machine is.
+    how fast the machine is. ``addresses`` maps a worker to the address it connects to
+    (a proxy), the server's by default.
     """
     lines = []
-    server = distributed.Server(spec, secret=SECRET, log=lines.append, **server_options)
+    server = distributed.Server(spec, tls=SERVER_PEM, log=lines.append, **server_options)
     server.lines = lines
     thread, out = _serve(server)
     stop = threading.Event()
@@ -99,10 +121,14 @@ def _in_threads(spec, *, secret=SECRET, attack=None, attack_ready=None, worker_o
         attacker.start()
     if attack_ready is not None:
         assert attack_ready.wait(RUN_TIMEOUT), "the attack never got in place"
-    workers = [threading.Thread(target=distributed.run_worker, daemon=True,
-                                args=(spec, w, server.address),
-                                kwargs={"secret": secret, "log": lines.append,
-                                        **(worker_options or {})})
+    statuses = {}
+
+    def work(w):
+        statuses[w] = distributed.run_worker(
+            spec, w, (addresses or {}).get(w, server.address), tls=worker_pem(w),
+            log=lines.append, **(worker_options or {}))
+
+    workers = [threading.Thread(target=work, args=(w,), daemon=True)
                for w in range(spec.workers)]
     for t in workers:
         t.start()
@@ -112,6 +138,7 @@ def _in_threads(spec, *, secret=SECRET, attack=None, attack_ready=None, worker_o
     stop.set()
     if attacker is not None:
         attacker.join(30)
+    server.worker_statuses = statuses
     return out["record"], server
 
 
@@ -119,20 +146,21 @@ def _in_threads(spec, *, secret=SECRET, attack=None, attack_ready=None, worker_o
 # membership
 
 
-def test_an_outsider_without_the_secret_gets_nothing_and_changes_nothing():
+def test_an_outsider_without_a_certificate_gets_nothing_and_changes_nothing():
     answers = []
+    other = client_context(file_of(OTHER, 1))
 
     def outsider(server, stop):
-        # a wrong response; a HELLO of the old, unauthenticated protocol
+        # plain TCP speaking the protocol; TLS without a certificate; TLS with a
+        # valid certificate of another run
         try:
             while not stop.is_set():
-                with _stranger(server) as sock:
-                    answers.append(_closed_without_answer(sock))
                 with socket.create_connection(server.address, timeout=20) as sock:
-                    recv_exactly(sock, CHALLENGE_BYTES, 20)
                     sock.sendall(b"".join(bytes(x) for x in encode_json(
                         Kind.HELLO, {"worker": 0, "fingerprint": server.spec.fingerprint()})))
                     answers.append(_closed_without_answer(sock))
+                answers.append(_tls_refused(server, _no_cert_context()))
+                answers.append(_tls_refused(server, other))
                 time.sleep(0.01)
         except OSError:
             return  # the server has finished and closed its port
@@ -144,231 +172,302 @@ def test_an_outsider_without_the_secret_gets_nothing_and_changes_nothing():
     # training is unaffected: bit for bit the clean run's
     np.testing.assert_array_equal(attacked["parameters"], clean["parameters"])
     assert all(r["received"] == 3 for r in attacked["rounds"])
-    assert server.refusals.total > 0 and answers and all(answers)
+    assert server.refusals.total >= 3 and len(answers) >= 3 and all(answers), answers
     shown = [x for x in server.lines if "refused" in x]
-    assert shown and all("HMAC" in x or "handshake" in x or "more connections" in x
-                         for x in shown), shown
+    assert shown and all("SSL" in x or "certificate" in x or "more connections" in x
+                         or "HELLO" in x for x in shown), shown
     # refusals are for the operator, and rate-limited: a few lines, then a count
     assert len(shown) <= 20, shown
 
 
-def test_a_preempting_impostor_never_gets_a_slot_and_the_real_worker_joins():
-    spec = _spec(workers=2, rounds=2, round_timeout=20)
-    server = distributed.Server(spec, secret=SECRET)
+def test_a_member_cannot_take_another_workers_slot_or_push_out_its_own():
+    """The issue's takeover: one secret holder asked for slots 1, 0, 2, 3 and got each.
+
+    Worker 3 is Byzantine and holds its own certificate; beside the real worker 3
+    it connects again and again, asking for every slot. Every try is refused,
+    no honest worker loses its connection, and every round has all four.
+    """
+    tries = []
+
+    def takeover(server, stop):
+        # once the honest workers are in, as the issue's attacker did
+        while len(server.peers) < 4 and not stop.is_set():
+            time.sleep(0.01)
+        while not stop.is_set() and len(tries) < 40:
+            for slot in (1, 0, 2, 3):
+                try:
+                    thief = Peer(server, slot, cert=3)
+                except OSError:
+                    return  # the run is over
+                tries.append((slot, thief.answer.kind, thief.answer.json()))
+                thief.sock.close()
+            time.sleep(0.05)
+
+    spec = _spec(rule="median", attack="reverse", f=1, workers=4, rounds=8, eval_every=8,
+                 round_timeout=20, quorum=4)
+    record, server = _in_threads(spec, attack=takeover)
+    assert record["status"] == 0
+    assert len(tries) >= 4 and all(kind == Kind.REJECT for _, kind, _ in tries), tries
+    reasons = {slot: doc["reason"] for slot, _, doc in tries}
+    assert reasons[0] == "this process holds worker 3's certificate and can only be worker 3"
+    assert reasons[3] in ("worker 3 is already connected",
+                          "this process holds worker 3's certificate and can only be worker 3")
+    assert [r["received"] for r in record["rounds"]] == [4] * 8
+    lost = [e for e in record["events"] if e["event"] in ("disconnected", "replaced")]
+    assert not lost, lost
+    assert any("its certificate is worker 3's" in x for x in server.lines)
+
+
+def test_a_restarted_worker_gets_its_slot_back_once_the_old_connection_is_gone_or_silent():
+    # three workers: training starts when worker 2 joins, after the rest is staged
+    spec = _spec(workers=3, rounds=2, round_timeout=1.0, connect_timeout=60)
+    server = distributed.Server(spec, tls=SERVER_PEM)
     thread, out = _serve(server)
-    # the impostor comes first and asks for worker 0, with a guessed secret
-    with socket.create_connection(server.address, timeout=20) as sock:
-        challenge = recv_exactly(sock, CHALLENGE_BYTES, 20)
-        assert challenge[:8] == b"FLAGAUTH" and len(challenge) == 42
-        sock.sendall(respond(WRONG, challenge)[0])
-        assert _closed_without_answer(sock)
-    # the real worker 0 records its handshake; replaying its response later fails,
-    # because every connection gets a fresh challenge
-    recorded = []
     real = Peer(server, 0)
-    assert real.answer.kind == Kind.WELCOME and real.worker == 0
-    with socket.create_connection(server.address, timeout=20) as spy:
-        ch = recv_exactly(spy, CHALLENGE_BYTES, 20)
-        recorded.append(respond(SECRET, ch)[0])
-    with _stranger(server, recorded[0]) as sock:
-        assert _closed_without_answer(sock)
-    # a restarted worker 0 (it knows the secret) gets its slot back; the old
-    # connection is closed
+    assert real.answer.kind == Kind.WELCOME
+    # a second connection of worker 0 while the first is alive and heard from: refused,
+    # and told to try again (the first may be about to go)
+    second = Peer(server, 0)
+    assert second.answer.kind == Kind.REJECT and second.answer.json()["retry"] is True
+    # once the first has been silent for the round deadline, a new one replaces it
+    time.sleep(1.3)
     again = Peer(server, 0)
-    assert again.answer.kind == Kind.WELCOME and again.worker == 0
+    assert again.answer.kind == Kind.WELCOME and again.answer.json()["worker"] == 0
     assert _closed_without_answer(real.sock)
+    # a worker whose connection closed gets its slot back at once
     other = Peer(server, 1)
-    assert other.worker == 1
+    other.sock.close()
+    time.sleep(0.3)
+    other = Peer(server, 1)
+    assert other.answer.kind == Kind.WELCOME
+    last = Peer(server, 2)
     for t in (1, 2):
-        for p in (again, other):
+        for p in (again, other, last):
             p.params(t)
             p.send(t, np.zeros(server.n, np.float32))
     thread.join(60)
     assert not thread.is_alive()
     record = out["record"]
-    assert [r["received"] for r in record["rounds"]] == [2, 2]
+    assert [r["received"] for r in record["rounds"]] == [3, 3]
     assert record["info"][0]["host"] == "test"
     assert any(e["event"] == "replaced" for e in record["events"])
 
 
-def test_a_fake_server_is_detected_by_the_worker():
-    """Whatever an outsider writes into an address: no proof, no gradient."""
+def _fake_server(pem):
+    """A TLS server presenting the certificate of ``pem``; returns (socket, what it got)."""
     lsock = socket.create_server(("127.0.0.1", 0))
     got = []
+    ctx = server_context(pem)
+    ctx.verify_mode = ssl.CERT_NONE
 
-    def fake():
+    def serve():
         conn, _ = lsock.accept()
         with conn:
-            conn.sendall(b"FLAGAUTH" + PROTOCOL_VERSION.to_bytes(2, "little") + os.urandom(32))
-            got.append(recv_exactly(conn, RESPONSE_BYTES, 20))
-            conn.sendall(os.urandom(PROOF_BYTES))  # it cannot compute the proof
-            conn.settimeout(20)
-            got.append(conn.recv(1 << 16))
+            try:
+                tls = ctx.wrap_socket(conn, server_side=True)
+                tls.settimeout(20)
+                got.append(tls.recv(1 << 16))
+            except (ssl.SSLError, OSError) as exc:
+                got.append(exc)
 
-    th = threading.Thread(target=fake, daemon=True)
-    th.start()
+    threading.Thread(target=serve, daemon=True).start()
+    return lsock, got
+
+
+@pytest.mark.parametrize("pem, says", [
+    (file_of(OTHER, 0), "self-signed certificate in certificate chain"),  # another run's
+    (worker_pem(2), "unsuitable certificate purpose"),  # a member posing as the server
+])
+def test_a_fake_server_is_detected_by_the_worker(pem, says):
+    """Whatever an outsider writes into an address: no server certificate, no HELLO."""
+    lsock, got = _fake_server(pem)
     lines = []
-    status = distributed.run_worker(_spec(workers=2, connect_timeout=20), 0,
-                                    lsock.getsockname(), secret=SECRET, log=lines.append)
-    th.join(30)
+    status = distributed.run_worker(_spec(workers=4, connect_timeout=20), 0,
+                                    lsock.getsockname(), tls=worker_pem(0), log=lines.append)
     lsock.close()
     assert status == 2
-    assert "did not prove that it knows the run's secret" in lines[-1]
-    assert got[1] == b""  # not even a HELLO (fingerprint, pid) reached the fake server
+    assert "is not this run's server" in lines[-1] and says in lines[-1], lines
+    time.sleep(0.2)
+    # not even a HELLO (fingerprint, pid) reached the fake server
+    assert not got or not isinstance(got[0], bytes) or got[0] == b"", got
 
 
-def _self_signed(folder, name):
-    """(certificate, key) PEM files of a fresh self-signed certificate, by the openssl tool."""
-    import shutil
-
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed: cannot make a test certificate")
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
-                    f"/CN={name}", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return str(cert), str(key)
-
-
-def test_tls_trains_refuses_plain_tcp_and_workers_check_the_certificate(tmp_path):
-    from flagagg.distributed._node import _tls_context
-
-    cert, key = _self_signed(tmp_path, "server")
-    other, _ = _self_signed(tmp_path, "impostor")
-    plain = []
-
-    def plain_client(server, stop):
-        # a client without TLS: what it sends is not a TLS hello, and it never sees
-        # the challenge in clear
-        with socket.create_connection(server.address, timeout=20) as sock:
-            sock.sendall(bytes(RESPONSE_BYTES))
-            plain.append(_closed_without_answer(sock))
-
-    spec = _spec(workers=2, rounds=3, round_timeout=20, quorum=2, connect_timeout=90)
-    record, server = _in_threads(spec, attack=plain_client, tls=_tls_context(0, cert, key),
-                                 worker_options={"tls": _tls_context(1, cert, None)})
-    assert record["status"] == 0, server.lines
-    assert [r["received"] for r in record["rounds"]] == [2, 2, 2]
-    assert plain == [True]
-    assert any("TLS handshake failed" in x for x in server.lines), server.lines
-
-    # a worker that trusts another certificate does not talk to this server
-    server = distributed.Server(_spec(workers=2, rounds=1, connect_timeout=2), secret=SECRET,
-                                tls=_tls_context(0, cert, key), log=lambda text: None)
-    thread, out = _serve(server)
-    lines = []
-    status = distributed.run_worker(_spec(workers=2, connect_timeout=10), 0, server.address,
-                                    secret=SECRET, log=lines.append,
-                                    tls=_tls_context(1, other, None))
-    thread.join(60)
-    assert status == 1 and "certificate verify failed" in lines[-1], lines
-    assert not server.info  # no HELLO reached the server
-
-
-def test_a_multi_node_process_refuses_to_start_without_a_secret(monkeypatch, capsys):
+def test_a_multi_node_process_refuses_to_start_without_its_certificate(monkeypatch, capsys,
+                                                                       tmp_path):
     from flagagg.distributed._node import run_node
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(k, v)
-    for k in ("FLAGAGG_SECRET", "FLAGAGG_SECRET_FILE", "FLAGAGG_SERVER_ADDR", "LOCAL_RANK",
-              "LOCAL_WORLD_SIZE"):
+    for k in ("FLAGAGG_CERTS", "FLAGAGG_SERVER_ADDR", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
     threads = torch.get_num_threads()
     try:
         assert run_node(_spec()) == 2
-        assert "no secret for this run" in capsys.readouterr().out
-        monkeypatch.setenv("FLAGAGG_SECRET", "short")
+        assert "no certificates for this run" in capsys.readouterr().out
+        monkeypatch.setenv("FLAGAGG_CERTS", str(tmp_path))
         assert run_node(_spec()) == 2
-        assert "fewer than 16" in capsys.readouterr().out
+        assert "server.pem does not exist" in capsys.readouterr().out
     finally:
         torch.set_num_threads(threads)
-    with pytest.raises(ValueError, match="fewer than 16"):
-        distributed.Server(_spec(), secret=b"short")
+    with pytest.raises(ValueError, match="needs the server's TLS certificate"):
+        distributed.Server(_spec(), tls=None)
+    # a key others can read is refused
+    (tmp_path / "server.pem").write_bytes(SERVER_PEM.read_bytes())
+    (tmp_path / "server.pem").chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        distributed.Server(_spec(), tls=tmp_path / "server.pem")
+
+
+def test_certs_are_private_and_name_their_rank(tmp_path):
+    from cryptography import x509
+
+    from flagagg.cli import main
+
+    assert main(["certs", "--workers", "3", "--out", str(tmp_path / "c")]) == 0
+    names = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert names == ["server.pem", "worker-0.pem", "worker-1.pem", "worker-2.pem"]
+    for p in (tmp_path / "c").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600
+        text = p.read_bytes()
+        assert text.count(b"BEGIN CERTIFICATE") == 2 and b"PRIVATE KEY" in text
+    cert = x509.load_pem_x509_certificate((tmp_path / "c" / "worker-2.pem").read_bytes())
+    uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [u.value for u in uris] == ["flagagg://worker/2"]
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700
+    # never over an earlier run's files
+    assert main(["certs", "--workers", "3", "--out", str(tmp_path / "c")]) == 2
 
 
 # --------------------------------------------------------------------------
 # messages
 
 
-def test_replayed_and_tampered_frames_cost_their_sender_its_connection():
-    spec = _spec(workers=4, rounds=3, round_timeout=20)
-    server = distributed.Server(spec, secret=SECRET)
+class FlipProxy:
+    """A man in the middle on loopback: relays connections, flipping one bit on the way.
+
+    From each connection's worker-to-server stream it flips the lowest bit of
+    byte ``at`` (counted from the connection's start, TLS records included);
+    the rest it relays unchanged. ``flipped`` counts the flips.
+    """
+
+    def __init__(self, target, at):
+        self.target, self.at = target, at
+        self.lsock = socket.create_server(("127.0.0.1", 0))
+        self.address = self.lsock.getsockname()
+        self.flipped = 0
+        self.open = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.lsock.accept()
+                upstream = socket.create_connection(self.target, timeout=20)
+            except OSError:
+                return
+            self.open += [client, upstream]
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False),
+                             daemon=True).start()
+
+    def _pipe(self, src, dst, flip):
+        seen = 0
+        try:
+            while True:
+                data = bytearray(src.recv(1 << 16))
+                if not data:
+                    break
+                if flip and seen <= self.at < seen + len(data):
+                    data[self.at - seen] ^= 1
+                    self.flipped += 1
+                seen += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self.lsock.close()
+        for s in self.open:
+            s.close()
+
+
+def test_a_flipped_bit_costs_its_connection_and_the_worker_rejoins():
+    """TLS authenticates every record: a changed byte never reaches the rule.
+
+    Worker 1's connections pass through a proxy that flips one bit of each,
+    after the handshake and HELLO, inside its first gradient. Every such
+    gradient is refused with its connection; the worker reconnects (with
+    backoff), gets its slot back and is flipped again; the other workers
+    train on.
+    """
+    spec = _spec(rule="mean", attack="none", f=0, workers=3, rounds=4, eval_every=4,
+                 round_timeout=3, quorum=3, connect_timeout=30)
+    proxy = []
+
+    def start_proxy(server, stop):
+        proxy.append(FlipProxy(server.address, at=3000))
+
+    ready = threading.Event()
+    lines = []
+    server = distributed.Server(spec, tls=SERVER_PEM, log=lines.append)
     thread, out = _serve(server)
-    n = server.n
-    peers = [Peer(server, w) for w in range(4)]
-    ok = np.full(n, 1e-3, np.float32)
-    for p in peers:
-        p.params(1)
-    # round 1: everyone sends; worker 0's frame is recorded on the way
-    frame0 = peers[0].frame(encode_tensor(Kind.GRAD, ok, worker=0, round=1, seconds=0.001))
-    peers[0].sock.sendall(frame0)
-    for p in peers[1:]:
-        p.send(1, ok)
-    for p in peers:
-        p.params(2)
-    # round 2: worker 0 replays its round-1 frame (same connection); worker 1's
-    # frame is replayed on another authenticated connection; worker 2 changes
-    # one byte of its payload; worker 3 changes the round in its header
-    peers[0].sock.sendall(frame0)
-    frame1 = peers[1].frame(encode_tensor(Kind.GRAD, ok, worker=1, round=2, seconds=0.001))
-    peers[1].sock.sendall(frame1)
-    frame2 = bytearray(peers[2].frame(encode_tensor(Kind.GRAD, ok, worker=2, round=2)))
-    frame2[HEADER.size + 5] ^= 1
-    peers[2].sock.sendall(frame2)
-    frame3 = bytearray(peers[3].frame(encode_tensor(Kind.GRAD, ok, worker=3, round=2)))
-    frame3[12] ^= 3  # the low byte of the round field
-    peers[3].sock.sendall(frame3)
-    for w in (0, 2, 3):
-        assert _closed_without_answer(peers[w].sock)
-    # worker 1's frame, sent again on a new connection of worker 1 (which
-    # replaces the old one)
-    stolen = Peer(server, 1)
-    assert stolen.worker == 1
-    peers[1].sock.settimeout(20)
-    while peers[1].sock.recv(1 << 20):  # round 3's parameters, then the end
-        pass
-    stolen.sock.sendall(frame1)
-    assert _closed_without_answer(stolen.sock)
-    thread.join(60)
-    assert not thread.is_alive()
+    start_proxy(server, None)
+    ready.set()
+    statuses = {}
+
+    def work(w, address):
+        statuses[w] = distributed.run_worker(spec, w, address, tls=worker_pem(w),
+                                             log=lines.append)
+
+    threads = [threading.Thread(target=work, args=(w, proxy[0].address if w == 1
+                                                   else server.address), daemon=True)
+               for w in range(3)]
+    for t in threads:
+        t.start()
+    thread.join(RUN_TIMEOUT)
+    for t in threads:
+        t.join(RUN_TIMEOUT)
+    proxy[0].close()
     record = out["record"]
+    assert record["status"] == 0, lines
     status = {(r["round"], r["worker"]): (r["status"], r["reason"]) for r in record["workers"]}
-    assert all(status[1, w] == ("ok", "") for w in range(4))
-    for w in (0, 2, 3):
-        assert status[2, w][0] == "missing"
-        assert "wrong tag" in status[2, w][1], status[2, w]
-    # none of the changed or replayed frames reached the rule
-    assert record["rounds"][1]["received"] == 1 and status[2, 1] == ("ok", "")
-    assert record["rounds"][2]["received"] == 0
+    assert proxy[0].flipped >= 1
+    assert all(status[t, w] == ("ok", "") for t in range(1, 5) for w in (0, 2))
+    assert all(status[t, 1][0] == "missing" for t in range(1, 5)), status
+    assert [r["received"] for r in record["rounds"]] == [2] * 4
+    events = [(e.get("worker"), e["event"]) for e in record["events"]]
+    assert (1, "disconnected") in events and (1, "reconnected") in events
+    assert any("reconnected; the server resumes" in x for x in lines), lines
 
 
 def test_garbage_and_oversized_headers_before_and_after_authentication():
     spec = _spec(workers=2, rounds=1, round_timeout=20)
-    server = distributed.Server(spec, secret=SECRET)
+    server = distributed.Server(spec, tls=SERVER_PEM)
     thread, out = _serve(server)
     big = HEADER.pack(b"FLAG", Kind.GRAD, 1, PROTOCOL_VERSION, 0, 1, 10**12, 0.0)
-    before = server.bytes_received
-    # before authentication: 4 MB of garbage, and an oversized header; the server
-    # reads the response's 74 bytes of each and not one more
-    for data in (os.urandom(1 << 22), big + bytes(RESPONSE_BYTES)):
+    # before TLS: 4 MB of garbage, and an oversized header; the handshake fails on
+    # the first bytes and the connection is closed
+    for data in (os.urandom(1 << 22), big + bytes(1 << 16)):
         with socket.create_connection(server.address, timeout=20) as sock:
-            recv_exactly(sock, CHALLENGE_BYTES, 20)
             with pytest.raises(OSError):  # reset once the server has closed it
                 for _ in range(64):
                     sock.sendall(data)
                     time.sleep(0.01)
-    assert server.bytes_received - before <= 2 * RESPONSE_BYTES
-    # after authentication: an oversized header is refused before its payload,
-    # garbage closes the connection
+    assert server.bytes_received == 0
+    # after the handshake and HELLO: an oversized header is refused before its
+    # payload, garbage closes the connection
     for data in (big, b"JUNK" + os.urandom(200)):
         p = Peer(server, 0)
         assert p.answer.kind == Kind.WELCOME
         start = server.bytes_received
         p.sock.sendall(data)
         assert _closed_without_answer(p.sock)
-        assert server.bytes_received - start <= len(data)
+        assert server.bytes_received == start
+        time.sleep(0.2)  # the server notices the old connection is gone
     good = [Peer(server, w) for w in range(2)]
     for p in good:
         p.params(1)
@@ -376,6 +475,67 @@ def test_garbage_and_oversized_headers_before_and_after_authentication():
     thread.join(60)
     assert not thread.is_alive()
     assert out["record"]["rounds"][0]["received"] == 2
+
+
+def _member(server, worker):
+    """A TLS connection with worker ``worker``'s certificate, before its HELLO."""
+    raw = socket.create_connection(server.address, timeout=20)
+    return client_context(worker_pem(worker)).wrap_socket(raw)
+
+
+def test_a_nested_hello_costs_only_its_sender():
+    """The issue's crash: a member's HELLO of 60,000 ``[`` raised RecursionError in the server.
+
+    Now a HELLO over 4096 bytes is refused at its header, one that nests
+    deeper than two levels before the parser sees it; the run trains.
+    """
+    closed = []
+
+    def nested(server, stop):
+        for payload in (b"[" * 60_000, b"[" * 4000, b'{"worker": 0, "x": ' + b"[" * 3000 + b"}"):
+            with _member(server, 0) as sock:
+                sock.sendall(b"".join(bytes(x) for x in encode(Kind.HELLO, payload)))
+                closed.append(_closed_without_answer(sock))
+        ready.set()
+
+    ready = threading.Event()
+    spec = _spec(workers=2, rounds=3, round_timeout=20, quorum=2)
+    record, server = _in_threads(spec, attack=nested, attack_ready=ready)
+    assert closed == [True, True, True]
+    assert record["status"] == 0 and [r["received"] for r in record["rounds"]] == [2, 2, 2]
+    shown = "\n".join(server.lines)
+    assert "over the 4096-byte limit" in shown and "nests deeper than 2 levels" in shown
+
+
+def test_before_its_hello_a_member_gets_no_more_than_a_hello_read():
+    """The issue's pre-HELLO memory: 64 unnamed members each had a full gradient read.
+
+    Now 64 members each announce a gradient before HELLO and send it: each is
+    closed at the header, and the run trains beside them.
+    """
+    results = []
+
+    def hog(server, stop):
+        n = server.n
+        frame = b"".join(bytes(x) for x in encode_tensor(Kind.GRAD, np.ones(n, np.float32),
+                                                          worker=0, round=1))
+        socks = [_member(server, w % 4) for w in range(64)]
+        for sock in socks:
+            try:
+                sock.sendall(frame)
+            except OSError:
+                pass
+        results.extend(_closed_without_answer(sock) for sock in socks)
+        for sock in socks:
+            sock.close()
+        ready.set()
+
+    ready = threading.Event()
+    spec = _spec(workers=4, rounds=3, round_timeout=20, quorum=4)
+    record, server = _in_threads(spec, attack=hog, attack_ready=ready)
+    assert len(results) == 64 and all(results)
+    assert record["status"] == 0 and [r["received"] for r in record["rounds"]] == [4, 4, 4]
+    assert any("unexpected message kind GRAD" in x for x in server.lines), server.lines
 
 
 # --------------------------------------------------------------------------
@@ -394,7 +554,7 @@ def test_500_idle_connections_do_not_stall_training():
                 poll.register(s, select.POLLIN)
             readable = {fd for fd, _ in poll.poll(0)}
             for s in [s for s in held if s.fileno() in readable]:
-                # the server sends a challenge, then nothing; closed means shed
+                # the server sends nothing before a TLS hello; closed means shed
                 if _at_end(s):
                     s.close()
                     held.remove(s)
@@ -445,7 +605,7 @@ _EMFILE_SERVER = textwrap.dedent("""
     spec = distributed.make_spec(sim.load_config("demo"), rule="mean", attack="none", f=0,
                                  workers=2, rounds=4, eval_every=4, round_timeout=30,
                                  connect_timeout=60)
-    server = distributed.Server(spec, secret=sys.argv[1].encode(), handshake_timeout=2.0,
+    server = distributed.Server(spec, tls=sys.argv[1], handshake_timeout=2.0,
                                 log=lambda x: print(x, flush=True))
     used = len(os.listdir("/proc/self/fd"))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -470,13 +630,13 @@ def test_a_server_out_of_file_descriptors_backs_off_and_keeps_serving():
         spec = _spec(workers=2, rounds=4, eval_every=4, round_timeout=30, connect_timeout=60)
         workers.extend(threading.Thread(target=distributed.run_worker, daemon=True,
                                         args=(spec, w, ("127.0.0.1", port)),
-                                        kwargs={"secret": SECRET, "log": text.append})
+                                        kwargs={"tls": worker_pem(w), "log": text.append})
                        for w in range(2))
         for t in workers:
             t.start()
 
     try:
-        status, output = watch([sys.executable, "-c", _EMFILE_SERVER, SECRET.decode()], None,
+        status, output = watch([sys.executable, "-c", _EMFILE_SERVER, str(SERVER_PEM)], None,
                                on_line, RUN_TIMEOUT)
         for t in workers:
             t.join(RUN_TIMEOUT)
@@ -491,7 +651,7 @@ def test_a_server_out_of_file_descriptors_backs_off_and_keeps_serving():
 
 def test_a_slow_loris_peer_does_not_stretch_rounds_with_a_quorum():
     spec = _spec(workers=4, rounds=4, round_timeout=6, quorum=3)
-    server = distributed.Server(spec, secret=SECRET)
+    server = distributed.Server(spec, tls=SERVER_PEM)
     thread, out = _serve(server)
     peers = [Peer(server, w) for w in range(4)]
     row = np.full(server.n, 1e-3, np.float32)
@@ -663,7 +823,206 @@ def test_sigterm_to_the_launcher_stops_every_process_and_keeps_the_results(tmp_p
         assert not _alive(pid), f"{who} (pid {pid}) outlived the launcher"
     doc = json.loads((out / "train.json").read_text())
     assert doc["status"] == 3 and 4 <= len(doc["rounds"]) < 200
+    # the final accuracy is the model it reached, evaluated where it stopped (before:
+    # the round-0 evaluation)
+    last = len(doc["rounds"])
+    with open(out / "curves.csv", newline="") as fh:
+        curve = [(int(r["round"]), float(r["accuracy"])) for r in csv.DictReader(fh)]
+    assert curve[-1][0] == last and doc["run"]["final_accuracy"] == curve[-1][1]
+    assert last > 0 and len(curve) >= 2
     with open(out / "rounds.csv", newline="") as fh:
         assert [int(r["round"]) for r in csv.DictReader(fh)] == \
             list(range(1, len(doc["rounds"]) + 1))
     assert (out / "checkpoint.pt").exists()
+
+
+# --------------------------------------------------------------------------
+# a floor on honesty, a grace for the slightly slower
+
+
+def test_bit_flips_that_leave_only_the_byzantine_worker_stop_the_run_instead_of_training():
+    """The issue's end state: on-path bit flips cut the honest workers off, and the
+    server trained 1,358 rounds on the Byzantine gradient alone, exit 0.
+
+    Now every honest worker's connection passes through a proxy that flips a
+    bit of its first gradient; they are cut off and rejoin, again and again.
+    The rounds have one gradient, below the median's floor of 2f + 1 = 3: no
+    round steps, and after ``connect_timeout`` seconds the run stops with exit
+    status 4 and says why.
+    """
+    spec = _spec(rule="median", attack="reverse", f=1, workers=4, rounds=80, eval_every=80,
+                 round_timeout=1.0, connect_timeout=15.0)
+    lines = []
+    server = distributed.Server(spec, tls=SERVER_PEM, log=lines.append)
+    assert server.floor == 3 and server.quorum == 3
+    proxy = FlipProxy(server.address, at=3000)
+    thread, out = _serve(server)
+    byzantine = min(server.byzantine)
+    workers = [threading.Thread(target=distributed.run_worker, daemon=True, kwargs={
+        "spec": spec, "worker": w, "tls": worker_pem(w), "log": lines.append,
+        "address": server.address if w == byzantine else proxy.address}) for w in range(4)]
+    for t in workers:
+        t.start()
+    thread.join(RUN_TIMEOUT)
+    assert not thread.is_alive()
+    for t in workers:
+        t.join(RUN_TIMEOUT)
+    proxy.close()
+    record = out["record"]
+    assert record["status"] == 4, "\n".join(lines)
+    assert proxy.flipped >= 3
+    # not one step on fewer than three gradients
+    assert all(r["received"] >= 3 for r in record["rounds"] if r["stepped"])
+    assert not any(r["stepped"] for r in record["rounds"]), record["rounds"]
+    assert any("below the floor of 3" in r["problem"] for r in record["rounds"])
+    assert any("STOPPED: no step for 15 s" in x for x in lines), lines
+    # the run stopped after about connect_timeout (rounds of 1 s), not after 80 rounds
+    assert len(record["rounds"]) < 40
+
+
+def test_the_quorum_waits_for_a_slightly_slower_worker():
+    """The issue: with the default quorum a worker 10 ms slower was dropped in 5,997 of
+    6,000 rounds. Now the round waits a grace after its quorum (as long as the median
+    round, at least 50 ms), and the worker takes part in nearly every round.
+    """
+    spec = _spec(rule="mean", attack="none", f=1, workers=4, rounds=20, eval_every=20,
+                 round_timeout=10)
+    server = distributed.Server(spec, tls=SERVER_PEM)
+    assert server.quorum == 3
+    thread, out = _serve(server)
+    peers = [Peer(server, w) for w in range(4)]
+    row = np.full(server.n, 1e-3, np.float32)
+
+    def answer(p, delay):
+        # every round's parameters it gets (one that fell behind gets only the newest)
+        while True:
+            frame = p.recv()
+            if frame.kind == Kind.STOP:
+                return
+            time.sleep(delay)
+            p.send(frame.round, row)
+
+    threads = [threading.Thread(target=answer, args=(p, 0.010 if p.worker == 3 else 0.0),
+                                daemon=True) for p in peers]
+    for t in threads:
+        t.start()
+    thread.join(RUN_TIMEOUT)
+    assert not thread.is_alive()
+    record = out["record"]
+    left = record["left_out_by_quorum"]
+    rows = [r for r in record["workers"] if r["worker"] == 3 and r["status"] == "missing"]
+    assert left[3] == len(rows)
+    assert left[3] <= 5, left   # before: all 20
+    assert sum(r["received"] for r in record["rounds"]) >= 75
+
+
+def test_a_reconnect_storm_delays_a_joining_worker_by_seconds_at_most():
+    """The issue: a storm of about 2,000 connections per second from one process kept
+    every joining worker out until it stopped.
+
+    A separate process opens 2,000 connections a second (keeping the newest
+    300 open, closing the oldest) until the workers are in, for at most 40 s;
+    meanwhile three workers join one after the other, each timed from its
+    first connection attempt to its WELCOME.
+    """
+    spec = _spec(workers=3, rounds=1, round_timeout=20, connect_timeout=60)
+    server = distributed.Server(spec, tls=SERVER_PEM, log=lambda text: None)
+    thread, out = _serve(server)
+    storm = subprocess.Popen([sys.executable, "-c", _STORM, str(server.address[1]), "2000", "40"],
+                             stdout=subprocess.PIPE, text=True)
+    began = time.monotonic()
+    try:
+        time.sleep(1.5)  # the storm is under way
+        joins, peers = [], []
+        for w in range(3):
+            t0 = time.monotonic()
+            while True:
+                try:
+                    # a new attempt after 2 s, as a worker does (the kernel's own retry
+                    # of a dropped SYN waits 1, 2, 4, ... s)
+                    p = Peer(server, w, timeout=2.0)
+                    p.sock.settimeout(20)
+                    break
+                except (OSError, ssl.SSLError):
+                    time.sleep(0.05)  # shed by the server: try again, as a worker does
+            joins.append(time.monotonic() - t0)
+            assert p.answer.kind == Kind.WELCOME
+            peers.append(p)
+        during = storm.poll() is None
+        storm.terminate()  # it prints how many it opened and stops
+        opened = int(storm.communicate(timeout=30)[0].split()[-1])
+        seconds = time.monotonic() - began
+    finally:
+        if storm.poll() is None:
+            storm.kill()
+            storm.wait()
+    assert during, "the storm ended before the workers joined: the test measured nothing"
+    assert opened >= 2000 * seconds * 0.5, (opened, seconds)   # it did storm
+    assert max(joins) < 5.0, joins
+    for p in peers:
+        p.params(1)
+        p.send(1, np.zeros(server.n, np.float32))
+    thread.join(60)
+    assert out["record"]["rounds"][0]["received"] == 3
+    print(f"join times under a {opened / seconds:.0f}/s storm: {[round(x, 3) for x in joins]} s")
+
+
+_STORM = textwrap.dedent("""
+    import collections, signal, socket, sys, time
+    port, rate, duration = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    held, n, t0 = collections.deque(), 0, time.monotonic()
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+    while time.monotonic() - t0 < duration and not stop:
+        due = int((time.monotonic() - t0) * rate)
+        while n < due:
+            n += 1
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) > 300:
+                held.popleft().close()
+        time.sleep(0.001)
+    print("OPENED", n, flush=True)
+""")
+
+
+def test_a_tampered_server_address_in_the_torchrun_store_leads_nowhere(monkeypatch, capsys):
+    """The issue: an outsider rewriting the store's server-address key kept a tcp run
+    from starting, and the workers blamed the secret. The address is still read
+    from the store, but the worker checks what answers there against the run's CA
+    and says what is wrong."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from flagagg.distributed._node import run_node
+
+    lsock, got = _fake_server(file_of(OTHER, 0))
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=10))
+    store.set("flagagg/server/0", json.dumps({"transport": "tcp", "host": "127.0.0.1",
+                                              "port": lsock.getsockname()[1]}))
+    for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(store.port), "FLAGAGG_CERTS": str(CERTS)}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
+              "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    threads = torch.get_num_threads()
+    try:
+        status = run_node(_spec(transport="tcp", connect_timeout=10))
+    finally:
+        torch.set_num_threads(threads)
+        lsock.close()
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "is not this run's server" in err and "secret" not in err, err
+    assert not got or not isinstance(got[0], bytes) or got[0] == b""

@@ -19,10 +19,12 @@ The processes find each other through ``torch.distributed``'s TCP store
 (``MASTER_ADDR:MASTER_PORT``, as set by ``torchrun``). Parameters and
 gradients travel over gloo (CPU) or NCCL (GPU) point-to-point messages, one
 two-rank process group per worker, each gradient announced on the store and
-checked before it is received (:class:`CollectiveServer`); or, with
-``transport="tcp"``, as raw bytes over one checked TCP connection per worker
-(:class:`Server`), which also withstands workers that attack the protocol
-itself. Nothing received is ever unpickled.
+checked before it is received (:class:`CollectiveServer`), on trusted
+clusters only; or, with ``transport="tcp"`` (the default), as raw bytes over
+one mutual-TLS connection per worker (:class:`Server`), each process holding
+its own certificate of the run's CA, so that a worker can only ever be
+itself; it also withstands workers that attack the protocol. Nothing
+received is ever unpickled.
 
 Examples
 --------
@@ -47,10 +49,12 @@ from ._node import run_node
 from ._protocol import ProtocolError
 from ._server import Server, load_checkpoint
 from ._settings import TRANSPORTS, Fault, RunSpec, make_spec, parse_fault
+from ._tls import issue as issue_certificates
 from ._worker import run_worker
 
 __all__ = [
     "TRANSPORTS",
+    "issue_certificates",
     "CollectiveServer",
     "DistributedRun",
     "Fault",
@@ -75,7 +79,9 @@ class DistributedRun:
     Attributes
     ----------
     status : int
-        The server's exit status (0: trained every round).
+        The server's exit status (0: trained every round; 3: stopped by a
+        signal; 4: stopped because fewer gradients than the floor arrived
+        for ``connect_timeout`` seconds).
     final_accuracy : float
         Test accuracy after the last round.
     curve : list of (int, float)
@@ -137,7 +143,7 @@ def train(config="demo", *, rule=None, attack=None, f=None, seed=None, rounds=No
         Show what the processes print only if the server fails.
     **options
         ``round_timeout``, ``connect_timeout``, ``drop_nonfinite``, ``device``,
-        ``transport`` (see :class:`RunSpec`).
+        ``transport``, ``quorum``, ``min_gradients`` (see :class:`RunSpec`).
 
     Returns
     -------

@@ -40,12 +40,18 @@ def add_arguments(parser):
                         help="how long the server waits for the workers to join, and the "
                              "workers for the server (default: 120)")
     faults.add_argument("--quorum", type=int, metavar="Q",
-                        help="close a round once Q gradients are in (plus a short grace) "
+                        help="close a round once Q gradients are in (plus a grace as long "
+                             "as the median round, at least 50 ms) "
                              "instead of waiting for the deadline; later ones are reported "
                              "as missing, never waited for (default: workers - f). With Q "
                              "below the number of workers, which gradients make a round "
                              "depends on timing, so the run is not bit for bit the "
                              "simulator's; --quorum P (all P workers) makes it so")
+    faults.add_argument("--min-gradients", type=int, metavar="M",
+                        help="never step with fewer than M accepted gradients: below it a "
+                             "round does not step, and after --connect-timeout seconds "
+                             "without a step the run stops with exit status 4 (default: the "
+                             "fewest the rule accepts with --f, at least 2f+1 when f > 0)")
     faults.add_argument("--keep-nonfinite", action="store_true",
                         help="hand gradients with NaN or Inf to the rule instead of excluding "
                              "them (what the simulator does)")
@@ -58,12 +64,12 @@ def add_arguments(parser):
     where.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
                        help="device of each process's model (cuda: cuda:LOCAL_RANK)")
     where.add_argument("--transport", choices=("tcp", "gloo", "nccl"), default="tcp",
-                       help="how parameters and gradients travel: tcp (default: flagagg's "
-                            "own framing over connections authenticated with the run's "
-                            "secret, safe against outsiders and against workers that attack "
-                            "the protocol), or, ON TRUSTED CLUSTERS ONLY, gloo or nccl "
-                            "point-to-point: torch's store, which they meet through, lets "
-                            "anyone who reaches it join, crash or stall the run")
+                       help="how parameters and gradients travel: tcp (default: mutual TLS "
+                            "with one certificate per process, so a worker can only ever be "
+                            "itself, and outsiders get nothing). gloo or nccl: TRUSTED "
+                            "CLUSTERS ONLY. Their rendezvous store lets anyone who can reach "
+                            "it join, crash or stall the run, and one edited store message "
+                            "aborts the server")
     where.add_argument("--threads", type=int, default=1, metavar="N",
                        help="torch threads per process (default: 1)")
     where.add_argument("--server-addr", metavar="HOST[:PORT]",
@@ -71,17 +77,11 @@ def add_arguments(parser):
                             "127.0.0.1 on one machine, else this node's address towards "
                             "MASTER_ADDR, on a free port); also FLAGAGG_SERVER_ADDR")
     sec = parser.add_argument_group("security (tcp transport)")
-    sec.add_argument("--secret-file", metavar="PATH",
-                     help="file holding the run's secret (at least 16 bytes), the same on "
-                          "every node; also FLAGAGG_SECRET or FLAGAGG_SECRET_FILE. Needed "
-                          "under torchrun; `flagagg train` on one machine makes a fresh one "
-                          "for its processes")
-    sec.add_argument("--tls-cert", metavar="PEM",
-                     help="encrypt the connections with TLS: the server's certificate, "
-                          "self-signed is fine (the workers trust exactly this one, "
-                          "whatever host it names); with --tls-key on the server. The "
-                          "secret authenticates both sides with or without TLS")
-    sec.add_argument("--tls-key", metavar="PEM", help="the server's TLS private key")
+    sec.add_argument("--certs", metavar="DIR",
+                     help="folder holding this node's files from `flagagg certs` (server.pem "
+                          "on the server's node, worker-W.pem on the node of rank W+1); also "
+                          "FLAGAGG_CERTS. Needed under torchrun; `flagagg train` on one "
+                          "machine makes the run's CA and certificates itself")
     out = parser.add_argument_group("output")
     out.add_argument("--output", default="train-results", metavar="DIR",
                      help="folder for the results, appended to round by round (default: "
@@ -115,6 +115,7 @@ def run(args):
             eval_every=args.eval_every, round_timeout=args.round_timeout,
             connect_timeout=args.connect_timeout, drop_nonfinite=not args.keep_nonfinite,
             device=args.device, transport=args.transport, faults=faults, quorum=args.quorum,
+            min_gradients=args.min_gradients,
         )
         if args.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
@@ -128,17 +129,14 @@ def run(args):
     node = {"output": args.output, "checkpoint": checkpoint,
             "checkpoint_every": args.checkpoint_every, "resume": args.resume,
             "threads": args.threads}
-    tls = {"tls_cert": args.tls_cert, "tls_key": args.tls_key}
     if in_launched_process():
         from ._node import run_node
 
-        return run_node(spec, server_addr=args.server_addr, secret_file=args.secret_file,
-                        **tls, **node)
-    if args.secret_file or args.tls_cert:
+        return run_node(spec, server_addr=args.server_addr, certs=args.certs, **node)
+    if args.certs:
         return report_error(ValueError(
-            "--secret-file and --tls-cert are for runs over several machines (under "
-            "torchrun); on one machine `flagagg train` makes a fresh secret for its processes "
-            "and they talk over loopback"))
+            "--certs is for runs over several machines (under torchrun); on one machine "
+            "`flagagg train` makes the run's certificates for its processes itself"))
 
     from ._launch import launch
 

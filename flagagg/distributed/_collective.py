@@ -52,7 +52,7 @@ import time
 import numpy as np
 import torch
 
-from ._protocol import ProtocolError
+from ._protocol import ProtocolError, decode_json
 from ._server import _Link, _ServerCore
 from ._worker import IDLE_TIMEOUT
 
@@ -66,7 +66,6 @@ MARK = b"FLAG"
 _PARAMS, _STOP, _PING = 1, 2, 3
 _HEAD_BYTES = 32
 _TAG_SERVER, _TAG_GRAD = 1, 3
-_MAX_MESSAGE = 1 << 16       # a control message is a small JSON object
 _DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 # while a round waits, a worker that has not answered is pinged this often: a
 # send on a gloo pair whose peer has gone fails at once, so a crash is seen
@@ -282,15 +281,13 @@ class CollectiveServer(_ServerCore):
             self._complete_receive(link, msg, current, work, buf)
 
     def _decode(self, raw):
-        if len(raw) > _MAX_MESSAGE:
-            self._say(f"ignored a control message of {len(raw)} bytes (over "
-                      f"{_MAX_MESSAGE}): not a flagagg worker")
-            return None
+        # the same size- and depth-limited parser as the tcp transport's control messages
         try:
-            msg = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            msg = None
-        if not isinstance(msg, dict) or not isinstance(msg.get("token"), str):
+            msg = decode_json(raw, "a store message")
+        except ProtocolError as exc:
+            self._say(f"ignored a control message: {exc}; not a flagagg worker's")
+            return None
+        if not isinstance(msg.get("token"), str):
             self._say("ignored a control message that is not a flagagg worker's")
             return None
         return msg

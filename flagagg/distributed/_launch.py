@@ -4,14 +4,15 @@ The launcher gives each process the environment ``torchrun`` would
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``),
 relays what they print, and, unlike ``torchrun``, does not tear the run down
 when a worker dies: the server decides what a missing worker means. It makes
-a fresh random secret for the run's processes and hands it to them in their
-environment (``FLAGAGG_SECRET``; never on a command line, which every user
-of the machine can read), with the server's loopback address
-(``FLAGAGG_SERVER_ADDR``). When the server has finished, workers get a few
-seconds to leave; any still running (hung, stopped) is terminated and then
-killed, so no process outlives the launcher. SIGTERM or SIGINT to the
-launcher asks the server to stop after its round and write its results, then
-ends the workers the same way.
+the run's own CA and one certificate per process
+(:func:`flagagg.distributed.issue_certificates`) in a temporary folder only
+this user can read (files 0600, removed at the end), and tells the
+processes where (``FLAGAGG_CERTS``), with the server's loopback address
+(``FLAGAGG_SERVER_ADDR``). When the server has
+finished, workers get a few seconds to leave; any still running (hung,
+stopped) is terminated and then killed, so no process outlives the launcher.
+SIGTERM or SIGINT to the launcher asks the server to stop after its round
+and write its results, then ends the workers the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -110,11 +110,15 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
         spec_file.write_text(json.dumps({"spec": spec_to_dict(spec), "node": node}),
                              encoding="utf-8")
         env = {k: v for k, v in os.environ.items()
-               if k not in _TORCHRUN_VARIABLES and k != "FLAGAGG_SECRET_FILE"}
+               if k not in _TORCHRUN_VARIABLES and k != "FLAGAGG_CERTS"}
+        if spec.transport == "tcp":
+            from ._tls import issue
+
+            issue(Path(tmp, "certs"), p)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    WORLD_SIZE=str(p + 1), LOCAL_WORLD_SIZE=str(p + 1), PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x),
-                   FLAGAGG_SECRET=secrets.token_hex(32),
+                   FLAGAGG_CERTS=str(Path(tmp, "certs")),
                    FLAGAGG_SERVER_ADDR=f"127.0.0.1:{free_port()}", FLAGAGG_LAUNCHED="1")
         procs, threads_, lock = [], [], threading.Lock()
         kept = [] if quiet else None

@@ -6,9 +6,10 @@ parameter server, ranks 1..p are workers 0..p-1. Over the ``tcp`` transport
 (the default) the workers reach the server at ``FLAGAGG_SERVER_ADDR`` when it
 names a port (the local launcher sets it), else at the address the server
 publishes on a ``torch.distributed.TCPStore`` at ``MASTER_ADDR:MASTER_PORT``;
-either way every connection proves knowledge of the run's secret
-(``FLAGAGG_SECRET``, ``FLAGAGG_SECRET_FILE`` or ``--secret-file``), both ways,
-so a store or an address an outsider has changed leads nowhere. The gloo and
+either way every connection is mutual TLS with the run's certificates
+(``--certs`` or ``FLAGAGG_CERTS``, from ``flagagg certs``): a worker talks
+only to the holder of the run's server certificate, so a store or an address
+an outsider has changed leads nowhere. The gloo and
 NCCL transports meet and talk through the store, which trusts everyone (see
 :mod:`flagagg.distributed._collective`).
 """
@@ -24,7 +25,7 @@ import socket
 import sys
 import threading
 
-__all__ = ["ROLE_VARIABLES", "in_launched_process", "read_secret", "run_node"]
+__all__ = ["ROLE_VARIABLES", "cert_file", "in_launched_process", "run_node"]
 
 ROLE_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -80,36 +81,37 @@ def _server_address(server_addr, master_addr, all_local):
     return host, bind, port
 
 
-def read_secret(secret_file=None):
-    """The run's secret: ``secret_file``, else ``FLAGAGG_SECRET_FILE``, else ``FLAGAGG_SECRET``.
+def cert_file(rank, certs=None):
+    """The PEM file of a rank: ``certs`` (or ``FLAGAGG_CERTS``) / server.pem or worker-W.pem.
 
     Returns
     -------
-    secret : bytes or None
-        None when none is given.
+    path : pathlib.Path or None
+        None when no folder is given.
 
     Raises
     ------
-    ValueError
-        If the one given is too short (see :func:`flagagg.distributed._protocol.load_secret`).
-    OSError
-        If the file cannot be read.
+    FileNotFoundError
+        If the folder lacks this rank's file.
     """
-    from ._protocol import load_secret
+    from ._tls import file_of
 
-    path = secret_file or os.environ.get("FLAGAGG_SECRET_FILE")
-    if path:
-        return load_secret(path=path)
-    text = os.environ.get("FLAGAGG_SECRET")
-    return None if not text else load_secret(text)
+    folder = certs or os.environ.get("FLAGAGG_CERTS")
+    if not folder:
+        return None
+    path = file_of(folder, rank)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: this node needs the file of rank "
+                                f"{rank} from `flagagg certs`")
+    return path
 
 
-_NO_SECRET = (
-    "no secret for this run: the tcp transport admits only processes that prove they know "
-    "the run's secret. Make one (`python -c \"import secrets; print(secrets.token_hex(32))\" "
-    "> run.secret; chmod 600 run.secret`), copy it to every node and pass --secret-file "
-    "run.secret (or set FLAGAGG_SECRET) on every node; `flagagg train` without torchrun makes "
-    "one itself"
+_NO_CERTS = (
+    "no certificates for this run: the tcp transport admits only processes holding a "
+    "certificate of the run's own CA, one per process. Make them once with `flagagg certs "
+    "--workers P --out run-certs`, copy server.pem to the server's node and worker-W.pem to "
+    "the node of rank W+1 (each 0600, never the others'), and pass --certs run-certs on every "
+    "node (or set FLAGAGG_CERTS); `flagagg train` without torchrun makes them itself"
 )
 
 
@@ -144,8 +146,7 @@ def _store(rank, world, master_addr, master_port, timeout):
 
 
 def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=None,
-             server_addr=None, threads=1, log=None, secret_file=None, tls_cert=None,
-             tls_key=None):
+             server_addr=None, threads=1, log=None, certs=None):
     """Run this process's part of a distributed run (server or worker).
 
     Parameters
@@ -165,12 +166,10 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         Torch threads per process.
     log : callable, optional
         Where messages go; ``print`` (flushed) by default.
-    secret_file : str or path-like, optional
-        File holding the run's secret (see :func:`read_secret`); the tcp
-        transport needs one.
-    tls_cert, tls_key : str or path-like, optional
-        PEM certificate and key: the server wraps its connections in TLS,
-        and the workers check the server against ``tls_cert``.
+    certs : str or path-like, optional
+        Folder holding this process's file from ``flagagg certs``
+        (``server.pem`` on rank 0, ``worker-W.pem`` on rank W + 1); also
+        ``FLAGAGG_CERTS``. The tcp transport needs it.
 
     Returns
     -------
@@ -197,17 +196,16 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
     torch.set_num_threads(max(1, int(threads)))
     device = _device(spec.device, local_rank)
     transport = spec.transport_for(device)
-    secret = None
+    tls = None
     if transport == "tcp":
         try:
-            secret = read_secret(secret_file)
-        except (OSError, ValueError) as exc:
-            log(f"rank {rank}: cannot read the run's secret: {exc}")
+            tls = cert_file(rank, certs)
+        except OSError as exc:
+            log(f"rank {rank}: {exc}")
             return 2
-        if secret is None:
-            log(f"rank {rank}: {_NO_SECRET}")
+        if tls is None:
+            log(f"rank {rank}: {_NO_CERTS}")
             return 2
-    tls = _tls_context(rank, tls_cert, tls_key)
     direct = _direct_address(server_addr) if transport == "tcp" else None
     store = None
     if direct is None:
@@ -217,11 +215,10 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
     if rank == 0:
         if transport == "tcp":
             host, bind, port = _server_address(server_addr, master_addr, local_world == world)
-            server = Server(spec, secret=secret, listen=(bind, port), device=device, log=log,
+            server = Server(spec, tls=tls, listen=(bind, port), device=device, log=log,
                             checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                            resume=resume, tls=tls)
-            where = (f"authenticated tcp{' over TLS' if tls else ''}, listening on "
-                     f"{host}:{server.address[1]}")
+                            resume=resume)
+            where = f"mutual-TLS tcp, listening on {host}:{server.address[1]}"
             published = {"transport": "tcp", "host": host, "port": server.address[1]}
         else:
             from ._collective import CollectiveServer
@@ -230,6 +227,9 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
                                       device=device, log=log, checkpoint=checkpoint,
                                       checkpoint_every=checkpoint_every, resume=resume)
             where = f"{transport} point-to-point, store {master_addr}:{master_port}"
+            log(f"server: WARNING: --transport {transport} is for TRUSTED CLUSTERS ONLY: "
+                f"anyone who can reach {master_addr}:{master_port} can join, crash or stall "
+                "this run; use --transport tcp (mutual TLS) otherwise")
             published = {"transport": transport}
         if store is not None:
             store.set(key, json.dumps(published))
@@ -240,7 +240,8 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
             recorder = RunLog(output, spec, server.lr, resuming=resume is not None, log=log)
             server.recorder = recorder
         log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
-            f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}")
+            f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}, "
+            f"never a step with fewer than {server.floor} gradients")
         if spec.f:
             log(f"server: Byzantine workers (drawn from the seed): {sorted(server.byzantine)}, "
                 f"attack {spec.attack}")
@@ -275,8 +276,7 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     if direct is not None:
-        return run_worker(spec, rank - 1, direct, secret=secret, device=device, log=wlog,
-                          tls=tls)
+        return run_worker(spec, rank - 1, direct, tls=tls, device=device, log=wlog)
     try:
         published = json.loads(store.get(key).decode())
     except Exception as exc:  # noqa: BLE001 - the store raises several types on a timeout
@@ -291,42 +291,18 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         return 2
     if transport == "tcp":
         del store  # the worker needs it no more, and must not keep the rendezvous alive
-        # the address comes from an unauthenticated store: the handshake proves whether
-        # what answers there is the run's server
+        # the address comes from an unauthenticated store: the TLS handshake proves
+        # whether what answers there holds the run's server certificate
         try:
             address = (str(published["host"]), int(published["port"]))
         except (KeyError, TypeError, ValueError):
             wlog(f"worker {rank - 1}: the store holds no usable server address")
             return 1
-        return run_worker(spec, rank - 1, address, secret=secret, device=device, log=wlog,
-                          tls=tls)
+        return run_worker(spec, rank - 1, address, tls=tls, device=device, log=wlog)
     from ._collective import run_collective_worker
 
     return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
                                  device=device, log=wlog)
-
-
-def _tls_context(rank, cert, key):
-    """The server's or a worker's TLS context, or None without a certificate."""
-    if cert is None:
-        return None
-    import ssl
-
-    if rank == 0:
-        if key is None:
-            raise ValueError("--tls-cert needs --tls-key on the server")
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(cert, key)
-        return ctx
-    # the workers trust exactly the server's certificate (pinned: it need not be
-    # self-signed or name the host; a CA that signed it is not trusted for others)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_verify_locations(cert)
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.check_hostname = False
-    return ctx
 
 
 def _ranges(rounds):
@@ -357,6 +333,10 @@ def _report(spec, record, log):
             hit = [r["round"] for r in mine if r["status"] == status]
             if hit:
                 log(f"  worker {w} {status} in {len(hit)} of {done} rounds ({_ranges(hit)})")
+        left = record.get("left_out_by_quorum", {}).get(w, 0)
+        if left:
+            log(f"  worker {w} left out by the quorum (answered after the round closed) in "
+                f"{left} of {done} rounds")
         ruled = [r["round"] for r in mine if r["rule_excluded"]]
         if ruled:
             log(f"  worker {w} left out by the rule in {len(ruled)} rounds ({_ranges(ruled)})")

@@ -248,7 +248,8 @@ def write_results(folder, spec, record, lr):
     ``workers.csv``
         one row per round and worker: status (ok, missing, excluded) and why,
         compute and communication seconds, bytes, the rule's diagnostics
-        (reconstruction ratio, coefficient, left out by the rule);
+        (reconstruction ratio, coefficient, left out by the rule, influence,
+        cosine with the aggregate, verdict, suspect);
     ``train.json``
         the run's settings, the workers' processes and every event.
 
@@ -305,6 +306,9 @@ def write_results(folder, spec, record, lr):
         "start_round": record["start_round"], "server_address": record["address"],
         "transport": record["transport"],
         "byzantine": record["byzantine"],
+        "min_gradients": record.get("floor"),
+        "left_out_by_quorum": {str(w): k for w, k in
+                               sorted(record.get("left_out_by_quorum", {}).items())},
         "processes": {str(w): info for w, info in sorted(record["info"].items())},
         "events": record["events"], "rounds": record["rounds"], "workers": record["workers"],
     }

@@ -2,12 +2,12 @@
 
 :class:`_ServerCore` holds what does not depend on how bytes travel: the
 rounds, the checks every gradient passes, the aggregation and step, the
-records, checkpoints. :class:`Server` moves them over plain TCP sockets;
+records, checkpoints. :class:`Server` moves them over mutual-TLS connections;
 :class:`flagagg.distributed._collective.CollectiveServer` over gloo or NCCL.
 
-The TCP server runs one thread, non-blocking sockets and a selector: it
-waits on all its workers at once, and no worker can make it wait past the
-round's deadline.
+The TCP server (:class:`Server`) serves its connections with asyncio on a
+thread of its own and runs the rounds on the caller's; no worker can make a
+round wait past its deadline.
 A worker that crashes closes its connection (seen at once); one that hangs
 or is slow misses the deadline; either is *missing* for the round and the
 server steps with the gradients that did arrive. A worker that is still busy
@@ -21,13 +21,15 @@ times, bytes, and the rule's diagnostics.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
-import errno
 import ipaddress
 import math
 import os
-import selectors
+import queue
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -39,32 +41,47 @@ from ..training._replica import sgd_step
 from ..training._step import aggregate_step, build_rule, rule_columns
 from ._protocol import (
     DTYPES,
-    FROM_SERVER,
-    FROM_WORKER,
-    NO_FRAME_TAGS_VARIABLE,
-    RESPONSE_BYTES,
-    AuthError,
-    FrameReader,
+    HEADER,
     Kind,
     ProtocolError,
-    Sealer,
-    challenge,
-    check_response,
     encode_json,
     encode_tensor,
-    frame_tags_enabled,
-    load_secret,
-    session_key,
+    read_frame,
 )
 from ._results import fsync_dir
 from ._settings import make_replica
+from ._tls import identity
 
 __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
 
 CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
-# once a round has its quorum, it waits this fraction of the time the quorum took
-QUORUM_GRACE = 0.5
+# once a round has its quorum, it waits as long again as the median round (or as the
+# quorum took, if longer), and at least MIN_GRACE seconds, so that workers only
+# slightly slower than the others are not left out round after round
+QUORUM_GRACE = 1.0
+MIN_GRACE = 0.05
+# a connection without a HELLO is not closed for a newer one before this many seconds
+MIN_HANDSHAKE = 0.5
+# exit status of a run stopped because too few gradients arrived for too long
+STARVED = 4
+
+
+def rule_floor(rule, f, workers):
+    """The fewest gradients ``rule`` aggregates with ``f`` (probed), at least 2f+1 if f > 0.
+
+    Returns ``workers + 1`` when the rule refuses every count up to ``workers``.
+    """
+    rng = np.random.default_rng(0)
+    need = workers + 1
+    for k in range(1, workers + 1):
+        try:
+            rule(rng.standard_normal((k, 4)).astype(np.float32))
+        except ValueError:
+            continue
+        need = k
+        break
+    return max(need, 2 * f + 1 if f else 1)
 
 
 class _Link:
@@ -79,28 +96,6 @@ class _Link:
         self.bytes_received = 0
 
 
-class _Peer(_Link):
-    """One TCP connection: its socket, where it is in the handshake, its reader and outbox."""
-
-    def __init__(self, sock, addr, now):
-        super().__init__(addr)
-        self.sock = sock
-        self.state = "auth"    # tls -> auth -> hello -> (joined: worker set)
-        self.want_write = False
-        self.nonce = None
-        self.raw = b""         # the handshake response, as it arrives
-        self.sealer = None
-        self.reader = None
-        self.outbox = deque()  # _Outgoing
-        self.opened = now
-        self.closing = False   # close once the outbox is empty (after a REJECT)
-
-    def queue(self, entry):
-        if entry.kind == Kind.PARAMS:
-            # a worker that fell behind only needs the newest parameters;
-            # a frame already partly on the wire must be finished, though
-            self.outbox = deque(e for e in self.outbox if e.kind != Kind.PARAMS or e.started)
-        self.outbox.append(entry)
 
 
 class _ServerCore:
@@ -151,7 +146,9 @@ class _ServerCore:
         self.bytes_received = 0
         self.events = []
         self.recorder = recorder
-        self.quorum = spec.quorum_size
+        self.floor = spec.min_gradients or rule_floor(self.rule, spec.f, config.workers)
+        self.quorum = max(spec.quorum_size, min(self.floor, config.workers))
+        self.recent = deque(maxlen=20)   # durations of the latest rounds, for the grace
         self.stop_requested = None  # a signal's name once one asked the server to stop
 
     def _say(self, text, event=None):
@@ -287,8 +284,10 @@ class _ServerCore:
         if dtype != np.dtype("<f4"):
             st.status[w] = ("excluded", f"dtype {dtype}, expected float32", None)
         elif nbytes != 4 * self.n:
-            st.status[w] = ("excluded", f"wrong size: {nbytes // 4} values, "
-                            f"expected {self.n}", None)
+            # bytes and values both: a payload that is not whole values says so
+            values_text = f"{nbytes // 4}" if nbytes % 4 == 0 else f"{nbytes / 4:g}"
+            st.status[w] = ("excluded", f"wrong size: {nbytes} bytes = {values_text} float32 "
+                            f"values, expected {4 * self.n} bytes = {self.n} values", None)
         else:
             row = torch.as_tensor(values())
             if self.spec.drop_nonfinite and not bool(torch.isfinite(row).all()):
@@ -327,16 +326,21 @@ class _ServerCore:
             now = time.monotonic()
             if now >= deadline:
                 break
-            if st.expected and all(w in st.status for w in st.expected):
+            ok = sum(1 for s in st.status.values() if s[0] == "ok")
+            # below the floor a round waits for its deadline: workers that are
+            # reconnecting may be back for the next one
+            answered = bool(st.expected) and all(w in st.status for w in st.expected)
+            if ok >= self.floor and answered and all(w in st.status for w in st.lagging):
                 break
-            if not st.expected and st.status:
+            if ok >= self.floor and not st.expected and st.status:
                 break
-            if st.quorum_at is None and \
-                    sum(1 for s in st.status.values() if s[0] == "ok") >= self.quorum:
+            # a worker still busy with the round before is not waited for, but it gets
+            # the grace, as a quorum does: its late gradient may be only just late
+            if st.quorum_at is None and (ok >= self.quorum or (ok >= self.floor and answered)):
                 st.quorum_at = now
-                # a short grace, in proportion to how long the quorum took, lets
-                # gradients arriving together with it count
-                deadline = min(deadline, now + QUORUM_GRACE * (now - st.start) + 0.002)
+                typical = float(np.median(self.recent)) if self.recent else 0.0
+                grace = max(MIN_GRACE, QUORUM_GRACE * max(typical, now - st.start))
+                deadline = min(deadline, now + grace)
                 continue
             self._pump(deadline - now)
         st.wait_s = time.monotonic() - st.start
@@ -344,10 +348,16 @@ class _ServerCore:
         return st
 
     def _aggregate(self, st):
-        """Aggregate the accepted rows; returns (gradient or None, rows, result, problem)."""
+        """Aggregate the accepted rows; returns (gradient or None, rows, result, problem).
+
+        Fewer rows than the floor give no step and no problem: the run counts
+        how long it has been starved.
+        """
         workers = sorted(w for w, s in st.status.items() if s[0] == "ok")
-        if not workers:
-            return None, workers, None, "no gradient arrived"
+        if len(workers) < self.floor:
+            st.starved = (f"{len(workers)} gradients, below the floor of {self.floor} "
+                          f"(rule {self.spec.rule} with f = {self.spec.f})")
+            return None, workers, None, None
         G = torch.stack([st.status[w][2] for w in workers]).to(self.device)
         backend = None if self.config.backend == "auto" else self.config.backend
         # the simulator's step; a failing rule skips this round, not the run
@@ -404,6 +414,7 @@ class _ServerCore:
             self.recorder.write_round(None, [], None, self.events[known:events_logged], point)
         shown = {}
         window = []
+        starved_since = None  # when the rounds began to have too few gradients to step
         for t in range(self.start_round, config.rounds + 1):
             if self.stop_requested is not None:
                 self._say(f"round {t}: stopping before this round ({self.stop_requested})",
@@ -422,6 +433,10 @@ class _ServerCore:
             t_round = time.perf_counter()
             st = self._collect(t)
             g, rows, result, problem = self._aggregate(st)
+            if g is not None or problem:
+                starved_since = None
+            elif starved_since is None:
+                starved_since = time.monotonic()
             t0 = time.perf_counter()
             stepped = g is not None
             if stepped:
@@ -438,7 +453,8 @@ class _ServerCore:
                 eval_s = time.perf_counter() - t0
                 record["curve"].append((t, accuracy))
             wrows = self._worker_rows(st, rows, result, peer_bytes)
-            self._report_changes(t, wrows, shown, problem)
+            self._report_changes(t, wrows, shown, problem or st.starved)
+            self.recent.append(time.perf_counter() - t_round)
             computes = [r["compute_s"] for r in wrows if r["status"] == "ok"
                         and r["compute_s"] is not None]
             comms = [r["comm_s"] for r in wrows if r["status"] == "ok" and r["comm_s"] is not None]
@@ -454,7 +470,7 @@ class _ServerCore:
                 "aggregate_s": st.aggregate_s, "step_s": step_s, "eval_s": eval_s,
                 "bytes_sent": self.bytes_sent - b_sent,
                 "bytes_received": self.bytes_received - b_recv,
-                "accuracy": accuracy, "problem": problem or "",
+                "accuracy": accuracy, "problem": problem or st.starved or "",
             }
             record["rounds"].append(row)
             record["workers"].extend(wrows)
@@ -463,6 +479,15 @@ class _ServerCore:
                 self.recorder.write_round(row, wrows, None, self.events[events_logged:],
                                           None if accuracy is None else (t, accuracy))
                 events_logged = len(self.events)
+            if starved_since is not None and \
+                    time.monotonic() - starved_since > spec.connect_timeout:
+                self._say(f"round {t:>4}: STOPPED: no step for {spec.connect_timeout:g} s, "
+                          f"every round had fewer gradients than the floor of {self.floor} "
+                          f"(last: {st.starved}); the run cannot train robustly with the "
+                          "workers it has: check the missing and excluded workers above",
+                          {"event": "starved", "reason": st.starved})
+                record["status"] = STARVED
+                break
             if diverged:
                 record["diverged_round"] = t
                 self._say(f"round {t:>4}: the parameters became non-finite (diverged); stopping")
@@ -478,6 +503,15 @@ class _ServerCore:
             for t in range(record["diverged_round"], config.rounds + 1):
                 if t % config.eval_every == 0 or t == config.rounds:
                     record["curve"].append((t, 0.0))
+        last = record["rounds"][-1]["round"] if record["rounds"] else None
+        if record["diverged_round"] is None and last is not None and \
+                (not record["curve"] or record["curve"][-1][0] < last):
+            # a run stopped early: its result is the model it reached, evaluated now
+            accuracy = self.replica.accuracy(self.flat)
+            record["curve"].append((last, accuracy))
+            self._say(f"round {last:>4}: test accuracy {accuracy:.3f} (where the run stopped)")
+            if self.recorder is not None:
+                self.recorder.write_round(None, [], None, [], (last, accuracy))
         if self.checkpoint is not None and record["diverged_round"] is None and self.round:
             self.save_checkpoint(self.round)
         if self.recorder is not None:
@@ -493,12 +527,19 @@ class _ServerCore:
         record["byzantine"] = sorted(self.byzantine)
         record["address"] = None if self.address is None else list(self.address)
         record["transport"] = self.transport
+        record["floor"] = self.floor
+        left = {w: 0 for w in range(self.config.workers)}
+        for r in record["workers"]:
+            if r["reason"].startswith("no gradient before the round closed on its quorum"):
+                left[r["worker"]] += 1
+        record["left_out_by_quorum"] = left
         return record
 
     # ------------------------------------------------------------ reporting
 
     def _worker_rows(self, st, rows, result, peer_bytes):
         columns = rule_columns(result, rows, range(self.config.workers))
+        diagnostics = _diagnostics(result, rows)
         out = []
         for w in range(self.config.workers):
             if w in st.status:
@@ -525,6 +566,7 @@ class _ServerCore:
                 "comm_s": (arrival - seconds) if seconds is not None and arrival is not None
                 else None,
                 "stale": st.stale.get(w, 0),
+                **diagnostics.get(w, _NO_DIAGNOSTICS),
                 "bytes_sent": (peer.bytes_sent - before[0]) if peer is not None else 0,
                 "bytes_received": (peer.bytes_received - before[1]) if peer is not None else 0,
                 **columns[w],
@@ -592,25 +634,34 @@ class _ServerCore:
 
 
 class Server(_ServerCore):
-    """The parameter server of one run, over authenticated TCP connections.
+    """The parameter server of one run, over mutual-TLS connections, one per worker.
 
-    Every connection first proves that it knows the run's secret (see
-    :mod:`flagagg.distributed._protocol`); until it has, the server reads
-    nothing from it but the handshake's fixed 74 bytes, keeps it at most
-    ``handshake_timeout`` seconds, and holds at most ``max_pending`` such
-    connections. A peer that fails is closed without an answer and reported
-    to the operator's log (rate-limited). The server, not the peer, decides
-    which worker slot an authenticated peer takes: the one of its rank when
-    that is free or held by an older connection of the same worker (a
-    restarted worker gets its slot back), else a free one.
+    The connections are served by an asyncio event loop on a thread of its
+    own (``asyncio.start_server``, TLS started on each accepted connection,
+    ``readexactly`` under deadlines); the rounds run on the calling thread,
+    which gets what the loop read through a queue. Every connection first
+    completes a TLS 1.3 handshake with a certificate of the run's CA
+    (:func:`flagagg.distributed.issue_certificates`) within ``handshake_timeout`` seconds,
+    then says HELLO (at most ``MAX_JSON_BYTES``; nothing larger is read
+    before it). The certificate, not the HELLO, says which worker it is: a
+    worker can only ever be its own rank, and a second connection of the same
+    worker replaces the first only once that one is gone or has been silent
+    for ``round_timeout`` seconds.
+
+    Connections that have not said HELLO yet are capped (``max_pending`` in
+    all, ``max_pending_per_source`` per remote address); when the cap is
+    full, the oldest of them (of the same source first) is closed for the
+    new one once it has had half a second for its handshake (before that, the
+    new one is closed), so that no rate of connection attempts keeps a
+    worker out for more than a few tries.
 
     Parameters
     ----------
     spec : RunSpec
         The run.
-    secret : bytes
-        The run's secret, shared with the workers (at least
-        ``MIN_SECRET_BYTES`` bytes; see :func:`load_secret`).
+    tls : str, path-like or ssl.SSLContext
+        The server's PEM file from :func:`flagagg.distributed.issue_certificates`
+        (``server.pem``), or a context made from it.
     listen : tuple of (str, int), default=("127.0.0.1", 0)
         Address to listen on (port 0: any free port).
     device : str, default="cpu"
@@ -625,12 +676,11 @@ class Server(_ServerCore):
     resume : str or path-like, optional
         Checkpoint to start from (loaded with ``weights_only=True``).
     handshake_timeout : float, default=5.0
-        Seconds a new connection has to authenticate and say HELLO.
-    max_pending : int, default=64
-        Connections that have not authenticated yet held at once; more are
-        closed as they come.
-    tls : ssl.SSLContext, optional
-        Wrap every connection in TLS (server side) before the handshake.
+        Seconds a new connection has for its TLS handshake and its HELLO.
+    max_pending : int, default=256
+        Connections without a HELLO yet held at once.
+    max_pending_per_source : int, default=128
+        Of those, from one remote address.
     recorder : optional
         Gets every round's records as the run goes (see
         :class:`flagagg.distributed._results.RunLog`).
@@ -638,419 +688,315 @@ class Server(_ServerCore):
 
     transport = "tcp"
 
-    def __init__(self, spec, *, secret, listen=("127.0.0.1", 0), device="cpu", log=print,
+    def __init__(self, spec, *, tls, listen=("127.0.0.1", 0), device="cpu", log=print,
                  checkpoint=None, checkpoint_every=0, resume=None, handshake_timeout=5.0,
-                 max_pending=64, tls=None, recorder=None):
-        self.secret = load_secret(secret)
-        super().__init__(spec, device=device, log=log, checkpoint=checkpoint,
-                         checkpoint_every=checkpoint_every, resume=resume, recorder=recorder)
-        self.handshake_timeout = float(handshake_timeout)
-        self.max_pending = int(max_pending)
-        self.tls = tls
-        self.sel = selectors.DefaultSelector()
-        self.lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.lsock.bind(listen)
-        self.lsock.listen(max(64, 2 * self.config.workers))
-        self.lsock.setblocking(False)
-        self.sel.register(self.lsock, selectors.EVENT_READ, None)
-        self.address = self.lsock.getsockname()[:2]
-        if not frame_tags_enabled():
-            try:
-                _untagged_only_on_loopback(self.address[0])
-            except RuntimeError:
-                self.lsock.close()
-                raise
-            log(f"server: WARNING: frame tags are OFF ({NO_FRAME_TAGS_VARIABLE}=1): messages "
-                "are not authenticated, for measuring what the tags cost only")
-        self.unnamed = set()     # connections that have not said HELLO yet
-        self.accept_paused_until = None
-        self.refusals = _Refusals(log)
-
-    # ------------------------------------------------------------------ I/O
-
-    def _set_events(self, peer):
-        mask = selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.outbox else 0)
-        if peer.state == "tls" and peer.want_write:
-            mask |= selectors.EVENT_WRITE
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.modify(peer.sock, mask, peer)
-
-    def _pump(self, timeout):
-        """Wait up to ``timeout`` seconds for I/O and handle what happened."""
-        now = time.monotonic()
-        if self.accept_paused_until is not None:
-            if now >= self.accept_paused_until:
-                self.accept_paused_until = None
-                with contextlib.suppress(KeyError, ValueError):
-                    self.sel.register(self.lsock, selectors.EVENT_READ, None)
-            else:
-                timeout = min(timeout, self.accept_paused_until - now)
-        if self.unnamed:
-            first = min(q.opened for q in self.unnamed) + self.handshake_timeout
-            timeout = min(timeout, max(0.0, first - now) + 0.01)
-        for key, mask in self.sel.select(max(0.0, timeout)):
-            if key.data is None:
-                self._accept()
-                continue
-            peer = key.data
-            if peer.sock.fileno() < 0:
-                continue
-            if peer.state == "tls":
-                self._tls_handshake(peer)
-                continue
-            if mask & selectors.EVENT_READ:
-                self._read(peer)
-            if mask & selectors.EVENT_WRITE and peer.sock.fileno() >= 0:
-                self._flush(peer)
-        now = time.monotonic()
-        for peer in list(self.unnamed):
-            if now - peer.opened > self.handshake_timeout:
-                self._drop(peer, None)
-                self.refusals.note(peer.addr, f"did not authenticate and say HELLO within "
-                                   f"{self.handshake_timeout:g} s")
-        self.refusals.flush()
-
-    def _accept(self):
-        for _ in range(64):  # a burst of connections is taken in one go
-            try:
-                sock, addr = self.lsock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    raise
-                self._out_of_descriptors(exc)
-                return
-            if len(self.unnamed) >= self.max_pending:
-                sock.close()
-                self.refusals.note(addr, f"over the cap of {self.max_pending} connections "
-                                   "that have not authenticated yet")
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            peer = _Peer(sock, addr, time.monotonic())
-            self.unnamed.add(peer)
-            if self.tls is not None:
-                try:
-                    peer.sock = self.tls.wrap_socket(sock, server_side=True,
-                                                     do_handshake_on_connect=False)
-                except (OSError, ValueError) as exc:
-                    self.unnamed.discard(peer)
-                    sock.close()
-                    self.refusals.note(addr, f"TLS failed: {exc}")
-                    continue
-                peer.state = "tls"
-                self.sel.register(peer.sock, selectors.EVENT_READ, peer)
-                self._tls_handshake(peer)
-                continue
-            self.sel.register(sock, selectors.EVENT_READ, peer)
-            self._start_auth(peer)
-
-    def _out_of_descriptors(self, exc):
-        """Out of file descriptors: shed the oldest stranger, or stop accepting a moment."""
-        self.refusals.note(None, f"cannot accept a connection: {exc.strerror} "
-                           f"(errno {exc.errno}); backing off")
-        strangers = sorted((q for q in self.unnamed), key=lambda q: q.opened)
-        if strangers:
-            self._drop(strangers[0], None)
-            return
-        # the connection stays in the backlog; without a pause the selector
-        # would report it again at once and the server would spin
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(self.lsock)
-        self.accept_paused_until = time.monotonic() + 0.5
-
-    def _tls_handshake(self, peer):
+                 max_pending=256, max_pending_per_source=128, recorder=None,
+                 _plaintext_benchmark=False):
         import ssl
 
-        try:
-            peer.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            peer.want_write = False
-        except ssl.SSLWantWriteError:
-            peer.want_write = True
-        except (OSError, ValueError) as exc:
-            self._drop(peer, None)
-            self.refusals.note(peer.addr, f"TLS handshake failed: {exc}")
-            return
-        else:
-            peer.state = "auth"
-            self._start_auth(peer)
-            return
-        self._set_events(peer)
+        from ._tls import server_context
 
-    def _start_auth(self, peer):
-        peer.state = "auth"
-        data, peer.nonce = challenge()
-        self._send_raw(peer, data)
+        if _plaintext_benchmark:
+            # for measuring what TLS costs (asv_bench), on loopback only; no CLI reaches it
+            if tls is not None or not ipaddress.ip_address(listen[0]).is_loopback:
+                raise RuntimeError("the plaintext benchmark mode is for loopback only, without "
+                                   "TLS certificates")
+        elif tls is None:
+            raise ValueError("the tcp transport needs the server's TLS certificate file "
+                             "(server.pem from `flagagg certs`)")
+        elif not isinstance(tls, ssl.SSLContext):
+            tls = server_context(tls)
+        super().__init__(spec, device=device, log=log, checkpoint=checkpoint,
+                         checkpoint_every=checkpoint_every, resume=resume, recorder=recorder)
+        self.tls = tls
+        self.handshake_timeout = float(handshake_timeout)
+        self.max_pending = int(max_pending)
+        self.max_pending_per_source = int(max_pending_per_source)
+        self.refusals = _Refusals(log)
+        self.inbox = queue.SimpleQueue()   # (what, conn, data) from the loop's thread
+        self.pending = {}                  # connection without a HELLO -> (source, opened)
+        self.loop = asyncio.new_event_loop()
+        ready = concurrent.futures.Future()
+        self.thread = threading.Thread(target=self._io, args=(listen, ready), daemon=True,
+                                       name="flagagg-server-io")
+        self.thread.start()
+        self.address = ready.result(30)
 
-    def _read(self, peer):
-        if peer.state == "auth":
-            self._read_response(peer)
-            return
-        # straight into the frame's buffer, until the socket has nothing more; a
-        # budget per call keeps one fast peer from starving the others (but TLS
-        # may hold decrypted bytes the selector cannot see: those are read too)
-        budget = 8 << 20
-        while budget > 0 or (self.tls is not None and peer.sock.pending()):
+    # ------------------------------------------------------------ the loop's thread
+
+    def _io(self, listen, ready):
+        asyncio.set_event_loop(self.loop)
+
+        async def start():
             try:
-                k = peer.sock.recv_into(peer.reader.buffer())
-            except (BlockingIOError, InterruptedError):
+                self.aserver = await asyncio.start_server(
+                    self._connection, listen[0], listen[1],
+                    backlog=max(128, 2 * self.config.workers), limit=1 << 16)
+            except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+                ready.set_exception(exc)
                 return
-            except OSError as exc:
-                if _tls_want(exc):
-                    return
-                self._drop(peer, f"connection error: {exc}")
-                if peer.worker is None:
-                    self.refusals.note(peer.addr, f"connection error before joining: {exc}")
-                return
-            if not k:
-                self._drop(peer, "connection closed")
-                return
-            budget -= k
-            peer.bytes_received += k
-            self.bytes_received += k
-            try:
-                frame = peer.reader.received(k)
-                if frame is None:
-                    continue
-                if frame.kind == Kind.HELLO:
-                    self._hello(peer, frame)
-                else:
-                    self._gradient(peer, frame)
-            except ProtocolError as exc:
-                if peer.worker is None:
-                    self._drop(peer, None)
-                    self.refusals.note(peer.addr, f"protocol error before joining: {exc}")
-                else:
-                    self._drop(peer, f"protocol error: {exc}")
-                return
-            if peer.sock.fileno() < 0:
-                return
+            ready.set_result(self.aserver.sockets[0].getsockname()[:2])
 
-    def _read_response(self, peer):
-        # before authentication, read no more than the handshake's response
-        try:
-            data = peer.sock.recv(RESPONSE_BYTES - len(peer.raw))
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as exc:
-            if _tls_want(exc):
-                return
-            self._drop(peer, f"connection error: {exc}")
-            self.refusals.note(peer.addr, f"connection error before joining: {exc}")
-            return
-        if not data:
-            self._drop(peer, "connection closed")
-            return
-        peer.bytes_received += len(data)
-        self.bytes_received += len(data)
-        peer.raw += data
-        if len(peer.raw) == RESPONSE_BYTES:
-            self._authenticate(peer)
+        self.loop.run_until_complete(start())
+        if ready.exception() is None:
+            self.loop.run_forever()
+        self.loop.close()
 
-    def _authenticate(self, peer):
-        try:
-            proof, worker_nonce = check_response(self.secret, peer.nonce, peer.raw)
-        except AuthError as exc:
-            # no answer: the peer learns only that the connection closed
-            self._drop(peer, None)
-            self.refusals.note(peer.addr, str(exc))
-            return
-        key = session_key(self.secret, peer.nonce, worker_nonce)
-        peer.raw = b""
-        peer.sealer = Sealer(key, FROM_SERVER)
-        peer.reader = FrameReader(self.max_gradient_bytes, kinds={Kind.HELLO, Kind.GRAD},
-                                  key=key, direction=FROM_WORKER)
-        peer.state = "hello"
-        self._send_raw(peer, proof)
+    def _admit(self, raw, source):
+        """Make room for a new connection under the caps; whether it is let in.
 
-    def _flush(self, peer, hold_tags=False):
-        """Send what the outbox holds until the socket is full.
-
-        ``hold_tags``: stop at the tag of a tensor frame, so that the caller
-        can send the payload to every worker before computing any tag.
+        When the cap (of all, or of this source) is full, the oldest
+        connection without a HELLO is closed for the new one, but only once
+        it has had ``MIN_HANDSHAKE`` seconds for its handshake; before that
+        the new one is closed instead. A storm then cycles the places at most
+        ``cap / MIN_HANDSHAKE`` times a second, whatever its rate, and a
+        worker that gets a place keeps it long enough to finish its
+        handshake on a loaded machine (it retries until it gets one).
         """
-        while peer.outbox:
-            entry = peer.outbox[0]
-            if entry.parts is None:
-                entry.start()
-            if entry.parts[entry.part] is None:
-                # the tag, computed once the payload is out: the peer reads and
-                # authenticates the payload meanwhile
-                if hold_tags and entry.kind in Kind.TENSOR:
-                    break
-                entry.parts[entry.part] = memoryview(peer.sealer.tag(entry.head, entry.payload))
+        now = time.monotonic()
+        mine = [t for t, (s, _) in self.pending.items() if s == source]
+        full = mine if len(mine) >= self.max_pending_per_source else \
+            list(self.pending) if len(self.pending) >= self.max_pending else None
+        if full is not None:
+            victim = min(full, key=lambda t: self.pending[t][1])
+            if now - self.pending[victim][1] < MIN_HANDSHAKE:
+                raw.abort()
+                self.refusals.note((source, 0), f"no place for a new connection: "
+                                   f"{len(full)} without a HELLO are younger than "
+                                   f"{MIN_HANDSHAKE:g} s (cap {self.max_pending}, "
+                                   f"{self.max_pending_per_source} per source)")
+                return False
+            self.pending.pop(victim, None)
+            victim.abort()
+            self.refusals.note((source, 0), f"closed the oldest connection without a HELLO "
+                               f"to make room (cap {self.max_pending}, "
+                               f"{self.max_pending_per_source} per source)")
+        self.pending[raw] = (source, now)
+        return True
+
+    async def _connection(self, reader, writer):
+        # the TCP transport: aborting it ends the connection whatever TLS does above it
+        raw = writer.transport
+        addr = raw.get_extra_info("peername") or ("?", 0)
+        with contextlib.suppress(OSError, AttributeError):
+            raw.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self._admit(raw, addr[0]):
+            return
+        try:
+            end = self.loop.time() + self.handshake_timeout
+            if self.tls is not None:
+                try:
+                    await writer.start_tls(self.tls,
+                                           ssl_handshake_timeout=self.handshake_timeout)
+                except AttributeError:
+                    # asyncio of Python 3.11 fails so when the peer closes mid-handshake
+                    raise ConnectionError("closed during the TLS handshake") from None
+                who = identity(writer.get_extra_info("peercert"))
+                if not isinstance(who, int) or not 0 <= who < self.config.workers:
+                    raise ProtocolError(f"its certificate names {who!r}, not a worker of this "
+                                        "run")
+            else:
+                who = None  # the plaintext benchmark: the HELLO says who
+            # before its HELLO, a peer gets no more than a HELLO's bytes read
+            frame = await asyncio.wait_for(read_frame(reader, 0, {Kind.HELLO}),
+                                           max(0.0, end - self.loop.time()))
+            hello = frame.json()
+        except (ProtocolError, OSError, EOFError, asyncio.TimeoutError, ValueError) as exc:
+            why = str(exc) or type(exc).__name__
+            if isinstance(exc, asyncio.TimeoutError):
+                why = f"no TLS handshake and HELLO within {self.handshake_timeout:g} s"
+            elif isinstance(exc, asyncio.IncompleteReadError):
+                why = "closed before its HELLO"
+            self.refusals.note(addr, why)
+            raw.abort()
+            return
+        finally:
+            self.pending.pop(raw, None)
+        conn = _Conn(addr, writer, who)
+        conn.raw = raw
+        conn.bytes_received = HEADER.size + len(frame.payload)
+        self.inbox.put(("hello", conn, hello))
+        sender = asyncio.ensure_future(self._sender(conn))
+        reason = "connection closed"
+        try:
+            while True:
+                frame = await read_frame(reader, self.max_gradient_bytes, {Kind.GRAD})
+                conn.bytes_received += HEADER.size + len(frame.payload)
+                self.bytes_received += HEADER.size + len(frame.payload)
+                conn.last_heard = time.monotonic()
+                self.inbox.put(("grad", conn, frame))
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+        except asyncio.IncompleteReadError:
+            reason = "connection closed"
+        except (OSError, asyncio.CancelledError) as exc:
+            reason = f"connection error: {exc or type(exc).__name__}"
+        sender.cancel()
+        raw.abort()
+        self.inbox.put(("lost", conn, reason))
+
+    async def _sender(self, conn):
+        try:
+            while True:
+                while not conn.outbox:
+                    conn.wake.clear()
+                    await conn.wake.wait()
+                entry = conn.outbox.popleft()
+                if entry is None:  # close once everything before has gone
+                    await conn.writer.drain()
+                    conn.writer.close()
+                    return
+                kind, head, payload = entry
+                conn.writer.write(head)
+                if payload:
+                    conn.writer.write(payload)
+                conn.bytes_sent += len(head) + len(payload)
+                self.bytes_sent += len(head) + len(payload)
+                await conn.writer.drain()
+        except (OSError, RuntimeError):
+            conn.raw.abort()
+
+    def _push(self, conn, entry):
+        """Queue a message (or None: close) on ``conn``; runs on the loop's thread."""
+        if entry is not None and entry[0] == Kind.PARAMS:
+            # a worker that fell behind needs only the newest parameters
+            conn.outbox = deque(e for e in conn.outbox if e is None or e[0] != Kind.PARAMS)
+        conn.outbox.append(entry)
+        conn.wake.set()
+
+    def _send(self, conn, parts):
+        """Queue a message from :func:`encode_json` (or None: close) from the rounds' thread."""
+        entry = None if parts is None else (0, bytes(parts[0]), bytes(parts[1]))
+        with contextlib.suppress(RuntimeError):  # the loop has already stopped
+            self.loop.call_soon_threadsafe(self._push, conn, entry)
+
+    # ------------------------------------------------------------ the rounds' thread
+
+    def _pump(self, timeout):
+        """Wait up to ``timeout`` seconds for messages and handle them all."""
+        try:
+            items = [self.inbox.get(timeout=max(0.0, timeout))]
+        except queue.Empty:
+            items = []
+        while True:
             try:
-                k = peer.sock.send(entry.parts[entry.part][entry.offset:])
-            except (BlockingIOError, InterruptedError):
+                items.append(self.inbox.get_nowait())
+            except queue.Empty:
                 break
-            except OSError as exc:
-                if _tls_want(exc):
-                    break
-                self._drop(peer, f"connection error: {exc}")
-                return
-            peer.bytes_sent += k
-            self.bytes_sent += k
-            if entry.advance(k):
-                peer.outbox.popleft()
-        if peer.closing and not peer.outbox:
-            self._drop(peer, None)
-            return
-        self._set_events(peer)
+        for what, conn, data in items:
+            if what == "hello":
+                self._hello(conn, data)
+            elif what == "grad":
+                self._gradient(conn, data)
+            else:
+                conn.open = False
+                self._lost(conn, data)
+        self.refusals.flush()
 
-    def _send_raw(self, peer, data):
-        peer.outbox.append(_Outgoing(None, 0, data, b""))
-        self._flush(peer)
-
-    def _send(self, peer, kind, rnd, parts):
-        head, view = parts
-        peer.queue(_Outgoing(kind, rnd, head, view))
-        self._flush(peer)
-
-    def _drop(self, peer, reason):
-        with contextlib.suppress(KeyError, ValueError):
-            self.sel.unregister(peer.sock)
-        with contextlib.suppress(OSError):
-            peer.sock.close()
-        self.unnamed.discard(peer)
-        self._lost(peer, reason)
-
-    # ------------------------------------------------------------ messages
-
-    def _hello(self, peer, frame):
-        if peer.worker is not None:
-            raise ProtocolError("a second HELLO on one connection")
-        hello = frame.json()
-        self.unnamed.discard(peer)
-        problem, told = self._admission(hello)
-        if problem is not None:
-            # an authenticated peer is a member of the run: it hears why, but not the
-            # server's fingerprint or model size
-            self._refused(peer.addr[0], hello, problem)
-            peer.closing = True
-            self._send(peer, Kind.REJECT, 0, encode_json(Kind.REJECT, {"reason": told}))
-            return
-        slot = self._slot_for(hello)
-        if slot is None:
-            self._refused(peer.addr[0], hello, "every worker slot is taken")
-            peer.closing = True
-            self._send(peer, Kind.REJECT, 0,
-                       encode_json(Kind.REJECT, {"reason": "every worker slot is taken"}))
-            return
-        old = self.peers.get(slot)
+    def _hello(self, conn, hello):
+        why, told = self._admission(hello)
+        problem = None if why is None else (why, told)
+        w = conn.identity
+        asked = hello.get("worker")
+        if problem is None and w is not None and asked != w:
+            problem = (f"its HELLO asks for worker {asked!r:.20}, its certificate is worker {w}'s",
+                       f"this process holds worker {w}'s certificate and can only be worker {w}")
+        if problem is None and w is None:  # plaintext benchmark
+            w = asked if isinstance(asked, int) and 0 <= asked < self.config.workers else None
+            if w is None:
+                problem = (f"worker {asked!r:.20} is not one of the run's", "no such worker")
+        retry = False
+        old = self.peers.get(w) if problem is None else None
         if old is not None:
-            self._drop(old, None)
-            self._say(f"worker {slot}: a new authenticated connection replaces the old one "
-                      f"({old.addr[0]}), e.g. a restarted process",
-                      {"worker": slot, "event": "replaced"})
-        next_round = self._welcome(peer, {**hello, "worker": slot})
-        self._send(peer, Kind.WELCOME, 0,
-                   encode_json(Kind.WELCOME, {"round": next_round, "worker": slot}))
+            silent = time.monotonic() - old.last_heard
+            if silent <= self.spec.round_timeout:
+                problem = (f"worker {w} is already connected ({old.addr[0]}, heard from "
+                           f"{silent:.1f} s ago); a second connection replaces it only once "
+                           "it is gone or silent", f"worker {w} is already connected")
+                retry = True
+        if problem is not None:
+            self._refused(conn.addr[0], hello, problem[0])
+            self._send(conn, encode_json(Kind.REJECT, {"reason": problem[1], "retry": retry}))
+            self._send(conn, None)
+            return
+        if old is not None:
+            self._close(old)
+            self._lost(old, None)
+            self._say(f"worker {w}: a new connection with its certificate replaces the old one "
+                      f"({old.addr[0]}), silent for {time.monotonic() - old.last_heard:.1f} s",
+                      {"worker": w, "event": "replaced"})
+        next_round = self._welcome(conn, {**hello, "worker": w})
+        self._send(conn, encode_json(Kind.WELCOME, {"round": next_round, "worker": w}))
 
-    def _slot_for(self, hello):
-        """The worker slot the server gives an admitted peer, or None if the run is full."""
-        want = hello.get("worker")
-        if isinstance(want, int) and not isinstance(want, bool) and \
-                0 <= want < self.config.workers:
-            return want
-        free = [w for w in range(self.config.workers) if w not in self.peers]
-        return free[0] if free else None
+    def _close(self, conn):
+        conn.open = False
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(conn.raw.abort)
 
-    def _gradient(self, peer, frame):
-        w = peer.worker
-        if w is None:
-            raise ProtocolError("a gradient before HELLO")
-        if frame.worker != w:
-            raise ProtocolError(f"worker {w} sent a gradient labelled worker {frame.worker}")
-        if self._check_round(peer, frame.round):
-            self._accept_gradient(peer, DTYPES.get(frame.dtype), len(frame.payload),
-                                  frame.array, frame.seconds)
+    def _gradient(self, conn, frame):
+        if not conn.open or self.peers.get(conn.worker) is not conn:
+            return
+        w = conn.worker
+        try:
+            if frame.worker != w:
+                raise ProtocolError(f"worker {w} sent a gradient labelled worker {frame.worker}")
+            if self._check_round(conn, frame.round):
+                self._accept_gradient(conn, DTYPES.get(frame.dtype), len(frame.payload),
+                                      frame.array, frame.seconds)
+        except ProtocolError as exc:
+            self._close(conn)
+            self._lost(conn, f"protocol error: {exc}")
 
     def _send_params(self, st, links, params):
+        # one copy of the parameters for every connection: the next step must not
+        # change bytes still waiting to be encrypted
         head, view = encode_tensor(Kind.PARAMS, params.numpy(), round=st.round)
-        # every connection has its own tag (its own key and sequence): the payload
-        # goes out to all workers first, so that they receive it while the tags
-        # are computed
-        for peer in links:
-            # latency counts from here: the send below may be the last thing this
-            # process does before the scheduler runs the workers
-            st.queued[peer.worker] = time.monotonic()
-            peer.queue(_Outgoing(Kind.PARAMS, st.round, head, view))
-            peer.sent_round = st.round
-            self._flush(peer, hold_tags=True)
-        for peer in links:
-            if peer.sock.fileno() >= 0:
-                self._flush(peer)
+        payload = bytes(view)
+        for conn in links:
+            st.queued[conn.worker] = time.monotonic()
+            conn.sent_round = st.round
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._push, conn, (Kind.PARAMS, head, payload))
 
     def _stop_workers(self, timeout=5.0):
         """Tell every worker to stop, wait briefly for the messages to leave, close."""
-        for peer in list(self.peers.values()):
-            self._send(peer, Kind.STOP, self.round, encode_json(Kind.STOP, {"round": self.round}))
-            peer.closing = True
-            if not peer.outbox:
-                self._drop(peer, None)
+        links = list(self.peers.values())
+        for conn in links:
+            self._send(conn, encode_json(Kind.STOP, {"round": self.round}))
+            self._send(conn, None)
         end = time.monotonic() + timeout
-        while any(q.outbox for q in self.peers.values()) and time.monotonic() < end:
-            self._pump(min(0.2, end - time.monotonic()))
-        for peer in list(self.peers.values()) + list(self.unnamed):
-            self._drop(peer, None)
+        while time.monotonic() < end and any(
+                not c.raw.is_closing() for c in links):
+            time.sleep(0.01)
+
+        async def shut():
+            self.aserver.close()
+            for raw in list(self.pending):
+                raw.abort()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        if self.loop.is_running():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(shut(), self.loop).result(10)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
         self.refusals.flush(force=True)
-        self.sel.close()
-        self.lsock.close()
 
 
-def _untagged_only_on_loopback(host):
-    """Refuse to serve without frame tags on an address other machines can reach."""
-    if not ipaddress.ip_address(host).is_loopback:
-        raise RuntimeError(f"{NO_FRAME_TAGS_VARIABLE}=1 turns the frame tags off, for "
-                           f"benchmarks on loopback only; this server would listen on {host}: "
-                           "unset it")
+class _Conn(_Link):
+    """One worker's connection as the rounds see it, and its outbox on the loop's thread."""
 
-
-def _tls_want(exc):
-    """Whether ``exc`` is TLS asking to be called again (non-blocking)."""
-    import ssl
-
-    return isinstance(exc, (ssl.SSLWantReadError, ssl.SSLWantWriteError))
-
-
-class _Outgoing:
-    """A frame in an outbox.
-
-    Its tag is computed once its payload has gone out (see
-    :meth:`Server._flush`), with the sequence number of that moment: frames
-    dropped before they started (older parameters) leave no hole in the
-    sequence, and no frame starts before the one ahead of it is out.
-    """
-
-    def __init__(self, kind, rnd, head, payload):
-        self.kind, self.round = kind, rnd
-        self.head, self.payload = head, memoryview(payload).cast("B")
-        self.parts = None
-        self.part = self.offset = 0
-
-    @property
-    def started(self):
-        return self.parts is not None
-
-    def start(self):
-        if self.kind is None:  # handshake bytes: no tag
-            self.parts = [memoryview(self.head).cast("B")]
-        else:
-            # None: the place of the tag
-            self.parts = [p for p in (memoryview(self.head).cast("B"), self.payload) if p.nbytes]
-            self.parts.append(None)
-
-    def advance(self, k):
-        """Count ``k`` bytes sent; whether the whole frame is out."""
-        self.offset += k
-        while self.part < len(self.parts) and self.parts[self.part] is not None and \
-                self.offset >= self.parts[self.part].nbytes:
-            self.offset -= self.parts[self.part].nbytes
-            self.part += 1
-        return self.part >= len(self.parts)
+    def __init__(self, addr, writer, identity):
+        super().__init__(addr)
+        self.writer = writer
+        self.raw = writer.transport  # the TCP transport under TLS
+        self.identity = identity   # the worker its certificate names
+        self.outbox = deque()      # (kind, head, payload), or None: close
+        self.wake = asyncio.Event()
+        self.open = True
+        self.last_heard = time.monotonic()
 
 
 class _Refusals:
@@ -1087,6 +1033,28 @@ class _Refusals:
         self.since = now
 
 
+_NO_DIAGNOSTICS = {"influence": None, "cosine": None, "verdict": "", "suspect": False}
+
+
+def _diagnostics(result, rows):
+    """Worker -> the rule result's ``influence``, ``cosine``, ``verdict`` and ``suspect``."""
+    if result is None:
+        return {}
+    influence = getattr(result, "influence", None)
+    cosine = getattr(result, "cosine", None)
+    verdict = tuple(getattr(result, "verdict", ()) or ())
+    suspects = set(getattr(result, "suspects", ()) or ())
+    out = {}
+    for i, w in enumerate(rows):
+        out[w] = {
+            "influence": None if influence is None else float(influence[i]),
+            "cosine": None if cosine is None else float(cosine[i]),
+            "verdict": verdict[i] if i < len(verdict) else "",
+            "suspect": i in suspects,
+        }
+    return out
+
+
 class _Round:
     """What one round collected."""
 
@@ -1100,6 +1068,7 @@ class _Round:
         self.queued = {}   # worker -> when its parameters were queued
         self.stale = {}
         self.quorum_at = None  # when the quorum of gradients was in
+        self.starved = None    # why the round could not step (too few gradients)
         self.wait_s = 0.0
         self.aggregate_s = 0.0
 

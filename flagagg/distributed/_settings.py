@@ -127,15 +127,22 @@ class RunSpec:
         ``"cpu"``, ``"cuda"`` or ``"auto"``.
     transport : str
         How parameters and gradients travel: ``"tcp"`` (the default:
-        flagagg's own framing over connections authenticated with the run's
-        secret), or, on trusted clusters only, ``"gloo"`` or ``"nccl"``
+        mutual TLS with one certificate per process, see
+        :func:`flagagg.distributed.issue_certificates`), or, on trusted
+        clusters only, ``"gloo"`` or ``"nccl"``
         (torch.distributed point-to-point, one process group per worker,
         which anyone who reaches torch's store can join or disrupt).
     faults : tuple of Fault
         Injected faults.
     quorum : int, optional
-        Gradients after which a round closes (plus a short grace) instead of
-        waiting for its deadline; ``workers - f`` by default.
+        Gradients after which a round closes (plus a grace) instead of
+        waiting for its deadline; ``workers - f`` by default, never below
+        ``min_gradients``.
+    min_gradients : int, optional
+        The floor: the server never steps with fewer accepted gradients
+        than this; by default the fewest the rule accepts with the run's f
+        (e.g. ``2 f + 1`` for the median, ``2 f + 3`` for Krum), and at
+        least ``2 f + 1`` when f > 0.
     """
 
     config: ExperimentConfig
@@ -150,6 +157,7 @@ class RunSpec:
     transport: str = "tcp"
     faults: tuple = ()
     quorum: int | None = None
+    min_gradients: int | None = None
 
     def __post_init__(self):
         if self.transport not in TRANSPORTS:
@@ -158,6 +166,14 @@ class RunSpec:
         if self.quorum is not None and not 1 <= self.quorum <= self.config.workers:
             raise ConfigError(f"quorum {self.quorum} is not in 1..{self.config.workers} "
                               "(the number of workers)")
+        if self.min_gradients is not None and \
+                not 1 <= self.min_gradients <= self.config.workers:
+            raise ConfigError(f"min_gradients {self.min_gradients} is not in "
+                              f"1..{self.config.workers} (the number of workers)")
+        if self.quorum is not None and self.min_gradients is not None and \
+                self.quorum < self.min_gradients:
+            raise ConfigError(f"quorum {self.quorum} is below min_gradients "
+                              f"{self.min_gradients}: a round could close with too few")
 
     @property
     def quorum_size(self):
@@ -280,7 +296,7 @@ def spec_to_dict(spec):
     """A JSON-able description of ``spec`` (see :func:`spec_from_dict`)."""
     out = {k: getattr(spec, k) for k in ("rule", "attack", "f", "seed", "round_timeout",
                                           "connect_timeout", "drop_nonfinite", "device",
-                                          "transport", "quorum")}
+                                          "transport", "quorum", "min_gradients")}
     out["config"] = spec.config.to_dict()
     out["source"] = spec.config.source
     out["faults"] = [dataclasses.asdict(x) for x in spec.faults]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import random
 import signal
 import socket
 import time
@@ -11,31 +13,16 @@ import numpy as np
 import torch
 
 from ._protocol import (
-    CHALLENGE_BYTES,
-    DTYPES,
-    FROM_SERVER,
-    FROM_WORKER,
     HEADER,
-    NO_FRAME_TAGS_VARIABLE,
-    PROOF_BYTES,
-    AuthError,
-    FrameReader,
     Kind,
     ProtocolError,
-    Sealer,
-    check_proof,
     encode_json,
     encode_tensor,
-    frame_tags_enabled,
-    load_secret,
-    recv_exactly,
     recv_frame,
-    respond,
     send_frame,
-    session_key,
 )
 
-__all__ = ["GradientSource", "run_worker"]
+__all__ = ["GradientSource", "NotTheServer", "run_worker"]
 
 
 # how long a worker waits for the next message before deciding the server is gone;
@@ -43,21 +30,8 @@ __all__ = ["GradientSource", "run_worker"]
 IDLE_TIMEOUT = 600.0
 # how long a worker waits for each step of the handshake
 HANDSHAKE_TIMEOUT = 10.0
-
-
-def _connect(address, timeout):
-    """Connect to the server, retrying while it is not listening yet."""
-    host, port = address
-    end = time.monotonic() + timeout
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=max(1.0, end - time.monotonic()))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except (ConnectionRefusedError, OSError):
-            if time.monotonic() >= end:
-                raise
-            time.sleep(0.2)
+# how long one attempt waits for the TCP connection to be accepted
+CONNECT_ATTEMPT = 2.0
 
 
 class GradientSource:
@@ -143,23 +117,6 @@ class GradientSource:
         payload = row.detach().to("cpu", torch.float32).numpy()
         return payload, time.perf_counter() - t0
 
-    def compute_early(self, frame):
-        """The gradient of a PARAMS frame whose tag is still in flight, or None.
-
-        The server tags its parameters once they have gone out to every
-        worker, so the tag arrives a little after them: computing meanwhile
-        takes the tag's latency off the round. Nothing computed here leaves
-        the worker before the tag has checked (a frame that fails its check
-        ends the connection). Only parameters of the right size for the very
-        next round are worked on: the header is not authenticated yet either,
-        and a forged round far ahead would make :meth:`compute` draw every
-        minibatch up to it. Any other frame waits for its check.
-        """
-        if frame.kind != Kind.PARAMS or DTYPES.get(frame.dtype) != np.float32 or \
-                len(frame.payload) != 4 * self.n_params or frame.round != self.drawn + 1:
-            return None
-        return self.compute(frame.round, frame.array().astype(np.float32))
-
     def inject(self, t, payload, log):
         """Apply this round's injected faults to ``payload``; may not return (crash).
 
@@ -197,142 +154,166 @@ class GradientSource:
 class _Rejected(Exception):
     """The server refused this worker (the reason is the message)."""
 
+    def __init__(self, reason, retry=False):
+        super().__init__(reason)
+        self.retry = retry
 
-def _join(address, secret, source, deadline, tls=None):
-    """Connect, authenticate both ways and say HELLO; retry while the server sheds us.
+
+class NotTheServer(ConnectionError):
+    """What answered is not this run's server: its certificate is not the run's server's."""
+
+
+def _join(address, tls, source, deadline):
+    """Connect, do the TLS handshake, check the server's identity, say HELLO.
 
     Returns
     -------
-    sock, sealer, reader, pending, welcome
+    sock, welcome
 
     Raises
     ------
-    AuthError
-        If what answered cannot prove that it knows the secret.
+    NotTheServer
+        If what answered holds no certificate of this run's server.
     _Rejected
         If the server refused this worker.
     ConnectionError, TimeoutError, OSError
-        If no authenticated connection came about before ``deadline``.
+        If the connection or the handshake failed.
     """
-    while True:
-        sock = _connect(address, max(1.0, deadline - time.monotonic()))
-        try:
-            if tls is not None:
-                sock = tls.wrap_socket(sock, server_hostname=address[0])
-            response, ns, nc = respond(secret, recv_exactly(sock, CHALLENGE_BYTES,
-                                                            HANDSHAKE_TIMEOUT))
-            sock.sendall(response)
-            check_proof(secret, ns, nc, recv_exactly(sock, PROOF_BYTES, HANDSHAKE_TIMEOUT))
-            key = session_key(secret, ns, nc)
-            sealer = Sealer(key, FROM_WORKER)
-            reader = FrameReader(4 * source.n_params + 1024,
-                                 kinds={Kind.WELCOME, Kind.REJECT, Kind.PARAMS, Kind.STOP},
-                                 key=key, direction=FROM_SERVER)
-            pending = []
-            send_frame(sock, encode_json(Kind.HELLO, source.hello()), sealer)
-            answer = recv_frame(sock, reader, pending, HANDSHAKE_TIMEOUT)
-            if answer.kind == Kind.REJECT:
-                raise _Rejected(str(answer.json().get("reason"))[:500])
-            if answer.kind != Kind.WELCOME:
-                raise ConnectionError(f"the server answered HELLO with "
-                                      f"{Kind.NAMES.get(answer.kind)}")
-            return sock, sealer, reader, pending, answer.json()
-        except (ConnectionError, TimeoutError) as exc:
-            # the server closes connections it cannot take now (too many strangers,
-            # no file descriptors): try again until the connect deadline
-            sock.close()
-            if time.monotonic() >= deadline:
-                raise ConnectionError(
-                    f"no authenticated connection to the server before the deadline (last: "
-                    f"{exc}); a server that closes the connection during the handshake "
-                    "refused the secret: give every process the same one"
+    import ssl
+
+    from ._tls import identity
+
+    # a short wait for the TCP handshake: a SYN dropped by a server flooded with
+    # connections is retried sooner by a new attempt than by the kernel's backoff
+    sock = socket.create_connection(
+        address, timeout=max(0.5, min(CONNECT_ATTEMPT, deadline - time.monotonic())))
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                sock = tls.wrap_socket(sock)
+            except ssl.SSLCertVerificationError as exc:
+                raise NotTheServer(
+                    f"what answers at {address[0]}:{address[1]} is not this run's server: its "
+                    f"TLS certificate does not verify as the server's of this run's CA "
+                    f"({exc.verify_message})"
                 ) from None
-            time.sleep(0.5)
-        except BaseException:
-            sock.close()
-            raise
+            if identity(sock.getpeercert()) != "server":
+                raise NotTheServer(
+                    f"what answers at {address[0]}:{address[1]} holds a certificate of this "
+                    "run that is not the server's; not sending it anything")
+        send_frame(sock, encode_json(Kind.HELLO, source.hello()))
+        answer = recv_frame(sock, 0, {Kind.WELCOME, Kind.REJECT}, HANDSHAKE_TIMEOUT)
+        if answer.kind == Kind.REJECT:
+            doc = answer.json()
+            raise _Rejected(str(doc.get("reason"))[:500], bool(doc.get("retry")))
+        return sock, answer.json()
+    except BaseException:
+        sock.close()
+        raise
 
 
-def run_worker(spec, worker, address, *, secret, device="cpu", log=print, tls=None):
-    """Serve one worker of a run over authenticated TCP until the server says stop.
+def run_worker(spec, worker, address, *, tls, device="cpu", log=print,
+               _plaintext_benchmark=False):
+    """Serve one worker of a run over mutual TLS until the server says stop.
+
+    A connection that drops is made again, with backoff (0.2 s doubling to
+    5 s), for up to ``spec.connect_timeout`` seconds; the server gives the
+    worker its slot back (its certificate names it).
 
     Parameters
     ----------
     spec : RunSpec
         The run; every process of the run holds the same one.
     worker : int
-        The worker slot this process asks for, 0-based (rank ``worker + 1``);
-        the server may give another one.
+        This worker's index, 0-based (rank ``worker + 1``); its certificate
+        must name it.
     address : tuple of (str, int)
         The server's host and port.
-    secret : bytes or str
-        The run's secret.
+    tls : str, path-like or ssl.SSLContext
+        This worker's PEM file (``worker-W.pem`` from ``flagagg certs``), or a
+        context made from it.
     device : str, default="cpu"
         Device of the model and the gradient computation.
     log : callable, default=print
         Where messages go.
-    tls : ssl.SSLContext, optional
-        Client-side TLS context, when the server uses TLS.
 
     Returns
     -------
     status : int
-        0 when the server ended training, 1 when the server went away,
-        2 when it refused this worker or could not prove that it knows the
-        secret.
+        0 when the server ended training, 1 when the server stayed away,
+        2 when it refused this worker or is not the run's server.
     """
-    secret = load_secret(secret)
-    if not frame_tags_enabled():
-        log(f"worker {worker}: WARNING: frame tags are OFF ({NO_FRAME_TAGS_VARIABLE}=1), for "
-            "measuring what they cost only")
+    import ssl
+
+    from ._tls import client_context
+
+    if _plaintext_benchmark:
+        # for measuring what TLS costs (asv_bench/tls_cost.py); no CLI reaches it
+        if tls is not None or not ipaddress.ip_address(address[0]).is_loopback:
+            raise RuntimeError("the plaintext benchmark mode is for loopback only")
+    elif tls is None:
+        raise ValueError("the tcp transport needs this worker's TLS certificate file "
+                         "(worker-W.pem from `flagagg certs`)")
+    elif not isinstance(tls, ssl.SSLContext):
+        tls = client_context(tls)
     source = GradientSource(spec, worker, device)
-    try:
-        sock, sealer, reader, pending, welcome = _join(
-            address, secret, source, time.monotonic() + spec.connect_timeout, tls)
-    except AuthError as exc:
-        log(f"worker {worker}: {exc}; not sending it anything")
-        return 2
-    except _Rejected as exc:
-        log(f"worker {worker}: the server refused this worker: {exc}")
-        return 2
-    except (ConnectionError, TimeoutError, OSError) as exc:
-        log(f"worker {worker}: {exc}")
-        return 1
-    slot = welcome.get("worker")
-    if isinstance(slot, int) and slot != worker:
-        log(f"worker {worker}: the server gave this process worker slot {slot}")
-        source.assign(slot)
-        worker = slot
-    try:
-        while True:
-            frame, early = recv_frame(sock, reader, pending, IDLE_TIMEOUT,
-                                      early=source.compute_early)
-            if frame.kind == Kind.STOP:
-                return 0
-            if frame.kind != Kind.PARAMS:
-                continue
-            t = frame.round
-            if early is not None:
-                payload, seconds = early
-            else:
-                payload, seconds = source.compute(t, frame.array().astype(np.float32))
-            payload, action = source.inject(t, payload, log)
-            if action == "hang":
-                # read and drop messages until the server stops, so that an injected
-                # hang ends with the run instead of outliving it
-                while recv_frame(sock, reader, pending, IDLE_TIMEOUT).kind != Kind.STOP:
-                    pass
-                return 0
-            if action == "bad_frame":
-                sock.sendall(b"JUNK" + bytes(HEADER.size - 4))
-                continue
-            send_frame(sock, encode_tensor(Kind.GRAD, payload, worker=worker, round=t,
-                                           seconds=seconds), sealer)
-    except (ConnectionError, TimeoutError, OSError) as exc:
-        log(f"worker {worker}: lost the server ({exc}); exiting")
-        return 1
-    except ProtocolError as exc:
-        log(f"worker {worker}: the server's messages fail their checks ({exc}); exiting")
-        return 1
-    finally:
-        sock.close()
+    max_bytes = 4 * source.n_params + 1024
+    joined_once = False
+    lost_at = time.monotonic()
+    delay = 0.2
+    while True:
+        try:
+            sock, welcome = _join(address, tls, source, lost_at + spec.connect_timeout)
+        except NotTheServer as exc:
+            log(f"worker {worker}: {exc}")
+            return 2
+        except (_Rejected, ConnectionError, TimeoutError, OSError) as exc:
+            if isinstance(exc, _Rejected) and not exc.retry:
+                log(f"worker {worker}: the server refused this worker: {exc}")
+                return 2
+            if time.monotonic() + delay >= lost_at + spec.connect_timeout:
+                what = "refused" if isinstance(exc, _Rejected) else "unreachable"
+                log(f"worker {worker}: the server stayed {what} for {spec.connect_timeout:g} s "
+                    f"(last: {exc}); exiting")
+                return 1
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(5.0, 2 * delay)
+            continue
+        if joined_once:
+            log(f"worker {worker}: reconnected; the server resumes this worker at round "
+                f"{welcome.get('round')}")
+        joined_once, delay = True, 0.2
+        try:
+            status = _serve(sock, source, max_bytes, log)
+        except (ConnectionError, TimeoutError, OSError, ProtocolError) as exc:
+            log(f"worker {worker}: lost the server ({exc}); reconnecting")
+            lost_at = time.monotonic()
+            continue
+        finally:
+            sock.close()
+        return status
+
+
+def _serve(sock, source, max_bytes, log):
+    """Answer the server's rounds on a joined connection; 0 when it says stop."""
+    kinds = {Kind.PARAMS, Kind.STOP}
+    while True:
+        frame = recv_frame(sock, max_bytes, kinds, IDLE_TIMEOUT)
+        if frame.kind == Kind.STOP:
+            return 0
+        t = frame.round
+        payload, seconds = source.compute(t, frame.array().astype(np.float32))
+        payload, action = source.inject(t, payload, log)
+        if action == "hang":
+            # read and drop messages until the server stops, so that an injected
+            # hang ends with the run instead of outliving it
+            while recv_frame(sock, max_bytes, kinds, IDLE_TIMEOUT).kind != Kind.STOP:
+                pass
+            return 0
+        if action == "bad_frame":
+            sock.sendall(b"JUNK" + bytes(HEADER.size - 4))
+            continue
+        send_frame(sock, encode_tensor(Kind.GRAD, payload, worker=source.worker, round=t,
+                                       seconds=seconds))
