@@ -624,6 +624,22 @@ def test_byzantine_run_trains_and_matches_the_simulator(transport):
         assert r["compute_s"] > 0 and r["aggregate_s"] > 0 and r["comm_s"] is not None
 
 
+def test_worker_momentum_reaches_the_parameter_server_workers():
+    # [optimizer] worker_momentum is read by every worker process, as by the simulator:
+    # without it the run below trains on raw gradients and leaves the simulator's path.
+    config = dataclasses.replace(sim.load_config("demo"), worker_momentum=0.9)
+    run = distributed.train(config, rule="median", attack="reverse", f=1, workers=4, rounds=6,
+                            eval_every=3, timeout=RUN_TIMEOUT, transport="tcp", quorum=4)
+    assert run.status == 0
+    kwargs = dict(attack_params=config.attack("reverse").params, workers=4, rounds=6,
+                  eval_every=3, lr=config.lr_of("median"), seed=config.seeds[0])
+    ref = sim.simulate(sim.load_dataset("digits"), "median", f=1, attack="reverse",
+                       worker_momentum=0.9, **kwargs)
+    plain = sim.simulate(sim.load_dataset("digits"), "median", f=1, attack="reverse", **kwargs)
+    np.testing.assert_allclose(run.parameters, ref.parameters, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(run.parameters, plain.parameters, rtol=1e-3, atol=1e-4)
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)

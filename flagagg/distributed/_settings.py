@@ -289,7 +289,8 @@ def make_replica(spec, device):
     return Replica(load_dataset(config.dataset, **config.data_kwargs()), workers=config.workers,
                    f=spec.f, seed=spec.seed, model=config.model,
                    model_params={"hidden": config.hidden, "channels": config.channels},
-                   partition_method=config.partition, alpha=config.alpha, device=device)
+                   partition_method=config.partition, alpha=config.alpha, device=device,
+                   worker_momentum=config.worker_momentum)
 
 
 def spec_to_dict(spec):

@@ -78,6 +78,7 @@ class GradientSource:
         self.replica.gradients(self.replica.initial_parameters(),
                                np.zeros((config.workers, config.batch_size), np.int64),
                                get_attack("none"), [worker])
+        self.replica.reset_momentum()  # the warm-up is not a round
         # rounds whose minibatches have been drawn from the batch stream; a worker
         # that joins late (or a resumed run) replays the earlier rounds' draws first
         self.drawn = 0

@@ -213,6 +213,14 @@ class Replica:
             hit = self._positions[key] = (f_rows, h_rows, out_rows)
         return hit
 
+    def reset_momentum(self):
+        """Forget every worker's momentum (the next round starts it from zero).
+
+        For a gradient computed outside training, e.g. a warm-up call, which
+        must not count as a round.
+        """
+        self._momenta = None
+
     def _with_momentum(self, G, workers):
         """Rows ``G`` of ``workers`` -> their (updated) momenta; ``G`` itself without momentum."""
         beta = self.worker_momentum
