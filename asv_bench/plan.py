@@ -34,14 +34,22 @@ def main() -> int:
             methods = [m for m in dir(cls) if m.startswith(PREFIXES)]
             if not methods:
                 continue
-            sets = len(list(itertools.product(*cls.params)))
+            params = getattr(cls, "params", None)
+            # asv's convention: no params is one set; a flat list is one axis
+            if not params:
+                params = []
+            elif not isinstance(params[0], (list, tuple)):
+                params = [params]
+            sets = len(list(itertools.product(*params)))
             total += sets * len(methods)
-            full, quick = _backend_axis(cls, common)
-            gone = common.left_out(full, quick)
-            note = ("; left out: " + ", ".join(f"{s} ({why})" for s, why in gone.items())
-                    if gone else "")
-            lines.append(f"  {info.name}.{name}: {sets} parameter sets x {len(methods)} "
-                         f"benchmarks, backends {', '.join(cls.params[0])}{note}")
+            line = f"  {info.name}.{name}: {sets} parameter sets x {len(methods)} benchmarks"
+            if "backend" in getattr(cls, "param_names", ())[:1]:
+                full, quick = _backend_axis(cls, common)
+                gone = common.left_out(full, quick)
+                note = ("; left out: " + ", ".join(f"{s} ({why})" for s, why in gone.items())
+                        if gone else "")
+                line += f", backends {', '.join(params[0])}{note}"
+            lines.append(line)
     print(f"asv tier {common.TIER}: {total} benchmark runs")
     print("\n".join(lines))
     return 0
