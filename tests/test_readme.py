@@ -47,14 +47,18 @@ def test_ddp_block_under_torchrun(tmp_path):
     assert "torchrun --nproc-per-node 4 train.py" in code
     (tmp_path / "train.py").write_text(code)
     # torchrun as the README says, two ranks to stay cheap, on the loopback only.
+    # Each rank's stdout goes to its own file (--redirects 1): two ranks printing
+    # to one pipe can interleave their lines.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
            "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "train.py"]
+           "--master-port", str(_free_port()), "--log-dir", str(tmp_path / "logs"),
+           "--redirects", "1", "train.py"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    lines = sorted(line for line in proc.stdout.splitlines() if re.match(r"^[01] \(", line))
-    assert len(lines) == 2, proc.stdout
+    out = "".join(f.read_text() for f in sorted((tmp_path / "logs").rglob("stdout.log")))
+    lines = sorted(line for line in out.splitlines() if re.match(r"^[01] \(", line))
+    assert len(lines) == 2, out
     verdicts = eval(lines[0].split(" ", 1)[1].split(") ", 1)[1])  # noqa: S307 - our own output
     assert isinstance(verdicts, tuple) and len(verdicts) == 2
     # Every rank reports the same suspects and verdicts.

@@ -4,8 +4,8 @@ Who was named when: verdicts over a training run
 
 Every aggregation result says, per worker, how much it counted
 (``influence``: its signed share of the aggregate's squared norm) and a
-one-word ``verdict``: ``trusted``, ``down-weighted``, ``not selected``,
-``pulls against`` or ``excluded`` (:doc:`/rules-and-attacks`). Recorded
+short ``verdict``: ``trusted``, ``down-weighted``, ``not selected``,
+``outsized``, ``pulls against`` or ``excluded`` (:doc:`/rules-and-attacks`). Recorded
 round by round, they show which workers a rule listened to over a whole
 run, and whether it named the faulty ones.
 """
@@ -78,11 +78,13 @@ print(rec.results[0].summary())
 # rows are labelled in red.
 
 influence = np.array([r.influence for r in rec.results]).T      # (p, rounds)
-names = ["trusted", "down-weighted", "not selected", "pulls against", "excluded"]
+names = ["trusted", "down-weighted", "not selected", "outsized", "pulls against", "excluded"]
 
 
 def kind(verdict):
-    """The verdict's first word group: one of ``names``."""
+    """The verdict's class, one of ``names`` ("not selected, outsized" is outsized)."""
+    if "outsized" in verdict:
+        return names.index("outsized")
     return next(i for i, n in enumerate(names) if verdict.startswith(n))
 
 
@@ -94,8 +96,8 @@ lim = np.abs(influence).max()
 im = ax1.imshow(influence, aspect="auto", cmap="RdBu",
                 norm=TwoSlopeNorm(0, -lim, lim), interpolation="nearest")
 fig.colorbar(im, ax=ax1, label="influence (share of ||out||^2)")
-colours = ListedColormap(["#4c9a2a", "#e3c84b", "#bbbbbb", "#c0392b", "#222222"])
-ax2.imshow(verdicts, aspect="auto", cmap=colours, vmin=-0.5, vmax=4.5,
+colours = ListedColormap(["#4c9a2a", "#e3c84b", "#bbbbbb", "#8e44ad", "#c0392b", "#222222"])
+ax2.imshow(verdicts, aspect="auto", cmap=colours, vmin=-0.5, vmax=len(names) - 0.5,
            interpolation="nearest")
 for k, name in enumerate(names):
     ax2.bar(0, 0, color=colours(k), label=name)
@@ -116,8 +118,8 @@ fig.tight_layout()
 # %%
 # How often each worker was named
 # -------------------------------
-# A worker is *named* in a round when its verdict is ``pulls against`` or
-# ``excluded`` (``result.suspects``).
+# A worker is *named* in a round when its verdict is ``outsized``,
+# ``pulls against`` or ``excluded`` (``result.suspects``).
 
 named = np.array([[i in r.suspects for i in range(p)] for r in rec.results])
 first, second = named[:SWITCH].mean(axis=0), named[SWITCH:].mean(axis=0)
@@ -127,9 +129,13 @@ for i in range(p):
     print(f"{i:>6} {first[i]:>19.0%} {second[i]:>20.0%}{mark}")
 
 # %%
-# The reversed gradients are named in most of the first 30 rounds (they
-# point against the output), honest workers only now and then, when their
-# minibatch gradient disagrees with the others. "A little is enough" is
+# The reversed gradients are named in nearly every one of the first 30
+# rounds (they point against the output), honest workers only now and then,
+# when their minibatch gradient disagrees with the others. After the switch
+# honest workers are named more often (up to a third of the rounds): late in
+# training some minibatch gradients point against the consensus or are over
+# three times the median norm ("outsized"), and with the attackers now close
+# to the mean nothing else stands out. "A little is enough" is
 # built to look like an honest worker: after round 30 the faulty workers are
 # never named, and their three identical rows even carry the largest
 # influence (left, the dark rows), because they sit close to the honest
