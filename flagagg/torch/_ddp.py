@@ -253,7 +253,7 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     its shard of every bucket and the shards are all-gathered back.
     """
     from ..backends import select_backend
-    from ..rules._result import gram_stats, worker_diagnostics
+    from ..rules._result import gram_stats
 
     group = state.process_group
     world = dist.get_world_size(group)
@@ -290,18 +290,7 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
                                                  group=group, async_op=True))
         outs.append(out)
         state.elements_sent += s * (world - 1)
-    excluded += [(int(keep[i]), reason) for i, reason in rule_excluded]
-    state.excluded = tuple(sorted(excluded))
-    state.coefficients = coef
-    if stats is None:
-        state.influence, state.cosine = None, np.full(world, np.nan)
-        state.verdict = tuple(f"excluded: {why}" for _, why in state.excluded)
-    else:
-        inner, sq_norms, out_sq, K = stats
-        diag = worker_diagnostics(inner, sq_norms, out_sq, coef, state.excluded, K)
-        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
-                                                        diag["verdict"])
-    state.steps += 1
+    _record(state, excluded, rule_excluded, keep, coef, stats, world)
     for buf, out, work in zip(buffers, outs, works, strict=True):
         work.wait()
         buf.copy_(out[:buf.numel()].view_as(buf))
@@ -319,8 +308,6 @@ def _all_gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
 
 def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
     """Aggregate the flat gradient made of ``buffers`` and write it back into them."""
-    from ..rules._result import worker_diagnostics
-
     group = state.process_group
     world = dist.get_world_size(group)
     flat = torch.cat([b.reshape(-1) for b in buffers])
@@ -336,21 +323,7 @@ def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
         out, coef, rule_excluded, stats = _sharded_step(state, flat, keep, world)
     excluded = [(int(r), "non-finite values (NaN or Inf)")
                 for r in sorted(set(range(world)) - set(keep.tolist()))]
-    excluded += [(int(keep[i]), reason) for i, reason in rule_excluded]
-    state.excluded = tuple(sorted(excluded))
-    state.coefficients = coef
-    if stats is None:  # every rank left out
-        state.influence, state.cosine = None, np.full(world, np.nan)
-        state.verdict = tuple(f"excluded: {why}" for _, why in state.excluded)
-    elif isinstance(stats, dict):  # gather: the rule's own result, on the kept ranks
-        state.influence, state.cosine, state.verdict = _spread(stats, keep, state.excluded,
-                                                               world)
-    else:
-        inner, sq_norms, out_sq, K = stats
-        diag = worker_diagnostics(inner, sq_norms, out_sq, coef, state.excluded, K)
-        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
-                                                        diag["verdict"])
-    state.steps += 1
+    _record(state, excluded, rule_excluded, keep, coef, stats, world)
     start = 0
     for b in buffers:
         b.copy_(out[start:start + b.numel()].view_as(b))
@@ -366,6 +339,32 @@ def _inner_stats(rows: torch.Tensor, out: torch.Tensor) -> np.ndarray:
 
 def _split_stats(v: np.ndarray, world: int) -> tuple:
     return v[:world], v[world:2 * world], float(v[2 * world]), None
+
+
+def _record(state: DDPHookState, excluded: list, rule_excluded: list, keep: np.ndarray,
+            coef: np.ndarray | None, stats: Any, world: int) -> None:
+    """One step's exclusions, coefficients and per-rank diagnostics, into ``state``.
+
+    ``stats`` is None when every rank was left out, the rule's result (a dict)
+    in gather mode, or :func:`~flagagg.rules._result.gram_stats` of the summed
+    Gram in sharded mode.
+    """
+    from ..rules._result import worker_diagnostics
+
+    excluded = excluded + [(int(keep[i]), reason) for i, reason in rule_excluded]
+    state.excluded = tuple(sorted(excluded))
+    state.coefficients = coef
+    if stats is None:
+        state.influence, state.cosine = None, np.full(world, np.nan)
+        state.verdict = tuple(f"excluded: {why}" for _, why in state.excluded)
+    elif isinstance(stats, dict):  # gather: the rule's own result, on the kept ranks
+        state.influence, state.cosine, state.verdict = _spread(stats, keep, state.excluded,
+                                                               world)
+    else:
+        diag = worker_diagnostics(*stats[:3], coef, state.excluded, stats[3])
+        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
+                                                        diag["verdict"])
+    state.steps += 1
 
 
 def _spread(res: dict, keep: np.ndarray, excluded: tuple, world: int) -> tuple:
