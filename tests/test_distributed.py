@@ -177,20 +177,29 @@ def test_transport_choice_and_what_is_missing(monkeypatch):
     assert distributed._settings.spec_from_dict(spec_dict).transport == "tcp"
 
 
-def test_a_worker_started_with_another_transport_says_so(monkeypatch, capsys):
-    import torch.distributed as dist
+def torchrun_worker_env(monkeypatch, server_entry):
+    """Rank 1 of 5 under torchrun, with a store whose server-address key says ``server_entry``.
 
-    from flagagg.distributed._node import run_node
+    Returns the store (the caller keeps it open while the worker runs).
+    """
+    import torch.distributed as dist
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=10))
-    store.set("flagagg/server/0", json.dumps({"transport": "gloo"}))
+    store.set("flagagg/server/0", json.dumps(server_entry))
     for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
                  "MASTER_PORT": str(store.port), "FLAGAGG_CERTS": str(CERTS)}.items():
         monkeypatch.setenv(k, v)
     for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
               "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR"):
         monkeypatch.delenv(k, raising=False)
+    return store
+
+
+def test_a_worker_started_with_another_transport_says_so(monkeypatch, capsys):
+    from flagagg.distributed._node import run_node
+
+    store = torchrun_worker_env(monkeypatch, {"transport": "gloo"})  # noqa: F841 - kept open
     threads = torch.get_num_threads()
     try:
         status = run_node(_spec(transport="tcp", connect_timeout=10))

@@ -40,13 +40,13 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from test_distributed import (  # noqa: E402
-    CERTS,
     RUN_TIMEOUT,
     SERVER_PEM,
     Peer,
     _alive,
     _serve,
     _spec,
+    torchrun_worker_env,
     worker_pem,
 )
 
@@ -999,23 +999,11 @@ def test_a_tampered_server_address_in_the_torchrun_store_leads_nowhere(monkeypat
     from starting, and the workers blamed the secret. The address is still read
     from the store, but the worker checks what answers there against the run's CA
     and says what is wrong."""
-    import datetime
-
-    import torch.distributed as dist
-
     from flagagg.distributed._node import run_node
 
     lsock, got = _fake_server(file_of(OTHER, 0))
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=10))
-    store.set("flagagg/server/0", json.dumps({"transport": "tcp", "host": "127.0.0.1",
-                                              "port": lsock.getsockname()[1]}))
-    for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(store.port), "FLAGAGG_CERTS": str(CERTS)}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
-              "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR"):
-        monkeypatch.delenv(k, raising=False)
+    store = torchrun_worker_env(  # noqa: F841 - kept open while the worker runs
+        monkeypatch, {"transport": "tcp", "host": "127.0.0.1", "port": lsock.getsockname()[1]})
     threads = torch.get_num_threads()
     try:
         status = run_node(_spec(transport="tcp", connect_timeout=10))
