@@ -238,7 +238,7 @@ class GeometricMedian(Rule):
         "combination pass",
         reference=Reference(("Pillutla", "Kakade", "Harchaoui"),
                             "Robust aggregation for federated learning",
-                            "IEEE Transactions on Signal Processing", 2022),
+                            "IEEE TSP", 2022),
         space="gram",
         translation_invariant=True,
     )
