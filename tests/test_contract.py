@@ -168,3 +168,52 @@ def test_a_rule_on_the_contract_alone(monkeypatch):
         flagagg.get_rule("toy", f=0, k=1).solve_gram(np.full((2, 2), np.nan))
     # The docs table reads the same declaration.
     assert flagagg.get_rule("toy", f=1).contract.cost == "p x p"
+
+
+# One exception convention beyond the rules: configs and the simulator.
+
+def _tiny_config():
+    return {
+        "experiment": {"name": "tiny", "rounds": 2, "seeds": [0], "validation_seeds": [100]},
+        "data": {"dataset": "digits"},
+        "cluster": {"workers": 7, "f": [1]},
+        "rules": {"krum": {"lr": 0.1}},
+        "attacks": {"none": {}},
+    }
+
+
+@pytest.mark.parametrize("section,key,value,kind,words", [
+    ("cluster", "workers", "7", TypeError, "an integer >= 2"),
+    ("cluster", "workers", 1, ValueError, "an integer >= 2"),
+    ("experiment", "rounds", 2.0, TypeError, "an integer >= 1"),
+    ("data", "test_fraction", 1.0, ValueError, "a finite number > 0 and < 1"),
+    ("data", "dataset", 3, ValueError, "one of"),
+    ("experiment", "name", 3, TypeError, "a non-empty string"),
+])
+def test_config_values_follow_the_one_convention(section, key, value, kind, words):
+    from flagagg.sim import ConfigError, parse_config
+
+    data = _tiny_config()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key} must be {words}") as info:
+        parse_config(data, source="my.toml")
+    assert isinstance(info.value, kind)
+    if kind is ValueError:
+        assert not isinstance(info.value, TypeError)
+
+
+def test_config_check_reads_the_declared_bound():
+    from flagagg.sim import ConfigError, parse_config
+
+    data = _tiny_config()
+    data["cluster"]["workers"] = 4  # krum declares p >= 2f + 3
+    with pytest.raises(ConfigError, match=r"need p >= 2f \+ 3 for krum: got p=4, f=1"):
+        parse_config(data, source="my.toml")
+
+
+def test_simulate_with_a_fractional_f_says_so():
+    pytest.importorskip("sklearn")
+    from flagagg import sim
+
+    with pytest.raises(TypeError, match="f must be an integer or None for mean: got 1.5"):
+        sim.simulate("digits", "mean", f=1.5, workers=7, rounds=1)
