@@ -217,3 +217,23 @@ def test_simulate_with_a_fractional_f_says_so():
 
     with pytest.raises(TypeError, match="f must be an integer or None for mean: got 1.5"):
         sim.simulate("digits", "mean", f=1.5, workers=7, rounds=1)
+
+
+def test_docs_tables_read_the_declaration(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("numpydoc")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "_ext"))
+    sys.modules.pop("flagagg_tables", None)
+    import flagagg_tables
+
+    infos = {i.name: i for i in flagagg_tables.rule_infos(f_values=(1,))}
+    for name, cls in RULE_CLASSES.items():
+        c = cls.contract
+        info = infos[name]
+        assert info.complexity == c.cost and info.nan_documented == c.nan_policy
+        assert info.source == (c.reference.short() if c.reference else "--")
+        assert info.precondition.startswith(str(c.bound).replace(">=", "≥"))
+        assert [p.split("=")[0] for p in info.parameters] == [
+            k for k in c.params if k != "backend"]
