@@ -156,10 +156,6 @@ class Gram:
         # Read-only access to K for NumPy functions (np.asarray(K)).
         return self.values if dtype is None else self.values.astype(dtype)
 
-    def __reduce__(self) -> Any:
-        # Pickles (results sent between processes) hold the plain matrix.
-        return (np.asarray, (self.values,))
-
     @property
     def inputs(self) -> Gram:
         """The Gram of the inputs themselves: :attr:`unshifted` if shifted, else this one."""

@@ -237,3 +237,21 @@ def test_docs_tables_read_the_declaration(monkeypatch):
         assert info.precondition.startswith(str(c.bound).replace(">=", "≥"))
         assert [p.split("=")[0] for p in info.parameters] == [
             k for k in c.params if k != "backend"]
+
+
+def test_a_result_with_deferred_diagnostics_pickles():
+    # Results cross process boundaries (simulator workers): the composed Gram they keep
+    # for their deferred diagnostics pickles whole, scaled form and decision included.
+    import pickle
+
+    G = np.random.default_rng(2).normal(size=(7, 5))
+    G[6] = 1e200
+    rule = flagagg.get_rule("krum", f=1, backend="numpy")
+    rule(G)
+    copy = pickle.loads(pickle.dumps(rule.__dict__["_last_result"]))
+    assert copy._deferred is not None
+    assert copy._deferred.gram.usable.all() and copy._deferred.gram.exponents.any()
+    from flagagg.rules._result import with_diagnostics
+
+    np.testing.assert_array_equal(with_diagnostics(copy).cosine, rule.result_.cosine)
+    assert np.isfinite(rule.result_.cosine).all()
