@@ -42,6 +42,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
 from ._validation import check_choice, check_int, check_real
+from .rules._contract import Reference
 
 __all__ = [
     "Attack",
@@ -153,6 +154,28 @@ OWN_HONEST = "The faulty workers' own honest gradients. Without it, the honest m
 UNUSED = "Unused."
 
 
+# Where the attacks come from, declared once (the docs' attacks table reads them).
+FLAG_PAPER = Reference(("Almasi", "Mishra", "Vamanan", "Ravi"),
+                       "Flag Aggregator: scalable distributed training under failures and "
+                       "augmented losses using convex optimization (experiments)", "ICLR", 2024)
+ALIE = Reference(("Baruch", "Baruch", "Goldberg"), "A little is enough: circumventing defenses "
+                 "for distributed learning", "NeurIPS", 2019)
+FOE = Reference(("Xie", "Koyejo", "Gupta"), "Fall of empires: breaking Byzantine-tolerant SGD "
+                "by inner product manipulation", "UAI", 2019)
+BUCKETING = Reference(("Karimireddy", "He", "Jaggi"), "Byzantine-robust learning on "
+                      "heterogeneous datasets via bucketing", "ICLR", 2022)
+MIN_MAX = Reference(("Shejwalkar", "Houmansadr"), "Manipulating the Byzantine: optimizing "
+                    "model poisoning attacks and defenses for federated learning", "NDSS", 2021)
+
+
+def _cites(reference: Reference):
+    """Declare the publication an attack comes from (``func.reference``)."""
+    def mark(func):
+        func.reference = reference
+        return func
+    return mark
+
+
 def _entry(name: str, kind: str, text: str) -> str:
     body = textwrap.fill(text, width=88, initial_indent=" " * 8, subsequent_indent=" " * 8)
     return f"{name} : {kind}\n{body}"
@@ -205,6 +228,7 @@ def no_attack(honest, f, *, rng=None, own=None):
 
 
 @_gradient_doc(honest=HONEST_SHAPE, rng=RNG_SOURCE, own=UNUSED)
+@_cites(FLAG_PAPER)
 def random_gradients(honest, f, *, rng=None, scale=1.0, own=None):
     """Uniformly random gradients (the paper's "random" workers).
 
@@ -251,6 +275,7 @@ def gaussian(honest, f, *, rng=None, loc=0.0, scale=1.0, own=None):
 
 @_gradient_doc(honest=HONEST, rng=UNUSED, own="The faulty workers' own gradients, ``g``. "
                "Without it, ``g`` is the honest mean (an omniscient variant).")
+@_cites(FLAG_PAPER)
 def reverse(honest, f, *, rng=None, scale=-10.0, own=None):
     """Reversed (sign-flipped and scaled) gradients: ``scale * g``.
 
@@ -344,6 +369,7 @@ def little_is_enough_z(p, f):
 
 
 @_gradient_doc(honest=HONEST_OMNISCIENT, rng=UNUSED, own=UNUSED)
+@_cites(ALIE)
 def little_is_enough(honest, f, *, rng=None, z=None, own=None):
     """A Little Is Enough (Baruch et al., 2019): ``mean - z * std`` of the honest rows.
 
@@ -377,6 +403,7 @@ def little_is_enough(honest, f, *, rng=None, z=None, own=None):
 
 
 @_gradient_doc(honest=HONEST_OMNISCIENT, rng=UNUSED, own=UNUSED)
+@_cites(FOE)
 def fall_of_empires(honest, f, *, rng=None, eps=0.1, own=None):
     """Fall of Empires / inner-product manipulation (Xie et al., 2019): ``-eps * mean``.
 
@@ -402,6 +429,7 @@ def fall_of_empires(honest, f, *, rng=None, eps=0.1, own=None):
 
 
 @_gradient_doc(honest=HONEST_OMNISCIENT, rng=UNUSED, own=UNUSED)
+@_cites(BUCKETING)
 def mimic(honest, f, *, rng=None, target=0, own=None):
     """Mimic: every faulty worker copies one honest worker's gradient.
 
@@ -525,6 +553,7 @@ def _pairwise_sq(xp, H):
 
 
 @_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(MIN_MAX)
 def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, own=None):
     """Min-Max (Shejwalkar and Houmansadr, 2021): the farthest shift that stays close to all.
 
@@ -574,6 +603,7 @@ def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, 
 
 
 @_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(MIN_MAX)
 def min_sum(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, own=None):
     """Min-Sum (Shejwalkar and Houmansadr, 2021): a shift whose total squared distance is honest.
 
@@ -688,6 +718,7 @@ def _damage(xp, honest, f, rule, make_row):
 
 
 @_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(ALIE)
 def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max=10.0,
                              points=11, refine=8, own=None):
     """A Little Is Enough with ``z`` chosen each round against the rule (Baruch et al., 2019).
@@ -742,6 +773,7 @@ def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max
 
 
 @_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(FOE)
 def optimal_fall_of_empires(honest, f, *, rng=None, rule=None, eps_min=0.01, eps_max=100.0,
                             points=13, refine=8, own=None):
     """Fall of Empires with ``eps`` chosen each round against the rule (Xie et al., 2019).
@@ -822,6 +854,7 @@ def label_flip(X, y, *, rng=None, n_classes):
     return X, (n_classes - 1) - y
 
 
+@_cites(FLAG_PAPER)
 def distorted_data(X, y, *, rng=None, n_classes=None, mode="noise", scale=3.0):
     """Training on distorted data: the paper's "augmented losses" workers.
 

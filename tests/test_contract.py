@@ -237,6 +237,12 @@ def test_docs_tables_read_the_declaration(monkeypatch):
         assert info.precondition.startswith(str(c.bound).replace(">=", "≥"))
         assert [p.split("=")[0] for p in info.parameters] == [
             k for k in c.params if k != "backend"]
+    from flagagg import attacks
+
+    for row in flagagg_tables.attack_rows():
+        ref = getattr(attacks.get_attack(row["name"]).func, "reference", None)
+        assert row["source"] == (ref.short() if ref is not None else "--")
+    assert attacks.min_max.reference.short() == "Shejwalkar and Houmansadr (NDSS 2021)"
 
 
 def test_a_result_with_deferred_diagnostics_pickles():
