@@ -233,9 +233,9 @@ def _ratio_text(r: Ratio) -> str:
 
 
 def _default_backend() -> str:
-    from flagagg.backends import installed_backends
+    import flagagg
 
-    return "numba" if "numba" in installed_backends() else "numpy"
+    return "numba" if "numba" in flagagg.available_backends() else "numpy"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -307,9 +307,9 @@ def run(args: argparse.Namespace) -> int:
                   ratio.ratio <= 1.10)
 
     if "gram" not in skip:
-        from flagagg.backends import get_backend_impl
+        from flagagg.backends import _implementation
 
-        impl = get_backend_impl(backend)
+        impl = _implementation(backend)
         table.section(f"Gram kernel ({backend}, float64 accumulation) vs BLAS G @ G.T (float32)")
         ratio = paired_ratio(lambda: impl.gram(G), lambda: G @ G.T, repeats)
         table.row("time of G @ G.T / kernel", f"{ratio.ratio:.2f}x ({_fmt_ms(ratio.base_s)})",

@@ -265,7 +265,7 @@ def test_deferred_subspace_diagnostics_equal_eager_ones(lam):
     # The aggregate-only path leaves out the final eigendecomposition; result_ and
     # return_result form it, equal to solve_gram's eager one.
     from flagagg._array import as_stack
-    from flagagg.backends import get_backend_impl
+    from flagagg.backends import _implementation
     from flagagg.rules._flag import solve_gram
 
     G = attacked_stack(9, 40, 2, seed=3)
@@ -273,7 +273,7 @@ def test_deferred_subspace_diagnostics_equal_eager_ones(lam):
     agg(G)
     lazy = agg.result_
     res = agg(G, return_result=True)
-    _, eager = solve_gram(as_stack(G).gram(get_backend_impl("numpy")), 3, lam)
+    _, eager = solve_gram(as_stack(G).gram(_implementation("numpy")), 3, lam)
     for got in (lazy, res):
         np.testing.assert_array_equal(got.eigenvalues, eager["eigenvalues"])
         assert got.stationarity == eager["stationarity"]

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flagagg
-from flagagg.backends import get_backend_impl
+from flagagg.backends import _implementation as get_backend_impl
 from flagagg.backends._order_stats import coordinate_stat_sorted as generic_stat
 from flagagg.backends._order_stats import network, sorting_network
 

@@ -7,9 +7,10 @@ from typing import Any
 import numpy as np
 
 from .._array import Leaf, Stack, as_stack
+from .._backend_choice import select_backend
 from .._gram import Gram, usable_rows
 from .._validation import check_int
-from ..backends import Backend, select_backend
+from ..backends import Backend
 from ._result import (
     AggregationResult,
     RuleResult,

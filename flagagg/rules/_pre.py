@@ -28,8 +28,7 @@ import numpy as np
 
 from .._array import Leaf, Stack, dtype_name
 from .._validation import check_int, check_real
-from ..backends import Backend
-from ..backends._base import compute_dtype_name
+from ..backends import Backend, compute_dtype_name
 from ._base import (
     AggregationResult,
     GramRule,
