@@ -50,7 +50,7 @@ from ._protocol import (
 )
 from ._results import fsync_dir
 from ._settings import make_replica
-from ._tls import identity
+from ._tls import identity, server_context
 
 __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
@@ -693,8 +693,6 @@ class Server(_ServerCore):
                  max_pending=256, max_pending_per_source=128, recorder=None,
                  _plaintext_benchmark=False):
         import ssl
-
-        from ._tls import server_context
 
         if _plaintext_benchmark:
             # for measuring what TLS costs (asv_bench), on loopback only; no CLI reaches it
