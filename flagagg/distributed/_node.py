@@ -196,7 +196,7 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         )
     torch.set_num_threads(max(1, int(threads)))
     device = _device(spec.device, local_rank)
-    transport = spec.transport_for(device)
+    transport = spec.transport
     tls = None
     if transport == "tcp":
         try:

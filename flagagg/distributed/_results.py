@@ -200,7 +200,7 @@ class RunLog:
         fsync_dir(self.folder)
         return out
 
-    def write_round(self, row, workers, _unused, events, curve):
+    def write_round(self, row, workers, events, curve):
         """Append one round's records (``row`` None: events only) and flush them."""
         if self.files is None:
             self.earlier(0)
