@@ -9,7 +9,7 @@ import flagagg
 from flagagg.backends import _implementation
 
 from oracle import flag_dense
-from test_flag import attacked_stack
+from support.data import attacked_stack
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])

@@ -13,7 +13,7 @@ import pytest
 
 import flagagg
 
-from conftest import has_module
+from support.backends import has_module
 
 
 def test_default_is_auto_and_contexts_nest():

@@ -11,24 +11,11 @@ from scipy.linalg import subspace_angles
 import flagagg
 
 from oracle import PairTermsDense, flag_dense
+from support.data import attacked_stack
 
 # The published, normalised output: what the dense oracle computes (the default
 # rescales it to the median input norm, tested in test_interface.py).
 PUBLISHED = {"rescale": None, "backend": "numpy"}
-
-
-def attacked_stack(p, n, f, seed, dtype="float64", kind="reverse"):
-    """p - f honest rows around a common direction plus f faulty rows."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=n)
-    honest = base + 0.5 * rng.normal(size=(p - f, n))
-    if kind == "reverse":
-        bad = -10 * honest[:f]
-    elif kind == "random":
-        bad = rng.uniform(-5, 5, size=(f, n))
-    else:
-        bad = np.repeat(honest.mean(0, keepdims=True) - 2 * honest.std(0), f, axis=0)
-    return np.vstack([honest, bad]).astype(dtype)
 
 
 ORACLE_CASES = [

@@ -32,7 +32,7 @@ from flagagg.rules._base import (
 )
 
 import rule_oracles as orc
-from conftest import has_module
+from support.backends import has_module
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 

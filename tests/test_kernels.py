@@ -18,7 +18,7 @@ import pytest
 
 from flagagg.backends import _implementation
 
-from conftest import has_module
+from support.backends import has_module
 
 # Under NUMBA_DISABLE_JIT the kernels run as Python: keep the data tiny there.
 PYTHON_KERNELS = os.environ.get("NUMBA_DISABLE_JIT", "0") == "1"

@@ -13,7 +13,7 @@ from flagagg.backends._order_stats import coordinate_stat_sorted as generic_stat
 from flagagg.backends._order_stats import network, sorting_network
 
 import rule_oracles as orc
-from conftest import has_module, make_lib
+from support.backends import has_module, make_lib
 
 P, F = 11, 2  # Bulyan needs p >= 4f + 3
 
