@@ -30,8 +30,8 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -239,8 +239,12 @@ def _default_backend() -> str:
     return "numba" if "numba" in flagagg.available_backends() else "numpy"
 
 
-@dataclass
-class _Bench:
+# The targets are stated for the solver iterated to convergence, the most
+# work it does; the default (2 steps) gets an informative row.
+_CONVERGED = {"max_iter": 100, "tol": 1e-6}
+
+
+class _Bench(NamedTuple):
     """What every section of the report measures with: the data, the sizes, the solver."""
 
     G: np.ndarray
@@ -252,9 +256,6 @@ class _Bench:
     quick: bool
     dense_n: int
     rules_n: int
-    # The targets are stated for the solver iterated to convergence, the most
-    # work it does; the default (2 steps) gets an informative row.
-    converged: dict = field(default_factory=lambda: {"max_iter": 100, "tol": 1e-6})
 
     def mean(self) -> object:
         return np.mean(self.G, axis=0)
@@ -263,14 +264,14 @@ class _Bench:
         """``flag_aggregate`` of the bench's data at ``lam``, converged unless ``kw`` says."""
         import flagagg
 
-        kw = {**self.converged, **kw}
+        kw = {**_CONVERGED, **kw}
         return lambda: flagagg.flag_aggregate(self.G, self.r, lam, backend=self.backend, **kw)
 
     def result(self, lam: float):
         import flagagg
 
         return flagagg.flag_aggregate(self.G, self.r, lam, backend=self.backend,
-                                      return_result=True, **self.converged)
+                                      return_result=True, **_CONVERGED)
 
 
 def _setup(args: argparse.Namespace) -> _Bench:
