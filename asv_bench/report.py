@@ -31,6 +31,7 @@ import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -233,9 +234,217 @@ def _ratio_text(r: Ratio) -> str:
 
 
 def _default_backend() -> str:
-    from flagagg.backends import installed_backends
+    import flagagg
 
-    return "numba" if "numba" in installed_backends() else "numpy"
+    return "numba" if "numba" in flagagg.available_backends() else "numpy"
+
+
+# The targets are stated for the solver iterated to convergence, the most
+# work it does; the default (2 steps) gets an informative row.
+_CONVERGED = {"max_iter": 100, "tol": 1e-6}
+
+
+class _Bench(NamedTuple):
+    """What every section of the report measures with: the data, the sizes, the solver."""
+
+    G: np.ndarray
+    p: int
+    n: int
+    r: int
+    backend: str
+    repeats: int
+    quick: bool
+    dense_n: int
+    rules_n: int
+
+    def mean(self) -> object:
+        return np.mean(self.G, axis=0)
+
+    def fa(self, lam: float, **kw) -> Callable[[], object]:
+        """``flag_aggregate`` of the bench's data at ``lam``, converged unless ``kw`` says."""
+        import flagagg
+
+        kw = {**_CONVERGED, **kw}
+        return lambda: flagagg.flag_aggregate(self.G, self.r, lam, backend=self.backend, **kw)
+
+    def result(self, lam: float):
+        import flagagg
+
+        return flagagg.flag_aggregate(self.G, self.r, lam, backend=self.backend,
+                                      return_result=True, **_CONVERGED)
+
+
+def _setup(args: argparse.Namespace) -> _Bench:
+    """The sizes from the arguments (smaller with --quick) and the data."""
+    quick = args.quick
+    n = args.n or (200_000 if quick else 4_000_000)
+    return _Bench(
+        G=make_stack(args.p, n), p=args.p, n=n, r=math.ceil(args.p / 2),
+        backend=args.backend or _default_backend(),
+        repeats=args.repeats or (3 if quick else 15), quick=quick,
+        dense_n=min(n, args.dense_n or (20_000 if quick else 250_000)),
+        rules_n=args.rules_n or (100_000 if quick else 1_000_000),
+    )
+
+
+def _print_header(b: _Bench) -> None:
+    import flagagg
+
+    threads = ""
+    if b.backend == "numba":
+        import numba
+
+        threads = f", numba threads {numba.get_num_threads()} ({numba.threading_layer()})"
+    print(f"flagagg {flagagg.__version__} bench: backend={b.backend}, p={b.p}, n={b.n:,} "
+          f"float32, r={b.r}, {b.repeats} interleaved pairs per ratio (median of per-pair "
+          "ratios)")
+    print(f"python {platform.python_version()}, numpy {np.__version__}, "
+          f"{os.cpu_count()} CPUs{threads}")
+
+
+def _flag_section(table: _Table, b: _Bench, results: dict) -> None:
+    table.section(f"Flag Aggregator (paper, r={b.r}, IRLS to tol=1e-6) vs np.mean(G, axis=0)")
+    for lam, res in results.items():
+        ratio = paired_ratio(b.mean, b.fa(lam), b.repeats)
+        table.note(f"lam={lam:g}: {res.n_iter} IRLS steps, converged={res.converged}; "
+                   f"np.mean {_fmt_ms(ratio.base_s)}")
+        table.row(f"flag_aggregate lam={lam:g} / np.mean", _ratio_text(ratio), "<= 4x",
+                  ratio.ratio <= 4.0)
+        if lam == 0.0:
+            table.row("  (goal)", "", "<= 3x", ratio.ratio <= 3.0, required=False)
+            if b.backend == "numba":
+                # np.mean uses one core; this row is immune to a busy second core.
+                ratio = paired_ratio(b.mean, _one_thread(b.fa(lam)), b.repeats)
+                table.row("  same on one thread (informative)", _ratio_text(ratio))
+            ratio = paired_ratio(b.mean, b.fa(lam, max_iter=2, tol=0.0), b.repeats)
+            table.row("  default max_iter=2 (informative)", _ratio_text(ratio))
+    ratio = paired_ratio(b.fa(0.0), b.fa(1.0), b.repeats)
+    table.row("flag_aggregate lam=1 / lam=0", _ratio_text(ratio), "<= 1.10x",
+              ratio.ratio <= 1.10)
+
+
+def _gram_section(table: _Table, b: _Bench) -> None:
+    from flagagg.backends import _implementation
+
+    G, p = b.G, b.p
+    impl = _implementation(b.backend)
+    table.section(f"Gram kernel ({b.backend}, float64 accumulation) vs BLAS G @ G.T (float32)")
+    ratio = paired_ratio(lambda: impl.gram(G), lambda: G @ G.T, b.repeats)
+    table.row("time of G @ G.T / kernel", f"{ratio.ratio:.2f}x ({_fmt_ms(ratio.base_s)})",
+              ">= 2x", ratio.ratio >= 2.0)
+    K64 = np.zeros((p, p))
+    step = 1 << 16
+    for start in range(0, b.n, step):  # float64 BLAS on widened chunks: the reference
+        B = G[:, start:start + step].astype(np.float64)
+        K64 += B @ B.T
+    scale = np.abs(K64).max()
+    err_k = np.abs(impl.gram(G) - K64).max() / scale
+    err_b = np.abs((G @ G.T).astype(np.float64) - K64).max() / scale
+    table.row("max relative error, kernel", f"{err_k:.1e}", "< BLAS float32", err_k < err_b)
+    table.row("max relative error, G @ G.T float32", f"{err_b:.1e}")
+    table.note("errors: max |K - K64| / max |K64|, K64 = float64 BLAS of widened chunks")
+
+
+def _dense_section(table: _Table, b: _Bench, results: dict) -> None:
+    import flagagg
+
+    table.section("Dense n-space IRLS (an SVD per step) vs the Gram-space solver")
+    dense_n, p, r = b.dense_n, b.p, b.r
+    Gd = b.G[:, :dense_n]
+    for lam, res in results.items():
+        steps = 2
+        setup_s, per_step, how = _dense_timing(Gd, r, lam, steps)
+        scale = b.n / dense_n
+        dense_total = (setup_s + per_step * res.n_iter) * scale
+        t_fa = statistics.median(_time_once(b.fa(lam)) for _ in range(max(3, b.repeats // 2)))
+        width = p + (p * (p - 1) // 2 if lam > 0 else 0)
+        table.note(f"lam={lam:g}: dense SVD of a {dense_n:,} x {width} float64 matrix, "
+                   f"{_fmt_ms(per_step)} per step, {_fmt_ms(setup_s)} setup ({how}); "
+                   f"measured on {dense_n:,} coordinates for {steps} steps, scaled "
+                   f"linearly to n={b.n:,} and to the solver's {res.n_iter} steps")
+        speedup = dense_total / t_fa
+        need = 100.0 if lam == 0 else 1000.0
+        table.row(f"dense / flag_aggregate, lam={lam:g}",
+                  f"{speedup:,.0f}x ({_fmt_ms(dense_total)})", f">= {need:,.0f}x",
+                  speedup >= need)
+        fa_small = statistics.median(
+            _time_once(lambda lam=lam: flagagg.flag_aggregate(Gd, r, lam, backend=b.backend))
+            for _ in range(max(3, b.repeats // 2)))
+        same_n = (setup_s + per_step * res.n_iter) / fa_small
+        table.row(f"  same, both at n={dense_n:,} (no scaling in n)", f"{same_n:,.0f}x")
+
+
+def _iterations_section(table: _Table, b: _Bench) -> None:
+    table.section("IRLS steps: max_iter=20 (tol=0) vs max_iter=1")
+    for lam in (0.0, 1.0):
+        ratio = paired_ratio(b.fa(lam, max_iter=1), b.fa(lam, max_iter=20, tol=0.0), b.repeats)
+        table.row(f"20 steps / 1 step, lam={lam:g}", _ratio_text(ratio), "<= 1.2x",
+                  ratio.ratio <= 1.2)
+
+
+def _memory_section(table: _Table, b: _Bench) -> None:
+    import flagagg
+
+    G, p = b.G, b.p
+    table.section("Peak memory of one solve beyond the input (lam=1)")
+    out_bytes = b.n * G.itemsize
+    gc.collect()
+    rss0 = _rss_peak_reset()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    flagagg.flag_aggregate(G, b.r, 1.0, backend=b.backend)
+    peak = tracemalloc.get_traced_memory()[1] - before
+    tracemalloc.stop()
+    hwm = _proc_status("VmHWM")
+    extra = peak - out_bytes
+    table.row("tracemalloc peak", f"{peak / 2**20:.1f} MiB",
+              "~ output + O(p^2)", extra <= 64 * p * p * 8 + (1 << 20))
+    table.note(f"output {out_bytes / 2**20:.1f} MiB; beyond it {extra / 2**10:.0f} KiB "
+               f"(O(p^2): {p}x{p} Gram and 64 per-segment partials); input "
+               f"{G.nbytes / 2**20:.0f} MiB")
+    if rss0 is not None and hwm is not None:
+        table.row("peak RSS growth (VmHWM)", f"{(hwm - rss0) / 2**20:.1f} MiB")
+        table.note("RSS also counts numba's own buffers (a 16 KiB accumulator per segment "
+                   "in flight), which tracemalloc does not see; pages the process already "
+                   "holds are reused, so it can stay below the output size")
+
+
+def _rules_section(table: _Table, b: _Bench) -> None:
+    import flagagg
+
+    table.section(f"Every registered rule (f=3, backend auto) vs np.mean, float32 "
+                  f"({b.p}, {b.rules_n:,})")
+    Gr = make_stack(b.p, b.rules_n, seed=1)
+    cases = [(name, name, {}) for name in flagagg.available_rules()]
+    cases.append(("nnm + krum", "krum", {"pre": ["nnm"]}))
+    for label, name, extra in cases:
+        try:
+            try:
+                rule = flagagg.get_rule(name, f=3, **extra)
+            except TypeError:
+                rule = flagagg.get_rule(name, **extra)
+            ratio = paired_ratio(lambda: np.mean(Gr, axis=0), lambda rule=rule: rule(Gr),
+                                 max(3, b.repeats // 2))
+            need = _RULE_TARGETS.get(label)
+            if need is None:
+                table.row(label, _ratio_text(ratio))
+            else:
+                table.row(label, _ratio_text(ratio), f"<= {need:g}x", ratio.ratio <= need)
+        except Exception as exc:  # noqa: BLE001 - a broken rule is a row, not a crash
+            table.row(name, "error", ok=None)
+            table.note(f"{type(exc).__name__}: {exc}"[:200])
+
+
+def _verdict(table: _Table, check: bool) -> int:
+    """Print whether the required targets were met; the exit status."""
+    print()
+    if not table.judge:
+        print("targets not judged: --quick sizes are a smoke run")
+    elif table.missed:
+        print("missed: " + "; ".join(table.missed))
+    else:
+        print("all required targets met")
+    return 1 if (check and table.missed) else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -246,184 +455,38 @@ def run(args: argparse.Namespace) -> int:
     status : int
         0, or 1 with ``--check`` when a required target was missed.
     """
-    import flagagg
-
-    quick = args.quick
-    n = args.n or (200_000 if quick else 4_000_000)
-    p = args.p
-    rules_n = args.rules_n or (100_000 if quick else 1_000_000)
-    dense_n = min(n, args.dense_n or (20_000 if quick else 250_000))
-    repeats = args.repeats or (3 if quick else 15)
-    backend = args.backend or _default_backend()
-    r = math.ceil(p / 2)
+    b = _setup(args)
     skip = set(args.skip)
-    table = _Table(judge=not quick)
-
-    _warm(backend)
-    threads = ""
-    if backend == "numba":
-        import numba
-
-        threads = f", numba threads {numba.get_num_threads()} ({numba.threading_layer()})"
-    print(f"flagagg {flagagg.__version__} bench: backend={backend}, p={p}, n={n:,} float32, "
-          f"r={r}, {repeats} interleaved pairs per ratio (median of per-pair ratios)")
-    print(f"python {platform.python_version()}, numpy {np.__version__}, "
-          f"{os.cpu_count()} CPUs{threads}")
-
-    G = make_stack(p, n)
-
-    def mean() -> object:
-        return np.mean(G, axis=0)
-
-    # The targets are stated for the solver iterated to convergence, the most
-    # work it does; the default (2 steps) gets an informative row.
-    converged = {"max_iter": 100, "tol": 1e-6}
-
-    def fa(lam: float, **kw) -> Callable[[], object]:
-        kw = {**converged, **kw}
-        return lambda: flagagg.flag_aggregate(G, r, lam, backend=backend, **kw)
-
-    res0 = flagagg.flag_aggregate(G, r, 0.0, backend=backend, return_result=True, **converged)
-    res1 = flagagg.flag_aggregate(G, r, 1.0, backend=backend, return_result=True, **converged)
+    table = _Table(judge=not b.quick)
+    _warm(b.backend)
+    _print_header(b)
+    # both sections report the converged solves' step counts
+    results = {lam: b.result(lam) for lam in (0.0, 1.0)}
 
     if "flag" not in skip:
-        table.section(f"Flag Aggregator (paper, r={r}, IRLS to tol=1e-6) vs np.mean(G, axis=0)")
-        for lam, res in ((0.0, res0), (1.0, res1)):
-            ratio = paired_ratio(mean, fa(lam), repeats)
-            table.note(f"lam={lam:g}: {res.n_iter} IRLS steps, converged={res.converged}; "
-                       f"np.mean {_fmt_ms(ratio.base_s)}")
-            table.row(f"flag_aggregate lam={lam:g} / np.mean", _ratio_text(ratio), "<= 4x",
-                      ratio.ratio <= 4.0)
-            if lam == 0.0:
-                table.row("  (goal)", "", "<= 3x", ratio.ratio <= 3.0, required=False)
-                if backend == "numba":
-                    # np.mean uses one core; this row is immune to a busy second core.
-                    ratio = paired_ratio(mean, _one_thread(fa(lam)), repeats)
-                    table.row("  same on one thread (informative)", _ratio_text(ratio))
-                ratio = paired_ratio(mean, fa(lam, max_iter=2, tol=0.0), repeats)
-                table.row("  default max_iter=2 (informative)", _ratio_text(ratio))
-        ratio = paired_ratio(fa(0.0), fa(1.0), repeats)
-        table.row("flag_aggregate lam=1 / lam=0", _ratio_text(ratio), "<= 1.10x",
-                  ratio.ratio <= 1.10)
-
+        _flag_section(table, b, results)
     if "gram" not in skip:
-        from flagagg.backends import get_backend_impl
-
-        impl = get_backend_impl(backend)
-        table.section(f"Gram kernel ({backend}, float64 accumulation) vs BLAS G @ G.T (float32)")
-        ratio = paired_ratio(lambda: impl.gram(G), lambda: G @ G.T, repeats)
-        table.row("time of G @ G.T / kernel", f"{ratio.ratio:.2f}x ({_fmt_ms(ratio.base_s)})",
-                  ">= 2x", ratio.ratio >= 2.0)
-        K64 = np.zeros((p, p))
-        step = 1 << 16
-        for start in range(0, n, step):  # float64 BLAS on widened chunks: the reference
-            B = G[:, start:start + step].astype(np.float64)
-            K64 += B @ B.T
-        scale = np.abs(K64).max()
-        err_k = np.abs(impl.gram(G) - K64).max() / scale
-        err_b = np.abs((G @ G.T).astype(np.float64) - K64).max() / scale
-        table.row("max relative error, kernel", f"{err_k:.1e}", "< BLAS float32", err_k < err_b)
-        table.row("max relative error, G @ G.T float32", f"{err_b:.1e}")
-        table.note("errors: max |K - K64| / max |K64|, K64 = float64 BLAS of widened chunks")
-
+        _gram_section(table, b)
     if "dense" not in skip:
-        table.section("Dense n-space IRLS (an SVD per step) vs the Gram-space solver")
-        Gd = G[:, :dense_n]
-        for lam, res in ((0.0, res0), (1.0, res1)):
-            steps = 2
-            setup_s, per_step, how = _dense_timing(Gd, r, lam, steps)
-            scale = n / dense_n
-            dense_total = (setup_s + per_step * res.n_iter) * scale
-            t_fa = statistics.median(_time_once(fa(lam)) for _ in range(max(3, repeats // 2)))
-            width = p + (p * (p - 1) // 2 if lam > 0 else 0)
-            table.note(f"lam={lam:g}: dense SVD of a {dense_n:,} x {width} float64 matrix, "
-                       f"{_fmt_ms(per_step)} per step, {_fmt_ms(setup_s)} setup ({how}); "
-                       f"measured on {dense_n:,} coordinates for {steps} steps, scaled "
-                       f"linearly to n={n:,} and to the solver's {res.n_iter} steps")
-            speedup = dense_total / t_fa
-            need = 100.0 if lam == 0 else 1000.0
-            table.row(f"dense / flag_aggregate, lam={lam:g}",
-                      f"{speedup:,.0f}x ({_fmt_ms(dense_total)})", f">= {need:,.0f}x",
-                      speedup >= need)
-            fa_small = statistics.median(
-                _time_once(lambda lam=lam: flagagg.flag_aggregate(Gd, r, lam, backend=backend))
-                for _ in range(max(3, repeats // 2)))
-            same_n = (setup_s + per_step * res.n_iter) / fa_small
-            table.row(f"  same, both at n={dense_n:,} (no scaling in n)", f"{same_n:,.0f}x")
-
+        _dense_section(table, b, results)
     if "iterations" not in skip:
-        table.section("IRLS steps: max_iter=20 (tol=0) vs max_iter=1")
-        for lam in (0.0, 1.0):
-            ratio = paired_ratio(fa(lam, max_iter=1), fa(lam, max_iter=20, tol=0.0), repeats)
-            table.row(f"20 steps / 1 step, lam={lam:g}", _ratio_text(ratio), "<= 1.2x",
-                      ratio.ratio <= 1.2)
-
+        _iterations_section(table, b)
     if "memory" not in skip:
-        table.section("Peak memory of one solve beyond the input (lam=1)")
-        out_bytes = n * G.itemsize
-        gc.collect()
-        rss0 = _rss_peak_reset()
-        tracemalloc.start()
-        before = tracemalloc.get_traced_memory()[0]
-        flagagg.flag_aggregate(G, r, 1.0, backend=backend)
-        peak = tracemalloc.get_traced_memory()[1] - before
-        tracemalloc.stop()
-        hwm = _proc_status("VmHWM")
-        extra = peak - out_bytes
-        table.row("tracemalloc peak", f"{peak / 2**20:.1f} MiB",
-                  "~ output + O(p^2)", extra <= 64 * p * p * 8 + (1 << 20))
-        table.note(f"output {out_bytes / 2**20:.1f} MiB; beyond it {extra / 2**10:.0f} KiB "
-                   f"(O(p^2): {p}x{p} Gram and 64 per-segment partials); input "
-                   f"{G.nbytes / 2**20:.0f} MiB")
-        if rss0 is not None and hwm is not None:
-            table.row("peak RSS growth (VmHWM)", f"{(hwm - rss0) / 2**20:.1f} MiB")
-            table.note("RSS also counts numba's own buffers (a 16 KiB accumulator per segment "
-                       "in flight), which tracemalloc does not see; pages the process already "
-                       "holds are reused, so it can stay below the output size")
-
+        _memory_section(table, b)
     if "rules" not in skip:
-        table.section(f"Every registered rule (f=3, backend auto) vs np.mean, float32 "
-                      f"({p}, {rules_n:,})")
-        Gr = make_stack(p, rules_n, seed=1)
-        cases = [(name, name, {}) for name in flagagg.available_rules()]
-        cases.append(("nnm + krum", "krum", {"pre": ["nnm"]}))
-        for label, name, extra in cases:
-            try:
-                try:
-                    rule = flagagg.get_rule(name, f=3, **extra)
-                except TypeError:
-                    rule = flagagg.get_rule(name, **extra)
-                ratio = paired_ratio(lambda: np.mean(Gr, axis=0), lambda rule=rule: rule(Gr),
-                                     max(3, repeats // 2))
-                need = _RULE_TARGETS.get(label)
-                if need is None:
-                    table.row(label, _ratio_text(ratio))
-                else:
-                    table.row(label, _ratio_text(ratio), f"<= {need:g}x", ratio.ratio <= need)
-            except Exception as exc:  # noqa: BLE001 - a broken rule is a row, not a crash
-                table.row(name, "error", ok=None)
-                table.note(f"{type(exc).__name__}: {exc}"[:200])
-
+        _rules_section(table, b)
     if "psweep" not in skip:
-        _psweep(table, args.psweep_mb or (4.0 if quick else 256.0), max(3, repeats // 3))
+        _psweep(table, args.psweep_mb or (4.0 if b.quick else 256.0), max(3, b.repeats // 3))
     if "pytree" not in skip:
-        _pytree_section(table, p, quick, max(3, repeats // 3))
+        _pytree_section(table, b.p, b.quick, max(3, b.repeats // 3))
     if "detection" not in skip:
-        _detection_section(table, quick)
+        _detection_section(table, b.quick)
     # Whole training loops in child processes (minutes): left out of --quick.
-    if not quick and "loop" not in skip:
+    if not b.quick and "loop" not in skip:
         _loop_section(table)
-    if not quick and "ddp" not in skip:
+    if not b.quick and "ddp" not in skip:
         _ddp_section(table)
-
-    print()
-    if not table.judge:
-        print("targets not judged: --quick sizes are a smoke run")
-    elif table.missed:
-        print("missed: " + "; ".join(table.missed))
-    else:
-        print("all required targets met")
-    return 1 if (args.check and table.missed) else 0
+    return _verdict(table, args.check)
 
 
 # The p-sweep: Gram rules against float64 BLAS on a float64 copy of the input

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._config import available_backends, backend, get_backend, set_backend
+from ._backend_choice import available_backends, backend, get_backend, set_backend
 from .rules import AggregationResult, aggregate, available_rules, get_rule
 from .rules._flag import FlagAggregator, FlagResult, flag_aggregate
 

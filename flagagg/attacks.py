@@ -42,7 +42,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
 from ._validation import check_choice, check_int, check_real
-from .rules._contract import Reference
+from .rules import Reference
 
 __all__ = [
     "Attack",

@@ -13,6 +13,8 @@ import argparse
 import importlib
 import sys
 
+from . import __version__
+
 # sub-command -> (module, one-line help)
 COMMANDS = {
     "demo": ("flagagg.sim._cli_demo", "short robust-training comparison: a table and a plot"),
@@ -22,18 +24,6 @@ COMMANDS = {
     "certs": ("flagagg.distributed._cli_certs", "issue a training run's TLS certificates, "
               "one file per process"),
 }
-
-
-def report_error(exc: BaseException) -> int:
-    """Print a configuration or data error without a traceback; return the exit status."""
-    print(f"flagagg: error: {exc}", file=sys.stderr)
-    return 2
-
-
-def _version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="\n".join(f"  {name:<11} {text}" for name, (_, text) in COMMANDS.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    top.add_argument("--version", action="version", version=f"flagagg {_version()}")
+    top.add_argument("--version", action="version", version=f"flagagg {__version__}")
     top.add_argument("command", choices=sorted(COMMANDS), metavar="COMMAND",
                      help="one of: " + ", ".join(COMMANDS))
     top.add_argument("args", nargs=argparse.REMAINDER, help="arguments of the command")

@@ -10,6 +10,9 @@ import pytest
 
 pytest.importorskip("asv")
 
+# benchmark / docs / packaging smoke: out of `pytest -m "not tooling"` (make test runs it)
+pytestmark = pytest.mark.tooling
+
 PATH = Path(__file__).resolve().parent.parent / "asv_bench" / "compare.py"
 _spec = importlib.util.spec_from_file_location("flagagg_asv_compare", PATH)
 compare = importlib.util.module_from_spec(_spec)

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+# benchmark / docs / packaging smoke: out of `pytest -m "not tooling"` (make test runs it)
+pytestmark = pytest.mark.tooling
+
 ASV_DIR = Path(__file__).resolve().parent.parent / "asv_bench"
 PREFIXES = ("time_", "peakmem_", "track_", "mem_")
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 import flagagg
-from flagagg.backends import get_backend_impl
+from flagagg.backends import _implementation
 
 from oracle import flag_dense
-from test_flag import attacked_stack
+from support.data import attacked_stack
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
@@ -48,7 +48,7 @@ def test_gram_and_combine_kernels_agree(lib, dtype):
     rng = np.random.default_rng(5)
     # Several segments and a ragged tail for the blocked kernels.
     X = rng.normal(size=(13, 70_001)).astype(dtype)
-    impl = get_backend_impl(lib.backend)
+    impl = _implementation(lib.backend)
     K = impl.gram(lib.to(X))
     K64 = X.astype(np.float64) @ X.astype(np.float64).T
     assert isinstance(K, np.ndarray) and K.dtype == np.float64
@@ -66,7 +66,7 @@ def test_gram_and_combine_kernels_agree(lib, dtype):
 
 def test_gram_is_deterministic_and_float64_accurate():
     pytest.importorskip("numba")
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     X = np.random.default_rng(0).normal(size=(15, 300_000)).astype(np.float32)
     K1, K2 = impl.gram(X), impl.gram(X)
     np.testing.assert_array_equal(K1, K2)

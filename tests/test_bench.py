@@ -15,6 +15,9 @@ import flagagg
 
 from oracle import flag_dense
 
+# benchmark / docs / packaging smoke: out of `pytest -m "not tooling"` (make test runs it)
+pytestmark = pytest.mark.tooling
+
 REPORT = Path(__file__).resolve().parent.parent / "asv_bench" / "report.py"
 
 

@@ -27,7 +27,7 @@ import flagagg
 from flagagg._array import to_numpy
 from flagagg.rules import available_pre
 
-from conftest import has_module, make_lib
+from support.backends import has_module, make_lib
 
 P, N = 11, 16
 MAGNITUDES = {"float64": (1e3, 1e30, 1e155, 1e300), "float32": (1e3, 1e20, 3e38)}

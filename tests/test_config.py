@@ -13,7 +13,7 @@ import pytest
 
 import flagagg
 
-from conftest import has_module
+from support.backends import has_module
 
 
 def test_default_is_auto_and_contexts_nest():
@@ -86,6 +86,29 @@ def test_per_call_keyword_wins():
     with flagagg.backend("array_api"):
         res = flagagg.flag_aggregate(G, backend="numpy", return_result=True)
     assert res.backend == "numpy"
+
+
+def test_the_precedence_table_row_by_row(monkeypatch):
+    # docs/backends.rst, "How the backend is chosen": the first row that is set wins
+    G = np.random.default_rng(0).normal(size=(4, 10))
+    rule = flagagg.FlagAggregator(backend="numpy")
+    monkeypatch.setenv("FLAGAGG_BACKEND", "numpy")
+    flagagg.set_backend("array_api")  # row 3: set_backend before the environment
+    try:
+        assert flagagg.get_backend() == "array_api"
+        assert flagagg.flag_aggregate(G, return_result=True).backend == "array_api"
+        with flagagg.backend("numpy"):  # row 2 over row 3
+            assert flagagg.flag_aggregate(G, return_result=True).backend == "numpy"
+            with flagagg.backend("array_api"):
+                # row 1: the rule object's backend= over any block ...
+                assert rule(G, return_result=True).backend == "numpy"
+                # ... and the call's backend= over the rule object's
+                assert rule(G, return_result=True, backend="array_api").backend == "array_api"
+    finally:
+        flagagg.set_backend(None)
+    assert flagagg.get_backend() == "numpy"  # row 3 again: the environment
+    monkeypatch.delenv("FLAGAGG_BACKEND")
+    assert flagagg.get_backend() == "auto"  # row 4
 
 
 def test_auto_picks_from_inputs():

@@ -28,14 +28,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
-from _procs import note_pid, watch
+
+from support.procs import note_pid, watch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -52,30 +51,19 @@ from flagagg.distributed._protocol import (  # noqa: E402
     encode_json,
     encode_tensor,
     recv_frame,
-    send_frame,
 )
-from flagagg.distributed._tls import client_context, file_of, issue  # noqa: E402
 from flagagg.sim import ConfigError  # noqa: E402
 
-RUN_TIMEOUT = 150  # seconds any one multi-process run may take on a busy machine
-# one CA and certificates for the in-process servers and peers of these tests
-CERTS = Path(tempfile.mkdtemp(prefix="flagagg-test-certs-"))
-issue(CERTS, 16)
-SERVER_PEM = file_of(CERTS, 0)
-SERVER_KINDS = {Kind.WELCOME, Kind.REJECT, Kind.PARAMS, Kind.STOP}
-
-
-def worker_pem(w):
-    """The test run's certificate file of worker ``w``."""
-    return file_of(CERTS, w + 1)
-
-
-def _spec(**kw):
-    options = dict(rule="mean", attack="none", f=0, workers=4, rounds=5, eval_every=5,
-                   round_timeout=1.5, connect_timeout=20)
-    options.update(kw)
-    return distributed.make_spec(sim.load_config("demo"), **options)
-
+from support.distributed import (  # noqa: E402
+    RUN_TIMEOUT,
+    SERVER_PEM,
+    Peer,
+    torchrun_worker_env,
+    worker_pem,
+)
+from support.distributed import alive as _alive  # noqa: E402
+from support.distributed import make_spec as _spec  # noqa: E402
+from support.distributed import serve as _serve  # noqa: E402
 
 # --------------------------------------------------------------------------
 # wire format
@@ -156,8 +144,7 @@ def test_transport_choice_and_what_is_missing(monkeypatch):
 
     spec = _spec()
     assert spec.transport == "tcp"  # authenticated by default; gloo and nccl only on request
-    assert spec.transport_for("cpu") == spec.transport_for("cuda:1") == "tcp"
-    assert _spec(transport="gloo").transport_for("cuda:0") == "gloo"
+    assert _spec(transport="gloo").transport == "gloo"
     with pytest.raises(ConfigError, match="not one of tcp, gloo, nccl"):
         _spec(transport="mpi")
     assert _spec(f=1).quorum_size == 3 and _spec(quorum=2).quorum_size == 2
@@ -175,25 +162,6 @@ def test_transport_choice_and_what_is_missing(monkeypatch):
         check_transport("gloo")
     spec_dict = distributed._settings.spec_to_dict(_spec(transport="tcp"))
     assert distributed._settings.spec_from_dict(spec_dict).transport == "tcp"
-
-
-def torchrun_worker_env(monkeypatch, server_entry):
-    """Rank 1 of 5 under torchrun, with a store whose server-address key says ``server_entry``.
-
-    Returns the store (the caller keeps it open while the worker runs).
-    """
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                          timeout=datetime.timedelta(seconds=10))
-    store.set("flagagg/server/0", json.dumps(server_entry))
-    for k, v in {"RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": str(store.port), "FLAGAGG_CERTS": str(CERTS)}.items():
-        monkeypatch.setenv(k, v)
-    for k in ("LOCAL_RANK", "LOCAL_WORLD_SIZE", "TORCHELASTIC_USE_AGENT_STORE",
-              "TORCHELASTIC_RESTART_COUNT", "FLAGAGG_SERVER_ADDR"):
-        monkeypatch.delenv(k, raising=False)
-    return store
 
 
 def test_a_worker_started_with_another_transport_says_so(monkeypatch, capsys):
@@ -232,50 +200,6 @@ def test_cli_reports_config_errors_without_starting_processes(capsys):
 
 # --------------------------------------------------------------------------
 # the server against hand-written peers
-
-
-class Peer:
-    """A worker written by hand, to send exactly what a test needs.
-
-    It holds the certificate of worker ``cert`` (``worker`` by default) and
-    its HELLO asks for ``worker``.
-    """
-
-    def __init__(self, server, worker, fingerprint=None, cert=None, timeout=20):
-        raw = socket.create_connection(server.address, timeout=timeout)
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        ctx = client_context(worker_pem(worker if cert is None else cert))
-        self.sock = ctx.wrap_socket(raw)
-        self.worker = worker
-        hello = {"worker": worker, "rank": worker + 1, "pid": 0, "host": "test",
-                 "fingerprint": fingerprint or server.spec.fingerprint(),
-                 "n_params": server.n, "device": "cpu"}
-        send_frame(self.sock, encode_json(Kind.HELLO, hello))
-        self.answer = self.recv()
-
-    def recv(self):
-        return recv_frame(self.sock, 1 << 24, SERVER_KINDS, 20)
-
-    @staticmethod
-    def frame(parts):
-        """The bytes of a message."""
-        return b"".join(bytes(p) for p in parts)
-
-    def params(self, t):
-        frame = self.recv()
-        assert (frame.kind, frame.round) == (Kind.PARAMS, t)
-        return frame.array()
-
-    def send(self, t, row):
-        send_frame(self.sock, encode_tensor(Kind.GRAD, row, worker=self.worker, round=t,
-                                            seconds=0.001))
-
-
-def _serve(server):
-    out = {}
-    thread = threading.Thread(target=lambda: out.setdefault("record", server.run()), daemon=True)
-    thread.start()
-    return thread, out
 
 
 def _check_rounds_1_to_3(record, n):
@@ -647,14 +571,6 @@ def test_worker_momentum_reaches_the_parameter_server_workers():
     plain = sim.simulate(sim.load_dataset("digits"), "median", f=1, attack="reverse", **kwargs)
     np.testing.assert_allclose(run.parameters, ref.parameters, rtol=1e-5, atol=1e-6)
     assert not np.allclose(run.parameters, plain.parameters, rtol=1e-3, atol=1e-4)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.mark.parametrize("transport", ["gloo", "tcp"])

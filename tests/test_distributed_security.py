@@ -34,21 +34,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _procs import note_pid, watch
+
+from support.procs import note_pid, watch
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
-
-from test_distributed import (  # noqa: E402
-    RUN_TIMEOUT,
-    SERVER_PEM,
-    Peer,
-    _alive,
-    _serve,
-    _spec,
-    torchrun_worker_env,
-    worker_pem,
-)
 
 from flagagg import distributed  # noqa: E402
 from flagagg.distributed._protocol import (  # noqa: E402
@@ -61,6 +51,17 @@ from flagagg.distributed._protocol import (  # noqa: E402
     send_frame,
 )
 from flagagg.distributed._tls import client_context, file_of, issue, server_context  # noqa: E402
+
+from support.distributed import (  # noqa: E402
+    RUN_TIMEOUT,
+    SERVER_PEM,
+    Peer,
+    torchrun_worker_env,
+    worker_pem,
+)
+from support.distributed import alive as _alive  # noqa: E402
+from support.distributed import make_spec as _spec  # noqa: E402
+from support.distributed import serve as _serve  # noqa: E402
 
 # a CA and certificates of another run: valid certificates, the wrong run
 OTHER = Path(tempfile.mkdtemp(prefix="flagagg-test-other-certs-"))

@@ -11,24 +11,11 @@ from scipy.linalg import subspace_angles
 import flagagg
 
 from oracle import PairTermsDense, flag_dense
+from support.data import attacked_stack
 
 # The published, normalised output: what the dense oracle computes (the default
 # rescales it to the median input norm, tested in test_interface.py).
 PUBLISHED = {"rescale": None, "backend": "numpy"}
-
-
-def attacked_stack(p, n, f, seed, dtype="float64", kind="reverse"):
-    """p - f honest rows around a common direction plus f faulty rows."""
-    rng = np.random.default_rng(seed)
-    base = rng.normal(size=n)
-    honest = base + 0.5 * rng.normal(size=(p - f, n))
-    if kind == "reverse":
-        bad = -10 * honest[:f]
-    elif kind == "random":
-        bad = rng.uniform(-5, 5, size=(f, n))
-    else:
-        bad = np.repeat(honest.mean(0, keepdims=True) - 2 * honest.std(0), f, axis=0)
-    return np.vstack([honest, bad]).astype(dtype)
 
 
 ORACLE_CASES = [
@@ -265,7 +252,7 @@ def test_deferred_subspace_diagnostics_equal_eager_ones(lam):
     # The aggregate-only path leaves out the final eigendecomposition; result_ and
     # return_result form it, equal to solve_gram's eager one.
     from flagagg._array import as_stack
-    from flagagg.backends import get_backend_impl
+    from flagagg.backends import _implementation
     from flagagg.rules._flag import solve_gram
 
     G = attacked_stack(9, 40, 2, seed=3)
@@ -273,7 +260,7 @@ def test_deferred_subspace_diagnostics_equal_eager_ones(lam):
     agg(G)
     lazy = agg.result_
     res = agg(G, return_result=True)
-    eager = solve_gram(as_stack(G).gram(get_backend_impl("numpy")), 3, lam)
+    eager = solve_gram(as_stack(G).gram(_implementation("numpy")), 3, lam)
     for got in (lazy, res):
         np.testing.assert_array_equal(got.eigenvalues, eager.eigenvalues)
         assert got.stationarity == eager.stationarity

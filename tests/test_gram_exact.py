@@ -15,11 +15,11 @@ import flagagg
 from flagagg._array import as_stack
 from flagagg._gram import Gram, as_gram, choose_reference, scale_exponents
 from flagagg._linalg import PARTIAL_MAX_FRACTION, PARTIAL_MIN_SIZE, top_eigh
-from flagagg.backends import get_backend_impl
+from flagagg.backends import _implementation
 from flagagg.rules._base import in_unit, unit_distances
 
 import rule_oracles as orc
-from conftest import has_module
+from support.backends import has_module
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -49,7 +49,7 @@ def test_backend_gram_shift_and_scale(lib, dtype, ref, scaled):
     rng = np.random.default_rng(3)
     X = (1e3 + rng.normal(size=(6, 5000))).astype(dtype)
     scale = np.ldexp(1.0, rng.integers(-20, 20, size=6)) if scaled else None
-    impl = get_backend_impl(lib.backend)
+    impl = _implementation(lib.backend)
     K = impl.gram(lib.to(X), ref, scale)
     want = _reference_gram(X, ref, scale)
     assert K.dtype == np.float64 and K.shape == (6, 6)
@@ -81,7 +81,7 @@ def test_numba_blas_path_matches_tiled_kernel(dtype):
 
     rng = np.random.default_rng(5)
     X = rng.normal(size=(BLAS_MIN_ROWS + 3, 3000)).astype(dtype)
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     K = impl.gram(X)  # BLAS path by shape
     tiled = _gram_blocked(X, None, None, blas=False)
     want = _reference_gram(X)
@@ -193,7 +193,7 @@ def test_shift_only_when_ill_conditioned():
     G2[3] = -1e30  # a far-off input is never the reference
     ref = choose_reference(G2 @ G2.T, np.ones(9, bool))
     assert ref is not None and ref != 3
-    K = flagagg._array.as_stack(G2).gram(get_backend_impl("numpy"), shift=True)
+    K = flagagg._array.as_stack(G2).gram(_implementation("numpy"), shift=True)
     assert isinstance(K, Gram) and K.ref == ref
     np.testing.assert_allclose(K.sq_distances(), orc.sq_dist(G2),
                                rtol=1e-10)
@@ -289,7 +289,7 @@ def test_finite_huge_row_is_not_nonfinite():
     G = np.ones((5, 3))
     G[0] = 1e200
     G[4, 1] = np.nan
-    K = as_stack(G).gram(get_backend_impl("numpy"))
+    K = as_stack(G).gram(_implementation("numpy"))
     assert K.usable.tolist() == [True, True, True, True, False]
     assert [i for i, _ in K.excluded] == [4]
     np.testing.assert_allclose(K.row_norms()[:4], [np.sqrt(3) * 1e200] + [np.sqrt(3)] * 3)
@@ -323,7 +323,7 @@ def test_overflow_decided_alike_on_every_path(rule, params):
     G = np.random.default_rng(3).normal(size=(7, 12))
     G[5] = 1e160
     G[6, 3] = np.nan
-    local = as_stack(G).gram(get_backend_impl("numpy"))
+    local = as_stack(G).gram(_implementation("numpy"))
     sharded = _sharded_gram(G)
     for K in (local, sharded):
         assert K.usable.tolist() == [True] * 6 + [False]
@@ -362,7 +362,7 @@ def _mixed_rows(seed=0):
 
 def test_distances_and_their_order_at_any_magnitude():
     G = _mixed_rows()
-    K = as_stack(G).gram(get_backend_impl("numpy"))
+    K = as_stack(G).gram(_implementation("numpy"))
     want = np.array([[orc.norm(a - b) for b in G] for a in G])
     E = -7
     np.testing.assert_allclose(np.ldexp(K.distances(E), E), want, rtol=1e-12)
@@ -378,7 +378,7 @@ def test_relative_unit_gram_and_unit_distances_at_any_magnitude(r):
     # Lengths and directions of g_i - g_r from the scaled Gram, and distances from a
     # combination of them, against n-space with nrm2-safe norms.
     G = _mixed_rows(1)
-    K = as_stack(G).gram(get_backend_impl("numpy"))
+    K = as_stack(G).gram(_implementation("numpy"))
     n, t, U = K.relative_unit(np.arange(8), r)
     Y = G - (0.0 if r is None else G[r])
     lengths = np.array([orc.norm(y) for y in Y])
@@ -402,7 +402,7 @@ def test_relative_unit_gram_and_unit_distances_at_any_magnitude(r):
 
 def test_transform_gram_and_combination_norm_huge():
     G = np.array([[1e200, 2e200], [1.0, 1.0], [3.0, -1.0]])
-    K = as_stack(G).gram(get_backend_impl("numpy"))
+    K = as_stack(G).gram(_implementation("numpy"))
     M = np.array([[1e-200, 0.0, 0.0], [0.25, 0.5, 0.25]])
     K2 = K.transform(M)
     np.testing.assert_allclose(K2.row_norms(), _scaled_norm(M @ G), rtol=1e-12)

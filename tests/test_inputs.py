@@ -7,7 +7,7 @@ import pytest
 
 import flagagg
 
-from conftest import has_module
+from support.backends import has_module
 
 
 def honest(p=6, n=40, seed=0, dtype=np.float64):

@@ -6,10 +6,15 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     tomllib = __import__("tomli")
+
+# benchmark / docs / packaging smoke: out of `pytest -m "not tooling"` (make test runs it)
+pytestmark = pytest.mark.tooling
 
 ROOT = Path(__file__).resolve().parents[1]
 

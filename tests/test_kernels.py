@@ -16,9 +16,9 @@ import sys
 import numpy as np
 import pytest
 
-from flagagg.backends import get_backend_impl
+from flagagg.backends import _implementation
 
-from conftest import has_module
+from support.backends import has_module
 
 # Under NUMBA_DISABLE_JIT the kernels run as Python: keep the data tiny there.
 PYTHON_KERNELS = os.environ.get("NUMBA_DISABLE_JIT", "0") == "1"
@@ -69,7 +69,7 @@ if PYTHON_KERNELS:
 @pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
 @pytest.mark.parametrize("p,m", SHAPES)
 def test_numba_kernels_odd_shapes(p, m, dtype):
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     rng = np.random.default_rng(p * 7919 + m)
     X = rng.normal(size=(p, m)).astype(dtype)
     assert_gram_close(impl.gram(X), X)
@@ -88,7 +88,7 @@ def test_numba_kernels_small_blocks(monkeypatch):
 
     monkeypatch.setattr(_numba, "_GRAM_CHUNK_BYTES", 1)  # width clamps to 256 columns
     monkeypatch.setattr(_numba, "_COMBINE_WIDTH", 100)
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     m = 700 if PYTHON_KERNELS else 3 * 2048 + 5
     for p in (4, 7) if PYTHON_KERNELS else (4, 7, 13):
         X = np.random.default_rng(p).normal(size=(p, m)).astype(np.float32)
@@ -120,7 +120,7 @@ def _views(rng, p, m):
 def test_numba_kernels_views():
     from flagagg.backends._numba import _row_major
 
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     rng = np.random.default_rng(3)
     p, m = (5, 37) if PYTHON_KERNELS else (6, 5003)
     for name, X, in_place in _views(rng, p, m):
@@ -136,7 +136,7 @@ def test_numba_kernels_views():
 
 @needs_numba
 def test_numba_nonfinite_rows_stay_in_their_row():
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     rng = np.random.default_rng(1)
     X = rng.normal(size=(9, 70 if PYTHON_KERNELS else 9000)).astype(np.float32)
     X[2, 5] = np.nan
@@ -166,7 +166,7 @@ def test_numba_results_do_not_depend_on_thread_count(monkeypatch):
     # Parallel regions even for this size (small work runs on one thread).
     monkeypatch.setattr(_numba, "_PARALLEL_MIN_PRODUCTS", 0)
     monkeypatch.setattr(_numba, "_PARALLEL_MIN_ELEMENTS", 0)
-    impl = get_backend_impl("numba")
+    impl = _implementation("numba")
     X = np.random.default_rng(0).normal(size=(15, 300_001)).astype(np.float32)
     coef = np.random.default_rng(1).normal(size=15)
     saved = numba.get_num_threads()
@@ -188,7 +188,7 @@ def test_numba_results_do_not_depend_on_thread_count(monkeypatch):
 def test_numba_gram_beats_float32_blas_accuracy():
     X = (np.random.default_rng(0).normal(size=(15, 200_000)) + 3.0).astype(np.float32)
     K64 = gram_ref(X)
-    err_kernel = np.abs(get_backend_impl("numba").gram(X) - K64).max()
+    err_kernel = np.abs(_implementation("numba").gram(X) - K64).max()
     err_blas = np.abs((X @ X.T).astype(np.float64) - K64).max()
     assert err_kernel < 1e-6 * err_blas
 
@@ -213,7 +213,7 @@ def test_kernels_as_python_in_a_subprocess():
 
 @pytest.mark.parametrize("p,m", [(1, 7), (3, 1025), (17, 4099)])
 def test_every_backend_odd_shapes(lib, dtype, p, m):
-    impl = get_backend_impl(lib.backend)
+    impl = _implementation(lib.backend)
     rng = np.random.default_rng(p + m)
     X = rng.normal(size=(p, m)).astype(dtype)
     K = impl.gram(lib.to(X))
@@ -230,7 +230,7 @@ def test_every_backend_odd_shapes(lib, dtype, p, m):
 
 @pytest.mark.parametrize("backend", ["numpy", "array_api"])
 def test_generic_half_precision(backend):
-    impl = get_backend_impl(backend)
+    impl = _implementation(backend)
     rng = np.random.default_rng(4)
     X = rng.normal(size=(6, 70_001)).astype(np.float16)  # several conversion chunks
     assert_gram_close(impl.gram(X), X)
@@ -271,7 +271,7 @@ def test_torch_kernels_dtypes(dtype, path):
     """CPU tensors go to the host kernels; the device path (used on GPUs) runs here on CPU."""
     import torch
 
-    impl = get_backend_impl("torch")
+    impl = _implementation("torch")
     T, X = _torch_case(dtype)
     gram = impl.gram if path == "auto" else impl._gram_device
     combine = impl.combine if path == "auto" else impl._combine_device
@@ -290,7 +290,7 @@ def test_torch_kernels_dtypes(dtype, path):
 def test_torch_cpu_is_zero_copy_and_detached():
     import torch
 
-    impl = get_backend_impl("torch")
+    impl = _implementation("torch")
     T = torch.randn(5, 1000, dtype=torch.float32, requires_grad=True)
     view = T[:, 10:900]  # strided view: read in place through NumPy
     X = view.detach().double().numpy()
@@ -305,7 +305,7 @@ def test_torch_cpu_is_zero_copy_and_detached():
 def test_torch_device_path_noncontiguous_and_runs():
     import torch
 
-    impl = get_backend_impl("torch")
+    impl = _implementation("torch")
     base = torch.randn(12, 2000, dtype=torch.float32)
     view = base[::2, 5:1905]
     X = view.double().numpy()
@@ -322,7 +322,7 @@ def test_torch_device_path_noncontiguous_and_runs():
 def test_torch_cuda_kernels(dtype):
     import torch
 
-    impl = get_backend_impl("torch")
+    impl = _implementation("torch")
     T, X = _torch_case(dtype, p=9, m=100_003)
     T = T.cuda()
     assert_gram_close(impl.gram(T), X)

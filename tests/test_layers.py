@@ -1,15 +1,17 @@
-"""How flagagg's modules depend on each other: no import cycles, and the layers kept apart.
+"""How flagagg's modules depend on each other, as declared in pyproject.toml.
 
-The graph is read from the source with :mod:`ast` (nothing is imported), one
-node per module of the installed package, one edge per import of another
-flagagg module. An edge is *deferred* when the import sits inside a function
-(it runs when the function does) and *module-level* otherwise.
+The layers, the private-module rule and the absence of cycles are
+import-linter contracts (``[tool.importlinter]`` in pyproject.toml, checked
+by ``lint-imports``); these tests run it, show that it fails on a tree that
+breaks each contract, and check at run time what static contracts cannot:
+which heavy libraries an import really loads.
 """
 
 from __future__ import annotations
 
-import ast
+import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -17,152 +19,77 @@ import pytest
 
 import flagagg
 
-ROOT = pathlib.Path(flagagg.__file__).parent
-LAYERS = ("flagagg.sim", "flagagg.distributed", "flagagg.training")
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
+PACKAGE = pathlib.Path(flagagg.__file__).parent
+PYPROJECT = PACKAGE.parent / "pyproject.toml"
+
+pytest.importorskip("importlinter", reason="import-linter is in the dev extra")
 
 
-def _modules(root=ROOT):
-    mods = {}
-    for path in root.rglob("*.py"):
-        parts = list(path.relative_to(root.parent).with_suffix("").parts)
-        is_pkg = parts[-1] == "__init__"
-        mods[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
-    return mods
+def lint_imports(root):
+    """Run ``lint-imports`` on the ``flagagg`` found in folder ``root``; (exit status, output)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    code = ("import sys\nfrom importlinter.cli import lint_imports_command\n"
+            "sys.exit(lint_imports_command())\n")
+    out = subprocess.run([sys.executable, "-c", code, "--no-cache", str(PYPROJECT)],
+                         capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    return out.returncode, out.stdout + out.stderr
 
 
-def _imports(tree):
-    """Yield (import node, deferred) for every import, deferred when inside a function."""
-    stack = [(tree, False)]
-    while stack:
-        node, deferred = stack.pop()
-        for child in ast.iter_child_nodes(node):
-            inside = deferred or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                    ast.Lambda))
-            if isinstance(child, (ast.Import, ast.ImportFrom)):
-                yield child, inside
-            stack.append((child, inside))
+def _contracts():
+    return tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["importlinter"][
+        "contracts"]
 
 
-def import_graph(root=ROOT, *, deferred=True):
-    """Module -> the flagagg modules it imports (with ``deferred``, also inside functions)."""
-    mods = _modules(root)
-    graph = {}
-    for mod, (path, is_pkg) in mods.items():
-        deps = set()
-        for node, late in _imports(ast.parse(path.read_text(encoding="utf-8"))):
-            if late and not deferred:
-                continue
-            if isinstance(node, ast.ImportFrom):
-                base = mod.split(".") if is_pkg else mod.split(".")[:-1]
-                if node.level:
-                    base = base[: len(base) - (node.level - 1)]
-                    target = ".".join(base + ([node.module] if node.module else []))
-                else:
-                    target = node.module or ""
-                # `from pkg import name` imports pkg.name when that is a module
-                deps.update(t for t in [target, *(f"{target}.{a.name}" for a in node.names)]
-                            if t in mods)
-            else:
-                deps.update(a.name for a in node.names if a.name in mods)
-        # a module importing its own parent package is the ordinary relative import
-        graph[mod] = {d for d in deps if d != mod and not mod.startswith(d + ".")}
-    return graph
+def test_the_declared_contracts_hold():
+    status, out = lint_imports(PACKAGE.parent)
+    assert status == 0, out
+    assert f"{len(_contracts())} kept, 0 broken" in out, out
 
 
-def cycles(graph):
-    """The strongly connected components with more than one module (Tarjan), sorted."""
-    index, low, on, stack, out = {}, {}, set(), [], []
-
-    def visit(v):
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on.add(v)
-        for w in sorted(graph.get(v, ())):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            comp = []
-            while True:
-                w = stack.pop()
-                on.discard(w)
-                comp.append(w)
-                if w == v:
-                    break
-            if len(comp) > 1:
-                out.append(tuple(sorted(comp)))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return sorted(out)
+def test_lint_imports_fails_on_a_tree_that_breaks_each_contract(tmp_path):
+    shutil.copytree(PACKAGE, tmp_path / "flagagg",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    planted = {
+        # a rule reaching up into the simulator: a layer crossed
+        "rules/_planted_layer.py": "def f():\n    from ..sim import simulate\n",
+        # the simulator reaching into a rule's private module
+        "sim/_planted_private.py": "from ..rules._krum import Krum\n",
+        # two backends importing each other
+        "backends/_planted_a.py": "from . import _planted_b\n",
+        "backends/_planted_b.py": "from . import _planted_a\n",
+    }
+    for name, text in planted.items():
+        (tmp_path / "flagagg" / name).write_text(text)
+    status, out = lint_imports(tmp_path)
+    assert status != 0
+    assert f"0 kept, {len(_contracts())} broken" in out, out
+    assert "flagagg.rules._planted_layer -> flagagg.sim" in out
+    assert "flagagg.sim._planted_private -> flagagg.rules._krum" in out
+    assert "_planted_a" in out and "_planted_b" in out
 
 
-def _layer(mod):
-    return next((layer for layer in LAYERS if mod == layer or mod.startswith(layer + ".")), None)
-
-
-def crossings(graph, source, target):
-    """Edges from modules of layer ``source`` to modules of layer ``target``."""
-    return sorted((a, b) for a, deps in graph.items() for b in deps
-                  if _layer(a) == source and _layer(b) == target)
-
-
-def test_no_import_cycles():
-    # deferred imports count too: they hide a cycle from the interpreter, not
-    # from the design (and a cycle of module-level imports is one of these)
-    assert cycles(import_graph()) == []
-    assert cycles(import_graph(deferred=False)) == []
-
-
-def test_the_graph_sees_module_level_and_deferred_imports():
-    # a graph that lost its edges would pass every other test here
-    eager, every = import_graph(deferred=False), import_graph()
-    assert "flagagg.training._step" in eager["flagagg.sim._cluster"]
-    assert "flagagg.training._step" in eager["flagagg.distributed._server"]
-    # _config checks rules with build_rule from inside a function
-    assert "flagagg.training._step" not in eager["flagagg.training._config"]
-    assert "flagagg.training._step" in every["flagagg.training._config"]
-    assert {"flagagg.rules", "flagagg._config"} <= every["flagagg"]
-
-
-def test_cycle_finder_finds_planted_cycles():
-    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a", "e"}, "e": {"d"}, "f": set()}
-    assert cycles(graph) == [("a", "b", "c"), ("d", "e")]
-    assert cycles({"a": {"b"}, "b": set()}) == []
-
-
-def test_sim_and_distributed_do_not_import_each_other():
-    graph = import_graph()
-    assert crossings(graph, "flagagg.distributed", "flagagg.sim") == []
-    assert crossings(graph, "flagagg.sim", "flagagg.distributed") == []
-
-
-def test_the_training_core_imports_neither_trainer():
-    graph = import_graph()
-    assert crossings(graph, "flagagg.training", "flagagg.sim") == []
-    assert crossings(graph, "flagagg.training", "flagagg.distributed") == []
-    # both trainers build on it
-    assert crossings(graph, "flagagg.sim", "flagagg.training")
-    assert crossings(graph, "flagagg.distributed", "flagagg.training")
-
-
-def test_crossings_are_found_in_a_tree_that_has_them(tmp_path):
-    pkg = tmp_path / "flagagg"
-    for folder in ("sim", "distributed", "training"):
-        (pkg / folder).mkdir(parents=True)
-        (pkg / folder / "__init__.py").write_text("")
-    (pkg / "__init__.py").write_text("")
-    (pkg / "sim" / "_a.py").write_text("def f():\n    from ..distributed import _b\n")
-    (pkg / "distributed" / "_b.py").write_text("from ..sim._a import f\n")
-    graph = import_graph(pkg)
-    # `from ..distributed import _b` runs the package and then the module
-    assert crossings(graph, "flagagg.sim", "flagagg.distributed") == [
-        ("flagagg.sim._a", "flagagg.distributed"), ("flagagg.sim._a", "flagagg.distributed._b")]
-    assert cycles(graph) == [("flagagg.distributed._b", "flagagg.sim._a")]
-    assert cycles(import_graph(pkg, deferred=False)) == []
+def test_importing_the_package_its_config_and_its_rules_loads_no_heavy_library():
+    code = (
+        "import sys, numpy as np\n"
+        "import flagagg, flagagg.attacks, flagagg.training._config as config\n"
+        "config.load_config('demo')\n"
+        "G = np.random.default_rng(0).normal(size=(9, 20))\n"
+        "for name in flagagg.available_rules():\n"
+        "    flagagg.get_rule(name, f=1)(G, backend='numpy')\n"
+        "heavy = [m for m in ('numba', 'torch', 'cupy', 'flagagg.sim', 'flagagg.distributed')\n"
+        "         if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLAGAGG_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"these were loaded: {out.stdout}"
 
 
 def test_reading_a_config_and_importing_distributed_load_no_simulator():

@@ -13,7 +13,7 @@ import pytest
 import flagagg
 from flagagg._array import as_stack
 
-from conftest import has_module, make_lib
+from support.backends import has_module, make_lib
 
 P, F = 11, 2  # Bulyan needs p >= 4f + 3
 # Leaf sizes that straddle the kernels' segments (2048 columns), their

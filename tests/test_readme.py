@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+# benchmark / docs / packaging smoke: out of `pytest -m "not tooling"` (make test runs it)
+pytestmark = pytest.mark.tooling
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

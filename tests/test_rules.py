@@ -8,12 +8,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import flagagg
-from flagagg.backends import get_backend_impl
+from flagagg.backends import _implementation as get_backend_impl
 from flagagg.backends._order_stats import coordinate_stat_sorted as generic_stat
 from flagagg.backends._order_stats import network, sorting_network
 
 import rule_oracles as orc
-from conftest import has_module, make_lib
+from support.backends import has_module, make_lib
 
 P, F = 11, 2  # Bulyan needs p >= 4f + 3
 

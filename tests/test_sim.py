@@ -43,14 +43,14 @@ def _config(**sections):
 
 
 def test_datasets_split_and_standardise(digits):
-    assert digits.input_shape == (1, 8, 8) and digits.is_image and digits.n_classes == 10
+    assert digits.input_shape == (1, 8, 8) and digits.n_classes == 10
     total = len(digits.y_train) + len(digits.y_val) + len(digits.y_test)
     assert total == 1797
     assert len(digits.y_test) == pytest.approx(0.25 * 1797, abs=10)
     assert digits.X_train.dtype == np.float32 and digits.y_train.dtype == np.int64
     assert abs(float(digits.X_train.mean())) < 1e-4
     bc = sim.load_dataset("breast_cancer")
-    assert bc.input_shape == (30,) and bc.n_classes == 2 and not bc.is_image
+    assert bc.input_shape == (30,) and bc.n_classes == 2
     np.testing.assert_allclose(bc.X_train.mean(axis=0), 0, atol=1e-5)
     np.testing.assert_allclose(bc.X_train.std(axis=0), 1, atol=1e-4)
     syn = sim.load_dataset("synthetic", n_samples=300, n_features=6, n_classes=3)

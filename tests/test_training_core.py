@@ -104,3 +104,32 @@ def test_rule_columns_of_workers_without_a_row():
     assert columns[1] == {"reconstruction_ratio": None, "coefficient": None,
                           "rule_excluded": ""}
     assert columns[0]["reconstruction_ratio"] is None  # not the Flag Aggregator
+
+
+@pytest.mark.parametrize("lr, momentum, weight_decay", [
+    (0.1, 0.0, 0.0),      # plain SGD
+    (0.05, 0.9, 0.0),     # heavy ball
+    (0.2, 0.0, 1e-2),     # weight decay alone
+    (0.01, 0.99, 5e-4),   # both, as the configs use them
+])
+def test_sgd_step_is_torch_optim_sgd(lr, momentum, weight_decay):
+    # the trainers' update (simulator and parameter server) against PyTorch's
+    # own optimiser, fed the same gradients: the same parameters after k steps.
+    # sgd_step has no dampening and no Nesterov term; SGD is built without them.
+    rng = np.random.default_rng(7)
+    start = torch.from_numpy(rng.normal(size=50))
+    grads = [torch.from_numpy(rng.normal(scale=3.0, size=50)) for _ in range(12)]
+    param = torch.nn.Parameter(start.clone())
+    opt = torch.optim.SGD([param], lr=lr, momentum=momentum, weight_decay=weight_decay,
+                          dampening=0.0, nesterov=False)
+    flat, buf = start.clone(), None
+    for k, g in enumerate(grads, start=1):
+        param.grad = g.clone()
+        opt.step()
+        flat, buf = sgd_step(flat, buf, g, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        torch.testing.assert_close(flat, param.detach(), rtol=1e-13, atol=1e-13,
+                                   msg=lambda m, k=k: f"after step {k}: {m}")
+    assert not torch.equal(flat, start)  # the steps moved the parameters
+    if momentum:
+        torch.testing.assert_close(buf, opt.state[param]["momentum_buffer"], rtol=1e-13,
+                                   atol=1e-13)

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from .common import BackendBenchmark, backends, needs, tiered
+from .common import BackendBenchmark, backend_kernels, backends, tiered
 
 
 class Kernels(BackendBenchmark):
@@ -19,9 +19,8 @@ class Kernels(BackendBenchmark):
 
     def setup(self, backend, p, n):
         self.setup_device(backend, p, n)
-        from flagagg.backends import get_backend_impl
 
-        self.impl = needs(get_backend_impl, self.device.backend)
+        self.impl = backend_kernels(self.device.backend)
         self.coef = np.linspace(-1.0, 1.0, p)
         self.warm(self.both, p)
 

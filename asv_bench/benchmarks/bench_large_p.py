@@ -12,7 +12,15 @@ import os
 
 import numpy as np
 
-from .common import QUICK, BackendBenchmark, backends, build_rule, check_size, needs, tiered
+from .common import (
+    QUICK,
+    BackendBenchmark,
+    backend_kernels,
+    backends,
+    build_rule,
+    check_size,
+    tiered,
+)
 
 
 def _n(p):
@@ -32,10 +40,9 @@ class LargeP(BackendBenchmark):
         check_size(p, n)
         self.setup_device(backend, p, n)
         import flagagg
-        from flagagg.backends import get_backend_impl
 
         self.fa = flagagg.flag_aggregate
-        self.impl = needs(get_backend_impl, self.device.backend)
+        self.impl = backend_kernels(self.device.backend)
         self.krum = build_rule("krum")
         self.G64 = self.device.to(self.host.astype(np.float64))
         self.warm(self.flag, p)

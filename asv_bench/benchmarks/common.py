@@ -194,6 +194,18 @@ def needs(fn, *args, **kwargs):
         raise NotImplementedError(f"{type(exc).__name__}: {exc}"[:300]) from exc
 
 
+def backend_kernels(name):
+    """The kernel implementation of backend ``name`` in the measured commit.
+
+    ``flagagg.backends._implementation`` was public as ``get_backend_impl``
+    before issue 25; asv measures older commits too (asv-publish, asv-compare).
+    """
+    import flagagg.backends as backends
+
+    load = getattr(backends, "_implementation", None) or backends.get_backend_impl
+    return needs(load, name)
+
+
 def build_rule(name, **params):
     """``flagagg.get_rule(name, f=3, ...)``; ``"nnm+krum"`` is krum after NNM.
 

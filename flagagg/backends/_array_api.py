@@ -15,6 +15,7 @@ from array_api_compat import array_namespace, device
 
 from .._array import chunk_columns, dtype_name, to_numpy
 from ._base import compute_dtype_name
+from ._order_stats import coordinate_stat_network
 
 Array = Any
 
@@ -136,8 +137,6 @@ class ArrayAPIBackend:
     def coordinate_stat(self, X: Array, rows: np.ndarray, center: str, trim: int,
                         k: int) -> Array:
         """Per-column order statistic of ``X[rows]``: a sorting network of elementwise min/max."""
-        from ._order_stats import coordinate_stat_network
-
         return coordinate_stat_network(X, rows, center, trim, k, chunk_bytes=self.chunk_bytes)
 
 

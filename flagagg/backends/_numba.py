@@ -16,6 +16,7 @@ from . import _numba_kernels as nk
 from ._array_api import symmetric, transformed_chunk
 from ._numba_kernels import SEGMENT
 from ._numpy import NumpyBackend
+from ._order_stats import check_args, network, stat_block
 from ._rows import RowTable, row_tables, scatter
 from ._threads import thread_cap
 
@@ -240,8 +241,6 @@ class NumbaBackend(NumpyBackend):
     def coordinate_stat(self, X: np.ndarray, rows: np.ndarray, center: str, trim: int,
                         k: int) -> np.ndarray:
         """Per-column order statistic of ``X[rows]``: sorting networks over L1 blocks."""
-        from ._order_stats import check_args, network, stat_block
-
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         q = rows.size
         check_args(q, center, trim, k)
@@ -334,8 +333,6 @@ def combine_table(coef: np.ndarray, table: RowTable) -> np.ndarray:
 def coordinate_stat_table(table: RowTable, rows: np.ndarray, center: str, trim: int,
                           k: int) -> np.ndarray:
     """The per-column statistic of ``rows`` over a table's leaves, as one flat array."""
-    from ._order_stats import check_args, network, stat_block
-
     rows = np.ascontiguousarray(rows, dtype=np.int64)
     q = rows.size
     check_args(q, center, trim, k)

@@ -23,7 +23,10 @@ import numpy as np
 import torch
 from array_api_compat import array_namespace
 
+from . import _implementation
 from ._array_api import ArrayAPIBackend, _nonzero_runs, symmetric, transformed_chunk
+from ._registry import _library_installed
+from ._rows import row_tables, scatter
 
 # Dtypes whose CPU tensors NumPy can view without a copy.
 _VIEWABLE = (torch.float32, torch.float64, torch.float16)
@@ -32,9 +35,7 @@ _VIEWABLE = (torch.float32, torch.float64, torch.float16)
 @cache
 def _host_backend() -> Any:
     """The kernels for CPU tensors: numba's when installed, else NumPy's."""
-    from . import _library_installed, get_backend_impl
-
-    return get_backend_impl("numba" if _library_installed("numba") else "numpy")
+    return _implementation("numba" if _library_installed("numba") else "numpy")
 
 
 def _host_view(X: torch.Tensor) -> np.ndarray | None:
@@ -165,7 +166,7 @@ class TorchBackend(ArrayAPIBackend):
         tables, rest = _cpu_tables(leaves)
         K = np.zeros((len(leaves[0]),) * 2)
         if tables:
-            from ._numba import gram_table
+            from ._numba import gram_table  # numba is optional: loaded only when installed
 
             for t in tables:
                 K += gram_table(t)
@@ -176,11 +177,9 @@ class TorchBackend(ArrayAPIBackend):
     def combine_rows(self, coef: np.ndarray, leaves: list) -> list:
         """Per-leaf ``sum_i coef[i] g_i`` of leaves given as rows, on their device."""
         tables, rest = _cpu_tables(leaves)
-        from ._rows import scatter
-
         flats = []
         if tables:
-            from ._numba import combine_table
+            from ._numba import combine_table  # numba is optional
 
             flats = [torch.from_numpy(combine_table(coef, t)) for t in tables]
         fused = [j for j in rest if leaves[j][0].device.type != "cpu"
@@ -210,11 +209,9 @@ class TorchBackend(ArrayAPIBackend):
                              k: int) -> list:
         """Per-leaf coordinate statistic of leaves given as rows."""
         tables, rest = _cpu_tables(leaves)
-        from ._rows import scatter
-
         flats = []
         if tables:
-            from ._numba import coordinate_stat_table
+            from ._numba import coordinate_stat_table  # numba is optional
 
             flats = [torch.from_numpy(coordinate_stat_table(t, rows, center, trim, k))
                      for t in tables]
@@ -228,12 +225,8 @@ _KERNEL_NP = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.fl
 
 def _cpu_tables(leaves: list) -> tuple[list, list]:
     """Address tables of the CPU float32/float64 leaves when numba is installed; the rest."""
-    from . import _library_installed
-
     if not _library_installed("numba"):
         return [], list(range(len(leaves)))
-    from ._rows import row_tables
-
     return row_tables(leaves, _cpu_row_ok, _address, _kernel_dtype)
 
 

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..training._config import as_config
 from ._collective import CollectiveServer, run_collective_worker
 from ._launch import launch
 from ._node import run_node
@@ -149,8 +150,6 @@ def train(config="demo", *, rule=None, attack=None, f=None, seed=None, rounds=No
     -------
     run : DistributedRun
     """
-    from ..training._config import as_config
-
     faults = tuple(x if isinstance(x, Fault) else parse_fault(x) for x in faults)
     spec = make_spec(as_config(config), rule=rule, attack=attack, f=f, seed=seed, rounds=rounds,
                      workers=workers, eval_every=eval_every, faults=faults, **options)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import sys
 
+from ._node import run_node
+from ._settings import spec_from_dict
+
 
 def main(argv=None):
     """Run the server or a worker, as ``RANK`` says, for the run described in a JSON file."""
-    from ._node import run_node
-    from ._settings import spec_from_dict
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
         print("usage: python -m flagagg.distributed RUN.json (written by `flagagg train`)",

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import time
 
+from .._cli_errors import report_error
+from ..training._config import ConfigError, load_config
+from ._launch import launch
+from ._node import in_launched_process, run_node
+from ._settings import make_spec, parse_fault
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -99,11 +105,6 @@ def add_arguments(parser):
 
 def run(args):
     """Build the run from the arguments and start it; return the exit status."""
-    from ..cli import report_error
-    from ..training._config import ConfigError, load_config
-    from ._node import in_launched_process
-    from ._settings import make_spec, parse_fault
-
     t0 = time.perf_counter()
     try:
         faults = tuple(parse_fault(x) for x in args.inject_fault)
@@ -130,15 +131,11 @@ def run(args):
             "checkpoint_every": args.checkpoint_every, "resume": args.resume,
             "threads": args.threads}
     if in_launched_process():
-        from ._node import run_node
-
         return run_node(spec, server_addr=args.server_addr, certs=args.certs, **node)
     if args.certs:
         return report_error(ValueError(
             "--certs is for runs over several machines (under torchrun); on one machine "
             "`flagagg train` makes the run's certificates for its processes itself"))
-
-    from ._launch import launch
 
     config = spec.config
     print(f"flagagg train: {config.source}: rule {spec.rule} (lr {config.lr_of(spec.rule):g}), "

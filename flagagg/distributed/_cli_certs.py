@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from .._cli_errors import report_error
+from ._tls import file_of, issue
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -30,9 +33,6 @@ def add_arguments(parser):
 def run(args):
     """Issue the files; return the exit status."""
     from pathlib import Path
-
-    from ..cli import report_error
-    from ._tls import file_of, issue
 
     if args.workers < 1 or args.days < 1:
         return report_error(ValueError("--workers and --days must be >= 1"))

@@ -54,7 +54,7 @@ import torch
 
 from ._protocol import ProtocolError, decode_json
 from ._server import _Link, _ServerCore
-from ._worker import IDLE_TIMEOUT
+from ._worker import IDLE_TIMEOUT, GradientSource
 
 __all__ = ["MARK", "TRANSPORTS", "CollectiveServer", "check_transport", "run_collective_worker"]
 
@@ -477,8 +477,6 @@ def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flag
         0 when the server ended training, 1 when the server went away,
         2 when it refused this worker.
     """
-    from ._worker import GradientSource
-
     check_transport(transport, device)
     source = GradientSource(spec, worker, device)
     bufdev = _buffer_device(transport, device)

@@ -29,7 +29,10 @@ import threading
 import time
 from pathlib import Path
 
+import flagagg
+
 from ._settings import spec_to_dict
+from ._tls import issue
 
 __all__ = ["free_port", "launch"]
 
@@ -94,8 +97,6 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
     TimeoutError
         If the run took longer than ``timeout``.
     """
-    import flagagg
-
     say = log or (lambda text: print(text, flush=True))
     out = sys.stdout
     p = spec.workers
@@ -112,8 +113,6 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
         env = {k: v for k, v in os.environ.items()
                if k not in _TORCHRUN_VARIABLES and k != "FLAGAGG_CERTS"}
         if spec.transport == "tcp":
-            from ._tls import issue
-
             issue(Path(tmp, "certs"), p)
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                    WORLD_SIZE=str(p + 1), LOCAL_WORLD_SIZE=str(p + 1), PYTHONUNBUFFERED="1",

@@ -25,6 +25,12 @@ import socket
 import sys
 import threading
 
+from ._collective import CollectiveServer, run_collective_worker
+from ._results import RunLog, write_results
+from ._server import Server
+from ._tls import file_of
+from ._worker import run_worker
+
 __all__ = ["ROLE_VARIABLES", "cert_file", "in_launched_process", "run_node"]
 
 ROLE_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -94,8 +100,6 @@ def cert_file(rank, certs=None):
     FileNotFoundError
         If the folder lacks this rank's file.
     """
-    from ._tls import file_of
-
     folder = certs or os.environ.get("FLAGAGG_CERTS")
     if not folder:
         return None
@@ -178,9 +182,6 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
     """
     import torch
 
-    from ._server import Server
-    from ._worker import run_worker
-
     if log is None:
         def log(text):
             print(text, flush=True)
@@ -195,7 +196,7 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         )
     torch.set_num_threads(max(1, int(threads)))
     device = _device(spec.device, local_rank)
-    transport = spec.transport_for(device)
+    transport = spec.transport
     tls = None
     if transport == "tcp":
         try:
@@ -221,8 +222,6 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
             where = f"mutual-TLS tcp, listening on {host}:{server.address[1]}"
             published = {"transport": "tcp", "host": host, "port": server.address[1]}
         else:
-            from ._collective import CollectiveServer
-
             server = CollectiveServer(spec, store, transport=transport, prefix=prefix,
                                       device=device, log=log, checkpoint=checkpoint,
                                       checkpoint_every=checkpoint_every, resume=resume)
@@ -235,8 +234,6 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
             store.set(key, json.dumps(published))
         recorder = None
         if output is not None:
-            from ._results import RunLog
-
             recorder = RunLog(output, spec, server.lr, resuming=resume is not None, log=log)
             server.recorder = recorder
         log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
@@ -260,8 +257,6 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
                 signal.signal(s, handler)
         _report(spec, record, log)
         if recorder is not None:
-            from ._results import write_results
-
             recorder.close()
             write_results(output, spec, record, server.lr)
         return record["status"]
@@ -299,8 +294,6 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
             wlog(f"worker {rank - 1}: the store holds no usable server address")
             return 1
         return run_worker(spec, rank - 1, address, tls=tls, device=device, log=wlog)
-    from ._collective import run_collective_worker
-
     return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
                                  device=device, log=wlog)
 

@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..training._results import Results
 from ._settings import spec_to_dict
 
 __all__ = ["RunLog", "fsync_dir", "write_atomic", "write_results"]
@@ -199,7 +200,7 @@ class RunLog:
         fsync_dir(self.folder)
         return out
 
-    def write_round(self, row, workers, _unused, events, curve):
+    def write_round(self, row, workers, events, curve):
         """Append one round's records (``row`` None: events only) and flush them."""
         if self.files is None:
             self.earlier(0)
@@ -268,8 +269,6 @@ def write_results(folder, spec, record, lr):
     -------
     paths : list of pathlib.Path
     """
-    from ..training._results import Results
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = spec.config

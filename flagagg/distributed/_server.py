@@ -50,7 +50,7 @@ from ._protocol import (
 )
 from ._results import fsync_dir
 from ._settings import make_replica
-from ._tls import identity
+from ._tls import identity, server_context
 
 __all__ = ["CHECKPOINT_FORMAT", "Server", "load_checkpoint"]
 
@@ -396,7 +396,7 @@ class _ServerCore:
             self._say(f"no worker connected within {spec.connect_timeout:g} s: check that the "
                       f"workers were started and can reach {self.address[0]}:{self.address[1]}")
             if self.recorder is not None:
-                self.recorder.write_round(None, [], None, self.events[known:], None)
+                self.recorder.write_round(None, [], self.events[known:], None)
             record["status"] = 1
             return self._finish(record, t_start)
         if joined < p:
@@ -411,7 +411,7 @@ class _ServerCore:
         self._say(f"round {self.start_round - 1:>4}: test accuracy {acc:.3f}")
         events_logged = len(self.events)
         if self.recorder is not None:
-            self.recorder.write_round(None, [], None, self.events[known:events_logged], point)
+            self.recorder.write_round(None, [], self.events[known:events_logged], point)
         shown = {}
         window = []
         starved_since = None  # when the rounds began to have too few gradients to step
@@ -476,7 +476,7 @@ class _ServerCore:
             record["workers"].extend(wrows)
             window.append(row)
             if self.recorder is not None:
-                self.recorder.write_round(row, wrows, None, self.events[events_logged:],
+                self.recorder.write_round(row, wrows, self.events[events_logged:],
                                           None if accuracy is None else (t, accuracy))
                 events_logged = len(self.events)
             if starved_since is not None and \
@@ -511,11 +511,11 @@ class _ServerCore:
             record["curve"].append((last, accuracy))
             self._say(f"round {last:>4}: test accuracy {accuracy:.3f} (where the run stopped)")
             if self.recorder is not None:
-                self.recorder.write_round(None, [], None, [], (last, accuracy))
+                self.recorder.write_round(None, [], [], (last, accuracy))
         if self.checkpoint is not None and record["diverged_round"] is None and self.round:
             self.save_checkpoint(self.round)
         if self.recorder is not None:
-            self.recorder.write_round(None, [], None, self.events[events_logged:], None)
+            self.recorder.write_round(None, [], self.events[events_logged:], None)
         return self._finish(record, t_start)
 
     def _finish(self, record, t_start):
@@ -693,8 +693,6 @@ class Server(_ServerCore):
                  max_pending=256, max_pending_per_source=128, recorder=None,
                  _plaintext_benchmark=False):
         import ssl
-
-        from ._tls import server_context
 
         if _plaintext_benchmark:
             # for measuring what TLS costs (asv_bench), on loopback only; no CLI reaches it

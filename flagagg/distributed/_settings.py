@@ -8,7 +8,9 @@ import json
 import re
 from dataclasses import dataclass
 
-from ..training._config import ConfigError, ExperimentConfig
+from ..training._config import ConfigError, ExperimentConfig, parse_config
+from ..training._data import load_dataset
+from ..training._replica import Replica
 
 __all__ = ["FAULT_KINDS", "TRANSPORTS", "Fault", "RunSpec", "make_replica", "make_spec",
            "parse_fault", "spec_from_dict", "spec_to_dict"]
@@ -182,10 +184,6 @@ class RunSpec:
             return int(self.quorum)
         return max(1, self.config.workers - self.f)
 
-    def transport_for(self, device):
-        """The transport a process computing on ``device`` uses."""
-        return self.transport
-
     @property
     def workers(self):
         """Number of workers p."""
@@ -282,9 +280,6 @@ def make_replica(spec, device):
     The server and every worker build the same one from the spec, which is
     what makes a distributed run train the model the simulator trains.
     """
-    from ..training._data import load_dataset
-    from ..training._replica import Replica
-
     config = spec.config
     return Replica(load_dataset(config.dataset, **config.data_kwargs()), workers=config.workers,
                    f=spec.f, seed=spec.seed, model=config.model,
@@ -306,8 +301,6 @@ def spec_to_dict(spec):
 
 def spec_from_dict(data):
     """Rebuild a :class:`RunSpec` from :func:`spec_to_dict`'s output, validating the config."""
-    from ..training._config import parse_config
-
     fields = dict(data)
     config = parse_config(fields.pop("config"), source=fields.pop("source", "<dict>"))
     faults = tuple(Fault(**x) for x in fields.pop("faults", ()))

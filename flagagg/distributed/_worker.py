@@ -12,6 +12,8 @@ import time
 import numpy as np
 import torch
 
+from ..attacks import get_attack
+from ..training._step import build_rule, rule_for_attack
 from ._protocol import (
     HEADER,
     Kind,
@@ -21,6 +23,8 @@ from ._protocol import (
     recv_frame,
     send_frame,
 )
+from ._settings import make_replica
+from ._tls import client_context, identity
 
 __all__ = ["GradientSource", "NotTheServer", "run_worker"]
 
@@ -52,9 +56,6 @@ class GradientSource:
     """
 
     def __init__(self, spec, worker, device):
-        from ..attacks import get_attack
-        from ._settings import make_replica
-
         self.spec = spec
         self.worker = worker
         self.device = device
@@ -65,8 +66,6 @@ class GradientSource:
         if self.attack.defence_aware:
             # A defence-aware worker calls the run's rule, as the server runs it
             # (the simulator binds it the same way).
-            from ..training._step import build_rule, rule_for_attack
-
             rule_spec = config.rule(spec.rule)
             rule = build_rule(rule_spec.rule, spec.f, rule_spec.params)
             backend = None if config.backend == "auto" else config.backend
@@ -182,8 +181,6 @@ def _join(address, tls, source, deadline):
     """
     import ssl
 
-    from ._tls import identity
-
     # a short wait for the TCP handshake: a SYN dropped by a server flooded with
     # connections is retried sooner by a new attempt than by the kernel's backoff
     sock = socket.create_connection(
@@ -247,8 +244,6 @@ def run_worker(spec, worker, address, *, tls, device="cpu", log=print,
         2 when it refused this worker or is not the run's server.
     """
     import ssl
-
-    from ._tls import client_context
 
     if _plaintext_benchmark:
         # for measuring what TLS costs (asv_bench/tls_cost.py); no CLI reaches it

@@ -20,9 +20,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._array import Leaf, Stack, as_stack
+from .._backend_choice import select_backend
 from .._gram import Gram, as_gram
 from .._validation import check_params
-from ..backends import Backend, select_backend
+from ..backends import Backend
 from ._contract import Contract, Outcome, Solution, Space, result_fields
 from ._result import (
     AggregationResult,

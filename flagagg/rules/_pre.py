@@ -28,8 +28,7 @@ import numpy as np
 from .._array import Leaf, Stack, dtype_name
 from .._gram import Gram
 from .._validation import Anything, Int, Real
-from ..backends import Backend
-from ..backends._base import compute_dtype_name
+from ..backends import Backend, compute_dtype_name
 from ._base import Params, Rule
 from ._contract import F_REQUIRED, Contract, Outcome, Reference
 from ._result import AggregationResult

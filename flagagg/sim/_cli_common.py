@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..cli import report_error
+from .._cli_errors import report_error
+from ..training._config import load_config
 
 __all__ = ["add_common_arguments", "check_executor", "load_from_args", "report_error",
            "resume_command"]
@@ -53,8 +54,6 @@ def resume_command(args):
 
 def load_from_args(source, args):
     """Load and validate the config named by ``source`` with the CLI's selections."""
-    from ..training._config import load_config
-
     config = load_config(source, rules=args.rules, attacks=args.attacks)
     if args.rounds is not None:
         config = config.replace(rounds=args.rounds, eval_every=min(config.eval_every, args.rounds))

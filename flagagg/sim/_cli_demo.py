@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import time
 
+from ..training._config import ConfigError
 from ._cli_common import add_common_arguments, check_executor, load_from_args, report_error
+from ._experiment import run_experiment
 
 
 def add_arguments(parser):
@@ -23,9 +25,6 @@ def add_arguments(parser):
 
 def run(args):
     """Run the demo; return the exit status."""
-    from ..training._config import ConfigError
-    from ._experiment import run_experiment
-
     t0 = time.perf_counter()
     problem = check_executor(args)
     if problem:

@@ -5,12 +5,20 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..training._config import ConfigError
 from ._cli_common import (
     add_common_arguments,
     check_executor,
     load_from_args,
     report_error,
     resume_command,
+)
+from ._experiment import (
+    GridInterrupted,
+    _print_interrupted,
+    grid_status,
+    probe_cpu_seconds,
+    run_experiment,
 )
 
 
@@ -48,8 +56,6 @@ def _fmt_cpu(seconds):
 
 
 def _check(config, args, store):
-    from ._experiment import grid_status, probe_cpu_seconds
-
     status = grid_status(config, seeds=args.seeds, split=args.split, store=store)
     where = f" in {store}" if store is not None else " (no store)"
     print(f"{status['done']} done{where}, {status['remaining']} to run")
@@ -69,9 +75,6 @@ def _check(config, args, store):
 
 def run(args):
     """Run the experiment; return the exit status."""
-    from ..training._config import ConfigError
-    from ._experiment import GridInterrupted, _print_interrupted, run_experiment
-
     t0 = time.perf_counter()
     problem = check_executor(args)
     if problem:
@@ -89,8 +92,6 @@ def run(args):
     if args.check:
         return _check(config, args, store)
     if store is not None:
-        from ._experiment import grid_status
-
         status = grid_status(config, seeds=args.seeds, split=args.split, store=store)
         if status["done"]:
             print(f"{status['done']} of {status['total']} runs are stored in {store} already: "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..training._config import ConfigError
 from ._cli_common import add_common_arguments, check_executor, load_from_args, report_error
+from ._tune import tune
 
 
 def add_arguments(parser):
@@ -25,9 +27,6 @@ def add_arguments(parser):
 
 def run(args):
     """Tune; return the exit status."""
-    from ..training._config import ConfigError
-    from ._tune import tune
-
     problem = check_executor(args)
     if problem:
         return report_error(ValueError(problem))

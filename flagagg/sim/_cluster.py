@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..attacks import Attack, get_attack
 from ..training._data import Dataset, load_dataset
 from ..training._replica import Replica, _accuracy, sgd_step
 from ..training._step import aggregate_step, build_rule, rule_for_attack
@@ -123,8 +124,6 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
     -------
     result : TrainResult
     """
-    from ..attacks import Attack, get_attack
-
     t0 = time.perf_counter()
     if isinstance(dataset, str):
         dataset = load_dataset(dataset)

@@ -30,8 +30,12 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import NamedTuple
 
+import flagagg
+
 from ..training._config import as_config
+from ..training._data import load_dataset
 from ..training._results import Results
+from ._cluster import simulate
 
 __all__ = ["GridInterrupted", "ResultStore", "grid_status", "run_experiment", "run_settings"]
 
@@ -97,8 +101,6 @@ def run_settings(config, task):
     -------
     settings : dict
     """
-    import flagagg
-
     rule, attack = config.rule(task.rule), config.attack(task.attack)
     data = {"dataset": config.dataset, "split_seed": config.split_seed,
             "validation_fraction": config.validation_fraction, "max_train": config.max_train}
@@ -201,8 +203,6 @@ _DATASETS: dict = {}
 
 
 def _dataset(config):
-    from ..training._data import load_dataset
-
     kwargs = config.data_kwargs()
     key = (config.dataset, tuple(sorted(kwargs.items())))
     if key not in _DATASETS:
@@ -213,8 +213,6 @@ def _dataset(config):
 
 def _run_task(config, task):
     """Run one task; return its result (a JSON-able dict)."""
-    from ._cluster import simulate
-
     cpu0 = time.process_time()
     rule, attack = config.rule(task.rule), config.attack(task.attack)
     res = simulate(

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+import flagagg
+
 from ._ddp import DDPHookState, ddp_comm_hook
 
 __all__ = ["DDPHookState", "aggregate_grads", "collect_grads", "ddp_comm_hook"]
@@ -98,8 +100,6 @@ def aggregate_grads(params: Any, gradients: list, rule: str = "flag", *,
     overwritten in place; otherwise a new tensor is set. Parameters whose
     gradient is None for every worker keep ``.grad = None``.
     """
-    import flagagg
-
     named = _named(params)
     names = [n for n, _ in named]
     trees = []

@@ -240,7 +240,7 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     rank order: every rank solves the same coefficients. Each rank combines
     its shard of every bucket and the shards are all-gathered back.
     """
-    from ..backends import select_backend
+    from .._backend_choice import select_backend
     from ..rules._result import gram_stats
 
     group = state.process_group

@@ -33,9 +33,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import flagagg
+
+from .. import attacks as attacks_mod
 from .._validation import Choice, Int, Real, Text
 from ._data import DATASETS
 from ._models import MODELS
+from ._step import build_rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -448,9 +452,6 @@ def parse_config(data, *, source="<dict>"):
 
 def _cross_check(c):
     """Checks that involve several keys, the rule registry and the attack registry."""
-    from .. import attacks as attacks_mod
-    from ._step import build_rule
-
     src = c.source
     if set(c.seeds) & set(c.validation_seeds):
         raise ConfigError(
@@ -484,8 +485,6 @@ def _cross_check(c):
         bad = [s for s in labels if "/" in s or "," in s]
         if bad:
             raise ConfigError(f"{src}: [{kind}] labels must not contain '/' or ',': {bad}")
-
-    import flagagg
 
     backends = ("auto", *flagagg.available_backends())
     if c.backend not in backends:

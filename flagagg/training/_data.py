@@ -62,11 +62,6 @@ class Dataset:
     n_classes: int
     input_shape: tuple
 
-    @property
-    def is_image(self) -> bool:
-        """Whether the inputs are images of shape (channels, height, width)."""
-        return len(self.input_shape) == 3
-
     def split(self, name):
         """Return ``(X, y)`` of the ``"train"``, ``"val"`` or ``"test"`` part."""
         if name not in ("train", "val", "test"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
-from torch import nn
 
 __all__ = ["MODELS", "init_parameters", "make_model"]
 
+# The names are read by the configuration, which loads without torch: torch
+# is imported inside the functions that build and initialise models.
 MODELS = ("logreg", "mlp", "cnn", "cnn1d")
 
 
@@ -42,6 +42,8 @@ def make_model(name, input_shape, n_classes, *, hidden=64, channels=(16, 32)):
     model : torch.nn.Module
         Its parameters still need :func:`init_parameters`.
     """
+    from torch import nn
+
     d = math.prod(input_shape)
     if name == "logreg":
         return nn.Sequential(nn.Flatten(), nn.Linear(d, n_classes))
@@ -67,6 +69,8 @@ def make_model(name, input_shape, n_classes, *, hidden=64, channels=(16, 32)):
 
 
 def _cnn1d(input_shape, n_classes, channels):
+    from torch import nn
+
     if len(input_shape) != 2:
         raise ValueError(
             f"model 'cnn1d' needs sequences of shape (channels, length): got inputs of shape "
@@ -107,6 +111,9 @@ def init_parameters(model, rng):
     -------
     model : torch.nn.Module
     """
+    import torch
+    from torch import nn
+
     rng = np.random.default_rng(rng)
     with torch.no_grad():
         for module in model.modules():

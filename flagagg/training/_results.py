@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ._config import ExperimentConfig
+from ._plots import plot_curves, plot_worst_case
 
 __all__ = ["Results"]
 
@@ -197,8 +198,6 @@ class Results:
         -------
         paths : list of pathlib.Path
         """
-        from ._plots import plot_curves, plot_worst_case
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         paths = []

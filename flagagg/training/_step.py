@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
+
+import flagagg
 
 __all__ = ["Aggregated", "aggregate_step", "backend_scope", "build_rule", "rule_columns",
            "rule_for_attack"]
@@ -46,8 +47,6 @@ def build_rule(rule, f, params=None):
         if params:
             raise TypeError("rule parameters are only accepted with a rule name")
         return rule
-    import flagagg
-
     known = tuple(flagagg.available_rules())
     if rule not in known:
         raise ValueError(
@@ -62,8 +61,6 @@ def backend_scope(backend):
     """A context in which flagagg runs on ``backend`` (None: flagagg's own choice)."""
     if backend is None:
         return contextlib.nullcontext()
-    import flagagg
-
     return flagagg.backend(backend)
 
 
@@ -86,6 +83,8 @@ def rule_for_attack(aggregate, array="numpy", backend=None):
         rows' dtype on their device.
     """
     def rule(rows):
+        import torch  # the rows are tensors, so torch is loaded already (see aggregate_step)
+
         with backend_scope(backend), np.errstate(all="ignore"):
             if array == "numpy":
                 out = np.asarray(aggregate(rows.detach().cpu().numpy()))
@@ -149,6 +148,10 @@ def aggregate_step(rule, G, *, array="numpy", backend=None, diagnostics=False):
         no gradient and says why; the caller decides whether that ends the
         run (the simulator) or skips the round (the parameter server).
     """
+    # torch is imported here, not with the module: the configuration checks its
+    # rules with build_rule without loading torch (G is a tensor: it is loaded)
+    import torch
+
     n = int(G.shape[1])
     result = None
     t0 = time.perf_counter()
@@ -197,8 +200,6 @@ def rule_columns(result, rows, workers):
         else None) and ``rule_excluded`` (why the rule left the row out, or
         ``""``); None, None and ``""`` for a worker without a row.
     """
-    import flagagg
-
     ratios = coefs = None
     excluded = {}
     if result is not None:

@@ -1,11 +1,11 @@
-"""Backend selection.
+"""The user's choice of backend, and how a call turns it into an implementation.
 
-The active backend lives in a :class:`contextvars.ContextVar`, so a
-``with flagagg.backend(...)`` block is scoped to the current thread or asyncio
-task and is undone with a token reset even when the block raises.
-Precedence, highest first: the per-call ``backend=`` keyword, the innermost
-``backend(...)`` context, :func:`set_backend`, the ``FLAGAGG_BACKEND``
-environment variable, and finally ``"auto"``.
+The choice made by ``with flagagg.backend(...)`` lives in a
+:class:`contextvars.ContextVar`, so a block is scoped to the current thread or
+asyncio task and is undone with a token reset even when the block raises.
+The order in which the choices apply is one table in the docs
+(``docs/backends.rst``, "How the backend is chosen"); :func:`select_backend`
+is the one place that applies it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import contextvars
 import os
 from collections.abc import Iterator
 
-__all__ = ["available_backends", "backend", "get_backend", "set_backend"]
+from .backends import _REGISTRY, BACKEND_NAMES, Backend, _implementation, _library_installed
+
+__all__ = ["available_backends", "backend", "get_backend", "select_backend", "set_backend"]
 
 _UNSET = "__unset__"
 
@@ -23,21 +25,18 @@ _UNSET = "__unset__"
 _context_backend: contextvars.ContextVar[str] = contextvars.ContextVar(
     "flagagg_backend", default=_UNSET
 )
-# Process default made by ``set_backend``; None means "not set".
+# Process default made by ``set_backend``; None means "not set" (FLAGAGG_BACKEND applies).
 _default_backend: str | None = None
 
-
-def _known_names() -> tuple[str, ...]:
-    from .backends._registry import BACKEND_NAMES
-
-    return ("auto", *BACKEND_NAMES)
+# Input library -> backend that "auto" picks for it (NumPy: see select_backend).
+_AUTO = {"torch": "torch", "cupy": "cupy"}
 
 
 def _validate(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a string, got {type(name).__name__}")
     key = name.strip().lower()
-    known = _known_names()
+    known = ("auto", *BACKEND_NAMES)
     if key not in known:
         raise ValueError(f"unknown backend {name!r}; known backends: {', '.join(known)}")
     return key
@@ -54,6 +53,8 @@ def set_backend(name: str | None) -> None:
 
     Raises
     ------
+    TypeError
+        If the name is not a string.
     ValueError
         If the name is unknown.
     """
@@ -67,8 +68,9 @@ def get_backend() -> str:
     Returns
     -------
     name : str
-        ``"auto"`` unless a context, :func:`set_backend` or the
-        ``FLAGAGG_BACKEND`` environment variable chose another.
+        ``"auto"`` unless a ``with flagagg.backend(...)`` block,
+        :func:`set_backend` or the ``FLAGAGG_BACKEND`` environment variable
+        chose another.
     """
     name = _context_backend.get()
     if name != _UNSET:
@@ -127,6 +129,42 @@ def available_backends() -> list[str]:
         Installed backends, in registry order. Checking does not import the
         libraries.
     """
-    from .backends._registry import installed_backends
+    return [name for name, (_, lib, _) in _REGISTRY.items() if _library_installed(lib)]
 
-    return installed_backends()
+
+def select_backend(name: str | None, sample: object, library: str) -> Backend:
+    """Resolve the backend implementation for one call.
+
+    Parameters
+    ----------
+    name : str or None
+        The ``backend=`` given to the call (or to the rule object); ``None``
+        uses :func:`get_backend`.
+    sample : array
+        One of the input arrays (to check library and device).
+    library : str
+        The inputs' library, from :func:`flagagg._array.array_library`.
+
+    Returns
+    -------
+    backend : Backend
+
+    Raises
+    ------
+    TypeError
+        If the named backend cannot compute on these arrays (nothing is
+        converted silently).
+    """
+    key = get_backend() if name is None else _validate(name)
+    if key == "auto":
+        if library == "numpy":
+            key = "numba" if _library_installed("numba") else "numpy"
+        else:
+            key = _AUTO.get(library, "array_api")
+    impl = _implementation(key)
+    if not impl.accepts(sample):
+        raise TypeError(
+            f"backend {key!r} cannot compute on {library} arrays; use backend='auto' "
+            "or convert the inputs yourself"
+        )
+    return impl
