@@ -236,7 +236,10 @@ class Clipping(PreAggregator):
         return np.diag(scale), {"tau": tau}
 
 
-_PRE: dict[str, type[PreAggregator]] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping}
+from ._peers_arc import ARC  # noqa: E402 - defined on PreAggregator, above
+
+_PRE: dict[str, type[PreAggregator]] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping,
+                                        "arc": ARC}
 
 
 def available_pre() -> list[str]:
