@@ -156,33 +156,39 @@ def caf(G, f):
     (and at least once): weighted mean ``mu``, weighted covariance
     ``Sigma = sum c_i (x_i - mu)(x_i - mu)^T / sum c``, its top eigenpair
     ``(lam, v)``; the ``mu`` of the smallest ``lam`` so far is kept (the first
-    on ties); ``tau_i = ((x_i - mu) . v)^2``, ``c_i *= 1 - tau_i / max tau``
-    (stop when ``max tau == 0``: the weighted inputs coincide). Returns the
-    kept mean, its eigenvalue and the number of iterations.
+    on ties); ``tau_i = ((x_i - mu) . v)^2`` over the rows of positive weight,
+    ``c_i *= 1 - tau_i / max tau`` (stop when ``max tau == 0``: the weighted
+    inputs coincide). Each iteration divides the rows of positive weight by
+    their largest magnitude ``s`` first (the algorithm commutes with scaling:
+    ``mu`` scales by ``s``, ``lam`` by ``s^2``, ``tau`` ratios not at all), so
+    rows at 1e300 do not overflow; eigenvalues are compared as ``log2``.
+    Returns the kept mean, its eigenvalue and the number of iterations.
     """
     G = _f64(G)
     p, n = G.shape
     ok = _finite(G)
     X = np.where(ok[:, None], G, 0.0)
     c = ok.astype(float)
-    best, best_lam, it = None, np.inf, 0
+    best, best_log, it = None, np.inf, 0
     while True:
         it += 1
-        s = c.sum()
-        mu = (c[:, None] * X).sum(axis=0) / s
-        D = X - mu
-        Sigma = sum(c[i] * np.outer(D[i], D[i]) for i in range(p)) / s
+        s = float(np.abs(X[c > 0]).max()) or 1.0
+        Xs = X / s
+        mu = (c[:, None] * Xs).sum(axis=0) / c.sum()
+        D = Xs - mu
+        Sigma = sum(c[i] * np.outer(D[i], D[i]) for i in range(p) if c[i] > 0) / c.sum()
         lam, v = _top_eig(Sigma)
-        if lam < best_lam or best is None:
-            best, best_lam = mu, lam
-        tau = np.where(c > 0, (D @ v) ** 2, 0.0)
+        log_lam = np.log2(lam) + 2 * np.log2(s) if lam > 0 else -np.inf
+        if best is None or log_lam < best_log:
+            best, best_log = mu * s, log_lam
+        tau = np.array([float(D[i] @ v) ** 2 if c[i] > 0 else 0.0 for i in range(p)])
         tmax = tau.max()
         if tmax <= 0:
             break
         c = c * (1.0 - tau / tmax)
         if c.sum() <= p - 2 * f:
             break
-    return best, best_lam, it
+    return best, float(np.exp2(best_log)), it
 
 
 def smea(G, f):
@@ -190,7 +196,8 @@ def smea(G, f):
     smallest largest eigenvalue, over all subsets (the first subset on ties).
 
     Returns the mean, the subset and its eigenvalue (covariance normalised by
-    the subset size).
+    the subset size). Each subset is divided by its largest magnitude first
+    and eigenvalues are compared as ``log2``, so rows at 1e300 do not overflow.
     """
     G = _f64(G)
     p = G.shape[0]
@@ -200,10 +207,12 @@ def smea(G, f):
         if not all(ok[i] for i in S):
             continue
         X = G[list(S)]
-        D = X - X.mean(axis=0)
+        sc = float(np.abs(X).max()) or 1.0  # lam(X) = sc^2 lam(X / sc): no overflow at 1e300
+        D = X / sc - (X / sc).mean(axis=0)
         lam, _ = _top_eig(D.T @ D / len(S))
+        lam = np.log2(lam) + 2 * np.log2(sc) if lam > 0 else -np.inf
         if best is None or lam < best_lam:
             best, best_lam = S, lam
     if best is None:
         raise ValueError("every subset of p - f inputs holds NaN or Inf")
-    return G[list(best)].mean(axis=0), list(best), best_lam
+    return G[list(best)].mean(axis=0), list(best), float(np.exp2(best_lam))
