@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import oracles_peers_r1 as orc
 import pytest
 
 import flagagg
-import oracles_peers_r1 as orc
+
 import rule_oracles
 from conftest import has_module, make_lib
 
@@ -288,10 +289,12 @@ def test_diagnostics_and_summary(name):
     assert len(res.verdict) == P
     if name == "arc+mean":
         # The mean of the clipped rows, on the original rows: 1/p, or C / ||g_i|| / p.
-        thr = res.details["pre"][0]["threshold"]
-        np.testing.assert_allclose(res.coefficients[:-F], 1 / P)
-        np.testing.assert_allclose(res.coefficients[-F:],
-                                   thr / np.linalg.norm(G[-F:], axis=1) / P, rtol=1e-12)
+        # (k = floor(2f (p - f) / p) = 3 rows clipped: the two far ones and an honest one.)
+        _, thr = orc.arc(G, F)
+        assert res.details["pre"][0]["threshold"] == pytest.approx(thr, rel=1e-12)
+        scale = np.minimum(1.0, thr / np.linalg.norm(G, axis=1))
+        assert (scale < 1).sum() == orc.arc_k(P, F) == 3
+        np.testing.assert_allclose(res.coefficients, scale / P, rtol=1e-12)
     elif name != "arc+median":  # a coordinate-wise rule has no coefficients
         np.testing.assert_allclose(res.coefficients.sum(), 1.0)
     text = res.summary()
