@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import GramRule, check_f, finite_rows, nothing_left, row_norms, unit_gram, validate_f
+from .._gram import Gram
+from ._base import Rule
+from ._contract import F_REQUIRED, Contract, Reference, Solution
 
 __all__ = ["CAF", "caf_weights", "centered_top_eig"]
 
@@ -34,33 +36,31 @@ def centered_top_eig(U: np.ndarray, w: np.ndarray) -> tuple[float, np.ndarray]:
     lam = float(vals[-1])
     if not lam > 0:
         return 0.0, np.zeros(w.size)
-    proj = Kc @ (s * vecs[:, -1])
-    return lam, proj * proj / lam
+    # (Kc S u) / sqrt(lam) before squaring: Kc may be near 2^800, its square is not.
+    proj = Kc @ (s * vecs[:, -1]) / np.sqrt(lam)
+    return lam, proj * proj
 
 
-def caf_weights(K: np.ndarray, finite: np.ndarray, f: int) -> tuple[np.ndarray, float, int]:
+def caf_weights(K: Gram, f: int) -> tuple[np.ndarray, float, int]:
     """Run the filter; return the weights of the mean kept, its log2 eigenvalue, iterations.
 
     Each iteration works on the inputs of positive weight, in units of their
-    largest norm, so one input at 1e300 is down-weighted exactly as the
-    definition says (the others' squared projections, relative to its, are
-    not lost) and the next iteration, without it, is at the others' scale.
+    largest scale, so one input at 1e300 is down-weighted exactly as the
+    definition says (the others' squared projections relative to its are
+    kept) and the next iteration, without it, is at the others' scale.
     """
-    p = K.shape[0]
-    c = finite.astype(np.float64)
-    norms = row_norms(K)
+    p = K.p
+    c = K.usable.astype(np.float64)
     best_w, best_log, it = None, np.inf, 0
     while True:
         it += 1
         A = np.flatnonzero(c > 0)
-        top = float(np.max(norms[A]))
-        E = int(np.frexp(top)[1]) if np.isfinite(top) and top > 0 else 0
-        U = unit_gram(K, E)[np.ix_(A, A)]
+        E = int(K.exponents[A].max())
+        U = K.unit(E)[np.ix_(A, A)]
         w = c[A] / c[A].sum()
         lam, tau = centered_top_eig(U, w)
         # Eigenvalues of different iterations are compared in one unit: log2.
-        with np.errstate(divide="ignore"):
-            log_lam = float(np.log2(lam)) + 2 * E if lam > 0 else -np.inf
+        log_lam = float(np.log2(lam)) + 2 * E if lam > 0 else -np.inf
         if best_w is None or log_lam < best_log:
             best_w, best_log = np.zeros(p), log_lam
             best_w[A] = w
@@ -75,7 +75,7 @@ def caf_weights(K: np.ndarray, finite: np.ndarray, f: int) -> tuple[np.ndarray, 
     return best_w, best_log, it
 
 
-class CAF(GramRule):
+class CAF(Rule):
     """Covariance-bound agnostic filter: the weighted mean of least top covariance eigenvalue.
 
     Parameters
@@ -100,9 +100,6 @@ class CAF(GramRule):
     iterations (each zeroes a weight) of ``O(p^3)``: ``O(p^4)`` after one
     Gram pass, then one combination pass.
 
-    NaN policy: an input holding NaN or Inf starts with weight 0
-    (``result.excluded``).
-
     Examples
     --------
     >>> import numpy as np, flagagg
@@ -112,20 +109,25 @@ class CAF(GramRule):
     """
 
     name = "caf"
-    p_bound = (2, 1)
-    translation_invariant = True
+    contract = Contract(
+        params={"f": F_REQUIRED},
+        nan_policy="an input holding NaN or Inf starts with weight 0 (result.excluded)",
+        cost="one pass for the Gram matrix (O(p² n)), at most p filter iterations of O(p³) "
+        "(a p x p eigenproblem each), one combination pass",
+        reference=Reference(("Allouah", "Guerraoui", "Stephan"),
+                            "Towards trustworthy federated learning with untrusted "
+                            "participants", "ICML", 2025),
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p, f = K.shape[0], self.f
-        check_f(self.name, f, p, 2 * f + 1, "p >= 2f + 1")
-        finite, excluded = finite_rows(K)
-        if not finite.any():
-            raise nothing_left(self.name, p, excluded)
-        w, log_lam, it = caf_weights(K, finite, f)
+    def _solve_gram(self, K: Gram) -> Solution:
+        self.usable(K)
+        w, log_lam, it = caf_weights(K, self.f)
         with np.errstate(over="ignore"):
             lam = float(np.exp2(log_lam))
-        return w, {"excluded": excluded, "n_iter": it,
-                   "details": {"eigenvalue": lam}}
+        return Solution(coefficients=w, excluded=K.excluded, n_iter=it,
+                        details={"eigenvalue": lam})

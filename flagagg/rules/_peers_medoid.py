@@ -4,60 +4,58 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import GramRule, check_f, distances, finite_rows, nothing_left, row_norms, validate_f
+from .._gram import Gram
+from ._base import Rule
+from ._contract import F_OPTIONAL, Contract, Reference, Solution
 
 __all__ = ["Medoid", "medoid_index", "top_exponent"]
 
 
-def top_exponent(K: np.ndarray, finite: np.ndarray) -> int:
-    """``E`` with every finite input below ``2^E`` in norm (0 when none is, or it overflows).
+def top_exponent(K: Gram) -> int:
+    """The largest scale exponent of the usable inputs (0 when there is none).
 
-    In units of ``2^E`` no distance between finite inputs exceeds 2, so sums
-    of ``p`` of them cannot overflow; small ones lose only what float64 loses
-    when it adds them to the large ones.
+    In units of ``2^E`` every usable input's scaled form is at most its own
+    size, so no distance between them, nor a sum of ``p`` of them, overflows;
+    small distances lose only what float64 loses adding them to large ones.
     """
-    n = row_norms(K)[finite]
-    top = float(n.max()) if n.size else 0.0
-    return int(np.frexp(top)[1]) if np.isfinite(top) and top > 0 else 0
+    u = K.usable
+    return int(K.exponents[u].max()) if u.any() else 0
 
 
-def medoid_index(K: np.ndarray, finite: np.ndarray) -> tuple[int, np.ndarray]:
-    """The finite input of least total distance to the other finite inputs.
+def medoid_index(K: Gram) -> tuple[int, np.ndarray]:
+    """The usable input of least total distance to the other usable inputs.
 
     Returns the index (the lowest on ties) and every input's total distance
-    in units of ``2^E`` (:func:`top_exponent`; ``+inf`` for non-finite inputs).
+    (``+inf`` for unusable inputs, and where the total is beyond float64).
     """
-    E = top_exponent(K, finite)
-    D = distances(K, finite, E)
-    sums = np.where(finite[None, :], D, 0.0).sum(axis=1)
-    sums = np.where(finite, sums, np.inf)
-    return int(np.argmin(sums)), sums
+    u = K.usable
+    E = top_exponent(K)
+    D = K.distances(E)
+    sums = np.where(u, np.where(u[None, :], D, 0.0).sum(axis=1), np.inf)
+    with np.errstate(over="ignore"):
+        return int(np.argmin(sums)), np.ldexp(sums, E)
 
 
-class Medoid(GramRule):
+class Medoid(Rule):
     """Medoid: the input whose summed distance to the other inputs is smallest.
 
     Parameters
     ----------
     f : int, optional
-        Not used to compute the medoid; when given, ``p >= 2f + 1`` is
-        checked (the medoid's breakdown point is 1/2) and passed on to
+        Not used to find the medoid; when given, ``p >= 2f + 1`` is checked
+        (the medoid's breakdown point is 1/2) and ``f`` goes on to
         pre-aggregation steps.
 
     Notes
     -----
-    The medoid of a set, a robust location estimator studied for
-    Byzantine-robust aggregation by El Mhamdi, Guerraoui and Rouault
-    ("Fast and robust distributed learning in high dimension", SRDS 2020)
-    and shipped by the ``krum`` package. Returns ``g_m`` with
-    ``m = argmin_i sum_j ||g_i - g_j||`` (distances, not squared: a far
-    input adds its distance, not its square); the lowest index on ties.
-    Distances come from the Gram matrix: one Gram pass, ``p x p`` work, one
-    combination pass reading one row.
-
-    NaN policy: inputs holding NaN or Inf are never chosen and left out of
-    the others' sums (``result.excluded``); all of them non-finite is a
-    ValueError.
+    The medoid is the sample point of least total distance to the others, a
+    robust location estimator with breakdown point 1/2, used for Byzantine-
+    robust aggregation by El Mhamdi, Guerraoui and Rouault ("Fast and robust
+    distributed learning in high dimension", SRDS 2020) and shipped by the
+    ``krum`` package. It returns ``g_m`` with ``m = argmin_i sum_j ||g_i -
+    g_j||`` (distances, not squared: a far input adds its distance, not its
+    square); the lowest index on ties. Distances come from the Gram matrix:
+    one Gram pass, ``p x p`` work, one combination pass reading one row.
 
     Examples
     --------
@@ -68,20 +66,25 @@ class Medoid(GramRule):
     """
 
     name = "medoid"
-    p_bound = (2, 1)
-    translation_invariant = True
+    contract = Contract(
+        params={"f": F_OPTIONAL},
+        nan_policy="inputs holding NaN or Inf are never chosen and left out of the others' "
+        "sums (result.excluded)",
+        cost="one pass for the Gram matrix (O(p² n)), O(p²) sums of distances, one "
+        "combination pass reading the chosen row",
+        reference=Reference(("El Mhamdi", "Guerraoui", "Rouault"),
+                            "Fast and robust distributed learning in high dimension",
+                            "SRDS", 2020),
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, f: int | None = None) -> None:
-        self.f = validate_f(self.name, f, required=False)
+        self._store(f=f)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p = K.shape[0]
-        if self.f is not None:
-            check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
-        finite, excluded = finite_rows(K)
-        if not finite.any():
-            raise nothing_left(self.name, p, excluded)
-        m, sums = medoid_index(K, finite)
-        coef = np.zeros(p)
+    def _solve_gram(self, K: Gram) -> Solution:
+        self.usable(K)
+        m, sums = medoid_index(K)
+        coef = np.zeros(K.p)
         coef[m] = 1.0
-        return coef, {"selected": (m,), "scores": sums, "excluded": excluded}
+        return Solution(coefficients=coef, selected=(m,), scores=sums, excluded=K.excluded)

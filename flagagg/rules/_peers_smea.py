@@ -7,16 +7,10 @@ import math
 
 import numpy as np
 
-from .._validation import check_int
-from ._base import (
-    GramRule,
-    check_f,
-    distance_exponent,
-    finite_rows,
-    nothing_left,
-    unit_gram,
-    validate_f,
-)
+from .._gram import Gram
+from .._validation import Int
+from ._base import Rule
+from ._contract import F_REQUIRED, Contract, Reference, Solution
 
 __all__ = ["SMEA", "SMEA_MAX_SUBSETS", "smallest_max_eigenvalue_subset"]
 
@@ -83,7 +77,7 @@ def smallest_max_eigenvalue_subset(U: np.ndarray, ok: np.ndarray,
     return (np.arange(m) if best is None else best), best_lam, n_subsets
 
 
-class SMEA(GramRule):
+class SMEA(Rule):
     """Smallest maximum eigenvalue averaging: the ``p - f`` inputs of tightest covariance.
 
     Parameters
@@ -110,10 +104,9 @@ class SMEA(GramRule):
     a second), then one combination pass. Exact eigenvalues: ByzFL's ``SMEA``
     estimates each one by a single power-method step from a random vector.
 
-    NaN policy: an input holding NaN or Inf is in no chosen subset
-    (``result.excluded``), nor is one so far from the others that its
-    covariance overflows float64 in their unit; more than ``f`` such inputs
-    is a ValueError.
+    An input so far from the others that its Gram entries overflow float64
+    in their unit (the median input's scale) is in no chosen subset either,
+    like one holding NaN or Inf.
 
     Examples
     --------
@@ -124,16 +117,24 @@ class SMEA(GramRule):
     """
 
     name = "smea"
-    p_bound = (2, 1)
-    translation_invariant = True
+    contract = Contract(
+        params={"f": F_REQUIRED, "max_subsets": Int(low=1)},
+        nan_policy="an input holding NaN or Inf is in no chosen subset (result.excluded); "
+        "more than f such inputs is a ValueError",
+        cost="one pass for the Gram matrix (O(p² n)), C(p, f) eigenvalue problems of size "
+        "p - f (O(C(p, f) (p - f)³), refused beyond max_subsets), one combination pass",
+        reference=Reference(("Allouah", "Guerraoui", "Gupta", "Pinot", "Stephan"),
+                            "On the privacy-robustness-utility trilemma in distributed "
+                            "learning", "ICML", 2023),
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, f: int, max_subsets: int = SMEA_MAX_SUBSETS) -> None:
-        self.f = validate_f(self.name, f)
-        self.max_subsets = check_int("max_subsets", max_subsets, owner=self.name, low=1)
+        self._store(f=f, max_subsets=max_subsets)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p, f = K.shape[0], self.f
-        check_f(self.name, f, p, 2 * f + 1, "p >= 2f + 1")
+    def _solve_gram(self, K: Gram) -> Solution:
+        p, f = K.p, self.f
         n = math.comb(p, f)
         if n > self.max_subsets:
             raise ValueError(
@@ -141,14 +142,12 @@ class SMEA(GramRule):
                 f"max_subsets={self.max_subsets}; raise max_subsets (each subset is an "
                 f"eigenvalue problem of size p - f = {p - f}) or use another rule"
             )
-        finite, excluded = finite_rows(K)
-        if not finite.any():
-            raise nothing_left(self.name, p, excluded)
+        self.usable(K)
         # In the unit of the median input: honest distances in range; an input whose
-        # covariance overflows in that unit is beyond any honest subset's.
-        E = distance_exponent(K)
-        U = unit_gram(K, E)
-        ok = finite & np.isfinite(np.diag(U))
+        # entries overflow in that unit is beyond any honest subset's covariance.
+        E = K.distance_exponent()
+        U = K.unit(E)
+        ok = K.usable & np.isfinite(np.diag(U))
         kept, lam, n_subsets = smallest_max_eigenvalue_subset(U, ok, f)
         if not np.isfinite(lam):
             raise ValueError(
@@ -159,5 +158,6 @@ class SMEA(GramRule):
         coef[kept] = 1.0 / kept.size
         with np.errstate(over="ignore"):
             lam_out = float(np.ldexp(lam, 2 * E))
-        return coef, {"selected": tuple(int(i) for i in kept), "excluded": excluded,
-                      "details": {"eigenvalue": lam_out, "n_subsets": n_subsets}}
+        return Solution(coefficients=coef, selected=tuple(int(i) for i in kept),
+                        excluded=K.excluded,
+                        details={"eigenvalue": lam_out, "n_subsets": n_subsets})
