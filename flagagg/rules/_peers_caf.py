@@ -104,8 +104,9 @@ class CAF(Rule):
     --------
     >>> import numpy as np, flagagg
     >>> G = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [40.0, -30.0]])
-    >>> flagagg.aggregate(G, rule="caf", f=1, backend="numpy")
-    array([0.5, 0.5])
+    >>> res = flagagg.aggregate(G, rule="caf", f=1, backend="numpy", return_result=True)
+    >>> res.aggregate.round(3), res.coefficients.round(3)
+    (array([0.503, 0.498]), array([0.25 , 0.252, 0.248, 0.25 , 0.   ]))
     """
 
     name = "caf"
