@@ -48,12 +48,11 @@ class Medoid(Rule):
 
     Notes
     -----
-    The medoid is the sample point of least total distance to the others, a
-    robust location estimator with breakdown point 1/2, used for Byzantine-
-    robust aggregation by El Mhamdi, Guerraoui and Rouault ("Fast and robust
-    distributed learning in high dimension", SRDS 2020) and shipped by the
-    ``krum`` package. It returns ``g_m`` with ``m = argmin_i sum_j ||g_i -
-    g_j||`` (distances, not squared: a far input adds its distance, not its
+    Xie, Koyejo and Gupta, "Generalized Byzantine-tolerant SGD",
+    arXiv:1802.10116, 2018 (also in the ``krum`` package). The medoid is the
+    input of least total distance to the others, a location estimator with
+    breakdown point 1/2: ``g_m`` with ``m = argmin_i sum_j ||g_i - g_j||``
+    (distances, not squared: a far input adds its distance, not its
     square); the lowest index on ties. Distances come from the Gram matrix:
     one Gram pass, ``p x p`` work, one combination pass reading one row.
 
@@ -72,9 +71,8 @@ class Medoid(Rule):
         "sums (result.excluded)",
         cost="one pass for the Gram matrix (O(p² n)), O(p²) sums of distances, one "
         "combination pass reading the chosen row",
-        reference=Reference(("El Mhamdi", "Guerraoui", "Rouault"),
-                            "Fast and robust distributed learning in high dimension",
-                            "SRDS", 2020),
+        reference=Reference(("Xie", "Koyejo", "Gupta"), "Generalized Byzantine-tolerant SGD",
+                            "arXiv", 2018),
         space="gram",
         translation_invariant=True,
     )
