@@ -307,3 +307,23 @@ def test_diagnostics_and_summary(name):
     # The far rows have no weight (ARC clips them but keeps them in the mean).
     if name not in ("arc+mean", "arc+median"):
         assert np.all(res.coefficients[-F:] == 0)
+
+
+@pytest.mark.parametrize("mag", [1.0, 1e155, 1e300, 1e-300])
+def test_monna_distance_order_is_the_ranks_row(mag):
+    # MoNNA orders one row in O(p); it must be the row of the all-pairs exact ranks,
+    # with ties (a duplicated row) to the lower index and NaN rows last.
+    from flagagg._array import as_stack
+    from flagagg.backends import select_backend
+    from flagagg.rules._peers_monna import distance_order
+
+    G = np.random.default_rng(7).normal(size=(9, 5))
+    G[7:] *= mag
+    G[3] = G[2]
+    G[5] = np.nan
+    st = as_stack(G)
+    K = st.gram(select_backend("numpy", st.sample, st.library))
+    for c in (0, 2, 3, 7):
+        r = K.distance_ranks()[c].copy()
+        r[c] = -1.0
+        np.testing.assert_array_equal(distance_order(K, c), np.argsort(r, kind="stable"))
