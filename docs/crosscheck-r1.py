@@ -24,6 +24,7 @@ import numpy as np
 
 PS, NS, KINDS = (7, 11, 15), (1, 5, 1000), ("gauss", "outliers", "ties", "offset", "huge", "nan")
 # (rule, peer) pairs whose definitions match (MoNNA with the pivot / idx / reference_index 0).
+LIMIT_S = 20  # seconds per peer call
 PAIRS = (("cge", "byzpy"), ("monna", "byzfl"), ("monna", "byzpy"), ("caf", "byzfl"),
          ("caf", "byzpy"), ("smea", "byzfl"), ("smea", "byzpy"), ("arc", "byzfl"),
          ("arc", "byzpy"))
@@ -60,8 +61,14 @@ def skip(rule, G, f) -> bool:
 
 def peers(path: str) -> None:
     """Run ByzFL and byzpy on every case; save outputs (NaN-filled with the error on failure)."""
+    import signal
     import warnings
     from unittest import mock
+
+    def give_up(signum, frame):
+        raise TimeoutError(f"no result within {LIMIT_S} s")
+
+    signal.signal(signal.SIGALRM, give_up)
 
     # ByzFL's package __init__ imports its benchmark (torchvision, plotting, data frames):
     # stand-ins for those that are missing, as only its aggregators are used.
@@ -88,7 +95,7 @@ def peers(path: str) -> None:
         return [torch.as_tensor(g.copy()) for g in G]
 
     def run(peer, rule, G, f):
-        np.random.seed(0)  # ByzFL's power method starts from np.random.randn
+        np.random.seed(0)  # noqa: NPY002 - ByzFL's power method draws from np.random.randn
         torch.manual_seed(0)
         if peer == "byzfl":
             if rule == "monna":
@@ -120,6 +127,7 @@ def peers(path: str) -> None:
             if skip(rule, G, f):
                 continue
             name = f"{rule}/{peer}/{key}"
+            signal.alarm(LIMIT_S)  # a peer's loop that does not end is a result too
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -127,11 +135,15 @@ def peers(path: str) -> None:
             except Exception as exc:  # noqa: BLE001 - a peer's failure is a result
                 out[name] = np.full(G.shape[1], np.nan)
                 errors[name] = f"{type(exc).__name__}: {exc}"[:120]
+            finally:
+                signal.alarm(0)
+        print(key, flush=True)
     np.savez(path, **out, _errors=np.array(sorted(errors.items()), dtype=object))
     print(f"{len(out)} peer outputs, {len(errors)} errors -> {path}")
 
 
 def flagagg_output(rule, G, f):
+    """The output of flagagg for the peers' definition (MoNNA around input 0, ARC then the mean)."""
     import flagagg
 
     if rule == "cge":
