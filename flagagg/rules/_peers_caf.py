@@ -96,7 +96,11 @@ class CAF(Rule):
 
     Gram space: the covariance's eigenpair comes from the ``p x p``
     centred Gram (see :func:`centered_top_eig`), exactly, where ByzFL's
-    ``CAF`` takes one power-method step from a random vector. At most ``p``
+    ``CAF`` takes one power-method step from a random vector (byzpy three).
+    ``max tau`` is over the inputs of positive weight, so each iteration
+    zeroes one; ByzFL and byzpy take it over all inputs, those at weight 0
+    included, which keeps the largest ``tau`` on an input already removed
+    and can make their loop run for thousands of iterations. At most ``p``
     iterations (each zeroes a weight) of ``O(p^3)``: ``O(p^4)`` after one
     Gram pass, then one combination pass.
 
