@@ -168,3 +168,96 @@ def test_a_rule_on_the_contract_alone(monkeypatch):
         flagagg.get_rule("toy", f=0, k=1).solve_gram(np.full((2, 2), np.nan))
     # The docs table reads the same declaration.
     assert flagagg.get_rule("toy", f=1).contract.cost == "p x p"
+
+
+# One exception convention beyond the rules: configs and the simulator.
+
+def _tiny_config():
+    return {
+        "experiment": {"name": "tiny", "rounds": 2, "seeds": [0], "validation_seeds": [100]},
+        "data": {"dataset": "digits"},
+        "cluster": {"workers": 7, "f": [1]},
+        "rules": {"krum": {"lr": 0.1}},
+        "attacks": {"none": {}},
+    }
+
+
+@pytest.mark.parametrize("section,key,value,kind,words", [
+    ("cluster", "workers", "7", TypeError, "an integer >= 2"),
+    ("cluster", "workers", 1, ValueError, "an integer >= 2"),
+    ("experiment", "rounds", 2.0, TypeError, "an integer >= 1"),
+    ("data", "test_fraction", 1.0, ValueError, "a finite number > 0 and < 1"),
+    ("data", "dataset", 3, ValueError, "one of"),
+    ("experiment", "name", 3, TypeError, "a non-empty string"),
+])
+def test_config_values_follow_the_one_convention(section, key, value, kind, words):
+    from flagagg.sim import ConfigError, parse_config
+
+    data = _tiny_config()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=rf"\[{section}\] {key} must be {words}") as info:
+        parse_config(data, source="my.toml")
+    assert isinstance(info.value, kind)
+    if kind is ValueError:
+        assert not isinstance(info.value, TypeError)
+
+
+def test_config_check_reads_the_declared_bound():
+    from flagagg.sim import ConfigError, parse_config
+
+    data = _tiny_config()
+    data["cluster"]["workers"] = 4  # krum declares p >= 2f + 3
+    with pytest.raises(ConfigError, match=r"need p >= 2f \+ 3 for krum: got p=4, f=1"):
+        parse_config(data, source="my.toml")
+
+
+def test_simulate_with_a_fractional_f_says_so():
+    pytest.importorskip("sklearn")
+    from flagagg import sim
+
+    with pytest.raises(TypeError, match="f must be an integer or None for mean: got 1.5"):
+        sim.simulate("digits", "mean", f=1.5, workers=7, rounds=1)
+
+
+def test_docs_tables_read_the_declaration(monkeypatch):
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("numpydoc")
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "docs" / "_ext"))
+    sys.modules.pop("flagagg_tables", None)
+    import flagagg_tables
+
+    infos = {i.name: i for i in flagagg_tables.rule_infos(f_values=(1,))}
+    for name, cls in RULE_CLASSES.items():
+        c = cls.contract
+        info = infos[name]
+        assert info.complexity == c.cost and info.nan_documented == c.nan_policy
+        assert info.source == (c.reference.short() if c.reference else "--")
+        assert info.precondition.startswith(str(c.bound).replace(">=", "≥"))
+        assert [p.split("=")[0] for p in info.parameters] == [
+            k for k in c.params if k != "backend"]
+    from flagagg import attacks
+
+    for row in flagagg_tables.attack_rows():
+        ref = getattr(attacks.get_attack(row["name"]).func, "reference", None)
+        assert row["source"] == (ref.short() if ref is not None else "--")
+    assert attacks.min_max.reference.short() == "Shejwalkar and Houmansadr (NDSS 2021)"
+
+
+def test_a_result_with_deferred_diagnostics_pickles():
+    # Results cross process boundaries (simulator workers): the composed Gram they keep
+    # for their deferred diagnostics pickles whole, scaled form and decision included.
+    import pickle
+
+    G = np.random.default_rng(2).normal(size=(7, 5))
+    G[6] = 1e200
+    rule = flagagg.get_rule("krum", f=1, backend="numpy")
+    rule(G)
+    copy = pickle.loads(pickle.dumps(rule.__dict__["_last_result"]))
+    assert copy._deferred is not None
+    assert copy._deferred.gram.usable.all() and copy._deferred.gram.exponents.any()
+    from flagagg.rules._result import with_diagnostics
+
+    np.testing.assert_array_equal(with_diagnostics(copy).cosine, rule.result_.cosine)
+    assert np.isfinite(rule.result_.cosine).all()
