@@ -85,6 +85,8 @@ _RULE_TARGETS = {
                      "nnm + krum"], 3.0),
     **dict.fromkeys(["median", "trimmed_mean", "meamed", "phocas"], 5.0),
     "bulyan": 6.0,
+    # The peers' Gram rules (issue 24): the Krum family's target.
+    **dict.fromkeys(["cge", "medoid", "monna", "caf", "smea", "arc + krum"], 3.0),
 }
 
 
@@ -417,6 +419,7 @@ def _rules_section(table: _Table, b: _Bench) -> None:
     Gr = make_stack(b.p, b.rules_n, seed=1)
     cases = [(name, name, {}) for name in flagagg.available_rules()]
     cases.append(("nnm + krum", "krum", {"pre": ["nnm"]}))
+    cases.append(("arc + krum", "krum", {"pre": ["arc"]}))
     for label, name, extra in cases:
         try:
             try:
@@ -497,7 +500,12 @@ _PSWEEP_GRAM_RULES = (("flag", "flag", {}), ("krum", "krum", {"f": 3}),
                       ("multi_krum", "multi_krum", {"f": 3}),
                       ("geometric_median", "geometric_median", {}),
                       ("centered_clipping", "centered_clipping", {}),
-                      ("nnm + krum", "krum", {"f": 3, "pre": ["nnm"]}))
+                      ("nnm + krum", "krum", {"f": 3, "pre": ["nnm"]}),
+                      # The peers' Gram rules whose p x p work stays below the Gram pass at
+                      # p = 1024 (CAF's O(p^4) and SMEA's C(p, f) subsets do not: not swept).
+                      ("cge", "cge", {"f": 3}), ("medoid", "medoid", {}),
+                      ("monna", "monna", {"f": 3}),
+                      ("arc + krum", "krum", {"f": 3, "pre": ["arc"]}))
 _PSWEEP_COORD_RULES = (("median", {}), ("trimmed_mean", {"f": 3}))
 
 

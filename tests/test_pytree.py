@@ -58,8 +58,9 @@ RULES = {
     "centered_clipping": {"tau": 2.0, "n_iter": 3},
     "mda": {"f": F},
     "flag": {},
+    "cge": {"f": F}, "medoid": {}, "monna": {"f": F}, "caf": {"f": F}, "smea": {"f": F},
 }
-RULES_ALL = {**RULES, "nnm+krum": {"f": F, "pre": ["nnm"]}}
+RULES_ALL = {**RULES, "nnm+krum": {"f": F, "pre": ["nnm"]}, "arc+krum": {"f": F, "pre": ["arc"]}}
 
 LIB_CASES = [
     pytest.param("numpy", id="numpy"),

@@ -599,7 +599,7 @@ def test_every_rule_is_registered():
     names = set(flagagg.available_rules())
     assert {"mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
             "bulyan", "geometric_median", "centered_clipping", "mda", "flag"} <= names
-    assert flagagg.rules.available_pre() == ["bucketing", "clipping", "nnm"]
+    assert flagagg.rules.available_pre() == ["arc", "bucketing", "clipping", "nnm"]
     for name in names - {"mean", "flag"}:
         flagagg.get_rule(name, f=0)  # every robust rule takes f
 

@@ -19,7 +19,8 @@ import numpy as np
 # asv discovers the parameters once and runs them on every commit by index, so
 # the list must not change with the commit being measured.
 RULES = ["bulyan", "centered_clipping", "flag", "geometric_median", "krum", "mda", "meamed",
-         "mean", "median", "multi_krum", "phocas", "trimmed_mean"]
+         "mean", "median", "multi_krum", "phocas", "trimmed_mean",
+         "cge", "medoid", "monna", "caf", "smea"]  # the peers' rules (issue 24), r1
 
 
 def make_stack(p: int, n: int, f: int = 3, dtype: str = "float32", seed: int = 0) -> np.ndarray:

@@ -5,9 +5,10 @@ from .common import QUICK, BackendBenchmark, backends, build_rule, tiered
 
 
 class Rules(BackendBenchmark):
-    """``rule(G)`` for every rule (and NNM before Krum), and its time over ``mean(G, 0)``."""
+    """``rule(G)`` for every rule (and NNM or ARC before Krum), and its time over ``mean(G, 0)``."""
 
-    params = [backends(), RULES + ["nnm+krum"], tiered([1_000_000], [100_000, 1_000_000])]
+    params = [backends(), RULES + ["nnm+krum", "arc+krum"],
+              tiered([1_000_000], [100_000, 1_000_000])]
     param_names = ["backend", "rule", "n"]
 
     def setup(self, backend, rule, n):

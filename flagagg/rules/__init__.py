@@ -43,6 +43,11 @@ _RULES: dict[str, str] = {
     "centered_clipping": "flagagg.rules._clipping:CenteredClipping",
     "mda": "flagagg.rules._mda:MDA",
     "flag": "flagagg.rules._flag:FlagAggregator",
+    "cge": "flagagg.rules._peers_cge:CGE",
+    "medoid": "flagagg.rules._peers_medoid:Medoid",
+    "monna": "flagagg.rules._peers_monna:MoNNA",
+    "caf": "flagagg.rules._peers_caf:CAF",
+    "smea": "flagagg.rules._peers_smea:SMEA",
 }
 
 

@@ -242,6 +242,9 @@ class Clipping(PreAggregator):
 
 
 _PRE: dict[str, type[PreAggregator]] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping}
+# Steps defined in modules of their own add themselves to _PRE (they subclass PreAggregator,
+# so they import this module: a module import, not a name, keeps either import order working).
+from . import _peers_arc  # noqa: E402, F401 - registers "arc"
 
 
 def available_pre() -> list[str]:
