@@ -1154,8 +1154,9 @@ def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
 
     References
     ----------
-    M. Fang, X. Cao, J. Jia, N. Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX Security 2020, section 3.
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fang_trimmed_mean")
@@ -1207,8 +1208,9 @@ def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
 
     References
     ----------
-    M. Fang, X. Cao, J. Jia, N. Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX Security 2020, section 3.
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
     """
     xp = _check_gradients(honest, f, own)
     _need_own(own, "fang_trimmed_mean_partial")
@@ -1319,8 +1321,9 @@ def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
 
     References
     ----------
-    M. Fang, X. Cao, J. Jia, N. Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX Security 2020, section 3.
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fang_krum")
@@ -1384,8 +1387,9 @@ def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None)
 
     References
     ----------
-    M. Fang, X. Cao, J. Jia, N. Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX Security 2020, section 3.
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
     """
     xp = _check_gradients(honest, f, own)
     _need_own(own, "fang_krum_partial")
@@ -1441,7 +1445,7 @@ def full_gradient_negation(honest, f, *, rng=None, kappa=100.0, own=None):
 
 def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0.5,
                        doublings=30, steps=20, own=None):
-    """Small perturbation (El Mhamdi et al., ICML 2018), as the ``krum`` package defines it.
+    """Small perturbation (El Mhamdi, Guerraoui and Rouault), as the ``krum`` package defines it.
 
     All faulty rows send ``B(gamma) = mean(honest) + gamma * sigma * E``:
     with ``norm="l2"``, ``E`` is the unit vector of the coordinate with the
@@ -1493,8 +1497,8 @@ def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0
 
     References
     ----------
-    E. M. El Mhamdi, R. Guerraoui, S. Rouault, "The Hidden Vulnerability
-    of Distributed Learning in Byzantium", ICML 2018.
+    El Mhamdi, Guerraoui and Rouault, "The Hidden Vulnerability of
+    Distributed Learning in Byzantium", ICML 2018.
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "small_perturbation")

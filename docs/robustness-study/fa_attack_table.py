@@ -33,6 +33,7 @@ ATTACKS = [("none", "none"), ("ALIE", "little_is_enough"), ("IPM", "fall_of_empi
 
 
 def rule_of(label):
+    """The rule with this label as a (p, n) -> (n,) function (nnm-X: NNM, then X)."""
     name, pre = (label[4:], ["nnm"]) if label.startswith("nnm-") else (label, None)
     if name == "mean" and pre is None:
         return lambda X: X.mean(axis=0)
@@ -40,6 +41,7 @@ def rule_of(label):
 
 
 def cos(a):
+    """Cosine between a row and the honest mean."""
     return float(a @ hm / (np.linalg.norm(a) * np.linalg.norm(hm)))
 
 
