@@ -1251,10 +1251,14 @@ def _fang_krum(ref, f, p, n_neighbours, threshold):
     the faulty workers' own with partial knowledge). Returns the row.
     """
     q, n = ref.shape
-    s = np.sign(ref.mean(axis=0))
-    K = ref @ ref.T
-    sq = np.diag(K).copy()
-    D2h = np.maximum(sq[:, None] + sq[None, :] - 2.0 * K, 0.0)
+    c = ref.mean(axis=0)
+    s = np.sign(c)
+    # distances from the rows centred on their mean: exact under a common offset
+    Gc = ref - c
+    K = Gc @ Gc.T
+    sqc = np.diag(K).copy()
+    D2h = np.maximum(sqc[:, None] + sqc[None, :] - 2.0 * K, 0.0)
+    sq = np.einsum("ij,ij->i", ref, ref)
     # lambda's upper bound, the paper's equation (in gradient space the
     # before-attack reference is the zero update)
     k = min(max(p - f - 2, 0), q - 1)
@@ -1264,11 +1268,13 @@ def _fang_krum(ref, f, p, n_neighbours, threshold):
     else:
         spread = 0.0
     lam = spread + float(np.sqrt(sq).max()) / math.sqrt(n)
-    s_dot = ref @ s
-    s_sq = float(s @ s)
+    gs, gc = Gc @ s, Gc @ c
+    s_sq, cs, cc = float(s @ s), float(c @ s), float(c @ c)
     while True:
-        # ||g_i + lam s||^2 = ||g_i||^2 + 2 lam <g_i, s> + lam^2 ||s||^2
-        dh = np.maximum(sq + 2.0 * lam * s_dot + lam * lam * s_sq, 0.0)
+        # ||g_i - x||^2 for x = -lam s, from the centred rows:
+        # ||g_i - c||^2 - 2 <g_i - c, x - c> + ||x - c||^2
+        xc_sq = lam * lam * s_sq + 2.0 * lam * cs + cc
+        dh = np.maximum(sqc + 2.0 * (lam * gs + gc) + xc_sq, 0.0)
         if _krum_picks_crafted(D2h, dh, f, n_neighbours) or lam < threshold:
             break
         lam /= 2.0

@@ -182,8 +182,13 @@ def test_fang_krum_makes_krum_pick_a_faulty_row(honest):
     assert out @ honest.mean(axis=0) < 0
 
 
-def test_fang_krum_lambda_is_the_largest_of_the_halving_sequence(honest):
-    """Slow reference: the halving sequence from the paper's bound, Krum run on every candidate."""
+@pytest.mark.parametrize("offset", [0.0, -0.3, 1e8])
+def test_fang_krum_lambda_is_the_largest_of_the_halving_sequence(honest, offset):
+    """Slow reference: the halving sequence from the paper's bound, Krum run on every candidate.
+
+    Also at an offset (1e8: the rows' distances must not cancel in a Gram form).
+    """
+    honest = honest + offset
     f, n = 3, honest.shape[1]
     p = honest.shape[0] + f
     s = np.sign(honest.mean(axis=0))
