@@ -273,3 +273,20 @@ def test_report_command_line(tmp_path, capsys):
                         str(tmp_path / "page"), "--no-plots"]) == 0
     assert "CPU hours in the store" in capsys.readouterr().out
     assert "Reproduce with::" in (tmp_path / "page" / "results.rst").read_text()
+
+
+def test_report_of_runs_longer_than_the_tuned_config_says(tmp_path):
+    """Tuned with --rounds 2, held out with --rounds 4: the report reads the 4-round runs."""
+    c = _tiny(attacks={"none": {}})
+    short = c.replace(rounds=2, eval_every=2)
+    path = tmp_path / "tuned.toml"
+    path.write_text(short.to_toml())
+    store = tmp_path / "store"
+    run_experiment(c, store=store, progress=False)
+    out = _study.build_report([path], store, tmp_path / "page", plots=False)
+    assert out["missing"] == {"tiny": 8}
+    out = _study.build_report([path], store, tmp_path / "page", plots=False, rounds=4)
+    assert out["missing"] == {"tiny": 0}
+    assert _study.main(["report", str(path), "--store", str(store), "--output",
+                        str(tmp_path / "p2"), "--no-plots", "--rounds", "4"]) == 0
+    assert "--rounds 4" in (tmp_path / "p2" / "results.rst").read_text()

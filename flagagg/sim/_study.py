@@ -400,7 +400,7 @@ def _rst_table(header, rows):
 
 
 def build_report(configs, store, output, *, seeds=None, split="test", plots=True,
-                 command=None):
+                 command=None, rounds=None):
     """Write the results page of a study from its result store.
 
     Parameters
@@ -418,6 +418,10 @@ def build_report(configs, store, output, *, seeds=None, split="test", plots=True
     plots : bool, default=True
     command : str, optional
         The command that reproduces the results, printed on the page.
+    rounds : int, optional
+        The rounds the held-out runs ran (``flagagg experiment --rounds``),
+        when it is not the configs' (a config tuned with ``flagagg tune
+        --rounds`` carries the tuning's).
 
     Returns
     -------
@@ -432,6 +436,8 @@ def build_report(configs, store, output, *, seeds=None, split="test", plots=True
     csv_rows = []
     for cfg in configs:
         config = as_config(cfg)
+        if rounds is not None:
+            config = config.replace(rounds=rounds, eval_every=min(config.eval_every, rounds))
         results, missing, c = collect(config, store, seeds=seeds, split=split)
         cpu += c
         rows = ranked(results) if results.runs else []
@@ -508,6 +514,9 @@ def main(argv=None):
     r.add_argument("configs", nargs="+", help="the settings as they ran (tuned configs)")
     r.add_argument("--store", required=True)
     r.add_argument("--output", required=True)
+    r.add_argument("--rounds", type=int, metavar="N",
+                   help="the rounds the held-out runs ran, when not the configs' (as "
+                        "flagagg experiment --rounds)")
     r.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
     import json
@@ -528,9 +537,12 @@ def main(argv=None):
         if args.output:
             Path(args.output).write_text(json.dumps(costs), encoding="utf-8")
     else:
+        again = ["python -m flagagg.sim._study report", *args.configs, "--store", args.store,
+                 "--output", args.output]
+        if args.rounds is not None:
+            again += ["--rounds", str(args.rounds)]
         out = build_report(args.configs, args.store, args.output, plots=not args.no_plots,
-                           command="python -m flagagg.sim._study report " + " ".join(
-                               args.configs) + f" --store {args.store} --output {args.output}")
+                           rounds=args.rounds, command=" ".join(again))
         print(f"{out['page']} ({out['cpu_hours']:.2f} CPU hours in the store)")
     return 0
 
