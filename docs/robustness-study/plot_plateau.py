@@ -1,4 +1,7 @@
-"""Draw plateau.png from the plateau_*.json files `python -m flagagg.sim._study plateau` wrote."""
+"""Draw docs/_static/robustness_study_plateau.png from the plateau_*.json files.
+
+They are written by `python -m flagagg.sim._study plateau`.
+"""
 
 import json
 from pathlib import Path
@@ -28,4 +31,4 @@ ax.set_ylim(0, 100)
 ax.set_title("MNIST-1D, cnn1d, p = 15, iid, mean, no attack (4 validation seeds)", fontsize=9)
 ax.legend(fontsize=7, loc="lower right")
 fig.tight_layout()
-fig.savefig(here / "plateau.png", dpi=110)
+fig.savefig(here.parent / "_static" / "robustness_study_plateau.png", dpi=110)
