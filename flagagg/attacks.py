@@ -1389,7 +1389,11 @@ def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None)
 
     Notes
     -----
-    Cost: ``O(f^2 n)`` and ``O(f^2 log f)`` per halving of ``lam``.
+    With ``f = 1`` the attacker's stack is its own gradient and one crafted
+    row, equally far from each other: Krum's tie goes to the own gradient at
+    every ``lam``, which ends at ``threshold`` (a row of about zero). The
+    attack needs ``f >= 2``, as FLPoison's asserts. Cost: ``O(f^2 n)`` and
+    ``O(f^2 log f)`` per halving of ``lam``.
 
     References
     ----------

@@ -241,6 +241,15 @@ def test_fang_krum_partial_from_own_gradients_turns_krum(honest, own):
     assert lam == pytest.approx(lam0, rel=1e-12) or not picks(2 * lam)
 
 
+def test_fang_krum_partial_with_one_attacker_ends_at_the_threshold(honest, own):
+    """f = 1: two rows equally apart, Krum's tie goes to the own row; lam halves to the end."""
+    rows = attacks.fang_krum_partial(honest, 1, own=own[:1], threshold=1e-3)
+    s = np.sign(own[0])
+    lam = -rows[0] @ s / (s @ s)
+    assert 0 < lam < 1e-3
+    np.testing.assert_allclose(rows[0], -lam * s)
+
+
 # --------------------------------------------------------------------------
 # krum package's attacks
 
