@@ -1079,3 +1079,742 @@ def get_attack(name, **params):
         )
     bound = {**overrides, **params}
     return Attack(name, kind, omniscient, func, bound, defence_aware=name in _DEFENCE_AWARE)
+
+
+# --------------------------------------------------------------------------
+# the peers' attacks (issue 24) and the attack built against the Flag
+# Aggregator (issue 27). Appended here, registered at the end of the file.
+
+
+def _host64(xp, x):
+    """A NumPy float64 copy of a (small) array of any library and device."""
+    if type(x).__module__.split(".")[0] == "torch":
+        return x.detach().to("cpu").double().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def _need_own(own, name):
+    if own is None:
+        raise ValueError(
+            f"{name} is a partial-knowledge attack: it needs own, the faulty workers' own honest "
+            "gradients of the round (the simulator passes them)"
+        )
+
+
+def _check_positive(name, value, strict=True):
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
+        and math.isfinite(value) and (value > 0 if strict else value >= 0)
+    if not ok:
+        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0: "
+                         f"got {value!r}")
+
+
+def _fang_trim_rows(lo_edge, hi_edge, direction, b, gen, f):
+    """Fang et al.'s trimmed-mean values, drawn per faulty row (NumPy float64).
+
+    Where ``direction`` is +1 every row draws beyond ``lo_edge`` (downwards),
+    where it is -1 beyond ``hi_edge`` (upwards), uniformly over a range whose
+    far end is ``b`` times (or ``1 / b`` times, for an edge of the other sign)
+    the edge; where it is 0 the row takes ``lo_edge``.
+    """
+    u = gen.random((int(f), lo_edge.size))
+    # below lo: [lo / b, lo] when lo > 0, [b lo, lo] when lo <= 0
+    lo_far = np.where(lo_edge > 0, lo_edge / b, lo_edge * b)
+    # above hi: [hi, b hi] when hi > 0, [hi, hi / b] when hi <= 0
+    hi_far = np.where(hi_edge > 0, hi_edge * b, hi_edge / b)
+    down = lo_edge + u * (lo_far - lo_edge)
+    up = hi_edge + u * (hi_far - hi_edge)
+    return np.where(direction > 0, down, np.where(direction < 0, up, lo_edge))
+
+
+def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
+    """Fang et al.'s full-knowledge attack on the trimmed mean (USENIX Security 2020).
+
+    In every coordinate ``j`` the faulty rows pull against the direction the
+    honest mean takes: where ``mean_j > 0`` each faulty row sends a value
+    below the smallest honest value ``min_j`` (drawn uniformly from
+    ``[min_j / b, min_j]`` when ``min_j > 0``, from ``[b min_j, min_j]``
+    otherwise); where ``mean_j < 0``, a value above the largest ``max_j``
+    (from ``[max_j, b max_j]`` when ``max_j > 0``, ``[max_j / b, max_j]``
+    otherwise); where ``mean_j = 0``, ``min_j``. The paper writes it for
+    local models; this is the same attack on the gradients (a model moves by
+    ``-lr`` times its gradient), as Blades and FLPoison ship it. It targets
+    coordinate-wise rules (trimmed mean, median).
+
+    Knowledge model: full knowledge (omniscient): reads the honest rows of
+    the round; does not call the rule.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Draws the values within their ranges; pass one for repeatable rows.
+    b : float, default=2.0
+        How far beyond the honest extremes the values reach (``b > 1``).
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        In the library, device and dtype of ``honest``; every row drawn
+        independently.
+
+    Notes
+    -----
+    Cost: ``O(p_honest n)`` (a mean, a min and a max per coordinate).
+
+    References
+    ----------
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "fang_trimmed_mean")
+    if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+            and b > 1):
+        raise ValueError(f"b must be a finite number > 1: got {b!r}")
+    H = _host64(xp, honest)
+    mean, lo, hi = H.mean(axis=0), H.min(axis=0), H.max(axis=0)
+    rows = _fang_trim_rows(lo, hi, np.sign(mean), float(b), _rng(rng), f)
+    return _like(xp, rows, honest)
+
+
+def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
+    """Fang et al.'s partial-knowledge attack on the trimmed mean (USENIX Security 2020).
+
+    The attacker sees only the gradients its ``f`` workers computed
+    honestly (``own``) and estimates the honest distribution from them:
+    ``mu_j`` and ``sigma_j`` (``ddof=0``) per coordinate. Where ``mu_j > 0``
+    every faulty row sends a value drawn uniformly from
+    ``[mu_j - 4 sigma_j, mu_j - 3 sigma_j]``, where ``mu_j < 0`` from
+    ``[mu_j + 3 sigma_j, mu_j + 4 sigma_j]`` (against the direction of the
+    estimated mean, on the gradients, as in :func:`fang_trimmed_mean`),
+    where ``mu_j = 0`` the value ``mu_j``.
+
+    Knowledge model: partial knowledge: the faulty workers' own honest
+    gradients only; neither the other workers' gradients nor the rule.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers; only their shape and dtype are used.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Draws the values within their ranges; pass one for repeatable rows.
+    own : array of shape (f, n)
+        The faulty workers' own honest gradients; required.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        In the library, device and dtype of ``honest``.
+
+    Notes
+    -----
+    With ``f = 1`` the estimated spread is 0 and the row is the worker's own
+    gradient: the estimate needs two faulty workers or more. Cost:
+    ``O(f n)``.
+
+    References
+    ----------
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_own(own, "fang_trimmed_mean_partial")
+    if f == 0:
+        return own * 1
+    own64 = _host64(xp, own)
+    mu, sigma = own64.mean(axis=0), own64.std(axis=0)
+    u = _rng(rng).uniform(3.0, 4.0, size=(int(f), own64.shape[1]))
+    s = np.sign(mu)
+    rows = mu - s * u * sigma
+    return _like(xp, rows, honest)
+
+
+def _krum_picks_crafted(D2h, dh, f, n_neighbours):
+    """Whether Krum picks one of ``f`` identical crafted rows.
+
+    ``D2h``: squared distances among the reference rows (``q x q``); ``dh``:
+    their squared distances to the crafted row (``q``). Krum's score of a row is
+    the sum of its ``n_neighbours`` smallest squared distances to the others.
+    """
+    q = D2h.shape[0]
+    m = q + f
+    D2 = np.zeros((m, m))
+    D2[:q, :q] = D2h
+    D2[:q, q:] = dh[:, None]
+    D2[q:, :q] = dh[None, :]
+    np.fill_diagonal(D2, np.inf)
+    k = max(1, min(n_neighbours, m - 1))
+    scores = np.sort(D2, axis=1)[:, :k].sum(axis=1)
+    # ties go to the lowest index, as flagagg's Krum breaks them: honest first
+    return int(np.argmin(scores)) >= q
+
+
+def _fang_krum(ref, f, p, n_neighbours, threshold):
+    """Fang et al.'s search for the crafted row ``-lam * s`` Krum picks (NumPy float64).
+
+    ``ref`` stands for the honest rows (all of them with full knowledge,
+    the faulty workers' own with partial knowledge). Returns the row.
+    """
+    q, n = ref.shape
+    c = ref.mean(axis=0)
+    s = np.sign(c)
+    # distances from the rows centred on their mean: exact under a common offset
+    Gc = ref - c
+    K = Gc @ Gc.T
+    sqc = np.diag(K).copy()
+    D2h = np.maximum(sqc[:, None] + sqc[None, :] - 2.0 * K, 0.0)
+    sq = np.einsum("ij,ij->i", ref, ref)
+    # lambda's upper bound, the paper's equation (in gradient space the
+    # before-attack reference is the zero update)
+    k = min(max(p - f - 2, 0), q - 1)
+    if k > 0:
+        near = np.sort(D2h + np.diag(np.full(q, np.inf)), axis=1)[:, :k]
+        spread = float(np.sqrt(near).sum(axis=1).min()) / (max(p - 2 * f - 1, 1) * math.sqrt(n))
+    else:
+        spread = 0.0
+    lam = spread + float(np.sqrt(sq).max()) / math.sqrt(n)
+    gs, gc = Gc @ s, Gc @ c
+    s_sq, cs, cc = float(s @ s), float(c @ s), float(c @ c)
+    while True:
+        # ||g_i - x||^2 for x = -lam s, from the centred rows:
+        # ||g_i - c||^2 - 2 <g_i - c, x - c> + ||x - c||^2
+        xc_sq = lam * lam * s_sq + 2.0 * lam * cs + cc
+        dh = np.maximum(sqc + 2.0 * (lam * gs + gc) + xc_sq, 0.0)
+        if _krum_picks_crafted(D2h, dh, f, n_neighbours) or lam < threshold:
+            break
+        lam /= 2.0
+    return -lam * s
+
+
+def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
+    """Fang et al.'s full-knowledge attack on Krum (USENIX Security 2020).
+
+    The faulty rows are ``-lam * s`` with ``s = sign(mean of the honest
+    rows)`` (the crafted update goes against the honest direction in every
+    coordinate), and ``lam`` is the largest of ``lam_0, lam_0 / 2, ...``
+    (down to ``threshold``) for which Krum, fed the honest rows and the
+    ``f`` crafted ones, picks a crafted one. ``lam_0`` is the paper's upper
+    bound: ``min_i sum_{l in N_i} ||g_l - g_i|| / ((p - 2f - 1) sqrt(n)) +
+    max_i ||g_i|| / sqrt(n)`` over the honest rows, ``N_i`` the ``p - f - 2``
+    honest rows nearest to ``g_i``. On gradients the before-attack
+    reference of the paper (the current model) is the zero update. Rows
+    2..f are copies of the first (``eps = 0``) or lie within ``eps`` of it.
+
+    Knowledge model: full knowledge (omniscient) and rule-aware: reads the
+    honest rows of the round and runs Krum itself (flagagg's Krum:
+    ``p - f - 2`` neighbours, ties to the lowest index) on candidates.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Draws the offsets of rows 2..f when ``eps > 0``.
+    threshold : float, default=1e-5
+        Smallest ``lam`` tried; the rows use it when Krum picks no crafted row
+        before it.
+    eps : float, default=0.0
+        Radius of the ball (Euclidean) rows 2..f are drawn in around row 1.
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        In the library, device and dtype of ``honest``.
+
+    Notes
+    -----
+    Cost: one ``p_honest x p_honest`` Gram matrix (``O(p_honest^2 n)``) and
+    ``O(p^2 log p)`` per halving of ``lam``; no call of the rule.
+
+    References
+    ----------
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "fang_krum")
+    _check_positive("threshold", threshold)
+    _check_positive("eps", eps, strict=False)
+    p = honest.shape[0] + int(f)
+    if f == 0:
+        return _repeat_row(xp, xp.mean(honest, axis=0), 0)
+    row = _fang_krum(_host64(xp, honest), int(f), p, p - int(f) - 2, threshold)
+    return _like(xp, _fang_copies(row, f, eps, rng), honest)
+
+
+def _fang_copies(row, f, eps, rng):
+    rows = np.repeat(row[None, :], int(f), axis=0)
+    if eps > 0 and f > 1:
+        d = _rng(rng).normal(size=(int(f) - 1, row.size))
+        d *= (eps * _rng(rng).random((int(f) - 1, 1)) ** (1.0 / row.size)
+              / np.linalg.norm(d, axis=1, keepdims=True))
+        rows[1:] += d
+    return rows
+
+
+def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
+    """Fang et al.'s partial-knowledge attack on Krum (USENIX Security 2020).
+
+    :func:`fang_krum` with the faulty workers' own honest gradients standing
+    in for the honest rows: ``s`` is the sign of their mean, ``lam_0`` comes
+    from them, and the attacker runs Krum on its own gradients plus the
+    ``f`` crafted rows. That stack has ``2f`` rows, fewer than Krum's
+    ``p - f - 2`` neighbours need when ``p > 3f + 2``: every row then counts
+    all the others (``min(p - f - 2, 2f - 1)`` neighbours), flagagg's reading
+    of the paper's "treat the before-attack models as the benign ones".
+
+    Knowledge model: partial knowledge and rule-aware: the faulty workers'
+    own honest gradients, and that the rule is Krum; not the other workers'
+    gradients.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers; only their shape and dtype are used.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Draws the offsets of rows 2..f when ``eps > 0``.
+    threshold : float, default=1e-5
+        Smallest ``lam`` tried.
+    eps : float, default=0.0
+        Radius of the ball rows 2..f are drawn in around row 1.
+    own : array of shape (f, n)
+        The faulty workers' own honest gradients; required.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        In the library, device and dtype of ``honest``.
+
+    Notes
+    -----
+    With ``f = 1`` the attacker's stack is its own gradient and one crafted
+    row, equally far from each other: Krum's tie goes to the own gradient at
+    every ``lam``, which ends at ``threshold`` (a row of about zero). The
+    attack needs ``f >= 2``, as FLPoison's asserts. Cost: ``O(f^2 n)`` and
+    ``O(f^2 log f)`` per halving of ``lam``.
+
+    References
+    ----------
+    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
+    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
+    Symposium), section 3.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_own(own, "fang_krum_partial")
+    _check_positive("threshold", threshold)
+    _check_positive("eps", eps, strict=False)
+    if f == 0:
+        return own * 1
+    p = honest.shape[0] + int(f)
+    k = min(p - int(f) - 2, 2 * int(f) - 1)
+    row = _fang_krum(_host64(xp, own), int(f), p, k, threshold)
+    return _like(xp, _fang_copies(row, f, eps, rng), honest)
+
+
+def full_gradient_negation(honest, f, *, rng=None, kappa=100.0, own=None):
+    """Full-gradient negation: every faulty row is ``-kappa`` times the full gradient.
+
+    As the ``krum`` package defines it (``FullGradientNegationAttack``):
+    the attacker knows the gradient over the whole data set and sends it
+    negated and scaled, unbounded. The simulator has no full-data gradient
+    at hand; the honest workers' mean of the round, its unbiased estimate,
+    stands in for it (so this is :func:`reverse` of the honest mean with
+    ``scale = -kappa``, kept under its peers' name and default).
+
+    Knowledge model: omniscient (the full gradient; here the honest rows of
+    the round). Does not call the rule.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused.
+    kappa : float, default=100.0
+        Scale of the negated gradient, ``>= 0``.
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+
+    Notes
+    -----
+    Cost: ``O(p_honest n)``.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "full_gradient_negation")
+    _check_positive("kappa", kappa, strict=False)
+    return _repeat_row(xp, -float(kappa) * xp.mean(honest, axis=0), f)
+
+
+def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0.5,
+                       doublings=30, steps=20, own=None):
+    """Small perturbation (El Mhamdi, Guerraoui and Rouault), as the ``krum`` package defines it.
+
+    All faulty rows send ``B(gamma) = mean(honest) + gamma * sigma * E``:
+    with ``norm="l2"``, ``E`` is the unit vector of the coordinate with the
+    largest honest standard deviation ``sigma`` (one coordinate moved by
+    ``O(sqrt(n))`` hides in the ``l2`` spread of the honest rows); with
+    ``norm="linf"``, ``E`` is all ones and ``sigma`` the mean of the honest
+    standard deviations. ``gamma`` is the largest value for which the rule
+    still "selects" ``B(gamma)``: its output moves along ``E`` by at least
+    ``threshold`` times what a plain mean's would (``f gamma sigma / p``).
+    (``krum`` tests selection by Krum's chosen subset, and for other rules
+    by a relative change of the output; this test is one criterion for every
+    rule: for Krum, picking ``B`` moves the output by ``gamma sigma``.)
+    ``gamma`` is bracketed by doubling from 1 and then bisected.
+
+    Knowledge model: omniscient and defence-aware: reads the honest rows
+    and calls the rule under test on candidates.
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused: the search is deterministic.
+    rule : callable, optional
+        The rule under test, ``(p, n) array -> (n,) array``; required
+        (:meth:`Attack.with_rule` binds it).
+    norm : {"l2", "linf"}, default="l2"
+        The norm the attack hides in (chooses ``E``).
+    threshold : float, default=0.5
+        Share of a mean's move along ``E`` that counts as selected, in (0, 1].
+    doublings : int, default=30
+        At most this many doublings of ``gamma`` (from 1) to bracket it.
+    steps : int, default=20
+        Bisection steps once bracketed.
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` copies of ``B(gamma)``; ``gamma = 0`` (the honest mean) when
+        the rule selects no ``B(gamma)`` with ``gamma >= 2^-steps``.
+
+    Notes
+    -----
+    Cost: at most ``1 + doublings + steps`` rule evaluations per round.
+
+    References
+    ----------
+    El Mhamdi, Guerraoui and Rouault, "The Hidden Vulnerability of
+    Distributed Learning in Byzantium", ICML 2018.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "small_perturbation")
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf': got {norm!r}")
+    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
+        raise ValueError(f"threshold must be in (0, 1]: got {threshold!r}")
+    for name, v in (("doublings", doublings), ("steps", steps)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int: got {v!r}")
+    mu = xp.mean(honest, axis=0)
+    if f == 0:
+        return _repeat_row(xp, mu, 0)
+    if rule is None:
+        raise ValueError(
+            "small_perturbation calls the rule under test and none was given: bind one with "
+            "attack.with_rule(rule) (flagagg.sim.simulate does this itself) or pass rule=..."
+        )
+    sd = _host64(xp, _std0(xp, honest))
+    n = sd.size
+    if norm == "l2":
+        e = np.zeros(n)
+        e[int(np.argmax(sd))] = 1.0
+        sigma = float(sd.max())
+    else:
+        e = np.ones(n)
+        sigma = float(sd.mean())
+    p = honest.shape[0] + int(f)
+    E = _like(xp, e * sigma, honest)
+    base = xp.concat([honest, _repeat_row(xp, mu, f)], axis=0)
+    out0 = _host64(xp, xp.asarray(rule(base))) @ e / float(e @ e)
+
+    def selected(gamma):
+        rows = xp.concat([honest, _repeat_row(xp, mu + gamma * E, f)], axis=0)
+        moved = _host64(xp, xp.asarray(rule(rows))) @ e / float(e @ e) - out0
+        return bool(np.isfinite(moved)) and moved >= threshold * f * gamma * sigma / p
+
+    if sigma == 0 or not math.isfinite(sigma):
+        return _repeat_row(xp, mu, f)
+    lo, hi = 0.0, 1.0
+    for _ in range(int(doublings)):
+        if not selected(hi):
+            break
+        lo, hi = hi, 2.0 * hi
+    else:
+        lo = hi
+    if lo < hi:
+        for _ in range(int(steps)):
+            mid = 0.5 * (lo + hi)
+            if selected(mid):
+                lo = mid
+            else:
+                hi = mid
+    return _repeat_row(xp, mu + lo * E, f)
+
+
+def _tilt_axes(xp, honest):
+    """The honest mean's unit direction ``m`` and the two tilt axes (NumPy float64).
+
+    ``"spread"``: the direction orthogonal to ``m`` along which the honest
+    unit rows spread most (their top principal axis once ``m`` is removed),
+    signed to agree with the sum of the honest unit rows. ``"outside"``: the
+    sign vector of the honest mean with the span of the honest rows removed
+    (None when the honest rows span every coordinate). Both come from the
+    ``p_honest x p_honest`` Gram matrix: ``O(p_honest^2 n)``. Also returns
+    the median honest norm.
+    """
+    H = _host64(xp, honest)
+    norms = np.linalg.norm(H, axis=1)
+    keep = np.isfinite(norms) & (norms > 0)
+    mu = H[keep].mean(axis=0) if keep.any() else np.zeros(H.shape[1])
+    mnorm = float(np.linalg.norm(mu))
+    if not keep.any() or mnorm == 0 or not math.isfinite(mnorm):
+        raise ValueError("flag_tilt needs finite honest rows with a nonzero mean")
+    U = H[keep] / norms[keep, None]
+    m = mu / mnorm
+    R = U - np.outer(U @ m, m)
+    vals, vecs = np.linalg.eigh(R @ R.T)
+    spread = R.T @ vecs[:, -1]
+    if vals[-1] <= 1e-24 or np.linalg.norm(spread) == 0:
+        # the honest rows are all parallel to m: any orthogonal axis is as good
+        spread = np.zeros_like(m)
+        spread[int(np.argmin(np.abs(m)))] = 1.0
+        spread -= (spread @ m) * m
+    spread /= np.linalg.norm(spread)
+    if U.sum(axis=0) @ spread < 0:
+        spread = -spread
+    # an orthonormal basis of the honest span from the Gram of the unit rows
+    ev, V = np.linalg.eigh(U @ U.T)
+    big = ev > RANK_RTOL_ATTACK * ev.max()
+    Q = U.T @ (V[:, big] / np.sqrt(ev[big]))
+    sgn = np.sign(m)
+    outside = sgn - Q @ (Q.T @ sgn)
+    on = float(np.linalg.norm(outside))
+    outside = outside / on if on > 1e-6 * math.sqrt(m.size) else None
+    return m, {"spread": spread, "outside": outside}, float(np.median(norms[keep]))
+
+
+# eigenvalues of the honest unit rows' Gram below this share of the largest are round-off
+RANK_RTOL_ATTACK = 1e-10
+_TILT_AXES = ("outside", "spread")
+
+
+def _tilt_row(m, axes, axis, theta):
+    w = axes[axis]
+    if w is None:
+        # the honest rows span every coordinate: no direction lies outside them
+        w = axes["spread"]
+    return -math.cos(theta) * m + math.sin(theta) * w
+
+
+def flag_tilt(honest, f, *, rng=None, theta=math.pi / 4, axis="outside", scale=1.0, own=None):
+    """Subspace tilt: an attack built against the Flag Aggregator's sign-blind subspace fit.
+
+    All faulty rows send ``scale * med * (-cos(theta) m + sin(theta) w)``,
+    with ``m`` the honest mean's unit direction, ``med`` the median honest
+    norm and ``w`` a unit axis orthogonal to ``m``: with ``axis="outside"``
+    the sign vector of the honest mean with the span of the honest rows
+    removed, with ``axis="spread"`` the axis orthogonal to ``m`` along
+    which the honest unit rows spread most (signed to agree with their sum).
+
+    Why it hurts FA: FA fits an ``r``-dimensional subspace to the unit rows
+    (blind to their sign: ``h`` and ``-h`` fit alike) and returns the
+    projection of ``sum_i h_i`` on it, rescaled to the median input norm.
+    The ``f`` identical faulty rows are one direction that the fit keeps
+    exactly (reconstruction ratio 1, the most honest-looking value there is,
+    and the IRLS then gives them its largest weight), so each adds a whole
+    unit vector to the output's sum: ``-cos(theta)`` of it against the honest
+    mean (all that Fall of Empires can do to FA, which discards its ``eps``)
+    and ``sin(theta)`` across it. Once FA rescales its output, the part
+    across the mean is what turns the output away from the descent
+    direction; ``theta = pi / 4`` balances the two. On a synthetic stack
+    (p = 15, f = 3) it turns FA's output further from the honest mean than A
+    Little Is Enough, Fall of Empires or their optimal variants do (see
+    ``docs/robustness-study.rst``). Its norm is the median honest norm, so
+    norm filters see an ordinary row.
+
+    Knowledge model: omniscient (the honest rows of the round) and knows
+    that the rule is a sign-blind subspace fit; does not call the rule
+    (:func:`optimal_flag_tilt` searches ``theta`` and the axis against the
+    rule).
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused.
+    theta : float, default=pi/4
+        Tilt away from the reversed mean, in radians, in ``[0, pi]``
+        (0: the reversed mean, ``pi / 2``: ``w`` alone).
+    axis : {"outside", "spread"}, default="outside"
+        The axis ``w``. "outside" needs ``n > p_honest``; when the honest rows
+        span every coordinate it is "spread".
+    scale : float, default=1.0
+        Norm of the rows in units of the median honest norm, ``> 0``.
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` identical rows in the library, device and dtype of ``honest``.
+
+    Notes
+    -----
+    Cost: one ``p_honest x p_honest`` Gram matrix and two eigendecompositions
+    of that size, ``O(p_honest^2 n)``.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "flag_tilt")
+    if not (isinstance(theta, (int, float)) and not isinstance(theta, bool)
+            and 0 <= theta <= math.pi):
+        raise ValueError(f"theta must be in [0, pi]: got {theta!r}")
+    if axis not in _TILT_AXES:
+        raise ValueError(f"axis must be 'outside' or 'spread': got {axis!r}")
+    _check_positive("scale", scale)
+    if f == 0:
+        return _repeat_row(xp, xp.mean(honest, axis=0), 0)
+    m, axes, med = _tilt_axes(xp, honest)
+    row = scale * med * _tilt_row(m, axes, axis, theta)
+    return _like(xp, np.repeat(row[None, :], int(f), axis=0), honest)
+
+
+def optimal_flag_tilt(honest, f, *, rng=None, rule=None, scale=1.0, points=9, refine=6,
+                      own=None):
+    """The subspace tilt with ``theta`` and the axis chosen each round against the rule.
+
+    The rows of :func:`flag_tilt`; for each of its two axes, ``theta`` in
+    ``[0, pi]`` minimises the cosine between ``rule(honest rows + f faulty
+    rows)`` and the honest mean (the rule's output turned away from the
+    descent direction; the cosine, not a distance, because FA rescales its
+    output to the median input norm, so that only its direction can be
+    attacked): a grid of ``points`` evenly spaced values, then a
+    golden-section search of ``refine`` evaluations between the best grid
+    point's neighbours. The better axis wins.
+
+    Knowledge model: omniscient and defence-aware (calls the rule under
+    test on candidate rows; built against the Flag Aggregator, run against
+    every rule).
+
+    Parameters
+    ----------
+    honest : array of shape (p_honest, n)
+        Gradients of the honest workers.
+    f : int
+        Number of faulty rows to return.
+    rng : numpy.random.Generator or int, optional
+        Unused: the search is deterministic.
+    rule : callable, optional
+        The rule under test, ``(p, n) array -> (n,) array``; required
+        (:meth:`Attack.with_rule` binds it).
+    scale : float, default=1.0
+        Norm of the rows in units of the median honest norm.
+    points : int, default=9
+        Grid size over ``[0, pi]``.
+    refine : int, default=6
+        Evaluations of the refinement (0 or 1: none).
+    own : array of shape (f, n), optional
+        Unused.
+
+    Returns
+    -------
+    rows : array of shape (f, n)
+        ``f`` copies of the best row found (ties go to the "outside" axis and
+        the smaller ``theta``).
+
+    Notes
+    -----
+    Cost: at most ``2 (points + refine)`` rule evaluations per round (30 by
+    default) and the ``O(p_honest^2 n)`` of :func:`flag_tilt`.
+    """
+    xp = _check_gradients(honest, f, own)
+    _need_honest(honest, "optimal_flag_tilt")
+    _check_grid("optimal_flag_tilt", 0.0, math.pi, points, refine, positive=False)
+    _check_positive("scale", scale)
+    if f == 0:
+        return _repeat_row(xp, xp.mean(honest, axis=0), 0)
+    if rule is None:
+        raise ValueError(
+            "optimal_flag_tilt calls the rule under test and none was given: bind one with "
+            "attack.with_rule(rule) (flagagg.sim.simulate does this itself) or pass rule=..."
+        )
+    m, axes, med = _tilt_axes(xp, honest)
+    mu = _host64(xp, xp.mean(honest, axis=0))
+    mu_n = float(np.linalg.norm(mu))
+
+    def make(axis, theta):
+        return _like(xp, scale * med * _tilt_row(m, axes, axis, theta), honest)
+
+    def objective(axis, theta):
+        rows = xp.concat([honest, _repeat_row(xp, make(axis, theta), f)], axis=0)
+        out = _host64(xp, xp.asarray(rule(rows)))
+        norm = float(np.linalg.norm(out))
+        if not (math.isfinite(norm) and norm > 0):
+            # a rule that returns NaN or zero here is not turned in a measurable way
+            return -math.inf
+        return -float(out @ mu) / (norm * mu_n)
+
+    grid = [float(t) for t in np.linspace(0.0, math.pi, int(points))]
+    best = None
+    for axis in _TILT_AXES if axes["outside"] is not None else ("spread",):
+        value, theta = _line_search(lambda t, a=axis: objective(a, t), grid, int(refine),
+                                    log=False)
+        if best is None or value > best[0]:
+            best = (value, axis, theta)
+    return _repeat_row(xp, make(best[1], best[2]), f)
+
+
+__all__ += [
+    "fang_krum",
+    "fang_krum_partial",
+    "fang_trimmed_mean",
+    "fang_trimmed_mean_partial",
+    "flag_tilt",
+    "full_gradient_negation",
+    "optimal_flag_tilt",
+    "small_perturbation",
+]
+
+_REGISTRY.update({
+    "fang_trimmed_mean": (fang_trimmed_mean, "gradient", True, {}),
+    "fang_trimmed_mean_partial": (fang_trimmed_mean_partial, "gradient", False, {}),
+    "fang_krum": (fang_krum, "gradient", True, {}),
+    "fang_krum_partial": (fang_krum_partial, "gradient", False, {}),
+    "full_gradient_negation": (full_gradient_negation, "gradient", True, {}),
+    "small_perturbation": (small_perturbation, "gradient", True, {}),
+    "flag_tilt": (flag_tilt, "gradient", True, {}),
+    "optimal_flag_tilt": (optimal_flag_tilt, "gradient", True, {}),
+})
+
+_DEFENCE_AWARE = _DEFENCE_AWARE | {"small_perturbation", "optimal_flag_tilt"}

@@ -88,7 +88,7 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         Model trained.
     model_params : dict, optional
         Passed to :func:`make_model` (``hidden``, ``channels``).
-    partition_method : {"iid", "dirichlet"}, default="iid"
+    partition_method : {"iid", "dirichlet", "extreme"}, default="iid"
         How the training data are split over workers.
     alpha : float, default=0.5
         Dirichlet concentration for ``partition_method="dirichlet"``.

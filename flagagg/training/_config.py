@@ -332,7 +332,7 @@ _CHECKS = {
     "n_classes": _int(2),
     "workers": _int(2),
     "f": _int_or_list(0),
-    "partition": _choice(("iid", "dirichlet")),
+    "partition": _choice(("iid", "dirichlet", "extreme")),
     "alpha": _float(0, lo_open=True),
     "batch_size": _int(1),
     "model": _choice(MODELS),

@@ -378,11 +378,15 @@ def partition(y, n_workers, *, rng, method="iid", alpha=0.5, min_size=1):
         Number of shards.
     rng : numpy.random.Generator or int
         Source of randomness.
-    method : {"iid", "dirichlet"}, default="iid"
+    method : {"iid", "dirichlet", "extreme"}, default="iid"
         ``"iid"``: a random equal split. ``"dirichlet"``: every class is
         spread over the workers in proportions drawn from
         Dirichlet(alpha, ..., alpha); small ``alpha`` (<= 0.5) gives workers
-        few classes each (the usual non-iid benchmark).
+        few classes each (the usual non-iid benchmark). ``"extreme"``: the
+        samples sorted by label (random order within a class) are cut into
+        ``n_workers`` contiguous equal shards, so every worker holds one or
+        two classes when there are fewer classes than workers (the
+        "extreme non-iid" split of ByzFL's benchmark).
     alpha : float, default=0.5
         Dirichlet concentration, only for ``method="dirichlet"``.
     min_size : int, default=1
@@ -402,8 +406,15 @@ def partition(y, n_workers, *, rng, method="iid", alpha=0.5, min_size=1):
         )
     if method == "iid":
         return [np.sort(s) for s in np.array_split(rng.permutation(m), n_workers)]
+    if method == "extreme":
+        y = np.asarray(y)
+        order = rng.permutation(m)
+        # stable sort of a shuffled order: classes contiguous, random within a class
+        by_label = order[np.argsort(y[order], kind="stable")]
+        return [np.sort(s) for s in np.array_split(by_label, n_workers)]
     if method != "dirichlet":
-        raise ValueError(f"partition method must be 'iid' or 'dirichlet': got {method!r}")
+        raise ValueError(
+            f"partition method must be 'iid', 'dirichlet' or 'extreme': got {method!r}")
     if not alpha > 0:
         raise ValueError(f"alpha must be > 0: got {alpha!r}")
     shards = [[] for _ in range(n_workers)]

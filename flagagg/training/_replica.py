@@ -40,7 +40,7 @@ class Replica:
         Model name for :func:`flagagg.sim.make_model`.
     model_params : dict, optional
         Passed to :func:`flagagg.sim.make_model`.
-    partition_method : {"iid", "dirichlet"}, default="iid"
+    partition_method : {"iid", "dirichlet", "extreme"}, default="iid"
         How the training data are split.
     alpha : float, default=0.5
         Dirichlet concentration.
