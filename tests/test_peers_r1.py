@@ -18,7 +18,7 @@ import pytest
 import flagagg
 
 import rule_oracles
-from conftest import has_module, make_lib
+from support.backends import has_module, make_lib
 
 P, F = 9, 2
 
