@@ -332,3 +332,136 @@ def test_hook_configuration_errors_are_raised_when_built_in_flagaggs_words(regis
     assert errors["mode"].startswith("ValueError") and "mode='gather'" in errors["mode"]
     assert errors["late"] is not None and "need p >= 2f + 3 for krum" in errors["late"], errors
     assert "Unable to cast" not in errors["late"]
+
+
+# One rank far beyond float64's squared range (1e200: ||g||^2 overflows), or
+# at 1e30 in float32. The sharded hook must decide about it as the local rule
+# does on the same gradients: keep it (the scaled Gram holds it), same output.
+HUGE = {"float64": 1e200, "float32": 1e30}
+HUGE_RANK = 1
+
+
+def _huge_worker(rank, store, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg
+    import flagagg.torch as fat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+    results = {}
+    X, y = _data(700 + rank, 64)
+    for dtype_name, scale in HUGE.items():
+        dtype = getattr(torch, dtype_name)
+        for rule in ("flag", "mean"):
+            model = DDP(_model().to(dtype), bucket_cap_mb=0.004)  # several buckets
+            state, hook = fat.ddp_comm_hook(rule, "sharded")
+            model.register_comm_hook(state, hook)
+            s = scale if rank == HUGE_RANK else 1.0
+            (s * torch.nn.functional.cross_entropy(model(X.to(dtype)), y)).backward()
+            got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+            ref_model = _model().to(dtype)
+            (s * torch.nn.functional.cross_entropy(ref_model(X.to(dtype)), y)).backward()
+            mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+            every = torch.stack(_gather(mine))
+            res = flagagg.get_rule(rule)(every.numpy(), return_result=True)
+            expect = torch.as_tensor(res.aggregate)
+            top = float(expect.abs().max())
+            results[f"{rule}-{dtype_name}"] = {
+                "finite": bool(torch.isfinite(got).all()),
+                "close": bool(torch.allclose(got.double(), expect.double(), rtol=1e-4,
+                                             atol=1e-5 * top)),
+                "max_abs_ratio": float(got.abs().max()) / top,
+                "identical": all(torch.equal(got, q) for q in _gather(got)),
+                "excluded": [list(e) for e in state.excluded],
+                "local_excluded": [list(e) for e in res.excluded],
+                "coef": state.coefficients.tolist(),
+                "local_coef": np.asarray(res.coefficients).tolist(),
+                "verdict": list(state.verdict), "local_verdict": list(res.verdict),
+            }
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def huge_runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ddp_huge")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_huge_worker, args=(str(tmp / "store"), str(tmp / "out")), nprocs=WORLD, join=True)
+    runs = []
+    for r in range(WORLD):
+        with open(tmp / f"out.{r}") as fh:
+            runs.append(json.load(fh))
+    return runs
+
+
+@pytest.mark.parametrize("key", ["flag-float64", "mean-float64", "flag-float32", "mean-float32"])
+def test_sharded_hook_keeps_a_huge_rank_as_the_local_rule_does(huge_runs, key):
+    """1e200 in float64 (its squared norm overflows), 1e30 in float32: kept, same output."""
+    for run in huge_runs:
+        res = run[key]
+        assert res["excluded"] == [] == res["local_excluded"], res
+        assert res["finite"] and res["identical"], res
+        assert res["close"], res
+        np.testing.assert_allclose(res["coef"], res["local_coef"], rtol=1e-6, atol=1e-12)
+        assert res["verdict"] == res["local_verdict"], res
+        assert res["verdict"][HUGE_RANK] != "trusted"
+
+
+def _shards(G, world):
+    """Split the (p, n) array G by columns as the hook does; return each rank's (p, m) shard."""
+    from flagagg.torch._ddp import _split
+
+    cuts = np.cumsum([0, *_split(G.shape[1], world)])
+    return [torch.from_numpy(np.ascontiguousarray(G[:, a:b]))
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def _exact_gram(G, rows):
+    """Reference: the inner products of ``rows`` of G in exact rational arithmetic."""
+    from fractions import Fraction
+
+    return {(i, j): sum(Fraction(float(a)) * Fraction(float(b))
+                        for a, b in zip(G[i], G[j], strict=True))
+            for i in rows for j in rows}
+
+
+@pytest.mark.parametrize("world", [1, 3, 4])
+def test_partial_grams_with_extreme_rows_sum_to_the_exact_gram(world):
+    """Per-shard exponents, combined across ranks, give the Gram exactly (vs. exact rationals).
+
+    Rows: ordinary; 1e200 (only in some shards, zero elsewhere); 1e-200; a
+    NaN in one shard only; a row of 1e300 beside ordinary values.
+    """
+    from fractions import Fraction
+
+    from flagagg._gram import Gram
+    from flagagg.backends import select_backend
+    from flagagg.torch._ddp import _combine_grams, _shard_gram
+
+    rng = np.random.default_rng(3)
+    n = 23
+    G = rng.normal(size=(5, n))
+    G[1, : n // 2] = 0.0
+    G[1] *= 1e200
+    G[2] *= 1e-200
+    G[3, -1] = np.nan
+    G[4, 0] = 1e300
+    impl = select_backend(None, torch.zeros(2), "torch")
+    msgs = []
+    for X in _shards(G, world):
+        S, e, f = _shard_gram(impl, X)
+        msgs.append(np.concatenate([S.reshape(-1), e.astype(np.float64), f.astype(np.float64)]))
+    S, e, finite = _combine_grams(np.stack(msgs), G.shape[0])
+    assert finite.tolist() == [True, True, True, False, True]
+    K = Gram.from_scaled(S, e, finite=finite)
+    exact = _exact_gram(G, (0, 1, 2, 4))
+    for i in (0, 1, 2, 4):
+        for j in (0, 1, 2, 4):
+            want = float(exact[i, j] / Fraction(2) ** int(e[i] + e[j]))
+            assert S[i, j] == pytest.approx(want, rel=1e-12, abs=1e-300), (i, j)
+    assert np.isinf(K[1, 1]) and K.finite[1]

@@ -324,28 +324,31 @@ def _shard_gram(impl: Any, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.
     return S, e, finite
 
 
-def _combine_grams(parts: np.ndarray, world: int) -> tuple[np.ndarray, np.ndarray | None,
-                                                           np.ndarray]:
-    """Sum the ranks' partial Grams (in rank order): ``(S, e or None, finite)``.
+def _combine_grams(parts: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray | None,
+                                                       np.ndarray]:
+    """Sum the ranks' partial Grams of ``p`` rows (in rank order): ``(S, e or None, finite)``.
 
     ``parts[j]`` is rank j's message: its scaled partial Gram, exponents and
-    finiteness flags. With ``e`` None, ``S`` is the Gram itself; otherwise
-    ``K = 2^(e_i + e_j) S`` with ``e_i`` the largest of row i's exponents,
-    every partial Gram brought to it exactly (powers of two).
+    finiteness flags (:func:`_shard_gram`). With ``e`` None, ``S`` is the Gram
+    itself; otherwise ``K = 2^(e_i + e_j) S`` with ``e_i`` the largest of row
+    i's exponents, every partial Gram brought to it exactly (powers of two).
     """
-    pp = world * world
-    S_parts = parts[:, :pp].reshape(world, world, world)
-    E = parts[:, pp:pp + world].astype(np.int64)
-    finite = (parts[:, pp + world:] > 0.5).all(axis=0)
+    pp = p * p
+    S_parts = parts[:, :pp].reshape(-1, p, p)
+    E = parts[:, pp:pp + p].astype(np.int64)
+    finite = (parts[:, pp + p:] > 0.5).all(axis=0)
     if not E.any():
-        return S_parts.sum(axis=0) if world > 1 else S_parts[0].copy(), None, finite
+        S = S_parts[0].copy()
+        for Sj in S_parts[1:]:
+            S += Sj
+        return S, None, finite
     e = np.where(finite, E.max(axis=0), 0)
     e = np.where(e == _ZERO_ROW, 0, e)
-    S = np.zeros((world, world))
+    S = np.zeros((p, p))
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        for j in range(world):
-            dj = np.where(finite, E[j] - e, 0)
-            S += np.ldexp(S_parts[j], dj[:, None] + dj[None, :])
+        for Sj, Ej in zip(S_parts, E, strict=True):
+            dj = np.where(finite, Ej - e, 0)
+            S += np.ldexp(Sj, dj[:, None] + dj[None, :])
     if not e.any():
         return S, None, finite
     return S, e, finite
