@@ -131,14 +131,19 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
         rank ``j`` (all-to-all; for the Gram rules bucket by bucket, started
         as each bucket arrives, so it overlaps the rest of the backward
         pass); rank ``j`` computes the ``p x p`` partial Gram matrix of its
-        shard; the partial Gram matrices are exchanged (``p^3`` floats, with
-        the finiteness flags) and summed in rank order, so every rank solves
-        the same coefficients and combines its shard; the shards are
-        all-gathered. About ``2 n (p-1)/p`` elements sent per rank, as a ring
-        all-reduce. Coordinate-wise rules run shard by shard. Rules that are
-        neither (bulyan, composed rules, centered clipping with a center)
-        need ``"gather"``. ``"gather"``: every rank all-gathers every
-        gradient and aggregates alone (``n (p-1)`` elements sent per rank).
+        shard (with per-row power-of-two scales where a row's squared norm
+        would overflow or underflow float64, so that a finite row of 1e200
+        is kept as on one machine); the partial Gram matrices are exchanged
+        (``p^2 + 2p`` floats per rank, with the scales and finiteness flags)
+        and summed in rank order, so every rank solves the same coefficients
+        and combines its shard; each rank sends its combined shard to every
+        rank (all-to-all, into the bucket buffers). About ``2 n (p-1)/p``
+        gradient elements sent per rank, as a ring all-reduce, in three
+        one-hop exchanges. Coordinate-wise rules run shard by shard. Rules
+        that are neither (bulyan, composed rules, centered clipping with a
+        center) need ``"gather"``. ``"gather"``: every rank all-gathers
+        every gradient and aggregates alone (``n (p-1)`` elements sent per
+        rank).
     process_group : ProcessGroup, optional
         The group DDP reduces over (default: the default group).
     **params
