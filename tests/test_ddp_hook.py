@@ -38,7 +38,7 @@ def _wchar():
         return -1
 
 
-def _train(rank, hook, attack, nan_step=None):
+def _train(rank, hook, attack, nan_step=None, replicate_below=0):
     """Train a DDP replica; return accuracy, parameters, hook state, bytes written."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -50,6 +50,9 @@ def _train(rank, hook, attack, nan_step=None):
         rule, mode, params = hook
         # Exactly as the docs say: the hook ddp_comm_hook returns, no wrapper.
         state, inner = fat.ddp_comm_hook(rule, mode, **params)
+        # 0: every bucket sharded (the traffic test counts a ring all-reduce's
+        # bytes); the default sends these small buckets whole (one exchange).
+        state.replicate_below = replicate_below
         model.register_comm_hook(state, inner)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     X, y = _data(100 + rank, 64 * STEPS)
@@ -92,9 +95,11 @@ def _worker(rank, store, out):
         "attacked_sharded_geomed": (("geometric_median", "sharded", {}), True, None),
         "nan_sharded_flag": (("flag", "sharded", {}), True, 3),
         "nan_gather_median": (("median", "gather", {}), False, 3),
+        "nan_whole_buckets_flag": (("flag", "sharded", {}), True, 3),
     }
     for name, (hook, attack, nan_step) in scenarios.items():
-        acc, flat, state, written, excluded = _train(rank, hook, attack, nan_step)
+        acc, flat, state, written, excluded = _train(
+            rank, hook, attack, nan_step, replicate_below=1 << 18 if "whole" in name else 0)
         parts = [torch.empty_like(flat) for _ in range(WORLD)]
         dist.all_gather(parts, flat)
         same = all(torch.equal(parts[0], q) for q in parts[1:])
@@ -135,7 +140,7 @@ def ddp_runs(tmp_path_factory):
 
 
 ROBUST = ["attacked_sharded_flag", "attacked_gather_flag", "attacked_sharded_median",
-          "attacked_sharded_geomed"]
+          "attacked_sharded_geomed", "nan_whole_buckets_flag"]
 
 
 def test_hook_trains_near_honest_where_all_reduce_fails(ddp_runs):
@@ -156,7 +161,7 @@ def test_replicas_are_bit_identical(ddp_runs):
 
 def test_nonfinite_rank_is_excluded_and_reported_on_every_rank(ddp_runs):
     for run in ddp_runs:
-        for name in ("nan_sharded_flag", "nan_gather_median"):
+        for name in ("nan_sharded_flag", "nan_gather_median", "nan_whole_buckets_flag"):
             res = run[name]
             assert res["finite"]
             assert 2 in res["excluded"][3]
@@ -220,7 +225,16 @@ def test_nccl_hook_on_one_gpu(tmp_path):
 
 
 REGISTERED = [("flag", "sharded", {}), ("median", "sharded", {}), ("krum", "sharded", {"f": 0}),
-              ("flag", "gather", {}), ("multi_krum", "gather", {"f": 0})]
+              ("flag", "gather", {}), ("multi_krum", "gather", {"f": 0}),
+              # every bucket sharded (the default sends these small buckets whole),
+              # and the 672-element bucket whole, the 1122-element one sharded
+              ("flag", "sharded", {"replicate_below": 0}),
+              ("flag", "sharded", {"replicate_below": 3000})]
+
+
+def _key(rule, mode, params):
+    rb = params.get("replicate_below")
+    return f"{rule}-{mode}" + ("" if rb is None else f"-replicate_below={rb}")
 SCALED = 3  # the rank whose loss (so gradient) is scaled x100
 
 
@@ -237,10 +251,19 @@ def _register_worker(rank, store, out):
     results = {}
     X, y = _data(500 + rank, 64)
     for rule, mode, params in REGISTERED:
+        key = _key(rule, mode, params)
+        params = dict(params)
+        replicate = params.pop("replicate_below", None)
         model = DDP(_model(), bucket_cap_mb=0.004)
         state, hook = fat.ddp_comm_hook(rule, mode, **params)
+        if replicate is not None:
+            state.replicate_below = replicate
         model.register_comm_hook(state, hook)
         scale = 100.0 if rank == SCALED else 1.0
+        # A first step, then the one checked: DDP rebuilds its buckets (here
+        # 1794 elements, then 1122 + 672) after the first backward.
+        (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
+        model.zero_grad()
         (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
         got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
         # The reference: this rank's plain gradient, all-gathered, aggregated by flagagg.
@@ -252,11 +275,12 @@ def _register_worker(rank, store, out):
                                                                   backend="numpy"))
         # Never opposite signs (influence is 0 for inputs a rule gave no weight).
         sign_ok = bool(np.all(state.influence * np.nan_to_num(state.cosine) >= 0))
-        results[f"{rule}-{mode}"] = {
+        results[key] = {
             "close": bool(torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-6)),
             "identical": all(torch.equal(got, q) for q in _gather(got)),
             "verdict": list(state.verdict), "suspects": list(state.suspects),
             "signs": sign_ok, "n_influence": len(state.influence),
+            "paths": sorted({k[0] for k in state._scratch if k[0] in ("whole", "shards")}),
         }
     errors = {}
     for name, (rule, mode, params) in {
@@ -308,7 +332,7 @@ def registered(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("key", [f"{r}-{m}" for r, m, _ in REGISTERED])
+@pytest.mark.parametrize("key", [_key(*r) for r in REGISTERED])
 def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
     """``state, hook = ddp_comm_hook(...); model.register_comm_hook(state, hook)``, no wrapper."""
     for run in registered:
@@ -321,6 +345,12 @@ def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
         assert res["verdict"][SCALED] != "trusted"
         assert res["signs"], res
         assert res["verdict"] == registered[0][key]["verdict"]
+        if key.endswith("replicate_below=3000"):  # both kinds of bucket in one step
+            assert res["paths"] == ["shards", "whole"], res
+        elif key.endswith("replicate_below=0"):
+            assert res["paths"] == ["shards"], res
+        elif key == "flag-sharded":
+            assert res["paths"] == ["whole"], res
 
 
 def test_hook_configuration_errors_are_raised_when_built_in_flagaggs_words(registered):
@@ -354,15 +384,18 @@ def _huge_worker(rank, store, out):
     X, y = _data(700 + rank, 64)
     for dtype_name, scale in HUGE.items():
         dtype = getattr(torch, dtype_name)
-        for rule in ("flag", "mean"):
+        for rule, replicate in (("flag", 0), ("mean", 0), ("flag", 1 << 18)):
             # Several buckets; in float32 one per parameter, so that the last
             # layer's bias (2 values) leaves two of the 4 ranks an empty shard.
             cap = 0.004 if dtype_name == "float64" else 1e-6
             model = DDP(_model().to(dtype), bucket_cap_mb=cap)
             state, hook = fat.ddp_comm_hook(rule, "sharded")
+            state.replicate_below = replicate
             model.register_comm_hook(state, hook)
             s = scale if rank == HUGE_RANK else 1.0
-            (s * torch.nn.functional.cross_entropy(model(X.to(dtype)), y)).backward()
+            for _ in range(2):  # the second step runs on the rebuilt buckets
+                model.zero_grad()
+                (s * torch.nn.functional.cross_entropy(model(X.to(dtype)), y)).backward()
             got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
             ref_model = _model().to(dtype)
             (s * torch.nn.functional.cross_entropy(ref_model(X.to(dtype)), y)).backward()
@@ -371,7 +404,8 @@ def _huge_worker(rank, store, out):
             res = flagagg.get_rule(rule)(every.numpy(), return_result=True)
             expect = torch.as_tensor(res.aggregate)
             top = float(expect.abs().max())
-            results[f"{rule}-{dtype_name}"] = {
+            how = "shards" if replicate == 0 else "whole"
+            results[f"{rule}-{dtype_name}-{how}"] = {
                 "finite": bool(torch.isfinite(got).all()),
                 "close": bool(torch.allclose(got.double(), expect.double(), rtol=1e-4,
                                              atol=1e-5 * top)),
@@ -402,7 +436,9 @@ def huge_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("key", ["flag-float64", "mean-float64", "flag-float32", "mean-float32"])
+@pytest.mark.parametrize("key", [f"{r}-{d}-{h}" for d in HUGE
+                                 for r, h in (("flag", "shards"), ("mean", "shards"),
+                                              ("flag", "whole"))])
 def test_sharded_hook_keeps_a_huge_rank_as_the_local_rule_does(huge_runs, key):
     """1e200 in float64 (its squared norm overflows), 1e30 in float32: kept, same output."""
     for run in huge_runs:

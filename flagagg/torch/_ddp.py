@@ -72,6 +72,7 @@ class DDPHookState:
     steps: int = 0
     elements_sent: int = 0
     bytes_sent: int = 0
+    replicate_below: int = 1 << 18
     _scratch: dict = field(default_factory=dict, repr=False)
     _early: bool = field(default=False, repr=False)
     _pending: dict = field(default_factory=dict, repr=False)
@@ -278,18 +279,29 @@ def _send_shards(state: DDPHookState, index: int, buffer: torch.Tensor) -> tuple
     """Start the all-to-all of one bucket: rank j will hold shard j of every rank's bucket.
 
     The bucket buffer is sent as it is (uneven splits, no padded copy) into a
-    ``(p, m)`` buffer kept across steps.
+    ``(p, m)`` buffer kept across steps. A small bucket
+    (:attr:`DDPHookState.replicate_below`) goes whole to every rank instead
+    (``lens`` None).
     """
     group = state.process_group
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     flat = buffer.view(-1)
-    lens = _split(flat.numel(), world)
+    n = flat.numel()
+    if n * (world - 1) < state.replicate_below:
+        recv = _scratch(state, ("whole", index), (world, n), flat)
+        copies = _scratch(state, ("copies", index), (world, n), flat)
+        copies.copy_(flat.expand(world, n))
+        work = dist.all_to_all_single(recv.view(-1), copies.view(-1), group=group,
+                                      async_op=True)
+        _sent(state, n * (world - 1), flat.element_size())
+        return recv, work, None
+    lens = _split(n, world)
     m = lens[rank]
     recv = _scratch(state, ("shards", index), (world, m), flat)
     work = dist.all_to_all_single(recv.view(-1), flat, [m] * world, lens, group=group,
                                   async_op=True)
-    _sent(state, flat.numel() - m, flat.element_size())
+    _sent(state, n - m, flat.element_size())
     return recv, work, lens
 
 
@@ -376,23 +388,23 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     group = state.process_group
     world = dist.get_world_size(group)
     impl = None
-    S_part, e_part, finite = None, None, np.ones(world, dtype=bool)
-    for recv, work, _ in sent:
+    # [sharded buckets' partial Gram, whole buckets' Gram]: (S, e, finite) each
+    acc: list = [None, None]
+    for recv, work, lens in sent:
         work.wait()
         impl = impl or select_backend(None, recv, "torch")
-        Sb, eb, fb = _shard_gram(impl, recv)
-        finite &= fb
-        if S_part is None:
-            S_part, e_part = Sb, eb
-        elif not (eb.any() or e_part.any()):
-            S_part = S_part + Sb
-        else:  # bring both to the larger exponent of each row (powers of two: exact)
-            S_part, e_part = _rescale_sum(S_part, e_part, Sb, eb)
-    device = buffers[0].device
-    msg = np.concatenate([S_part.reshape(-1), e_part.astype(np.float64),
-                          finite.astype(np.float64)])
-    parts = _exchange(state, torch.from_numpy(msg).to(device)).cpu().numpy()
-    S, e, finite = _combine_grams(parts, world)
+        part = _shard_gram(impl, recv)
+        j = int(lens is None)
+        acc[j] = part if acc[j] is None else _add_grams(acc[j], part)
+    msgs = [None if a is None else np.concatenate([a[0].reshape(-1), a[1].astype(np.float64),
+                                                   a[2].astype(np.float64)]) for a in acc]
+    parts = []
+    if msgs[0] is not None:
+        device = buffers[0].device
+        parts.append(_exchange(state, torch.from_numpy(msgs[0]).to(device)).cpu().numpy())
+    if msgs[1] is not None:  # the same on every rank: added after the ranks' parts
+        parts.append(msgs[1][None, :])
+    S, e, finite = _combine_grams(np.concatenate(parts), world)
     keep = np.flatnonzero(finite)
     excluded = [(int(r), "non-finite values (NaN or Inf)")
                 for r in sorted(set(range(world)) - set(keep.tolist()))]
@@ -409,9 +421,15 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         coef[keep] = coef_kept
         stats = gram_stats(K, coef)
     works = []
-    for buf, (recv, _, lens) in zip(buffers, sent, strict=True):
+    for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
+        if lens is None:  # a whole bucket: this rank computes all of it
+            if coef is None:
+                buf.zero_()
+            else:
+                buf.view(-1).copy_(impl.combine(coef, recv))
+            continue
         m = recv.shape[1]
-        rep = _scratch(state, ("out", len(works)), (world, m), buf)
+        rep = _scratch(state, ("out", i), (world, m), buf)
         if coef is None or m == 0:
             rep.zero_()
         else:
@@ -424,14 +442,20 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         work.wait()
 
 
-def _rescale_sum(S1: np.ndarray, e1: np.ndarray, S2: np.ndarray,
-                 e2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``2^(e_i+e_j) S`` = the sum of two scaled partial Grams, ``e`` the larger exponents."""
+def _add_grams(a: tuple, b: tuple) -> tuple:
+    """The sum of two scaled partial Grams ``(S, e, finite)`` (:func:`_shard_gram`).
+
+    Both are brought to the larger exponent of each row (powers of two: exact).
+    """
+    (S1, e1, f1), (S2, e2, f2) = a, b
+    if not (e1.any() or e2.any()):
+        return S1 + S2, e1, f1 & f2
     e = np.maximum(e1, e2)
     with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-        d1, d2 = e1 - e, e2 - e
-        S = (np.ldexp(S1, d1[:, None] + d1[None, :]) + np.ldexp(S2, d2[:, None] + d2[None, :]))
-    return S, e
+        d1 = np.where(e1 == _ZERO_ROW, _ZERO_ROW, e1 - e)
+        d2 = np.where(e2 == _ZERO_ROW, _ZERO_ROW, e2 - e)
+        S = np.ldexp(S1, d1[:, None] + d1[None, :]) + np.ldexp(S2, d2[:, None] + d2[None, :])
+    return S, e, f1 & f2
 
 
 def _exchange(state: DDPHookState, msg: torch.Tensor) -> torch.Tensor:
