@@ -250,6 +250,11 @@ def _register_worker(rank, store, out):
                             world_size=WORLD)
     results = {}
     X, y = _data(500 + rank, 64)
+    import warnings
+
+    caught = warnings.catch_warnings(record=True)
+    record = caught.__enter__()
+    warnings.simplefilter("always", FutureWarning)
     for rule, mode, params in REGISTERED:
         key = _key(rule, mode, params)
         params = dict(params)
@@ -282,6 +287,12 @@ def _register_worker(rank, store, out):
             "signs": sign_ok, "n_influence": len(state.influence),
             "paths": sorted({k[0] for k in state._scratch if k[0] in ("whole", "shards")}),
         }
+    caught.__exit__(None, None, None)
+    # torch 2.13 deprecates all_gather_into_tensor (and others) with a
+    # FutureWarning: the hook uses the calls torch recommends.
+    results["deprecated"] = sorted({str(w.message) for w in record
+                                    if issubclass(w.category, FutureWarning)
+                                    and "torch.distributed" in str(w.message)})
     errors = {}
     for name, (rule, mode, params) in {
         "krum_bound": ("krum", "sharded", {"f": 1}),
@@ -351,6 +362,10 @@ def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
             assert res["paths"] == ["shards"], res
         elif key == "flag-sharded":
             assert res["paths"] == ["whole"], res
+
+
+def test_hook_uses_no_deprecated_collective(registered):
+    assert registered[0]["deprecated"] == [], registered[0]["deprecated"]
 
 
 def test_hook_configuration_errors_are_raised_when_built_in_flagaggs_words(registered):
