@@ -59,6 +59,13 @@ class DDPHookState:
         Every byte this rank has handed to collectives for other ranks so far:
         the gradient elements and the hook's own messages (the partial Gram
         matrices, flags and statistics).
+    replicate_below : int, default=262144
+        Sharded mode, Gram rules: a bucket of ``m`` elements with
+        ``m (p - 1)`` below this goes whole to every rank in one all-to-all,
+        and every rank computes its part of the Gram matrix and of the
+        aggregate itself: one exchange instead of three, which is what small
+        buckets pay for, at ``p/2`` times the ring all-reduce's bytes. 0
+        shards every bucket. Set it on every rank alike.
     """
 
     rule: Any
