@@ -23,6 +23,12 @@ numba backend), two ratios:
   ``OMP_NUM_THREADS=1``) against the same four with threads tamed by hand
   (``OMP_WAIT_POLICY=PASSIVE NUMBA_NUM_THREADS=1``) (target <= 1.15).
 
+And the same 4-loop ratio with DDP (``ddp``): four gloo ranks (separate
+processes, ``OMP_NUM_THREADS=1``) train the same MLP under
+``DistributedDataParallel`` with the sharded flag hook registered as the
+docs say, against the same four ranks with threads tamed by hand (target
+<= 1.15).
+
 Every figure is the median over rounds that run the variants interleaved
 (baseline, candidate, ...), so machine load hits them alike.
 """
@@ -56,6 +62,74 @@ def _child(kind: str, path: str, steps: int) -> float:
     for _ in range(steps):
         one()
     return (time.perf_counter() - t0) / steps
+
+
+def _ddp_child(rank: int, world: int, store: str, steps: int) -> float:
+    """One DDP rank with the flag hook: seconds per step (forward, backward, SGD)."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg.torch as fat
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DDP(torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 2)))  # 5,634 parameters
+    state, hook = fat.ddp_comm_hook("flag")
+    model.register_comm_hook(state, hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(rank)
+    X = torch.randn(64, 20, generator=g)
+    y = torch.randint(0, 2, (64,), generator=g)
+
+    def one():
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+
+    for _ in range(5):  # warm-up: buckets rebuilt after the first step, kernels loaded
+        one()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        one()
+    elapsed = (time.perf_counter() - t0) / steps
+    dist.destroy_process_group()
+    return elapsed
+
+
+def _spawn_ddp(steps, world, env_extra):
+    """Seconds per step of ``world`` DDP ranks started as torchrun would (mean over ranks)."""
+    import tempfile
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    for k in TAMED:
+        env.pop(k, None)
+    env.update(env_extra)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        procs = [subprocess.Popen([sys.executable, __file__, "--ddp-child", str(r), str(world),
+                                   store, str(steps)], env=env, stdout=subprocess.PIPE,
+                                  text=True) for r in range(world)]
+        times = []
+        for proc in procs:
+            out, _ = proc.communicate()
+            if proc.returncode:
+                raise RuntimeError("DDP rank failed")
+            times.append(float(out.strip().splitlines()[-1]))
+    return statistics.mean(times)
+
+
+def measure_ddp(steps=60, rounds=3, world=4):
+    """The DDP variant: 4 ranks with the flag hook, default threads against tamed by hand."""
+    runs = {"step4": [], "tamed4": []}
+    for _ in range(rounds):
+        runs["step4"].append(_spawn_ddp(steps, world, {}))
+        runs["tamed4"].append(_spawn_ddp(steps, world, TAMED))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {**med, "loops": med["step4"] / med["tamed4"]}
 
 
 def _spawn(kind, path, steps, n, env_extra):
@@ -113,15 +187,20 @@ def main(argv=None):
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
         print(_child(sys.argv[2], sys.argv[3], int(sys.argv[4])))
         return 0
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--ddp-child":
+        print(_ddp_child(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--paths", nargs="*", default=["torch", "numba"])
+    parser.add_argument("--paths", nargs="*", default=["torch", "numba", "ddp"],
+                        help="torch, numba (a .grad loop each), ddp (4 DDP ranks, flag hook)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--rst", default=None, help="write the table as reST to this file")
     parser.add_argument("--check", action="store_true")
     args = parser.parse_args(argv)
-    rows = measure(args.steps, args.rounds, tuple(args.paths))
+    rows = measure(args.steps, args.rounds, tuple(p for p in args.paths if p != "ddp"))
+    ddp = measure_ddp(args.steps, args.rounds) if "ddp" in args.paths else None
     if args.rst:
         Path(args.rst).write_text(format_rst(
             rows, f".. generated by python asv_bench/threads.py --steps {args.steps} "
@@ -135,8 +214,14 @@ def main(argv=None):
               f"{r['alone']:>8.2f}{1e3 * r['step4']:>9.2f}{1e3 * r['tamed4']:>8.2f}"
               f"{r['loops']:>15.2f}")
         bad |= r["alone"] > TARGET or r["loops"] > TARGET
+    if ddp is not None:
+        print(f"{'ddp':<7}{'':>8}{'':>8}{'':>8}{'':>8}{1e3 * ddp['step4']:>9.2f}"
+              f"{1e3 * ddp['tamed4']:>8.2f}{ddp['loops']:>15.2f}")
+        bad |= ddp["loops"] > TARGET
+    print(f"targets: alone <= {TARGET}, 4 loops / tamed <= {TARGET}")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps({**rows, **({"ddp": ddp} if ddp else {})},
+                                              indent=1))
     return 1 if args.check and bad else 0
 
 

@@ -14,7 +14,7 @@ from flagagg._validation import Anything, Choice, Int, Real
 from flagagg.rules import _RULES, AggregationResult, Rule, Solution
 from flagagg.rules._base import NothingLeftError
 from flagagg.rules._contract import F_REQUIRED, Bound, Contract, Reference
-from flagagg.rules._pre import _PRE
+from flagagg.rules._pre import available_pre, pre_class
 
 RULE_CLASSES = {name: flagagg.rules._rule_class(name) for name in flagagg.available_rules()}
 
@@ -23,7 +23,7 @@ def _constructor_names(cls: type) -> set[str]:
     return {k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "backend")}
 
 
-@pytest.mark.parametrize("cls", [*RULE_CLASSES.values(), *_PRE.values()],
+@pytest.mark.parametrize("cls", [*RULE_CLASSES.values(), *map(pre_class, available_pre())],
                          ids=lambda c: c.__name__)
 def test_every_parameter_is_declared_once(cls):
     declared = set(cls.contract.params) - {"backend"}

@@ -38,7 +38,7 @@ def _wchar():
         return -1
 
 
-def _train(rank, hook, attack, nan_step=None):
+def _train(rank, hook, attack, nan_step=None, replicate_below=0):
     """Train a DDP replica; return accuracy, parameters, hook state, bytes written."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -50,6 +50,9 @@ def _train(rank, hook, attack, nan_step=None):
         rule, mode, params = hook
         # Exactly as the docs say: the hook ddp_comm_hook returns, no wrapper.
         state, inner = fat.ddp_comm_hook(rule, mode, **params)
+        # 0: every bucket sharded (the traffic test counts a ring all-reduce's
+        # bytes); the default sends these small buckets whole (one exchange).
+        state.replicate_below = replicate_below
         model.register_comm_hook(state, inner)
     opt = torch.optim.SGD(model.parameters(), lr=0.2)
     X, y = _data(100 + rank, 64 * STEPS)
@@ -92,9 +95,11 @@ def _worker(rank, store, out):
         "attacked_sharded_geomed": (("geometric_median", "sharded", {}), True, None),
         "nan_sharded_flag": (("flag", "sharded", {}), True, 3),
         "nan_gather_median": (("median", "gather", {}), False, 3),
+        "nan_whole_buckets_flag": (("flag", "sharded", {}), True, 3),
     }
     for name, (hook, attack, nan_step) in scenarios.items():
-        acc, flat, state, written, excluded = _train(rank, hook, attack, nan_step)
+        acc, flat, state, written, excluded = _train(
+            rank, hook, attack, nan_step, replicate_below=1 << 18 if "whole" in name else 0)
         parts = [torch.empty_like(flat) for _ in range(WORLD)]
         dist.all_gather(parts, flat)
         same = all(torch.equal(parts[0], q) for q in parts[1:])
@@ -135,7 +140,7 @@ def ddp_runs(tmp_path_factory):
 
 
 ROBUST = ["attacked_sharded_flag", "attacked_gather_flag", "attacked_sharded_median",
-          "attacked_sharded_geomed"]
+          "attacked_sharded_geomed", "nan_whole_buckets_flag"]
 
 
 def test_hook_trains_near_honest_where_all_reduce_fails(ddp_runs):
@@ -156,7 +161,7 @@ def test_replicas_are_bit_identical(ddp_runs):
 
 def test_nonfinite_rank_is_excluded_and_reported_on_every_rank(ddp_runs):
     for run in ddp_runs:
-        for name in ("nan_sharded_flag", "nan_gather_median"):
+        for name in ("nan_sharded_flag", "nan_gather_median", "nan_whole_buckets_flag"):
             res = run[name]
             assert res["finite"]
             assert 2 in res["excluded"][3]
@@ -220,7 +225,16 @@ def test_nccl_hook_on_one_gpu(tmp_path):
 
 
 REGISTERED = [("flag", "sharded", {}), ("median", "sharded", {}), ("krum", "sharded", {"f": 0}),
-              ("flag", "gather", {}), ("multi_krum", "gather", {"f": 0})]
+              ("flag", "gather", {}), ("multi_krum", "gather", {"f": 0}),
+              # every bucket sharded (the default sends these small buckets whole),
+              # and the 672-element bucket whole, the 1122-element one sharded
+              ("flag", "sharded", {"replicate_below": 0}),
+              ("flag", "sharded", {"replicate_below": 3000})]
+
+
+def _key(rule, mode, params):
+    rb = params.get("replicate_below")
+    return f"{rule}-{mode}" + ("" if rb is None else f"-replicate_below={rb}")
 SCALED = 3  # the rank whose loss (so gradient) is scaled x100
 
 
@@ -236,11 +250,25 @@ def _register_worker(rank, store, out):
                             world_size=WORLD)
     results = {}
     X, y = _data(500 + rank, 64)
+    import warnings
+
+    caught = warnings.catch_warnings(record=True)
+    record = caught.__enter__()
+    warnings.simplefilter("always", FutureWarning)
     for rule, mode, params in REGISTERED:
+        key = _key(rule, mode, params)
+        params = dict(params)
+        replicate = params.pop("replicate_below", None)
         model = DDP(_model(), bucket_cap_mb=0.004)
         state, hook = fat.ddp_comm_hook(rule, mode, **params)
+        if replicate is not None:
+            state.replicate_below = replicate
         model.register_comm_hook(state, hook)
         scale = 100.0 if rank == SCALED else 1.0
+        # A first step, then the one checked: DDP rebuilds its buckets (here
+        # 1794 elements, then 1122 + 672) after the first backward.
+        (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
+        model.zero_grad()
         (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
         got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
         # The reference: this rank's plain gradient, all-gathered, aggregated by flagagg.
@@ -252,12 +280,19 @@ def _register_worker(rank, store, out):
                                                                   backend="numpy"))
         # Never opposite signs (influence is 0 for inputs a rule gave no weight).
         sign_ok = bool(np.all(state.influence * np.nan_to_num(state.cosine) >= 0))
-        results[f"{rule}-{mode}"] = {
+        results[key] = {
             "close": bool(torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-6)),
             "identical": all(torch.equal(got, q) for q in _gather(got)),
             "verdict": list(state.verdict), "suspects": list(state.suspects),
             "signs": sign_ok, "n_influence": len(state.influence),
+            "paths": sorted({k[0] for k in state._scratch if k[0] in ("whole", "shards")}),
         }
+    caught.__exit__(None, None, None)
+    # torch 2.13 deprecates all_gather_into_tensor (and others) with a
+    # FutureWarning: the hook uses the calls torch recommends.
+    results["deprecated"] = sorted({str(w.message) for w in record
+                                    if issubclass(w.category, FutureWarning)
+                                    and "torch.distributed" in str(w.message)})
     errors = {}
     for name, (rule, mode, params) in {
         "krum_bound": ("krum", "sharded", {"f": 1}),
@@ -308,7 +343,7 @@ def registered(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("key", [f"{r}-{m}" for r, m, _ in REGISTERED])
+@pytest.mark.parametrize("key", [_key(*r) for r in REGISTERED])
 def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
     """``state, hook = ddp_comm_hook(...); model.register_comm_hook(state, hook)``, no wrapper."""
     for run in registered:
@@ -321,6 +356,16 @@ def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
         assert res["verdict"][SCALED] != "trusted"
         assert res["signs"], res
         assert res["verdict"] == registered[0][key]["verdict"]
+        if key.endswith("replicate_below=3000"):  # both kinds of bucket in one step
+            assert res["paths"] == ["shards", "whole"], res
+        elif key.endswith("replicate_below=0"):
+            assert res["paths"] == ["shards"], res
+        elif key == "flag-sharded":
+            assert res["paths"] == ["whole"], res
+
+
+def test_hook_uses_no_deprecated_collective(registered):
+    assert registered[0]["deprecated"] == [], registered[0]["deprecated"]
 
 
 def test_hook_configuration_errors_are_raised_when_built_in_flagaggs_words(registered):
@@ -332,3 +377,145 @@ def test_hook_configuration_errors_are_raised_when_built_in_flagaggs_words(regis
     assert errors["mode"].startswith("ValueError") and "mode='gather'" in errors["mode"]
     assert errors["late"] is not None and "need p >= 2f + 3 for krum" in errors["late"], errors
     assert "Unable to cast" not in errors["late"]
+
+
+# One rank far beyond float64's squared range (1e200: ||g||^2 overflows), or
+# at 1e30 in float32. The sharded hook must decide about it as the local rule
+# does on the same gradients: keep it (the scaled Gram holds it), same output.
+HUGE = {"float64": 1e200, "float32": 1e30}
+HUGE_RANK = 1
+
+
+def _huge_worker(rank, store, out):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg
+    import flagagg.torch as fat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=WORLD)
+    results = {}
+    X, y = _data(700 + rank, 64)
+    for dtype_name, scale in HUGE.items():
+        dtype = getattr(torch, dtype_name)
+        for rule, replicate in (("flag", 0), ("mean", 0), ("flag", 1 << 18)):
+            # Several buckets; in float32 one per parameter, so that the last
+            # layer's bias (2 values) leaves two of the 4 ranks an empty shard.
+            cap = 0.004 if dtype_name == "float64" else 1e-6
+            model = DDP(_model().to(dtype), bucket_cap_mb=cap)
+            state, hook = fat.ddp_comm_hook(rule, "sharded")
+            state.replicate_below = replicate
+            model.register_comm_hook(state, hook)
+            s = scale if rank == HUGE_RANK else 1.0
+            for _ in range(2):  # the second step runs on the rebuilt buckets
+                model.zero_grad()
+                (s * torch.nn.functional.cross_entropy(model(X.to(dtype)), y)).backward()
+            got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+            ref_model = _model().to(dtype)
+            (s * torch.nn.functional.cross_entropy(ref_model(X.to(dtype)), y)).backward()
+            mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+            every = torch.stack(_gather(mine))
+            res = flagagg.get_rule(rule)(every.numpy(), return_result=True)
+            expect = torch.as_tensor(res.aggregate)
+            top = float(expect.abs().max())
+            how = "shards" if replicate == 0 else "whole"
+            results[f"{rule}-{dtype_name}-{how}"] = {
+                "finite": bool(torch.isfinite(got).all()),
+                "close": bool(torch.allclose(got.double(), expect.double(), rtol=1e-4,
+                                             atol=1e-5 * top)),
+                "max_abs_ratio": float(got.abs().max()) / top,
+                "identical": all(torch.equal(got, q) for q in _gather(got)),
+                "excluded": [list(e) for e in state.excluded],
+                "local_excluded": [list(e) for e in res.excluded],
+                "coef": state.coefficients.tolist(),
+                "local_coef": np.asarray(res.coefficients).tolist(),
+                "verdict": list(state.verdict), "local_verdict": list(res.verdict),
+            }
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(results, fh)
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def huge_runs(tmp_path_factory):
+    import torch.multiprocessing as mp
+
+    tmp = tmp_path_factory.mktemp("ddp_huge")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_huge_worker, args=(str(tmp / "store"), str(tmp / "out")), nprocs=WORLD, join=True)
+    runs = []
+    for r in range(WORLD):
+        with open(tmp / f"out.{r}") as fh:
+            runs.append(json.load(fh))
+    return runs
+
+
+@pytest.mark.parametrize("key", [f"{r}-{d}-{h}" for d in HUGE
+                                 for r, h in (("flag", "shards"), ("mean", "shards"),
+                                              ("flag", "whole"))])
+def test_sharded_hook_keeps_a_huge_rank_as_the_local_rule_does(huge_runs, key):
+    """1e200 in float64 (its squared norm overflows), 1e30 in float32: kept, same output."""
+    for run in huge_runs:
+        res = run[key]
+        assert res["excluded"] == [] == res["local_excluded"], res
+        assert res["finite"] and res["identical"], res
+        assert res["close"], res
+        np.testing.assert_allclose(res["coef"], res["local_coef"], rtol=1e-6, atol=1e-12)
+        assert res["verdict"] == res["local_verdict"], res
+        assert res["verdict"][HUGE_RANK] != "trusted"
+
+
+def _shards(G, world):
+    """Split the (p, n) array G by columns as the hook does; return each rank's (p, m) shard."""
+    from flagagg.torch._ddp import _split
+
+    cuts = np.cumsum([0, *_split(G.shape[1], world)])
+    return [torch.from_numpy(np.ascontiguousarray(G[:, a:b]))
+            for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+
+
+def _exact_gram(G, rows):
+    """Reference: the inner products of ``rows`` of G in exact rational arithmetic."""
+    from fractions import Fraction
+
+    return {(i, j): sum(Fraction(float(a)) * Fraction(float(b))
+                        for a, b in zip(G[i], G[j], strict=True))
+            for i in rows for j in rows}
+
+
+@pytest.mark.parametrize(("world", "n"), [(1, 23), (3, 23), (4, 23), (4, 3)])
+def test_partial_grams_with_extreme_rows_sum_to_the_exact_gram(world, n):
+    """Per-shard exponents, combined across ranks, give the Gram exactly (vs. exact rationals).
+
+    Rows: ordinary; 1e200 (only in some shards, zero elsewhere); 1e-200; a
+    NaN in one shard only; a row of 1e300 beside ordinary values. With n = 3
+    on 4 ranks one shard is empty.
+    """
+    from fractions import Fraction
+
+    from flagagg._gram import Gram
+    from flagagg.backends import select_backend
+    from flagagg.torch._ddp import _combine_grams, _shard_gram
+
+    rng = np.random.default_rng(3)
+    G = rng.normal(size=(5, n))
+    G[1, : n // 2] = 0.0
+    G[1] *= 1e200
+    G[2] *= 1e-200
+    G[3, -1] = np.nan
+    G[4, 0] = 1e300
+    impl = select_backend(None, torch.zeros(2), "torch")
+    msgs = []
+    for X in _shards(G, world):
+        S, e, f = _shard_gram(impl, X)
+        msgs.append(np.concatenate([S.reshape(-1), e.astype(np.float64), f.astype(np.float64)]))
+    S, e, finite = _combine_grams(np.stack(msgs), G.shape[0])
+    assert finite.tolist() == [True, True, True, False, True]
+    K = Gram.from_scaled(S, e, finite=finite)
+    exact = _exact_gram(G, (0, 1, 2, 4))
+    for i in (0, 1, 2, 4):
+        for j in (0, 1, 2, 4):
+            want = float(exact[i, j] / Fraction(2) ** int(e[i] + e[j]))
+            assert S[i, j] == pytest.approx(want, rel=1e-12, abs=1e-300), (i, j)
+    assert np.isinf(K[1, 1]) and K.finite[1]

@@ -6,7 +6,7 @@ import numpy as np
 
 from .._gram import Gram
 from ._contract import F_REQUIRED, Contract, Reference
-from ._pre import _PRE, PreAggregator
+from ._pre import PreAggregator
 
 __all__ = ["ARC", "arc_clipped", "arc_scales"]
 
@@ -80,5 +80,3 @@ class ARC(PreAggregator):
         scale, C = arc_scales(K.inputs.row_norms(), K.usable, self.f)
         return np.diag(scale), {"threshold": C, "clipped": arc_clipped(p, self.f)}
 
-
-_PRE["arc"] = ARC  # the registry of pre-aggregation steps (see flagagg.rules._pre)

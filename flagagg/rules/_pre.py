@@ -18,6 +18,7 @@ non-finite, so the rule after the step applies its own NaN policy to it.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
@@ -242,14 +243,27 @@ class Clipping(PreAggregator):
 
 
 _PRE: dict[str, type[PreAggregator]] = {"nnm": NNM, "bucketing": Bucketing, "clipping": Clipping}
-# Steps defined in modules of their own add themselves to _PRE (they subclass PreAggregator,
-# so they import this module: a module import, not a name, keeps either import order working).
-from . import _peers_arc  # noqa: E402, F401 - registers "arc"
+# Steps defined in modules of their own, as "module:Class", imported when first asked for
+# (as the rules registry does): they subclass PreAggregator, so importing them here would
+# make the two modules import each other.
+_PRE_ELSEWHERE: dict[str, str] = {"arc": "flagagg.rules._peers_arc:ARC"}
 
 
 def available_pre() -> list[str]:
     """Names of the pre-aggregation steps accepted by ``pre=``."""
-    return sorted(_PRE)
+    return sorted({*_PRE, *_PRE_ELSEWHERE})
+
+
+def pre_class(name: str) -> type[PreAggregator]:
+    """The class of the pre-aggregation step ``name`` (a name from :func:`available_pre`)."""
+    if name not in _PRE:
+        if name not in _PRE_ELSEWHERE:
+            raise ValueError(
+                f"unknown pre-aggregation {name!r}; available: {', '.join(available_pre())}"
+            )
+        module, cls = _PRE_ELSEWHERE[name].split(":")
+        _PRE[name] = getattr(importlib.import_module(module), cls)
+    return _PRE[name]
 
 
 def _accepts(cls: Any, name: str) -> bool:
@@ -279,11 +293,7 @@ def make_pre(spec: Any, f: int | None) -> PreAggregator:
             f"PreAggregator; got {spec!r}"
         )
     key = name.strip().lower()
-    if key not in _PRE:
-        raise ValueError(
-            f"unknown pre-aggregation {name!r}; available: {', '.join(available_pre())}"
-        )
-    cls = _PRE[key]
+    cls = pre_class(key)
     if _accepts(cls, "f") and "f" not in params:
         if f is None:
             raise TypeError(f"pre-aggregation {key!r} needs f: pass f=... to get_rule")

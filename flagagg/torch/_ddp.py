@@ -55,6 +55,17 @@ class DDPHookState:
         Gradient elements this rank has handed to collectives so far (what
         it sends to other ranks, counting a ring all-gather as ``p - 1``
         sends of its part); multiply by the itemsize for bytes.
+    bytes_sent : int
+        Every byte this rank has handed to collectives for other ranks so far:
+        the gradient elements and the hook's own messages (the partial Gram
+        matrices, flags and statistics).
+    replicate_below : int, default=262144
+        Sharded mode, Gram rules: a bucket of ``m`` elements with
+        ``m (p - 1)`` below this goes whole to every rank in one all-to-all,
+        and every rank computes its part of the Gram matrix and of the
+        aggregate itself: one exchange instead of three, which is what small
+        buckets pay for, at ``p/2`` times the ring all-reduce's bytes. 0
+        shards every bucket. Set it on every rank alike.
     """
 
     rule: Any
@@ -67,6 +78,10 @@ class DDPHookState:
     verdict: tuple = ()
     steps: int = 0
     elements_sent: int = 0
+    bytes_sent: int = 0
+    replicate_below: int = 1 << 18
+    _scratch: dict = field(default_factory=dict, repr=False)
+    _early: bool = field(default=False, repr=False)
     _pending: dict = field(default_factory=dict, repr=False)
     _count: int | None = field(default=None, repr=False)
     _checked: int | None = field(default=None, repr=False)
@@ -112,14 +127,19 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
         rank ``j`` (all-to-all; for the Gram rules bucket by bucket, started
         as each bucket arrives, so it overlaps the rest of the backward
         pass); rank ``j`` computes the ``p x p`` partial Gram matrix of its
-        shard; the partial Gram matrices are exchanged (``p^3`` floats, with
-        the finiteness flags) and summed in rank order, so every rank solves
-        the same coefficients and combines its shard; the shards are
-        all-gathered. About ``2 n (p-1)/p`` elements sent per rank, as a ring
-        all-reduce. Coordinate-wise rules run shard by shard. Rules that are
-        neither (bulyan, composed rules, centered clipping with a center)
-        need ``"gather"``. ``"gather"``: every rank all-gathers every
-        gradient and aggregates alone (``n (p-1)`` elements sent per rank).
+        shard (with per-row power-of-two scales where a row's squared norm
+        would overflow or underflow float64, so that a finite row of 1e200
+        is kept as on one machine); the partial Gram matrices are exchanged
+        (``p^2 + 2p`` floats per rank, with the scales and finiteness flags)
+        and summed in rank order, so every rank solves the same coefficients
+        and combines its shard; each rank sends its combined shard to every
+        rank (all-to-all, into the bucket buffers). About ``2 n (p-1)/p``
+        gradient elements sent per rank, as a ring all-reduce, in three
+        one-hop exchanges. Coordinate-wise rules run shard by shard. Rules
+        that are neither (bulyan, composed rules, centered clipping with a
+        center) need ``"gather"``. ``"gather"``: every rank all-gathers
+        every gradient and aggregates alone (``n (p-1)`` elements sent per
+        rank).
     process_group : ProcessGroup, optional
         The group DDP reduces over (default: the default group).
     **params
@@ -182,13 +202,15 @@ def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[
     """Collect ``bucket``; once the last one is in, aggregate them all (see the module doc)."""
     if state._count is None and not state._pending:
         # First bucket of a step: a configuration error is raised here, as a
-        # Python exception from the hook, before any future exists.
+        # Python exception from the hook, before any future exists. What the
+        # step does is settled here once, not per bucket.
         _check_world(state)
+        state._early = state.mode == "sharded" and _kind(state.rule) == "gram"
     fut: torch.futures.Future = torch.futures.Future()
-    early = state.mode == "sharded" and _kind(state.rule) == "gram"
+    early = state._early
     # The Gram rules' all-to-all starts as each bucket arrives, while backward
     # still computes the next ones (as DDP's all-reduce overlaps it).
-    sent = _send_shards(state, bucket.buffer()) if early else None
+    sent = _send_shards(state, bucket.index(), bucket.buffer()) if early else None
     state._pending[bucket.index()] = (bucket.buffer(), fut, sent)
     if bucket.is_last():
         state._count = bucket.index() + 1
@@ -216,19 +238,132 @@ def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[
 _hook.__annotations__ = {"state": DDPHookState, "bucket": dist.GradBucket,
                          "return": torch.futures.Future[torch.Tensor]}
 
+# A partial squared norm outside [_SAFE_LO, _SAFE_HI] (or 0) sends a shard's
+# rows to the exact path: their largest magnitude is read and the shard's
+# Gram is formed from rows scaled by powers of two (as the local Gram does,
+# flagagg._gram.stack_gram). Inside it nothing overflows or underflows.
+_SAFE_LO = 2.0 ** -800
+_SAFE_HI = 2.0 ** 800
+# The exponent sent for a row that is exactly zero in a shard: it takes no
+# part in the maximum over shards, and scales that shard's zeros to zero.
+_ZERO_ROW = -(2 ** 20)
 
-def _send_shards(state: DDPHookState, buffer: torch.Tensor) -> tuple:
-    """Start the all-to-all of one bucket: rank j will hold shard j of every rank's bucket."""
-    world = dist.get_world_size(state.process_group)
-    flat = buffer.reshape(-1)
+
+def _split(n: int, world: int) -> list[int]:
+    """Shard lengths of ``n`` elements over ``world`` ranks: as even as possible, no padding."""
+    q, r = divmod(n, world)
+    return [q + (j < r) for j in range(world)]
+
+
+def _scratch(state: DDPHookState, key: tuple, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A buffer kept across steps (DDP keeps its buckets): no allocation, no page faults."""
+    buf = state._scratch.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        state._scratch[key] = buf
+    return buf
+
+
+def _sent(state: DDPHookState, elements: int, itemsize: int, gradient: bool = True) -> None:
+    if gradient:
+        state.elements_sent += elements
+    state.bytes_sent += elements * itemsize
+
+
+def _send_shards(state: DDPHookState, index: int, buffer: torch.Tensor) -> tuple:
+    """Start the all-to-all of one bucket: rank j will hold shard j of every rank's bucket.
+
+    The bucket buffer is sent as it is (uneven splits, no padded copy) into a
+    ``(p, m)`` buffer kept across steps. A small bucket
+    (:attr:`DDPHookState.replicate_below`) goes whole to every rank instead
+    (``lens`` None).
+    """
+    group = state.process_group
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    flat = buffer.view(-1)
     n = flat.numel()
-    s = -(-n // world)
-    padded = torch.zeros(s * world, dtype=flat.dtype, device=flat.device)
-    padded[:n] = flat
-    recv = torch.empty_like(padded)
-    work = dist.all_to_all_single(recv, padded, group=state.process_group, async_op=True)
-    state.elements_sent += s * (world - 1)
-    return recv, work, s, torch.isfinite(flat).all()
+    if n * (world - 1) < state.replicate_below:
+        recv = _scratch(state, ("whole", index), (world, n), flat)
+        copies = _scratch(state, ("copies", index), (world, n), flat)
+        copies.copy_(flat.expand(world, n))
+        work = dist.all_to_all_single(recv.view(-1), copies.view(-1), group=group,
+                                      async_op=True)
+        _sent(state, n * (world - 1), flat.element_size())
+        return recv, work, None
+    lens = _split(n, world)
+    m = lens[rank]
+    recv = _scratch(state, ("shards", index), (world, m), flat)
+    work = dist.all_to_all_single(recv.view(-1), flat, [m] * world, lens, group=group,
+                                  async_op=True)
+    _sent(state, n - m, flat.element_size())
+    return recv, work, lens
+
+
+def _shard_gram(impl: Any, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The partial Gram of one shard ``X`` (p x m): ``(S, e, finite)``, ``K = 2^(e_i+e_j) S``.
+
+    The common case is one pass and ``e = 0``. A row whose partial squared
+    norm is outside the safe range (NaN, Inf, overflowing, underflowing or
+    zero) is read again: whether it is finite, and its largest magnitude.
+    If a finite non-zero row is among them, the shard's Gram is formed again
+    from every row scaled by ``2^-e_i`` (:func:`flagagg._gram.scale_exponents`),
+    so that a row of 1e200 is held exactly instead of overflowing.
+    """
+    from .._gram import scale_exponents
+
+    p = X.shape[0]
+    K = np.asarray(impl.gram(X), dtype=np.float64) if X.shape[1] else np.zeros((p, p))
+    d = K.diagonal()
+    with np.errstate(invalid="ignore"):
+        ordinary = (d >= _SAFE_LO) & (d <= _SAFE_HI)
+    e = np.zeros(p, dtype=np.int64)
+    if ordinary.all():
+        return K, e, ordinary
+    finite = ordinary.copy()
+    mag = np.sqrt(np.where(ordinary, d, 0.0))
+    for i in np.flatnonzero(~ordinary):
+        row = X[i]
+        finite[i] = bool(torch.isfinite(row).all())
+        mag[i] = float(row.abs().max()) if finite[i] and row.numel() else 0.0
+    zero = finite & (mag == 0.0)
+    if not (finite & ~ordinary & ~zero).any():
+        e[zero] = _ZERO_ROW
+        return K, e, finite
+    e = scale_exponents(mag, finite)
+    S = np.asarray(impl.gram(X, scale=np.ldexp(1.0, -e)), dtype=np.float64)
+    e[zero] = _ZERO_ROW
+    return S, e, finite
+
+
+def _combine_grams(parts: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray | None,
+                                                       np.ndarray]:
+    """Sum the ranks' partial Grams of ``p`` rows (in rank order): ``(S, e or None, finite)``.
+
+    ``parts[j]`` is rank j's message: its scaled partial Gram, exponents and
+    finiteness flags (:func:`_shard_gram`). With ``e`` None, ``S`` is the Gram
+    itself; otherwise ``K = 2^(e_i + e_j) S`` with ``e_i`` the largest of row
+    i's exponents, every partial Gram brought to it exactly (powers of two).
+    """
+    pp = p * p
+    S_parts = parts[:, :pp].reshape(-1, p, p)
+    E = parts[:, pp:pp + p].astype(np.int64)
+    finite = (parts[:, pp + p:] > 0.5).all(axis=0)
+    if not E.any():
+        S = S_parts[0].copy()
+        for Sj in S_parts[1:]:
+            S += Sj
+        return S, None, finite
+    e = np.where(finite, E.max(axis=0), 0)
+    e = np.where(e == _ZERO_ROW, 0, e)
+    S = np.zeros((p, p))
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        for Sj, Ej in zip(S_parts, E, strict=True):
+            dj = np.where(finite, Ej - e, 0)
+            S += np.ldexp(Sj, dj[:, None] + dj[None, :])
+    if not e.any():
+        return S, None, finite
+    return S, e, finite
 
 
 def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: list) -> None:
@@ -236,52 +371,109 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
 
     The Gram matrix is additive over coordinates, so the partial Gram
     matrices of every bucket's shard are summed (in bucket order) on each
-    rank, exchanged with the finiteness flags in one all-gather and summed in
-    rank order: every rank solves the same coefficients. Each rank combines
-    its shard of every bucket and the shards are all-gathered back.
+    rank and exchanged (with the scale exponents and finiteness flags, one
+    small all-to-all) and summed in rank order: every rank solves the same
+    coefficients. Each rank combines its shard of every bucket and sends it
+    to every rank (an all-to-all straight into the bucket buffers).
     """
     from .._backend_choice import select_backend
+    from .._gram import Gram
     from ..rules._result import gram_stats
 
     group = state.process_group
     world = dist.get_world_size(group)
-    K_part, ok, impl, X = None, True, None, []
-    for recv, work, s, finite in sent:
+    impl = None
+    # [sharded buckets' partial Gram, whole buckets' Gram]: (S, e, finite) each
+    acc: list = [None, None]
+    for recv, work, lens in sent:
         work.wait()
-        Xb = recv.view(world, s)
-        X.append(Xb)
-        impl = impl or select_backend(None, Xb, "torch")
-        Kb = np.asarray(impl.gram(Xb), dtype=np.float64)
-        K_part = Kb if K_part is None else K_part + Kb
-        ok = ok and bool(finite)
-    device = buffers[0].device
-    msg = torch.cat([torch.as_tensor(K_part, device=device).reshape(-1),
-                     torch.tensor([1.0 if ok else 0.0], dtype=torch.float64, device=device)])
-    parts = [q.cpu().numpy() for q in _all_gather(msg, group)]
-    state.elements_sent += world - 1  # the flag; the p x p partial Gram is not gradient
-    keep = np.flatnonzero([q[-1] > 0.5 for q in parts])
+        impl = impl or select_backend(None, recv, "torch")
+        part = _shard_gram(impl, recv)
+        j = int(lens is None)
+        acc[j] = part if acc[j] is None else _add_grams(acc[j], part)
+    msgs = [None if a is None else np.concatenate([a[0].reshape(-1), a[1].astype(np.float64),
+                                                   a[2].astype(np.float64)]) for a in acc]
+    parts = []
+    if msgs[0] is not None:
+        device = buffers[0].device
+        parts.append(_exchange(state, torch.from_numpy(msgs[0]).to(device)).cpu().numpy())
+    if msgs[1] is not None:  # the same on every rank: added after the ranks' parts
+        parts.append(msgs[1][None, :])
+    S, e, finite = _combine_grams(np.concatenate(parts), world)
+    keep = np.flatnonzero(finite)
     excluded = [(int(r), "non-finite values (NaN or Inf)")
                 for r in sorted(set(range(world)) - set(keep.tolist()))]
     coef, stats, rule_excluded = None, None, []
     if keep.size:
-        K = sum(q[:-1].reshape(world, world) for q in parts)
-        coef_kept, rule_excluded = _solve(state.rule, K[np.ix_(keep, keep)])
+        ix = np.ix_(keep, keep)
+        if e is None:
+            K, K_keep = S, S[ix]
+        else:  # rows beyond float64's squared range, held by their scaled form
+            K = Gram.from_scaled(S, e, finite=finite)
+            K_keep = Gram.from_scaled(S[ix], e[keep], finite=np.ones(keep.size, dtype=bool))
+        coef_kept, rule_excluded = _solve(state.rule, K_keep)
         coef = np.zeros(world)
         coef[keep] = coef_kept
         stats = gram_stats(K, coef)
-    works, outs = [], []
-    for buf, Xb, (_, _, s, _) in zip(buffers, X, sent, strict=True):
-        shard = (impl.combine(coef, Xb) if coef is not None
-                 else torch.zeros(s, dtype=buf.dtype, device=device))
-        out = torch.empty(s * world, dtype=buf.dtype, device=device)
-        works.append(dist.all_gather_into_tensor(out, shard.to(buf.dtype).contiguous(),
-                                                 group=group, async_op=True))
-        outs.append(out)
-        state.elements_sent += s * (world - 1)
+    works = []
+    for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
+        if lens is None:  # a whole bucket: this rank computes all of it
+            if coef is None:
+                buf.zero_()
+            else:
+                buf.view(-1).copy_(impl.combine(coef, recv))
+            continue
+        m = recv.shape[1]
+        rep = _scratch(state, ("out", i), (world, m), buf)
+        if coef is None or m == 0:
+            rep.zero_()
+        else:
+            rep.copy_(impl.combine(coef, recv).expand(world, m))
+        works.append(dist.all_to_all_single(buf.view(-1), rep.view(-1), lens, [m] * world,
+                                            group=group, async_op=True))
+        _sent(state, m * (world - 1), buf.element_size())
     _record(state, excluded, rule_excluded, keep, coef, stats, world)
-    for buf, out, work in zip(buffers, outs, works, strict=True):
+    for work in works:
         work.wait()
-        buf.copy_(out[:buf.numel()].view_as(buf))
+
+
+def _add_grams(a: tuple, b: tuple) -> tuple:
+    """The sum of two scaled partial Grams ``(S, e, finite)`` (:func:`_shard_gram`).
+
+    Both are brought to the larger exponent of each row (powers of two: exact).
+    """
+    (S1, e1, f1), (S2, e2, f2) = a, b
+    if not (e1.any() or e2.any()):
+        return S1 + S2, e1, f1 & f2
+    e = np.maximum(e1, e2)
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        d1 = np.where(e1 == _ZERO_ROW, _ZERO_ROW, e1 - e)
+        d2 = np.where(e2 == _ZERO_ROW, _ZERO_ROW, e2 - e)
+        S = np.ldexp(S1, d1[:, None] + d1[None, :]) + np.ldexp(S2, d2[:, None] + d2[None, :])
+    return S, e, f1 & f2
+
+
+def _exchange(state: DDPHookState, msg: torch.Tensor) -> torch.Tensor:
+    """Every rank's small message, as a ``(p, len)`` tensor in rank order (one all-to-all).
+
+    A one-hop all-to-all of the message repeated ``p`` times: gloo's ring
+    all-gather takes ``p - 1`` hops, and on loaded cores every hop waits for
+    a peer to be scheduled.
+    """
+    group = state.process_group
+    world = dist.get_world_size(group)
+    out = torch.empty((world, msg.numel()), dtype=msg.dtype, device=msg.device)
+    dist.all_to_all_single(out.view(-1), msg.reshape(1, -1).expand(world, -1).contiguous(),
+                           group=group)
+    _sent(state, msg.numel() * (world - 1), msg.element_size(), gradient=False)
+    return out
+
+
+def _all_gather_single(out: torch.Tensor, tensor: torch.Tensor, group: Any) -> None:
+    # torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same
+    # semantics); torch >= 2.2 before it has only the former.
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, tensor, group=group)
 
 
 def _all_gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
@@ -290,7 +482,7 @@ def _all_gather(tensor: torch.Tensor, group: Any) -> list[torch.Tensor]:
     world = dist.get_world_size(group)
     flat = tensor.contiguous().reshape(-1)
     out = torch.empty(world * flat.numel(), dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(out, flat, group=group)
+    _all_gather_single(out, flat, group)
     return list(out.view(world, *tensor.shape).unbind(0))
 
 
@@ -304,7 +496,7 @@ def _aggregate_step(state: DDPHookState, buffers: list[torch.Tensor]) -> None:
     ok = torch.isfinite(flat).all()
     flags = torch.cat(_all_gather(ok.to(torch.int32).reshape(1), group))
     keep = np.flatnonzero(flags.cpu().numpy().astype(bool))
-    state.elements_sent += world - 1
+    _sent(state, world - 1, 4, gradient=False)
     if state.mode == "gather":
         out, coef, rule_excluded, stats = _gather_step(state, flat, keep, world)
     else:
@@ -374,7 +566,7 @@ def _spread(res: dict, keep: np.ndarray, excluded: tuple, world: int) -> tuple:
 def _gather_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
                  world: int) -> tuple[torch.Tensor, np.ndarray | None, list, tuple | None]:
     parts = _all_gather(flat, state.process_group)
-    state.elements_sent += flat.numel() * (world - 1)
+    _sent(state, flat.numel() * (world - 1), flat.element_size())
     if keep.size == 0:
         return torch.zeros_like(flat), None, [], None
     res = state.rule([parts[r] for r in keep.tolist()], return_result=True)
@@ -396,7 +588,7 @@ def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
     padded[:n] = flat
     recv = torch.empty_like(padded)
     dist.all_to_all_single(recv, padded, group=group)
-    state.elements_sent += s * (world - 1)
+    _sent(state, s * (world - 1), flat.element_size())
     X = recv.view(world, s)  # row r: rank r's values of this rank's shard
     coef = None
     rule_excluded: list = []
@@ -409,7 +601,8 @@ def _sharded_step(state: DDPHookState, flat: torch.Tensor, keep: np.ndarray,
         # on every rank: 2p + 1 numbers per rank.
         part = torch.as_tensor(_inner_stats(X, shard), device=flat.device)
         stats = _split_stats(sum(q.cpu().numpy() for q in _all_gather(part, group)), world)
+        _sent(state, part.numel() * (world - 1), part.element_size(), gradient=False)
     gathered = torch.empty(s * world, dtype=flat.dtype, device=flat.device)
-    dist.all_gather_into_tensor(gathered, shard.to(flat.dtype).contiguous(), group=group)
-    state.elements_sent += s * (world - 1)
+    _all_gather_single(gathered, shard.to(flat.dtype).contiguous(), group)
+    _sent(state, s * (world - 1), flat.element_size())
     return gathered[:n], coef, rule_excluded, stats
