@@ -215,12 +215,22 @@ class GradientEngine:
                     # col2im: tap j of window l read padded input position l*s + j;
                     # each tap's input gradient is one product, added to every s-th
                     # position as whole (B, C) blocks
-                    dpad = self._buffer(("dpad", i), (P, L_in + 2 * pad, B, C), grad,
-                                        zero=True)
+                    Lp = L_in + 2 * pad
+                    # taps 0..s-1 cover positions 0..s*L-1 once each: they are
+                    # written, not added, and only the positions after them are
+                    # zeroed first (all of them when there are fewer taps than s)
+                    dpad = self._buffer(("dpad", i), (P, Lp, B, C), grad, zero=False)
+                    if k >= s:
+                        dpad[:, s * L :].zero_()
+                    else:
+                        dpad.zero_()
                     last = s * (L - 1) + 1
                     for j in range(k):
-                        dj = torch.bmm(go, w[:, :, :, j])                   # (R, p*L*B, C)
-                        dpad[:, j : j + last : s] += dj.view(P, L, B, C)
+                        dj = torch.bmm(go, w[:, :, :, j]).view(P, L, B, C)  # (R, p*L*B, C)
+                        if j < s and k >= s:
+                            dpad[:, j : j + last : s] = dj
+                        else:
+                            dpad[:, j : j + last : s] += dj
                     grad = dpad[:, pad : pad + L_in]
         return torch.cat([out[name].reshape(R, p, size) for name, _, size in self.shapes],
                          dim=2)
