@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -356,85 +356,96 @@ class RobustStrategy(FedAvg):
             strategy needs the global arrays the round started from).
         """
         t0 = time.perf_counter()
+        glob = self._round_arrays(server_round)
+        replies = list(replies)
+        got = self._read_replies(server_round, replies, glob)
+        base = dict(server_round=server_round, rule=self.rule_name, replies=len(replies),
+                    rejected=got.rejected, clients=got.clients)
+
+        def skip(reason: str) -> tuple[None, MetricRecord]:
+            diag = RoundDiagnostics(**base, aggregated=tuple(got.nodes), skipped=reason,
+                                    seconds=time.perf_counter() - t0)
+            logger.warning("round %d skipped, global model kept: %s", server_round, reason)
+            return None, self._metrics(diag, got.contents)
+
+        if not got.nodes:
+            return skip(f"no usable reply ({len(replies)} received, "
+                        f"{len(got.rejected)} rejected)")
+        if self.weight_by_num_examples:
+            _scale_by_examples(got.updates, got.weights)
+        agg, result, problem = self._aggregate_updates(got.updates, len(got.nodes))
+        if problem:
+            return skip(problem)
+        new = _apply_update(glob, agg, got.fixed)
+
+        per_client = _client_diagnostics(got.nodes, result, self._per_input)
+        per_client["suspects"] = tuple(sorted({*got.rejected,
+                                               *per_client.get("suspects", ())}))
+        diag = RoundDiagnostics(**base, aggregated=tuple(got.nodes), **per_client,
+                                seconds=time.perf_counter() - t0)
+        self._log(diag)
+        arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()})
+        return arrays, self._metrics(diag, got.contents)
+
+    # -- the pieces of aggregate_train ----------------------------------------
+
+    def _round_arrays(self, server_round: int) -> dict[str, np.ndarray]:
+        """The global arrays this round started from (remembered by configure_train)."""
         if self._round is None or self._round[0] != server_round:
             raise RuntimeError(
                 f"aggregate_train(server_round={server_round}) without configure_train for "
                 "that round: the strategy needs the global arrays the round started from "
                 "(Strategy.start calls configure_train first)"
             )
-        glob = self._round[1]
-        replies = list(replies)
-        nodes, updates, fixed, weights, contents = [], [], [], [], []
-        rejected: dict[int, str] = {}
+        return self._round[1]
+
+    def _read_replies(self, server_round: int, replies: list[Message],
+                      glob: dict[str, np.ndarray]) -> _Replies:
+        """The usable updates of a round's replies, and why the others were rejected."""
+        got = _Replies([], [], [], [], [], {}, {})
         # A node that answers one message twice is not trusted with either reply.
         per_node = Counter(int(msg.metadata.src_node_id) for msg in replies)
-        clients: dict[int, int | str] = {}
         for msg in replies:
             nid = int(msg.metadata.src_node_id)
             cid = _client_id(msg, self.client_id_key)
             if cid is not None:
-                clients[nid] = cid
+                got.clients[nid] = cid
             try:
                 if per_node[nid] > 1:
-                    if nid in rejected:
+                    if nid in got.rejected:
                         continue
                     raise _Malformed(f"{per_node[nid]} replies from the same node")
                 tree, ints, _ = _read_update(msg, glob, self.arrayrecord_key)
                 if self.weight_by_num_examples:
-                    weights.append(_num_examples(msg, self.weighted_by_key))
+                    got.weights.append(_num_examples(msg, self.weighted_by_key))
             except _Malformed as why:
-                rejected[nid] = str(why)
+                got.rejected[nid] = str(why)
                 logger.warning("round %d: reply of node %d rejected: %s", server_round, nid, why)
                 continue
-            nodes.append(nid)
-            updates.append(tree)
-            fixed.append(ints)
-            contents.append(msg.content)
+            got.nodes.append(nid)
+            got.updates.append(tree)
+            got.fixed.append(ints)
+            got.contents.append(msg.content)
+        return got
 
-        base = dict(server_round=server_round, rule=self.rule_name, replies=len(replies),
-                    rejected=rejected, clients=clients)
+    def _aggregate_updates(self, updates: list[dict[str, np.ndarray]], n_nodes: int):
+        """The rule's aggregate of the float updates: (aggregate, result, problem).
 
-        def skip(reason: str) -> tuple[None, MetricRecord]:
-            diag = RoundDiagnostics(**base, aggregated=tuple(nodes), skipped=reason,
-                                    seconds=time.perf_counter() - t0)
-            logger.warning("round %d skipped, global model kept: %s", server_round, reason)
-            return None, self._metrics(diag, contents)
-
-        if not nodes:
-            return skip(f"no usable reply ({len(replies)} received, {len(rejected)} rejected)")
-        if self.weight_by_num_examples:
-            scale = np.asarray(weights) * (len(weights) / math.fsum(weights))
-            for tree, s in zip(updates, scale, strict=True):
-                for u in tree.values():
-                    u *= u.dtype.type(s)
-
-        agg: dict[str, np.ndarray] = {}
-        result = None
-        if updates[0]:
-            try:
-                result = self.rule_(updates, return_result=True)
-            except ValueError as exc:
-                return skip(f"{self.rule_name} cannot aggregate the {len(nodes)} usable "
-                            f"updates: {exc}")
-            agg = result.aggregate
-            bad = [k for k, a in agg.items() if not np.isfinite(a).all()]
-            if bad:
-                return skip(f"{self.rule_name} returned non-finite values in {bad[:4]}")
-
-        new = {}
-        for key, g in glob.items():
-            if key in agg:
-                new[key] = (g + agg[key]).astype(g.dtype, copy=False)
-            else:
-                new[key] = _lower_median([ints[key] for ints in fixed])
-
-        per_client = _client_diagnostics(nodes, result, self._per_input)
-        per_client["suspects"] = tuple(sorted({*rejected, *per_client.get("suspects", ())}))
-        diag = RoundDiagnostics(**base, aggregated=tuple(nodes), **per_client,
-                                seconds=time.perf_counter() - t0)
-        self._log(diag)
-        arrays = ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()})
-        return arrays, self._metrics(diag, contents)
+        ``problem`` is ``""``, or why the round is skipped (the rule refused,
+        or returned non-finite values).
+        """
+        if not updates[0]:
+            return {}, None, ""
+        try:
+            result = self.rule_(updates, return_result=True)
+        except ValueError as exc:
+            return {}, None, (f"{self.rule_name} cannot aggregate the {n_nodes} usable "
+                              f"updates: {exc}")
+        agg = result.aggregate
+        bad = [k for k, a in agg.items() if not np.isfinite(a).all()]
+        if bad:
+            return agg, result, f"{self.rule_name} returned non-finite values in {bad[:4]}"
+        return agg, result, ""
 
     # -- helpers ------------------------------------------------------------
 
@@ -658,6 +669,37 @@ def _consistent_metric_replies(contents: list[RecordDict], key: str) -> list[Rec
         return []
     common = counts.most_common(1)[0][0]
     return [c for c, lay in zip(contents, layouts, strict=True) if lay == common]
+
+
+class _Replies(NamedTuple):
+    """A round's replies as :meth:`RobustStrategy.aggregate_train` reads them."""
+
+    nodes: list
+    updates: list
+    fixed: list
+    weights: list
+    contents: list
+    rejected: dict
+    clients: dict
+
+
+def _scale_by_examples(updates, weights):
+    """Scale each update in place by its share of the examples (mean weight 1)."""
+    scale = np.asarray(weights) * (len(weights) / math.fsum(weights))
+    for tree, s in zip(updates, scale, strict=True):
+        for u in tree.values():
+            u *= u.dtype.type(s)
+
+
+def _apply_update(glob, agg, fixed):
+    """New global arrays: float ones plus the aggregate, integer ones the lower median."""
+    new = {}
+    for key, g in glob.items():
+        if key in agg:
+            new[key] = (g + agg[key]).astype(g.dtype, copy=False)
+        else:
+            new[key] = _lower_median([ints[key] for ints in fixed])
+    return new
 
 
 def _lower_median(values: list[np.ndarray]) -> np.ndarray:

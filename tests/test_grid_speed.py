@@ -224,3 +224,39 @@ def test_mnist1d_cache_is_safe_when_processes_race(tmp_path):
     assert sums == [ref] * 4
     assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] != []
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize(("k", "s", "pad"), [(2, 3, 1), (3, 3, 0), (4, 2, 2), (1, 1, 0),
+                                             (5, 1, 2)])
+def test_engine_convolutions_of_any_kernel_stride_and_padding_match_vmap(k, s, pad):
+    """Kernels shorter than, equal to and longer than the stride: col2im writes the
+    taps that cover a position first and adds the others, and zeroes the rest."""
+    from torch import nn
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(k * 10 + s)
+    net = nn.Sequential(nn.Conv1d(2, 3, 3, stride=1, padding=1), nn.ReLU(),
+                        nn.Conv1d(3, 4, k, stride=s, padding=pad), nn.ReLU(),
+                        nn.Conv1d(4, 3, 2, stride=1, padding=1, bias=False), nn.ReLU(),
+                        nn.Flatten(), nn.LazyLinear(5))
+    net(torch.zeros(1, 2, 17))  # materialise the lazy layer
+    shapes = [(n, p.shape, p.numel()) for n, p in net.named_parameters()]
+    flat = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    engine = GradientEngine(net, shapes)
+    assert engine.supported
+    p_, B = 3, 4
+    gen = torch.Generator().manual_seed(5)
+    xb = torch.randn(p_, B, 2, 17, generator=gen)
+    yb = torch.randint(0, 5, (p_, B), generator=gen)
+
+    def loss(flat, x, y):
+        params, start = {}, 0
+        for name, shape, size in shapes:
+            params[name] = flat[start : start + size].view(shape)
+            start += size
+        return torch.nn.functional.cross_entropy(functional_call(net, params, (x,)), y)
+
+    want = vmap(grad(loss), in_dims=(None, 0, 0))(flat, xb, yb)
+    for _ in range(2):  # the second call reuses the kept arrays
+        got = engine(flat[None], xb[None], yb[None])[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

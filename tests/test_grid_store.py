@@ -83,6 +83,64 @@ def test_store_skips_done_runs_and_reruns_only_changed_ones(tmp_path, counted):
     assert len(counted) == 24
 
 
+def test_changed_code_or_settings_rerun_only_what_they_change(tmp_path, counted, monkeypatch):
+    """The key holds the source code's hash, not only the version string (which stays
+    the same between commits), and every setting a run reads."""
+    store = tmp_path / "store"
+    cfg = _config(attacks={"none": {}}, experiment={"seeds": [0]})
+    sim.run_experiment(cfg, store=store, progress=False)
+    assert len(counted) == 2
+    # worker momentum is a setting of every run
+    sim.run_experiment(_config(attacks={"none": {}}, experiment={"seeds": [0]},
+                               optimizer={"worker_momentum": 0.9}), store=store, progress=False)
+    assert len(counted) == 4
+    # one rule's learning rate: that rule's run only
+    sim.run_experiment(_config(attacks={"none": {}}, experiment={"seeds": [0]},
+                               rules={"mean": {}, "median": {"lr": 0.05}}),
+                       store=store, progress=False)
+    assert len(counted) == 5 and counted[-1].rule == "median"
+    sim.run_experiment(cfg, store=store, progress=False)
+    assert len(counted) == 5
+    # other code under the same version string: every run again, once
+    monkeypatch.setitem(_experiment._CODE, "flagagg", "0" * 32)
+    sim.run_experiment(cfg, store=store, progress=False)
+    assert len(counted) == 7
+    sim.run_experiment(cfg, store=store, progress=False)
+    assert len(counted) == 7
+    # another PyTorch: again
+    monkeypatch.setitem(_experiment._CODE, "versions", {"numpy": "x", "torch": "y"})
+    sim.run_experiment(cfg, store=store, progress=False)
+    assert len(counted) == 9
+
+
+def test_source_fingerprint_follows_the_python_files(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    first = _experiment.source_fingerprint(pkg)
+    assert len(first) == 32 and first == _experiment.source_fingerprint(pkg)
+    # what is not source does not count
+    (pkg / "README.txt").write_text("docs")
+    (pkg / "__pycache__").mkdir()
+    (pkg / "__pycache__" / "a.cpython.py").write_text("cache")
+    assert _experiment.source_fingerprint(pkg) == first
+    # one byte of one file does
+    (pkg / "sub" / "b.py").write_text("y = 3\n")
+    assert _experiment.source_fingerprint(pkg) != first
+    # and so does moving text from one file to another
+    (pkg / "sub" / "b.py").write_text("y = 2\n")
+    assert _experiment.source_fingerprint(pkg) == first
+    (pkg / "a.py").write_text("x = 1\ny")
+    (pkg / "sub" / "b.py").write_text(" = 2\n")
+    assert _experiment.source_fingerprint(pkg) != first
+    # flagagg's own: the installed package's, computed once
+    import flagagg
+
+    assert _experiment.source_fingerprint() == _experiment.source_fingerprint(
+        Path(flagagg.__file__).parent)
+
+
 def test_store_records_are_whole_and_keyed_by_settings_and_version(tmp_path):
     import flagagg
 
@@ -92,6 +150,8 @@ def test_store_records_are_whole_and_keyed_by_settings_and_version(tmp_path):
     (path,) = store.glob("*.json")
     record = json.loads(path.read_text())
     assert record["settings"]["flagagg"] == flagagg.__version__
+    assert record["settings"]["source"] == _experiment.source_fingerprint()
+    assert record["settings"]["libraries"]["torch"] == torch.__version__
     assert record["settings"]["rule"] == {"rule": "mean", "params": {}}
     assert record["key"] == path.stem == _experiment.run_key(record["settings"])
     assert record["result"]["cpu_seconds"] > 0

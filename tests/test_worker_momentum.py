@@ -131,3 +131,117 @@ def test_config_key_default_and_shipped_values():
     for name in ("mnist1d", "mnist1d_dirichlet"):
         cfg = sim.load_config(name)
         assert cfg.worker_momentum == 0.9 and cfg.momentum == 0.0
+
+
+# --------------------------------------------------------------------------
+# checkpoints: a resumed run continues the workers' momenta
+
+
+def _continue(rep, rounds, atk):
+    return [rep.gradients(_params(rep, 10 + t), rep.draw_batches(5), atk, range(6))
+            for t in range(rounds)]
+
+
+def _same_streams(dst, src):
+    dst.batch_rng.bit_generator.state = src.batch_rng.bit_generator.state
+    dst.attack_rng.bit_generator.state = src.attack_rng.bit_generator.state
+
+
+def test_momentum_state_continues_a_replica_bit_for_bit(digits):
+    atk = attacks.get_attack("little_is_enough")
+    rep = _replica(digits, 0.9, f=2)
+    empty = rep.momentum_state()
+    assert empty["workers"].numel() == 0 and empty["momenta"].shape == (0, rep.n_params)
+    for t in range(3):  # a faulty worker's row: the attack needs every row
+        rep.gradients(_params(rep, t), rep.draw_batches(5), atk, [int(rep.faulty[0])])
+    state = rep.momentum_state()
+    assert state["workers"].tolist() == list(range(6))  # omniscient: every worker's row
+    restored, forgotten = _replica(digits, 0.9, f=2), _replica(digits, 0.9, f=2)
+    restored.load_momentum_state(state)
+    _same_streams(restored, rep)
+    _same_streams(forgotten, rep)
+    want = _continue(rep, 2, atk)
+    for got, w in zip(_continue(restored, 2, atk), want, strict=True):
+        assert torch.equal(got, w)
+    assert not torch.equal(_continue(forgotten, 2, atk)[-1], want[-1])
+    # an honest distributed worker keeps its own row only
+    one = _replica(digits, 0.9, f=2)
+    honest = int(one.honest[0])
+    one.gradients(_params(one, 0), one.draw_batches(5), atk, [honest])
+    assert one.momentum_state()["workers"].tolist() == [honest]
+
+
+def test_momentum_state_that_does_not_fit_is_refused(digits):
+    rep = _replica(digits, 0.9)
+    with pytest.raises(ValueError, match="outside"):
+        rep.load_momentum_state({"workers": torch.tensor([6]),
+                                 "momenta": torch.zeros(1, rep.n_params)})
+    with pytest.raises(ValueError, match="shape"):
+        rep.load_momentum_state({"workers": torch.tensor([1]), "momenta": torch.zeros(1, 3)})
+    with pytest.raises(TypeError, match="tensors"):
+        rep.load_momentum_state({"workers": [1], "momenta": [[0.0]]})
+
+
+def _run_in_threads(spec, **options):
+    """A distributed run in this process (server and workers on threads), with the
+    checkpoint options given to the server and to every worker, as ``run_node`` does."""
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from flagagg import distributed
+    from flagagg.distributed._tls import file_of, issue
+
+    certs = Path(tempfile.mkdtemp(prefix="flagagg-momenta-certs-"))
+    issue(certs, spec.workers)
+    server = distributed.Server(spec, tls=file_of(certs, 0), **options)
+    out = {}
+    threads = [threading.Thread(target=lambda: out.setdefault("record", server.run()),
+                                daemon=True)]
+    threads += [threading.Thread(target=distributed.run_worker, daemon=True,
+                                 args=(spec, w, server.address),
+                                 kwargs={"tls": file_of(certs, w + 1), **options})
+                for w in range(spec.workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+        assert not t.is_alive()
+    return out["record"]
+
+
+@pytest.mark.parametrize("attack", ["little_is_enough", "none"])
+def test_a_resumed_distributed_run_continues_the_worker_momenta_bit_for_bit(tmp_path, attack):
+    """Stopped after round 3 and resumed: the same parameters as a run never stopped
+    (the omniscient attacker keeps every worker's momentum, the others their own)."""
+    import dataclasses
+
+    from flagagg import distributed
+
+    config = sim.load_config("demo").replace(worker_momentum=0.9)
+    spec = distributed.make_spec(config, rule="flag", attack=attack, f=1, workers=4,
+                                 rounds=6, eval_every=3, round_timeout=20, quorum=4,
+                                 connect_timeout=20)
+    ck = tmp_path / "ck.pt"
+    first = _run_in_threads(dataclasses.replace(spec, config=spec.config.replace(rounds=3)),
+                            checkpoint=ck, checkpoint_every=2)
+    assert [r["round"] for r in first["rounds"]] == [1, 2, 3]
+    # each worker kept round 3 (the last) and round 2 (a checkpoint round)
+    kept = sorted(p.name for p in (tmp_path / "ck.pt.momenta").iterdir())
+    assert kept == sorted(f"worker-{w}-round-{t}.pt" for w in range(4) for t in (2, 3))
+    resumed = _run_in_threads(spec, resume=ck)
+    assert [r["round"] for r in resumed["rounds"]] == [4, 5, 6]
+    straight = _run_in_threads(spec)
+    np.testing.assert_array_equal(resumed["parameters"], straight["parameters"])
+    # without a worker's momenta the resumed run would be another run: refused
+    from flagagg.distributed._worker import MomentumFiles
+
+    (tmp_path / "ck.pt.momenta" / "worker-2-round-3.pt").unlink()
+    files = MomentumFiles(None, 0, ck)
+    with pytest.raises(ValueError, match="worker 2: resuming at round 4 .* not there"):
+        files.restore(_replica(sim.load_dataset("digits"), 0.9), 2, 4)
+    # a file of another worker or round is not taken for this one's
+    (tmp_path / "ck.pt.momenta" / "worker-1-round-3.pt").rename(
+        tmp_path / "ck.pt.momenta" / "worker-2-round-3.pt")
+    with pytest.raises(ValueError, match="worker 1's momenta after round 3, not worker 2's"):
+        MomentumFiles(None, 0, ck).restore(_replica(sim.load_dataset("digits"), 0.9), 2, 4)

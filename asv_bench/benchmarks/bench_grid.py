@@ -12,10 +12,22 @@ generates the data either way.
 ``track_ratio_gradients_vmap_over_engine`` times one round's per-worker
 gradients through ``torch.func.vmap`` against the hand-written engine
 (skipped on commits without it).
+
+``track_ratio_grid_original_over_now`` is issue 26's target in one number:
+the same grid's CPU seconds with the simulator of commit 0da2843 (before
+the data cache and the gradient engine; taken with ``git archive`` from the
+repository the benchmarks live in) over the measured commit's, in fresh
+processes, interleaved pairs with alternating order, median of the pairs'
+ratios (the build machine is shared, so only a ratio measured in one run
+means anything). The original generates its data in every process (it had
+no cache); the measured commit reads them from a filled cache, as every
+process of a grid but the first does.
 """
 
 import os
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +50,17 @@ _GRID = textwrap.dedent("""
     kw = {{"store": False}} if "store" in sim.run_experiment.__code__.co_varnames else {{}}
     sim.run_experiment(cfg, plots=False, progress=False, **kw)
 """)
+
+
+ORIGINAL = "0da2843"  # the commit issue 26's "3 times less CPU" is measured against
+
+
+def _grid_cpu_seconds(code, env):
+    """CPU seconds (user + system) of a fresh Python process running ``code``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def _needs_mnist1d():
@@ -71,12 +94,59 @@ class MNIST1DGrid:
 
     def track_grid_cpu_seconds(self, rounds, data):
         code = _GRID.format(rounds=rounds, eval_every=min(100, rounds))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-c", code], env=self.env, check=True)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return _grid_cpu_seconds(code, self.env)
 
     track_grid_cpu_seconds.unit = "seconds"
+
+
+class MNIST1DGridVsOriginal:
+    """The 6-run grid's CPU seconds at commit 0da2843 over the measured commit's."""
+
+    params = [tiered([200], [200, 1000])]
+    param_names = ["rounds"]
+    timeout = 3600
+    number = 1
+    repeat = 1
+
+    def setup(self, rounds):
+        _needs_mnist1d()
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        git = shutil.which("git")
+        if git is None or not os.path.exists(os.path.join(root, ".git")):
+            raise NotImplementedError("needs git and the repository to take the original from")
+        self.tmp = tempfile.TemporaryDirectory()
+        self.original = os.path.join(self.tmp.name, "original")
+        os.makedirs(self.original)
+        archive = subprocess.run([git, "-C", root, "archive", ORIGINAL, "flagagg"],
+                                 capture_output=True)
+        if archive.returncode:
+            self.tmp.cleanup()
+            raise NotImplementedError(f"commit {ORIGINAL} is not in {root}")
+        subprocess.run(["tar", "-x", "-C", self.original], input=archive.stdout, check=True)
+        cache = os.path.join(self.tmp.name, "cache")
+        self.env_now = dict(os.environ, FLAGAGG_CACHE_DIR=cache)
+        # the original's package first on the path, ahead of the measured one
+        path = os.pathsep.join(p for p in (self.original, os.environ.get("PYTHONPATH")) if p)
+        self.env_original = dict(self.env_now, PYTHONPATH=path)
+        subprocess.run([sys.executable, "-c", "from flagagg import sim; "
+                        "sim.load_dataset('mnist1d', n_samples=5000)"],
+                       env=self.env_now, check=True)
+
+    def teardown(self, rounds):
+        self.tmp.cleanup()
+
+    def track_ratio_grid_original_over_now(self, rounds):
+        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds))
+        ratios = []
+        for k in range(3):
+            pair = [(self.env_original, "o"), (self.env_now, "n")]
+            seconds = {}
+            for env, who in (pair if k % 2 == 0 else pair[::-1]):
+                seconds[who] = _grid_cpu_seconds(code, env)
+            ratios.append(seconds["o"] / seconds["n"])
+        return statistics.median(ratios)
+
+    track_ratio_grid_original_over_now.unit = "ratio"
 
 
 class MNIST1DGradients:

@@ -451,7 +451,8 @@ class CollectiveServer(_ServerCore):
 
 
 def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flagagg/0/",
-                          device="cpu", log=print):
+                          device="cpu", log=print, checkpoint=None, checkpoint_every=0,
+                          resume=None):
     """Serve one worker of a run over gloo or NCCL until the server says stop.
 
     Parameters
@@ -470,6 +471,9 @@ def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flag
         Device of the model and the gradient computation.
     log : callable, default=print
         Where messages go.
+    checkpoint, checkpoint_every, resume : optional
+        As for :func:`flagagg.distributed.run_worker` (worker momenta beside
+        the checkpoint).
 
     Returns
     -------
@@ -478,7 +482,8 @@ def run_collective_worker(spec, worker, store, *, transport="gloo", prefix="flag
         2 when it refused this worker.
     """
     check_transport(transport, device)
-    source = GradientSource(spec, worker, device)
+    source = GradientSource(spec, worker, device, checkpoint=checkpoint,
+                            checkpoint_every=checkpoint_every, resume=resume)
     bufdev = _buffer_device(transport, device)
     inbox = prefix + "inbox"
     token = secrets.token_hex(8)

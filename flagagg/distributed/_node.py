@@ -270,8 +270,12 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         # once the server has finished its round
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
+    # with worker momentum, workers keep their momenta beside the checkpoint
+    momenta = {"checkpoint": checkpoint, "checkpoint_every": checkpoint_every,
+               "resume": resume}
     if direct is not None:
-        return run_worker(spec, rank - 1, direct, tls=tls, device=device, log=wlog)
+        return run_worker(spec, rank - 1, direct, tls=tls, device=device, log=wlog,
+                          **momenta)
     try:
         published = json.loads(store.get(key).decode())
     except Exception as exc:  # noqa: BLE001 - the store raises several types on a timeout
@@ -293,9 +297,10 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         except (KeyError, TypeError, ValueError):
             wlog(f"worker {rank - 1}: the store holds no usable server address")
             return 1
-        return run_worker(spec, rank - 1, address, tls=tls, device=device, log=wlog)
+        return run_worker(spec, rank - 1, address, tls=tls, device=device, log=wlog,
+                          **momenta)
     return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
-                                 device=device, log=wlog)
+                                 device=device, log=wlog, **momenta)
 
 
 def _ranges(rounds):

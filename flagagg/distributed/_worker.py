@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
@@ -53,9 +54,15 @@ class GradientSource:
         This worker's index, 0-based.
     device : str
         Device of the model.
+    checkpoint, checkpoint_every, resume : optional
+        The run's checkpoint options (see :class:`flagagg.distributed.Server`).
+        With worker momentum on, the worker keeps its momenta next to the
+        checkpoint (:class:`MomentumFiles`) and a resumed run reads them
+        back, so that it continues exactly as the interrupted one would have.
     """
 
-    def __init__(self, spec, worker, device):
+    def __init__(self, spec, worker, device, *, checkpoint=None, checkpoint_every=0,
+                 resume=None):
         self.spec = spec
         self.worker = worker
         self.device = device
@@ -78,6 +85,9 @@ class GradientSource:
                                np.zeros((config.workers, config.batch_size), np.int64),
                                get_attack("none"), [worker])
         self.replica.reset_momentum()  # the warm-up is not a round
+        self.momenta = None
+        if config.worker_momentum > 0 and (checkpoint is not None or resume is not None):
+            self.momenta = MomentumFiles(checkpoint, checkpoint_every, resume)
         # rounds whose minibatches have been drawn from the batch stream; a worker
         # that joins late (or a resumed run) replays the earlier rounds' draws first
         self.drawn = 0
@@ -113,8 +123,12 @@ class GradientSource:
         idx = self.replica.draw_batches(config.batch_size)
         self.drawn = t
         t0 = time.perf_counter()
+        if self.momenta is not None:
+            self.momenta.restore(self.replica, self.worker, t)
         row = self.replica.gradients(flat, idx, self.attack, [self.worker])[0]
         payload = row.detach().to("cpu", torch.float32).numpy()
+        if self.momenta is not None:
+            self.momenta.save(self.replica, self.worker, t)
         return payload, time.perf_counter() - t0
 
     def inject(self, t, payload, log):
@@ -149,6 +163,88 @@ class GradientSource:
             elif kind == "bad_frame":
                 action = "bad_frame"
         return payload, action
+
+
+class MomentumFiles:
+    """A worker's momenta after each round, kept beside the server's checkpoint.
+
+    The server's checkpoint holds the parameters and the server's momentum;
+    the workers' momenta live in the workers (a faulty worker with an
+    omniscient attack keeps every worker's). So each worker writes its
+    momenta after every round to ``CHECKPOINT.momenta/worker-W-round-T.pt``
+    (atomically, on the machine it runs on) and keeps the latest round and
+    the last two multiples of ``checkpoint_every`` (the rounds the server's
+    checkpoint can be at, also when the server died between a worker's file
+    and its own). A resumed worker reads the file of the round before the
+    first round it computes.
+
+    Parameters
+    ----------
+    checkpoint : str or path-like or None
+        The server's checkpoint file; None writes nothing.
+    checkpoint_every : int
+        The server's checkpoint interval (0: only at the end).
+    resume : str or path-like or None
+        The checkpoint the run resumes from; None starts from zero momenta.
+    """
+
+    def __init__(self, checkpoint, checkpoint_every, resume):
+        from pathlib import Path
+
+        self.folder = None if checkpoint is None else Path(f"{checkpoint}.momenta")
+        self.every = int(checkpoint_every)
+        self.source = None if resume is None else Path(f"{resume}.momenta")
+        self.written = []  # rounds this worker wrote, oldest first
+        self.started = False
+
+    @staticmethod
+    def name(worker, t):
+        return f"worker-{int(worker)}-round-{int(t)}.pt"
+
+    def restore(self, replica, worker, t):
+        """Before the first round ``t`` this worker computes: read round ``t - 1``'s momenta."""
+        if self.started:
+            return
+        self.started = True
+        if self.source is None or t <= 1:
+            return
+        path = self.source / self.name(worker, t - 1)
+        try:
+            # tensors and plain values only: nothing in the file is unpickled as code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ValueError(
+                f"worker {worker}: resuming at round {t} with worker momentum needs this "
+                f"worker's momenta after round {t - 1}, {path}, written by the interrupted "
+                "run's worker on this machine; it is not there"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != "flagagg-worker-momenta" \
+                or {"round", "worker", "workers", "momenta"} - set(state):
+            raise ValueError(f"{path} is not a flagagg worker momentum file")
+        if int(state["round"]) != t - 1 or int(state["worker"]) != int(worker):
+            raise ValueError(f"{path} holds worker {state['worker']}'s momenta after round "
+                             f"{state['round']}, not worker {worker}'s after round {t - 1}")
+        replica.load_momentum_state(state)
+
+    def save(self, replica, worker, t):
+        """Write the momenta after round ``t``; drop the files no checkpoint can need."""
+        if self.folder is None:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"format": "flagagg-worker-momenta", "round": int(t), "worker": int(worker),
+                 **replica.momentum_state()}
+        path = self.folder / self.name(worker, t)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        if t not in self.written:
+            self.written.append(t)
+        marks = [r for r in self.written if self.every and r % self.every == 0][-2:]
+        for r in list(self.written):
+            if r != t and r not in marks:
+                with contextlib.suppress(OSError):
+                    (self.folder / self.name(worker, r)).unlink()
+                self.written.remove(r)
 
 
 class _Rejected(Exception):
@@ -212,8 +308,8 @@ def _join(address, tls, source, deadline):
         raise
 
 
-def run_worker(spec, worker, address, *, tls, device="cpu", log=print,
-               _plaintext_benchmark=False):
+def run_worker(spec, worker, address, *, tls, device="cpu", log=print, checkpoint=None,
+               checkpoint_every=0, resume=None, _plaintext_benchmark=False):
     """Serve one worker of a run over mutual TLS until the server says stop.
 
     A connection that drops is made again, with backoff (0.2 s doubling to
@@ -236,6 +332,10 @@ def run_worker(spec, worker, address, *, tls, device="cpu", log=print,
         Device of the model and the gradient computation.
     log : callable, default=print
         Where messages go.
+    checkpoint, checkpoint_every, resume : optional
+        The server's checkpoint options: with worker momentum on, the worker
+        keeps its momenta beside the checkpoint and reads them back on resume
+        (see :class:`MomentumFiles`).
 
     Returns
     -------
@@ -254,7 +354,8 @@ def run_worker(spec, worker, address, *, tls, device="cpu", log=print,
                          "(worker-W.pem from `flagagg certs`)")
     elif not isinstance(tls, ssl.SSLContext):
         tls = client_context(tls)
-    source = GradientSource(spec, worker, device)
+    source = GradientSource(spec, worker, device, checkpoint=checkpoint,
+                            checkpoint_every=checkpoint_every, resume=resume)
     max_bytes = 4 * source.n_params + 1024
     joined_once = False
     lost_at = time.monotonic()

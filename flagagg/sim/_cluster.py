@@ -125,21 +125,61 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
     result : TrainResult
     """
     t0 = time.perf_counter()
+    dataset = _as_dataset(dataset)
+    _check_run(f=f, workers=workers, evaluate_on=evaluate_on, array=array, backend=backend)
+    attack = _as_attack(attack, attack_params)
+    aggregate = build_rule(rule, f, rule_params)
+
+    # shards, faulty workers, initial model and random streams, built the same
+    # way by the distributed trainer's processes (flagagg.distributed)
+    replica = Replica(dataset, workers=workers, f=f, seed=seed, model=model,
+                      model_params=model_params, partition_method=partition_method, alpha=alpha,
+                      worker_momentum=worker_momentum)
+    if attack.defence_aware:
+        # defence-aware attacks call the rule under test, as the server runs it
+        attack = attack.with_rule(rule_for_attack(aggregate, array, backend))
+    schedule = _Schedule(rounds, eval_every)
+    evaluate = _evaluator(replica, dataset, evaluate_on)
+    curve = _Curve(schedule, evaluate)
+    steps = range(1, rounds + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="rounds", leave=False)
+    flat, diverged_round = _train(replica, aggregate, attack, steps, curve,
+                                  batch_size=batch_size, array=array, backend=backend,
+                                  lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if diverged_round is not None:
+        curve.diverged(diverged_round)
+    return TrainResult(
+        rounds=tuple(curve.rounds),
+        accuracy=tuple(curve.accuracy),
+        final_accuracy=curve.accuracy[-1],
+        diverged=diverged_round is not None,
+        diverged_round=diverged_round,
+        seconds=time.perf_counter() - t0,
+        parameters=flat.numpy().copy(),
+        faulty=tuple(int(i) for i in replica.faulty),
+    )
+
+
+def _as_dataset(dataset):
+    """A :class:`Dataset`, loading a named one with its defaults."""
     if isinstance(dataset, str):
         dataset = load_dataset(dataset)
     if not isinstance(dataset, Dataset):
         raise TypeError(f"dataset must be a Dataset or a dataset name: got {type(dataset)}")
+    return dataset
+
+
+def _check_run(*, f, workers, evaluate_on, array, backend):
+    """The checks of :func:`simulate`'s arguments that no other piece makes."""
     if not 0 <= f < workers:
         raise ValueError(f"need 0 <= f < workers: got f={f}, workers={workers}")
     if evaluate_on not in ("test", "val"):
         raise ValueError(f"evaluate_on must be 'test' or 'val': got {evaluate_on!r}")
     if array not in ("numpy", "torch"):
         raise ValueError(f"array must be 'numpy' or 'torch': got {array!r}")
-    if not isinstance(attack, Attack):
-        attack = get_attack(attack, **(attack_params or {}))
-    elif attack_params:
-        raise TypeError("attack_params are only accepted with an attack name")
-    aggregate = build_rule(rule, f, rule_params)
     if backend is not None and array == "numpy" and backend == "torch":
         raise ValueError("backend 'torch' needs array='torch'")
     if backend is not None and array == "torch" and backend in ("numpy", "numba"):
@@ -148,62 +188,93 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
             "or None"
         )
 
-    # shards, faulty workers, initial model and random streams, built the same
-    # way by the distributed trainer's processes (flagagg.distributed)
-    replica = Replica(dataset, workers=workers, f=f, seed=seed, model=model,
-                      model_params=model_params, partition_method=partition_method, alpha=alpha,
-                      worker_momentum=worker_momentum)
-    faulty, net, shapes = replica.faulty, replica.net, replica.shapes
+
+def _as_attack(attack, attack_params):
+    """An :class:`~flagagg.attacks.Attack` from a name and its parameters, or as given."""
+    if not isinstance(attack, Attack):
+        return get_attack(attack, **(attack_params or {}))
+    if attack_params:
+        raise TypeError("attack_params are only accepted with an attack name")
+    return attack
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Which rounds are evaluated: every ``eval_every``-th and the last."""
+
+    rounds: int
+    eval_every: int
+
+    def evaluated(self, t):
+        return t % self.eval_every == 0 or t == self.rounds
+
+
+def _evaluator(replica, dataset, split):
+    """``evaluate(flat)``: the accuracy on ``split``, its tensors made once."""
+    X, y = (torch.from_numpy(a) for a in dataset.split(split))
+    net, shapes = replica.net, replica.shapes
+
+    def evaluate(flat):
+        return _accuracy(net, flat, shapes, X, y)
+
+    return evaluate
+
+
+class _Curve:
+    """The accuracy curve: the initial model, then the scheduled rounds."""
+
+    def __init__(self, schedule, evaluate):
+        self.schedule, self.evaluate = schedule, evaluate
+        self.rounds, self.accuracy = [], []
+
+    def start(self, flat):
+        self.rounds.append(0)
+        self.accuracy.append(self.evaluate(flat))
+
+    def after(self, t, flat):
+        if self.schedule.evaluated(t):
+            self.rounds.append(t)
+            self.accuracy.append(self.evaluate(flat))
+
+    def diverged(self, t):
+        """From round ``t`` on: a model with non-finite parameters predicts nothing."""
+        for r in range(t, self.schedule.rounds + 1):
+            if self.schedule.evaluated(r):
+                self.rounds.append(r)
+                self.accuracy.append(0.0)
+
+
+def _train(replica, aggregate, attack, steps, curve, *, batch_size, array, backend, lr,
+           momentum, weight_decay):
+    """The rounds: return the final parameters and the round that diverged (or None)."""
     flat = replica.initial_parameters()
     buf = None
-    everyone = list(range(workers))
-    X_eval, y_eval = (torch.from_numpy(a) for a in dataset.split(evaluate_on))
-
-    rounds_seen, accs = [0], [_accuracy(net, flat, shapes, X_eval, y_eval)]
-    diverged_round = None
-    steps = range(1, rounds + 1)
-    if progress:
-        from tqdm.auto import tqdm
-
-        steps = tqdm(steps, desc="rounds", leave=False)
-    if attack.defence_aware:
-        # defence-aware attacks call the rule under test, as the server runs it
-        attack = attack.with_rule(rule_for_attack(aggregate, array, backend))
-
+    everyone = list(range(replica.workers))
+    curve.start(flat)
     for t in steps:
         # minibatches with replacement from each worker's own shard, attacks applied
         G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone)
-        step = aggregate_step(aggregate, G, array=array, backend=backend)
-        if step.gradient is None:
-            if isinstance(step.error, ValueError) and not bool(torch.isfinite(G).all(dim=1).any()):
-                # every gradient overflowed (a model already blowing up): the rules
-                # refuse to aggregate nothing, and the run has diverged
-                diverged_round = t
-                break
-            # a rule that fails on finite rows is a bug to see, not a run to score
-            raise step.error or ValueError(step.problem)
-        flat, buf = sgd_step(flat, buf, step.gradient, lr=lr, momentum=momentum,
-                             weight_decay=weight_decay)
+        g = _aggregate_or_diverge(aggregate, G, array=array, backend=backend)
+        if g is None:
+            return flat, t
+        flat, buf = sgd_step(flat, buf, g, lr=lr, momentum=momentum, weight_decay=weight_decay)
         if not bool(torch.isfinite(flat).all()):
-            diverged_round = t
-            break
-        if t % eval_every == 0 or t == rounds:
-            rounds_seen.append(t)
-            accs.append(_accuracy(net, flat, shapes, X_eval, y_eval))
-    if diverged_round is not None:
-        # a model with non-finite parameters predicts nothing
-        for t in range(diverged_round, rounds + 1):
-            if t % eval_every == 0 or t == rounds:
-                rounds_seen.append(t)
-                accs.append(0.0)
-    return TrainResult(
-        rounds=tuple(rounds_seen),
-        accuracy=tuple(accs),
-        final_accuracy=accs[-1],
-        diverged=diverged_round is not None,
-        diverged_round=diverged_round,
-        seconds=time.perf_counter() - t0,
-        parameters=flat.numpy().copy(),
-        faulty=tuple(int(i) for i in faulty),
-    )
+            return flat, t
+        curve.after(t, flat)
+    return flat, None
 
+
+def _aggregate_or_diverge(aggregate, G, *, array, backend):
+    """The round's aggregate; None when every row overflowed (the run has diverged).
+
+    A rule that fails on finite rows raises: that is a bug to see, not a run
+    to score.
+    """
+    step = aggregate_step(aggregate, G, array=array, backend=backend)
+    if step.gradient is not None:
+        return step.gradient
+    if isinstance(step.error, ValueError) and not bool(torch.isfinite(G).all(dim=1).any()):
+        # every gradient overflowed (a model already blowing up): the rules
+        # refuse to aggregate nothing, and the run has diverged
+        return None
+    raise step.error or ValueError(step.problem)

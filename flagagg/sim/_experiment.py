@@ -2,11 +2,12 @@
 
 Every run of a grid is keyed by a hash of everything that decides its result
 (:func:`run_settings`: data, cluster, model, optimiser, rounds, the rule's and
-the attack's names and parameters, f, seed, learning rate, split, and the
-flagagg version). With a :class:`ResultStore`, a run's result is written the
-moment it finishes, so a grid that is stopped loses only the runs in flight,
-running it again skips every stored run, and a changed setting re-runs only
-the runs whose settings it changes. Tables and plots are made from the
+the attack's names and parameters, f, seed, learning rate, split, the flagagg
+version, a hash of flagagg's source files, and the NumPy and PyTorch
+versions). With a :class:`ResultStore`, a run's result is written the moment
+it finishes, so a grid that is stopped loses only the runs in flight, running
+it again skips every stored run, and a changed setting (or changed code)
+re-runs only the runs it changes. Tables and plots are made from the
 store's records.
 
 Runs execute one after the other, on ``jobs`` local processes, or as Ray
@@ -37,12 +38,15 @@ from ..training._data import load_dataset
 from ..training._results import Results
 from ._cluster import simulate
 
-__all__ = ["GridInterrupted", "ResultStore", "grid_status", "run_experiment", "run_settings"]
+__all__ = ["GridInterrupted", "ResultStore", "grid_status", "run_experiment", "run_settings",
+           "source_fingerprint"]
 
 EXECUTORS = ("local", "ray")
 
 # bump when a stored record's layout or meaning changes: old records are then re-run
 _STORE_FORMAT = 1
+
+_CODE: dict = {}
 
 
 class Task(NamedTuple):
@@ -84,9 +88,73 @@ class GridInterrupted(KeyboardInterrupt):
 # what decides a run's result, and where it is kept
 
 
+def source_fingerprint(root=None):
+    """A hash of the Python source files of a package folder (flagagg's by default).
+
+    The version string alone does not change between commits of a working
+    tree, so a stored result is also keyed by the code that computed it: an
+    edit of any ``.py`` file under ``root`` gives another fingerprint, while
+    documentation, caches and byte code do not.
+
+    Parameters
+    ----------
+    root : str or path-like, optional
+        The package folder; the installed ``flagagg`` by default (computed
+        once per process).
+
+    Returns
+    -------
+    fingerprint : str
+        32 hexadecimal digits.
+    """
+    if root is None:
+        if "flagagg" not in _CODE:
+            import flagagg
+
+            _CODE["flagagg"] = source_fingerprint(Path(flagagg.__file__).parent)
+        return _CODE["flagagg"]
+    root = Path(root)
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if "__pycache__" in rel.split("/"):
+            continue
+        data = path.read_bytes()
+        # name and length first, so that moving bytes between files changes the hash
+        digest.update(f"{rel}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest()[:32]
+
+
+def _file_fingerprint(path):
+    """Hash of a data file's bytes (a changed file is another data set), cached by mtime."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError:
+        return None  # loading it will say what is wrong
+    key = ("file", str(p.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _CODE:
+        _CODE[key] = hashlib.sha256(p.read_bytes()).hexdigest()[:32]
+    return _CODE[key]
+
+
+def _library_versions():
+    if "versions" not in _CODE:
+        import numpy
+        import torch
+
+        _CODE["versions"] = {"numpy": numpy.__version__, "torch": torch.__version__}
+    return _CODE["versions"]
+
+
 def run_settings(config, task):
     """Everything that decides the result of one run, as a JSON-able dict.
 
+    Besides the run's settings it holds the flagagg version, a hash of
+    flagagg's source files (:func:`source_fingerprint`), the NumPy and
+    PyTorch versions, and for a data set read from a file a hash of its
+    bytes: a changed setting, code or data set re-runs what it changes.
     Labels, the experiment's name and the other runs of the grid are not in
     it: renaming a rule or adding a seed re-runs nothing. Settings a run
     does not read (the MLP's width for a CNN, Dirichlet's alpha for iid
@@ -112,6 +180,7 @@ def run_settings(config, task):
         data.update(n_features=config.n_features, n_classes=config.n_classes)
     if config.path is not None:
         data["path"] = str(config.path)
+        data["file_sha256"] = _file_fingerprint(config.path)
     cluster = {"workers": config.workers, "partition": config.partition,
                "batch_size": config.batch_size}
     if config.partition == "dirichlet":
@@ -124,6 +193,8 @@ def run_settings(config, task):
     return {
         "format": _STORE_FORMAT,
         "flagagg": flagagg.__version__,
+        "source": source_fingerprint(),
+        "libraries": _library_versions(),
         "data": data,
         "cluster": cluster,
         "model": model,

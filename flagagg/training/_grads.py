@@ -13,8 +13,11 @@ forward and backward pass made of matrix products: the workers share the
 parameters, so a round is one batch of ``p * B`` samples, and each worker's
 weight gradient is the product of its own samples' output gradients and
 layer inputs (the per-example gradient identity, Goodfellow 2015).
-Convolutions are im2col products in a channels-last layout, so that no
-activation is transposed. Every array carries a leading run axis: R runs
+Convolutions are im2col products in a (worker, position, sample, channel)
+layout: a worker's rows are one block (its weight gradient is one product),
+and one position of a worker's samples is one contiguous block, so that the
+input gradient's col2im adds whole blocks (one product per tap) instead of
+rows of a few channels. Every array carries a leading run axis: R runs
 that share a model but not their parameters or data (the seeds, rules or
 learning rates of a grid cell) step in lockstep with the same number of
 operations as one run. The result equals vmap's up to the order of
@@ -52,7 +55,6 @@ class GradientEngine:
         self.shapes = list(shapes)
         self.plan = _plan(model)
         self.supported = self.plan is not None
-        self._tap_cache = {}
         # per-call scratch arrays, kept between calls: a round allocates the
         # same few 0.1-1 MB arrays every time, and fresh ones cost page faults
         # (about 120 a call) and zero-filling; the padding of a kept padded
@@ -70,14 +72,6 @@ class GradientEngine:
         elif zero:
             buf.zero_()
         return buf
-
-    def _taps(self, L, k, s, device):
-        """Padded input position read by tap j of window l, at ``l * k + j``."""
-        key = (L, k, s, str(device))
-        if key not in self._tap_cache:
-            where = torch.arange(L)[:, None] * s + torch.arange(k)[None, :]
-            self._tap_cache[key] = where.reshape(-1).to(device)
-        return self._tap_cache[key]
 
     def __call__(self, flats, xb, yb):
         """Gradients of R runs' p workers.
@@ -103,11 +97,16 @@ class GradientEngine:
         for name, shape, size in self.shapes:
             params[name] = flats[:, start : start + size].reshape(R, *shape)
             start += size
-        a = xb.reshape(R, N, *xb.shape[3:])
+        P = R * p
         if self.plan[0][0] == "conv":
-            # (R, N, C, L) -> channels-last (R, N, L, C): convolutions become
-            # products over the last axis without transposing activations
-            a = a.transpose(2, 3)
+            # (R, p, B, C, L) -> (R*p, L, B, C): each worker's samples, position
+            # by position, channels last. Per worker, its (position, sample)
+            # rows are one block (its weight gradient is one product), and one
+            # position of all its samples is one contiguous (B, C) block, so the
+            # col2im below adds whole blocks instead of rows of C values
+            a = xb.reshape(P, B, *xb.shape[3:]).permute(0, 3, 1, 2)
+        else:
+            a = xb.reshape(R, N, *xb.shape[3:])
         tape = []
         padded = None  # a ReLU output already written into the next convolution's padding
         for at, step in enumerate(self.plan):
@@ -116,25 +115,24 @@ class GradientEngine:
                 _, name, k, s, pad = step
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 Co, C = w.shape[1], w.shape[2]
-                L_in = a.shape[2]
-                # im2col with (window position, tap, channel) order, so that the
-                # input gradient's col2im below is a single index_add
-                ap = padded if padded is not None else F.pad(a, (0, 0, pad, pad))
+                L_in = a.shape[1]
+                # im2col with (tap, channel) columns
+                ap = padded if padded is not None else F.pad(a, (0, 0, 0, 0, pad, pad))
                 padded = None
-                cols = ap.unfold(2, k, s).transpose(3, 4)
-                L = cols.shape[2]                                       # (R, N, L, k, C)
-                cols = cols.reshape(R, N * L, k * C)
+                cols = ap.unfold(1, k, s).transpose(3, 4)               # (P, L, B, k, C)
+                L = cols.shape[1]
+                cols = cols.reshape(R, p * L * B, k * C)
                 wm = w.transpose(2, 3).reshape(R, Co, k * C)
                 z = (torch.baddbmm(b[:, None, :], cols, wm.transpose(1, 2)) if b is not None
-                     else torch.bmm(cols, wm.transpose(1, 2)))           # (R, N*L, Co)
-                tape.append(("conv", name, cols, wm, (N, L, L_in, C, k, s, pad), b is not None))
-                a = z.view(R, N, L, Co)
+                     else torch.bmm(cols, wm.transpose(1, 2)))           # (R, p*L*B, Co)
+                tape.append(("conv", name, cols, w, (L, L_in, C, k, s, pad), b is not None))
+                a = z.view(P, L, B, Co)
             elif kind == "linear":
                 _, name, perm = step
                 w, b = params[f"{name}.weight"], params.get(f"{name}.bias")
                 if perm is not None:
                     # the weight of a linear layer after a convolution reads the
-                    # channels-first flattening; permute it to channels-last
+                    # channels-first flattening; permute it to (position, channel)
                     C, L = perm
                     w = w.reshape(R, -1, C, L).transpose(2, 3).reshape(R, -1, C * L)
                 z = (torch.baddbmm(b[:, None, :], a, w.transpose(1, 2)) if b is not None
@@ -147,17 +145,23 @@ class GradientEngine:
                     # write the activation straight into the next layer's padded
                     # input: one copy fewer than padding it there
                     pad = nxt[4]
-                    L = a.shape[2]
+                    L = a.shape[1]
                     # only the interior is written, so the padding stays zero
-                    padded = self._buffer(("padded", at), (R, N, L + 2 * pad, a.shape[3]), a,
+                    padded = self._buffer(("padded", at), (P, L + 2 * pad, *a.shape[2:]), a,
                                           zero=False)
-                    a = torch.clamp_min(a, 0, out=padded[:, :, pad : pad + L])
+                    a = torch.clamp_min(a, 0, out=padded[:, pad : pad + L])
                 else:
                     a = torch.relu_(a)
                 tape.append(("relu", a))
             else:  # flatten
-                tape.append(("flatten", a.shape))
-                a = a.reshape(R, N, -1)
+                if a.dim() == 4:
+                    # (R*p, L, B, C) -> (R, N, L*C): the features in (position,
+                    # channel) order, as the next linear layer's permuted weight reads
+                    tape.append(("flatten", a.shape, True))
+                    a = a.permute(0, 2, 1, 3).reshape(R, N, -1)
+                else:
+                    tape.append(("flatten", a.shape, False))
+                    a = a.reshape(R, N, -1)
 
         # cross-entropy, mean over each worker's B samples
         logits = a
@@ -179,7 +183,12 @@ class GradientEngine:
             if kind == "relu":
                 grad = torch.ops.aten.threshold_backward(grad, entry[1], 0.0)
             elif kind == "flatten":
-                grad = grad.reshape(entry[1])
+                _, shape, positions = entry
+                if positions:
+                    P_, L, B_, C = shape
+                    grad = grad.reshape(P_, B_, L, C).permute(0, 2, 1, 3)
+                else:
+                    grad = grad.reshape(shape)
             elif kind == "linear":
                 _, name, x, w, perm, has_b = entry
                 K = grad.shape[-1]
@@ -194,19 +203,35 @@ class GradientEngine:
                 if not first:
                     grad = torch.bmm(grad, w)
             else:  # conv
-                _, name, cols, wm, (N_, L, L_in, C, k, s, pad), has_b = entry
-                Co = wm.shape[1]
-                go = grad.reshape(R * p, B * L, Co)
-                gw = torch.bmm(go.transpose(1, 2), cols.reshape(R * p, B * L, k * C))
+                _, name, cols, w, (L, L_in, C, k, s, pad), has_b = entry
+                Co = w.shape[1]
+                go = grad.reshape(R, p * L * B, Co)  # a copy only for a padded view
+                go3 = go.view(P, L * B, Co)
+                gw = torch.bmm(go3.transpose(1, 2), cols.view(P, L * B, k * C))
                 out[f"{name}.weight"] = gw.reshape(R, p, Co, k, C).transpose(3, 4)
                 if has_b:
-                    out[f"{name}.bias"] = go.sum(1).reshape(R, p, Co)
+                    out[f"{name}.bias"] = go3.sum(1).reshape(R, p, Co)
                 if not first:
-                    dcols = torch.bmm(grad.reshape(R, N * L, Co), wm).view(R, N, L * k, C)
-                    # col2im: tap j of window l read padded input position l*s + j
-                    dpad = self._buffer(("dpad", i), (R, N, L_in + 2 * pad, C), grad, zero=True)
-                    dpad.index_add_(2, self._taps(L, k, s, grad.device), dcols)
-                    grad = dpad[:, :, pad : pad + L_in, :]
+                    # col2im: tap j of window l read padded input position l*s + j;
+                    # each tap's input gradient is one product, added to every s-th
+                    # position as whole (B, C) blocks
+                    Lp = L_in + 2 * pad
+                    # taps 0..s-1 cover positions 0..s*L-1 once each: they are
+                    # written, not added, and only the positions after them are
+                    # zeroed first (all of them when there are fewer taps than s)
+                    dpad = self._buffer(("dpad", i), (P, Lp, B, C), grad, zero=False)
+                    if k >= s:
+                        dpad[:, s * L :].zero_()
+                    else:
+                        dpad.zero_()
+                    last = s * (L - 1) + 1
+                    for j in range(k):
+                        dj = torch.bmm(go, w[:, :, :, j]).view(P, L, B, C)  # (R, p*L*B, C)
+                        if j < s and k >= s:
+                            dpad[:, j : j + last : s] = dj
+                        else:
+                            dpad[:, j : j + last : s] += dj
+                    grad = dpad[:, pad : pad + L_in]
         return torch.cat([out[name].reshape(R, p, size) for name, _, size in self.shapes],
                          dim=2)
 

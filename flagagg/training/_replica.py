@@ -83,6 +83,7 @@ class Replica:
         # each worker's momentum, for the rows this replica computes (all of them in
         # the simulator; a distributed worker's own, or all for an omniscient attack)
         self._momenta = None
+        self._kept = set()  # the workers whose momenta have been updated
         self.workers = int(workers)
         self.f = int(f)
         self.device = torch.device(device)
@@ -220,6 +221,50 @@ class Replica:
         must not count as a round.
         """
         self._momenta = None
+        self._kept = set()
+
+    def momentum_state(self):
+        """The workers' momenta this replica keeps, for a checkpoint.
+
+        Returns
+        -------
+        state : dict
+            ``"workers"``: int64 tensor of the workers whose momentum this
+            replica has updated (all of them in the simulator, one for an honest
+            distributed worker); ``"momenta"``: float tensor of their rows, on
+            the CPU. Both empty before the first round or without momentum.
+        """
+        if self._momenta is None:
+            return {"workers": torch.zeros(0, dtype=torch.long),
+                    "momenta": torch.zeros(0, self.n_params)}
+        at = torch.tensor(sorted(self._kept), dtype=torch.long)
+        return {"workers": at, "momenta": self._momenta[at.to(self._momenta.device)].cpu()}
+
+    def load_momentum_state(self, state):
+        """Continue from :meth:`momentum_state`'s output (workers not in it start at zero).
+
+        Raises
+        ------
+        ValueError
+            When the state does not fit this replica (worker indices, number of
+            parameters).
+        """
+        at, rows = state["workers"], state["momenta"]
+        if not (isinstance(at, torch.Tensor) and isinstance(rows, torch.Tensor)):
+            raise TypeError("a momentum state holds tensors 'workers' and 'momenta'")
+        at = at.to(torch.long).reshape(-1)
+        if at.numel() and (int(at.min()) < 0 or int(at.max()) >= self.workers):
+            raise ValueError(f"momentum state names workers outside 0..{self.workers - 1}")
+        if tuple(rows.shape) != (at.numel(), self.n_params):
+            raise ValueError(f"momentum state rows have shape {tuple(rows.shape)}; expected "
+                             f"({at.numel()}, {self.n_params})")
+        self._momenta = None
+        self._kept = set()
+        if at.numel():
+            self._momenta = torch.zeros(self.workers, self.n_params, dtype=torch.float32,
+                                        device=self.device)
+            self._momenta[at.to(self.device)] = rows.to(self.device, torch.float32)
+            self._kept = {int(w) for w in at}
 
     def _with_momentum(self, G, workers):
         """Rows ``G`` of ``workers`` -> their (updated) momenta; ``G`` itself without momentum."""
@@ -232,6 +277,7 @@ class Replica:
         at = torch.as_tensor(list(workers), dtype=torch.long, device=G.device)
         m = torch.add(self._momenta[at] * beta, G, alpha=1.0 - beta)
         self._momenta[at] = m
+        self._kept.update(int(w) for w in workers)
         return m
 
     def accuracy(self, flat, split="test"):
