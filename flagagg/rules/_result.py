@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .._gram import Gram, as_gram
+from .._gram import Gram
 from ._contract import WorkerStats, result_fields
 
-__all__ = ["AggregationResult", "Pending", "diagnose", "gram_stats", "linear_stats",
+__all__ = ["AggregationResult", "Pending", "diagnose", "linear_stats",
            "output_stats", "suspects_of", "with_diagnostics", "worker_diagnostics"]
 
 # An input whose cosine with the output is below this pulls the other way.
@@ -361,18 +361,3 @@ def _against_consensus(K: np.ndarray, normal: np.ndarray) -> np.ndarray:
     Kn = np.where(normal[:, None] & normal[None, :], np.asarray(K, dtype=np.float64), 0.0)
     out[normal] = (Kn @ w)[normal] < 0
     return out
-
-
-def gram_stats(K: Any, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
-    """``<g_i, out>``, ``||g_i||^2``, ``||out||^2`` and the plain Gram, for ``out = sum c_i g_i``.
-
-    Arguments of :func:`worker_diagnostics` (the DDP hook calls it on a Gram
-    matrix summed across ranks).
-    """
-    K = np.asarray(as_gram(K).inputs.values, dtype=np.float64)
-    finite = np.isfinite(np.diag(K))
-    Kf = np.where(finite[:, None] & finite[None, :], K, 0.0)
-    inner = Kf @ coef
-    inner[~finite] = np.nan
-    out_sq = float(coef @ Kf @ coef)
-    return inner, np.diag(K), out_sq, K

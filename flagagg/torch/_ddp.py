@@ -377,8 +377,8 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     to every rank (an all-to-all straight into the bucket buffers).
     """
     from .._backend_choice import select_backend
-    from .._gram import Gram
-    from ..rules._result import gram_stats
+    from .._gram import Gram, as_gram
+    from ..rules._result import linear_stats
 
     group = state.process_group
     world = dist.get_world_size(group)
@@ -414,7 +414,9 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         coef_kept, rule_excluded = _solve(state.rule, K_keep)
         coef = np.zeros(world)
         coef[keep] = coef_kept
-        stats = gram_stats(K, coef)
+        # from the scaled form, as the rules do: an input of 1e200 keeps its
+        # share of the output (the plain Gram would read its norm as Inf)
+        stats = linear_stats(as_gram(K), coef)
     works = []
     for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
         if lens is None:  # a whole bucket: this rank computes all of it
@@ -526,10 +528,12 @@ def _record(state: DDPHookState, excluded: list, rule_excluded: list, keep: np.n
     """One step's exclusions, coefficients and per-rank diagnostics, into ``state``.
 
     ``stats`` is None when every rank was left out, the rule's result (a dict)
-    in gather mode, or :func:`~flagagg.rules._result.gram_stats` of the summed
-    Gram in sharded mode.
+    in gather mode, :class:`~flagagg.rules._result.WorkerStats` of the summed
+    Gram for a Gram rule in sharded mode, or plain inner products (coordinate-wise
+    rules in sharded mode).
     """
-    from ..rules._result import worker_diagnostics
+    from ..rules._contract import WorkerStats
+    from ..rules._result import diagnose, worker_diagnostics
 
     excluded = excluded + [(int(keep[i]), reason) for i, reason in rule_excluded]
     state.excluded = tuple(sorted(excluded))
@@ -540,6 +544,10 @@ def _record(state: DDPHookState, excluded: list, rule_excluded: list, keep: np.n
     elif isinstance(stats, dict):  # gather: the rule's own result, on the kept ranks
         state.influence, state.cosine, state.verdict = _spread(stats, keep, state.excluded,
                                                                world)
+    elif isinstance(stats, WorkerStats):  # sharded Gram rule: stats from the scaled Gram
+        diag = diagnose(stats, coef, state.excluded)
+        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
+                                                        diag["verdict"])
     else:
         diag = worker_diagnostics(*stats[:3], coef, state.excluded, stats[3])
         state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
