@@ -494,8 +494,8 @@ def test_partial_grams_with_extreme_rows_sum_to_the_exact_gram(world, n):
     """
     from fractions import Fraction
 
-    from flagagg._gram import Gram
     from flagagg._backend_choice import select_backend
+    from flagagg._gram import Gram
     from flagagg.torch._ddp import _combine_grams, _shard_gram
 
     rng = np.random.default_rng(3)
