@@ -137,12 +137,25 @@ def _device(choice, local_rank):
 
 
 def _store(rank, world, master_addr, master_port, timeout):
+    """The run's TCPStore: hosted by rank 0 on ``MASTER_ADDR`` only, joined by the others.
+
+    A TCPStore made by torch listens on every interface; rank 0 instead hands
+    it a socket listening on the address the run was given (``MASTER_ADDR``,
+    loopback on one machine), so that nothing of flagagg's is reachable from
+    networks the run does not use.
+    """
     import torch.distributed as dist
 
     # under torchrun's elastic agent the agent hosts the store and every rank is a client
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return dist.TCPStore(master_addr, master_port, world, is_master=(rank == 0 and not agent),
-                         timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    master = rank == 0 and not agent
+    listen = {}
+    if master:
+        sock = socket.create_server((master_addr, master_port), backlog=max(128, 2 * world))
+        listen["master_listen_fd"] = sock.detach()  # the store owns the descriptor now
+    return dist.TCPStore(master_addr, master_port, world, is_master=master,
+                         timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
+                         **listen)
 
 
 def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=None,
