@@ -182,10 +182,6 @@ class RunSpec:
             return int(self.quorum)
         return max(1, self.config.workers - self.f)
 
-    def transport_for(self, device):
-        """The transport a process computing on ``device`` uses."""
-        return self.transport
-
     @property
     def workers(self):
         """Number of workers p."""
