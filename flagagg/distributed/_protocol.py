@@ -24,7 +24,6 @@ Header (little-endian)::
 
 from __future__ import annotations
 
-import asyncio
 import json
 import struct
 import time
@@ -39,7 +38,6 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "PROTOCOL_VERSION",
     "Frame",
-    "FrameReceiver",
     "Kind",
     "ProtocolError",
     "check_header",
@@ -249,96 +247,6 @@ async def read_frame(reader, max_tensor_bytes, kinds):
         # writable, as torch wants its tensors' memory
         payload = bytearray(payload)
     return _frame(head, payload)
-
-
-class FrameReceiver(asyncio.BufferedProtocol):
-    """Messages of an established connection, read straight into their own buffers.
-
-    The protocol of a connection once its peer is known (set with
-    ``transport.set_protocol``): the transport (under TLS: the SSL layer,
-    which decrypts into the buffer given) writes each header into a 36-byte
-    buffer and each payload into a buffer of exactly its size, allocated once
-    the header has been checked, so that a message is copied only once on
-    its way in; a StreamReader would copy it three times more (its buffer,
-    ``readexactly``, a writable copy for torch).
-
-    Parameters
-    ----------
-    max_tensor_bytes : int
-        Largest tensor payload accepted (see :func:`check_header`).
-    kinds : set of int
-        Message kinds accepted.
-    on_frame : callable
-        Called with each complete :class:`Frame`, on the loop's thread.
-    on_lost : callable
-        Called once, with the reason, when the connection ends or the peer
-        sends something that is not a valid message (the connection is then
-        aborted).
-    """
-
-    def __init__(self, max_tensor_bytes, kinds, on_frame, on_lost):
-        self.max_tensor_bytes, self.kinds = max_tensor_bytes, kinds
-        self.on_frame, self.on_lost = on_frame, on_lost
-        self.transport = None
-        self.writable = asyncio.Event()  # clear while the transport asks to pause writing
-        self.writable.set()
-        self._head_buf = bytearray(HEADER.size)
-        self._expect_header()
-
-    def attach(self, transport):
-        """Take over ``transport`` (an established connection) from its current protocol."""
-        self.transport = transport
-        transport.set_protocol(self)
-
-    def _expect_header(self):
-        self._head = None
-        self._view = memoryview(self._head_buf)
-        self._got = 0
-
-    def get_buffer(self, sizehint):
-        return self._view[self._got:]
-
-    def buffer_updated(self, nbytes):
-        self._got += nbytes
-        if self._got < len(self._view):
-            return
-        if self._head is None:
-            try:
-                self._head = check_header(bytes(self._head_buf), self.max_tensor_bytes,
-                                          self.kinds)
-            except ProtocolError as exc:
-                self._end(f"protocol error: {exc}")
-                return
-            nbytes = self._head[6]
-            # writable, as torch wants its tensors' memory
-            self._payload = bytearray(nbytes)
-            self._view, self._got = memoryview(self._payload), 0
-            if nbytes:
-                return
-        frame = _frame(self._head, self._payload)
-        self._expect_header()
-        self.on_frame(frame)
-
-    def _end(self, reason):
-        if self.on_lost is not None:
-            on_lost, self.on_lost = self.on_lost, None
-            on_lost(reason)
-        self._view, self._got = memoryview(bytearray(1 << 16)), 0  # whatever comes, dropped
-        if self.transport is not None:
-            self.transport.abort()
-
-    def eof_received(self):
-        self._end("connection closed")
-        return False
-
-    def connection_lost(self, exc):
-        self._end("connection closed" if exc is None else f"connection error: {exc}")
-
-    def pause_writing(self):
-        self.writable.clear()
-
-    def resume_writing(self):
-        self.writable.set()
 
 
 def send_frame(sock, parts):

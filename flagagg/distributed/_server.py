@@ -42,7 +42,6 @@ from ..training._step import aggregate_step, build_rule, rule_columns
 from ._protocol import (
     DTYPES,
     HEADER,
-    FrameReceiver,
     Kind,
     ProtocolError,
     encode_json,
@@ -850,57 +849,47 @@ class Server(_ServerCore):
             return
         finally:
             self._forget(raw)
-        if reader._buffer:  # noqa: SLF001 - what came with the HELLO, unread yet
-            # an honest worker waits for its WELCOME before it sends anything more
-            self.refusals.note(addr, "sent more than its HELLO before its WELCOME")
-            raw.abort()
-            return
-        conn = _Conn(addr, raw, who)
+        conn = _Conn(addr, writer, who)
+        conn.raw = raw
         conn.bytes_received = HEADER.size + len(frame.payload)
-        # from here on, messages are read into their own buffers (FrameReceiver),
-        # not through the StreamReader, and written by _sender
-        conn.receiver = FrameReceiver(self.max_gradient_bytes, {Kind.GRAD},
-                                      lambda frame: self._received(conn, frame),
-                                      lambda reason: self._ended(conn, reason))
-        conn.receiver.attach(writer.transport)
         self.inbox.put(("hello", conn, hello))
-        await self._sender(conn)
-
-    def _received(self, conn, frame):
-        nbytes = HEADER.size + len(frame.payload)
-        conn.bytes_received += nbytes
-        self.bytes_received += nbytes
-        conn.last_heard = time.monotonic()
-        self.inbox.put(("grad", conn, frame))
-
-    def _ended(self, conn, reason):
-        conn.raw.abort()
-        conn.outbox.appendleft(None)   # the sender stops: nothing more goes out
-        conn.wake.set()
-        conn.receiver.writable.set()
+        sender = asyncio.ensure_future(self._sender(conn))
+        reason = "connection closed"
+        try:
+            while True:
+                frame = await read_frame(reader, self.max_gradient_bytes, {Kind.GRAD})
+                conn.bytes_received += HEADER.size + len(frame.payload)
+                self.bytes_received += HEADER.size + len(frame.payload)
+                conn.last_heard = time.monotonic()
+                self.inbox.put(("grad", conn, frame))
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+        except asyncio.IncompleteReadError:
+            reason = "connection closed"
+        except (OSError, asyncio.CancelledError) as exc:
+            reason = f"connection error: {exc or type(exc).__name__}"
+        sender.cancel()
+        raw.abort()
         self.inbox.put(("lost", conn, reason))
 
     async def _sender(self, conn):
-        """Write ``conn``'s outbox in order until a None (close) or the connection ends."""
-        transport, writable = conn.receiver.transport, conn.receiver.writable
         try:
             while True:
                 while not conn.outbox:
                     conn.wake.clear()
                     await conn.wake.wait()
                 entry = conn.outbox.popleft()
-                if entry is None or transport.is_closing():
-                    break
+                if entry is None:  # close once everything before has gone
+                    await conn.writer.drain()
+                    conn.writer.close()
+                    return
                 kind, head, payload = entry
-                transport.write(head)
+                conn.writer.write(head)
                 if payload:
-                    transport.write(payload)
+                    conn.writer.write(payload)
                 conn.bytes_sent += len(head) + len(payload)
                 self.bytes_sent += len(head) + len(payload)
-                await writable.wait()
-            if not transport.is_closing():
-                await writable.wait()   # what was written before the close goes first
-                transport.close()
+                await conn.writer.drain()
         except (OSError, RuntimeError):
             conn.raw.abort()
 
@@ -1036,10 +1025,10 @@ class Server(_ServerCore):
 class _Conn(_Link):
     """One worker's connection as the rounds see it, and its outbox on the loop's thread."""
 
-    def __init__(self, addr, raw, identity):
+    def __init__(self, addr, writer, identity):
         super().__init__(addr)
-        self.raw = raw             # the TCP transport (under TLS): aborting it ends all
-        self.receiver = None       # its FrameReceiver, once the HELLO is read
+        self.writer = writer
+        self.raw = writer.transport  # the TCP transport under TLS
         self.identity = identity   # the worker its certificate names
         self.outbox = deque()      # (kind, head, payload), or None: close
         self.wake = asyncio.Event()
