@@ -99,27 +99,11 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
     """
     say = log or (lambda text: print(text, flush=True))
     out = sys.stdout
-    p = spec.workers
-    root = str(Path(flagagg.__file__).resolve().parents[1])
     with tempfile.TemporaryDirectory(prefix="flagagg-train-") as tmp:
-        node = {"output": None if output is None else str(Path(output).resolve()),
-                "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-                "checkpoint_every": int(checkpoint_every),
-                "resume": None if resume is None else str(Path(resume).resolve()),
-                "threads": int(threads)}
-        spec_file = Path(tmp, "run.json")
-        spec_file.write_text(json.dumps({"spec": spec_to_dict(spec), "node": node}),
-                             encoding="utf-8")
-        env = {k: v for k, v in os.environ.items()
-               if k not in _TORCHRUN_VARIABLES and k != "FLAGAGG_CERTS"}
-        if spec.transport == "tcp":
-            issue(Path(tmp, "certs"), p)
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-                   WORLD_SIZE=str(p + 1), LOCAL_WORLD_SIZE=str(p + 1), PYTHONUNBUFFERED="1",
-                   PYTHONPATH=os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x),
-                   FLAGAGG_CERTS=str(Path(tmp, "certs")),
-                   FLAGAGG_SERVER_ADDR=f"127.0.0.1:{free_port()}", FLAGAGG_LAUNCHED="1")
-        procs, threads_, lock = [], [], threading.Lock()
+        spec_file, env = _prepare(spec, tmp, output=output, checkpoint=checkpoint,
+                                  checkpoint_every=checkpoint_every, resume=resume,
+                                  threads=threads)
+        procs, relays, lock = [], [], threading.Lock()
         kept = [] if quiet else None
         status = None
         main = threading.current_thread() is threading.main_thread()
@@ -130,55 +114,93 @@ def launch(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=Non
 
             previous = {s: signal.signal(s, interrupted) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            for rank in range(p + 1):
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "flagagg.distributed", str(spec_file)],
-                    env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    text=True, bufsize=1,
-                )
-                procs.append(proc)
-                prefix = "" if rank == 0 else f"[worker {rank - 1}] "
-                th = threading.Thread(target=_relay,
-                                      args=(proc.stdout, prefix, out, lock, kept), daemon=True)
-                th.start()
-                threads_.append(th)
-            try:
-                status = procs[0].wait(timeout)
-            except subprocess.TimeoutExpired:
-                raise TimeoutError(
-                    f"the run did not finish within {timeout:g} s; all its processes were "
-                    "stopped"
-                ) from None
-            end = time.monotonic() + grace
-            for rank, proc in enumerate(procs[1:], start=1):
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(max(0.0, end - time.monotonic()))
-                if proc.poll() is None:
-                    say(f"worker {rank - 1} (pid {proc.pid}) was still running {grace:g} s after "
-                        "the server finished; stopping it")
+            for rank in range(spec.workers + 1):
+                _start(rank, spec_file, env, procs, relays, (out, lock, kept))
+            status = _wait(procs, timeout, grace, say)
         except _Interrupted as exc:
-            name = signal.Signals(exc.signum).name
-            say(f"flagagg train: {name}: asking the server to finish its round and write its "
-                "results, then stopping the workers")
             # a second signal must not cut the clean stop short
             for s in previous:
                 signal.signal(s, signal.SIG_IGN)
-            if procs and procs[0].poll() is None:
-                with contextlib.suppress(OSError):
-                    procs[0].send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    procs[0].wait(max(grace, spec.round_timeout + 10.0))
-            status = 128 + exc.signum
+            status = _stop_cleanly(procs, exc.signum, max(grace, spec.round_timeout + 10.0), say)
         finally:
             _stop(procs)
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            for th in threads_:
+            for th in relays:
                 th.join(5.0)
             if kept is not None and status != 0:
                 print("\n".join(kept), file=out, flush=True)
     return status
+
+
+def _prepare(spec, tmp, *, output, checkpoint, checkpoint_every, resume, threads):
+    """Write the run's file and certificates into ``tmp``; returns (run file, environment)."""
+    root = str(Path(flagagg.__file__).resolve().parents[1])
+    node = {"output": None if output is None else str(Path(output).resolve()),
+            "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+            "checkpoint_every": int(checkpoint_every),
+            "resume": None if resume is None else str(Path(resume).resolve()),
+            "threads": int(threads)}
+    spec_file = Path(tmp, "run.json")
+    spec_file.write_text(json.dumps({"spec": spec_to_dict(spec), "node": node}),
+                         encoding="utf-8")
+    env = {k: v for k, v in os.environ.items()
+           if k not in _TORCHRUN_VARIABLES and k != "FLAGAGG_CERTS"}
+    if spec.transport == "tcp":
+        issue(Path(tmp, "certs"), spec.workers)
+    p = spec.workers
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               WORLD_SIZE=str(p + 1), LOCAL_WORLD_SIZE=str(p + 1), PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(x for x in (root, env.get("PYTHONPATH")) if x),
+               FLAGAGG_CERTS=str(Path(tmp, "certs")),
+               FLAGAGG_SERVER_ADDR=f"127.0.0.1:{free_port()}", FLAGAGG_LAUNCHED="1")
+    return spec_file, env
+
+
+def _start(rank, spec_file, env, procs, relays, relay_to):
+    """Start the process of ``rank`` and a thread relaying its output (appended to the lists)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flagagg.distributed", str(spec_file)],
+        env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, bufsize=1,
+    )
+    procs.append(proc)
+    prefix = "" if rank == 0 else f"[worker {rank - 1}] "
+    th = threading.Thread(target=_relay, args=(proc.stdout, prefix, *relay_to), daemon=True)
+    th.start()
+    relays.append(th)
+
+
+def _wait(procs, timeout, grace, say):
+    """The server's exit status; the workers get ``grace`` seconds more to exit."""
+    try:
+        status = procs[0].wait(timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(
+            f"the run did not finish within {timeout:g} s; all its processes were stopped"
+        ) from None
+    end = time.monotonic() + grace
+    for rank, proc in enumerate(procs[1:], start=1):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, end - time.monotonic()))
+        if proc.poll() is None:
+            say(f"worker {rank - 1} (pid {proc.pid}) was still running {grace:g} s after "
+                "the server finished; stopping it")
+    return status
+
+
+def _stop_cleanly(procs, signum, wait, say):
+    """SIGTERM/SIGINT: the server finishes its round and writes its results (``wait`` s)."""
+    name = signal.Signals(signum).name
+    say(f"flagagg train: {name}: asking the server to finish its round and write its "
+        "results, then stopping the workers")
+    if procs and procs[0].poll() is None:
+        with contextlib.suppress(OSError):
+            procs[0].send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            procs[0].wait(wait)
+    return 128 + signum
 
 
 class _Interrupted(BaseException):

@@ -141,12 +141,25 @@ def _device(choice, local_rank):
 
 
 def _store(rank, world, master_addr, master_port, timeout):
+    """The run's TCPStore: hosted by rank 0 on ``MASTER_ADDR`` only, joined by the others.
+
+    A TCPStore made by torch listens on every interface; rank 0 instead hands
+    it a socket listening on the address the run was given (``MASTER_ADDR``,
+    loopback on one machine), so that nothing of flagagg's is reachable from
+    networks the run does not use.
+    """
     import torch.distributed as dist
 
     # under torchrun's elastic agent the agent hosts the store and every rank is a client
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    return dist.TCPStore(master_addr, master_port, world, is_master=(rank == 0 and not agent),
-                         timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+    master = rank == 0 and not agent
+    listen = {}
+    if master:
+        sock = socket.create_server((master_addr, master_port), backlog=max(128, 2 * world))
+        listen["master_listen_fd"] = sock.detach()  # the store owns the descriptor now
+    return dist.TCPStore(master_addr, master_port, world, is_master=master,
+                         timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False,
+                         **listen)
 
 
 def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=None,
@@ -196,9 +209,8 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         )
     torch.set_num_threads(max(1, int(threads)))
     device = _device(spec.device, local_rank)
-    transport = spec.transport
     tls = None
-    if transport == "tcp":
+    if spec.transport == "tcp":
         try:
             tls = cert_file(rank, certs)
         except OSError as exc:
@@ -207,60 +219,77 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         if tls is None:
             log(f"rank {rank}: {_NO_CERTS}")
             return 2
-    direct = _direct_address(server_addr) if transport == "tcp" else None
+    direct = _direct_address(server_addr) if spec.transport == "tcp" else None
     store = None
     if direct is None:
         store = _store(rank, world, master_addr, master_port, spec.connect_timeout)
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     key, prefix = f"flagagg/server/{restart}", f"flagagg/{restart}/"
     if rank == 0:
-        if transport == "tcp":
-            host, bind, port = _server_address(server_addr, master_addr, local_world == world)
-            server = Server(spec, tls=tls, listen=(bind, port), device=device, log=log,
-                            checkpoint=checkpoint, checkpoint_every=checkpoint_every,
-                            resume=resume)
-            where = f"mutual-TLS tcp, listening on {host}:{server.address[1]}"
-            published = {"transport": "tcp", "host": host, "port": server.address[1]}
-        else:
-            server = CollectiveServer(spec, store, transport=transport, prefix=prefix,
-                                      device=device, log=log, checkpoint=checkpoint,
-                                      checkpoint_every=checkpoint_every, resume=resume)
-            where = f"{transport} point-to-point, store {master_addr}:{master_port}"
-            log(f"server: WARNING: --transport {transport} is for TRUSTED CLUSTERS ONLY: "
-                f"anyone who can reach {master_addr}:{master_port} can join, crash or stall "
-                "this run; use --transport tcp (mutual TLS) otherwise")
-            published = {"transport": transport}
+        server, where, published = _start_server(
+            spec, tls, store, prefix, device, log, server_addr=server_addr,
+            master=(master_addr, master_port), all_local=local_world == world,
+            checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume)
         if store is not None:
             store.set(key, json.dumps(published))
-        recorder = None
-        if output is not None:
-            recorder = RunLog(output, spec, server.lr, resuming=resume is not None, log=log)
-            server.recorder = recorder
-        log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
-            f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}, "
-            f"never a step with fewer than {server.floor} gradients")
-        if spec.f:
-            log(f"server: Byzantine workers (drawn from the seed): {sorted(server.byzantine)}, "
-                f"attack {spec.attack}")
+        return _serve(spec, server, where, device, log, output, resume)
+    # with worker momentum, workers keep their momenta beside the checkpoint
+    momenta = {"checkpoint": checkpoint, "checkpoint_every": checkpoint_every,
+               "resume": resume}
+    return _work(spec, rank - 1, tls, device, direct, store, key, prefix, momenta)
 
-        def stop(signum, _frame):
-            # finish the round, then write the checkpoint and the results
-            server.stop_requested = signal.Signals(signum).name
 
-        main = threading.current_thread() is threading.main_thread()
-        previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} \
-            if main else {}
-        try:
-            record = server.run()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        _report(spec, record, log)
-        if recorder is not None:
-            recorder.close()
-            write_results(output, spec, record, server.lr)
-        return record["status"]
+def _start_server(spec, tls, store, prefix, device, log, *, server_addr, master, all_local,
+                  **options):
+    """Rank 0's server; returns (server, how it is reached, what the store publishes)."""
+    if spec.transport == "tcp":
+        host, bind, port = _server_address(server_addr, master[0], all_local)
+        server = Server(spec, tls=tls, listen=(bind, port), device=device, log=log, **options)
+        return (server, f"mutual-TLS tcp, listening on {host}:{server.address[1]}",
+                {"transport": "tcp", "host": host, "port": server.address[1]})
+    server = CollectiveServer(spec, store, transport=spec.transport, prefix=prefix,
+                              device=device, log=log, **options)
+    log(f"server: WARNING: --transport {spec.transport} is for TRUSTED CLUSTERS ONLY: "
+        f"anyone who can reach {master[0]}:{master[1]} can join, crash or stall "
+        "this run; use --transport tcp (mutual TLS) otherwise")
+    return (server, f"{spec.transport} point-to-point, store {master[0]}:{master[1]}",
+            {"transport": spec.transport})
 
+
+def _serve(spec, server, where, device, log, output, resume):
+    """Run the server's rounds (SIGTERM/SIGINT: finish the round, then stop); write results."""
+    recorder = None
+    if output is not None:
+        recorder = RunLog(output, spec, server.lr, resuming=resume is not None, log=log)
+        server.recorder = recorder
+    log(f"server: {where}, waiting for {spec.workers} workers (pid {os.getpid()}, device "
+        f"{device}); round deadline {spec.round_timeout:g} s, quorum {server.quorum}, "
+        f"never a step with fewer than {server.floor} gradients")
+    if spec.f:
+        log(f"server: Byzantine workers (drawn from the seed): {sorted(server.byzantine)}, "
+            f"attack {spec.attack}")
+
+    def stop(signum, _frame):
+        # finish the round, then write the checkpoint and the results
+        server.stop_requested = signal.Signals(signum).name
+
+    main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)} \
+        if main else {}
+    try:
+        record = server.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    _report(spec, record, log)
+    if recorder is not None:
+        recorder.close()
+        write_results(output, spec, record, server.lr)
+    return record["status"]
+
+
+def _work(spec, worker, tls, device, direct, store, key, prefix, momenta):
+    """Serve worker ``worker``: find the server (``direct`` or the store's ``key``), work."""
     def wlog(text):
         print(text, file=sys.stderr, flush=True)
 
@@ -270,36 +299,32 @@ def run_node(spec, *, output=None, checkpoint=None, checkpoint_every=0, resume=N
         # once the server has finished its round
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-    # with worker momentum, workers keep their momenta beside the checkpoint
-    momenta = {"checkpoint": checkpoint, "checkpoint_every": checkpoint_every,
-               "resume": resume}
     if direct is not None:
-        return run_worker(spec, rank - 1, direct, tls=tls, device=device, log=wlog,
-                          **momenta)
+        return run_worker(spec, worker, direct, tls=tls, device=device, log=wlog, **momenta)
     try:
         published = json.loads(store.get(key).decode())
     except Exception as exc:  # noqa: BLE001 - the store raises several types on a timeout
-        wlog(f"worker {rank - 1}: the server (rank 0) did not publish how to reach it within "
+        wlog(f"worker {worker}: the server (rank 0) did not publish how to reach it within "
              f"{spec.connect_timeout:g} s ({exc})")
         return 1
     published = published if isinstance(published, dict) else {}
-    if published.get("transport") != transport:
-        wlog(f"worker {rank - 1}: the server uses --transport {published.get('transport')}, "
-             f"this worker was started with --transport {transport}: start every process "
+    if published.get("transport") != spec.transport:
+        wlog(f"worker {worker}: the server uses --transport {published.get('transport')}, "
+             f"this worker was started with --transport {spec.transport}: start every process "
              "with the same arguments")
         return 2
-    if transport == "tcp":
+    if spec.transport == "tcp":
         del store  # the worker needs it no more, and must not keep the rendezvous alive
         # the address comes from an unauthenticated store: the TLS handshake proves
         # whether what answers there holds the run's server certificate
         try:
             address = (str(published["host"]), int(published["port"]))
         except (KeyError, TypeError, ValueError):
-            wlog(f"worker {rank - 1}: the store holds no usable server address")
+            wlog(f"worker {worker}: the store holds no usable server address")
             return 1
-        return run_worker(spec, rank - 1, address, tls=tls, device=device, log=wlog,
+        return run_worker(spec, worker, address, tls=tls, device=device, log=wlog,
                           **momenta)
-    return run_collective_worker(spec, rank - 1, store, transport=transport, prefix=prefix,
+    return run_collective_worker(spec, worker, store, transport=spec.transport, prefix=prefix,
                                  device=device, log=wlog, **momenta)
 
 

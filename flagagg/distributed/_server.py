@@ -713,6 +713,7 @@ class Server(_ServerCore):
         self.refusals = _Refusals(log)
         self.inbox = queue.SimpleQueue()   # (what, conn, data) from the loop's thread
         self.pending = {}                  # connection without a HELLO -> (source, opened)
+        self.pending_by_source = {}        # source -> {connection: opened}
         self.loop = asyncio.new_event_loop()
         ready = concurrent.futures.Future()
         self.thread = threading.Thread(target=self._io, args=(listen, ready), daemon=True,
@@ -727,9 +728,9 @@ class Server(_ServerCore):
 
         async def start():
             try:
-                self.aserver = await asyncio.start_server(
-                    self._connection, listen[0], listen[1],
-                    backlog=max(128, 2 * self.config.workers), limit=1 << 16)
+                self.aserver = await self.loop.create_server(
+                    self._accepted, listen[0], listen[1],
+                    backlog=max(1024, 2 * self.config.workers))
             except BaseException as exc:  # noqa: BLE001 - handed to the constructor
                 ready.set_exception(exc)
                 return
@@ -752,25 +753,63 @@ class Server(_ServerCore):
         handshake on a loaded machine (it retries until it gets one).
         """
         now = time.monotonic()
-        mine = [t for t, (s, _) in self.pending.items() if s == source]
-        full = mine if len(mine) >= self.max_pending_per_source else \
-            list(self.pending) if len(self.pending) >= self.max_pending else None
+        # both dicts are in arrival order: the first key is the oldest connection
+        mine = self.pending_by_source.get(source)
+        full = mine if mine is not None and len(mine) >= self.max_pending_per_source else \
+            self.pending if len(self.pending) >= self.max_pending else None
         if full is not None:
-            victim = min(full, key=lambda t: self.pending[t][1])
+            victim = next(iter(full))
             if now - self.pending[victim][1] < MIN_HANDSHAKE:
                 raw.abort()
-                self.refusals.note((source, 0), f"no place for a new connection: "
-                                   f"{len(full)} without a HELLO are younger than "
-                                   f"{MIN_HANDSHAKE:g} s (cap {self.max_pending}, "
-                                   f"{self.max_pending_per_source} per source)")
+                self.refusals.note((source, 0), "no place for a new connection: those without "
+                                   f"a HELLO are younger than {MIN_HANDSHAKE:g} s (cap "
+                                   f"{self.max_pending}, {self.max_pending_per_source} per "
+                                   "source)")
                 return False
-            self.pending.pop(victim, None)
+            self._forget(victim)
             victim.abort()
             self.refusals.note((source, 0), f"closed the oldest connection without a HELLO "
                                f"to make room (cap {self.max_pending}, "
                                f"{self.max_pending_per_source} per source)")
         self.pending[raw] = (source, now)
+        self.pending_by_source.setdefault(source, {})[raw] = now
         return True
+
+    def _forget(self, raw):
+        """``raw`` is no longer a connection without a HELLO."""
+        source, _ = self.pending.pop(raw, (None, None))
+        mine = self.pending_by_source.get(source)
+        if mine is not None:
+            mine.pop(raw, None)
+            if not mine:
+                del self.pending_by_source[source]
+
+    def _accepted(self):
+        """A new TCP connection's protocol: admitted (streams, a task) or closed at once.
+
+        The refusal costs no task and no streams, so that the loop sheds a
+        storm as cheaply as it can and the kernel's accept queue keeps room
+        for a joining worker.
+        """
+        server = self
+
+        class Gate(asyncio.Protocol):
+            def connection_made(self, transport):
+                addr = transport.get_extra_info("peername") or ("?", 0)
+                if not server._admit(transport, addr[0]):
+                    return
+                # what asyncio.start_server does for each connection: streams, and a
+                # task running _connection (the callback also makes start_tls server-side)
+                reader = asyncio.StreamReader(limit=1 << 16, loop=server.loop)
+                protocol = asyncio.StreamReaderProtocol(reader, server._connection,
+                                                        loop=server.loop)
+                transport.set_protocol(protocol)
+                protocol.connection_made(transport)
+
+            def connection_lost(self, exc):
+                pass
+
+        return Gate()
 
     async def _connection(self, reader, writer):
         # the TCP transport: aborting it ends the connection whatever TLS does above it
@@ -778,8 +817,6 @@ class Server(_ServerCore):
         addr = raw.get_extra_info("peername") or ("?", 0)
         with contextlib.suppress(OSError, AttributeError):
             raw.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self._admit(raw, addr[0]):
-            return
         try:
             end = self.loop.time() + self.handshake_timeout
             if self.tls is not None:
@@ -809,7 +846,7 @@ class Server(_ServerCore):
             raw.abort()
             return
         finally:
-            self.pending.pop(raw, None)
+            self._forget(raw)
         conn = _Conn(addr, writer, who)
         conn.raw = raw
         conn.bytes_received = HEADER.size + len(frame.payload)
