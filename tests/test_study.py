@@ -76,9 +76,10 @@ def test_study_configs_differ_only_in_their_setting():
 def test_check_parses_a_study_config(tmp_path, capsys, monkeypatch):
     """``flagagg experiment study_... --check`` validates it and costs it, running nothing."""
     # the probe itself is --check's (issue 26); a cheap stand-in keeps this test fast
-    from flagagg.sim import _experiment
+    # patched where --check calls it (the command imports the name)
+    from flagagg.sim import _cli_experiment
 
-    monkeypatch.setattr(_experiment, "probe_cpu_seconds", lambda config, **kw: 2.5)
+    monkeypatch.setattr(_cli_experiment, "probe_cpu_seconds", lambda config, **kw: 2.5)
     for name in _study.STUDY_CONFIGS:
         out = tmp_path / name
         assert cli_main(["experiment", name, "--output", str(out), "--check"]) == 0
