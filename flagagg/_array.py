@@ -25,6 +25,8 @@ from array_api_compat import (
     is_torch_array,
 )
 
+from ._gram import stack_gram
+
 __all__ = ["Leaf", "RowLeaves", "Stack", "array_library", "as_stack", "dtype_name", "to_numpy"]
 
 Array = Any
@@ -177,8 +179,6 @@ class Stack:
         the inputs shifted by a central input (only for translation-invariant
         callers). See :func:`flagagg._gram.stack_gram`.
         """
-        from ._gram import stack_gram
-
         return stack_gram(self, backend, shift=shift)
 
     def raw_gram(self, backend: Any, ref: int | None = None,

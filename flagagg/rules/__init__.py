@@ -11,8 +11,10 @@ import importlib
 import inspect
 from typing import Any
 
+from . import _pre
 from ._base import NothingLeftError, Rule
 from ._contract import Bound, Contract, Reference, Solution
+from ._pre import compose
 from ._result import AggregationResult
 
 __all__ = [
@@ -68,9 +70,7 @@ def available_pre() -> list[str]:
     -------
     names : list of str
     """
-    from ._pre import available_pre as names
-
-    return names()
+    return _pre.available_pre()
 
 
 def _rule_class(name: str) -> type[Rule]:
@@ -131,8 +131,6 @@ def get_rule(name: str, *, pre: Any = None, backend: str | None = None, **params
         raise TypeError(f"backend must be a backend name or None: got {backend!r}")
     try:
         if pre is not None and not (isinstance(pre, (list, tuple)) and len(pre) == 0):
-            from ._pre import compose
-
             rule = compose(cls, pre, params)
         else:
             rule = cls(**params)

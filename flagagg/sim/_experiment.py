@@ -109,8 +109,6 @@ def source_fingerprint(root=None):
     """
     if root is None:
         if "flagagg" not in _CODE:
-            import flagagg
-
             _CODE["flagagg"] = source_fingerprint(Path(flagagg.__file__).parent)
         return _CODE["flagagg"]
     root = Path(root)

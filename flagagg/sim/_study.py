@@ -28,10 +28,22 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..attacks import attack_parameters
 from ..training._config import as_config
 from ..training._results import Results
-from ._experiment import ResultStore, _grid, _rows, _run_task, run_key, run_settings
+from ._cluster import simulate
+from ._experiment import (
+    ResultStore,
+    Task,
+    _dataset,
+    _grid,
+    _rows,
+    _run_task,
+    run_key,
+    run_settings,
+)
 
 __all__ = ["STUDY_CONFIGS", "build_report", "collect", "grid_cost", "measure_plateau",
            "plateau_round", "probe_costs"]
@@ -114,11 +126,6 @@ def measure_plateau(config="study_iid_wm", *, rounds=3000, seeds=(100, 101, 102,
         ``std`` (over seeds, ddof=1), ``plateau_round``, ``plateau_level``,
         ``cpu_seconds``.
     """
-    import torch
-
-    from ._cluster import simulate
-    from ._experiment import _dataset
-
     config = as_config(config)
     curves, cpu0 = [], time.process_time()
     threads = torch.get_num_threads()
@@ -169,10 +176,6 @@ def probe_costs(config, *, rounds=5, f=None, progress=False):
         ({label: rule evaluations per round of a defence-aware attack}),
         ``rounds`` and ``f`` probed.
     """
-    import torch
-
-    from ._experiment import Task
-
     config = as_config(config)
     f = max(config.f) if f is None else f
     short = config.replace(rounds=rounds, eval_every=rounds)
@@ -206,8 +209,6 @@ def probe_costs(config, *, rounds=5, f=None, progress=False):
     finally:
         torch.set_num_threads(threads)
     calls = {}
-    from ..attacks import attack_parameters
-
     for a in config.attacks:
         if a.attack in _CALLS:
             calls[a.label] = _CALLS[a.attack]({**attack_parameters(a.attack), **a.params})

@@ -19,6 +19,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import flagagg
+
+from .._backend_choice import select_backend
+from .._gram import Gram, as_gram, scale_exponents
+from ..rules._contract import WorkerStats
+from ..rules._result import diagnose, linear_stats, suspects_of, worker_diagnostics
+
 __all__ = ["MODES", "DDPHookState", "ddp_comm_hook"]
 
 MODES = ("sharded", "gather")
@@ -89,8 +96,6 @@ class DDPHookState:
     @property
     def suspects(self) -> tuple[int, ...]:
         """Ranks the last step found suspect, as :attr:`flagagg.AggregationResult.suspects`."""
-        from ..rules._result import suspects_of
-
         return suspects_of(self.verdict)
 
 
@@ -166,8 +171,6 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
     numbers in the same order (the kernels' results do not depend on the
     thread count), so the replicas stay bit-identical.
     """
-    import flagagg
-
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     agg = flagagg.get_rule(rule, **params) if isinstance(rule, str) else rule
@@ -310,8 +313,6 @@ def _shard_gram(impl: Any, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.
     from every row scaled by ``2^-e_i`` (:func:`flagagg._gram.scale_exponents`),
     so that a row of 1e200 is held exactly instead of overflowing.
     """
-    from .._gram import scale_exponents
-
     p = X.shape[0]
     K = np.asarray(impl.gram(X), dtype=np.float64) if X.shape[1] else np.zeros((p, p))
     d = K.diagonal()
@@ -376,10 +377,6 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     coefficients. Each rank combines its shard of every bucket and sends it
     to every rank (an all-to-all straight into the bucket buffers).
     """
-    from .._backend_choice import select_backend
-    from .._gram import Gram, as_gram
-    from ..rules._result import linear_stats
-
     group = state.process_group
     world = dist.get_world_size(group)
     impl = None
@@ -532,9 +529,6 @@ def _record(state: DDPHookState, excluded: list, rule_excluded: list, keep: np.n
     Gram for a Gram rule in sharded mode, or plain inner products (coordinate-wise
     rules in sharded mode).
     """
-    from ..rules._contract import WorkerStats
-    from ..rules._result import diagnose, worker_diagnostics
-
     excluded = excluded + [(int(keep[i]), reason) for i, reason in rule_excluded]
     state.excluded = tuple(sorted(excluded))
     state.coefficients = coef
