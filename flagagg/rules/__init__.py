@@ -39,6 +39,7 @@ _RULES: dict[str, str] = {
     "centered_clipping": "flagagg.rules._clipping:CenteredClipping",
     "mda": "flagagg.rules._mda:MDA",
     "flag": "flagagg.rules._flag:FlagAggregator",
+    "clipped_clustering": "flagagg.rules._peers_clippedclustering:ClippedClustering",
 }
 
 

