@@ -50,7 +50,14 @@ def reference_of(G):
 #          call kwargs(G, lib) or None)
 CASES = {
     "clipped_clustering": (lambda f: {"f": f}, lambda G, f: orc.clipped_clustering(G), None),
+    "fltrust": (lambda f: {"f": f}, lambda G, f: _fltrust_oracle(G),
+                lambda G, lib: {"reference": lib.to(reference_of(G).astype(G.dtype))}),
 }
+
+
+def _fltrust_oracle(G):
+    out, trust = orc.fltrust(G, reference_of(G).astype(G.dtype))
+    return out, [int(i) for i in np.flatnonzero(trust)]
 NAMES = list(CASES)
 
 BACKENDS = ["numpy"] + [pytest.param(c, marks=pytest.mark.skipif(not has_module(m),
@@ -136,7 +143,7 @@ def _honest(G, f=F):
 
 
 # How far from the honest mean a rule may land, in units of (honest radius, honest max norm).
-BOUND = {"clipped_clustering": (1.0, 1.0)}
+BOUND = {"clipped_clustering": (1.0, 1.0), "fltrust": (1.0, 1.0)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -194,8 +201,9 @@ def test_too_few_inputs_and_bad_f(name):
     if "f" not in CASES[name][0](1):
         pytest.skip("the rule takes no f")
     G = stack(p=4, f=0, seed=1)
-    with pytest.raises(ValueError, match=f"need p >= 2f \\+ 1 for {name}"):
-        run(name, G, f=2)
+    f, text = (4, "p >= 1?f \\+ 1") if name == "fltrust" else (2, "p >= 2f \\+ 1")
+    with pytest.raises(ValueError, match=f"need {text} for {name}: got p=4, f={f}"):
+        run(name, G, f=f)
     with pytest.raises(TypeError):
         flagagg.get_rule(name, f=1.5)
     with pytest.raises(ValueError):
@@ -239,3 +247,69 @@ def test_clipped_clustering_splits_off_opposite_directions():
     res = flagagg.aggregate(G, rule="clipped_clustering", f=3, backend="numpy",
                             return_result=True)
     assert res.selected == tuple(range(7))
+
+
+# ----------------------------------------------------------------------------- FLTrust
+
+def test_fltrust_reference_is_validated(lib):
+    G = stack(seed=1)
+    rule = flagagg.get_rule("fltrust")
+    g0 = reference_of(G)
+    with pytest.raises(TypeError, match="needs the server's reference gradient"):
+        rule(lib.to(G), backend=lib.backend)
+    with pytest.raises(ValueError, match="shaped like one input"):
+        rule(lib.to(G), reference=lib.to(g0[:-1]), backend=lib.backend)
+    with pytest.raises(TypeError, match="dtype float32 but the inputs have float64"):
+        rule(lib.to(G), reference=lib.to(g0.astype(np.float32)), backend=lib.backend)
+    if lib.library != "numpy":
+        with pytest.raises(TypeError, match="is a numpy array"):
+            rule(lib.to(G), reference=g0, backend=lib.backend)
+    bad = g0.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="reference gradient holds NaN"):
+        rule(lib.to(G), reference=lib.to(bad), backend=lib.backend)
+    with pytest.raises(ValueError, match="reference gradient is zero"):
+        rule(lib.to(G), reference=lib.to(0 * g0), backend=lib.backend)
+
+
+def test_fltrust_reference_on_the_constructor_and_per_call():
+    G = stack(seed=1)
+    g0, g1 = reference_of(G), -reference_of(G) + 0.3
+    by_ctor = flagagg.get_rule("fltrust", reference=g0)
+    np.testing.assert_allclose(by_ctor(G, backend="numpy"), orc.fltrust(G, g0)[0], rtol=1e-12)
+    # A per-call reference wins over the constructor's.
+    np.testing.assert_allclose(by_ctor(G, reference=g1, backend="numpy"),
+                               orc.fltrust(G, g1)[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(flagagg.aggregate(G, rule="fltrust", reference=g0,
+                                                 backend="numpy"),
+                               orc.fltrust(G, g0)[0], rtol=1e-12)
+    assert "reference=<array>" in repr(by_ctor)
+
+
+def test_fltrust_rescales_a_huge_aligned_input_to_the_reference_norm():
+    G = stack(seed=2)
+    g0 = reference_of(G)
+    G[-1] = 1e300 * g0 / np.linalg.norm(g0)  # perfectly aligned, enormous
+    res = flagagg.get_rule("fltrust")(G, reference=g0, backend="numpy", return_result=True)
+    assert res.scores[-1] == pytest.approx(1.0)
+    # Its contribution is g0 itself, weighted by its trust.
+    assert np.linalg.norm(res.aggregate) <= np.linalg.norm(g0) * (1 + 1e-9)
+    np.testing.assert_allclose(res.aggregate, orc.fltrust(G, g0)[0], rtol=1e-9)
+
+
+def test_fltrust_no_trusted_input_gives_zero():
+    G = stack(seed=3)
+    res = flagagg.get_rule("fltrust")(G, reference=-G.mean(axis=0), backend="numpy",
+                                      return_result=True)
+    assert (G @ G.mean(axis=0) > 0).all()  # every input points away from the reference
+    assert (res.scores == 0).all() and (res.aggregate == 0).all()
+    assert res.selected == ()
+
+
+def test_fltrust_torch_reference_in_torch_dtype():
+    torch = pytest.importorskip("torch")
+    G = stack(seed=4, dtype="float32")
+    g0 = reference_of(G).astype(np.float32)
+    out = flagagg.get_rule("fltrust")(torch.from_numpy(G), reference=torch.from_numpy(g0))
+    assert out.dtype == torch.float32
+    np.testing.assert_allclose(out.numpy(), orc.fltrust(G, g0)[0], rtol=2e-5, atol=2e-6)

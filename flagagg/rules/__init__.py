@@ -40,6 +40,7 @@ _RULES: dict[str, str] = {
     "mda": "flagagg.rules._mda:MDA",
     "flag": "flagagg.rules._flag:FlagAggregator",
     "clipped_clustering": "flagagg.rules._peers_clippedclustering:ClippedClustering",
+    "fltrust": "flagagg.rules._peers_fltrust:FLTrust",
 }
 
 
