@@ -52,6 +52,7 @@ CASES = {
     "clipped_clustering": (lambda f: {"f": f}, lambda G, f: orc.clipped_clustering(G), None),
     "fltrust": (lambda f: {"f": f}, lambda G, f: _fltrust_oracle(G),
                 lambda G, lib: {"reference": lib.to(reference_of(G).astype(G.dtype))}),
+    "aksel": (lambda f: {"f": f}, lambda G, f: orc.aksel(G, f), None),
 }
 
 
@@ -143,7 +144,7 @@ def _honest(G, f=F):
 
 
 # How far from the honest mean a rule may land, in units of (honest radius, honest max norm).
-BOUND = {"clipped_clustering": (1.0, 1.0), "fltrust": (1.0, 1.0)}
+BOUND = {"clipped_clustering": (1.0, 1.0), "fltrust": (1.0, 1.0), "aksel": (1.0, 0.0)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -313,3 +314,22 @@ def test_fltrust_torch_reference_in_torch_dtype():
     out = flagagg.get_rule("fltrust")(torch.from_numpy(G), reference=torch.from_numpy(g0))
     assert out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), orc.fltrust(G, g0)[0], rtol=2e-5, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------- Aksel
+
+@pytest.mark.parametrize("case", BACKENDS)
+def test_aksel_selection_is_exact_under_offsets(case):
+    lib = make_lib(case)
+    G0 = stack(seed=21, kind="spread")
+    res0, out0 = run("aksel", G0, lib)
+    res, out = run("aksel", G0 + 1e8, lib)
+    assert res.selected == res0.selected == tuple(orc.aksel(G0 + 1e8, F)[1])
+    np.testing.assert_allclose(out - 1e8, out0, atol=1e-6)
+
+
+def test_aksel_median_of_mostly_nan_coordinate_is_an_error():
+    G = stack(seed=1)
+    G[: P // 2 + 1, 3] = np.nan
+    with pytest.raises(ValueError, match="aksel: some coordinates of the aggregate are not"):
+        run("aksel", G)

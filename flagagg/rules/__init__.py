@@ -41,6 +41,7 @@ _RULES: dict[str, str] = {
     "flag": "flagagg.rules._flag:FlagAggregator",
     "clipped_clustering": "flagagg.rules._peers_clippedclustering:ClippedClustering",
     "fltrust": "flagagg.rules._peers_fltrust:FLTrust",
+    "aksel": "flagagg.rules._peers_aksel:Aksel",
 }
 
 
