@@ -53,7 +53,15 @@ CASES = {
     "fltrust": (lambda f: {"f": f}, lambda G, f: _fltrust_oracle(G),
                 lambda G, lib: {"reference": lib.to(reference_of(G).astype(G.dtype))}),
     "aksel": (lambda f: {"f": f}, lambda G, f: orc.aksel(G, f), None),
+    "dnc": (lambda f: {"f": f, **DNC}, lambda G, f: _dnc_oracle(G, f), None),
 }
+DNC = {"seed": 0, "sample": 25, "n_iter": 3}
+
+
+def _dnc_oracle(G, f, **params):
+    d = {**DNC, **params}
+    cols = orc.dnc_coordinates(G.shape[1], d["sample"], d["n_iter"], d["seed"])
+    return orc.dnc(G, f, cols, d.get("c", 1.0))
 
 
 def _fltrust_oracle(G):
@@ -144,7 +152,8 @@ def _honest(G, f=F):
 
 
 # How far from the honest mean a rule may land, in units of (honest radius, honest max norm).
-BOUND = {"clipped_clustering": (1.0, 1.0), "fltrust": (1.0, 1.0), "aksel": (1.0, 0.0)}
+BOUND = {"clipped_clustering": (1.0, 1.0), "fltrust": (1.0, 1.0), "aksel": (1.0, 0.0),
+         "dnc": (1.0, 0.0)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -184,9 +193,11 @@ def test_pytree_input_matches_array(name):
     if "reference" in kwargs:
         r = kwargs["reference"]
         kwargs["reference"] = {"w": r[:40].reshape(8, 5), "b": r[40:]}
-    out = flagagg.get_rule(name, **params(F))(tree, backend="numpy", **kwargs)
+    # DnC samples coordinates in the pytree's flattening order: compare on all of them.
+    extra = {"sample": G.shape[1]} if name == "dnc" else {}
+    out = flagagg.get_rule(name, **{**params(F), **extra})(tree, backend="numpy", **kwargs)
     flat = np.concatenate([out["w"].ravel(), out["b"]])
-    np.testing.assert_allclose(flat, run(name, G)[1], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(flat, run(name, G, **extra)[1], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -333,3 +344,50 @@ def test_aksel_median_of_mostly_nan_coordinate_is_an_error():
     G[: P // 2 + 1, 3] = np.nan
     with pytest.raises(ValueError, match="aksel: some coordinates of the aggregate are not"):
         run("aksel", G)
+
+
+# ----------------------------------------------------------------------------- DnC
+
+def test_dnc_seed_semantics():
+    G = stack(seed=6, n=400)
+    a = flagagg.get_rule("dnc", f=F, sample=30, seed=5)
+    r1, r2 = a(G, return_result=True), a(G, return_result=True)
+    # An int seed: the same samples on every call.
+    assert r1.details["kept_per_sample"] == r2.details["kept_per_sample"]
+    cols = orc.dnc_coordinates(G.shape[1], 30, 5, 5)
+    assert list(r1.selected) == orc.dnc(G, F, cols)[1]
+    # A Generator: drawn from, reproducible from its own seed.
+    g1 = flagagg.get_rule("dnc", f=F, sample=30, seed=np.random.default_rng(1))
+    g2 = flagagg.get_rule("dnc", f=F, sample=30, seed=np.random.default_rng(1))
+    for _ in range(2):
+        np.testing.assert_array_equal(g1(G, backend="numpy"), g2(G, backend="numpy"))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        flagagg.get_rule("dnc", f=1, seed=1.5)
+
+
+def test_dnc_matches_oracle_with_several_samples_and_c():
+    G = stack(seed=9, n=300, kind="spread")
+    for c, n_iter in ((1.0, 1), (1.5, 4), (0.5, 2)):
+        res, out = run("dnc", G, c=c, n_iter=n_iter, sample=40, seed=3)
+        exp, kept = _dnc_oracle(G, F, c=c, n_iter=n_iter, sample=40, seed=3)
+        assert list(res.selected) == kept
+        np.testing.assert_allclose(out, exp, rtol=1e-12)
+
+
+def test_dnc_finds_an_outlier_along_its_direction():
+    # Honest spread is isotropic; the attackers shift along one direction: the top
+    # singular direction of the centred inputs, where DnC looks.
+    rng = np.random.default_rng(2)
+    H = rng.normal(size=(9, 200))
+    d = rng.normal(size=200)
+    G = np.vstack([H, H[:2] * 0 + 1.5 * d])
+    res = flagagg.aggregate(G, rule="dnc", f=2, sample=200, seed=0, return_result=True)
+    assert res.selected == tuple(range(9))
+
+
+def test_dnc_empty_intersection_and_c_too_large_are_errors():
+    G = stack(p=5, f=2, seed=1)
+    with pytest.raises(ValueError, match="removes every one"):
+        run("dnc", G, f=2, c=3.0)
+    with pytest.raises(ValueError, match="kept no input in common"):
+        flagagg.get_rule("dnc", f=2, n_iter=30, sample=3, seed=0)(G)

@@ -42,6 +42,7 @@ _RULES: dict[str, str] = {
     "clipped_clustering": "flagagg.rules._peers_clippedclustering:ClippedClustering",
     "fltrust": "flagagg.rules._peers_fltrust:FLTrust",
     "aksel": "flagagg.rules._peers_aksel:Aksel",
+    "dnc": "flagagg.rules._peers_dnc:DnC",
 }
 
 
