@@ -54,6 +54,7 @@ CASES = {
                 lambda G, lib: {"reference": lib.to(reference_of(G).astype(G.dtype))}),
     "aksel": (lambda f: {"f": f}, lambda G, f: orc.aksel(G, f), None),
     "dnc": (lambda f: {"f": f, **DNC}, lambda G, f: _dnc_oracle(G, f), None),
+    "signguard": (lambda f: {"f": f}, lambda G, f: orc.signguard(G), None),
 }
 DNC = {"seed": 0, "sample": 25, "n_iter": 3}
 
@@ -153,7 +154,7 @@ def _honest(G, f=F):
 
 # How far from the honest mean a rule may land, in units of (honest radius, honest max norm).
 BOUND = {"clipped_clustering": (1.0, 1.0), "fltrust": (1.0, 1.0), "aksel": (1.0, 0.0),
-         "dnc": (1.0, 0.0)}
+         "dnc": (1.0, 0.0), "signguard": (1.0, 1.0)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -391,3 +392,40 @@ def test_dnc_empty_intersection_and_c_too_large_are_errors():
         run("dnc", G, f=2, c=3.0)
     with pytest.raises(ValueError, match="kept no input in common"):
         flagagg.get_rule("dnc", f=2, n_iter=30, sample=3, seed=0)(G)
+
+
+# ----------------------------------------------------------------------------- SignGuard
+
+def test_signguard_norm_filter_and_sign_features(lib):
+    G = stack(seed=12)
+    G[0] *= 1e-3  # below lower * median
+    G[1] *= 5.0  # above upper * median
+    G[2, :30] = 0.0  # more zeros: its sign statistics move, its norm stays in range
+    res, out = run("signguard", G, lib)
+    assert 0 not in res.details["norm_pass"] and 1 not in res.details["norm_pass"]
+    expected = np.array([orc.sign_features(g) for g in G])
+    np.testing.assert_array_equal(res.details["sign_features"], expected)
+    exp, kept = orc.signguard(G)
+    assert list(res.selected) == kept
+    np.testing.assert_allclose(out, exp, rtol=1e-9, atol=1e-9)
+
+
+def test_signguard_parameters_and_nothing_kept():
+    with pytest.raises(ValueError, match="upper"):
+        flagagg.get_rule("signguard", lower=2.0, upper=1.0)
+    with pytest.raises(TypeError):
+        flagagg.get_rule("signguard", lower="a")
+    G = stack(seed=1)
+    with pytest.raises(ValueError, match="no input passes both"):
+        flagagg.get_rule("signguard", lower=5.0, upper=6.0)(G)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_two_means_matches_oracle(seed):
+    from flagagg.rules._peers_signguard import two_means
+
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(int(rng.integers(2, 30)), 3))
+    labels = two_means(X)
+    ref = orc.two_means(X)
+    assert len(set(zip(labels, ref, strict=True))) == len(set(labels))

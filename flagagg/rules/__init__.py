@@ -43,6 +43,7 @@ _RULES: dict[str, str] = {
     "fltrust": "flagagg.rules._peers_fltrust:FLTrust",
     "aksel": "flagagg.rules._peers_aksel:Aksel",
     "dnc": "flagagg.rules._peers_dnc:DnC",
+    "signguard": "flagagg.rules._peers_signguard:SignGuard",
 }
 
 
