@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._config import available_backends, backend, get_backend, set_backend
-from .rules import AggregationResult, RuleResult, aggregate, available_rules, get_rule
+from .rules import AggregationResult, aggregate, available_rules, get_rule
 from .rules._flag import FlagAggregator, FlagResult, flag_aggregate
 
 __version__ = "0.1.0.dev0"
@@ -18,7 +18,6 @@ __all__ = [
     "AggregationResult",
     "FlagAggregator",
     "FlagResult",
-    "RuleResult",
     "aggregate",
     "attacks",
     "available_backends",

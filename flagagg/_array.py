@@ -171,7 +171,7 @@ class Stack:
     def gram(self, backend: Any, *, shift: bool = False) -> Any:
         """The float64 Gram matrix ``K = G G^T`` of the inputs, exact where it matters.
 
-        Returns a :class:`flagagg._gram.Gram` (an ndarray): finite inputs are
+        Returns a :class:`flagagg._gram.Gram`: finite inputs are
         never taken for non-finite ones, rows of extreme magnitude are
         handled in a scaled form, and with ``shift`` the Gram may be that of
         the inputs shifted by a central input (only for translation-invariant
@@ -276,31 +276,6 @@ class Stack:
                 out = xp.astype(out, target)
             shaped.append(xp.reshape(out, leaf.shape))
         return self.unflatten(shaped)
-
-    def map_columns(self, fn: Callable[[Array], Array]) -> Any:
-        """Apply a column-wise kernel ``fn(block) -> (m,) array`` to every leaf.
-
-        Blocks of a leaf given as ``p`` rows are filled into one output per
-        leaf; each output is cast to its leaf's dtype, reshaped, and the
-        whole is rebuilt in the input's structure.
-        """
-        xp = self.xp
-        outs = []
-        for leaf in self.leaves:
-            if leaf.block is not None:
-                out = fn(leaf.block)
-            else:
-                out = None
-                for start, stop, block in self.blocks(leaf):
-                    part = fn(block)
-                    if out is None:
-                        out = xp.empty((leaf.size,), dtype=part.dtype, device=self.device)
-                    out[start:stop] = part
-            target = getattr(xp, leaf.dtype_name)
-            if out.dtype != target:
-                out = xp.astype(out, target)
-            outs.append(xp.reshape(out, leaf.shape))
-        return self.unflatten(outs)
 
 
 # Types already seen to be arrays: the check runs once per leaf of every input.

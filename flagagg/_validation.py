@@ -8,12 +8,14 @@ the parameter, the owner (rule, attack, option) and what was given.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["check_choice", "check_int", "check_real"]
+__all__ = ["Anything", "Choice", "Constraint", "Int", "Real", "check_choice", "check_int",
+           "check_params", "check_real"]
 
 
 def _owner(owner: str | None) -> str:
@@ -109,3 +111,98 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], *,
         listed = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name} must be one of {listed}{_owner(owner)}: got {value!r}")
     return value
+
+
+# --------------------------------------------------------------------------
+# Declared constraints: what a rule (or step, or attack) states once about each of
+# its parameters. ``check`` applies the helpers above; ``describe`` is the phrase
+# the docs tables and error messages use.
+
+
+@dataclass(frozen=True)
+class Int:
+    """An integer parameter, optionally bounded below and optionally None."""
+
+    low: int | None = None
+    none: bool = False
+
+    def check(self, name: str, value: Any, owner: str | None = None) -> int | None:
+        """Return ``value`` as an int (or None), or raise TypeError / ValueError."""
+        return check_int(name, value, owner=owner, low=self.low, none=self.none)
+
+    def describe(self) -> str:
+        """The constraint in words, e.g. ``"int >= 1, or None"``."""
+        text = "int" if self.low is None else f"int >= {self.low}"
+        return f"{text}, or None" if self.none else text
+
+
+@dataclass(frozen=True)
+class Real:
+    """A finite real parameter, optionally bounded below (strictly or not) and None."""
+
+    low: float | None = None
+    strict: bool = False
+    none: bool = False
+
+    def check(self, name: str, value: Any, owner: str | None = None) -> float | None:
+        """Return ``value`` as a float (or None), or raise TypeError / ValueError."""
+        return check_real(name, value, owner=owner, low=self.low, strict=self.strict,
+                          none=self.none)
+
+    def describe(self) -> str:
+        """The constraint in words, e.g. ``"real > 0"``."""
+        text = "real" if self.low is None else f"real {'>' if self.strict else '>='} {self.low:g}"
+        return f"{text}, or None" if self.none else text
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of a fixed set of values."""
+
+    values: tuple
+
+    def check(self, name: str, value: Any, owner: str | None = None) -> Any:
+        """Return ``value``, or raise ValueError listing the choices."""
+        return check_choice(name, value, self.values, owner=owner)
+
+    def describe(self) -> str:
+        """The constraint in words, e.g. ``"one of 'paper', 'reference'"``."""
+        return "one of " + ", ".join(repr(v) for v in self.values)
+
+
+@dataclass(frozen=True)
+class Anything:
+    """A parameter checked where it is used (an array, a seed); ``what`` says what it is."""
+
+    what: str
+
+    def check(self, name: str, value: Any, owner: str | None = None) -> Any:
+        """Return ``value`` unchanged."""
+        return value
+
+    def describe(self) -> str:
+        """``what``."""
+        return self.what
+
+
+Constraint = Int | Real | Choice | Anything
+
+
+def check_params(owner: str, constraints: Mapping[str, Constraint],
+                 values: Mapping[str, Any]) -> dict[str, Any]:
+    """Check ``values`` against their declared ``constraints``; return the checked values.
+
+    Raises
+    ------
+    TypeError
+        A value of the wrong type, or a name without a declared constraint.
+    ValueError
+        A value of the right type out of range.
+    """
+    out = {}
+    for name, value in values.items():
+        if name not in constraints:
+            raise TypeError(f"{owner} declares no parameter {name!r}; its parameters: "
+                            f"{', '.join(constraints) or 'none'}")
+        out[name] = constraints[name].check(name, value, owner)
+    return out

@@ -13,23 +13,10 @@ from hypothesis import strategies as st
 
 import flagagg
 from flagagg._array import as_stack
-from flagagg._gram import Gram, choose_reference, scale_exponents, usable_rows
+from flagagg._gram import Gram, as_gram, choose_reference, scale_exponents
 from flagagg._linalg import PARTIAL_MAX_FRACTION, PARTIAL_MIN_SIZE, top_eigh
 from flagagg.backends import get_backend_impl
-from flagagg.rules._base import (
-    combination_norm,
-    distance_ranks,
-    distances,
-    finite_rows,
-    in_unit,
-    nonfinite_or_zero,
-    normalized_gram,
-    relative_unit_gram,
-    row_norms,
-    sq_distances,
-    transform_gram,
-    unit_distances,
-)
+from flagagg.rules._base import in_unit, unit_distances
 
 import rule_oracles as orc
 from conftest import has_module
@@ -208,7 +195,7 @@ def test_shift_only_when_ill_conditioned():
     assert ref is not None and ref != 3
     K = flagagg._array.as_stack(G2).gram(get_backend_impl("numpy"), shift=True)
     assert isinstance(K, Gram) and K.ref == ref
-    np.testing.assert_allclose(sq_distances(K, finite_rows(K)[0]), orc.sq_dist(G2),
+    np.testing.assert_allclose(K.sq_distances(), orc.sq_dist(G2),
                                rtol=1e-10)
 
 
@@ -303,20 +290,17 @@ def test_finite_huge_row_is_not_nonfinite():
     G[0] = 1e200
     G[4, 1] = np.nan
     K = as_stack(G).gram(get_backend_impl("numpy"))
-    finite, excluded = finite_rows(K)
-    assert finite.tolist() == [True, True, True, True, False]
-    assert [i for i, _ in excluded] == [4]
-    np.testing.assert_allclose(row_norms(K)[:4], [np.sqrt(3) * 1e200] + [np.sqrt(3)] * 3)
-    keep, _ = nonfinite_or_zero(K)
-    assert keep.tolist() == [True, True, True, True, False]
-    Kn = normalized_gram(K, np.arange(4))
+    assert K.usable.tolist() == [True, True, True, True, False]
+    assert [i for i, _ in K.excluded] == [4]
+    np.testing.assert_allclose(K.row_norms()[:4], [np.sqrt(3) * 1e200] + [np.sqrt(3)] * 3)
+    Kn = K.normalized(np.arange(4))
     np.testing.assert_allclose(Kn, 1.0)
     res = flagagg.aggregate(G, rule="krum", f=1, return_result=True)
     assert res.selected[0] in (1, 2, 3) and [i for i, _ in res.excluded] == [4]
     res = flagagg.flag_aggregate(G, return_result=True)
     assert [i for i, _ in res.excluded] == [4]
     # An overflowing Gram written out as a plain matrix still reads as non-finite there.
-    assert not finite_rows(np.asarray(K))[0][0]
+    assert not as_gram(np.asarray(K)).usable[0]
 
 
 def _sharded_gram(G, shards=3):
@@ -335,37 +319,34 @@ def _sharded_gram(G, shards=3):
 def test_overflow_decided_alike_on_every_path(rule, params):
     # A finite row whose squared norm overflows (1e160) and a row holding NaN: the
     # Gram built from the data and the one a sharded producer assembles from scaled
-    # pieces make the same decision (usable_rows) and give the same coefficients.
+    # pieces make the same decision (Gram.usable) and give the same coefficients.
     G = np.random.default_rng(3).normal(size=(7, 12))
     G[5] = 1e160
     G[6, 3] = np.nan
     local = as_stack(G).gram(get_backend_impl("numpy"))
     sharded = _sharded_gram(G)
     for K in (local, sharded):
-        usable, excluded = usable_rows(K)
-        assert usable.tolist() == [True] * 6 + [False]
-        assert [i for i, _ in excluded] == [6] and "NaN" in excluded[0][1]
-        fin, why = finite_rows(K)  # the rules' helper is that one decision
-        assert np.array_equal(fin, usable) and why == excluded
+        assert K.usable.tolist() == [True] * 6 + [False]
+        assert [i for i, _ in K.excluded] == [6] and "NaN" in K.excluded[0][1]
     r = flagagg.get_rule(rule, **params)
-    c_local, _ = r._coefficients(local)
-    c_sharded, _ = r._coefficients(sharded)
+    c_local = r.solve_gram(local).coefficients
+    c_sharded = r.solve_gram(sharded).coefficients
     np.testing.assert_allclose(c_sharded, c_local, rtol=1e-9, atol=1e-12 * np.abs(c_local).max())
     # Without the data, the diagonal cannot tell an overflow from an Inf: the same
     # function decides, says so, and the row is not used (never a NaN output).
     plain = np.asarray(local)
-    usable, excluded = usable_rows(plain)
+    usable, excluded = as_gram(plain).usable, as_gram(plain).excluded
     assert usable.tolist() == [True] * 5 + [False, False]
     assert "cannot tell" in dict(excluded)[5]
     try:
-        coef, _ = r._coefficients(plain)
+        coef = r.solve_gram(plain).coefficients
     except ValueError as exc:  # MDA with f=1 and two inputs not used: its own error
         assert rule == "mda" and "more than f=1" in str(exc)
     else:
         assert np.isfinite(coef).all() and coef[5] == coef[6] == 0.0
     # Rows known finite but given without a scaled form: not held, and the reason says so.
-    bare = Gram(plain, finite=np.isfinite(G).all(axis=1))
-    usable, excluded = usable_rows(bare)
+    bare = Gram.from_data(plain, finite=np.isfinite(G).all(axis=1))
+    usable, excluded = bare.usable, bare.excluded
     assert usable.tolist() == [True] * 5 + [False, False]
     assert "scale_exponents" in dict(excluded)[5] and "NaN" in dict(excluded)[6]
 
@@ -382,11 +363,10 @@ def _mixed_rows(seed=0):
 def test_distances_and_their_order_at_any_magnitude():
     G = _mixed_rows()
     K = as_stack(G).gram(get_backend_impl("numpy"))
-    fin = np.ones(8, dtype=bool)
     want = np.array([[orc.norm(a - b) for b in G] for a in G])
     E = -7
-    np.testing.assert_allclose(np.ldexp(distances(K, fin, E), E), want, rtol=1e-12)
-    R = distance_ranks(K, fin)
+    np.testing.assert_allclose(np.ldexp(K.distances(E), E), want, rtol=1e-12)
+    R = K.distance_ranks()
     # Same order as the n-space distances, ties (the equal rows) kept as ties.
     iu = np.triu_indices(8, 1)
     w, r = want[iu], R[iu]
@@ -399,7 +379,7 @@ def test_relative_unit_gram_and_unit_distances_at_any_magnitude(r):
     # combination of them, against n-space with nrm2-safe norms.
     G = _mixed_rows(1)
     K = as_stack(G).gram(get_backend_impl("numpy"))
-    n, t, U = relative_unit_gram(K, np.arange(8), r)
+    n, t, U = K.relative_unit(np.arange(8), r)
     Y = G - (0.0 if r is None else G[r])
     lengths = np.array([orc.norm(y) for y in Y])
     np.testing.assert_allclose(np.ldexp(n, t), lengths, rtol=1e-12)
@@ -424,10 +404,10 @@ def test_transform_gram_and_combination_norm_huge():
     G = np.array([[1e200, 2e200], [1.0, 1.0], [3.0, -1.0]])
     K = as_stack(G).gram(get_backend_impl("numpy"))
     M = np.array([[1e-200, 0.0, 0.0], [0.25, 0.5, 0.25]])
-    K2 = transform_gram(K, M)
-    np.testing.assert_allclose(row_norms(K2), _scaled_norm(M @ G), rtol=1e-12)
+    K2 = K.transform(M)
+    np.testing.assert_allclose(K2.row_norms(), _scaled_norm(M @ G), rtol=1e-12)
     c = np.array([1e-201, 1.0, 0.0])
-    np.testing.assert_allclose(combination_norm(K, c), _scaled_norm(c @ G), rtol=1e-12)
+    np.testing.assert_allclose(K.combination_norm(c), _scaled_norm(c @ G), rtol=1e-12)
 
 
 def _scaled_norm(Y):

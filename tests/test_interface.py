@@ -58,10 +58,10 @@ def test_flag_with_nnm_keeps_its_result_type():
 def test_flag_is_a_gram_rule_computable_from_the_gram_alone():
     G = honest_and_reversed()
     rule = FlagAggregator(r=3)
-    assert isinstance(rule, flagagg.rules.GramRule)
-    coef, extras = rule._coefficients(G @ G.T)
-    np.testing.assert_allclose(coef @ G, rule(G, backend="numpy"), rtol=1e-10)
-    assert extras["rank"] == 3
+    assert rule.space == "gram"
+    sol = rule.solve_gram(G @ G.T)  # a plain matrix, as summed across ranks
+    np.testing.assert_allclose(sol.coefficients @ G, rule(G, backend="numpy"), rtol=1e-10)
+    assert sol.rank == 3
 
 
 # ----------------------------------------------------------------------------- NaN policy
@@ -174,8 +174,8 @@ def test_diagnostics_only_when_a_result_is_asked_for(monkeypatch):
     from flagagg.rules import _result
 
     calls = []
-    real = _result.gram_diagnostics
-    monkeypatch.setattr(_result, "gram_diagnostics",
+    real = _result.linear_stats
+    monkeypatch.setattr(_result, "linear_stats",
                         lambda *a: calls.append(1) or real(*a))
     G = honest_and_reversed()
     rules = [flagagg.get_rule(name, f=F) for name in flagagg.available_rules()]

@@ -350,16 +350,21 @@ def test_centered_clipping_clips_any_size(lib, mag):
         assert orc.norm(out - (0 if center is None else center)) <= 3.0
 
 
-@pytest.mark.xfail(strict=True, reason="per-input cosine of a finite input whose squared norm "
-                   "overflows is NaN: rules/_result.py forms it from the plain Gram (issue 24, "
-                   "left to the owner of _result.py)")
-@pytest.mark.parametrize("rule,params", [("geometric_median", {}), ("median", {})])
+@pytest.mark.parametrize("rule,params", [("geometric_median", {}), ("median", {}),
+                                         ("krum", {"f": 1}), ("mean", {}),
+                                         ("centered_clipping", {"center": np.zeros(5)})])
 def test_diagnostics_of_a_huge_finite_input_are_finite(rule, params):
+    # The cosines come from the scaled form of the Gram: a kept input of 1e200 (squared
+    # norm beyond float64) has its exact cosine, and is flagged outsized.
     G = np.random.default_rng(6).normal(size=(7, 5))
     G[6] = 1e200
     res = flagagg.aggregate(G, rule=rule, return_result=True, **params)
     assert res.excluded == () and np.isfinite(res.aggregate).all()
     assert np.isfinite(res.cosine).all() and np.isfinite(res.influence).all()
+    out = res.aggregate / np.abs(res.aggregate).max()  # (the mean is huge too)
+    want = out.sum() / (np.sqrt(5) * np.linalg.norm(out))  # cos(1e200 * ones, out)
+    np.testing.assert_allclose(res.cosine[6], np.clip(want, -1, 1), rtol=1e-9, atol=1e-12)
+    assert "outsized" in res.verdict[6]
 
 
 def test_centered_clipping_with_previous_center():

@@ -1,8 +1,10 @@
 """Tables of the documentation, computed from flagagg itself at build time.
 
 Nothing here is written by hand: the rules come from
-:func:`flagagg.available_rules` and the rule classes (docstrings, signatures,
-and the behaviour measured by running them), the attacks from the registry of
+:func:`flagagg.available_rules` and what each rule class declares once in its
+``contract`` (parameters, bound on p, NaN policy, cost, reference; see
+:mod:`flagagg.rules._contract`), its first docstring line, and the behaviour
+measured by running it; the attacks from the registry of
 :mod:`flagagg.attacks`, and the backend support table from running every rule
 on a tiny input with every installed backend. A rule or attack added to a
 registry appears in the next docs build.
@@ -11,16 +13,9 @@ Each ``*_rst`` function returns reStructuredText lines; the Sphinx extension
 (:mod:`flagagg_sphinx`) parses them into the page, and ``tests/test_docs.py``
 calls them too so that a broken registry entry fails ``make test``.
 
-Conventions read from docstrings (the first match wins):
-
-* definition: the first line of the class docstring;
-* complexity: a paragraph starting ``Complexity:`` or ``Cost:``, else the
-  sentences about cost (``O(...)``, passes over the data, ``p x p`` work)
-  of the extended summary and Notes, of the class, else of its module;
-* NaN policy: a paragraph starting ``NaN policy:`` (class, else module),
-  shown next to the measured behaviour;
-* source: citations in the forms ``Authors, "Title", Venue 2017``,
-  ``(Authors, Venue 2021)``, ``Name et al. (2019)``.
+The attacks' sources are still read from their docstrings, in the forms
+``Authors, "Title", Venue 2017``, ``(Authors, Venue 2021)``, ``Name et al.
+(2019)``.
 """
 
 from __future__ import annotations
@@ -53,12 +48,6 @@ _DEFINITION_OVERRIDES = {
     "minimises the robust (square-root) reconstruction error; see "
     ":doc:`/flag-aggregator`.",
 }
-_SOURCE_OVERRIDES = {"flag": "Almasi et al. (2024)"}
-_COMPLEXITY_OVERRIDES = {
-    "flag": "Gram matrix O(p² n); each IRLS step O(p k² + k³) with k ≤ p the rank of the "
-    "inputs (O(p² k²) when lam > 0); one O(p n) combination. See "
-    ":ref:`flag-cost`.",
-}
 # Attacks defined by the Flag Aggregator paper's experiments but cited there to no one.
 _PAPER_ATTACK_SOURCE = "Almasi et al. (2024), experiments"
 
@@ -76,7 +65,6 @@ _ET_AL = re.compile(
     r"(?P<who>[A-Z][\w\-']+(?: et al\.?| and [A-Z][\w\-']+)),?\s*\(?"
     r"(?P<venue>)(?P<year>(?:19|20)\d\d)\)?"
 )
-_COST_WORDS = re.compile(r"O\(|\bpass(?:es)?\b|\bcosts?\b|\bp x p\b|read twice|\bwork\b")
 _SEED = 12345
 
 
@@ -92,44 +80,6 @@ def _summary(obj: Any) -> str:
     doc = _doc(obj)
     para = doc.split("\n\n", 1)[0] if doc else ""
     return " ".join(para.split())
-
-
-def _prose(obj: Any) -> list[str]:
-    """Paragraphs of the extended summary and Notes of a numpydoc docstring."""
-    from numpydoc.docscrape import NumpyDocString
-
-    doc = _doc(obj)
-    if not doc:
-        return []
-    try:
-        parsed = NumpyDocString(doc)
-        lines = [*parsed["Extended Summary"], "", *parsed["Notes"]]
-    except Exception:  # noqa: BLE001 - a docstring numpydoc cannot parse: use it whole
-        lines = doc.splitlines()[1:]
-    paras, cur = [], []
-    for line in [*lines, ""]:
-        if line.strip():
-            cur.append(line)
-        elif cur:
-            text = " ".join(" ".join(cur).split())
-            if not text.startswith(".. "):  # directives (math blocks) are not prose
-                paras.append(text)
-            cur = []
-    return paras
-
-
-def _sentences(paragraph: str) -> list[str]:
-    return [s.strip() for s in re.split(r"(?<=[.;])\s+(?=[A-Z`*])", paragraph) if s.strip()]
-
-
-def _labelled(paras: list[str], labels: tuple[str, ...]) -> str | None:
-    """The rest of the first paragraph that starts with ``Label:`` (or ``Label, ...:``)."""
-    for para in paras:
-        for label in labels:
-            m = re.match(rf"{re.escape(label)}\b[^:.]*:\s*(.*)", para, flags=re.IGNORECASE)
-            if m:
-                return m.group(1).strip()
-    return None
 
 
 def _who(text: str) -> str:
@@ -218,12 +168,15 @@ class RuleInfo:
         ``None`` for rules without ``f``), or empty when the rule cannot be
         built with defaults.
     precondition : str
-        The rule's declared bound (``p_bound``) in words, with those values.
+        The rule's declared bound (``contract.bound``) in words, with those values.
     complexity : str
+        ``contract.cost``.
     nan_documented : str or None
+        ``contract.nan_policy``.
     nan_measured : str
         What a NaN row and an Inf row did.
     source : str
+        ``contract.reference``, short form.
     output : str
         ``"aggregate"`` (a vector) or a description of a pre-aggregation output.
     problems : list of str
@@ -264,9 +217,9 @@ def _public_path(cls: type) -> str:
 
 
 def _init_parameters(cls: type) -> list[inspect.Parameter]:
-    sig = inspect.signature(cls.__init__)
-    return [p for name, p in sig.parameters.items()
-            if name not in ("self", "backend") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    """The declared parameters (``contract.params``), with their constructor defaults."""
+    sig = inspect.signature(cls.__init__).parameters
+    return [sig[name] for name in cls.contract.params if name != "backend"]
 
 
 def _inputs(p: int, n: int = 16, seed: int = _SEED) -> np.ndarray:
@@ -293,11 +246,9 @@ def _smallest_p(rule: Any, p_max: int = 64) -> int | None:
     return None
 
 
-def _formula(bound: tuple[int, int]) -> str:
-    """``"p ≥ a f + b"`` from a rule's declared ``p_bound``."""
-    a, b = bound
-    term = "f" if a == 1 else f"{a}f"
-    return f"p ≥ {term}" if b == 0 else f"p ≥ {term} {'+' if b > 0 else '-'} {abs(b)}"
+def _formula(bound: Any) -> str:
+    """``"p ≥ a f + b"`` from a rule's declared ``contract.bound``."""
+    return str(bound).replace(">=", "≥")
 
 
 def _nan_behaviour(name: str, f: int | None, p: int, value: float) -> str:
@@ -316,40 +267,9 @@ def _nan_behaviour(name: str, f: int | None, p: int, value: float) -> str:
     return "finite output"
 
 
-def _cost_sentences(obj: Any) -> list[str]:
-    return [sent for para in _prose(obj) for sent in _sentences(para)
-            if _COST_WORDS.search(sent) and not sent.lower().startswith("nan policy")]
-
-
-def _complexity(cls: type) -> str:
-    module = inspect.getmodule(cls)
-    for source in (cls, module):
-        labelled = _labelled(_prose(source), ("Complexity", "Cost"))
-        if labelled:
-            return labelled
-    for source in (cls, module):
-        found = _cost_sentences(source)
-        if found:
-            return " ".join(found)
-    from flagagg.rules import GramRule
-
-    if issubclass(cls, GramRule):
-        return "Gram matrix O(p² n), then p × p work, then one O(p n) combination " \
-               "(p × p cost not documented)"
-    return "not documented"
-
-
-def _nan_policy(cls: type) -> str | None:
-    for source in (cls, inspect.getmodule(cls)):
-        found = _labelled(_prose(source), ("NaN policy",))
-        if found:
-            return found
-    return None
-
-
 def _source(cls: type) -> str:
-    cites = _citations(_doc(cls)) or _citations(_doc(inspect.getmodule(cls)))
-    return "; ".join(cites) or "--"
+    ref = cls.contract.reference
+    return ref.short() if ref is not None else "--"
 
 
 def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
@@ -382,9 +302,9 @@ def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
             parameters=[p.name if p.default is inspect.Parameter.empty
                         else f"{p.name}={_fmt_default(p.default)}" for p in params],
             takes_f=takes_f,
-            complexity=_COMPLEXITY_OVERRIDES.get(name) or _complexity(cls),
-            nan_documented=_nan_policy(cls),
-            source=_SOURCE_OVERRIDES.get(name) or _source(cls),
+            complexity=cls.contract.cost or "not declared",
+            nan_documented=cls.contract.nan_policy or None,
+            source=_source(cls),
         )
         if required:
             info.precondition = f"needs parameters {', '.join(required)}; not measured"
@@ -392,7 +312,7 @@ def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
             infos.append(info)
             continue
         try:
-            # the bound each rule declares (p_bound) and enforces (check_workers)
+            # the bound each rule declares (contract.bound) and enforces (check_workers)
             if takes_f:
                 rules = {f: _build(name, f) for f in f_values}
                 f_probe = f_values[0]
@@ -400,7 +320,7 @@ def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
                 rules = {None: _build(name, None)}
                 f_probe = None
             info.min_p = {f: _smallest_p(rule) for f, rule in rules.items()}
-            bound = rules[f_probe].p_bound
+            bound = cls.contract.bound
             listed = ", ".join(f"f={f}: p ≥ {p}" for f, p in info.min_p.items()
                                if f is not None)
             info.precondition = (f"{_formula(bound)} ({listed})" if bound and listed

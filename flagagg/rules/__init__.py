@@ -11,14 +11,18 @@ import importlib
 import inspect
 from typing import Any
 
-from ._base import GramRule, Rule
-from ._result import AggregationResult, RuleResult
+from ._base import NothingLeftError, Rule
+from ._contract import Bound, Contract, Reference, Solution
+from ._result import AggregationResult
 
 __all__ = [
     "AggregationResult",
-    "GramRule",
+    "Bound",
+    "Contract",
+    "NothingLeftError",
+    "Reference",
     "Rule",
-    "RuleResult",
+    "Solution",
     "aggregate",
     "available_pre",
     "available_rules",
@@ -79,7 +83,7 @@ def _rule_class(name: str) -> type[Rule]:
     return getattr(importlib.import_module(module_name), cls_name)
 
 
-def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
+def get_rule(name: str, *, pre: Any = None, backend: str | None = None, **params: Any) -> Rule:
     """Build the aggregation rule called ``name``.
 
     Parameters
@@ -94,7 +98,11 @@ def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
         inputs only twice; see :mod:`flagagg.rules._pre`.
     **params
         The rule's parameters (e.g. ``f`` for the Byzantine-robust rules,
-        ``r`` and ``lam`` for ``"flag"``).
+        ``r`` and ``lam`` for ``"flag"``), checked against the rule's
+        declared contract.
+    backend : str, optional
+        The backend of every call of the rule that names none (see
+        :func:`flagagg.backend`); any rule takes it.
 
     Returns
     -------
@@ -104,9 +112,9 @@ def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
     Raises
     ------
     ValueError
-        If the rule is unknown.
+        If the rule is unknown, or a parameter is out of its range.
     TypeError
-        If a parameter is not one of the rule's.
+        If a parameter is not one of the rule's, or of the wrong type.
 
     Examples
     --------
@@ -119,14 +127,20 @@ def get_rule(name: str, *, pre: Any = None, **params: Any) -> Rule:
     """
     cls = _rule_class(name)
     _check_names(cls, params)
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend must be a backend name or None: got {backend!r}")
     try:
         if pre is not None and not (isinstance(pre, (list, tuple)) and len(pre) == 0):
             from ._pre import compose
 
-            return compose(cls, pre, params)
-        return cls(**params)
+            rule = compose(cls, pre, params)
+        else:
+            rule = cls(**params)
     except TypeError as exc:
         raise TypeError(f"invalid parameters for rule {name!r}: {exc}") from None
+    if backend is not None:
+        rule.backend = backend
+    return rule
 
 
 _MEANING = {"f": "the number of Byzantine inputs tolerated"}
@@ -134,16 +148,16 @@ _MEANING = {"f": "the number of Byzantine inputs tolerated"}
 
 @functools.cache
 def _parameters(cls: type[Rule]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Names of ``cls``'s parameters, and those without a default (read once per class)."""
+    """``cls``'s declared parameters, and those its constructor needs (read once per class)."""
     sig = inspect.signature(cls.__init__).parameters
-    names = tuple(k for k in sig if k != "self")
+    names = tuple(k for k in cls.contract.params if k != "backend")
     return names, tuple(k for k in names if sig[k].default is inspect.Parameter.empty)
 
 
 def _check_names(cls: type[Rule], params: dict[str, Any]) -> None:
     """Give flagagg's own message for a missing or unknown parameter, before Python's."""
     names, required = _parameters(cls)
-    unknown = sorted(set(params) - set(names))
+    unknown = sorted(set(params) - set(names) - {"backend"})
     if unknown:
         raise TypeError(
             f"rule {cls.name!r} takes no parameter {', '.join(map(repr, unknown))}; "

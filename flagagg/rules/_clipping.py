@@ -7,36 +7,24 @@ from typing import Any
 import numpy as np
 
 from .._array import Stack
-from .._gram import unshifted
-from .._validation import check_choice, check_int, check_real
+from .._gram import Gram
+from .._validation import Anything, Int, Real, check_choice
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    GramRule,
-    append_input,
-    check_f,
-    finite_gram,
-    finite_rows,
-    in_unit,
-    nothing_left,
-    relative_unit_gram,
-    unit_distances,
-    validate_f,
-)
-from ._result import worker_diagnostics
+from ._base import NothingLeftError, Rule, append_input, in_unit, unit_distances
+from ._contract import F_OPTIONAL, Contract, Outcome, Reference, Solution, Space, WorkerStats
+from ._result import linear_stats
 
 __all__ = ["CenteredClipping", "centered_clipping_gram"]
 
 
-def centered_clipping_gram(KA: np.ndarray, finite: np.ndarray, tau: float, n_iter: int,
+def centered_clipping_gram(KA: Gram, finite: np.ndarray, tau: float, n_iter: int,
                            has_center: bool) -> tuple[np.ndarray, float]:
     """Centered clipping on the augmented Gram matrix of ``[g_1, ..., g_p, v_0]``.
 
     Parameters
     ----------
-    KA : ndarray of shape (p + 1, p + 1) or (p, p)
-        Gram matrix of the inputs (a :class:`~flagagg._gram.Gram` or a plain
-        matrix), with the starting center as a last row and column when
+    KA : Gram of shape (p + 1, p + 1) or (p, p)
+        Gram matrix of the inputs, with the starting center as a last row and column when
         ``has_center`` (then it may be shifted; otherwise it must not be).
         Rows of non-finite inputs are ignored.
     finite : ndarray of bool, shape (p,)
@@ -62,10 +50,10 @@ def centered_clipping_gram(KA: np.ndarray, finite: np.ndarray, tau: float, n_ite
     p = finite.size
     idx = np.flatnonzero(finite)
     if has_center:
-        n, t, U = relative_unit_gram(KA, np.append(idx, p), r=idx.size)
+        n, t, U = KA.relative_unit(np.append(idx, p), r=idx.size)
         n, t, U = n[:-1], t[:-1], U[:-1, :-1]
     else:
-        n, t, U = relative_unit_gram(KA, idx, r=None)
+        n, t, U = KA.relative_unit(idx, r=None)
     s = in_unit(n, t, tau)  # ||g_i - v_0|| / tau, +inf beyond float64
     far = np.isinf(s)
     b = np.zeros(idx.size)
@@ -87,7 +75,7 @@ def centered_clipping_gram(KA: np.ndarray, finite: np.ndarray, tau: float, n_ite
     return coef, float(1.0 - c.sum()) if has_center else 0.0
 
 
-class CenteredClipping(GramRule):
+class CenteredClipping(Rule):
     r"""Centered clipping: move a center by the mean of the clipped differences to it.
 
     Parameters
@@ -145,16 +133,32 @@ class CenteredClipping(GramRule):
     """
 
     name = "centered_clipping"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"tau": Real(low=0.0, strict=True), "n_iter": Int(low=1),
+                "center": Anything('None, "previous", or an array or pytree shaped like one '
+                                   "input"),
+                "f": F_OPTIONAL},
+        nan_policy="inputs holding NaN or Inf are excluded (listed in result.excluded); each "
+        "counts as an input equal to the current center (it contributes nothing to a step, "
+        "the 1/p keeps counting it). A non-finite array center is a ValueError",
+        cost="one pass for the Gram matrix of the inputs (and an array center), O(p²) per "
+        "clipping iteration, one combination pass",
+        reference=Reference(("Karimireddy", "He", "Jaggi"),
+                            "Learning from history for Byzantine robust optimization",
+                            "ICML", 2021),
+        space="gram",
+    )
 
     def __init__(self, tau: float = 1.0, n_iter: int = 1, center: Any = None,
                  f: int | None = None) -> None:
-        self.tau = check_real("tau", tau, owner=self.name, low=0.0, strict=True)
-        self.n_iter = check_int("n_iter", n_iter, owner=self.name, low=1)
         if isinstance(center, str):
             check_choice("center", center, ("previous",), owner=self.name)
-        self.center = center
-        self.f = validate_f(self.name, f, required=False)
+        self._store(tau=tau, n_iter=n_iter, center=center, f=f)
+
+    @property
+    def space(self) -> Space:
+        """``"gram"`` from the zero center; ``"vector"`` when the center is data."""
+        return "gram" if self._start() is None else "vector"
 
     def _start(self) -> Any:
         if isinstance(self.center, str):
@@ -169,49 +173,33 @@ class CenteredClipping(GramRule):
         """Forget the previous output (``center="previous"`` starts from zero again)."""
         self.__dict__.pop("previous_", None)
 
-    def _gram_only(self) -> bool:
-        return self._start() is None
-
-    def _check(self, p: int) -> None:
-        if self.f is not None:
-            check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
-
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+    def _solve_gram(self, K: Gram) -> Solution:
         # The zero start: only the inputs' Gram matrix is needed.
-        self._check(K.shape[0])
-        finite, excluded = finite_rows(K)
-        if not finite.any():
-            raise nothing_left(self.name, K.shape[0], excluded)
-        coef, _ = centered_clipping_gram(K, finite, self.tau, self.n_iter, has_center=False)
-        return coef, {"excluded": excluded, "n_iter": self.n_iter}
+        self.usable(K)
+        coef, _ = centered_clipping_gram(K, K.usable, self.tau, self.n_iter, has_center=False)
+        return Solution(coefficients=coef, excluded=K.excluded, n_iter=self.n_iter)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         v0 = self._start()
         if v0 is None:
-            return super()._aggregate(stack, backend)
+            return super()._solve_stack(stack, backend)
         p = stack.p
-        self._check(p)
         aug = append_input(stack, v0, self.name)
         # Every iterate is an affine combination of the inputs and the center,
         # so the Gram of all of them shifted by a central one serves (exact
         # distances when they share a large common part).
         KA = aug.gram(backend, shift=True)
-        finite_all, nonfinite = finite_rows(KA)
-        if not finite_all[p]:
+        if not KA.usable[p]:
             raise ValueError(f"{self.name}: the center holds NaN or Inf values")
-        finite = finite_all[:p]
-        excluded = tuple((i, why) for i, why in nonfinite if i < p)
+        finite = KA.usable[:p]
+        excluded = tuple((i, why) for i, why in KA.excluded if i < p)
         if not finite.any():
-            raise nothing_left(self.name, p, excluded)
+            raise NothingLeftError(self.name, p, excluded)
         coef, a = centered_clipping_gram(KA, finite, self.tau, self.n_iter, has_center=True)
         e = np.append(coef, a)
         out = aug.combine(backend, e)
-        # <g_i, out> and ||out||^2 from the augmented (unshifted) Gram: no extra pass.
-        KU = np.asarray(unshifted(KA))
-        KAf = finite_gram(KU, np.append(finite, True))
-        inner = KAf[:p] @ e
-        inner[~finite] = np.nan
-        diag = worker_diagnostics(inner, np.diag(KU)[:p], float(e @ KAf @ e), coef, excluded)
-        return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
-                                 coefficients=coef, excluded=excluded, n_iter=self.n_iter,
-                                 details={"center_weight": a}, **diag)
+        # Each input against the output from the augmented (unshifted) Gram: no extra pass.
+        st = linear_stats(KA.inputs, e)
+        stats = WorkerStats(st.cosine[:p], st.share[:p], st.norms[:p], st.out_ok)
+        return Outcome(out, Solution(coefficients=coef, excluded=excluded, n_iter=self.n_iter,
+                                     details={"center_weight": a}), stats=stats)

@@ -23,15 +23,18 @@ import numpy as np
 
 from .._array import Stack
 from ..backends import Backend
-from ._base import AggregationResult, Rule, all_finite, check_f, validate_f
+from ._base import Rule, all_finite
+from ._contract import F_OPTIONAL, F_REQUIRED, Contract, Outcome, Reference, Solution
 
-__all__ = ["MeaMed", "Median", "Phocas", "TrimmedMean", "coordinate_aggregate"]
+__all__ = ["MeaMed", "Median", "Phocas", "TrimmedMean"]
 
-
-def coordinate_aggregate(stack: Stack, backend: Backend, rows: np.ndarray, center: str,
-                         trim: int, k: int) -> Any:
-    """Run the backend's order-statistics kernel on ``rows`` of every leaf of ``stack``."""
-    return stack.coordinate_stat(backend, rows, center, trim, k)
+NAN_POLICY = ("per coordinate, NaN counts as +inf, an outlier larger than every number: with "
+              "at most f non-finite values in a coordinate (and p >= 2f + 1) the output stays "
+              "finite. No input is dropped as a whole, but every input holding NaN or Inf is "
+              "reported in result.excluded; a non-finite output coordinate is a ValueError")
+COST = ("one O(p n) pass: the backend's order-statistics kernel per coordinate (sorting "
+        "networks over cache-sized blocks of columns on numba)")
+XIE = ("Xie", "Koyejo", "Gupta")
 
 
 class _CoordinateRule(Rule):
@@ -40,15 +43,12 @@ class _CoordinateRule(Rule):
     def _stat(self, p: int) -> tuple[str, int, int]:
         raise NotImplementedError
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         p = stack.p
-        if self.f is not None:
-            check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
         center, trim, k = self._stat(p)
-        out = coordinate_aggregate(stack, backend, np.arange(p), center, trim, k)
+        out = stack.coordinate_stat(backend, np.arange(p), center, trim, k)
         check_finite_output(self.name, stack, out, self.f)
-        return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
-                                 details={"center": center, "trim": trim, "k": k})
+        return Outcome(out, Solution(details={"center": center, "trim": trim, "k": k}))
 
 
 def check_finite_output(rule: str, stack: Stack, out: Any, f: int | None) -> None:
@@ -86,10 +86,11 @@ class Median(_CoordinateRule):
     """
 
     name = "median"
-    p_bound = (2, 1)
+    contract = Contract(params={"f": F_OPTIONAL}, nan_policy=NAN_POLICY, cost=COST,
+                        space="coordinate")
 
     def __init__(self, f: int | None = None) -> None:
-        self.f = validate_f(self.name, f, required=False)
+        self._store(f=f)
 
     def _stat(self, p: int) -> tuple[str, int, int]:
         return "median", 0, 0
@@ -119,10 +120,15 @@ class TrimmedMean(_CoordinateRule):
     """
 
     name = "trimmed_mean"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_REQUIRED}, nan_policy=NAN_POLICY, cost=COST, space="coordinate",
+        reference=Reference(("Yin", "Chen", "Ramchandran", "Bartlett"),
+                            "Byzantine-robust distributed learning: towards optimal "
+                            "statistical rates", "ICML", 2018),
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
     def _stat(self, p: int) -> tuple[str, int, int]:
         return "trimmed", self.f, 0
@@ -153,10 +159,13 @@ class MeaMed(_CoordinateRule):
     """
 
     name = "meamed"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_REQUIRED}, nan_policy=NAN_POLICY, cost=COST, space="coordinate",
+        reference=Reference(XIE, "Generalized Byzantine-tolerant SGD", "arXiv", 2018),
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
     def _stat(self, p: int) -> tuple[str, int, int]:
         return "median", 0, p - self.f
@@ -188,10 +197,14 @@ class Phocas(_CoordinateRule):
     """
 
     name = "phocas"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_REQUIRED}, nan_policy=NAN_POLICY, cost=COST, space="coordinate",
+        reference=Reference(XIE, "Phocas: dimensional Byzantine-resilient stochastic gradient "
+                            "descent", "arXiv", 2018),
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
     def _stat(self, p: int) -> tuple[str, int, int]:
         return "trimmed", self.f, p - self.f

@@ -19,25 +19,19 @@ twice (Gram, then the combination), whatever ``max_iter`` and ``lam``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
+from .._gram import Gram, as_gram
 from .._linalg import top_eigh
-from .._validation import check_choice, check_int, check_real
-from ._base import (
-    GramRule,
-    combination_norm,
-    nonfinite_or_zero,
-    normalized_gram,
-    nothing_left,
-    row_norms,
-    validate_f,
-)
-from ._result import AggregationResult
+from .._validation import Anything, Choice, Int, Real
+from ._base import NothingLeftError, Rule
+from ._contract import F_OPTIONAL, Contract, Reference, Solution, result_fields
+from ._result import AggregationResult, Column
 
-__all__ = ["FlagAggregator", "FlagResult", "flag_aggregate", "solve_gram"]
+__all__ = ["FlagAggregator", "FlagResult", "FlagSolution", "flag_aggregate", "solve_gram"]
 
 VARIANTS = ("paper", "reference")
 # "auto": "median_norm" for variant "paper" (drop-in for a mean), None for
@@ -143,9 +137,41 @@ class FlagResult(AggregationResult):
             "  h_i in the subspace (sign-blind); weight w_i: IRLS pull on the next subspace",
         ]
 
-    def _columns(self) -> list[tuple[str, str, np.ndarray | None]]:
-        return [("ratio v_i", "{:>9.4f}", self.reconstruction_ratios),
-                ("weight w_i", "{:>10.4g}", self.weights)]
+    def _columns(self) -> list[tuple[str, Column, np.ndarray | None]]:
+        return [("ratio v_i", Column(9, 4), self.reconstruction_ratios),
+                ("weight w_i", Column(10, 4, style="g"), self.weights)]
+
+
+@dataclass(frozen=True)
+class FlagDiagnostics:
+    """The diagnostics of the returned subspace (see :class:`FlagResult`), formed on demand."""
+
+    basis_coefficients: np.ndarray
+    stationarity: float
+    eigengap: float
+    eigenvalues: np.ndarray
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlagSolution(Solution):
+    """What :func:`solve_gram` returns: a Solution with the Flag Aggregator's own fields.
+
+    Those fields are the ones of :class:`FlagResult`, under the same names.
+    """
+
+    rank: int
+    r_requested: int
+    rank_clamped: bool
+    reconstruction_ratios: np.ndarray
+    weights: np.ndarray
+    variant: str
+    lam: float
+    rescale: str | None
+    max_iter: int
+    basis_coefficients: np.ndarray | None = None
+    stationarity: float = float("nan")
+    eigengap: float = float("nan")
+    eigenvalues: np.ndarray | None = None
 
 
 class _Terms:
@@ -255,13 +281,8 @@ class _Terms:
         return (B + B.T) / 2
 
 
-def _top(B: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray]:
-    """The top-``r`` eigenvalues (descending) and eigenvectors of symmetric ``B``."""
-    return top_eigh(B, r)
-
-
 def solve_gram(
-    K: np.ndarray,
+    K: Any,
     r: int | None = None,
     lam: float = 0.0,
     *,
@@ -271,42 +292,43 @@ def solve_gram(
     variant: str = "paper",
     rescale: str | None = "auto",
     defer: bool = False,
-) -> tuple[np.ndarray, dict]:
+) -> FlagSolution:
     """Solve the Flag Aggregator given only the Gram matrix of the inputs.
 
-    Parameters are those of :func:`flag_aggregate`; ``K`` is the float64
-    ``p x p`` Gram matrix ``G G^T`` (it may come from anywhere, e.g. an
-    all-reduce across ranks).
+    Parameters are those of :func:`flag_aggregate`; ``K`` is the ``p x p``
+    Gram matrix ``G G^T`` (a :class:`~flagagg._gram.Gram`, or a plain float64
+    matrix from anywhere, e.g. an all-reduce across ranks).
 
     Parameters
     ----------
     defer : bool, default=False
         Leave out the diagnostics of the returned subspace (``stationarity``,
         ``eigengap``, ``eigenvalues``: one more full eigendecomposition) and
-        its ``basis_coefficients`` (a ``p x k x r`` product), and return,
-        under the key ``"_late"``, a function that computes them.
-        The aggregation's hot path uses it; see
-        :func:`flagagg.rules._result.deferred_diagnostics`.
+        its ``basis_coefficients`` (a ``p x k x r`` product), and return a
+        function that computes them as ``solution.late``. The aggregation's
+        hot path uses it: they are formed only when a result is handed out.
 
     Returns
     -------
-    coef : ndarray of shape (p,)
-        Coefficients of the aggregate on the inputs.
-    extras : dict
-        The other fields of :class:`FlagResult`.
+    solution : FlagSolution
+        ``solution.coefficients`` give the aggregate on the inputs; its
+        other fields are those of :class:`FlagResult`.
     """
-    # Norms and cosines from the exact (scaled) form when K has one.
-    keep, excluded = nonfinite_or_zero(K)
-    Kx = K
-    K = np.asarray(K, dtype=np.float64)
-    p = K.shape[0]
+    K = as_gram(K)
+    p = K.p
     rescale = _resolve_rescale(rescale, variant)
+    # Inputs that cannot be normalised: unused ones, and zero rows (norm 0).
+    norms_all = K.row_norms()
+    zero = K.usable & (norms_all == 0)
+    keep = K.usable & ~zero
+    excluded = tuple(sorted(K.excluded + tuple((int(i), "zero norm")
+                                               for i in np.flatnonzero(zero))))
     if not keep.any():
-        raise nothing_left("flag", p, excluded)
+        raise NothingLeftError("flag", p, excluded)
     idx = np.flatnonzero(keep)
     q = idx.size
-    norms = row_norms(Kx)[idx]
-    Kn = np.clip(normalized_gram(Kx, idx), -1.0, 1.0)
+    norms = norms_all[idx]
+    Kn = np.clip(K.normalized(idx), -1.0, 1.0)
     np.fill_diagonal(Kn, 1.0)
 
     s, V = np.linalg.eigh(Kn)
@@ -328,7 +350,7 @@ def solve_gram(
         c = lam / (q * (q - 1)) if q > 1 else 0.0
         P = None
         if ref.has_pairs:
-            _, U = _top(ref.matrix(np.ones(q), 2.0 * c * c), rank)
+            _, U = top_eigh(ref.matrix(np.ones(q), 2.0 * c * c), rank)
         else:
             U = np.eye(k, rank)  # B = T^T T = S, as in the first "paper" step
             P = T[:, :rank]
@@ -349,7 +371,7 @@ def solve_gram(
                 U_new = np.eye(k, rank)
                 P = T[:, :rank]
             else:
-                _, U_new = _top(terms.matrix(w_node, w_pair), rank)
+                _, U_new = top_eigh(terms.matrix(w_node, w_pair), rank)
             parts = terms.objective_parts(U_new, eps, P)
             value = terms.objective(*parts)
             if history and value > history[-1]:
@@ -371,7 +393,7 @@ def solve_gram(
     weights_final = s_node ** -0.5
     w_pair_final = terms.pair_scale * s_pair ** -0.5
 
-    def late() -> dict:
+    def late() -> FlagDiagnostics:
         # B_final is the matrix the next step would use, from the weights at U.
         B_final = terms.matrix(weights_final, w_pair_final)
         eig_final = np.linalg.eigvalsh(B_final)[::-1]
@@ -380,12 +402,12 @@ def solve_gram(
         nxt = eig_final[rank] if rank < k else 0.0
         basis = np.zeros((p, rank))
         basis[idx] = (V @ (U / np.sqrt(s)[:, None])) / norms[:, None]
-        return {
-            "basis_coefficients": basis,
-            "stationarity": float(np.linalg.norm(resid)
-                                  / max(np.linalg.norm(BU), np.finfo(float).tiny)),
-            "eigengap": float(eig_final[rank - 1] - nxt), "eigenvalues": eig_final,
-        }
+        return FlagDiagnostics(
+            basis_coefficients=basis,
+            stationarity=float(np.linalg.norm(resid)
+                               / max(np.linalg.norm(BU), np.finfo(float).tiny)),
+            eigengap=float(eig_final[rank - 1] - nxt), eigenvalues=eig_final,
+        )
 
     # Aggregate (1/r) Y Y^T sum_i h_i = Q z, and Q z = H^T (V S^-1/2 z).
     z = U @ (U.T @ T.sum(axis=0)) / rank
@@ -393,7 +415,7 @@ def solve_gram(
     coef = np.zeros(p)
     coef[idx] = coef_h / norms
     if rescale == "median_norm":
-        out_norm = combination_norm(Kx, coef)
+        out_norm = K.combination_norm(coef)
         if out_norm > 0:
             coef *= _median(norms) / out_norm
 
@@ -401,18 +423,15 @@ def solve_gram(
     ratios[idx] = np.clip(1.0 - (s_node - eps), 0.0, 1.0)
     weights = np.zeros(p)
     weights[idx] = weights_final
-    extras = {
-        "rank": rank, "r_requested": r_requested, "rank_clamped": rank < r_requested,
-        "reconstruction_ratios": ratios, "weights": weights,
-        "objective_history": np.asarray(history), "n_iter": n_iter, "converged": converged,
-        "excluded": excluded, "variant": variant, "lam": float(lam), "rescale": rescale,
-        "max_iter": max_iter,
-    }
+    solution = FlagSolution(
+        coefficients=coef, excluded=excluded, n_iter=n_iter, converged=converged,
+        objective_history=np.asarray(history), rank=rank, r_requested=r_requested,
+        rank_clamped=rank < r_requested, reconstruction_ratios=ratios, weights=weights,
+        variant=variant, lam=float(lam), rescale=rescale, max_iter=max_iter, late=late,
+    )
     if defer:
-        extras["_late"] = late
-    else:
-        extras.update(late())
-    return coef, extras
+        return solution
+    return replace(solution, late=None, **result_fields(late(), leave=()))
 
 
 def _median(x: np.ndarray) -> float:
@@ -428,17 +447,20 @@ def _resolve_rescale(rescale: str | None, variant: str) -> str | None:
     return None if rescale == "none" else rescale
 
 
-def _check_params(r, lam, max_iter, tol, eps, variant, rescale) -> None:
-    check_int("r", r, owner="flag", low=1, none=True)
-    check_real("lam", lam, owner="flag", low=0.0)
-    check_int("max_iter", max_iter, owner="flag", low=1)
-    check_real("tol", tol, owner="flag", low=0.0)
-    check_real("eps", eps, owner="flag", low=0.0, strict=True)
-    check_choice("variant", variant, VARIANTS, owner="flag")
-    check_choice("rescale", rescale, RESCALE, owner="flag")
+FLAG_PARAMS = {
+    "r": Int(low=1, none=True),
+    "lam": Real(low=0.0),
+    "f": F_OPTIONAL,
+    "max_iter": Int(low=1),
+    "tol": Real(low=0.0),
+    "eps": Real(low=0.0, strict=True),
+    "variant": Choice(VARIANTS),
+    "rescale": Choice(RESCALE),
+    "backend": Anything("a backend name, or None"),
+}
 
 
-class FlagAggregator(GramRule):
+class FlagAggregator(Rule):
     """Flag Aggregator: project normalised inputs onto their robust subspace.
 
     Parameters are those of :func:`flag_aggregate`. Calling the object
@@ -461,6 +483,17 @@ class FlagAggregator(GramRule):
 
     name = "flag"
     result_type = FlagResult
+    contract = Contract(
+        params=FLAG_PARAMS,
+        nan_policy="inputs holding NaN or Inf, and zero inputs, are excluded and reported, "
+        "never propagated",
+        cost="Gram matrix O(p² n); each IRLS step O(p k² + k³) with k ≤ p the rank of the "
+        "inputs (O(p² k²) when lam > 0); one O(p n) combination. See :ref:`flag-cost`.",
+        reference=Reference(("Almasi", "Mishra", "Vamanan", "Ravi"),
+                            "Flag Aggregator: scalable distributed training under failures "
+                            "and augmented losses using convex optimization", "ICLR", 2024),
+        space="gram",
+    )
 
     def __init__(
         self,
@@ -475,18 +508,10 @@ class FlagAggregator(GramRule):
         rescale: str | None = "auto",
         backend: str | None = None,
     ) -> None:
-        _check_params(r, lam, max_iter, tol, eps, variant, rescale)
-        self.r = r
-        self.lam = float(lam)
-        self.max_iter = int(max_iter)
-        self.tol = float(tol)
-        self.eps = float(eps)
-        self.variant = variant
-        self.rescale = rescale
-        self.f = validate_f(self.name, f, required=False)
-        self.backend = backend
+        self._store(r=r, lam=lam, f=f, max_iter=max_iter, tol=tol, eps=eps, variant=variant,
+                    rescale=rescale, backend=backend)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+    def _solve_gram(self, K: Gram) -> FlagSolution:
         return solve_gram(K, self.r, self.lam, max_iter=self.max_iter, tol=self.tol,
                           eps=self.eps, variant=self.variant, rescale=self.rescale, defer=True)
 

@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validation import check_int, check_real
-from ._base import (
-    GramRule,
-    check_f,
-    distance_exponent,
-    distances,
-    finite_rows,
-    nothing_left,
-    relative_unit_gram,
-    unit_distances,
-    validate_f,
-)
+from .._gram import Gram
+from .._validation import Int, Real
+from ._base import Rule, unit_distances
+from ._contract import F_OPTIONAL, Contract, Reference, Solution
 
 __all__ = ["GeometricMedian", "medoid", "weiszfeld_gram", "weiszfeld_unit"]
 
@@ -127,14 +119,13 @@ def weiszfeld_unit(s: np.ndarray, U: np.ndarray, *, max_iter: int, tol: float, e
     return b, np.asarray(history), converged
 
 
-def weiszfeld_gram(K: np.ndarray, idx: np.ndarray, *, max_iter: int, tol: float, eps: float):
+def weiszfeld_gram(K: Gram, idx: np.ndarray, *, max_iter: int, tol: float, eps: float):
     """Smoothed Weiszfeld on the inputs ``idx`` of the Gram matrix ``K``, from their medoid.
 
     Parameters
     ----------
-    K : ndarray of shape (p, p)
-        Gram matrix (a :class:`~flagagg._gram.Gram`, scaled and shifted or
-        not, or a plain matrix).
+    K : Gram
+        Gram matrix of the inputs (shifted or not).
     idx : ndarray of int, shape (q,)
         The finite inputs, ``q >= 1``.
     max_iter : int
@@ -157,13 +148,10 @@ def weiszfeld_gram(K: np.ndarray, idx: np.ndarray, *, max_iter: int, tol: float,
     # The start: the medoid, which a minority of far inputs cannot move far (unlike
     # the mean, which one input at 1e30 moves by 1e30 / p). Distances in units of
     # 2^E (E = 0 unless the inputs are huge or tiny) only to compare them.
-    E = distance_exponent(K)
-    finite = np.zeros(K.shape[0], dtype=bool)
-    finite[idx] = True
-    D = distances(K, finite, E)
-    r = medoid(D if q == K.shape[0] else D[np.ix_(idx, idx)])
+    D = K.distances(K.distance_exponent())
+    r = medoid(D if q == K.p else D[np.ix_(idx, idx)])
     # Lengths ||g_i - g_r|| = 2^t_i n_i and the unit Gram of the g_i - g_r.
-    n, t, U = relative_unit_gram(K, idx, r)
+    n, t, U = K.relative_unit(idx, r)
     coef = np.zeros(q)
     coef[r] = 1.0
     pos = n > 0
@@ -191,7 +179,7 @@ def weiszfeld_gram(K: np.ndarray, idx: np.ndarray, *, max_iter: int, tol: float,
     return coef, history, converged
 
 
-class GeometricMedian(GramRule):
+class GeometricMedian(Rule):
     """Geometric median ``argmin_z sum_i ||z - g_i||``, by smoothed Weiszfeld iterations.
 
     Parameters
@@ -241,27 +229,29 @@ class GeometricMedian(GramRule):
     """
 
     name = "geometric_median"
-    p_bound = (2, 1)
-    translation_invariant = True
+    contract = Contract(
+        params={"max_iter": Int(low=1), "tol": Real(low=0.0), "eps": Real(low=0.0, strict=True),
+                "f": F_OPTIONAL},
+        nan_policy="inputs holding NaN or Inf are excluded (coefficient 0, listed in "
+        "result.excluded); the median of the others is returned",
+        cost="one pass for the Gram matrix (O(p² n)), O(p²) per Weiszfeld iteration, one "
+        "combination pass",
+        reference=Reference(("Pillutla", "Kakade", "Harchaoui"),
+                            "Robust aggregation for federated learning",
+                            "IEEE TSP", 2022),
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, max_iter: int = 100, tol: float = 1e-6, eps: float = 1e-6,
                  f: int | None = None) -> None:
-        self.max_iter = check_int("max_iter", max_iter, owner=self.name, low=1)
-        self.tol = check_real("tol", tol, owner=self.name, low=0.0)
-        self.eps = check_real("eps", eps, owner=self.name, low=0.0, strict=True)
-        self.f = validate_f(self.name, f, required=False)
+        self._store(max_iter=max_iter, tol=tol, eps=eps, f=f)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p = K.shape[0]
-        if self.f is not None:
-            check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
-        finite, excluded = finite_rows(K)
-        idx = np.flatnonzero(finite)
-        if idx.size == 0:
-            raise nothing_left(self.name, p, excluded)
+    def _solve_gram(self, K: Gram) -> Solution:
+        idx = self.usable(K)
         c, history, converged = weiszfeld_gram(K, idx, max_iter=self.max_iter, tol=self.tol,
                                                eps=self.eps)
-        coef = np.zeros(p)
+        coef = np.zeros(K.p)
         coef[idx] = c
-        return coef, {"excluded": excluded, "n_iter": int(history.size), "converged": converged,
-                      "objective_history": history}
+        return Solution(coefficients=coef, excluded=K.excluded, n_iter=int(history.size),
+                        converged=converged, objective_history=history)

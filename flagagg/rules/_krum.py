@@ -16,22 +16,13 @@ from __future__ import annotations
 import numpy as np
 
 from .._array import Stack
-from .._validation import check_int
+from .._gram import Gram
+from .._validation import Int
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    GramRule,
-    Rule,
-    check_f,
-    distance_exponent,
-    finite_rows,
-    nothing_left,
-    sq_distances,
-    validate_f,
-)
-from ._coordinate import coordinate_aggregate
+from ._base import Rule
+from ._contract import F_REQUIRED, Bound, Contract, Outcome, Reference, Solution
 
-__all__ = ["Bulyan", "Krum", "MultiKrum", "krum_scores"]
+__all__ = ["Bulyan", "Krum", "MultiKrum", "krum_distances", "krum_scores"]
 
 
 def krum_scores(D2: np.ndarray, n_neighbours: int) -> np.ndarray:
@@ -65,18 +56,26 @@ def _lowest(scores: np.ndarray, candidates: np.ndarray) -> int:
     return int(idx[np.argmin(scores[idx])])
 
 
-def _need_finite(rule: str, finite: np.ndarray, excluded, need: int) -> None:
-    n_finite, p = int(finite.sum()), finite.size
-    if n_finite == 0:
-        raise nothing_left(rule, p, excluded)
-    if n_finite < need:
-        raise ValueError(
-            f"{rule} needs at least {need} inputs with finite values: got {n_finite} of p={p} "
-            "(the others hold NaN or Inf)"
-        )
+KRUM = Reference(("Blanchard", "El Mhamdi", "Guerraoui", "Stainer"),
+                 "Machine learning with adversaries: Byzantine tolerant gradient descent",
+                 "NeurIPS", 2017)
+NAN_POLICY = ("an input holding NaN or Inf is at distance +inf from every other input and is "
+              "never selected; it is reported in result.excluded. With at most f such inputs "
+              "the scores of the others stay finite")
 
 
-class Krum(GramRule):
+def krum_distances(K: Gram) -> np.ndarray:
+    """Squared distances for Krum scores, in units of ``2^K.distance_exponent()``."""
+    return K.sq_distances(K.distance_exponent())
+
+
+def _absolute(scores: np.ndarray, K: Gram) -> np.ndarray:
+    """Scores in the inputs' own units (from those of :func:`krum_distances`)."""
+    with np.errstate(over="ignore"):
+        return np.ldexp(scores, 2 * K.distance_exponent())
+
+
+class Krum(Rule):
     """Krum: the input closest to its ``p - f - 2`` nearest neighbours.
 
     Parameters
@@ -107,25 +106,32 @@ class Krum(GramRule):
     """
 
     name = "krum"
-    p_bound = (2, 3)
-    translation_invariant = True
+    contract = Contract(
+        params={"f": F_REQUIRED},
+        bound=Bound(2, 3),
+        nan_policy=NAN_POLICY,
+        cost="one pass for the Gram matrix (O(p² n)), O(p² log p) scoring, one combination "
+        "pass reading the selected row",
+        reference=KRUM,
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p = K.shape[0]
-        check_f(self.name, self.f, p, 2 * self.f + 3, "p >= 2f + 3")
-        finite, excluded = finite_rows(K)
-        _need_finite(self.name, finite, excluded, 1)
-        scores = krum_scores(sq_distances(K, finite, distance_exponent(K)), p - self.f - 2)
-        i = _lowest(scores, finite)
+    def _solve_gram(self, K: Gram) -> Solution:
+        p = K.p
+        self.usable(K)
+        scores = krum_scores(krum_distances(K), p - self.f - 2)
+        i = _lowest(scores, K.usable)
         coef = np.zeros(p)
         coef[i] = 1.0
-        return coef, {"selected": (i,), "scores": scores, "excluded": excluded}
+        return Solution(coefficients=coef, selected=(i,), scores=_absolute(scores, K),
+                        excluded=K.excluded)
 
 
-class MultiKrum(GramRule):
+class MultiKrum(Rule):
     """Multi-Krum: the mean of the ``m`` inputs of lowest Krum score.
 
     Parameters
@@ -153,28 +159,33 @@ class MultiKrum(GramRule):
     """
 
     name = "multi_krum"
-    p_bound = (2, 3)
-    translation_invariant = True
+    contract = Contract(
+        params={"f": F_REQUIRED, "m": Int(low=1, none=True)},
+        bound=Bound(2, 3),
+        nan_policy=NAN_POLICY,
+        cost="one pass for the Gram matrix (O(p² n)), O(p² log p) scoring, one combination "
+        "pass reading the m selected rows",
+        reference=KRUM,
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, f: int, m: int | None = None) -> None:
-        self.f = validate_f(self.name, f)
-        self.m = check_int("m", m, owner=self.name, low=1, none=True)
+        self._store(f=f, m=m)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p = K.shape[0]
-        check_f(self.name, self.f, p, 2 * self.f + 3, "p >= 2f + 3")
+    def _solve_gram(self, K: Gram) -> Solution:
+        p = K.p
         m = p - self.f if self.m is None else self.m
         if m > p:
             raise ValueError(f"need m <= p for {self.name}: got m={m}, p={p}")
-        finite, excluded = finite_rows(K)
-        _need_finite(self.name, finite, excluded, 1)
-        scores = krum_scores(sq_distances(K, finite, distance_exponent(K)), p - self.f - 2)
-        idx = np.flatnonzero(finite)
+        idx = self.usable(K)
+        scores = krum_scores(krum_distances(K), p - self.f - 2)
         chosen = idx[np.argsort(scores[idx], kind="stable")][:m]
         coef = np.zeros(p)
         coef[chosen] = 1.0 / chosen.size
-        return coef, {"selected": tuple(int(i) for i in chosen), "scores": scores,
-                      "excluded": excluded, "details": {"m": int(chosen.size)}}
+        return Solution(coefficients=coef, selected=tuple(int(i) for i in chosen),
+                        scores=_absolute(scores, K), excluded=K.excluded,
+                        details={"m": int(chosen.size)})
 
 
 # From this many inputs on, Bulyan's selection tracks the neighbours incrementally
@@ -312,23 +323,29 @@ class Bulyan(Rule):
     """
 
     name = "bulyan"
-    p_bound = (4, 3)
+    contract = Contract(
+        params={"f": F_REQUIRED},
+        bound=Bound(4, 3),
+        nan_policy=NAN_POLICY + "; Bulyan needs p - 2f finite inputs",
+        cost="one pass for the Gram matrix (O(p² n)), recursive Krum selection (O(p³ log p), "
+        "O(p² log p) from 192 inputs), one coordinate-wise pass over the selected rows",
+        reference=Reference(("El Mhamdi", "Guerraoui", "Rouault"),
+                            "The hidden vulnerability of distributed learning in Byzantium",
+                            "ICML", 2018),
+        space="vector",
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         p, f = stack.p, self.f
-        check_f(self.name, f, p, 4 * f + 3, "p >= 4f + 3")
         K = stack.gram(backend, shift=True)
-        finite, excluded = finite_rows(K)
         theta = p - 2 * f
         beta = theta - 2 * f
-        _need_finite(self.name, finite, excluded, theta)
-        picks, scores = bulyan_select(sq_distances(K, finite, distance_exponent(K)), finite,
-                                       f, theta)
-        out = coordinate_aggregate(stack, backend, np.sort(picks), "median", 0, beta)
-        return AggregationResult(
-            aggregate=out, rule=self.name, backend=backend.name, selected=tuple(picks),
-            excluded=excluded, scores=scores, details={"theta": theta, "beta": beta},
-        )
+        self.usable(K, need=theta)
+        picks, scores = bulyan_select(krum_distances(K), K.usable, f, theta)
+        out = stack.coordinate_stat(backend, np.sort(picks), "median", 0, beta)
+        return Outcome(out, Solution(selected=tuple(picks), excluded=K.excluded,
+                                     scores=_absolute(scores, K),
+                                     details={"theta": theta, "beta": beta}))

@@ -7,17 +7,10 @@ import math
 
 import numpy as np
 
-from .._validation import check_int
-from ._base import (
-    GramRule,
-    check_f,
-    distance_exponent,
-    distance_ranks,
-    distances,
-    finite_rows,
-    nothing_left,
-    validate_f,
-)
+from .._gram import Gram
+from .._validation import Int
+from ._base import Rule
+from ._contract import F_REQUIRED, Contract, Reference, Solution
 
 __all__ = ["MDA", "MDA_MAX_SUBSETS", "min_diameter_subset"]
 
@@ -92,7 +85,7 @@ def min_diameter_subset(D2: np.ndarray, f: int) -> tuple[np.ndarray, float, int]
     return np.flatnonzero(keep), best_d2, n_subsets
 
 
-class MDA(GramRule):
+class MDA(Rule):
     """Minimum-diameter averaging: the mean of the ``p - f`` inputs of smallest diameter.
 
     Parameters
@@ -126,16 +119,25 @@ class MDA(GramRule):
     """
 
     name = "mda"
-    p_bound = (2, 1)
-    translation_invariant = True
+    contract = Contract(
+        params={"f": F_REQUIRED, "max_subsets": Int(low=1)},
+        nan_policy="an input holding NaN or Inf is at distance +inf from the others, so no "
+        "subset of finite diameter contains it; with at most f such inputs the mean is "
+        "finite. They are listed in result.excluded",
+        cost="one pass for the Gram matrix (O(p² n)), an exhaustive search over the C(p, f) "
+        "subsets (O(C(p, f) f p)), one combination pass",
+        reference=Reference(("El Mhamdi", "Guerraoui", "Rouault"),
+                            "Distributed momentum for Byzantine-resilient stochastic gradient "
+                            "descent", "ICLR", 2021),
+        space="gram",
+        translation_invariant=True,
+    )
 
     def __init__(self, f: int, max_subsets: int = MDA_MAX_SUBSETS) -> None:
-        self.f = validate_f(self.name, f)
-        self.max_subsets = check_int("max_subsets", max_subsets, owner=self.name, low=1)
+        self._store(f=f, max_subsets=max_subsets)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p, f = K.shape[0], self.f
-        check_f(self.name, f, p, 2 * f + 1, "p >= 2f + 1")
+    def _solve_gram(self, K: Gram) -> Solution:
+        p, f = K.p, self.f
         n = math.comb(p, f)
         if n > self.max_subsets:
             raise ValueError(
@@ -143,27 +145,25 @@ class MDA(GramRule):
                 f"max_subsets={self.max_subsets}; raise max_subsets (about 2 s per million "
                 "subsets) or use another rule"
             )
-        finite, excluded = finite_rows(K)
-        if not finite.any():
-            raise nothing_left(self.name, p, excluded)
+        self.usable(K)
         # The search only compares distances: their ranks, which no magnitude can
         # overflow (a diameter of 1e300 is compared exactly with one of 1e-300).
-        kept, rank, n_subsets = min_diameter_subset(distance_ranks(K, finite), f)
+        kept, rank, n_subsets = min_diameter_subset(K.distance_ranks(), f)
         if not np.isfinite(rank):
             raise ValueError(
                 f"{self.name}: more than f={f} inputs hold NaN or Inf "
-                f"({len(excluded)} of p={p}); every subset of p - f inputs contains one"
+                f"({len(K.excluded)} of p={p}); every subset of p - f inputs contains one"
             )
         coef = np.zeros(p)
         coef[kept] = 1.0 / kept.size
-        return coef, {"selected": tuple(int(i) for i in kept), "excluded": excluded,
-                      "details": {"diameter": _diameter(K, finite, kept),
-                                  "n_subsets": n_subsets}}
+        return Solution(coefficients=coef, selected=tuple(int(i) for i in kept),
+                        excluded=K.excluded,
+                        details={"diameter": _diameter(K, kept), "n_subsets": n_subsets})
 
 
-def _diameter(K: np.ndarray, finite: np.ndarray, kept: np.ndarray) -> float:
+def _diameter(K: Gram, kept: np.ndarray) -> float:
     """Largest distance among the inputs ``kept`` (``inf`` only beyond float64)."""
-    E = distance_exponent(K)
-    D = distances(K, finite, E)[np.ix_(kept, kept)]
+    E = K.distance_exponent()
+    D = K.distances(E)[np.ix_(kept, kept)]
     with np.errstate(over="ignore"):
         return float(np.ldexp(D.max(), E)) if kept.size else 0.0

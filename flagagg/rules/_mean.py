@@ -5,16 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from .._array import Stack
+from .._gram import Gram
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    Rule,
-    all_finite,
-    finite_rows,
-    nothing_left,
-    validate_f,
-)
-from ._result import deferred_diagnostics
+from ._base import NothingLeftError, Rule, all_finite
+from ._contract import F_OPTIONAL, Contract, Outcome, Solution
 
 
 class Mean(Rule):
@@ -37,27 +31,30 @@ class Mean(Rule):
     """
 
     name = "mean"
+    contract = Contract(
+        params={"f": F_OPTIONAL},
+        nan_policy="inputs holding NaN or Inf are excluded and reported, the others averaged "
+        "(a Gram pass, taken only when the plain mean is not finite)",
+        cost="one O(p n) pass over the data",
+        space="gram",
+    )
 
     def __init__(self, f: int | None = None) -> None:
-        self.f = validate_f(self.name, f, required=False)
+        self._store(f=f)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
-        p = stack.p
-        coef = np.full(p, 1.0 / p)
+    def _solve_gram(self, K: Gram) -> Solution:
+        if not K.usable.any():
+            raise NothingLeftError(self.name, K.p, K.excluded)
+        return Solution(coefficients=K.usable / K.usable.sum(), excluded=K.excluded)
+
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
+        coef = np.full(stack.p, 1.0 / stack.p)
         out = stack.combine(backend, coef)
         if all_finite(stack, out):
-            return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
-                                     coefficients=coef)
+            return Outcome(out, Solution(coefficients=coef))
         K = stack.gram(backend)
-        keep, excluded = finite_rows(K)
-        if not excluded:
+        if not K.excluded:
             # Finite inputs whose mean overflows: nothing to exclude, say so.
-            return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
-                                     coefficients=coef, **deferred_diagnostics(K, coef, ()))
-        if not keep.any():
-            raise nothing_left(self.name, p, excluded)
-        coef = keep / keep.sum()
-        out = stack.combine(backend, coef)
-        return AggregationResult(aggregate=out, rule=self.name, backend=backend.name,
-                                 coefficients=coef, excluded=excluded,
-                                 **deferred_diagnostics(K, coef, excluded))
+            return Outcome(out, Solution(coefficients=coef), gram=K)
+        sol = self._solve_gram(K)
+        return Outcome(stack.combine(backend, sol.coefficients), sol, gram=K)

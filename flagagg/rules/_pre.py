@@ -18,7 +18,6 @@ non-finite, so the rule after the step applies its own NaN policy to it.
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Mapping
 from dataclasses import replace
@@ -27,23 +26,13 @@ from typing import Any
 import numpy as np
 
 from .._array import Leaf, Stack, dtype_name
-from .._validation import check_int, check_real
+from .._gram import Gram
+from .._validation import Anything, Int, Real
 from ..backends import Backend
 from ..backends._base import compute_dtype_name
-from ._base import (
-    AggregationResult,
-    GramRule,
-    Params,
-    Rule,
-    check_f,
-    distance_exponent,
-    finite_rows,
-    row_norms,
-    sq_distances,
-    transform_gram,
-    validate_f,
-)
-from ._result import deferred_diagnostics
+from ._base import Params, Rule
+from ._contract import F_REQUIRED, Contract, Outcome, Reference
+from ._result import AggregationResult
 
 __all__ = ["NNM", "Bucketing", "Clipping", "ComposedRule", "PreAggregator", "make_pre"]
 
@@ -51,18 +40,15 @@ __all__ = ["NNM", "Bucketing", "Clipping", "ComposedRule", "PreAggregator", "mak
 class PreAggregator(Params):
     """Base class of pre-aggregation steps.
 
-    Subclasses set ``name`` and implement ``mixing(K) -> (M, info)``: the
-    ``p' x p`` matrix of the new inputs as combinations of the current ones,
-    given their float64 Gram matrix ``K`` (non-finite diagonal for inputs
-    holding NaN or Inf), and a dict of diagnostics.
+    Subclasses set ``name`` and ``contract`` (as a rule does: parameters,
+    bound, NaN policy, cost, reference) and implement ``mixing(K) -> (M,
+    info)``: the ``p' x p`` matrix of the new inputs as combinations of the
+    current ones, given their :class:`~flagagg._gram.Gram` ``K``, and a dict
+    of the step's diagnostics (``result.details["pre"]``).
     """
 
     name = "pre"
-    p_bound: tuple[int, int] | None = None
-
-    def check_workers(self, p: int) -> int:
-        """Raise the step's ValueError if ``p`` inputs are too few; return its output count."""
-        return Rule.check_workers(self, p)
+    contract = Contract(params={}, bound=None)
 
     def outputs(self, p: int) -> int:
         """Number of mixed inputs the step makes from ``p``."""
@@ -72,10 +58,9 @@ class PreAggregator(Params):
     # distances only): then a shifted Gram may be used.
     translation_equivariant = False
 
-    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+    def mixing(self, K: Gram) -> tuple[np.ndarray, dict]:
         """Return the mixing matrix for inputs of Gram matrix ``K``."""
         raise NotImplementedError
-
 
 
 class NNM(PreAggregator):
@@ -103,18 +88,25 @@ class NNM(PreAggregator):
     """
 
     name = "nnm"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_REQUIRED},
+        nan_policy="inputs holding NaN or Inf are nobody's neighbour; each maps to itself, "
+        "non-finite, for the rule after the step",
+        cost="O(p² log p) on the Gram matrix (no pass over the data)",
+        reference=Reference(("Allouah", "Farhadkhani", "Guerraoui", "Gupta", "Pinot",
+                             "Stephan"), "Fixing by mixing: a recipe for optimal Byzantine ML "
+                            "under heterogeneity", "AISTATS", 2023),
+    )
     translation_equivariant = True
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
-    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+    def mixing(self, K: Gram) -> tuple[np.ndarray, dict]:
         """Row ``i``: weight ``1 / (p - f)`` on each of the ``p - f`` neighbours of input ``i``."""
-        p = K.shape[0]
-        check_f(self.name, self.f, p, 2 * self.f + 1, "p >= 2f + 1")
-        finite, _ = finite_rows(K)
-        D2 = sq_distances(K, finite, distance_exponent(K))
+        p = K.p
+        finite = K.usable
+        D2 = K.sq_distances(K.distance_exponent())
         np.fill_diagonal(D2, -1.0)  # an input is its own first neighbour
         k = min(p - self.f, int(finite.sum()))
         A = nearest_mask(D2, k) * (1.0 / k)
@@ -170,11 +162,19 @@ class Bucketing(PreAggregator):
     """
 
     name = "bucketing"
+    contract = Contract(
+        params={"s": Int(low=1),
+                "random_state": Anything("an int seed, a numpy.random.Generator or None")},
+        bound=None,
+        nan_policy="a bucket holding a non-finite input is non-finite",
+        cost="O(p²) on the Gram matrix (no pass over the data)",
+        reference=Reference(("Karimireddy", "He", "Jaggi"), "Byzantine-robust learning on "
+                            "heterogeneous datasets via bucketing", "ICLR", 2022),
+    )
     translation_equivariant = True
 
     def __init__(self, s: int = 2, random_state: Any = None) -> None:
-        self.s = check_int("s", s, owner=self.name, low=1)
-        self.random_state = random_state
+        self._store(s=s, random_state=random_state)
         self._rng = np.random.default_rng(random_state)
         self._lock = threading.Lock()
 
@@ -190,9 +190,9 @@ class Bucketing(PreAggregator):
         """``ceil(p / s)`` bucket means."""
         return -(-p // self.s)
 
-    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+    def mixing(self, K: Gram) -> tuple[np.ndarray, dict]:
         """Row ``b``: weight ``1 / |B_b|`` on the members of bucket ``b`` of a permutation."""
-        p = K.shape[0]
+        p = K.shape[0]  # all it reads: a Gram or any p x p matrix
         with self._lock:
             perm = self._rng.permutation(p)
         buckets = [perm[j:j + self.s] for j in range(0, p, self.s)]
@@ -221,14 +221,20 @@ class Clipping(PreAggregator):
     """
 
     name = "clipping"
+    contract = Contract(
+        params={"tau": Real(low=0.0, strict=True, none=True)},
+        bound=None,
+        nan_policy="non-finite inputs are left as they are, for the rule after the step",
+        cost="O(p) on the Gram matrix (no pass over the data)",
+    )
 
     def __init__(self, tau: float | None = None) -> None:
-        self.tau = check_real("tau", tau, owner=self.name, low=0.0, strict=True, none=True)
+        self._store(tau=tau)
 
-    def mixing(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
+    def mixing(self, K: Gram) -> tuple[np.ndarray, dict]:
         """Diagonal: ``min(1, tau / ||g_i||)``; 1 for zero and non-finite inputs."""
-        finite, _ = finite_rows(K)
-        norms = np.where(finite, row_norms(K), 0.0)
+        finite = K.usable
+        norms = np.where(finite, K.row_norms(), 0.0)
         tau = self.tau if self.tau is not None else (
             float(np.median(norms[finite])) if finite.any() else 1.0)
         with np.errstate(divide="ignore"):
@@ -245,7 +251,7 @@ def available_pre() -> list[str]:
 
 
 def _accepts(cls: Any, name: str) -> bool:
-    return name in inspect.signature(cls.__init__).parameters
+    return name in cls.contract.params
 
 
 def _is_pair(spec: Any) -> bool:
@@ -286,11 +292,6 @@ def make_pre(spec: Any, f: int | None) -> PreAggregator:
         raise TypeError(f"invalid parameters for pre-aggregation {key!r}: {exc}") from None
 
 
-def mixed_gram(K: np.ndarray, M: np.ndarray) -> np.ndarray:
-    """Gram matrix ``M K M^T`` of the mixed inputs; non-finite where they mix a non-finite input."""
-    return transform_gram(K, M)
-
-
 class ComposedRule(Rule):
     """Pre-aggregation steps followed by a rule; usually built by ``get_rule(..., pre=[...])``.
 
@@ -325,6 +326,12 @@ class ComposedRule(Rule):
     'nnm+krum'
     """
 
+    contract = Contract(
+        params={"rule": Anything("a Rule"), "pre": Anything("a list of PreAggregator steps")},
+        bound=None,  # each step and the rule check their own (see check_workers)
+        space="vector",
+    )
+
     def __init__(self, rule: Rule, pre: list[PreAggregator]) -> None:
         self.rule = rule
         self.pre = list(pre)
@@ -333,6 +340,20 @@ class ComposedRule(Rule):
     def name(self) -> str:  # type: ignore[override]
         """``"step+...+rule"``, e.g. ``"nnm+krum"``."""
         return "+".join([s.name for s in self.pre] + [self.rule.name])
+
+    @property
+    def result_type(self) -> type[AggregationResult]:  # type: ignore[override]
+        """The rule's own result type (a FlagResult after ``"flag"``)."""
+        return self.rule.result_type
+
+    @property
+    def backend(self) -> str | None:  # type: ignore[override]
+        """The rule's own default backend, if it has one."""
+        return self.rule.backend
+
+    @backend.setter
+    def backend(self, value: str | None) -> None:
+        self.rule.backend = value
 
     def check_workers(self, p: int) -> int:
         """Check every step on the inputs it sees, then the rule on the steps' outputs."""
@@ -349,11 +370,6 @@ class ComposedRule(Rule):
                 f"{'+'.join(s.name for s in self.pre)} on p={p0} inputs)"
             ) from None
 
-    @property
-    def backend(self) -> str | None:
-        """The rule's own default backend, if it has one."""
-        return getattr(self.rule, "backend", None)
-
     def _remember(self, out: Any) -> None:
         # Stateful rules (centered clipping from the previous output) see the
         # composed output as theirs.
@@ -365,49 +381,30 @@ class ComposedRule(Rule):
             return False
         # A rule run on the materialised mixed inputs reads the data itself;
         # a Gram-only rule needs to be translation invariant.
-        if isinstance(self.rule, GramRule) and self.rule._gram_only():
-            return self.rule.translation_invariant
+        if self.rule.space == "gram":
+            return self.rule.contract.translation_invariant
         return True
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         K = stack.gram(backend, shift=self._shift())
-        finite0, excluded = finite_rows(K)
         M = None
         Kmix = K
         infos = []
         for step in self.pre:
             Mi, info = step.mixing(Kmix)
-            Kmix = mixed_gram(Kmix, Mi)
+            Kmix = Kmix.transform(Mi)
             # The first step's matrix is the product so far: no p^3 product with I.
             M = Mi if M is None else Mi @ M
             infos.append({"step": step.name, **info})
         if M is None:
             M = np.eye(stack.p)
-        details = {"pre": infos, "mixing": M}
-        gram_rule = isinstance(self.rule, GramRule) and self.rule._gram_only()
         try:
-            if gram_rule:
-                coef_mixed, extras = self.rule._coefficients(Kmix)
-                rule_details = extras.pop("details", {})
-                rule_excluded = extras.pop("excluded", ())
-                late = extras.pop("_late", None)
-                coef = M.T @ coef_mixed
-                out = stack.combine(backend, coef)
-                result = self.rule.result_type(
-                    aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-                    excluded=excluded, **extras, **deferred_diagnostics(K, coef, excluded, late),
-                    details={**rule_details, **details, "rule_excluded": rule_excluded},
-                )
+            if self.rule.space == "gram":
+                sol = self.rule._solve_gram(Kmix)
+                out = None
             else:
-                res = self.rule._aggregate(_materialise(stack, M, finite0), backend)
-                coef = None if res.coefficients is None else M.T @ res.coefficients
-                if coef is None:
-                    diag = {"influence": None, "cosine": None, "verdict": (), "_deferred": None}
-                else:
-                    diag = deferred_diagnostics(K, coef, excluded)
-                result = replace(res, rule=self.name, coefficients=coef, excluded=excluded,
-                                 details={**res.details, **details,
-                                          "rule_excluded": res.excluded}, **diag)
+                inner = self.rule._solve_stack(_materialise(stack, M, K.usable), backend)
+                sol, out = inner.solution, inner.aggregate
         except ValueError as exc:
             if M.shape[0] != stack.p:
                 raise ValueError(
@@ -415,7 +412,15 @@ class ComposedRule(Rule):
                     f"{'+'.join(s.name for s in self.pre)} on p={stack.p} inputs)"
                 ) from None
             raise
-        return result
+        # Coefficients, exclusions and diagnostics on the original inputs; the rule's
+        # own selection and exclusions refer to the mixed ones.
+        coef = None if sol.coefficients is None else M.T @ sol.coefficients
+        if out is None:
+            out = stack.combine(backend, coef)
+        sol = replace(sol, coefficients=coef, excluded=K.excluded,
+                      details={**sol.details, "pre": infos, "mixing": M,
+                               "rule_excluded": sol.excluded})
+        return Outcome(out, sol, gram=K if coef is not None else None)
 
 
 def _materialise(stack: Stack, M: np.ndarray, finite: np.ndarray) -> Stack:

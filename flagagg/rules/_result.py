@@ -8,16 +8,17 @@ no extra pass over the data.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from .._gram import unshifted
+from .._gram import Gram, as_gram
+from ._contract import WorkerStats, result_fields
 
-__all__ = ["AggregationResult", "RuleResult", "deferred_diagnostics", "suspects_of",
-           "with_diagnostics", "worker_diagnostics"]
+__all__ = ["AggregationResult", "Pending", "diagnose", "gram_stats", "linear_stats",
+           "output_stats", "suspects_of", "with_diagnostics", "worker_diagnostics"]
 
 # An input whose cosine with the output is below this pulls the other way.
 AGAINST_COS = 0.0
@@ -36,12 +37,30 @@ def suspects_of(verdict: tuple[str, ...]) -> tuple[int, ...]:
                  if v.startswith("excluded") or "outsized" in v or "pulls against" in v)
 
 
-def _fmt(value: float, sign: str, width: int, decimals: int) -> str:
-    """``value`` in fixed notation when it reads well there, else scientific, in ``width``."""
-    a = abs(value)
-    if np.isfinite(value) and a != 0 and not (1e-3 <= a < 10 ** (width - decimals - 3)):
-        return f"{value:>{sign}{width}.{max(decimals - 2, 1)}e}"
-    return f"{value:>{sign}{width}.{decimals}f}"
+@dataclass(frozen=True)
+class Column:
+    """How a per-input column of :meth:`AggregationResult.summary` prints its numbers.
+
+    ``style="f"``: fixed notation with ``decimals``, switching to scientific
+    notation for huge or tiny values (an influence of 1e29 must not print 30
+    digits); ``"e"``: scientific; ``"g"``: general.
+    """
+
+    width: int
+    decimals: int
+    sign: bool = False
+    style: str = "f"
+
+    def cell(self, value: float) -> str:
+        """``value`` formatted in ``width`` characters."""
+        sign = "+" if self.sign else ""
+        a = abs(value)
+        if self.style == "f" and not (np.isfinite(value) and a != 0
+                                      and not 1e-3 <= a < 10 ** (self.width - self.decimals - 3)):
+            return f"{value:>{sign}{self.width}.{self.decimals}f}"
+        style = "e" if self.style == "f" else self.style
+        decimals = max(self.decimals - 2, 1) if self.style == "f" else self.decimals
+        return f"{value:>{sign}{self.width}.{decimals}{style}}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,10 +133,10 @@ class AggregationResult:
     influence: np.ndarray | None = None
     cosine: np.ndarray | None = None
     verdict: tuple[str, ...] = ()
-    # (K, coef, excluded, late) of a linear rule whose per-input diagnostics are not
-    # computed yet: they cost more than the rule itself at small sizes, so they
-    # are formed only when a result is handed out (see with_diagnostics).
-    _deferred: tuple | None = field(default=None, repr=False, compare=False)
+    # The per-input diagnostics of a linear rule, not formed yet: they cost more than
+    # the rule itself at small sizes, so they are formed only when a result is handed
+    # out (see with_diagnostics).
+    _deferred: Pending | None = field(default=None, repr=False, compare=False)
 
     @property
     def excluded_indices(self) -> tuple[int, ...]:
@@ -132,8 +151,8 @@ class AggregationResult:
     def _header(self) -> list[str]:
         return [f"{self.rule} (backend={self.backend})"]
 
-    def _columns(self) -> list[tuple[str, str, np.ndarray | None]]:
-        """Extra per-input columns of a subclass: (title, format, values)."""
+    def _columns(self) -> list[tuple[str, Column, np.ndarray | None]]:
+        """Extra per-input columns of a subclass: (title, column format, values)."""
         return []
 
     def summary(self) -> str:
@@ -149,36 +168,99 @@ class AggregationResult:
         lines.append("  suspects (excluded, outsized or pulling the other way): "
                      + (", ".join(str(i) for i in sus) if sus else "none"))
         lines.append("")
-        cols = [("influence", "{:>+10.4f}", self.influence), ("cosine", "{:>+7.3f}", self.cosine),
-                ("coef c_i", "{:>+11.3e}", self.coefficients), *self._columns()]
+        cols = [("influence", Column(10, 4, sign=True), self.influence),
+                ("cosine", Column(7, 3, sign=True), self.cosine),
+                ("coef c_i", Column(11, 3, sign=True, style="e"), self.coefficients),
+                *self._columns()]
         cols = [c for c in cols if c[2] is not None]
         head = f"  {'input':>5}  " + "  ".join(
-            f"{t:>{len(fmt.format(0.0))}}" for t, fmt, _ in cols) + "  verdict"
+            f"{t:>{col.width}}" for t, col, _ in cols) + "  verdict"
         lines.append(head)
-
-        def cell(fmt: str, value: float) -> str:
-            # Fixed-point columns switch to scientific notation for huge or tiny
-            # values (an influence of 1e29 must not print 30 digits).
-            m = re.fullmatch(r"\{:>(\+?)(\d+)\.(\d+)f\}", fmt)
-            if m:
-                return _fmt(value, m[1], int(m[2]), int(m[3]))
-            return fmt.format(value)
-
         for i in range(p):
-            cells = "  ".join(cell(fmt, float(v[i])) for _, fmt, v in cols)
+            cells = "  ".join(col.cell(float(v[i])) for _, col, v in cols)
             mark = " <<" if i in sus else ""
             lines.append(f"  {i:>5}  {cells}  {self.verdict[i]}{mark}")
         return "\n".join(lines)
+@dataclass(frozen=True)
+class Pending:
+    """The per-input diagnostics of a linear rule, to be formed from its Gram when asked for.
+
+    ``late``: the rule's own costly diagnostics (see
+    :attr:`flagagg.rules._contract.Solution.late`), formed at the same time.
+    """
+
+    gram: Gram
+    coefficients: np.ndarray
+    excluded: tuple[tuple[int, str], ...]
+    late: Callable[[], Any] | None = None
 
 
-RuleResult = AggregationResult  # the earlier name, kept for code that imports it
+def with_diagnostics(result: AggregationResult) -> AggregationResult:
+    """``result`` with its deferred per-input diagnostics formed (itself if none are pending)."""
+    pending = result._deferred
+    if pending is None:
+        return result
+    fields = diagnose(linear_stats(pending.gram.inputs, pending.coefficients),
+                      pending.coefficients, pending.excluded)
+    if pending.late is not None:
+        fields.update(result_fields(pending.late(), leave=()))
+    return replace(result, _deferred=None, **fields)
+
+
+def linear_stats(K: Gram, coef: np.ndarray) -> WorkerStats:
+    """:class:`WorkerStats` of ``out = sum_i c_i g_i`` from the inputs' Gram, at any magnitude.
+
+    Everything is formed from the scaled form: with ``x_i = 2^-e_i g_i`` and
+    ``out = 2^top sum_j c'_j x_j`` (``c'_j = c_j 2^(e_j - top)``, ``top`` the
+    largest scale), cosines and shares are ratios of representable numbers,
+    so a finite input of 1e200 gets a finite cosine.
+    """
+    u = K.usable
+    e = K.exponents
+    nz = (coef != 0) & u
+    S = K.masked()
+    if nz.any():
+        top = int((e + np.frexp(coef)[1])[nz].max())
+        c = np.where(nz, np.ldexp(coef, e - top), 0.0)
+    else:
+        top, c = 0, np.zeros_like(coef)
+    v = S @ c  # <x_i, out / 2^top>
+    out_sq = float(c @ v)
+    E = K.distance_exponent()
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        d = np.diag(S)
+        cosine = np.where(u & (d > 0), v / np.sqrt(d * out_sq), np.nan)
+        share = np.where(u, np.ldexp(v / out_sq, e - top), np.nan)
+        norms = np.where(u, np.ldexp(np.sqrt(np.maximum(d, 0.0)), e - E), np.nan)
+    return WorkerStats(cosine, share, norms, bool(out_sq > 0 and np.isfinite(out_sq)),
+                       K.unit(E))
+
+
+def output_stats(KA: Gram) -> WorkerStats:
+    """:class:`WorkerStats` of the inputs against the output, from the Gram of ``[g, out]``."""
+    p = KA.p - 1
+    S, e, u = KA.scaled, KA.exponents, KA.usable
+    E = KA.distance_exponent()
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
+        d = np.diag(S)[:p]
+        s_o = float(S[p, p])
+        ok = u[:p]
+        cosine = np.where(ok & (d > 0), S[:p, p] / np.sqrt(d * s_o), np.nan)
+        share = np.where(ok, np.ldexp(S[:p, p] / s_o, e[:p] - e[p]), np.nan)
+        norms = np.where(ok, np.ldexp(np.sqrt(np.maximum(d, 0.0)), e[:p] - E), np.nan)
+    out_ok = bool(u[p] and s_o > 0)
+    return WorkerStats(cosine, share, norms, out_ok, KA.unit(E)[:p, :p])
 
 
 def worker_diagnostics(
     inner: np.ndarray, sq_norms: np.ndarray, out_sq: float, coefficients: np.ndarray | None,
     excluded: tuple[tuple[int, str], ...], K: np.ndarray | None = None,
 ) -> dict:
-    """``influence``, ``cosine`` and ``verdict`` from inner products with the output.
+    """``influence``, ``cosine`` and ``verdict`` from plain inner products with the output.
+
+    For callers that hold plain numbers (the DDP hook, from a Gram summed
+    across ranks); the rules use :func:`diagnose` on :class:`WorkerStats`
+    formed from the scaled Gram.
 
     Parameters
     ----------
@@ -192,41 +274,56 @@ def worker_diagnostics(
         The linear rule's ``c_i``; ``None`` for a coordinate-wise rule.
     excluded : tuple of (int, str)
     K : ndarray of shape (p, p), optional
-        The inputs' Gram matrix (same units as ``inner``): with it, "pulls
-        against" also needs a negative inner product with the mean of the
-        finite inputs that are not outsized (see :func:`_against_consensus`).
+        The inputs' Gram matrix (same units as ``inner``).
 
     Returns
     -------
     fields : dict
         Keyword arguments of :class:`AggregationResult`.
     """
-    p = inner.shape[0]
+    ok = np.isfinite(inner) & np.isfinite(sq_norms)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        cosine = np.where(ok & (sq_norms > 0), inner / np.sqrt(sq_norms * out_sq), np.nan)
+        share = np.where(ok, inner / out_sq, np.nan)
+        norms = np.sqrt(np.where(np.isnan(sq_norms), np.nan, sq_norms))
+    stats = WorkerStats(cosine, share, norms, bool(np.isfinite(out_sq) and out_sq > 0), K)
+    return diagnose(stats, coefficients, excluded)
+
+
+def diagnose(stats: WorkerStats, coefficients: np.ndarray | None,
+             excluded: tuple[tuple[int, str], ...]) -> dict:
+    """``influence``, ``cosine`` and ``verdict`` (keyword arguments of the result) from ``stats``.
+
+    With ``stats.K``, "pulls against" also needs a negative inner product
+    with the mean of the finite inputs that are not outsized (see
+    :func:`_against_consensus`).
+    """
+    p = stats.cosine.shape[0]
     reasons = dict(excluded)
     notex = np.ones(p, dtype=bool)
     notex[list(reasons)] = False
-    ok = np.isfinite(inner) & np.isfinite(sq_norms) & notex
-    inner = np.where(ok, inner, 0.0)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        cos = np.where(ok & (sq_norms > 0), inner / np.sqrt(sq_norms * out_sq), np.nan)
-        norms = np.sqrt(np.where(notex & ~np.isnan(sq_norms), sq_norms, np.nan))
+    ok = np.isfinite(stats.share) & notex
+    share_ok = np.where(ok, stats.share, 0.0)
+    cos = np.where(ok, stats.cosine, np.nan)
+    norms = np.where(notex, stats.norms, np.nan)
     finite_norms = norms[np.isfinite(norms)]
     median = float(np.median(finite_norms)) if finite_norms.size else np.nan
     # A norm that overflows (inf) is outsized whatever the median.
     with np.errstate(invalid="ignore"):
         outsized = notex & ((norms == np.inf) | (norms > OUTSIZED_RATIO * median))
-    if not np.isfinite(out_sq) or out_sq <= 0:
+    if not stats.out_ok:
         influence = None
         cos = np.full(p, np.nan)
     elif coefficients is not None:
         # |c_i|: a rule that flips an input (c_i < 0) still takes what the input
         # points at against the output; the sign stays the cosine's.
-        influence = np.where(ok, np.abs(coefficients) * inner, 0.0) / out_sq
+        with np.errstate(invalid="ignore", over="ignore"):
+            influence = np.where(ok, np.abs(coefficients) * share_ok, 0.0)
     else:
-        influence = inner / (max(int(ok.sum()), 1) * out_sq)
+        influence = share_ok / max(int(ok.sum()), 1)
     against = np.isfinite(cos) & (cos < AGAINST_COS)
-    if K is not None:
-        against &= _against_consensus(K, ok & ~outsized)
+    if stats.K is not None:
+        against &= _against_consensus(stats.K, ok & ~outsized)
     share = 1.0 / max(int(ok.sum()), 1)
     verdict = []
     for i in range(p):
@@ -266,51 +363,13 @@ def _against_consensus(K: np.ndarray, normal: np.ndarray) -> np.ndarray:
     return out
 
 
-def deferred_diagnostics(K: np.ndarray, coef: np.ndarray,
-                         excluded: tuple[tuple[int, str], ...], late: Any = None) -> dict:
-    """Keyword arguments of :class:`AggregationResult` that defer :func:`gram_diagnostics`.
-
-    The rule's hot path keeps a reference to the ``p x p`` Gram and the
-    coefficients; :func:`with_diagnostics` forms the columns when a caller
-    asks for the result. ``late``, if given, is a function returning more
-    fields of the result, formed at the same time (a rule's own costly
-    diagnostics, such as the Flag Aggregator's final eigenvalues); a rule's
-    ``_coefficients`` hands it over as ``extras["_late"]``.
-    """
-    return {"_deferred": (K, coef, excluded, late)}
-
-
-def with_diagnostics(result: AggregationResult) -> AggregationResult:
-    """``result`` with its deferred per-input diagnostics formed (itself if none are pending)."""
-    if result._deferred is None:
-        return result
-    from dataclasses import replace
-
-    K, coef, excluded, late = result._deferred
-    fields = gram_diagnostics(K, coef, excluded)
-    if late is not None:
-        fields.update(late())
-    return replace(result, _deferred=None, **fields)
-
-
-def gram_diagnostics(K: np.ndarray, coef: np.ndarray,
-                     excluded: tuple[tuple[int, str], ...]) -> dict:
-    """:func:`worker_diagnostics` of a linear rule, from the Gram matrix alone (no data pass).
-
-    Inner products with the inputs need the Gram of the inputs themselves,
-    so a shifted Gram (exact distances) hands over its first, unshifted pass.
-    """
-    inner, sq_norms, out_sq, K = gram_stats(K, coef)
-    return worker_diagnostics(inner, sq_norms, out_sq, coef, excluded, K)
-
-
-def gram_stats(K: np.ndarray, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
+def gram_stats(K: Any, coef: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, np.ndarray]:
     """``<g_i, out>``, ``||g_i||^2``, ``||out||^2`` and the plain Gram, for ``out = sum c_i g_i``.
 
     Arguments of :func:`worker_diagnostics` (the DDP hook calls it on a Gram
     matrix summed across ranks).
     """
-    K = np.asarray(unshifted(K), dtype=np.float64)
+    K = np.asarray(as_gram(K).inputs.values, dtype=np.float64)
     finite = np.isfinite(np.diag(K))
     Kf = np.where(finite[:, None] & finite[None, :], K, 0.0)
     inner = Kf @ coef

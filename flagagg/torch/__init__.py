@@ -77,7 +77,7 @@ def aggregate_grads(params: Any, gradients: list, rule: str = "flag", *,
 
     Returns
     -------
-    result : RuleResult or FlagResult
+    result : AggregationResult or FlagResult
         The full result; ``result.excluded`` names the workers left out,
         ``result.suspects`` the workers found suspect.
 

@@ -80,31 +80,19 @@ class DDPHookState:
 
 
 def _kind(rule: Any) -> str:
-    """How the sharded mode computes ``rule``: "gram", "coordinate", or "" (it cannot)."""
-    from ..rules._base import GramRule
-    from ..rules._coordinate import _CoordinateRule
-    from ..rules._mean import Mean
+    """How the sharded mode computes ``rule``: "gram", "coordinate", or "" (it cannot).
 
-    # The Flag Aggregator is a GramRule: its coefficients come from K alone.
-    if (isinstance(rule, GramRule) and rule._gram_only()) or isinstance(rule, Mean):
-        return "gram"
-    if isinstance(rule, _CoordinateRule):
-        return "coordinate"
-    return ""
+    Read from the rule's declared capability (``rule.space``, its contract's
+    ``space`` unless its parameters narrow it).
+    """
+    space = getattr(rule, "space", None)
+    return space if space in ("gram", "coordinate") else ""
 
 
 def _solve(rule: Any, K: np.ndarray) -> tuple[np.ndarray, tuple]:
     """Coefficients of ``rule`` from the float64 Gram matrix ``K``, and the inputs it excluded."""
-    from ..rules._base import GramRule
-    from ..rules._mean import Mean
-
-    if isinstance(rule, GramRule):
-        coef, extras = rule._coefficients(K)
-    elif isinstance(rule, Mean):
-        coef, extras = np.full(K.shape[0], 1.0 / K.shape[0]), {}
-    else:  # pragma: no cover - _kind() refused it when the hook was made
-        raise TypeError(type(rule).__name__)
-    return np.asarray(coef, dtype=np.float64), tuple(extras.get("excluded", ()))
+    sol = rule.solve_gram(K)
+    return np.asarray(sol.coefficients, dtype=np.float64), tuple(sol.excluded)
 
 
 def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: Any = None,
