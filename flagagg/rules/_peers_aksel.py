@@ -8,21 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._array import Stack
-from .._gram import unshifted
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    Rule,
-    append_input,
-    distance_exponent,
-    distances,
-    finite_rows,
-    nothing_left,
-    unit_gram,
-    validate_f,
-)
-from ._coordinate import check_finite_output, coordinate_aggregate
-from ._result import deferred_diagnostics
+from ._base import NothingLeftError, Rule, append_input
+from ._contract import F_REQUIRED, Bound, Contract, Outcome, Reference, Solution, WorkerStats
+from ._coordinate import check_finite_output
+from ._result import linear_stats
 
 __all__ = ["Aksel"]
 
@@ -67,35 +57,45 @@ class Aksel(Rule):
     """
 
     name = "aksel"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_REQUIRED},
+        bound=Bound(2, 1),
+        nan_policy="the median counts NaN as +inf per coordinate (a coordinate where half the "
+        "inputs or more are non-finite is a ValueError); inputs holding NaN or Inf are never "
+        "kept (result.excluded)",
+        cost="three passes: the coordinate-wise median (O(p n log p)), the Gram matrix of the "
+        "inputs and the median (O(p² n)), one combination pass",
+        reference=Reference(("Boussetta", "El Mhamdi", "Guerraoui", "Maurer", "Rouault"),
+                            "AKSEL: Fast Byzantine SGD", "OPODIS", 2020),
+        # The median pivot needs every input's coordinates, the distances the whole
+        # vectors: not the inputs' Gram alone.
+        space="vector",
+    )
 
     def __init__(self, f: int) -> None:
-        self.f = validate_f(self.name, f)
+        self._store(f=f)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         p = stack.p
-        self.check_workers(p)
-        median = coordinate_aggregate(stack, backend, np.arange(p), "median", 0, 0)
+        median = stack.coordinate_stat(backend, np.arange(p), "median", 0, 0)
         check_finite_output(self.name, stack, median, self.f)
         aug = append_input(stack, median, self.name)
         # Distances to the median only: the Gram may be shifted by a central input.
         KA = aug.gram(backend, shift=True)
-        finite_all, nonfinite = finite_rows(KA)
-        finite = finite_all[:p]
-        excluded = tuple((i, why) for i, why in nonfinite if i < p)
+        excluded = tuple((i, why) for i, why in KA.excluded if i < p)
+        finite = KA.usable[:p]
         if not finite.any():
-            raise nothing_left(self.name, p, excluded)
+            raise NothingLeftError(self.name, p, excluded)
         # Distances in units of 2^E, formed at each pair's own scale: exact order at any
         # magnitude (a row at 1e300 is far, not +inf or NaN).
-        d = distances(KA, finite_all, distance_exponent(KA))[:p, p]
+        d = KA.distances(KA.distance_exponent())[:p, p]
         idx = np.flatnonzero(finite)
         kept = np.sort(idx[np.lexsort((idx, d[idx]))][: p - self.f])
         coef = np.zeros(p)
         coef[kept] = 1.0 / kept.size
-        K = unshifted(KA)
-        Ku = np.asarray(unit_gram(K, distance_exponent(K)))[:p, :p]
-        scores = np.where(finite, d, np.inf)
-        return AggregationResult(
-            aggregate=stack.combine(backend, coef), rule=self.name, backend=backend.name,
-            coefficients=coef, selected=tuple(int(i) for i in kept), excluded=excluded,
-            scores=scores, **deferred_diagnostics(Ku, coef, excluded))
+        out = stack.combine(backend, coef)
+        st = linear_stats(KA.inputs, np.append(coef, 0.0))
+        stats = WorkerStats(st.cosine[:p], st.share[:p], st.norms[:p], st.out_ok)
+        sol = Solution(coefficients=coef, excluded=excluded,
+                       selected=tuple(int(i) for i in kept), scores=np.where(finite, d, np.inf))
+        return Outcome(out, sol, stats=stats)

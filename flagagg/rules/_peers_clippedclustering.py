@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._base import (
-    GramRule,
-    finite_rows,
-    in_unit,
-    nothing_left,
-    relative_unit_gram,
-    validate_f,
-)
+from .._gram import Gram
+from ._base import Rule, in_unit
+from ._contract import F_OPTIONAL, Bound, Contract, Reference, Solution
 
 __all__ = ["ClippedClustering", "average_linkage_two", "larger_cluster"]
 
@@ -83,7 +78,7 @@ def larger_cluster(labels: np.ndarray) -> np.ndarray:
     return np.flatnonzero(labels == values[int(np.argmax(counts))])
 
 
-class ClippedClustering(GramRule):
+class ClippedClustering(Rule):
     """Clipped clustering: clip to the median norm, keep the larger of two cosine clusters.
 
     Parameters
@@ -111,7 +106,8 @@ class ClippedClustering(GramRule):
     for the Gram matrix, ``O(p^3)`` for the clustering, one combination pass.
 
     Inputs holding NaN or Inf are left out (``result.excluded``) and do not
-    count in the median.
+    count in the median. Bound: ``p >= 2f + 1`` (the honest inputs must be
+    the larger cluster).
 
     Examples
     --------
@@ -124,25 +120,33 @@ class ClippedClustering(GramRule):
     """
 
     name = "clipped_clustering"
-    p_bound = (2, 1)
-    translation_invariant = False  # clipping and cosines are about the origin
+    contract = Contract(
+        params={"f": F_OPTIONAL},
+        bound=Bound(2, 1),
+        nan_policy="inputs holding NaN or Inf are left out (result.excluded) and do not count "
+        "in the median norm",
+        cost="one pass for the Gram matrix (O(p² n)), O(p³) average-linkage clustering, one "
+        "combination pass",
+        reference=Reference(("Li", "Xu", "Mao", "Liu"), "An Experimental Study of "
+                            "Byzantine-Robust Aggregation Schemes in Federated Learning",
+                            "IEEE Trans. Big Data", 2023),
+        space="gram",
+        # Clipping and cosines are about the origin: the Gram must not be shifted.
+        translation_invariant=False,
+    )
 
     def __init__(self, f: int | None = None) -> None:
-        self.f = validate_f(self.name, f, required=False)
+        self._store(f=f)
 
-    def _coefficients(self, K: np.ndarray) -> tuple[np.ndarray, dict]:
-        p = K.shape[0]
-        self.check_workers(p)
-        finite, excluded = finite_rows(K)
-        idx = np.flatnonzero(finite)
-        if idx.size == 0:
-            raise nothing_left(self.name, p, excluded)
+    def _solve_gram(self, K: Gram) -> Solution:
+        p = K.p
+        idx = self.usable(K)
         # Lengths 2^t n and unit Gram U, formed at each input's own scale: exact for
         # inputs of any magnitude (no squared norm is formed).
-        n, t, U = relative_unit_gram(K, idx, None)
+        n, t, U = K.relative_unit(idx, None)
         tau = _median_length(n, t)
-        coef = np.zeros(p)
         if tau == 0.0:
+            ratio = np.where(n == 0, 0.0, np.inf)
             scale = np.zeros(idx.size)  # clipped to norm 0: every input becomes 0
         else:
             ratio = in_unit(n, t, tau)  # ||g_i|| / tau
@@ -154,11 +158,13 @@ class ClippedClustering(GramRule):
             D = np.clip(1.0 - U, 0.0, 2.0)
             np.fill_diagonal(D, 0.0)
             chosen = larger_cluster(average_linkage_two(D))
+        coef = np.zeros(p)
         coef[idx[chosen]] = scale[chosen] / chosen.size
         scores = np.full(p, np.nan)
-        scores[idx] = in_unit(n, t, tau) if tau > 0 else 0.0
-        return coef, {"selected": tuple(int(i) for i in idx[chosen]), "excluded": excluded,
-                      "scores": scores, "details": {"tau": tau}}
+        scores[idx] = ratio
+        return Solution(coefficients=coef, excluded=K.excluded,
+                        selected=tuple(int(i) for i in idx[chosen]), scores=scores,
+                        details={"tau": tau})
 
 
 def _median_length(n: np.ndarray, t: np.ndarray) -> float:

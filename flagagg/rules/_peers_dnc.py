@@ -12,16 +12,10 @@ from typing import Any
 import numpy as np
 
 from .._array import Stack, to_numpy
-from .._validation import check_int, check_real
+from .._validation import Anything, Int, Real
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    Rule,
-    finite_rows,
-    nothing_left,
-    validate_f,
-)
-from ._result import deferred_diagnostics
+from ._base import Rule
+from ._contract import F_REQUIRED, Bound, Contract, Outcome, Reference, Solution
 
 __all__ = ["DnC", "dnc_samples", "dnc_scores"]
 
@@ -119,39 +113,46 @@ class DnC(Rule):
     """
 
     name = "dnc"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_REQUIRED, "n_iter": Int(low=1), "sample": Int(low=1),
+                "c": Real(low=0.0),
+                "seed": Anything("an int, a numpy.random.Generator or None")},
+        bound=Bound(2, 1),
+        nan_policy="inputs holding NaN or Inf (anywhere, sampled or not) are never kept "
+        "(result.excluded)",
+        cost="one pass for the Gram matrix (O(p² n)), a gather of n_iter x sample columns and "
+        "an SVD of p x sample per sample, one combination pass",
+        reference=Reference(("Shejwalkar", "Houmansadr"), "Manipulating the Byzantine: "
+                            "Optimizing Model Poisoning Attacks and Defenses for Federated "
+                            "Learning", "NDSS", 2021),
+        # Scores from sampled coordinates of every input: not the Gram alone.
+        space="vector",
+    )
 
     def __init__(self, f: int, n_iter: int = 5, sample: int = 10000, c: float = 1.0,
                  seed: Any = None) -> None:
-        self.f = validate_f(self.name, f)
-        self.n_iter = check_int("n_iter", n_iter, owner=self.name, low=1)
-        self.sample = check_int("sample", sample, owner=self.name, low=1)
-        self.c = check_real("c", c, owner=self.name, low=0.0)
         if not (seed is None or isinstance(seed, np.random.Generator)
                 or (isinstance(seed, (int, np.integer)) and not isinstance(seed, bool))):
             raise TypeError(f"seed must be an int, a numpy.random.Generator or None for "
                             f"{self.name}: got {type(seed).__name__}")
-        self.seed = seed
+        self._store(f=f, n_iter=n_iter, sample=sample, c=c, seed=seed)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         p = stack.p
-        self.check_workers(p)
         removed = int(np.floor(self.c * self.f))
         if removed >= p:
             raise ValueError(f"{self.name}: c f = {self.c * self.f:g} removes every one of the "
                              f"p={p} inputs; lower c")
+        # The Gram finds the inputs holding NaN or Inf anywhere (sampled or not) and
+        # gives the diagnostics without a further pass.
         K = stack.gram(backend)
-        finite, excluded = finite_rows(K)
-        idx = np.flatnonzero(finite)
-        if idx.size == 0:
-            raise nothing_left(self.name, p, excluded)
+        idx = self.usable(K)
         keep = p - removed
-        good = finite.copy()
+        good = K.usable.copy()
         per_sample = []
         first = None
         for cols in dnc_samples(stack.n, self.sample, self.n_iter, self.seed):
-            X = _gather(stack, cols)[idx]
-            s = dnc_scores(X)
+            s = dnc_scores(_gather(stack, cols)[idx])
             kept = idx[np.lexsort((idx, s))][:keep]
             mask = np.zeros(p, dtype=bool)
             mask[kept] = True
@@ -167,11 +168,10 @@ class DnC(Rule):
                 f"(each removes {removed} of p={p}); lower n_iter or c")
         coef = np.zeros(p)
         coef[chosen] = 1.0 / chosen.size
-        return AggregationResult(
-            aggregate=stack.combine(backend, coef), rule=self.name, backend=backend.name,
-            coefficients=coef, selected=tuple(int(i) for i in chosen), excluded=excluded,
-            scores=first, details={"kept_per_sample": per_sample, "removed_per_sample": removed},
-            **deferred_diagnostics(K, coef, excluded))
+        sol = Solution(coefficients=coef, excluded=K.excluded,
+                       selected=tuple(int(i) for i in chosen), scores=first,
+                       details={"kept_per_sample": per_sample, "removed_per_sample": removed})
+        return Outcome(stack.combine(backend, coef), sol, gram=K)
 
 
 def _gather(stack: Stack, cols: np.ndarray) -> np.ndarray:

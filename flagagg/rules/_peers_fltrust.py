@@ -19,18 +19,11 @@ from typing import Any
 import numpy as np
 
 from .._array import Stack, as_stack
+from .._validation import Anything
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    Rule,
-    append_input,
-    distance_exponent,
-    finite_rows,
-    relative_unit_gram,
-    unit_gram,
-    validate_f,
-)
-from ._result import deferred_diagnostics
+from ._base import Rule, append_input
+from ._contract import F_OPTIONAL, Bound, Contract, Outcome, Reference, Solution, WorkerStats
+from ._result import linear_stats
 
 __all__ = ["FLTrust", "check_reference"]
 
@@ -122,11 +115,24 @@ class FLTrust(Rule):
     """
 
     name = "fltrust"
-    p_bound = (1, 1)
+    contract = Contract(
+        params={"reference": Anything("the server's reference gradient: an array or pytree "
+                                      "shaped like one input, or None (then given per call)"),
+                "f": F_OPTIONAL},
+        bound=Bound(1, 1),
+        nan_policy="inputs holding NaN or Inf get trust 0 (result.excluded); a reference "
+        "holding NaN or Inf, or a zero reference, is a ValueError",
+        cost="one pass for the Gram matrix of the inputs and the reference (O(p² n)), one "
+        "combination pass",
+        reference=Reference(("Cao", "Fang", "Liu", "Gong"), "FLTrust: Byzantine-robust "
+                            "Federated Learning via Trust Bootstrapping", "NDSS", 2021),
+        # Inner products with a vector that is not one of the inputs: not the inputs'
+        # Gram alone.
+        space="vector",
+    )
 
     def __init__(self, reference: Any = None, f: int | None = None) -> None:
-        self.reference = reference
-        self.f = validate_f(self.name, f, required=False)
+        self._store(reference=reference, f=f)
 
     def __repr__(self) -> str:
         # A gradient-sized reference would fill the repr: say whether there is one.
@@ -153,18 +159,17 @@ class FLTrust(Rule):
         finally:
             _REFERENCE.reset(token)
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         g0 = _REFERENCE.get(None)
         check_reference(stack, g0, self.name)
         p = stack.p
         KA = append_input(stack, g0, self.name).gram(backend)
-        finite_all, nonfinite = finite_rows(KA)
-        if not finite_all[p]:
+        if not KA.usable[p]:
             raise ValueError(f"{self.name}: the reference gradient holds NaN or Inf values")
-        excluded = tuple((i, why) for i, why in nonfinite if i < p)
-        idx = np.append(np.flatnonzero(finite_all[:p]), p)
+        excluded = tuple((i, why) for i, why in KA.excluded if i < p)
+        idx = np.append(np.flatnonzero(KA.usable[:p]), p)
         # Lengths 2^t n and cosines at each vector's own scale: exact at any magnitude.
-        n, t, U = relative_unit_gram(KA, idx, None)
+        n, t, U = KA.relative_unit(idx, None)
         if n[-1] == 0.0:
             raise ValueError(f"{self.name}: the reference gradient is zero; its direction "
                              "cannot give a trust score")
@@ -180,10 +185,10 @@ class FLTrust(Rule):
                 ratio = np.ldexp(n[-1] / n[:-1][pos], t[-1] - t[:-1][pos])
             coef[k] = trust[k] * ratio / total
         out = stack.combine(backend, coef)
-        # Diagnostics from the inputs' Gram in a common unit (no overflow), no extra pass.
-        K = np.asarray(unit_gram(KA, distance_exponent(KA)))[:p, :p]
-        return AggregationResult(
-            aggregate=out, rule=self.name, backend=backend.name, coefficients=coef,
-            selected=tuple(int(i) for i in np.flatnonzero(coef)), excluded=excluded,
-            scores=trust, details={"reference_norm": float(np.ldexp(n[-1], t[-1]))},
-            **deferred_diagnostics(K, coef, excluded))
+        # Each input against the output, from the augmented Gram: no further pass.
+        st = linear_stats(KA, np.append(coef, 0.0))
+        stats = WorkerStats(st.cosine[:p], st.share[:p], st.norms[:p], st.out_ok)
+        sol = Solution(coefficients=coef, excluded=excluded,
+                       selected=tuple(int(i) for i in np.flatnonzero(coef)), scores=trust,
+                       details={"reference_norm": float(np.ldexp(n[-1], t[-1]))})
+        return Outcome(out, sol, stats=stats)

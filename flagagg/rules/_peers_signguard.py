@@ -11,19 +11,11 @@ from __future__ import annotations
 import numpy as np
 
 from .._array import Stack, to_numpy
-from .._validation import check_real
+from .._validation import Real
 from ..backends import Backend
-from ._base import (
-    AggregationResult,
-    Rule,
-    finite_rows,
-    in_unit,
-    nothing_left,
-    relative_unit_gram,
-    validate_f,
-)
+from ._base import Rule, in_unit
+from ._contract import F_OPTIONAL, Bound, Contract, Outcome, Reference, Solution
 from ._peers_clippedclustering import _median_length, larger_cluster
-from ._result import deferred_diagnostics
 
 __all__ = ["SignGuard", "two_means"]
 
@@ -113,28 +105,39 @@ class SignGuard(Rule):
     """
 
     name = "signguard"
-    p_bound = (2, 1)
+    contract = Contract(
+        params={"f": F_OPTIONAL, "lower": Real(low=0.0), "upper": Real(low=0.0)},
+        bound=Bound(2, 1),
+        nan_policy="inputs holding NaN or Inf are left out (result.excluded) and do not count "
+        "in the median norm",
+        cost="one pass for the Gram matrix (O(p² n)), one pass counting signs (O(p n)), "
+        "2-means on p points, one combination pass",
+        reference=Reference(("Xu", "Huang", "Lai", "Li"), "SignGuard: Byzantine-robust "
+                            "Federated Learning through Collaborative Malicious Gradient "
+                            "Filtering", "ICDCS", 2022),
+        # Sign statistics need the coordinates (sums over them: shardable, but not
+        # from the Gram).
+        space="vector",
+    )
 
     def __init__(self, f: int | None = None, lower: float = 0.1, upper: float = 3.0) -> None:
-        self.f = validate_f(self.name, f, required=False)
-        self.lower = check_real("lower", lower, owner=self.name, low=0.0)
-        self.upper = check_real("upper", upper, owner=self.name, low=self.lower)
+        self._store(f=f, lower=lower, upper=upper)
+        if self.upper < self.lower:
+            raise ValueError(f"need upper >= lower for {self.name}: got lower={self.lower:g}, "
+                             f"upper={self.upper:g}")
 
-    def _aggregate(self, stack: Stack, backend: Backend) -> AggregationResult:
+    def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
         p = stack.p
-        self.check_workers(p)
         K = stack.gram(backend)
-        finite, excluded = finite_rows(K)
-        idx = np.flatnonzero(finite)
-        if idx.size == 0:
-            raise nothing_left(self.name, p, excluded)
-        n, t, _ = relative_unit_gram(K, idx, None)
+        idx = self.usable(K)
+        n, t, _ = K.relative_unit(idx, None)
         M = _median_length(n, t)
         if M > 0:
             ratio = in_unit(n, t, M)  # ||g_i|| / M
+            s1 = (ratio >= self.lower) & (ratio <= self.upper)
         else:
             ratio = np.where(n == 0, 0.0, np.inf)
-        s1 = (ratio >= self.lower) & (ratio <= self.upper) if M > 0 else ratio == 0
+            s1 = ratio == 0
         features = _sign_features(stack)[idx]
         if idx.size == 1:
             s2 = np.ones(1, dtype=bool)
@@ -156,10 +159,10 @@ class SignGuard(Rule):
         details = {"median_norm": M, "norm_pass": tuple(int(i) for i in idx[s1]),
                    "sign_cluster": tuple(int(i) for i in idx[s2]),
                    "sign_features": features}
-        return AggregationResult(
-            aggregate=stack.combine(backend, coef), rule=self.name, backend=backend.name,
-            coefficients=coef, selected=tuple(int(i) for i in idx[kept]), excluded=excluded,
-            scores=scores, details=details, **deferred_diagnostics(K, coef, excluded))
+        sol = Solution(coefficients=coef, excluded=K.excluded,
+                       selected=tuple(int(i) for i in idx[kept]), scores=scores,
+                       details=details)
+        return Outcome(stack.combine(backend, coef), sol, gram=K)
 
 
 def _sign_features(stack: Stack) -> np.ndarray:
