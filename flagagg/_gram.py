@@ -156,10 +156,6 @@ class Gram:
         # Read-only access to K for NumPy functions (np.asarray(K)).
         return self.values if dtype is None else self.values.astype(dtype)
 
-    def __reduce__(self) -> Any:
-        # Pickles (results sent between processes) hold the plain matrix.
-        return (np.asarray, (self.values,))
-
     @property
     def inputs(self) -> Gram:
         """The Gram of the inputs themselves: :attr:`unshifted` if shifted, else this one."""
@@ -203,9 +199,12 @@ class Gram:
         The median exponent of the usable inputs (a minority of huge or tiny
         inputs cannot move it); 0 when the values are exact.
         """
-        if not self.usable.any():
+        e = np.sort(self.exponents[self.usable])
+        if e.size == 0:
             return 0
-        return int(np.median(self.exponents[self.usable]))
+        # np.median's value, truncated as int() does (np.median itself costs more than
+        # a small rule: this runs on every call).
+        return int((e[(e.size - 1) // 2] + e[e.size // 2]) / 2)
 
     def unit(self, E: int) -> np.ndarray:
         """The Gram in units of ``2^E``: ``K / 4^E`` (``inf`` where that overflows)."""
@@ -220,12 +219,17 @@ class Gram:
         """
         e = self.exponents
         S = self.scaled
+        ds = np.diag(S)
         with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            if e.min() == e.max():
+                # Every row at one scale (the usual case, all 0): the pair scale is that
+                # one and each row's relative scale is 1, so the factors below drop out.
+                t = ds[:, None] + ds[None, :] - 2.0 * S
+                return np.maximum(t, 0.0, out=t), np.full(S.shape, e[0] if e.size else 0)
             top = np.maximum(e[:, None], e[None, :])  # pair scale 2^top
             # Each row's scale relative to the pair's, <= 1.
             si = np.ldexp(1.0, e[:, None] - top)
             sj = np.ldexp(1.0, e[None, :] - top)
-            ds = np.diag(S)
             t = si * si * ds[:, None] + sj * sj * ds[None, :] - 2.0 * si * sj * S
             return np.maximum(t, 0.0), top
 
@@ -352,17 +356,24 @@ class Gram:
         bad = (M[:, ~u] != 0).any(axis=1)
         # All used (the usual case): no masked copy of M.
         Mf = M if u.all() else np.where(u[None, :], M, 0.0)
-        # Mixed row j at its own scale 2^f_j: A_ji = M_ji 2^(e_i - f_j), |A| <= 1.
-        nz = Mf != 0
-        with np.errstate(divide="ignore"):
-            e_ji = np.where(nz, np.frexp(Mf)[1] + self.exponents[None, :],
-                            np.iinfo(np.int64).min)
-        f = np.where(nz.any(axis=1), e_ji.max(axis=1), 0)
-        A = np.ldexp(Mf, self.exponents[None, :] - f[:, None])
+        # Mixed row j at its scale 2^f_j: A_ji = M_ji 2^(e_i - f_j), |A| <= 1, so the
+        # scaled Gram A S A^T is representable.
+        e = self.exponents
+        if e.min() == e.max() and np.abs(Mf).max(initial=0.0) <= 1.0:
+            # One scale for every input and weights of at most 1 (averages, clipping: the
+            # usual case): f_j = that scale and A = M, without the per-entry exponents.
+            f = np.full(Mf.shape[0], e[0] if e.size else 0)
+            A = Mf
+        else:
+            nz = Mf != 0
+            with np.errstate(divide="ignore"):
+                e_ji = np.where(nz, np.frexp(Mf)[1] + e[None, :], np.iinfo(np.int64).min)
+            f = np.where(nz.any(axis=1), e_ji.max(axis=1), 0)
+            A = np.ldexp(Mf, e[None, :] - f[:, None])
         S2 = A @ self.masked() @ A.T
         S2[bad, bad] = np.nan
         with np.errstate(over="ignore", under="ignore", invalid="ignore"):
-            values = np.ldexp(S2, f[:, None] + f[None, :])
+            values = np.ldexp(S2, f[:, None] + f[None, :]) if f.any() else S2
         return Gram.from_data(values, finite=~bad, ref=self.ref, exponents=f, scaled=S2)
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Anything", "Choice", "Constraint", "Int", "Real", "check_choice", "check_int",
-           "check_params", "check_real"]
+__all__ = ["Anything", "Choice", "Constraint", "Int", "Real", "Text", "check_choice",
+           "check_int", "check_params", "check_real", "check_text"]
 
 
 def _owner(owner: str | None) -> str:
@@ -61,7 +61,8 @@ def check_int(name: str, value: Any, *, owner: str | None = None, low: int | Non
 
 
 def check_real(name: str, value: Any, *, owner: str | None = None, low: float | None = None,
-               strict: bool = False, none: bool = False) -> float | None:
+               strict: bool = False, none: bool = False, high: float | None = None,
+               high_strict: bool = False) -> float | None:
     """Check a finite real parameter.
 
     Parameters
@@ -72,6 +73,10 @@ def check_real(name: str, value: Any, *, owner: str | None = None, low: float | 
         Bound below.
     strict : bool, default=False
         Whether ``low`` itself is excluded (``value > low``).
+    high : float, optional
+        Bound above.
+    high_strict : bool, default=False
+        Whether ``high`` itself is excluded (``value < high``).
 
     Returns
     -------
@@ -94,6 +99,26 @@ def check_real(name: str, value: Any, *, owner: str | None = None, low: float | 
     if low is not None and (value <= low if strict else value < low):
         op = ">" if strict else ">="
         raise ValueError(f"need {name} {op} {low:g}{_owner(owner)}: got {name}={value:g}")
+    if high is not None and (value >= high if high_strict else value > high):
+        op = "<" if high_strict else "<="
+        raise ValueError(f"need {name} {op} {high:g}{_owner(owner)}: got {name}={value:g}")
+    return value
+
+
+def check_text(name: str, value: Any, *, owner: str | None = None) -> str:
+    """Check a non-empty string parameter.
+
+    Raises
+    ------
+    TypeError
+        If ``value`` is not a string.
+    ValueError
+        If it is empty.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string{_owner(owner)}: got {value!r}")
+    if not value:
+        raise ValueError(f"{name} must not be empty{_owner(owner)}")
     return value
 
 
@@ -131,8 +156,8 @@ class Int:
         return check_int(name, value, owner=owner, low=self.low, none=self.none)
 
     def describe(self) -> str:
-        """The constraint in words, e.g. ``"int >= 1, or None"``."""
-        text = "int" if self.low is None else f"int >= {self.low}"
+        """The constraint in words, e.g. ``"an integer >= 1, or None"``."""
+        text = "an integer" if self.low is None else f"an integer >= {self.low}"
         return f"{text}, or None" if self.none else text
 
 
@@ -143,15 +168,22 @@ class Real:
     low: float | None = None
     strict: bool = False
     none: bool = False
+    high: float | None = None
+    high_strict: bool = False
 
     def check(self, name: str, value: Any, owner: str | None = None) -> float | None:
         """Return ``value`` as a float (or None), or raise TypeError / ValueError."""
         return check_real(name, value, owner=owner, low=self.low, strict=self.strict,
-                          none=self.none)
+                          none=self.none, high=self.high, high_strict=self.high_strict)
 
     def describe(self) -> str:
-        """The constraint in words, e.g. ``"real > 0"``."""
-        text = "real" if self.low is None else f"real {'>' if self.strict else '>='} {self.low:g}"
+        """The constraint in words, e.g. ``"a finite number > 0 and < 1"``."""
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'>' if self.strict else '>='} {self.low:g}")
+        if self.high is not None:
+            bounds.append(f"{'<' if self.high_strict else '<='} {self.high:g}")
+        text = " ".join(["a finite number", " and ".join(bounds)]).strip()
         return f"{text}, or None" if self.none else text
 
 
@@ -171,6 +203,19 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class Text:
+    """A non-empty string."""
+
+    def check(self, name: str, value: Any, owner: str | None = None) -> str:
+        """Return ``value``, or raise TypeError / ValueError."""
+        return check_text(name, value, owner=owner)
+
+    def describe(self) -> str:
+        """``"a non-empty string"``."""
+        return "a non-empty string"
+
+
+@dataclass(frozen=True)
 class Anything:
     """A parameter checked where it is used (an array, a seed); ``what`` says what it is."""
 
@@ -185,7 +230,7 @@ class Anything:
         return self.what
 
 
-Constraint = Int | Real | Choice | Anything
+Constraint = Int | Real | Choice | Text | Anything
 
 
 def check_params(owner: str, constraints: Mapping[str, Constraint],

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from statistics import NormalDist
@@ -39,6 +40,9 @@ from typing import Any
 import numpy as np
 from array_api_compat import array_namespace
 from array_api_compat import device as _device
+
+from ._validation import check_choice, check_int, check_real
+from .rules._contract import Reference
 
 __all__ = [
     "Attack",
@@ -76,8 +80,7 @@ def _check_gradients(honest, f, own=None):
             f"honest must be a 2-D array of shape (p_honest, n): got shape "
             f"{tuple(getattr(honest, 'shape', ()))}"
         )
-    if isinstance(f, bool) or not isinstance(f, (int, np.integer)) or f < 0:
-        raise ValueError(f"f must be a non-negative int (number of faulty rows): got {f!r}")
+    check_int("f", f, owner="an attack (the number of faulty rows)", low=0)
     if own is not None:
         if array_namespace(own) is not xp:
             raise TypeError("own and honest must come from the same array library")
@@ -137,22 +140,81 @@ def _base(xp, honest, f, own):
 
 
 # --------------------------------------------------------------------------
+# the parameters every gradient attack shares, documented once
+
+
+HONEST = "Gradients of the honest workers."
+HONEST_SHAPE = "Gradients of the honest workers; only their shape and dtype are used."
+HONEST_OMNISCIENT = "Gradients of the honest workers (omniscient attack)."
+RNG_SIGNATURE = "Unused; accepted so that every attack has the same signature."
+RNG_SOURCE = "Source of randomness; pass one for repeatable rows."
+RNG_DETERMINISTIC = "Unused: the search is deterministic."
+OWN = "The faulty workers' own gradients. Without it, the honest mean."
+OWN_HONEST = "The faulty workers' own honest gradients. Without it, the honest mean."
+UNUSED = "Unused."
+
+
+# Where the attacks come from, declared once (the docs' attacks table reads them).
+FLAG_PAPER = Reference(("Almasi", "Mishra", "Vamanan", "Ravi"),
+                       "Flag Aggregator: scalable distributed training under failures and "
+                       "augmented losses using convex optimization (experiments)", "ICLR", 2024)
+ALIE = Reference(("Baruch", "Baruch", "Goldberg"), "A little is enough: circumventing defenses "
+                 "for distributed learning", "NeurIPS", 2019)
+FOE = Reference(("Xie", "Koyejo", "Gupta"), "Fall of empires: breaking Byzantine-tolerant SGD "
+                "by inner product manipulation", "UAI", 2019)
+BUCKETING = Reference(("Karimireddy", "He", "Jaggi"), "Byzantine-robust learning on "
+                      "heterogeneous datasets via bucketing", "ICLR", 2022)
+MIN_MAX = Reference(("Shejwalkar", "Houmansadr"), "Manipulating the Byzantine: optimizing "
+                    "model poisoning attacks and defenses for federated learning", "NDSS", 2021)
+
+
+def _cites(reference: Reference):
+    """Declare the publication an attack comes from (``func.reference``)."""
+    def mark(func):
+        func.reference = reference
+        return func
+    return mark
+
+
+def _entry(name: str, kind: str, text: str) -> str:
+    body = textwrap.fill(text, width=88, initial_indent=" " * 8, subsequent_indent=" " * 8)
+    return f"{name} : {kind}\n{body}"
+
+
+def _gradient_doc(*, honest: str, rng: str, own: str):
+    """Fill the ``{gradient_parameters}`` and ``{own}`` lines of a gradient attack's docstring.
+
+    Every gradient attack takes ``honest, f, rng`` first and ``own`` last; their
+    numpydoc entries are written here once, with the one sentence that differs.
+    """
+    common = "\n    ".join([
+        _entry("honest", "array of shape (p_honest, n)", honest),
+        _entry("f", "int", "Number of faulty rows to return."),
+        _entry("rng", "numpy.random.Generator or int, optional", rng),
+    ])
+
+    def fill(func):
+        if func.__doc__:  # None under python -OO
+            func.__doc__ = (func.__doc__.replace("{gradient_parameters}", common)
+                            .replace("{own}", _entry("own", "array of shape (f, n), optional",
+                                                     own)))
+        return func
+
+    return fill
+
+
+# --------------------------------------------------------------------------
 # gradient attacks
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_SIGNATURE, own=OWN_HONEST)
 def no_attack(honest, f, *, rng=None, own=None):
     """Faulty workers behave honestly (the "none" baseline).
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused; accepted so that every attack has the same signature.
-    own : array of shape (f, n), optional
-        The faulty workers' own honest gradients. Without it, the honest mean.
+    {gradient_parameters}
+    {own}
 
     Returns
     -------
@@ -165,62 +227,55 @@ def no_attack(honest, f, *, rng=None, own=None):
     return _base(xp, honest, f, own) * 1
 
 
+@_gradient_doc(honest=HONEST_SHAPE, rng=RNG_SOURCE, own=UNUSED)
+@_cites(FLAG_PAPER)
 def random_gradients(honest, f, *, rng=None, scale=1.0, own=None):
     """Uniformly random gradients (the paper's "random" workers).
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers; only their shape and dtype are used.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Source of randomness; pass one for repeatable rows.
+    {gradient_parameters}
     scale : float, default=1.0
         Each coordinate is drawn independently from U(-scale, scale).
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
     rows : array of shape (f, n)
     """
     xp = _check_gradients(honest, f, own)
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0: got {scale!r}")
+    check_real("scale", scale, owner="random_gradients", low=0.0)
     values = _rng(rng).uniform(-scale, scale, size=(int(f), honest.shape[1]))
     return _like(xp, values, honest)
 
 
+@_gradient_doc(honest=HONEST_SHAPE, rng=RNG_SOURCE, own=UNUSED)
 def gaussian(honest, f, *, rng=None, loc=0.0, scale=1.0, own=None):
     """Gaussian noise gradients, each coordinate drawn from N(loc, scale^2).
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers; only their shape and dtype are used.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Source of randomness; pass one for repeatable rows.
+    {gradient_parameters}
     loc : float, default=0.0
         Mean of every coordinate.
     scale : float, default=1.0
         Standard deviation of every coordinate.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
     rows : array of shape (f, n)
     """
     xp = _check_gradients(honest, f, own)
-    if not scale >= 0:
-        raise ValueError(f"scale must be >= 0: got {scale!r}")
+    check_real("loc", loc, owner="gaussian")
+    check_real("scale", scale, owner="gaussian", low=0.0)
     values = _rng(rng).normal(loc, scale, size=(int(f), honest.shape[1]))
     return _like(xp, values, honest)
 
 
+@_gradient_doc(honest=HONEST, rng=UNUSED, own="The faulty workers' own gradients, ``g``. "
+               "Without it, ``g`` is the honest mean (an omniscient variant).")
+@_cites(FLAG_PAPER)
 def reverse(honest, f, *, rng=None, scale=-10.0, own=None):
     """Reversed (sign-flipped and scaled) gradients: ``scale * g``.
 
@@ -229,17 +284,10 @@ def reverse(honest, f, *, rng=None, scale=-10.0, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     scale : float, default=-10.0
         Multiplier applied to the gradient.
-    own : array of shape (f, n), optional
-        The faulty workers' own gradients, ``g``. Without it, ``g`` is the honest
-        mean (an omniscient variant).
+    {own}
 
     Returns
     -------
@@ -247,11 +295,14 @@ def reverse(honest, f, *, rng=None, scale=-10.0, own=None):
         ``scale * own`` (or ``scale`` times the honest mean, repeated).
     """
     xp = _check_gradients(honest, f, own)
+    check_real("scale", scale, owner="reverse")
     if own is None:
         _need_honest(honest, "reverse without own")
     return scale * _base(xp, honest, f, own)
 
 
+@_gradient_doc(honest=HONEST, rng="Chooses the dropped coordinates; pass one for repeatable rows.",
+               own=OWN)
 def partial_drop(honest, f, *, rng=None, fraction=0.5, own=None):
     """Gradients with a random fraction of their coordinates set to zero.
 
@@ -260,24 +311,19 @@ def partial_drop(honest, f, *, rng=None, fraction=0.5, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Chooses the dropped coordinates; pass one for repeatable rows.
+    {gradient_parameters}
     fraction : float, default=0.5
         Fraction of coordinates zeroed, in [0, 1].
-    own : array of shape (f, n), optional
-        The faulty workers' own gradients. Without it, the honest mean.
+    {own}
 
     Returns
     -------
     rows : array of shape (f, n)
     """
     xp = _check_gradients(honest, f, own)
-    if not 0.0 <= fraction <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1]: got {fraction!r}")
+    check_real("fraction", fraction, owner="partial_drop", low=0.0)
+    if fraction > 1.0:
+        raise ValueError(f"need fraction <= 1 for partial_drop: got fraction={fraction:g}")
     if own is None:
         _need_honest(honest, "partial_drop without own")
     n = honest.shape[1]
@@ -322,6 +368,8 @@ def little_is_enough_z(p, f):
     return NormalDist().inv_cdf((p - s) / p)
 
 
+@_gradient_doc(honest=HONEST_OMNISCIENT, rng=UNUSED, own=UNUSED)
+@_cites(ALIE)
 def little_is_enough(honest, f, *, rng=None, z=None, own=None):
     """A Little Is Enough (Baruch et al., 2019): ``mean - z * std`` of the honest rows.
 
@@ -331,18 +379,12 @@ def little_is_enough(honest, f, *, rng=None, z=None, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers (omniscient attack).
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     z : float, optional
         Size of the shift in standard deviations. By default it comes from the
         paper's formula with ``p = p_honest + f`` (see
         :func:`little_is_enough_z`).
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -352,6 +394,7 @@ def little_is_enough(honest, f, *, rng=None, z=None, own=None):
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "little_is_enough")
+    check_real("z", z, owner="little_is_enough", none=True)
     if z is None:
         z = little_is_enough_z(honest.shape[0] + int(f), int(f))
     mu = xp.mean(honest, axis=0)
@@ -359,6 +402,8 @@ def little_is_enough(honest, f, *, rng=None, z=None, own=None):
     return _repeat_row(xp, mu - z * sigma, f)
 
 
+@_gradient_doc(honest=HONEST_OMNISCIENT, rng=UNUSED, own=UNUSED)
+@_cites(FOE)
 def fall_of_empires(honest, f, *, rng=None, eps=0.1, own=None):
     """Fall of Empires / inner-product manipulation (Xie et al., 2019): ``-eps * mean``.
 
@@ -368,16 +413,10 @@ def fall_of_empires(honest, f, *, rng=None, eps=0.1, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers (omniscient attack).
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     eps : float, default=0.1
         Scale of the reversed mean.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -385,9 +424,12 @@ def fall_of_empires(honest, f, *, rng=None, eps=0.1, own=None):
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fall_of_empires")
+    check_real("eps", eps, owner="fall_of_empires")
     return _repeat_row(xp, -eps * xp.mean(honest, axis=0), f)
 
 
+@_gradient_doc(honest=HONEST_OMNISCIENT, rng=UNUSED, own=UNUSED)
+@_cites(BUCKETING)
 def mimic(honest, f, *, rng=None, target=0, own=None):
     """Mimic: every faulty worker copies one honest worker's gradient.
 
@@ -396,16 +438,10 @@ def mimic(honest, f, *, rng=None, target=0, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers (omniscient attack).
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     target : int, default=0
         Index of the honest row to copy.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -413,26 +449,22 @@ def mimic(honest, f, *, rng=None, target=0, own=None):
     """
     xp = _check_gradients(honest, f, own)
     p_h = honest.shape[0]
-    if not 0 <= target < p_h:
+    check_int("target", target, owner="mimic", low=0)
+    if target >= p_h:
         raise ValueError(f"target must index an honest row, 0 <= target < {p_h}: got {target}")
     return _repeat_row(xp, honest[target, :], f)
 
 
+@_gradient_doc(honest=HONEST_SHAPE, rng=UNUSED, own=UNUSED)
 def non_finite(honest, f, *, rng=None, value=math.nan, own=None):
     """Rows full of NaN (or Inf): crashed or corrupted workers.
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers; only their shape and dtype are used.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     value : float, default=nan
         The value of every coordinate, e.g. ``nan``, ``inf`` or ``-inf``.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -463,8 +495,8 @@ def _perturbation(xp, mu, H, kind):
         norm = float(xp.sqrt(xp.sum(mu * mu)))
         # a zero mean has no direction; the attack then sends the mean
         return -mu / norm if norm > 0 else mu * 0.0
-    raise ValueError(f"perturbation must be one of {', '.join(map(repr, _PERTURBATIONS))}: "
-                     f"got {kind!r}")
+    check_choice("perturbation", kind, _PERTURBATIONS)
+    raise AssertionError(kind)  # pragma: no cover - check_choice raised
 
 
 def _largest_feasible(feasible, steps, doublings):
@@ -492,9 +524,8 @@ def _largest_feasible(feasible, steps, doublings):
 
 
 def _check_search(steps, doublings):
-    for label, v in (("steps", steps), ("doublings", doublings)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{label} must be a non-negative int: got {v!r}")
+    check_int("steps", steps, owner="the search", low=0)
+    check_int("doublings", doublings, owner="the search", low=0)
 
 
 def _shejwalkar(honest, f, own, perturbation, steps, doublings, name, objective):
@@ -521,6 +552,8 @@ def _pairwise_sq(xp, H):
     return xp.stack([_sq_dists(xp, H[i, :], H) for i in range(H.shape[0])])
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(MIN_MAX)
 def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, own=None):
     """Min-Max (Shejwalkar and Houmansadr, 2021): the farthest shift that stays close to all.
 
@@ -535,12 +568,7 @@ def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, 
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused: the search is deterministic.
+    {gradient_parameters}
     perturbation : {"std", "sign", "unit"}, default="std"
         ``p``: minus the coordinate-wise standard deviation of the honest
         rows, minus the sign of their mean, or minus their mean scaled to
@@ -552,8 +580,7 @@ def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, 
     doublings : int, default=40
         At most this many doublings from ``gamma = 1`` to bracket it; if
         ``2**doublings`` is still feasible (e.g. ``p = 0``) it is used.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -575,6 +602,8 @@ def min_max(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, 
     return _shejwalkar(honest, f, own, perturbation, steps, doublings, "min_max", objective)
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(MIN_MAX)
 def min_sum(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, own=None):
     """Min-Sum (Shejwalkar and Houmansadr, 2021): a shift whose total squared distance is honest.
 
@@ -589,20 +618,14 @@ def min_sum(honest, f, *, rng=None, perturbation="std", steps=30, doublings=40, 
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused: the search is deterministic.
+    {gradient_parameters}
     perturbation : {"std", "sign", "unit"}, default="std"
         The direction ``p``, as for :func:`min_max`.
     steps : int, default=30
         Bisection steps once ``gamma`` is bracketed.
     doublings : int, default=40
         At most this many doublings from ``gamma = 1`` to bracket it.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -664,13 +687,13 @@ def _line_search(objective, grid, refine, log):
 
 
 def _check_grid(name, lo, hi, points, refine, positive):
-    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi and (lo > 0 or not positive)):
+    check_real("min", lo, owner=name)
+    check_real("max", hi, owner=name)
+    if not (lo < hi and (lo > 0 or not positive)):
         raise ValueError(f"{name} needs finite bounds with {'0 < ' if positive else ''}min < max: "
                          f"got ({lo!r}, {hi!r})")
-    if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
-        raise ValueError(f"points must be an int >= 2: got {points!r}")
-    if isinstance(refine, bool) or not isinstance(refine, (int, np.integer)) or refine < 0:
-        raise ValueError(f"refine must be a non-negative int: got {refine!r}")
+    check_int("points", points, owner=name, low=2)
+    check_int("refine", refine, owner=name, low=0)
 
 
 def _damage(xp, honest, f, rule, make_row):
@@ -694,6 +717,8 @@ def _damage(xp, honest, f, rule, make_row):
     return objective
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(ALIE)
 def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max=10.0,
                              points=11, refine=8, own=None):
     """A Little Is Enough with ``z`` chosen each round against the rule (Baruch et al., 2019).
@@ -711,12 +736,7 @@ def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused: the search is deterministic.
+    {gradient_parameters}
     rule : callable, optional
         The rule under test, ``(p, n) array -> (n,) array`` in the library of
         ``honest``; required (:meth:`Attack.with_rule` binds it). It is
@@ -727,8 +747,7 @@ def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max
         Grid size.
     refine : int, default=8
         Evaluations of the refinement (0 or 1: none).
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -753,6 +772,8 @@ def optimal_little_is_enough(honest, f, *, rng=None, rule=None, z_min=0.0, z_max
     return _repeat_row(xp, mu - z * sigma, f)
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED)
+@_cites(FOE)
 def optimal_fall_of_empires(honest, f, *, rng=None, rule=None, eps_min=0.01, eps_max=100.0,
                             points=13, refine=8, own=None):
     """Fall of Empires with ``eps`` chosen each round against the rule (Xie et al., 2019).
@@ -770,12 +791,7 @@ def optimal_fall_of_empires(honest, f, *, rng=None, rule=None, eps_min=0.01, eps
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused: the search is deterministic.
+    {gradient_parameters}
     rule : callable, optional
         The rule under test, ``(p, n) array -> (n,) array``; required
         (:meth:`Attack.with_rule` binds it).
@@ -785,8 +801,7 @@ def optimal_fall_of_empires(honest, f, *, rng=None, rule=None, eps_min=0.01, eps
         Grid size (geometric spacing: every third of a decade by default).
     refine : int, default=8
         Evaluations of the refinement (0 or 1: none).
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -835,11 +850,11 @@ def label_flip(X, y, *, rng=None, n_classes):
     y : array of shape (m,)
         Flipped labels, same dtype as ``y``.
     """
-    if n_classes < 2:
-        raise ValueError(f"label_flip needs n_classes >= 2: got {n_classes}")
+    check_int("n_classes", n_classes, owner="label_flip", low=2)
     return X, (n_classes - 1) - y
 
 
+@_cites(FLAG_PAPER)
 def distorted_data(X, y, *, rng=None, n_classes=None, mode="noise", scale=3.0):
     """Training on distorted data: the paper's "augmented losses" workers.
 
@@ -873,9 +888,9 @@ def distorted_data(X, y, *, rng=None, n_classes=None, mode="noise", scale=3.0):
     """
     xp = array_namespace(X)
     gen = _rng(rng)
+    check_choice("mode", mode, ("noise", "scramble"), owner="distorted_data")
     if mode == "noise":
-        if not scale >= 0:
-            raise ValueError(f"scale must be >= 0: got {scale!r}")
+        check_real("scale", scale, owner="distorted_data", low=0.0)
         return X + _like(xp, gen.normal(0.0, scale, size=tuple(X.shape)), X), y
     if mode == "scramble":
         m = X.shape[0]

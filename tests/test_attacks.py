@@ -207,12 +207,34 @@ def test_bad_inputs_are_explained(honest_np):
         attacks.reverse(honest_np[0], 1)
     with pytest.raises(ValueError, match=r"own must have shape \(f, n\)"):
         attacks.reverse(honest_np, 2, own=np.ones((3, 40)))
-    with pytest.raises(ValueError, match="f must be a non-negative int"):
+    with pytest.raises(ValueError, match="need f >= 0"):
         attacks.gaussian(honest_np, -1)
+    # One convention with the rules: a wrong type is a TypeError, a wrong value a ValueError.
+    with pytest.raises(TypeError, match="f must be an integer"):
+        attacks.gaussian(honest_np, 1.5)
+    with pytest.raises(TypeError, match="scale must be a real number for gaussian"):
+        attacks.gaussian(honest_np, 1, scale="big")
+    with pytest.raises(ValueError, match="need scale >= 0 for gaussian"):
+        attacks.gaussian(honest_np, 1, scale=-1.0)
+    with pytest.raises(TypeError, match="target must be an integer for mimic"):
+        attacks.mimic(honest_np, 1, target=0.5)
+    with pytest.raises(ValueError, match="perturbation must be one of"):
+        attacks.min_max(honest_np, 1, perturbation="nope")
     with pytest.raises(ValueError, match="at least one honest row"):
         attacks.little_is_enough(honest_np[:0], 2)
     with pytest.raises(ValueError, match="fraction"):
         attacks.partial_drop(honest_np, 1, fraction=1.5)
+
+
+def test_shared_parameter_blocks_are_filled_in():
+    # Written once (attacks._gradient_doc), they read as numpydoc in every docstring.
+    from numpydoc.docscrape import FunctionDoc
+
+    for name in attacks.available_attacks("gradient") + attacks.available_attacks("none"):
+        func = attacks.get_attack(name).func
+        assert "{gradient_parameters}" not in func.__doc__ and "{own}" not in func.__doc__
+        params = [p.name for p in FunctionDoc(func)["Parameters"]]
+        assert params[:3] == ["honest", "f", "rng"] and params[-1] == "own", (name, params)
 
 
 def test_import_does_not_load_torch():

@@ -13,9 +13,7 @@ Each ``*_rst`` function returns reStructuredText lines; the Sphinx extension
 (:mod:`flagagg_sphinx`) parses them into the page, and ``tests/test_docs.py``
 calls them too so that a broken registry entry fails ``make test``.
 
-The attacks' sources are still read from their docstrings, in the forms
-``Authors, "Title", Venue 2017``, ``(Authors, Venue 2021)``, ``Name et al.
-(2019)``.
+Attacks declare their source with the function (``attack.func.reference``).
 """
 
 from __future__ import annotations
@@ -48,23 +46,7 @@ _DEFINITION_OVERRIDES = {
     "minimises the robust (square-root) reconstruction error; see "
     ":doc:`/flag-aggregator`.",
 }
-# Attacks defined by the Flag Aggregator paper's experiments but cited there to no one.
-_PAPER_ATTACK_SOURCE = "Almasi et al. (2024), experiments"
 
-# "Authors, "Title", Venue 2017" (the rules' docstrings), "(Authors, Venue 2021)",
-# and "Name et al. (2019)" / "Name et al., 2019" / "Name and Other 2019".
-_QUOTED = re.compile(
-    r'(?P<who>[A-Z][^"()]{0,160}?),\s*"[^"]{5,300}",?\s*'
-    r"(?P<venue>(?:[A-Z][A-Za-z]+\s+)?)(?P<year>(?:19|20)\d\d)"
-)
-_PAREN = re.compile(
-    r"\((?P<who>[A-Z][\w\-']+(?:(?:,\s*| and )[A-Z][\w\-' ]+?)*),\s*"
-    r"(?P<venue>(?:[A-Z][A-Za-z]+\s+)?)(?P<year>(?:19|20)\d\d)\)"
-)
-_ET_AL = re.compile(
-    r"(?P<who>[A-Z][\w\-']+(?: et al\.?| and [A-Z][\w\-']+)),?\s*\(?"
-    r"(?P<venue>)(?P<year>(?:19|20)\d\d)\)?"
-)
 _SEED = 12345
 
 
@@ -80,40 +62,6 @@ def _summary(obj: Any) -> str:
     doc = _doc(obj)
     para = doc.split("\n\n", 1)[0] if doc else ""
     return " ".join(para.split())
-
-
-def _who(text: str) -> str:
-    """``"Blanchard, El Mhamdi, Guerraoui and Stainer"`` -> ``"Blanchard et al."``."""
-    text = re.sub(r"^.*?\b(?:in|by|of|see|as)\s+(?=[A-Z])", "", text.strip())
-    text = text.split(". ")[-1].strip().rstrip(",")
-    if "et al" in text:
-        return text.split(" et al")[0].strip() + " et al."
-    names = [n.strip() for n in re.split(r",\s*|\s+and\s+", text) if n.strip()]
-    if len(names) >= 3:
-        return f"{names[0]} et al."
-    return " and ".join(names)
-
-
-_SECTION_HEADER = re.compile(r"^[ \t]*[A-Z][\w ]*\n[ \t]*-{3,}[ \t]*$", flags=re.MULTILINE)
-
-
-def _citations(text: str) -> list[str]:
-    flat = " ".join(_SECTION_HEADER.sub("", text).split())
-    found: list[tuple[int, str, str]] = []
-    for pattern in (_QUOTED, _PAREN, _ET_AL):
-        for m in pattern.finditer(flat):
-            who = _who(m.group("who"))
-            if not who:
-                continue
-            venue = m.group("venue").strip()
-            found.append((m.start(), who, f"{venue} {m.group('year')}".strip()))
-    seen, out = set(), []
-    for _, who, when in sorted(found):
-        key = (who.split()[0], when[-4:])
-        if key not in seen:
-            seen.add(key)
-            out.append(f"{who} ({when})")
-    return out
 
 
 def _cell(text: str) -> str:
@@ -501,11 +449,8 @@ def attack_rows() -> list[dict]:
     for name in attacks.available_attacks():
         attack = attacks.get_attack(name)
         func = attack.func
-        doc = _doc(func)
         params = attacks.attack_parameters(name)
-        cites = _citations(doc)
-        if not cites and re.search(r"\bthe paper'?s\b", doc, re.IGNORECASE):
-            cites = [_PAPER_ATTACK_SOURCE]
+        ref = getattr(func, "reference", None)  # declared with the attack (attacks._cites)
         rows.append({
             "name": name,
             "kind": attack.kind,
@@ -513,7 +458,7 @@ def attack_rows() -> list[dict]:
             "function": f"{func.__module__}.{func.__name__}",
             "definition": _summary(func),
             "parameters": params,
-            "source": "; ".join(cites) or "--",
+            "source": ref.short() if ref is not None else "--",
         })
     return rows
 

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import os
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .._validation import Choice, Int, Real, Text
 from ._data import DATASETS
 from ._models import MODELS
 
@@ -61,6 +61,14 @@ __all__ = [
 
 class ConfigError(ValueError):
     """An experiment configuration is invalid; the message says where and why."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A value of the wrong type in a configuration (a ConfigError and a TypeError)."""
+
+
+def _error(bad):
+    return ConfigTypeError if bad.wrong_type else ConfigError
 
 
 @dataclass(frozen=True)
@@ -227,12 +235,26 @@ def _merge(base, changes):
 
 
 # --------------------------------------------------------------------------
-# checks of single values; each returns the normalised value or raises
-# _Bad(what is expected)
+# checks of single values: the declared constraints of flagagg._validation (one
+# vocabulary with the rules and attacks); each returns the normalised value or
+# raises _Bad(what is expected, whether the type was wrong)
 
 
 class _Bad(Exception):
-    pass
+    def __init__(self, expected, wrong_type=False):
+        super().__init__(expected)
+        self.wrong_type = wrong_type
+
+
+def _declared(constraint):
+    def check(v):
+        try:
+            return constraint.check("value", v)
+        except TypeError:
+            raise _Bad(constraint.describe(), wrong_type=True) from None
+        except ValueError:
+            raise _Bad(constraint.describe()) from None
+    return check
 
 
 def _is_int(v):
@@ -240,41 +262,18 @@ def _is_int(v):
 
 
 def _int(lo=None):
-    def check(v):
-        if not _is_int(v) or (lo is not None and v < lo):
-            raise _Bad(f"an integer >= {lo}" if lo is not None else "an integer")
-        return v
-    return check
+    return _declared(Int(low=lo))
 
 
 def _float(lo=None, hi=None, lo_open=False, hi_open=False):
-    def check(v):
-        ok = (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-        if ok and lo is not None:
-            ok = v > lo if lo_open else v >= lo
-        if ok and hi is not None:
-            ok = v < hi if hi_open else v <= hi
-        if not ok:
-            lo_s = "" if lo is None else f"{'>' if lo_open else '>='} {lo}"
-            hi_s = "" if hi is None else f"{'<' if hi_open else '<='} {hi}"
-            bounds = " and ".join(s for s in (lo_s, hi_s) if s)
-            raise _Bad("a finite number" + (f" {bounds}" if bounds else ""))
-        return float(v)
-    return check
+    return _declared(Real(low=lo, strict=lo_open, high=hi, high_strict=hi_open))
 
 
 def _choice(options):
-    def check(v):
-        if v not in options:
-            raise _Bad(f"one of {', '.join(map(repr, options))}")
-        return v
-    return check
+    return _declared(Choice(tuple(options)))
 
 
-def _string(v):
-    if not isinstance(v, str) or not v:
-        raise _Bad("a non-empty string")
-    return v
+_string = _declared(Text())
 
 
 def _optional(check, none_values=("",), zero=False):
@@ -288,13 +287,14 @@ def _optional(check, none_values=("",), zero=False):
 def _list(item, min_len=1, unique=False):
     def check(v):
         if not isinstance(v, (list, tuple)) or len(v) < min_len:
-            raise _Bad(f"a list of at least {min_len} value(s)")
+            raise _Bad(f"a list of at least {min_len} value(s)",
+                       wrong_type=not isinstance(v, (list, tuple)))
         out = []
         for x in v:
             try:
                 out.append(item(x))
             except _Bad as exc:
-                raise _Bad(f"a list whose items are each {exc}") from None
+                raise _Bad(f"a list whose items are each {exc}", exc.wrong_type) from None
         if unique and len(set(out)) != len(out):
             raise _Bad("a list without repeated values")
         return tuple(out)
@@ -391,7 +391,7 @@ def parse_config(data, *, source="<dict>"):
             try:
                 values[key] = _CHECKS[key](v)
             except _Bad as exc:
-                raise ConfigError(
+                raise _error(exc)(
                     f"{source}: [{section}] {key} must be {exc}: got {v!r}"
                 ) from None
 
@@ -415,7 +415,7 @@ def parse_config(data, *, source="<dict>"):
                 try:
                     checked[key] = check(entry[key])
                 except _Bad as exc:
-                    raise ConfigError(
+                    raise _error(exc)(
                         f"{source}: {where} {key} must be {exc}: got {entry[key]!r}"
                     ) from None
         rule = checked.get("rule", label)
@@ -436,7 +436,7 @@ def parse_config(data, *, source="<dict>"):
         try:
             name = _string(entry.get("attack", label))
         except _Bad as exc:
-            raise ConfigError(f"{source}: {where} attack must be {exc}") from None
+            raise _error(exc)(f"{source}: {where} attack must be {exc}") from None
         params = _check_table(f"{where} params", entry.get("params", {}), source)
         attacks.append(AttackSpec(label, name, dict(params)))
 
@@ -498,10 +498,7 @@ def _cross_check(c):
             f"{src}: [experiment] backend {c.backend!r} does not take array = {c.array!r}; "
             "use backend = 'auto' or the backend of that array library"
         )
-    try:
-        known = tuple(flagagg.available_rules())
-    except AttributeError:  # pragma: no cover - only while the core is unfinished
-        raise ConfigError(f"{src}: this flagagg has no rule registry (available_rules)") from None
+    known = tuple(flagagg.available_rules())
     for r in c.rules:
         if r.rule not in known:
             raise ConfigError(

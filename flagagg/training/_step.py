@@ -54,7 +54,7 @@ def build_rule(rule, f, params=None):
             f"rule {rule!r} is not available in this flagagg: available rules are "
             f"{', '.join(known)}"
         )
-    params.setdefault("f", int(f))
+    params.setdefault("f", f)  # checked by the rule: 1.5 is a TypeError, not 1
     return flagagg.get_rule(rule, **params)
 
 
