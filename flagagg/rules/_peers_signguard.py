@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._array import Stack, to_numpy
+from .._array import Stack, chunk_columns, to_numpy
 from .._validation import Real
 from ..backends import Backend
 from ._base import Rule, in_unit
@@ -166,15 +166,27 @@ class SignGuard(Rule):
 
 
 def _sign_features(stack: Stack) -> np.ndarray:
-    """Fractions of positive, zero and negative coordinates of every input, shape (p, 3)."""
+    """Fractions of positive, zero and negative coordinates of every input, shape (p, 3).
+
+    Counted a cache-sized chunk of columns at a time: the comparison's
+    temporaries stay small whatever the inputs' length.
+    """
     xp = stack.xp
     pos = np.zeros(stack.p)
     neg = np.zeros(stack.p)
+    step = chunk_columns(stack.p)
     for leaf in stack.leaves:
         for _, _, block in stack.blocks(leaf):
-            pos += np.asarray(to_numpy(xp.sum(xp.astype(block > 0, xp.int64), axis=1)),
-                              dtype=np.float64)
-            neg += np.asarray(to_numpy(xp.sum(xp.astype(block < 0, xp.int64), axis=1)),
-                              dtype=np.float64)
+            width = block.shape[1]
+            for start in range(0, width, step):
+                part = block[:, start:min(start + step, width)]
+                if stack.library == "numpy":
+                    pos += np.count_nonzero(part > 0, axis=1)
+                    neg += np.count_nonzero(part < 0, axis=1)
+                else:
+                    pos += np.asarray(to_numpy(xp.sum(xp.astype(part > 0, xp.int32), axis=1)),
+                                      dtype=np.float64)
+                    neg += np.asarray(to_numpy(xp.sum(xp.astype(part < 0, xp.int32), axis=1)),
+                                      dtype=np.float64)
     n = stack.n
     return np.stack([pos / n, (n - pos - neg) / n, neg / n], axis=1)
