@@ -40,31 +40,46 @@ def average_linkage_two(D: np.ndarray) -> np.ndarray:
     are lexicographically first merges, so the result is deterministic.
     """
     q = D.shape[0]
+    # Symmetric, so a cluster's distances are one contiguous row; dead clusters are
+    # masked with `alive` where read instead of overwritten.
     W = np.array(D, dtype=np.float64, copy=True)
-    # Only the upper triangle is searched: pairs (a, b) with a < b.
-    W[np.tril_indices(q)] = np.inf
+    np.fill_diagonal(W, np.inf)
     size = np.ones(q)
     alive = np.ones(q, dtype=bool)
     label = np.arange(q)
+    pos = np.arange(q)
+    # Each row's smallest entry right of the diagonal and its column (the first on
+    # ties): the closest pair (a, b), a < b, is the row of smallest minimum (the first
+    # on ties), so a merge costs O(q) plus the rows whose minimum it removed, instead
+    # of a search of all q^2 pairs.
+    U = np.where(pos[None, :] > pos[:, None], W, np.inf)
+    rmin = U.min(axis=1)
+    rarg = U.argmin(axis=1)
+    del U
     for _ in range(q - 2):
-        # argmin of the flattened upper triangle: the lexicographically first on ties.
-        k = int(np.argmin(W))
-        a, b = divmod(k, q)
+        a = int(np.argmin(rmin))
+        b = int(rarg[a])
         # d(a u b, c) = (|a| d(a, c) + |b| d(b, c)) / (|a| + |b|), for every live c.
-        da = np.where(np.arange(q) < a, W[:, a], W[a, :])
-        db = np.where(np.arange(q) < b, W[:, b], W[b, :])
-        new = (size[a] * da + size[b] * db) / (size[a] + size[b])
+        new = (size[a] * W[a] + size[b] * W[b]) / (size[a] + size[b])
         size[a] += size[b]
         alive[b] = False
         label[label == b] = a
-        W[b, :] = np.inf
-        W[:, b] = np.inf
-        live = alive.copy()
-        live[a] = False
-        before = live & (np.arange(q) < a)
-        after = live & (np.arange(q) > a)
-        W[before, a] = new[before]
-        W[a, after] = new[after]
+        rmin[b] = np.inf
+        new[a] = np.inf
+        W[a] = new
+        W[:, a] = new
+        # Rows whose minimum sat in column a or b: recompute. Other live rows before a
+        # gain the new column a: it becomes their minimum if smaller (or equal and
+        # further left).
+        stale = alive & ((rarg == a) | (rarg == b))
+        stale[a] = True
+        gain = alive & (pos < a) & ~stale & ((new < rmin) | ((new == rmin) & (a < rarg)))
+        rmin[gain] = new[gain]
+        rarg[gain] = a
+        rows = np.flatnonzero(stale)
+        R = np.where(alive[None, :] & (pos[None, :] > rows[:, None]), W[rows], np.inf)
+        rmin[rows] = R.min(axis=1)
+        rarg[rows] = R.argmin(axis=1)
     return label
 
 
