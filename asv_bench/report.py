@@ -84,6 +84,12 @@ _RULE_TARGETS = {
                      "nnm + krum"], 3.0),
     **dict.fromkeys(["median", "trimmed_mean", "meamed", "phocas"], 5.0),
     "bulyan": 6.0,
+    # The peers' rules (r2): a Gram rule and FLTrust (the Gram of the inputs and the
+    # reference) read the data twice like Krum; DnC adds a small column gather; SignGuard
+    # a sign-counting pass; Aksel a coordinate median then a Gram pass, like Bulyan.
+    **dict.fromkeys(["clipped_clustering", "fltrust", "dnc"], 3.0),
+    "signguard": 5.0,
+    "aksel": 6.0,
 }
 
 
@@ -385,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
         table.section(f"Every registered rule (f=3, backend auto) vs np.mean, float32 "
                       f"({p}, {rules_n:,})")
         Gr = make_stack(p, rules_n, seed=1)
+        # FLTrust takes the server's reference gradient on every call: the honest mean.
+        call = {"fltrust": {"reference": np.mean(Gr[3:], axis=0)}}
         cases = [(name, name, {}) for name in flagagg.available_rules()]
         cases.append(("nnm + krum", "krum", {"pre": ["nnm"]}))
         for label, name, extra in cases:
@@ -393,7 +401,9 @@ def run(args: argparse.Namespace) -> int:
                     rule = flagagg.get_rule(name, f=3, **extra)
                 except TypeError:
                     rule = flagagg.get_rule(name, **extra)
-                ratio = paired_ratio(lambda: np.mean(Gr, axis=0), lambda rule=rule: rule(Gr),
+                kw = call.get(name, {})
+                ratio = paired_ratio(lambda: np.mean(Gr, axis=0),
+                                     lambda rule=rule, kw=kw: rule(Gr, **kw),
                                      max(3, repeats // 2))
                 need = _RULE_TARGETS.get(label)
                 if need is None:
@@ -434,7 +444,8 @@ _PSWEEP_GRAM_RULES = (("flag", "flag", {}), ("krum", "krum", {"f": 3}),
                       ("multi_krum", "multi_krum", {"f": 3}),
                       ("geometric_median", "geometric_median", {}),
                       ("centered_clipping", "centered_clipping", {}),
-                      ("nnm + krum", "krum", {"f": 3, "pre": ["nnm"]}))
+                      ("nnm + krum", "krum", {"f": 3, "pre": ["nnm"]}),
+                      ("clipped_clustering", "clipped_clustering", {}))
 _PSWEEP_COORD_RULES = (("median", {}), ("trimmed_mean", {"f": 3}))
 
 
