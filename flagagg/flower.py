@@ -509,7 +509,7 @@ def _make_rule(rule: Any, f: int | None, pre: Any, params: dict[str, Any]) -> An
 
 def _check_reference_fn(rule: Any, reference_fn: Any) -> Any:
     """``reference_fn``, checked against the rule: given exactly when the rule needs one."""
-    needs = getattr(rule, "name", None) == "fltrust"
+    needs = bool(getattr(rule, "needs_reference", False))
     if reference_fn is not None and not callable(reference_fn):
         raise TypeError(f"reference_fn must be callable: got {type(reference_fn).__name__}")
     if needs and reference_fn is None and getattr(rule, "reference", None) is None:

@@ -14,7 +14,7 @@ like one input, in the inputs' library, dtype and device.
 from __future__ import annotations
 
 import contextvars
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -130,6 +130,11 @@ class FLTrust(Rule):
         # Gram alone.
         space="vector",
     )
+
+    # Every call needs the server's reference gradient (per call or from the
+    # constructor): generic callers (the simulator, the Flower strategy, loops over
+    # every rule) read this to supply one. The contract has no field for it.
+    needs_reference: ClassVar[bool] = True
 
     def __init__(self, reference: Any = None, f: int | None = None) -> None:
         self._store(reference=reference, f=f)

@@ -25,7 +25,7 @@ __all__ = ["RootGradient", "needs_reference"]
 
 def needs_reference(rule: Any) -> bool:
     """Whether ``rule`` takes the server's reference gradient on each call (FLTrust)."""
-    return getattr(rule, "name", None) == "fltrust"
+    return bool(getattr(rule, "needs_reference", False))
 
 
 class RootGradient:
