@@ -13,6 +13,8 @@ With at most ``f`` such inputs the scores of the others stay finite.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 
 from .._array import Stack
@@ -159,16 +161,10 @@ class MultiKrum(Rule):
     """
 
     name = "multi_krum"
-    contract = Contract(
-        params={"f": F_REQUIRED, "m": Int(low=1, none=True)},
-        bound=Bound(2, 3),
-        nan_policy=NAN_POLICY,
-        cost="one pass for the Gram matrix (O(p² n)), O(p² log p) scoring, one combination "
-        "pass reading the m selected rows",
-        reference=KRUM,
-        space="gram",
-        translation_invariant=True,
-    )
+    # Krum's contract, with m and the cost of averaging m rows.
+    contract = replace(Krum.contract, params={"f": F_REQUIRED, "m": Int(low=1, none=True)},
+                       cost="one pass for the Gram matrix (O(p² n)), O(p² log p) scoring, one "
+                       "combination pass reading the m selected rows")
 
     def __init__(self, f: int, m: int | None = None) -> None:
         self._store(f=f, m=m)
