@@ -16,7 +16,7 @@ import pytest
 
 import flagagg
 
-from conftest import has_module, make_lib
+from support.backends import has_module, make_lib
 
 P, F = 11, 2
 
