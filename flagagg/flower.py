@@ -509,11 +509,12 @@ def _make_rule(rule: Any, f: int | None, pre: Any, params: dict[str, Any]) -> An
 
 def _check_reference_fn(rule: Any, reference_fn: Any) -> Any:
     """``reference_fn``, checked against the rule: given exactly when the rule needs one."""
-    needs = bool(getattr(rule, "needs_reference", False))
+    # Read from the rule's contract (contract.call_inputs): FLTrust declares "reference".
+    needs = "reference" in getattr(rule, "call_inputs", {})
     if reference_fn is not None and not callable(reference_fn):
         raise TypeError(f"reference_fn must be callable: got {type(reference_fn).__name__}")
-    if needs and reference_fn is None and getattr(rule, "reference", None) is None:
-        raise TypeError("rule 'fltrust' needs the server's reference update every round: pass "
+    if needs and reference_fn is None and "reference" in rule.missing_inputs():
+        raise TypeError(f"rule {rule.name!r} needs the server's reference update every round: pass "
                         "reference_fn=lambda server_round, arrays: {...} (the server's own "
                         "update on its root dataset)")
     if reference_fn is not None and not needs:

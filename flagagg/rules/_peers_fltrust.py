@@ -13,25 +13,18 @@ like one input, in the inputs' library, dtype and device.
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
 from .._array import Stack, as_stack
 from .._validation import Anything
 from ..backends import Backend
-from ._base import Rule, append_input
+from ._base import NothingLeftError, Rule, append_input
 from ._contract import F_OPTIONAL, Bound, Contract, Outcome, Reference, Solution, WorkerStats
 from ._result import linear_stats
 
 __all__ = ["FLTrust", "check_reference"]
-
-# The reference of the call in progress: set by FLTrust.__call__ around the base
-# class's call, read by _aggregate (a context variable, so concurrent calls on one
-# rule object from several threads each see their own).
-_REFERENCE: contextvars.ContextVar[Any] = contextvars.ContextVar("fltrust_reference")
-
 
 def check_reference(stack: Stack, reference: Any, owner: str) -> None:
     """Raise unless ``reference`` is like one input of ``stack``: shape, library, dtype, device.
@@ -129,12 +122,11 @@ class FLTrust(Rule):
         # Inner products with a vector that is not one of the inputs: not the inputs'
         # Gram alone.
         space="vector",
+        # Read by generic callers (the Flower strategy, the simulated cluster's root
+        # gradient, the tests that loop over every rule) to supply it.
+        call_inputs={"reference": "the server's reference gradient g0 (computed on its "
+                                  "clean root dataset at the round's parameters)"},
     )
-
-    # Every call needs the server's reference gradient (per call or from the
-    # constructor): generic callers (the simulator, the Flower strategy, loops over
-    # every rule) read this to supply one. The contract has no field for it.
-    needs_reference: ClassVar[bool] = True
 
     def __init__(self, reference: Any = None, f: int | None = None) -> None:
         self._store(reference=reference, f=f)
@@ -144,34 +136,17 @@ class FLTrust(Rule):
         ref = "None" if self.reference is None else "<array>"
         return f"{type(self).__name__}(reference={ref}, f={self.f!r})"
 
-    def __call__(self, gradients: Any, *, reference: Any = None, return_result: bool = False,
-                 backend: str | None = None) -> Any:
-        """Aggregate ``gradients`` with the trust given by ``reference``.
-
-        Parameters
-        ----------
-        gradients : array of shape (p, n), or sequence of p arrays or pytrees
-        reference : array or pytree, optional
-            The server's reference gradient ``g0``, shaped like one input, in
-            the inputs' library, dtype and device. Defaults to the
-            constructor's; one of them is required.
-        return_result, backend
-            As for every rule.
-        """
-        token = _REFERENCE.set(self.reference if reference is None else reference)
-        try:
-            return super().__call__(gradients, return_result=return_result, backend=backend)
-        finally:
-            _REFERENCE.reset(token)
-
     def _solve_stack(self, stack: Stack, backend: Backend) -> Outcome:
-        g0 = _REFERENCE.get(None)
+        g0 = self.call_input("reference")
         check_reference(stack, g0, self.name)
         p = stack.p
         KA = append_input(stack, g0, self.name).gram(backend)
         if not KA.usable[p]:
             raise ValueError(f"{self.name}: the reference gradient holds NaN or Inf values")
         excluded = tuple((i, why) for i, why in KA.excluded if i < p)
+        if not KA.usable[:p].any():
+            # As every rule: nothing to aggregate is an error, not a zero output.
+            raise NothingLeftError(self.name, p, excluded)
         idx = np.append(np.flatnonzero(KA.usable[:p]), p)
         # Lengths 2^t n and cosines at each vector's own scale: exact at any magnitude.
         n, t, U = KA.relative_unit(idx, None)

@@ -24,8 +24,13 @@ __all__ = ["RootGradient", "needs_reference"]
 
 
 def needs_reference(rule: Any) -> bool:
-    """Whether ``rule`` takes the server's reference gradient on each call (FLTrust)."""
-    return bool(getattr(rule, "needs_reference", False))
+    """Whether ``rule`` declares the server's reference gradient as a per-call input (FLTrust).
+
+    Read from the rule's contract (``contract.call_inputs``, through
+    ``rule.call_inputs``, which a composed rule takes from its rule); a plain
+    callable that is not a flagagg rule needs none.
+    """
+    return "reference" in getattr(rule, "call_inputs", {})
 
 
 class RootGradient:
