@@ -514,8 +514,8 @@ def _check_reference_fn(rule: Any, reference_fn: Any) -> Any:
     if reference_fn is not None and not callable(reference_fn):
         raise TypeError(f"reference_fn must be callable: got {type(reference_fn).__name__}")
     if needs and reference_fn is None and "reference" in rule.missing_inputs():
-        raise TypeError(f"rule {rule.name!r} needs the server's reference update every round: pass "
-                        "reference_fn=lambda server_round, arrays: {...} (the server's own "
+        raise TypeError(f"rule {rule.name!r} needs the server's reference update every round: "
+                        "pass reference_fn=lambda server_round, arrays: {...} (the server's own "
                         "update on its root dataset)")
     if reference_fn is not None and not needs:
         raise TypeError(f"reference_fn is for rules that take a reference (fltrust), not "

@@ -144,7 +144,7 @@ class Rule(Params):
 
     @property
     def call_inputs(self) -> Mapping[str, str]:
-        """The inputs this rule needs on every call besides the gradients (``contract.call_inputs``)."""
+        """The inputs it needs on every call besides the gradients (``contract.call_inputs``)."""
         return self.contract.call_inputs
 
     def missing_inputs(self) -> tuple[str, ...]:

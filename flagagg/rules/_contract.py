@@ -220,7 +220,10 @@ class Outcome:
     solution : Solution
     gram : Gram or None
         The inputs' Gram matrix, when the rule built one: a linear rule's
-        per-input diagnostics then need no further pass over the data.
+        per-input diagnostics then need no further pass over the data,
+        formed only when a result is asked for. It may be the Gram of the
+        ``p`` inputs followed by vectors of the rule's own with no part in
+        the output (FLTrust's reference, Aksel's median).
     stats : WorkerStats or None
         Diagnostics' inputs the rule formed itself (centered clipping from its
         augmented Gram). Without ``gram`` or ``stats``, a result asked for

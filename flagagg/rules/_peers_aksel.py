@@ -10,9 +10,8 @@ import numpy as np
 from .._array import Stack
 from ..backends import Backend
 from ._base import NothingLeftError, Rule, append_input
-from ._contract import F_REQUIRED, Bound, Contract, Outcome, Reference, Solution, WorkerStats
+from ._contract import F_REQUIRED, Bound, Contract, Outcome, Reference, Solution
 from ._coordinate import check_finite_output
-from ._result import linear_stats
 
 __all__ = ["Aksel"]
 
@@ -94,8 +93,8 @@ class Aksel(Rule):
         coef = np.zeros(p)
         coef[kept] = 1.0 / kept.size
         out = stack.combine(backend, coef)
-        st = linear_stats(KA.inputs, np.append(coef, 0.0))
-        stats = WorkerStats(st.cosine[:p], st.share[:p], st.norms[:p], st.out_ok)
         sol = Solution(coefficients=coef, excluded=excluded,
                        selected=tuple(int(i) for i in kept), scores=np.where(finite, d, np.inf))
-        return Outcome(out, sol, stats=stats)
+        # Each input against the output from the augmented Gram, when a result is asked
+        # for: no further pass.
+        return Outcome(out, sol, gram=KA)

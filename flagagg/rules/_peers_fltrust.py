@@ -21,8 +21,7 @@ from .._array import Stack, as_stack
 from .._validation import Anything
 from ..backends import Backend
 from ._base import NothingLeftError, Rule, append_input
-from ._contract import F_OPTIONAL, Bound, Contract, Outcome, Reference, Solution, WorkerStats
-from ._result import linear_stats
+from ._contract import F_OPTIONAL, Bound, Contract, Outcome, Reference, Solution
 
 __all__ = ["FLTrust", "check_reference"]
 
@@ -165,10 +164,9 @@ class FLTrust(Rule):
                 ratio = np.ldexp(n[-1] / n[:-1][pos], t[-1] - t[:-1][pos])
             coef[k] = trust[k] * ratio / total
         out = stack.combine(backend, coef)
-        # Each input against the output, from the augmented Gram: no further pass.
-        st = linear_stats(KA, np.append(coef, 0.0))
-        stats = WorkerStats(st.cosine[:p], st.share[:p], st.norms[:p], st.out_ok)
         sol = Solution(coefficients=coef, excluded=excluded,
                        selected=tuple(int(i) for i in np.flatnonzero(coef)), scores=trust,
                        details={"reference_norm": float(np.ldexp(n[-1], t[-1]))})
-        return Outcome(out, sol, stats=stats)
+        # Each input against the output from the augmented Gram, when a result is asked
+        # for: no further pass.
+        return Outcome(out, sol, gram=KA)

@@ -13,7 +13,7 @@ from typing import Any
 import flagagg
 from flagagg._array import as_stack
 
-__all__ = ["call", "call_inputs", "reference_like"]
+__all__ = ["aggregate", "call", "call_inputs", "reference_like"]
 
 
 def reference_like(gradients: Any, honest: Any = None) -> Any:
@@ -47,3 +47,10 @@ def call_inputs(rule: Any, gradients: Any, honest: Any = None) -> dict[str, Any]
 def call(rule: Any, gradients: Any, *, honest: Any = None, **kwargs: Any) -> Any:
     """``rule(gradients, **kwargs)`` with the per-call inputs the rule declares."""
     return rule(gradients, **call_inputs(rule, gradients, honest), **kwargs)
+
+
+def aggregate(gradients: Any, rule: str, *, pre: Any = None, backend: str | None = None,
+              return_result: bool = False, honest: Any = None, **params: Any) -> Any:
+    """:func:`flagagg.aggregate`, with the per-call inputs the rule declares."""
+    built = flagagg.get_rule(rule, pre=pre, **params)
+    return call(built, gradients, honest=honest, backend=backend, return_result=return_result)
