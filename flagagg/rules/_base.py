@@ -51,8 +51,8 @@ __all__ = [
 # Rule.__call__ around the solve, read by the rule's solver with ``call_input``. A
 # context variable, so concurrent calls of one rule object from several threads each
 # see their own, and a ComposedRule's inner rule sees the inputs of the outer call.
-_CALL_INPUTS: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
-    "flagagg_call_inputs", default={})
+_CALL_INPUTS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "flagagg_call_inputs", default=None)
 
 
 class NothingLeftError(ValueError):
@@ -153,7 +153,7 @@ class Rule(Params):
 
     def call_input(self, name: str) -> Any:
         """The per-call input ``name`` of the call in progress (the constructor's if none)."""
-        value = _CALL_INPUTS.get().get(name)
+        value = (_CALL_INPUTS.get() or {}).get(name)
         return getattr(self, name, None) if value is None else value
 
     def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
