@@ -314,7 +314,7 @@ def test_monna_distance_order_is_the_ranks_row(mag):
     # MoNNA orders one row in O(p); it must be the row of the all-pairs exact ranks,
     # with ties (a duplicated row) to the lower index and NaN rows last.
     from flagagg._array import as_stack
-    from flagagg.backends import select_backend
+    from flagagg._backend_choice import select_backend
     from flagagg.rules._peers_monna import distance_order
 
     G = np.random.default_rng(7).normal(size=(9, 5))
