@@ -22,6 +22,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 sys.path.insert(0, str(DOCS / "_ext"))
 
 import docblocks  # noqa: E402 - the docs' own helper, found through the path above
+
 from support.rules import call  # noqa: E402
 
 PAGES = sorted(
