@@ -94,6 +94,9 @@ def test_fltrust_strategy_uses_the_server_reference_every_round():
 def test_fltrust_strategy_needs_a_reference_fn_and_checks_it():
     with pytest.raises(TypeError, match="needs the server's reference update"):
         RobustStrategy("fltrust")
+    # The strategy reads the rule's contract (call_inputs), behind a step too.
+    with pytest.raises(TypeError, match="rule 'nnm\\+fltrust' needs the server's reference"):
+        RobustStrategy("fltrust", f=1, pre=["nnm"])
     with pytest.raises(TypeError, match="reference_fn is for rules that take a reference"):
         RobustStrategy("median", reference_fn=lambda r, a: {})
     with pytest.raises(TypeError, match="must be callable"):

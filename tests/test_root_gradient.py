@@ -72,6 +72,9 @@ def test_bound_rule_gets_the_reference_in_the_rows_library(array):
     root = RootGradient(rep, size=50, seed=1)
     rule = build_rule("fltrust", 2, None)
     assert needs_reference(rule) and not needs_reference(build_rule("median", 2, None))
+    # Read from the contract (contract.call_inputs), through a composed rule too.
+    assert needs_reference(flagagg.get_rule("fltrust", f=2, pre=["nnm"]))
+    assert not needs_reference(lambda rows: rows[0])
     flat = rep.initial_parameters()
     G = rep.gradients(flat, rep.draw_batches(16), get_attack("sign_flip"), range(7))
     bound = root.bind(rule, flat, array)
