@@ -160,6 +160,10 @@ def test_rules_table_bounds_are_the_ones_the_rules_enforce(infos):
     assert by_name["krum"].precondition.startswith("p ≥ 2f + 3")
     # The mean does not use f, but refuses an f no rule could tolerate (issue 23).
     assert by_name["mean"].precondition.startswith("p ≥ 2f + 1")
+    # FLTrust trusts the server's reference, not a majority; DnC states its missing bound.
+    assert by_name["fltrust"].precondition.startswith("p ≥ f + 1")
+    assert by_name["dnc"].precondition.endswith(
+        "breakdown: none against Byzantine inputs of several magnitudes")
     for info in infos:
         for f, p_min in info.min_p.items():
             rule = flagagg.get_rule(info.name, f=f)

@@ -285,6 +285,10 @@ def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
                                if f is not None)
             info.precondition = (f"{_formula(bound)} ({listed})" if bound and listed
                                  else f"any p ≥ {min(info.min_p.values())}")
+            if cls.contract.breakdown:
+                # A rule without a bound against some inputs says so next to its bound
+                # (its first clause; the rules page has the rest).
+                info.precondition += f"; breakdown: {cls.contract.breakdown.split(':')[0]}"
             p_probe = max(7, (info.min_p.get(f_probe) or 7))
             out = _call(_build(name, f_probe), _inputs(p_probe), backend="numpy")
             if getattr(out, "ndim", 1) != 1:
