@@ -103,16 +103,19 @@ class DnC(Rule):
     of ``n_iter x sample`` columns and a ``p x p`` eigenproblem per sample,
     one combination pass.
 
-    Breakdown: DnC, as published, has no bound against Byzantine inputs of
-    several magnitudes (``contract.breakdown``). Each sample's score follows
-    one direction, the top singular vector of the centred inputs, which the
-    largest outlier sets; a second outlier far smaller than it but far from
-    the honest inputs is nearly orthogonal to that direction, scores below
-    the honest inputs and is kept. With p = 11, f = 5 and Byzantine inputs
+    Breakdown: DnC, as published, has no bound against several Byzantine
+    inputs far off in different directions or magnitudes
+    (``contract.breakdown``). Each sample's score follows one direction,
+    the top singular vector of the centred inputs, which one outlier sets;
+    another outlier far from the honest inputs but nearly orthogonal to that
+    direction scores below the honest inputs and is kept (equal sizes in
+    random directions do it too, e.g. five float32 inputs of size 1e3). With p = 11, f = 5 and Byzantine inputs
     of norms 1.5e3, 1.1e10, 7.1e16, 3.5e23 and 2.3e30, the 3.5e23 input is
     kept and the output is 5.8e22 from the honest mean, whose inputs lie
     within 4.4 of it (tests/test_bounded.py). flagagg keeps the paper's
-    definition, the one benchmarks compare against.
+    definition, the one benchmarks compare against. A step that bounds the
+    inputs first, ``pre=["arc"]`` or ``pre=["clipping"]``, restores a bound
+    (tested on the same inputs).
 
     NaN policy: inputs holding NaN or Inf (anywhere, sampled or not) are
     never kept and are listed in ``result.excluded``. When the samples keep
@@ -147,10 +150,10 @@ class DnC(Rule):
         space="vector",
         # As the paper defines it (one top direction per sample, c f removed), the
         # flagagg default, since benchmarks compare against the published rule.
-        breakdown="none against Byzantine inputs of several magnitudes: the top direction "
-        "follows the largest, and a smaller one can score below the honest inputs and be "
-        "kept (p=11, f=5, inputs of 1e3 ... 1e30: an input of norm 3.5e23 is kept, as the "
-        "paper's definition keeps it)",
+        breakdown="none against several Byzantine inputs far off in different directions or "
+        "magnitudes: the top direction follows one of them, and another, nearly orthogonal "
+        "to it, can score below the honest inputs and be kept (p=11, f=5, inputs of norms "
+        "1e3 ... 1e30: the one of 3.5e23 is kept, as the paper's definition keeps it)",
     )
 
     def __init__(self, f: int, n_iter: int = 5, sample: int = 10000, c: float = 1.0,
