@@ -381,3 +381,18 @@ def test_dnc_behind_a_step_that_bounds_the_inputs_keeps_the_generic_bound(pre, d
             out = np.asarray(build("dnc", pre, f)(G, backend="numpy"))
             ok, why = guarantee("dnc", pre, out, G[:h], P, f)
             assert ok, f"{pre}+dnc {dtype} M={M:g} {scenario}: {why}"
+
+
+@pytest.mark.parametrize("pre", ["nnm", "bucketing"])
+def test_dnc_behind_nnm_or_bucketing_still_misses_the_bound(pre):
+    """The docs say these steps do not suffice for DnC: some case of the matrix misses."""
+    f = tolerated_f("dnc", pre)
+    misses = []
+    for M in MAGNITUDES["float64"]:
+        for scenario in SCENARIOS:
+            seed = zlib.crc32(f"dnc/{pre}/float64/{M:g}/{scenario}/{P}/{N}".encode())
+            G, h = inputs(scenario, M, f, "float64", seed)
+            out = np.asarray(build("dnc", pre, f)(G, backend="numpy"))
+            if not guarantee("dnc", pre, out, G[:h], P, f)[0]:
+                misses.append((M, scenario))
+    assert (1e30, "mixed") in misses, misses
