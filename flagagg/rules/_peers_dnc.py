@@ -112,8 +112,9 @@ class DnC(Rule):
     random directions do it too, e.g. five float32 inputs of size 1e3).
     With p = 11, f = 5 and Byzantine inputs of norms 1.5e3, 1.1e10, 7.1e16,
     3.5e23 and 2.3e30, the 3.5e23 input is kept and the output is 5.8e22
-    from the honest mean, whose inputs lie within 4.4 of it (tests/test_bounded.py). flagagg keeps the paper's
-    definition, the one benchmarks compare against. A step that bounds the
+    from the honest mean, whose inputs lie within 4.4 of it
+    (tests/test_bounded.py). flagagg keeps the paper's definition, the one
+    benchmarks compare against. A step that bounds the
     inputs first, ``pre=["arc"]`` or ``pre=["clipping"]``, restores a bound
     (tested on the same inputs).
 
