@@ -96,8 +96,14 @@ def run(steps=30, *, rules=None, attacks=ATTACKS, model="logreg", seed=0, progre
             Ga, bad = _attack_rows(attack, G, faulty, honest, rng)
             if attack != "huge f64":
                 Ga = Ga.astype(np.float32)
+            # FLTrust's trusted input (rule.call_inputs): the server's own gradient on
+            # clean data, here the mean of three honest workers' batches of the round
+            # (as a small root dataset would give).
+            server = G[honest[:3]].mean(axis=0).astype(Ga.dtype)
             for name in rules:
-                res = flagagg.get_rule(name, f=F)(Ga, return_result=True, backend="numpy")
+                rule = flagagg.get_rule(name, f=F)
+                extra = {"reference": server} if "reference" in rule.call_inputs else {}
+                res = rule(Ga, return_result=True, backend="numpy", **extra)
                 sus = set(res.suspects)
                 c = counts[name]
                 c[0] += len(sus & bad)

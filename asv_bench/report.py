@@ -87,6 +87,15 @@ _RULE_TARGETS = {
     "bulyan": 6.0,
     # The peers' Gram rules (issue 24): the Krum family's target.
     **dict.fromkeys(["cge", "medoid", "monna", "caf", "smea", "arc + krum"], 3.0),
+    # The peers' rules (r2): a Gram rule and FLTrust (the Gram of the inputs and the
+    # reference) read the data twice like Krum; DnC adds a small column gather; SignGuard
+    # a sign-counting pass; Aksel a coordinate median then a Gram pass, like Bulyan.
+    # DnC's gathers of n_iter x sample = 5 x 10,000 random columns are a fixed cost
+    # (~40 ms) that weighs most at this size: 2.1x the mean at (15, 4M), 6.5x here.
+    **dict.fromkeys(["clipped_clustering", "fltrust"], 3.0),
+    "dnc": 8.0,
+    "signguard": 5.0,
+    "aksel": 6.0,
 }
 
 
@@ -417,6 +426,8 @@ def _rules_section(table: _Table, b: _Bench) -> None:
     table.section(f"Every registered rule (f=3, backend auto) vs np.mean, float32 "
                   f"({b.p}, {b.rules_n:,})")
     Gr = make_stack(b.p, b.rules_n, seed=1)
+    # FLTrust takes the server's reference gradient on every call: the honest mean.
+    call = {"fltrust": {"reference": np.mean(Gr[3:], axis=0)}}
     cases = [(name, name, {}) for name in flagagg.available_rules()]
     cases.append(("nnm + krum", "krum", {"pre": ["nnm"]}))
     cases.append(("arc + krum", "krum", {"pre": ["arc"]}))
@@ -426,7 +437,9 @@ def _rules_section(table: _Table, b: _Bench) -> None:
                 rule = flagagg.get_rule(name, f=3, **extra)
             except TypeError:
                 rule = flagagg.get_rule(name, **extra)
-            ratio = paired_ratio(lambda: np.mean(Gr, axis=0), lambda rule=rule: rule(Gr),
+            kw = call.get(name, {})
+            ratio = paired_ratio(lambda: np.mean(Gr, axis=0),
+                                 lambda rule=rule, kw=kw: rule(Gr, **kw),
                                  max(3, b.repeats // 2))
             need = _RULE_TARGETS.get(label)
             if need is None:
@@ -505,7 +518,8 @@ _PSWEEP_GRAM_RULES = (("flag", "flag", {}), ("krum", "krum", {"f": 3}),
                       # p = 1024 (CAF's O(p^4) and SMEA's C(p, f) subsets do not: not swept).
                       ("cge", "cge", {"f": 3}), ("medoid", "medoid", {}),
                       ("monna", "monna", {"f": 3}),
-                      ("arc + krum", "krum", {"f": 3, "pre": ["arc"]}))
+                      ("arc + krum", "krum", {"f": 3, "pre": ["arc"]}),
+                      ("clipped_clustering", "clipped_clustering", {}))
 _PSWEEP_COORD_RULES = (("median", {}), ("trimmed_mean", {"f": 3}))
 
 

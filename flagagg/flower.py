@@ -225,6 +225,15 @@ class RobustStrategy(FedAvg):
         replies whose MetricRecord has a finite weight ``> 0`` and the keys
         most replies have take part, so a crafted MetricRecord cannot stop
         the round).
+    reference_fn : callable, optional
+        For rules that need a reference update held by the server
+        (``"fltrust"``): ``reference_fn(server_round, global_arrays)`` returns
+        the server's own update on its clean root dataset this round, as a
+        dict with the floating-point arrays' keys, shapes and dtypes
+        (``w_server - w``, the same convention as the clients' updates).
+        Required for ``"fltrust"``; the server is trusted, so a reference of
+        the wrong form stops the ServerApp (TypeError or ValueError) rather
+        than skipping the round.
     **rule_params
         Parameters of the rule, e.g. ``r`` for ``"flag"`` or ``m`` for
         ``"multi_krum"``. ``"flag"``'s default output is on the updates' own
@@ -288,6 +297,7 @@ class RobustStrategy(FedAvg):
         train_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         evaluate_metrics_aggr_fn: Callable[[list[RecordDict], str], MetricRecord] | None = None,
         client_id_key: str | None = "partition-id",
+        reference_fn: Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None,
         **rule_params: Any,
     ) -> None:
         super().__init__(
@@ -307,6 +317,7 @@ class RobustStrategy(FedAvg):
         self.weight_by_num_examples = bool(weight_by_num_examples)
         self.client_id_key = client_id_key
         self.diagnostics_: dict[int, RoundDiagnostics] = {}
+        self.reference_fn = _check_reference_fn(self.rule_, reference_fn)
         # Per-client indices of the rule's selected/ratios refer to the mixed
         # inputs after pre-aggregation, so they are reported only without it.
         self._per_input = not getattr(self.rule_, "pre", None)
@@ -373,7 +384,8 @@ class RobustStrategy(FedAvg):
                         f"{len(got.rejected)} rejected)")
         if self.weight_by_num_examples:
             _scale_by_examples(got.updates, got.weights)
-        agg, result, problem = self._aggregate_updates(got.updates, len(got.nodes))
+        agg, result, problem = self._aggregate_updates(got.updates, len(got.nodes),
+                                                       server_round, glob)
         if problem:
             return skip(problem)
         new = _apply_update(glob, agg, got.fixed)
@@ -428,16 +440,22 @@ class RobustStrategy(FedAvg):
             got.contents.append(msg.content)
         return got
 
-    def _aggregate_updates(self, updates: list[dict[str, np.ndarray]], n_nodes: int):
+    def _aggregate_updates(self, updates: list[dict[str, np.ndarray]], n_nodes: int,
+                           server_round: int, glob: dict[str, np.ndarray]):
         """The rule's aggregate of the float updates: (aggregate, result, problem).
+
+        A rule that takes the server's reference (FLTrust) gets this round's
+        ``reference_fn(server_round, glob)``.
 
         ``problem`` is ``""``, or why the round is skipped (the rule refused,
         or returned non-finite values).
         """
         if not updates[0]:
             return {}, None, ""
+        extra = {} if self.reference_fn is None else {
+            "reference": _reference(self.reference_fn, server_round, glob, updates[0])}
         try:
-            result = self.rule_(updates, return_result=True)
+            result = self.rule_(updates, return_result=True, **extra)
         except ValueError as exc:
             return {}, None, (f"{self.rule_name} cannot aggregate the {n_nodes} usable "
                               f"updates: {exc}")
@@ -503,6 +521,40 @@ def _make_rule(rule: Any, f: int | None, pre: Any, params: dict[str, Any]) -> An
     if f is not None:
         kwargs["f"] = f
     return get_rule(rule, **kwargs)
+
+
+def _check_reference_fn(rule: Any, reference_fn: Any) -> Any:
+    """``reference_fn``, checked against the rule: given exactly when the rule needs one."""
+    # Read from the rule's contract (contract.call_inputs): FLTrust declares "reference".
+    needs = "reference" in getattr(rule, "call_inputs", {})
+    if reference_fn is not None and not callable(reference_fn):
+        raise TypeError(f"reference_fn must be callable: got {type(reference_fn).__name__}")
+    if needs and reference_fn is None and "reference" in rule.missing_inputs():
+        raise TypeError(f"rule {rule.name!r} needs the server's reference update every round: "
+                        "pass reference_fn=lambda server_round, arrays: {...} (the server's own "
+                        "update on its root dataset)")
+    if reference_fn is not None and not needs:
+        raise TypeError(f"reference_fn is for rules that take a reference (fltrust), not "
+                        f"{getattr(rule, 'name', rule)!r}")
+    return reference_fn
+
+
+def _reference(fn: Any, server_round: int, glob: dict[str, np.ndarray],
+               like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The server's reference update of this round, checked to be shaped like an update."""
+    ref = fn(server_round, {k: v.copy() for k, v in glob.items()})
+    if not isinstance(ref, dict) or sorted(ref) != sorted(like):
+        got = sorted(ref) if isinstance(ref, dict) else type(ref).__name__
+        raise TypeError(f"reference_fn must return a dict of the floating-point arrays "
+                        f"{sorted(like)[:6]}: got {got}")
+    out = {}
+    for k, u in like.items():
+        r = np.asarray(ref[k])
+        if r.shape != u.shape or r.dtype != u.dtype:
+            raise ValueError(f"reference_fn: array {k!r} must have shape {u.shape} and dtype "
+                             f"{u.dtype}: got {r.shape} {r.dtype}")
+        out[k] = r
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from flagagg.rules._base import NothingLeftError
 from flagagg.rules._contract import F_REQUIRED, Bound, Contract, Reference
 from flagagg.rules._pre import available_pre, pre_class
 
+from support.rules import call
+
 RULE_CLASSES = {name: flagagg.rules._rule_class(name) for name in flagagg.available_rules()}
 
 
@@ -76,11 +78,11 @@ def test_get_rule_takes_backend_for_every_rule(name):
     G = np.random.default_rng(0).normal(size=(9, 6))
     kwargs = {"f": 1} if "f" in RULE_CLASSES[name].contract.params else {}
     rule = flagagg.get_rule(name, backend="numpy", **kwargs)
-    assert rule(G, return_result=True).backend == "numpy"
+    assert call(rule, G, return_result=True).backend == "numpy"
     with pytest.raises(TypeError, match="backend"):
         flagagg.get_rule(name, backend=3, **kwargs)
     with pytest.raises(ValueError, match="nosuch"):
-        flagagg.get_rule(name, backend="nosuch", **kwargs)(G)
+        call(flagagg.get_rule(name, backend="nosuch", **kwargs), G)
 
 
 @pytest.mark.parametrize("name", list(RULE_CLASSES))
@@ -261,3 +263,46 @@ def test_a_result_with_deferred_diagnostics_pickles():
 
     np.testing.assert_array_equal(with_diagnostics(copy).cosine, rule.result_.cosine)
     assert np.isfinite(rule.result_.cosine).all()
+
+
+# --- per-call inputs (contract.call_inputs) ------------------------------------------
+
+
+def test_per_call_inputs_are_declared_in_the_contract():
+    # FLTrust's reference is declared, as the one input besides the gradients any rule
+    # needs; generic callers read the declaration, not an attribute of the class.
+    needs = {name for name, cls in RULE_CLASSES.items() if cls.contract.call_inputs}
+    assert needs == {"fltrust"}
+    assert list(RULE_CLASSES["fltrust"].contract.call_inputs) == ["reference"]
+    assert not hasattr(RULE_CLASSES["fltrust"], "needs_reference")
+    # A per-call input may also be given once to the constructor: it must be declared there.
+    with pytest.raises(TypeError, match="constructor parameter"):
+        Contract(params={}, call_inputs={"reference": "a vector"})
+
+
+def test_a_rule_called_without_its_per_call_input_says_what_it_needs():
+    G = np.random.default_rng(2).normal(size=(5, 3))
+    for rule in (flagagg.get_rule("fltrust"), flagagg.get_rule("fltrust", f=1, pre=["nnm"])):
+        assert rule.missing_inputs() == ("reference",)
+        with pytest.raises(TypeError, match=r"fltrust needs the server's reference gradient g0 "
+                                            r".*rule\(gradients, reference=\.\.\.\)"):
+            rule(G)
+        with pytest.raises(TypeError, match="reference=None|needs the server"):
+            rule(G, reference=None)
+        out = rule(G, reference=G[0])
+        assert out.shape == (3,) and np.isfinite(out).all()
+    # Given once to the constructor, it is not needed per call; per call it wins.
+    rule = flagagg.get_rule("fltrust", reference=G[0])
+    assert rule.missing_inputs() == ()
+    np.testing.assert_array_equal(rule(G), flagagg.get_rule("fltrust")(G, reference=G[0]))
+    assert not np.array_equal(rule(G, reference=G[1]), rule(G))
+
+
+def test_a_per_call_input_a_rule_does_not_declare_is_a_type_error():
+    G = np.random.default_rng(3).normal(size=(5, 3))
+    with pytest.raises(TypeError, match="median takes no per-call input 'reference'; it "
+                                        "aggregates the gradients alone"):
+        flagagg.get_rule("median")(G, reference=G[0])
+    with pytest.raises(TypeError, match="fltrust takes no per-call input 'center'; its "
+                                        "per-call inputs: reference"):
+        flagagg.get_rule("fltrust")(G, reference=G[0], center=G[0])

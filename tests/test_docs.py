@@ -23,6 +23,8 @@ sys.path.insert(0, str(DOCS / "_ext"))
 
 import docblocks  # noqa: E402 - the docs' own helper, found through the path above
 
+from support.rules import call  # noqa: E402
+
 PAGES = sorted(
     p for p in DOCS.rglob("*.rst")
     if not ({"_build", "generated", "_templates", "auto_examples"}
@@ -158,13 +160,18 @@ def test_rules_table_bounds_are_the_ones_the_rules_enforce(infos):
     assert by_name["krum"].precondition.startswith("p ≥ 2f + 3")
     # The mean does not use f, but refuses an f no rule could tolerate (issue 23).
     assert by_name["mean"].precondition.startswith("p ≥ 2f + 1")
+    # FLTrust trusts the server's reference, not a majority; DnC states its missing bound.
+    assert by_name["fltrust"].precondition.startswith("p ≥ f + 1")
+    assert by_name["dnc"].precondition.endswith(
+        "breakdown: none against several Byzantine inputs far off in different directions "
+        "or magnitudes")
     for info in infos:
         for f, p_min in info.min_p.items():
             rule = flagagg.get_rule(info.name, f=f)
-            rule(rng.normal(1.0, 1.0, (p_min, 16)), backend="numpy")
+            call(rule, rng.normal(1.0, 1.0, (p_min, 16)), backend="numpy")
             if p_min > 1:
                 with pytest.raises(ValueError):
-                    rule(rng.normal(1.0, 1.0, (p_min - 1, 16)), backend="numpy")
+                    call(rule, rng.normal(1.0, 1.0, (p_min - 1, 16)), backend="numpy")
 
 
 # -- Gallery, math, layout and the browser check (issue 29) ---------------------

@@ -8,6 +8,7 @@ rule applied to the flattened (p, n) matrix of updates.
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -143,10 +144,20 @@ def test_matches_rule_on_flattened_updates(name, f, params):
     glob = global_arrays(rng)
     updates = honest_updates(rng, glob, 11)
     updates[0] = {k: -10 * u for k, u in updates[1].items()}  # one reversed client
-    strategy = RobustStrategy(name, f, **params)
+    rule = _reference_rule(name, f, params)
+    extra = {}
+    if "reference" in rule.call_inputs:
+        # FLTrust: the server's reference update (here the clients' median) from
+        # reference_fn, and the same one, flattened, for the rule on flat updates.
+        server = {k: np.median([u[k] for u in updates], axis=0).astype(glob[k].dtype)
+                  for k in glob}
+        extra["reference_fn"] = lambda server_round, arrays: server
+        flat_server = np.concatenate([server[k].ravel() for k in glob])
+        rule = functools.partial(rule, reference=flat_server)
+    strategy = RobustStrategy(name, f, **params, **extra)
     arrays, metrics, _ = run_round(strategy, glob, updates)
     got = as_numpy(arrays)
-    ref = flat_reference(_reference_rule(name, f, params), glob, updates)
+    ref = flat_reference(rule, glob, updates)
     assert list(got) == list(glob)
     for k in glob:
         assert got[k].dtype == glob[k].dtype and got[k].shape == glob[k].shape

@@ -8,8 +8,11 @@ import numpy as np
 import pytest
 
 import flagagg
+from flagagg.rules import _rule_class
 from flagagg.rules._flag import FlagAggregator
 from flagagg.rules._pre import Bucketing
+
+from support.rules import aggregate, call
 
 P, F = 11, 2
 
@@ -28,7 +31,7 @@ def honest_and_reversed(p=P, f=F, n=200, seed=0, scale=1.0):
 @pytest.mark.parametrize("name", flagagg.available_rules())
 def test_every_rule_takes_f(name):
     G = honest_and_reversed()
-    out = flagagg.aggregate(G, rule=name, f=F, backend="numpy")
+    out = aggregate(G, rule=name, f=F, backend="numpy")
     assert out.shape == (G.shape[1],) and np.all(np.isfinite(out))
     assert flagagg.get_rule(name, f=F).f == F
 
@@ -36,7 +39,7 @@ def test_every_rule_takes_f(name):
 @pytest.mark.parametrize("name", flagagg.available_rules())
 def test_every_rule_takes_f_with_nnm(name):
     G = honest_and_reversed()
-    res = flagagg.aggregate(G, rule=name, f=F, pre=["nnm"], backend="numpy", return_result=True)
+    res = aggregate(G, rule=name, f=F, pre=["nnm"], backend="numpy", return_result=True)
     assert res.rule == f"nnm+{name}"
     assert len(res.verdict) == P
 
@@ -70,7 +73,7 @@ def test_flag_is_a_gram_rule_computable_from_the_gram_alone():
 def test_a_nan_worker_is_reported_by_every_rule(name):
     G = honest_and_reversed()
     G[3] = np.nan
-    res = flagagg.aggregate(G, rule=name, f=F, backend="numpy", return_result=True)
+    res = aggregate(G, rule=name, f=F, backend="numpy", return_result=True)
     assert np.all(np.isfinite(res.aggregate))
     assert 3 in res.excluded_indices, res.excluded
     assert res.verdict[3].startswith("excluded")
@@ -109,7 +112,7 @@ def _slow_diagnostics(G, out, coef):
 @pytest.mark.parametrize("name", flagagg.available_rules())
 def test_influence_and_cosine_match_the_dense_definitions(name):
     G = honest_and_reversed(seed=3)
-    res = flagagg.aggregate(G, rule=name, f=F, backend="numpy", return_result=True)
+    res = aggregate(G, rule=name, f=F, backend="numpy", return_result=True)
     influence, cos = _slow_diagnostics(G, res.aggregate, res.coefficients)
     np.testing.assert_allclose(res.cosine, cos, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(res.influence, influence, rtol=1e-9, atol=1e-12)
@@ -161,7 +164,7 @@ def test_rules_keep_no_gradient_sized_state():
     G = honest_and_reversed()
     for name in flagagg.available_rules():
         rule = flagagg.get_rule(name, f=F)
-        rule(G, backend="numpy")
+        call(rule, G, backend="numpy")
         assert rule.result_.aggregate is None
         big = [k for k, v in vars(rule).items()
                if isinstance(v, np.ndarray) and v.size >= G.shape[1]]
@@ -184,10 +187,10 @@ def test_diagnostics_only_when_a_result_is_asked_for(monkeypatch):
     linear = 0
     for rule in rules:
         calls.clear()
-        rule(G, backend="numpy")
+        call(rule, G, backend="numpy")
         assert calls == [], rule
         lazy = rule.result_
-        res = rule(G, backend="numpy", return_result=True)
+        res = call(rule, G, backend="numpy", return_result=True)
         assert res._deferred is None and rule.result_._deferred is None
         if res.coefficients is None or rule.name == "mean":
             continue  # diagnostics from a pass over the data, only with return_result
@@ -269,14 +272,35 @@ def test_bucketing_copies_and_pickles_with_its_own_lock():
 
 @pytest.mark.parametrize("name", flagagg.available_rules())
 def test_every_rule_refuses_an_f_no_rule_could_tolerate(name):
-    """f faulty of p with 2f >= p: refused by every rule, also those that do not use f."""
+    """An f beyond the rule's declared bound is refused, also by rules that do not use f.
+
+    A rule that relies on an honest majority refuses f faulty of p with 2f >= p.
+    A rule that takes its trust from a trusted per-call input instead (FLTrust:
+    the server's reference gradient, ``contract.call_inputs``) declares its own
+    bound, below a majority, and refuses only what that bound refuses.
+    """
     G = np.random.default_rng(0).normal(size=(8, 5))
-    for f in (4, 100):
-        with pytest.raises(ValueError, match=rf"need p >= \d+f \+ \d+ for {name}.*p=8, f={f}"):
-            flagagg.aggregate(G, rule=name, f=f, backend="numpy")
+    rule_class = _rule_class(name)
+    bound = rule_class.contract.bound
+    trusted = bool(rule_class.contract.call_inputs)
+    # The f refused at p = 8: every f with 2f >= 8 for a majority rule; for a rule
+    # with a trusted input, those its own bound refuses (FLTrust, p >= f + 1: f >= 8).
+    refused = (8, 100) if trusted else (4, 100)
+    for f in refused:
+        with pytest.raises(ValueError, match=rf"need p >= (\d+)?f( \+ \d+)? for {name}.*"
+                                             rf"p=8, f={f}"):
+            aggregate(G, rule=name, f=f, backend="numpy")
         with pytest.raises(ValueError, match=f"for {name}"):
             flagagg.get_rule(name, f=f).check_workers(8)
-    # f = 3 of 8 is allowed wherever the rule's own bound allows it.
+    if trusted:
+        # Trust from the server's reference, not a majority: 7 faulty of 8 are accepted.
+        assert bound is not None and bound.a == 1 and bound.need(7) <= 8
+        assert flagagg.get_rule(name, f=7).check_workers(8) == 8
+        assert np.isfinite(aggregate(G, rule=name, f=7, backend="numpy")).all()
+    else:
+        # Every f with 2f >= p is refused: the declared bound is at least p >= 2f + 1.
+        assert bound is not None and all(bound.need(f) > 2 * f for f in range(50))
+    # f = 1 of 8 is allowed wherever the rule's own bound allows it.
     rule = flagagg.get_rule(name, f=1)
     assert rule.check_workers(8) == 8
 

@@ -14,6 +14,7 @@ from flagagg.backends._order_stats import network, sorting_network
 
 import rule_oracles as orc
 from support.backends import has_module, make_lib
+from support.rules import aggregate
 
 P, F = 11, 2  # Bulyan needs p >= 4f + 3
 
@@ -262,7 +263,7 @@ def test_all_nan_raises_one_message(name):
     # mean with the one "nothing is left" message.
     G = np.full((7, 4), np.nan)
     with pytest.raises(ValueError, match="all 7 inputs were excluded|not finite|needs at least"):
-        flagagg.aggregate(G, rule=name, f=1)
+        aggregate(G, rule=name, f=1)
 
 
 # ----------------------------------------------------------------------------- rules in detail

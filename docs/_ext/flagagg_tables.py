@@ -199,11 +199,23 @@ def _formula(bound: Any) -> str:
     return str(bound).replace(">=", "≥")
 
 
+def _call(rule: Any, G: np.ndarray, **kwargs: Any) -> Any:
+    """``rule(G, **kwargs)`` with the per-call inputs it declares (``contract.call_inputs``).
+
+    The one kind there is, FLTrust's trusted reference, is a vector like one
+    input: the median of the finite inputs, as a server's clean gradient would point.
+    """
+    with np.errstate(all="ignore"):
+        ref = np.nanmedian(np.where(np.isfinite(G), G, np.nan), axis=0)
+    extra = {k: np.nan_to_num(ref, nan=1.0) for k in rule.missing_inputs()}
+    return rule(G, **kwargs, **extra)
+
+
 def _nan_behaviour(name: str, f: int | None, p: int, value: float) -> str:
     G = _inputs(p)
     G[0] = value
     try:
-        res = _build(name, f)(G, return_result=True, backend="numpy")
+        res = _call(_build(name, f), G, return_result=True, backend="numpy")
     except Exception as exc:  # noqa: BLE001 - the docs report whatever happens
         return f"raises {type(exc).__name__}"
     out = np.asarray(getattr(res, "aggregate", res))
@@ -273,8 +285,12 @@ def rule_infos(f_values: tuple[int, ...] = (1, 2, 3)) -> list[RuleInfo]:
                                if f is not None)
             info.precondition = (f"{_formula(bound)} ({listed})" if bound and listed
                                  else f"any p ≥ {min(info.min_p.values())}")
+            if cls.contract.breakdown:
+                # A rule without a bound against some inputs says so next to its bound
+                # (its first clause; the rules page has the rest).
+                info.precondition += f"; breakdown: {cls.contract.breakdown.split(':')[0]}"
             p_probe = max(7, (info.min_p.get(f_probe) or 7))
-            out = _build(name, f_probe)(_inputs(p_probe), backend="numpy")
+            out = _call(_build(name, f_probe), _inputs(p_probe), backend="numpy")
             if getattr(out, "ndim", 1) != 1:
                 info.output = f"array of shape {tuple(out.shape)} from (p, n) = ({p_probe}, 16)"
             nan = _nan_behaviour(name, f_probe, p_probe, np.nan)
@@ -567,7 +583,12 @@ def _check_cell(rule: Any, G: np.ndarray, reference: np.ndarray, target: _Target
     from flagagg._array import array_library, to_numpy
 
     X = target.make(G)
-    out = rule(X, backend=target.backend)
+    # A rule's per-call inputs (contract.call_inputs: FLTrust's trusted reference, the
+    # one kind there is) are vectors like one input: the inputs' median, as a server's
+    # clean gradient would point.
+    extra = {k: target.make(np.median(G, axis=0, keepdims=True))[0]
+             for k in rule.missing_inputs()}
+    out = rule(X, backend=target.backend, **extra)
     lib = array_library(out)
     if lib != target.library:
         return f"output is a {lib} array, input was {target.library}"
@@ -629,7 +650,7 @@ def support_table(infos: list[RuleInfo] | None = None) -> tuple[list[str], list[
         row = [label]
         G = _inputs(p, n=24)
         try:
-            reference = np.asarray(factory()(G, backend="numpy"), dtype=np.float64)
+            reference = np.asarray(_call(factory(), G, backend="numpy"), dtype=np.float64)
         except Exception as exc:  # noqa: BLE001
             rows.append(row + ["not measured"] * len(targets))
             failures.append((label, "NumPy", f"{type(exc).__name__}: {exc}"))

@@ -50,6 +50,11 @@ _RULES: dict[str, str] = {
     "monna": "flagagg.rules._peers_monna:MoNNA",
     "caf": "flagagg.rules._peers_caf:CAF",
     "smea": "flagagg.rules._peers_smea:SMEA",
+    "clipped_clustering": "flagagg.rules._peers_clippedclustering:ClippedClustering",
+    "fltrust": "flagagg.rules._peers_fltrust:FLTrust",
+    "aksel": "flagagg.rules._peers_aksel:Aksel",
+    "dnc": "flagagg.rules._peers_dnc:DnC",
+    "signguard": "flagagg.rules._peers_signguard:SignGuard",
 }
 
 

@@ -14,7 +14,9 @@ hook, forms the aggregate and builds the result from the typed solution.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,6 +45,14 @@ __all__ = [
     "in_unit",
     "unit_distances",
 ]
+
+
+# The per-call inputs (``contract.call_inputs``) of the call in progress: set by
+# Rule.__call__ around the solve, read by the rule's solver with ``call_input``. A
+# context variable, so concurrent calls of one rule object from several threads each
+# see their own, and a ComposedRule's inner rule sees the inputs of the outer call.
+_CALL_INPUTS: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "flagagg_call_inputs", default=None)
 
 
 class NothingLeftError(ValueError):
@@ -132,6 +142,40 @@ class Rule(Params):
         """Where this rule object computes (``contract.space`` unless its parameters narrow it)."""
         return self.contract.space
 
+    @property
+    def call_inputs(self) -> Mapping[str, str]:
+        """The inputs it needs on every call besides the gradients (``contract.call_inputs``)."""
+        return self.contract.call_inputs
+
+    def missing_inputs(self) -> tuple[str, ...]:
+        """The per-call inputs a call must give: those not set once on the constructor."""
+        return tuple(k for k in self.call_inputs if getattr(self, k, None) is None)
+
+    def call_input(self, name: str) -> Any:
+        """The per-call input ``name`` of the call in progress (the constructor's if none)."""
+        value = (_CALL_INPUTS.get() or {}).get(name)
+        return getattr(self, name, None) if value is None else value
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """``inputs`` without the Nones, checked against ``call_inputs``."""
+        declared = self.call_inputs
+        unknown = sorted(set(inputs) - set(declared))
+        if unknown:
+            raise TypeError(
+                f"{self.name} takes no per-call input {', '.join(map(repr, unknown))}; "
+                + (f"its per-call inputs: {', '.join(declared)}" if declared else
+                   "it aggregates the gradients alone")
+            )
+        given = {k: v for k, v in inputs.items() if v is not None}
+        for k in self.missing_inputs():
+            if k not in given:
+                raise TypeError(
+                    f"{self.name} needs {declared[k]} on every call: call "
+                    f"rule(gradients, {k}=...), or build the rule with "
+                    f"get_rule({self.name!r}, {k}=...)"
+                )
+        return given
+
     def solve_gram(self, K: Any) -> Solution:
         """The rule's solution from the Gram matrix of its inputs alone.
 
@@ -190,7 +234,8 @@ class Rule(Params):
         return idx
 
     def __call__(
-        self, gradients: Any, *, return_result: bool = False, backend: str | None = None
+        self, gradients: Any, *, return_result: bool = False, backend: str | None = None,
+        **inputs: Any,
     ) -> Any:
         """Aggregate ``gradients``.
 
@@ -202,18 +247,32 @@ class Rule(Params):
             Return the full result object instead of the aggregate alone.
         backend : str, optional
             Backend for this call; see :func:`flagagg.backend`.
+        **inputs
+            The inputs the rule declares in ``contract.call_inputs`` (FLTrust's
+            ``reference``; no other rule takes any).
 
         Returns
         -------
         aggregate or result
             The aggregate in the input's structure, library, device and
             dtype, or the result object when ``return_result`` is true.
+
+        Raises
+        ------
+        TypeError
+            A per-call input the rule does not declare, or one it needs and
+            got neither here nor from its constructor.
         """
         stack = as_stack(gradients)
         self.check_workers(stack.p)
         impl = select_backend(self.backend if backend is None else backend, stack.sample,
                               stack.library)
-        outcome = self._solve_stack(stack, impl)
+        given = self._check_inputs(inputs)
+        token = _CALL_INPUTS.set(given)
+        try:
+            outcome = self._solve_stack(stack, impl)
+        finally:
+            _CALL_INPUTS.reset(token)
         self._remember(outcome.aggregate)
         if not return_result:
             # result_ keeps the diagnostics (deferred), never the gradient-sized aggregate.

@@ -111,6 +111,19 @@ class Contract:
         For a Gram rule: its coefficients sum to 1 and do not change when
         every input moves by one vector, so it may be given the Gram of the
         inputs shifted by a central one (exact distances under large offsets).
+    call_inputs : mapping of str to str
+        The inputs the rule needs on every call besides the gradients, each
+        with what it is (FLTrust: ``{"reference": "the server's reference
+        gradient g0 ..."}``). Each is given per call, ``rule(G, reference=g0)``,
+        or once as the constructor parameter of the same name (declared in
+        ``params``); a call with neither is a TypeError naming the input.
+        Generic callers (the Flower strategy, the simulated cluster's root
+        gradient, loops over every rule) read this to supply them. Empty for
+        a rule that needs the gradients alone (every other rule).
+    breakdown : str
+        Empty for a rule whose guarantee holds against any ``f`` inputs
+        within its bound; otherwise, in one sentence, the inputs against
+        which it has none (DnC: Byzantine inputs of several magnitudes).
     """
 
     params: Mapping[str, Constraint]
@@ -120,6 +133,16 @@ class Contract:
     reference: Reference | None = None
     space: Space = "gram"
     translation_invariant: bool = False
+    call_inputs: Mapping[str, str] = field(default_factory=dict)
+    breakdown: str = ""
+
+    def __post_init__(self) -> None:
+        # A per-call input may also be given once to the constructor: it must be a
+        # declared parameter (None: given per call), so that get_rule accepts it.
+        missing = [k for k in self.call_inputs if k not in self.params]
+        if missing:
+            raise TypeError(f"a per-call input must also be a constructor parameter (None "
+                            f"by default): {missing} not in params")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,7 +220,10 @@ class Outcome:
     solution : Solution
     gram : Gram or None
         The inputs' Gram matrix, when the rule built one: a linear rule's
-        per-input diagnostics then need no further pass over the data.
+        per-input diagnostics then need no further pass over the data,
+        formed only when a result is asked for. It may be the Gram of the
+        ``p`` inputs followed by vectors of the rule's own with no part in
+        the output (FLTrust's reference, Aksel's median).
     stats : WorkerStats or None
         Diagnostics' inputs the rule formed itself (centered clipping from its
         augmented Gram). Without ``gram`` or ``stats``, a result asked for

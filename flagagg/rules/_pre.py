@@ -354,6 +354,15 @@ class ComposedRule(Rule):
         return "+".join([s.name for s in self.pre] + [self.rule.name])
 
     @property
+    def call_inputs(self) -> Mapping[str, str]:  # type: ignore[override]
+        """The rule's own per-call inputs (FLTrust's reference): the steps take none."""
+        return self.rule.call_inputs
+
+    def missing_inputs(self) -> tuple[str, ...]:
+        """The rule's per-call inputs not set on its constructor."""
+        return self.rule.missing_inputs()
+
+    @property
     def result_type(self) -> type[AggregationResult]:  # type: ignore[override]
         """The rule's own result type (a FlagResult after ``"flag"``)."""
         return self.rule.result_type

@@ -200,8 +200,16 @@ def with_diagnostics(result: AggregationResult) -> AggregationResult:
     pending = result._deferred
     if pending is None:
         return result
-    fields = diagnose(linear_stats(pending.gram.inputs, pending.coefficients),
-                      pending.coefficients, pending.excluded)
+    coef = pending.coefficients
+    p, extra = coef.size, pending.gram.p - coef.size
+    if extra:
+        # The Gram of the inputs followed by vectors of the rule's own (FLTrust's
+        # reference, Aksel's median) that take no part in the output.
+        st = linear_stats(pending.gram.inputs, np.append(coef, np.zeros(extra)))
+        st = WorkerStats(st.cosine[:p], st.share[:p], st.norms[:p], st.out_ok)
+    else:
+        st = linear_stats(pending.gram.inputs, coef)
+    fields = diagnose(st, coef, pending.excluded)
     if pending.late is not None:
         fields.update(result_fields(pending.late(), leave=()))
     return replace(result, _deferred=None, **fields)
