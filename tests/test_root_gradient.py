@@ -112,3 +112,21 @@ def test_simulator_glue_trains_with_fltrust_under_sign_flip():
     # 3 of 7 workers flip their signs: the mean barely learns, FLTrust does.
     assert acc > 0.7
     assert acc > mean_rep.accuracy(flat_m, "test") + 0.1
+
+
+def test_simulate_gives_fltrust_the_server_reference_every_round():
+    """The simulator's root dataset feeds FLTrust; 3 of 7 workers flip their sign."""
+    from flagagg import sim
+
+    kw = dict(f=3, attack="sign_flip", workers=7, rounds=60, seed=0, eval_every=60)
+    trust = sim.simulate("digits", "fltrust", **kw).final_accuracy
+    mean = sim.simulate("digits", "mean", **kw).final_accuracy
+    assert trust > 0.85 and trust > mean + 0.2, (trust, mean)
+
+
+def test_simulate_refuses_a_defence_aware_attack_on_fltrust():
+    from flagagg import sim
+
+    with pytest.raises(ValueError, match="reference"):
+        sim.simulate("digits", "fltrust", f=3, attack="optimal_little_is_enough", workers=7,
+                     rounds=2)

@@ -21,6 +21,7 @@ import torch
 from ..attacks import Attack, get_attack
 from ..training._data import Dataset, load_dataset
 from ..training._replica import Replica, _accuracy, sgd_step
+from ..training._root import RootGradient, needs_reference
 from ..training._step import aggregate_step, build_rule, rule_for_attack
 
 __all__ = ["TrainResult", "build_rule", "simulate"]
@@ -66,7 +67,7 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
              rounds=150, batch_size=32, lr=0.1, momentum=0.9, weight_decay=5e-4,
              worker_momentum=0.0, seed=0,
              eval_every=10, evaluate_on="test", array="numpy", backend="numpy",
-             progress=False):
+             progress=False, root_size=100):
     """Train a model on a simulated cluster with faulty workers.
 
     Parameters
@@ -119,6 +120,13 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         plain NumPy has the least overhead per call.
     progress : bool, default=False
         Show a progress bar over rounds.
+    root_size : int, default=100
+        For rules that need the server's reference gradient (``"fltrust"``):
+        examples in the server's clean root dataset, drawn from the training
+        split by a random stream of its own (the workers' shards, minibatches
+        and attacks are those of the same run without it); each round the
+        server takes one minibatch gradient (``batch_size``) on it at the
+        current parameters. Unused by every other rule.
 
     Returns
     -------
@@ -135,6 +143,12 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
     replica = Replica(dataset, workers=workers, f=f, seed=seed, model=model,
                       model_params=model_params, partition_method=partition_method, alpha=alpha,
                       worker_momentum=worker_momentum)
+    # FLTrust: the server's own gradient on its root dataset, every round
+    root = (RootGradient(replica, size=root_size, batch_size=batch_size, seed=seed)
+            if needs_reference(aggregate) else None)
+    if attack.defence_aware and root is not None:
+        raise ValueError(f"attack {attack.name!r} calls the rule without the server's reference "
+                         f"gradient, which {rule!r} needs every round: pick another attack")
     if attack.defence_aware:
         # defence-aware attacks call the rule under test, as the server runs it
         attack = attack.with_rule(rule_for_attack(aggregate, array, backend))
@@ -146,7 +160,7 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         from tqdm.auto import tqdm
 
         steps = tqdm(steps, desc="rounds", leave=False)
-    flat, diverged_round = _train(replica, aggregate, attack, steps, curve,
+    flat, diverged_round = _train(replica, aggregate, attack, steps, curve, root=root,
                                   batch_size=batch_size, array=array, backend=backend,
                                   lr=lr, momentum=momentum, weight_decay=weight_decay)
     if diverged_round is not None:
@@ -244,9 +258,13 @@ class _Curve:
                 self.accuracy.append(0.0)
 
 
-def _train(replica, aggregate, attack, steps, curve, *, batch_size, array, backend, lr,
+def _train(replica, aggregate, attack, steps, curve, *, root, batch_size, array, backend, lr,
            momentum, weight_decay):
-    """The rounds: return the final parameters and the round that diverged (or None)."""
+    """The rounds: return the final parameters and the round that diverged (or None).
+
+    ``root`` (a :class:`RootGradient` or None) gives the rule the server's
+    reference gradient of the round.
+    """
     flat = replica.initial_parameters()
     buf = None
     everyone = list(range(replica.workers))
@@ -254,7 +272,8 @@ def _train(replica, aggregate, attack, steps, curve, *, batch_size, array, backe
     for t in steps:
         # minibatches with replacement from each worker's own shard, attacks applied
         G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone)
-        g = _aggregate_or_diverge(aggregate, G, array=array, backend=backend)
+        rule_t = aggregate if root is None else root.bind(aggregate, flat, array)
+        g = _aggregate_or_diverge(rule_t, G, array=array, backend=backend)
         if g is None:
             return flat, t
         flat, buf = sgd_step(flat, buf, g, lr=lr, momentum=momentum, weight_decay=weight_decay)
