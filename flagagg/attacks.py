@@ -191,7 +191,7 @@ def _entry(name: str, kind: str, text: str) -> str:
 
 def _gradient_doc(*, honest: str, rng: str, own: str, own_required: bool = False,
                   rule: str | None = None):
-    """Fill the ``{gradient_parameters}``, ``{own}`` and ``{rule}`` lines of a gradient attack's docstring.
+    """Fill the ``{gradient_parameters}``, ``{own}`` and ``{rule}`` lines of an attack's docstring.
 
     Every gradient attack takes ``honest, f, rng`` first and ``own`` last; their
     numpydoc entries are written here once, with the one sentence that differs.
