@@ -176,10 +176,18 @@ MIN_MAX = Reference(("Shejwalkar", "Houmansadr"), "Manipulating the Byzantine: o
                     "model poisoning attacks and defenses for federated learning", "NDSS", 2021)
 
 
-def _cites(reference: Reference):
-    """Declare the publication an attack comes from (``func.reference``)."""
+def _cites(reference: Reference, where: str | None = None):
+    """Declare the publication an attack comes from (``func.reference``).
+
+    A ``{reference}`` line in the docstring (its numpydoc References section)
+    becomes the full citation, followed by ``where`` (a section) if given.
+    """
     def mark(func):
         func.reference = reference
+        if func.__doc__:  # None under python -OO
+            text = reference.full() + (f", {where}." if where else ".")
+            func.__doc__ = func.__doc__.replace(
+                "{reference}", textwrap.fill(text, width=80, subsequent_indent=" " * 4))
         return func
     return mark
 
@@ -1140,7 +1148,7 @@ def _fang_trim_rows(lo_edge, hi_edge, direction, b, gen, f):
 
 @_gradient_doc(honest=HONEST, rng="Draws the values within their ranges; pass one for "
                "repeatable rows.", own=UNUSED)
-@_cites(FANG)
+@_cites(FANG, where="section 3")
 def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
     """Fang et al.'s full-knowledge attack on the trimmed mean (USENIX Security 2020).
 
@@ -1177,9 +1185,7 @@ def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fang_trimmed_mean")
@@ -1192,7 +1198,7 @@ def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
 
 @_gradient_doc(honest=HONEST_SHAPE, rng="Draws the values within their ranges; pass one "
                "for repeatable rows.", own=OWN_REQUIRED, own_required=True)
-@_cites(FANG)
+@_cites(FANG, where="section 3")
 def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
     """Fang et al.'s partial-knowledge attack on the trimmed mean (USENIX Security 2020).
 
@@ -1226,9 +1232,7 @@ def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_own(own, "fang_trimmed_mean_partial")
@@ -1260,6 +1264,11 @@ def _krum_picks_crafted(D2h, dh, f, n_neighbours):
     scores = np.sort(D2, axis=1)[:, :k].sum(axis=1)
     # ties go to the lowest index, as flagagg's Krum breaks them: honest first
     return int(np.argmin(scores)) >= q
+
+
+def _check_fang_krum(name, threshold, eps):
+    check_real("threshold", threshold, owner=name, low=0.0, strict=True)
+    check_real("eps", eps, owner=name, low=0.0)
 
 
 def _fang_krum(ref, f, p, n_neighbours, threshold):
@@ -1300,7 +1309,7 @@ def _fang_krum(ref, f, p, n_neighbours, threshold):
 
 
 @_gradient_doc(honest=HONEST, rng=RNG_EPS, own=UNUSED)
-@_cites(FANG)
+@_cites(FANG, where="section 3")
 def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
     """Fang et al.'s full-knowledge attack on Krum (USENIX Security 2020).
 
@@ -1341,14 +1350,11 @@ def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fang_krum")
-    check_real("threshold", threshold, owner="fang_krum", low=0.0, strict=True)
-    check_real("eps", eps, owner="fang_krum", low=0.0)
+    _check_fang_krum("fang_krum", threshold, eps)
     p = honest.shape[0] + int(f)
     if f == 0:
         return _repeat_row(xp, xp.mean(honest, axis=0), 0)
@@ -1367,7 +1373,7 @@ def _fang_copies(row, f, eps, rng):
 
 
 @_gradient_doc(honest=HONEST_SHAPE, rng=RNG_EPS, own=OWN_REQUIRED, own_required=True)
-@_cites(FANG)
+@_cites(FANG, where="section 3")
 def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
     """Fang et al.'s partial-knowledge attack on Krum (USENIX Security 2020).
 
@@ -1407,14 +1413,11 @@ def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None)
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_own(own, "fang_krum_partial")
-    check_real("threshold", threshold, owner="fang_krum_partial", low=0.0, strict=True)
-    check_real("eps", eps, owner="fang_krum_partial", low=0.0)
+    _check_fang_krum("fang_krum_partial", threshold, eps)
     if f == 0:
         return own * 1
     p = honest.shape[0] + int(f)
@@ -1506,8 +1509,7 @@ def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0
 
     References
     ----------
-    El Mhamdi, Guerraoui and Rouault, "The Hidden Vulnerability of
-    Distributed Learning in Byzantium", ICML 2018.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "small_perturbation")
