@@ -152,6 +152,10 @@ RNG_DETERMINISTIC = "Unused: the search is deterministic."
 OWN = "The faulty workers' own gradients. Without it, the honest mean."
 OWN_HONEST = "The faulty workers' own honest gradients. Without it, the honest mean."
 UNUSED = "Unused."
+OWN_REQUIRED = "The faulty workers' own honest gradients; required."
+RNG_EPS = "Draws the offsets of rows 2..f when ``eps > 0``."
+RULE = ("The rule under test, ``(p, n) array -> (n,) array``; required "
+        "(:meth:`Attack.with_rule` binds it).")
 
 
 # Where the attacks come from, declared once (the docs' attacks table reads them).
@@ -164,14 +168,26 @@ FOE = Reference(("Xie", "Koyejo", "Gupta"), "Fall of empires: breaking Byzantine
                 "by inner product manipulation", "UAI", 2019)
 BUCKETING = Reference(("Karimireddy", "He", "Jaggi"), "Byzantine-robust learning on "
                       "heterogeneous datasets via bucketing", "ICLR", 2022)
+FANG = Reference(("Fang", "Cao", "Jia", "Gong"), "Local model poisoning attacks to "
+                 "Byzantine-robust federated learning", "USENIX Security", 2020)
+HIDDEN_VULNERABILITY = Reference(("El Mhamdi", "Guerraoui", "Rouault"), "The hidden "
+                                 "vulnerability of distributed learning in Byzantium", "ICML", 2018)
 MIN_MAX = Reference(("Shejwalkar", "Houmansadr"), "Manipulating the Byzantine: optimizing "
                     "model poisoning attacks and defenses for federated learning", "NDSS", 2021)
 
 
-def _cites(reference: Reference):
-    """Declare the publication an attack comes from (``func.reference``)."""
+def _cites(reference: Reference, where: str | None = None):
+    """Declare the publication an attack comes from (``func.reference``).
+
+    A ``{reference}`` line in the docstring (its numpydoc References section)
+    becomes the full citation, followed by ``where`` (a section) if given.
+    """
     def mark(func):
         func.reference = reference
+        if func.__doc__:  # None under python -OO
+            text = reference.full() + (f", {where}." if where else ".")
+            func.__doc__ = func.__doc__.replace(
+                "{reference}", textwrap.fill(text, width=80, subsequent_indent=" " * 4))
         return func
     return mark
 
@@ -181,23 +197,29 @@ def _entry(name: str, kind: str, text: str) -> str:
     return f"{name} : {kind}\n{body}"
 
 
-def _gradient_doc(*, honest: str, rng: str, own: str):
-    """Fill the ``{gradient_parameters}`` and ``{own}`` lines of a gradient attack's docstring.
+def _gradient_doc(*, honest: str, rng: str, own: str, own_required: bool = False,
+                  rule: str | None = None):
+    """Fill the ``{gradient_parameters}``, ``{own}`` and ``{rule}`` lines of an attack's docstring.
 
     Every gradient attack takes ``honest, f, rng`` first and ``own`` last; their
     numpydoc entries are written here once, with the one sentence that differs.
+    ``own_required`` drops the "optional" of ``own`` (partial-knowledge attacks);
+    ``rule`` is the entry of a defence-aware attack's ``rule`` (see ``RULE``).
     """
     common = "\n    ".join([
         _entry("honest", "array of shape (p_honest, n)", honest),
         _entry("f", "int", "Number of faulty rows to return."),
         _entry("rng", "numpy.random.Generator or int, optional", rng),
     ])
+    own_kind = "array of shape (f, n)" + ("" if own_required else ", optional")
 
     def fill(func):
         if func.__doc__:  # None under python -OO
-            func.__doc__ = (func.__doc__.replace("{gradient_parameters}", common)
-                            .replace("{own}", _entry("own", "array of shape (f, n), optional",
-                                                     own)))
+            doc = (func.__doc__.replace("{gradient_parameters}", common)
+                   .replace("{own}", _entry("own", own_kind, own)))
+            if rule is not None:
+                doc = doc.replace("{rule}", _entry("rule", "callable, optional", rule))
+            func.__doc__ = doc
         return func
 
     return fill
@@ -696,13 +718,18 @@ def _check_grid(name, lo, hi, points, refine, positive):
     check_int("refine", refine, owner=name, low=0)
 
 
-def _damage(xp, honest, f, rule, make_row):
-    """The objective of the optimal attacks: ``||rule(honest + f candidates) - mean||``."""
+def _need_rule(rule, name):
+    """Refuse a defence-aware attack that was given no rule to call."""
     if rule is None:
         raise ValueError(
-            "this attack calls the rule under test and none was given: bind one with "
+            f"{name} calls the rule under test and none was given: bind one with "
             "attack.with_rule(rule) (flagagg.sim.simulate does this itself) or pass rule=..."
         )
+
+
+def _damage(xp, honest, f, rule, make_row):
+    """The objective of the optimal attacks: ``||rule(honest + f candidates) - mean||``."""
+    _need_rule(rule, "this attack")
     mu = xp.mean(honest, axis=0)
     mu64 = xp.astype(mu, xp.float64)
 
@@ -1101,14 +1128,6 @@ def _need_own(own, name):
         )
 
 
-def _check_positive(name, value, strict=True):
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(value) and (value > 0 if strict else value >= 0)
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} 0: "
-                         f"got {value!r}")
-
-
 def _fang_trim_rows(lo_edge, hi_edge, direction, b, gen, f):
     """Fang et al.'s trimmed-mean values, drawn per faulty row (NumPy float64).
 
@@ -1127,6 +1146,9 @@ def _fang_trim_rows(lo_edge, hi_edge, direction, b, gen, f):
     return np.where(direction > 0, down, np.where(direction < 0, up, lo_edge))
 
 
+@_gradient_doc(honest=HONEST, rng="Draws the values within their ranges; pass one for "
+               "repeatable rows.", own=UNUSED)
+@_cites(FANG, where="section 3")
 def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
     """Fang et al.'s full-knowledge attack on the trimmed mean (USENIX Security 2020).
 
@@ -1146,16 +1168,10 @@ def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Draws the values within their ranges; pass one for repeatable rows.
+    {gradient_parameters}
     b : float, default=2.0
         How far beyond the honest extremes the values reach (``b > 1``).
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -1169,21 +1185,20 @@ def fang_trimmed_mean(honest, f, *, rng=None, b=2.0, own=None):
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fang_trimmed_mean")
-    if not (isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
-            and b > 1):
-        raise ValueError(f"b must be a finite number > 1: got {b!r}")
+    check_real("b", b, owner="fang_trimmed_mean", low=1.0, strict=True)
     H = _host64(xp, honest)
     mean, lo, hi = H.mean(axis=0), H.min(axis=0), H.max(axis=0)
     rows = _fang_trim_rows(lo, hi, np.sign(mean), float(b), _rng(rng), f)
     return _like(xp, rows, honest)
 
 
+@_gradient_doc(honest=HONEST_SHAPE, rng="Draws the values within their ranges; pass one "
+               "for repeatable rows.", own=OWN_REQUIRED, own_required=True)
+@_cites(FANG, where="section 3")
 def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
     """Fang et al.'s partial-knowledge attack on the trimmed mean (USENIX Security 2020).
 
@@ -1201,14 +1216,8 @@ def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers; only their shape and dtype are used.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Draws the values within their ranges; pass one for repeatable rows.
-    own : array of shape (f, n)
-        The faulty workers' own honest gradients; required.
+    {gradient_parameters}
+    {own}
 
     Returns
     -------
@@ -1223,9 +1232,7 @@ def fang_trimmed_mean_partial(honest, f, *, rng=None, own=None):
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_own(own, "fang_trimmed_mean_partial")
@@ -1257,6 +1264,11 @@ def _krum_picks_crafted(D2h, dh, f, n_neighbours):
     scores = np.sort(D2, axis=1)[:, :k].sum(axis=1)
     # ties go to the lowest index, as flagagg's Krum breaks them: honest first
     return int(np.argmin(scores)) >= q
+
+
+def _check_fang_krum(name, threshold, eps):
+    check_real("threshold", threshold, owner=name, low=0.0, strict=True)
+    check_real("eps", eps, owner=name, low=0.0)
 
 
 def _fang_krum(ref, f, p, n_neighbours, threshold):
@@ -1296,6 +1308,8 @@ def _fang_krum(ref, f, p, n_neighbours, threshold):
     return -lam * s
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_EPS, own=UNUSED)
+@_cites(FANG, where="section 3")
 def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
     """Fang et al.'s full-knowledge attack on Krum (USENIX Security 2020).
 
@@ -1316,19 +1330,13 @@ def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Draws the offsets of rows 2..f when ``eps > 0``.
+    {gradient_parameters}
     threshold : float, default=1e-5
         Smallest ``lam`` tried; the rows use it when Krum picks no crafted row
         before it.
     eps : float, default=0.0
         Radius of the ball (Euclidean) rows 2..f are drawn in around row 1.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -1342,14 +1350,11 @@ def fang_krum(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "fang_krum")
-    _check_positive("threshold", threshold)
-    _check_positive("eps", eps, strict=False)
+    _check_fang_krum("fang_krum", threshold, eps)
     p = honest.shape[0] + int(f)
     if f == 0:
         return _repeat_row(xp, xp.mean(honest, axis=0), 0)
@@ -1367,6 +1372,8 @@ def _fang_copies(row, f, eps, rng):
     return rows
 
 
+@_gradient_doc(honest=HONEST_SHAPE, rng=RNG_EPS, own=OWN_REQUIRED, own_required=True)
+@_cites(FANG, where="section 3")
 def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None):
     """Fang et al.'s partial-knowledge attack on Krum (USENIX Security 2020).
 
@@ -1384,18 +1391,12 @@ def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None)
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers; only their shape and dtype are used.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Draws the offsets of rows 2..f when ``eps > 0``.
+    {gradient_parameters}
     threshold : float, default=1e-5
         Smallest ``lam`` tried.
     eps : float, default=0.0
         Radius of the ball rows 2..f are drawn in around row 1.
-    own : array of shape (f, n)
-        The faulty workers' own honest gradients; required.
+    {own}
 
     Returns
     -------
@@ -1412,14 +1413,11 @@ def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None)
 
     References
     ----------
-    Fang, Cao, Jia and Gong, "Local Model Poisoning Attacks to
-    Byzantine-Robust Federated Learning", USENIX 2020 (29th USENIX Security
-    Symposium), section 3.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_own(own, "fang_krum_partial")
-    _check_positive("threshold", threshold)
-    _check_positive("eps", eps, strict=False)
+    _check_fang_krum("fang_krum_partial", threshold, eps)
     if f == 0:
         return own * 1
     p = honest.shape[0] + int(f)
@@ -1428,6 +1426,7 @@ def fang_krum_partial(honest, f, *, rng=None, threshold=1e-5, eps=0.0, own=None)
     return _like(xp, _fang_copies(row, f, eps, rng), honest)
 
 
+@_gradient_doc(honest=HONEST, rng=UNUSED, own=UNUSED)
 def full_gradient_negation(honest, f, *, rng=None, kappa=100.0, own=None):
     """Full-gradient negation: every faulty row is ``-kappa`` times the full gradient.
 
@@ -1443,16 +1442,10 @@ def full_gradient_negation(honest, f, *, rng=None, kappa=100.0, own=None):
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     kappa : float, default=100.0
         Scale of the negated gradient, ``>= 0``.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -1464,10 +1457,12 @@ def full_gradient_negation(honest, f, *, rng=None, kappa=100.0, own=None):
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "full_gradient_negation")
-    _check_positive("kappa", kappa, strict=False)
+    check_real("kappa", kappa, owner="full_gradient_negation", low=0.0)
     return _repeat_row(xp, -float(kappa) * xp.mean(honest, axis=0), f)
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED, rule=RULE)
+@_cites(HIDDEN_VULNERABILITY)
 def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0.5,
                        doublings=30, steps=20, own=None):
     """Small perturbation (El Mhamdi, Guerraoui and Rouault), as the ``krum`` package defines it.
@@ -1490,15 +1485,8 @@ def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused: the search is deterministic.
-    rule : callable, optional
-        The rule under test, ``(p, n) array -> (n,) array``; required
-        (:meth:`Attack.with_rule` binds it).
+    {gradient_parameters}
+    {rule}
     norm : {"l2", "linf"}, default="l2"
         The norm the attack hides in (chooses ``E``).
     threshold : float, default=0.5
@@ -1507,8 +1495,7 @@ def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0
         At most this many doublings of ``gamma`` (from 1) to bracket it.
     steps : int, default=20
         Bisection steps once bracketed.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -1522,26 +1509,18 @@ def small_perturbation(honest, f, *, rng=None, rule=None, norm="l2", threshold=0
 
     References
     ----------
-    El Mhamdi, Guerraoui and Rouault, "The Hidden Vulnerability of
-    Distributed Learning in Byzantium", ICML 2018.
+    {reference}
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "small_perturbation")
-    if norm not in ("l2", "linf"):
-        raise ValueError(f"norm must be 'l2' or 'linf': got {norm!r}")
-    if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
-        raise ValueError(f"threshold must be in (0, 1]: got {threshold!r}")
-    for name, v in (("doublings", doublings), ("steps", steps)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int: got {v!r}")
+    check_choice("norm", norm, ("l2", "linf"), owner="small_perturbation")
+    check_real("threshold", threshold, owner="small_perturbation", low=0.0, strict=True, high=1.0)
+    check_int("doublings", doublings, owner="small_perturbation", low=0)
+    check_int("steps", steps, owner="small_perturbation", low=0)
     mu = xp.mean(honest, axis=0)
     if f == 0:
         return _repeat_row(xp, mu, 0)
-    if rule is None:
-        raise ValueError(
-            "small_perturbation calls the rule under test and none was given: bind one with "
-            "attack.with_rule(rule) (flagagg.sim.simulate does this itself) or pass rule=..."
-        )
+    _need_rule(rule, "small_perturbation")
     sd = _host64(xp, _std0(xp, honest))
     n = sd.size
     if norm == "l2":
@@ -1635,6 +1614,7 @@ def _tilt_row(m, axes, axis, theta):
     return -math.cos(theta) * m + math.sin(theta) * w
 
 
+@_gradient_doc(honest=HONEST, rng=UNUSED, own=UNUSED)
 def flag_tilt(honest, f, *, rng=None, theta=math.pi / 4, axis="outside", scale=1.0, own=None):
     """Subspace tilt: an attack built against the Flag Aggregator's sign-blind subspace fit.
 
@@ -1668,12 +1648,7 @@ def flag_tilt(honest, f, *, rng=None, theta=math.pi / 4, axis="outside", scale=1
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused.
+    {gradient_parameters}
     theta : float, default=pi/4
         Tilt away from the reversed mean, in radians, in ``[0, pi]``
         (0: the reversed mean, ``pi / 2``: ``w`` alone).
@@ -1682,8 +1657,7 @@ def flag_tilt(honest, f, *, rng=None, theta=math.pi / 4, axis="outside", scale=1
         span every coordinate it is "spread".
     scale : float, default=1.0
         Norm of the rows in units of the median honest norm, ``> 0``.
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -1697,12 +1671,9 @@ def flag_tilt(honest, f, *, rng=None, theta=math.pi / 4, axis="outside", scale=1
     """
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "flag_tilt")
-    if not (isinstance(theta, (int, float)) and not isinstance(theta, bool)
-            and 0 <= theta <= math.pi):
-        raise ValueError(f"theta must be in [0, pi]: got {theta!r}")
-    if axis not in _TILT_AXES:
-        raise ValueError(f"axis must be 'outside' or 'spread': got {axis!r}")
-    _check_positive("scale", scale)
+    check_real("theta", theta, owner="flag_tilt", low=0.0, high=math.pi)
+    check_choice("axis", axis, _TILT_AXES, owner="flag_tilt")
+    check_real("scale", scale, owner="flag_tilt", low=0.0, strict=True)
     if f == 0:
         return _repeat_row(xp, xp.mean(honest, axis=0), 0)
     m, axes, med = _tilt_axes(xp, honest)
@@ -1710,6 +1681,7 @@ def flag_tilt(honest, f, *, rng=None, theta=math.pi / 4, axis="outside", scale=1
     return _like(xp, np.repeat(row[None, :], int(f), axis=0), honest)
 
 
+@_gradient_doc(honest=HONEST, rng=RNG_DETERMINISTIC, own=UNUSED, rule=RULE)
 def optimal_flag_tilt(honest, f, *, rng=None, rule=None, scale=1.0, points=9, refine=6,
                       own=None):
     """The subspace tilt with ``theta`` and the axis chosen each round against the rule.
@@ -1729,23 +1701,15 @@ def optimal_flag_tilt(honest, f, *, rng=None, rule=None, scale=1.0, points=9, re
 
     Parameters
     ----------
-    honest : array of shape (p_honest, n)
-        Gradients of the honest workers.
-    f : int
-        Number of faulty rows to return.
-    rng : numpy.random.Generator or int, optional
-        Unused: the search is deterministic.
-    rule : callable, optional
-        The rule under test, ``(p, n) array -> (n,) array``; required
-        (:meth:`Attack.with_rule` binds it).
+    {gradient_parameters}
+    {rule}
     scale : float, default=1.0
         Norm of the rows in units of the median honest norm.
     points : int, default=9
         Grid size over ``[0, pi]``.
     refine : int, default=6
         Evaluations of the refinement (0 or 1: none).
-    own : array of shape (f, n), optional
-        Unused.
+    {own}
 
     Returns
     -------
@@ -1761,14 +1725,10 @@ def optimal_flag_tilt(honest, f, *, rng=None, rule=None, scale=1.0, points=9, re
     xp = _check_gradients(honest, f, own)
     _need_honest(honest, "optimal_flag_tilt")
     _check_grid("optimal_flag_tilt", 0.0, math.pi, points, refine, positive=False)
-    _check_positive("scale", scale)
+    check_real("scale", scale, owner="optimal_flag_tilt", low=0.0, strict=True)
     if f == 0:
         return _repeat_row(xp, xp.mean(honest, axis=0), 0)
-    if rule is None:
-        raise ValueError(
-            "optimal_flag_tilt calls the rule under test and none was given: bind one with "
-            "attack.with_rule(rule) (flagagg.sim.simulate does this itself) or pass rule=..."
-        )
+    _need_rule(rule, "optimal_flag_tilt")
     m, axes, med = _tilt_axes(xp, honest)
     mu = _host64(xp, xp.mean(honest, axis=0))
     mu_n = float(np.linalg.norm(mu))

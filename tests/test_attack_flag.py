@@ -141,12 +141,14 @@ def test_tilt_registry_and_bad_inputs():
     assert attacks.attack_parameters("flag_tilt") == {
         "theta": math.pi / 4, "axis": "outside", "scale": 1.0}
     H = _stack(n=100)
-    with pytest.raises(ValueError, match="theta must be in"):
+    with pytest.raises(ValueError, match="need theta <= 3.14159 for flag_tilt"):
         attacks.flag_tilt(H, F, theta=4.0)
     with pytest.raises(ValueError, match="axis must be"):
         attacks.flag_tilt(H, F, axis="inside")
-    with pytest.raises(ValueError, match="scale must be"):
+    with pytest.raises(ValueError, match="need scale > 0 for flag_tilt"):
         attacks.flag_tilt(H, F, scale=0.0)
+    with pytest.raises(TypeError, match="theta must be a real number for flag_tilt"):
+        attacks.flag_tilt(H, F, theta="pi")
     with pytest.raises(ValueError, match="nonzero mean"):
         attacks.flag_tilt(np.zeros((4, 10)), F)
     with pytest.raises(ValueError, match="calls the rule under test"):

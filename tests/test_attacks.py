@@ -1,6 +1,8 @@
 """Each attack checked against its definition, for NumPy and PyTorch inputs."""
 
+import inspect
 import math
+import re
 import subprocess
 import sys
 from statistics import NormalDist
@@ -235,6 +237,12 @@ def test_shared_parameter_blocks_are_filled_in():
         assert "{gradient_parameters}" not in func.__doc__ and "{own}" not in func.__doc__
         params = [p.name for p in FunctionDoc(func)["Parameters"]]
         assert params[:3] == ["honest", "f", "rng"] and params[-1] == "own", (name, params)
+        if "rule" in inspect.signature(func).parameters:
+            assert "rule" in params, (name, params)
+    # every registered attack, of every kind: no shared block left unfilled
+    for name in attacks.available_attacks():
+        doc = attacks.get_attack(name).func.__doc__
+        assert not re.search(r"\{(gradient_parameters|own|rule|reference)\}", doc), name
 
 
 def test_import_does_not_load_torch():

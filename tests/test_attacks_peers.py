@@ -86,11 +86,11 @@ def test_bad_inputs_are_explained(honest):
         attacks.fang_krum_partial(honest, 3)
     with pytest.raises(ValueError, match="partial-knowledge.*own"):
         attacks.fang_trimmed_mean_partial(honest, 3)
-    with pytest.raises(ValueError, match="b must be a finite number > 1"):
+    with pytest.raises(ValueError, match="need b > 1 for fang_trimmed_mean"):
         attacks.fang_trimmed_mean(honest, 3, b=1.0)
-    with pytest.raises(ValueError, match="threshold must be"):
+    with pytest.raises(ValueError, match="need threshold > 0 for fang_krum"):
         attacks.fang_krum(honest, 3, threshold=0.0)
-    with pytest.raises(ValueError, match="kappa must be"):
+    with pytest.raises(ValueError, match="need kappa >= 0 for full_gradient_negation"):
         attacks.full_gradient_negation(honest, 3, kappa=-1.0)
     with pytest.raises(ValueError, match="calls the rule under test"):
         attacks.small_perturbation(honest, 3)
@@ -98,6 +98,15 @@ def test_bad_inputs_are_explained(honest):
         attacks.small_perturbation(honest, 3, rule=np.mean, norm="l1")
     with pytest.raises(ValueError, match="honest row"):
         attacks.fang_krum(honest[:0], 3)
+    # one convention (flagagg._validation): TypeError for a wrong type
+    with pytest.raises(TypeError, match="b must be a real number for fang_trimmed_mean"):
+        attacks.fang_trimmed_mean(honest, 3, b="2")
+    with pytest.raises(TypeError, match="eps must be a real number for fang_krum_partial"):
+        attacks.fang_krum_partial(honest, 3, eps=None, own=honest[:3])
+    with pytest.raises(TypeError, match="steps must be an integer for small_perturbation"):
+        attacks.small_perturbation(honest, 3, rule=np.mean, steps=2.5)
+    with pytest.raises(ValueError, match="need threshold <= 1 for small_perturbation"):
+        attacks.small_perturbation(honest, 3, rule=np.mean, threshold=1.5)
 
 
 # --------------------------------------------------------------------------

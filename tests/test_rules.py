@@ -664,3 +664,20 @@ def test_bulyan_selection_at_many_inputs_matches_definition():
     want = _bulyan_select_round_by_round(D2, finite, f, p - 2 * f)
     assert got[0] == want[0]
     np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_mda_and_smea_share_one_subset_search():
+    # rules/_subsets.py: every k-subset once, in itertools' lexicographic order
+    # (ties go to the lowest indices), across batch boundaries; one budget message.
+    import itertools
+
+    from flagagg.rules import _subsets
+
+    for p, k, batch in [(7, 3, 4), (6, 6, 2), (5, 1, 100), (9, 4, 7)]:
+        got = [tuple(r) for b in _subsets.combination_batches(p, k, batch) for r in b.tolist()]
+        assert got == list(itertools.combinations(range(p), k))
+    assert _subsets.check_subset_budget("mda", 7, 2, 21, "x") == 21
+    for rule in ("mda", "smea"):
+        with pytest.raises(ValueError, match=rf"{rule} searches all C\(p, f\) subsets exactly: "
+                           r"C\(7, 2\) = 21 exceeds max_subsets=20; raise max_subsets"):
+            flagagg.aggregate(np.ones((7, 2)), rule=rule, f=2, max_subsets=20)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import numpy as np
 
 from .._gram import Gram
 from .._validation import Int
 from ._base import Rule
 from ._contract import F_REQUIRED, Contract, Reference, Solution
+from ._subsets import check_subset_budget, combination_batches, mean_of_kept, refuse_no_subset
 
 __all__ = ["MDA", "MDA_MAX_SUBSETS", "min_diameter_subset"]
 
@@ -59,14 +57,8 @@ def min_diameter_subset(D2: np.ndarray, f: int) -> tuple[np.ndarray, float, int]
     order = np.argsort(-d, kind="stable")[: f * (p - 1) + 1]
     a, b, dtop = iu[order], ju[order], d[order]
     best, best_d2 = None, np.inf
-    combos = itertools.combinations(range(p), f)
     n_subsets = 0
-    while True:
-        chunk = np.fromiter(itertools.chain.from_iterable(itertools.islice(combos, _BATCH)),
-                            dtype=np.int64)
-        if chunk.size == 0:
-            break
-        removed_sets = chunk.reshape(-1, f)
+    for removed_sets in combination_batches(p, f, _BATCH):
         n_subsets += removed_sets.shape[0]
         removed = np.zeros((removed_sets.shape[0], p), dtype=bool)
         np.put_along_axis(removed, removed_sets, True, axis=1)
@@ -138,25 +130,14 @@ class MDA(Rule):
 
     def _solve_gram(self, K: Gram) -> Solution:
         p, f = K.p, self.f
-        n = math.comb(p, f)
-        if n > self.max_subsets:
-            raise ValueError(
-                f"{self.name} searches all C(p, f) subsets exactly: C({p}, {f}) = {n} exceeds "
-                f"max_subsets={self.max_subsets}; raise max_subsets (about 2 s per million "
-                "subsets) or use another rule"
-            )
+        check_subset_budget(self.name, p, f, self.max_subsets, "about 2 s per million subsets")
         self.usable(K)
         # The search only compares distances: their ranks, which no magnitude can
         # overflow (a diameter of 1e300 is compared exactly with one of 1e-300).
         kept, rank, n_subsets = min_diameter_subset(K.distance_ranks(), f)
         if not np.isfinite(rank):
-            raise ValueError(
-                f"{self.name}: more than f={f} inputs hold NaN or Inf "
-                f"({len(K.excluded)} of p={p}); every subset of p - f inputs contains one"
-            )
-        coef = np.zeros(p)
-        coef[kept] = 1.0 / kept.size
-        return Solution(coefficients=coef, selected=tuple(int(i) for i in kept),
+            refuse_no_subset(self.name, f, p, len(K.excluded), "hold NaN or Inf")
+        return Solution(coefficients=mean_of_kept(kept, p), selected=tuple(int(i) for i in kept),
                         excluded=K.excluded,
                         details={"diameter": _diameter(K, kept), "n_subsets": n_subsets})
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
-import math
-
 import numpy as np
 
 from .._gram import Gram
 from .._validation import Int
 from ._base import Rule
 from ._contract import F_REQUIRED, Contract, Reference, Solution
+from ._subsets import check_subset_budget, combination_batches, mean_of_kept, refuse_no_subset
 
 __all__ = ["SMEA", "SMEA_MAX_SUBSETS", "smallest_max_eigenvalue_subset"]
 
@@ -54,15 +52,9 @@ def smallest_max_eigenvalue_subset(U: np.ndarray, ok: np.ndarray,
     p = U.shape[0]
     m = p - f
     best, best_lam = None, np.inf
-    combos = itertools.combinations(range(p), m)
     n_subsets = 0
     with np.errstate(invalid="ignore", over="ignore"):
-        while True:
-            chunk = np.fromiter(itertools.chain.from_iterable(itertools.islice(combos, _BATCH)),
-                                dtype=np.int64)
-            if chunk.size == 0:
-                break
-            S = chunk.reshape(-1, m)
+        for S in combination_batches(p, m, _BATCH):
             n_subsets += S.shape[0]
             Ks = U[S[:, :, None], S[:, None, :]]
             r = Ks.mean(axis=2, keepdims=True)
@@ -135,13 +127,8 @@ class SMEA(Rule):
 
     def _solve_gram(self, K: Gram) -> Solution:
         p, f = K.p, self.f
-        n = math.comb(p, f)
-        if n > self.max_subsets:
-            raise ValueError(
-                f"{self.name} searches all C(p, f) subsets exactly: C({p}, {f}) = {n} exceeds "
-                f"max_subsets={self.max_subsets}; raise max_subsets (each subset is an "
-                f"eigenvalue problem of size p - f = {p - f}) or use another rule"
-            )
+        check_subset_budget(self.name, p, f, self.max_subsets,
+                            f"each subset is an eigenvalue problem of size p - f = {p - f}")
         self.usable(K)
         # In the unit of the median input: honest distances in range; an input whose
         # entries overflow in that unit is beyond any honest subset's covariance.
@@ -150,14 +137,10 @@ class SMEA(Rule):
         ok = K.usable & np.isfinite(np.diag(U))
         kept, lam, n_subsets = smallest_max_eigenvalue_subset(U, ok, f)
         if not np.isfinite(lam):
-            raise ValueError(
-                f"{self.name}: more than f={f} inputs hold NaN or Inf or are beyond float64 "
-                f"({int((~ok).sum())} of p={p}); every subset of p - f inputs contains one"
-            )
-        coef = np.zeros(p)
-        coef[kept] = 1.0 / kept.size
+            refuse_no_subset(self.name, f, p, int((~ok).sum()),
+                             "hold NaN or Inf or are beyond float64")
         with np.errstate(over="ignore"):
             lam_out = float(np.ldexp(lam, 2 * E))
-        return Solution(coefficients=coef, selected=tuple(int(i) for i in kept),
+        return Solution(coefficients=mean_of_kept(kept, p), selected=tuple(int(i) for i in kept),
                         excluded=K.excluded,
                         details={"eigenvalue": lam_out, "n_subsets": n_subsets})
