@@ -219,6 +219,10 @@ def test_simulate_with_a_fractional_f_says_so():
 
     with pytest.raises(TypeError, match="f must be an integer or None for mean: got 1.5"):
         sim.simulate("digits", "mean", f=1.5, workers=7, rounds=1)
+    with pytest.raises(TypeError, match="f must be an integer or None for mean: got '2'"):
+        sim.simulate("digits", "mean", f="2", workers=7, rounds=1)
+    with pytest.raises(TypeError, match="workers must be an integer"):
+        sim.simulate("digits", "mean", f=1, workers="7", rounds=1)
 
 
 def test_docs_tables_read_the_declaration(monkeypatch):

@@ -12,12 +12,14 @@ comparisons).
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .._validation import check_int
 from ..attacks import Attack, get_attack
 from ..training._data import Dataset, load_dataset
 from ..training._replica import Replica, _accuracy, sgd_step
@@ -188,6 +190,9 @@ def _as_dataset(dataset):
 
 def _check_run(*, f, workers, evaluate_on, array, backend):
     """The checks of :func:`simulate`'s arguments that no other piece makes."""
+    check_int("workers", workers, owner="simulate", low=1)
+    if not isinstance(f, numbers.Integral) or isinstance(f, bool):
+        return  # the rule's own declaration says what f must be (build_rule, next)
     if not 0 <= f < workers:
         raise ValueError(f"need 0 <= f < workers: got f={f}, workers={workers}")
     if evaluate_on not in ("test", "val"):
