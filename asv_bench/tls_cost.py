@@ -34,18 +34,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 _SERVER = """
-import json, sys, torch
+import json, os, sys, time, torch
 torch.set_num_threads(1)
 from flagagg import distributed, sim
 from flagagg.distributed._settings import spec_from_dict
 spec = spec_from_dict(json.loads(open(sys.argv[1]).read()))
 tls = None if sys.argv[2] == "plain" else sys.argv[2]
-server = distributed.Server(spec, tls=tls, log=lambda text: None,
+warmup = int(sys.argv[3])
+
+
+def cpu():
+    # seconds of CPU of the server and of its workers (their pids from their HELLOs)
+    tick = os.sysconf("SC_CLK_TCK")
+    theirs = 0.0
+    for info in server.info.values():
+        try:
+            with open(f"/proc/{info['pid']}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+            theirs += (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return time.process_time(), theirs
+
+
+class Meter:
+    # a recorder that notes the CPU spent between the end of the warm-up and the end
+    marks = {}
+
+    def earlier(self, start_round):
+        return {"rounds": [], "workers": [], "curve": [], "events": []}
+
+    def write_round(self, row, wrows, events, point):
+        if row is not None and row["round"] in (warmup, spec.config.rounds):
+            self.marks[row["round"]] = cpu()
+
+    def sync(self):
+        pass
+
+
+meter = Meter()
+server = distributed.Server(spec, tls=tls, log=lambda text: None, recorder=meter,
                             _plaintext_benchmark=tls is None)
 print(server.address[1], flush=True)
 record = server.run()
 rows = [(r["round"], r["round_s"], r["eval_s"], r["received"]) for r in record["rounds"]]
-print(json.dumps({"status": record["status"], "rows": rows}), flush=True)
+a, b = meter.marks.get(warmup), meter.marks.get(spec.config.rounds)
+used = None if a is None or b is None else [b[0] - a[0], b[1] - a[1]]
+print(json.dumps({"status": record["status"], "rows": rows, "cpu": used}), flush=True)
 """
 
 _WORKER = """
@@ -70,15 +105,22 @@ def _config(model):
     return config
 
 
-def round_time(model, workers, mode, *, rounds, warmup=5):
-    """Median round time of one run (seconds, evaluation excluded); ``mode`` tls or plain."""
+def round_time(model, workers, mode, *, rounds, warmup=5, root=ROOT):
+    """One run's median round time and CPU per round (seconds), ``mode`` tls or plain.
+
+    The round time is the round's wall time less its evaluation, the first
+    ``warmup`` rounds left out; the CPU is the server's and its workers'
+    (user and system, from ``/proc``; None where there is none) over the
+    rounds after the warm-up, per round, evaluations included. ``root`` is
+    the source tree whose ``flagagg`` the processes run.
+    """
     from flagagg.distributed._settings import make_spec, spec_to_dict
     from flagagg.distributed._tls import file_of, issue
 
     spec = make_spec(_config(model), rule="mean", attack="none", f=0, workers=workers,
                      rounds=rounds, eval_every=rounds, round_timeout=30, connect_timeout=120)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
+        x for x in (str(root), os.environ.get("PYTHONPATH")) if x)}
     with tempfile.TemporaryDirectory(prefix="flagagg-tls-cost-") as tmp:
         spec_file = Path(tmp, "spec.json")
         spec_file.write_text(json.dumps(spec_to_dict(spec)))
@@ -86,8 +128,8 @@ def round_time(model, workers, mode, *, rounds, warmup=5):
             issue(Path(tmp, "certs"), workers)
         pem = (lambda rank: str(file_of(Path(tmp, "certs"), rank))) if mode == "tls" \
             else (lambda rank: "plain")
-        server = subprocess.Popen([sys.executable, "-c", _SERVER, str(spec_file), pem(0)],
-                                  stdout=subprocess.PIPE, text=True, env=env)
+        server = subprocess.Popen([sys.executable, "-c", _SERVER, str(spec_file), pem(0),
+                                   str(warmup)], stdout=subprocess.PIPE, text=True, env=env)
         port = int(server.stdout.readline())
         procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(spec_file), str(w),
                                    str(port), pem(w + 1)], env=env)
@@ -98,83 +140,149 @@ def round_time(model, workers, mode, *, rounds, warmup=5):
             p.wait(60)
     if doc["status"] != 0:
         raise RuntimeError(f"the run exited with status {doc['status']}")
-    return statistics.median(s - (e or 0) for t, s, e, _ in doc["rows"] if t > warmup)
+    wall = statistics.median(s - (e or 0) for t, s, e, _ in doc["rows"] if t > warmup)
+    cpu = None if doc["cpu"] is None else sum(doc["cpu"]) / (rounds - warmup)
+    return wall, cpu
 
 
-def message_cost(n_params, repeats=30):
-    """Microseconds TLS adds to one ``n_params``-value frame, sent and received on loopback."""
+def _echo_times(n_params, tls, repeats):
+    """Round trips of one ``n_params``-value frame each way, as the server and a worker move them.
+
+    The server's side is its asyncio loop with :class:`FrameProtocol` (what it
+    uses after a HELLO), the worker's a blocking socket with
+    :func:`send_frame` and :func:`recv_frame`; ``tls`` is a (server, client)
+    pair of contexts or None for plaintext.
+    """
+    import asyncio
+
     import numpy as np
 
-    from flagagg.distributed._protocol import Kind, encode_tensor, recv_frame, send_frame
-    from flagagg.distributed._tls import client_context, file_of, issue, server_context
+    from flagagg.distributed._protocol import (
+        FrameProtocol,
+        Kind,
+        encode_tensor,
+        recv_frame,
+        send_frame,
+    )
 
     parts = encode_tensor(Kind.GRAD, np.ones(n_params, np.float32))
+    back = encode_tensor(Kind.PARAMS, np.ones(n_params, np.float32))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder = {}
+
+    def serve():
+        asyncio.set_event_loop(loop)
+
+        def factory():
+            link = FrameProtocol(8 * n_params, {Kind.GRAD},
+                                 lambda frame: link.write(back[0], back[1]))
+            return link
+
+        holder["server"] = loop.run_until_complete(loop.create_server(
+            factory, "127.0.0.1", 0, ssl=None if tls is None else tls[0]))
+        ready.set()
+        loop.run_forever()
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    ready.wait(30)
+    sock = socket.create_connection(holder["server"].sockets[0].getsockname()[:2])
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock = tls[1].wrap_socket(sock)
+    times = []
+    try:
+        for i in range(repeats + 2):
+            if i == 2:  # the first two warm up
+                c0 = time.process_time()
+            t0 = time.perf_counter()
+            send_frame(sock, parts)
+            recv_frame(sock, 8 * n_params, {Kind.PARAMS}, 30)
+            times.append(time.perf_counter() - t0)
+        cpu = (time.process_time() - c0) / repeats
+    finally:
+        sock.close()
+        loop.call_soon_threadsafe(holder["server"].close)
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(10)
+        loop.close()
+    return cpu, statistics.median(times[2:])
+
+
+def message_cost(n_params, repeats=30, rounds=4):
+    """What TLS adds to moving one ``n_params``-value frame each way on loopback.
+
+    Plaintext and TLS alternate (plain, TLS, TLS, plain, ...), ``rounds``
+    times each, so that a load that comes and goes hits both alike.
+
+    Returns
+    -------
+    cost : dict
+        ``cpu_tls``, ``cpu_plain``: median CPU microseconds (both ends, all
+        threads) of one round trip, a frame each way; ``wall_tls``,
+        ``wall_plain``: median wall microseconds of one.
+    """
+    from flagagg.distributed._tls import client_context, file_of, issue, server_context
+
     with tempfile.TemporaryDirectory() as tmp:
         issue(tmp, 1)
-        sctx, cctx = server_context(file_of(tmp, 0)), client_context(file_of(tmp, 1))
+        contexts = (server_context(file_of(tmp, 0)), client_context(file_of(tmp, 1)))
+        got = {True: [], False: []}
+        for i in range(2 * rounds):
+            tls = (i % 4) in (1, 2)
+            got[tls].append(_echo_times(n_params, contexts if tls else None, repeats))
+    return {f"{what}_{mode}": 1e6 * statistics.median(x[k] for x in got[tls])
+            for k, what in enumerate(("cpu", "wall")) for mode, tls in (("tls", True),
+                                                                        ("plain", False))}
 
-        def timed(tls):
-            lsock = socket.create_server(("127.0.0.1", 0))
 
-            def serve():
-                conn, _ = lsock.accept()
-                if tls:
-                    conn = sctx.wrap_socket(conn, server_side=True)
-                for _ in range(repeats + 1):
-                    recv_frame(conn, 8 * n_params, {Kind.GRAD}, 30)
-                    conn.sendall(b"k")
-                conn.close()
-
-            th = threading.Thread(target=serve)
-            th.start()
-            sock = socket.create_connection(lsock.getsockname())
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if tls:
-                sock = cctx.wrap_socket(sock)
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                send_frame(sock, parts)
-                sock.recv(1)
-                times.append(time.perf_counter() - t0)
-            th.join()
-            sock.close()
-            lsock.close()
-            return statistics.median(times[1:])
-
-        plain = [timed(False) for _ in range(3)]
-        tls = [timed(True) for _ in range(3)]
-    return 1e6 * (statistics.median(tls) - statistics.median(plain)), 1e6 * statistics.median(
-        plain)
+def _med(runs, k):
+    return statistics.median(r[k] for r in runs)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cells", default="mlp4096:4:60,demo:4:60,mlp4096:15:30,demo:15:40",
                         help="MODEL:WORKERS:ROUNDS,... (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=2,
-                        help="runs of each mode per cell, interleaved (default: 2)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each mode per cell, interleaved (default: 3)")
     parser.add_argument("--out", default=None, help="CSV file for the runs")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     rows = []
     for n, name in ((650, "demo"), (307_210, "mlp4096")):
-        extra, plain = message_cost(n)
-        print(f"per message, {name} ({4 * n / 1e3:.0f} kB): TLS adds {extra:.0f} us to a "
-              f"loopback send+receive of {plain:.0f} us", flush=True)
+        c = message_cost(n)
+        mb = 2 * 4 * n / 1e6
+        print(f"per message, {name} ({4 * n / 1e3:.0f} kB each way), one round trip: CPU "
+              f"{c['cpu_tls']:.0f} us with TLS, {c['cpu_plain']:.0f} us plaintext "
+              f"({c['cpu_tls'] / mb:.0f} vs {c['cpu_plain'] / mb:.0f} us per MB moved: TLS "
+              f"adds {(c['cpu_tls'] - c['cpu_plain']) / mb:.0f} us per MB); wall "
+              f"{c['wall_tls']:.0f} vs {c['wall_plain']:.0f} us", flush=True)
     for cell in args.cells.split(","):
         model, workers, rounds = cell.split(":")
-        order = ["tls", "plain", "plain", "tls"] * ((args.repeats + 1) // 2)
+        # TLS, plain, plain, TLS, ...: each pair is one ratio, a load that comes and
+        # goes hits both of its runs alike
         got = {"tls": [], "plain": []}
-        for mode in order[:2 * args.repeats]:
-            t = round_time(model, int(workers), mode, rounds=int(rounds))
-            got[mode].append(t)
+        for i in range(2 * args.repeats):
+            mode = ("tls", "plain")[(i % 2) ^ ((i // 2) % 2)]
+            wall, cpu = round_time(model, int(workers), mode, rounds=int(rounds))
+            got[mode].append((wall, cpu))
             rows.append({"model": model, "workers": workers, "rounds": rounds, "mode": mode,
-                         "round_ms": round(1e3 * t, 2)})
-            print(f"  {model} x{workers} {mode}: {1e3 * t:.1f} ms", flush=True)
-        a, b = statistics.median(got["tls"]), statistics.median(got["plain"])
-        print(f"{model}, {workers} workers: TLS {1e3 * a:.1f} ms, plaintext {1e3 * b:.1f} ms, "
-              f"ratio {a / b:.3f}", flush=True)
+                         "round_ms": round(1e3 * wall, 2),
+                         "cpu_ms_per_round": None if cpu is None else round(1e3 * cpu, 2)})
+            print(f"  {model} x{workers} {mode}: {1e3 * wall:.1f} ms a round"
+                  + ("" if cpu is None else f", {1e3 * cpu:.1f} ms CPU a round"), flush=True)
+        pairs = list(zip(got["tls"], got["plain"], strict=True))
+        wall = statistics.median(a[0] / b[0] for a, b in pairs)
+        line = (f"{model}, {workers} workers: round time TLS {1e3 * _med(got['tls'], 0):.1f} ms,"
+                f" plaintext {1e3 * _med(got['plain'], 0):.1f} ms; ratio {wall:.3f} (median of "
+                f"{len(pairs)} pairs)")
+        if all(a[1] is not None and b[1] is not None for a, b in pairs):
+            cpu = statistics.median(a[1] / b[1] for a, b in pairs)
+            line += (f"; CPU a round TLS {1e3 * _med(got['tls'], 1):.1f} ms, plaintext "
+                     f"{1e3 * _med(got['plain'], 1):.1f} ms, ratio {cpu:.3f}")
+        print(line, flush=True)
     if args.out:
         with open(args.out, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))

@@ -24,6 +24,7 @@ Header (little-endian)::
 
 from __future__ import annotations
 
+import asyncio
 import json
 import struct
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "MAX_JSON_DEPTH",
     "PROTOCOL_VERSION",
     "Frame",
+    "FrameProtocol",
     "Kind",
     "ProtocolError",
     "check_header",
@@ -57,6 +59,8 @@ HEADER = struct.Struct("<4sBBHIQQd")
 # control messages are small flat objects; anything larger is a broken or hostile peer
 MAX_JSON_BYTES = 4096
 MAX_JSON_DEPTH = 2
+# payload bytes a FrameProtocol hands its transport at a time
+SEND_CHUNK = 1 << 18
 
 
 class Kind:
@@ -247,6 +251,153 @@ async def read_frame(reader, max_tensor_bytes, kinds):
         # writable, as torch wants its tensors' memory
         payload = bytearray(payload)
     return _frame(head, payload)
+
+
+class FrameProtocol(asyncio.BufferedProtocol):
+    """A connection's messages after its HELLO: each read straight into its own buffer.
+
+    asyncio's streams copy every chunk they receive into the reader's buffer,
+    then copy again to cut a message out of it (and, under TLS, join the
+    decrypted records first). This protocol instead hands the transport the
+    free part of the message being read (its 36-byte header, then a payload
+    buffer allocated once the header has been checked), so that the socket,
+    or under TLS the decryption, writes each byte once, where it stays. It
+    also carries the connection's write flow control (:meth:`drain`).
+
+    Parameters
+    ----------
+    max_tensor_bytes : int
+        The largest tensor payload accepted; a header over it is a
+        :class:`ProtocolError` (see :func:`check_header`).
+    kinds : set of int
+        The message kinds accepted.
+    on_frame : callable
+        Called with each complete :class:`Frame` (on the loop's thread); a
+        tensor payload is a writable ``bytearray``.
+
+    Attributes
+    ----------
+    closed : asyncio.Future
+        Done, with why (a str), once the connection has ended or broke the
+        protocol; the owner then aborts the transport.
+    reason : str or None
+        The same why, None while the connection is up.
+    """
+
+    def __init__(self, max_tensor_bytes, kinds, on_frame):
+        self._limit = max_tensor_bytes
+        self._kinds = kinds
+        self._on_frame = on_frame
+        self._head = bytearray(HEADER.size)
+        self._view = memoryview(self._head)
+        self._got = 0
+        self._header = None      # the checked header of the payload being read
+        self._payload = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self.transport = None
+        self.reason = None
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def adopt(self, transport, leftover=b"", eof=False):
+        """Take over ``transport`` from a stream reader, with the bytes it held back."""
+        self.transport = transport
+        transport.set_protocol(self)
+        data = memoryview(bytes(leftover))
+        while data.nbytes and self.reason is None:
+            buf = self.get_buffer(data.nbytes)
+            k = min(len(buf), data.nbytes)
+            buf[:k] = data[:k]
+            data = data[k:]
+            self.buffer_updated(k)
+        if eof:
+            self.eof_received()
+        # the reader may have paused reading when its buffer filled
+        transport.resume_reading()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def get_buffer(self, sizehint):
+        if self.reason is not None:
+            # broken: the transport is being aborted, whatever still comes is dropped
+            return memoryview(self._head)
+        return self._view[self._got:]
+
+    def buffer_updated(self, nbytes):
+        if self.reason is not None:
+            return
+        self._got += nbytes
+        if self._got < len(self._view):
+            return
+        try:
+            if self._header is None:
+                self._header = check_header(bytes(self._head), self._limit, self._kinds)
+                size = self._header[6]
+                if size:
+                    # writable, as torch wants its tensors' memory
+                    self._payload = bytearray(size)
+                    self._view, self._got = memoryview(self._payload), 0
+                    return
+                self._payload = bytearray()
+            frame = _frame(self._header, self._payload)
+            self._header = self._payload = None
+            self._view, self._got = memoryview(self._head), 0
+            self._on_frame(frame)
+        except ProtocolError as exc:
+            self._end(f"protocol error: {exc}")
+
+    def _end(self, why):
+        if self.reason is None:
+            self.reason = why
+        if not self.closed.done():
+            self.closed.set_result(why)
+        self._writable.set()  # a sender waiting in drain() learns of it there
+
+    def eof_received(self):
+        self._end("connection closed")
+        return False
+
+    def connection_lost(self, exc):
+        self._end("connection closed" if exc is None else f"connection error: {exc}")
+
+    def pause_writing(self):
+        self._writable.clear()
+
+    def resume_writing(self):
+        self._writable.set()
+
+    def write(self, head, payload):
+        """Queue a message from :func:`encode` (header and payload, neither copied here)."""
+        self.transport.write(head)
+        if len(payload):
+            self.transport.write(payload)
+
+    async def send(self, head, payload, chunk=SEND_CHUNK):
+        """Send a message from :func:`encode`, ``chunk`` bytes of payload at a time.
+
+        The transport gets a chunk only once it has room for it, so that each
+        is encrypted (under TLS) and handed to the socket at once, instead of
+        a whole payload's ciphertext being copied into the transport's buffer
+        to wait there.
+
+        Raises
+        ------
+        ConnectionError
+            Once the connection has ended.
+        """
+        self.transport.write(head)
+        view = memoryview(payload).cast("B")
+        for i in range(0, view.nbytes, chunk):
+            await self.drain()
+            self.transport.write(view[i:i + chunk])
+        await self.drain()
+
+    async def drain(self):
+        """Wait until the transport wants more; ConnectionError once the connection ended."""
+        await self._writable.wait()
+        if self.reason is not None:
+            raise ConnectionError(self.reason)
 
 
 def send_frame(sock, parts):

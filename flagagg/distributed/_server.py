@@ -42,6 +42,7 @@ from ..training._step import aggregate_step, build_rule, rule_columns
 from ._protocol import (
     DTYPES,
     HEADER,
+    FrameProtocol,
     Kind,
     ProtocolError,
     encode_json,
@@ -850,25 +851,32 @@ class Server(_ServerCore):
         conn = _Conn(addr, writer, who)
         conn.raw = raw
         conn.bytes_received = HEADER.size + len(frame.payload)
+        # from here on the connection's bytes go straight into each message's own
+        # buffer (FrameProtocol), no longer through the stream reader's copies
+        link = FrameProtocol(self.max_gradient_bytes, {Kind.GRAD},
+                             lambda frame: self._received(conn, frame))
+        # an honest worker sends nothing before its WELCOME, but whatever a peer sent
+        # after its HELLO is still read as the stream had it (the reader's own fields:
+        # streams have no public way to hand their buffered bytes over)
+        link.adopt(writer.transport, bytes(getattr(reader, "_buffer", b"")),
+                   reader.at_eof() or getattr(reader, "_eof", False))
+        conn.link = link
         self.inbox.put(("hello", conn, hello))
         sender = asyncio.ensure_future(self._sender(conn))
-        reason = "connection closed"
         try:
-            while True:
-                frame = await read_frame(reader, self.max_gradient_bytes, {Kind.GRAD})
-                conn.bytes_received += HEADER.size + len(frame.payload)
-                self.bytes_received += HEADER.size + len(frame.payload)
-                conn.last_heard = time.monotonic()
-                self.inbox.put(("grad", conn, frame))
-        except ProtocolError as exc:
-            reason = f"protocol error: {exc}"
-        except asyncio.IncompleteReadError:
-            reason = "connection closed"
-        except (OSError, asyncio.CancelledError) as exc:
+            reason = await link.closed
+        except asyncio.CancelledError as exc:
             reason = f"connection error: {exc or type(exc).__name__}"
         sender.cancel()
         raw.abort()
         self.inbox.put(("lost", conn, reason))
+
+    def _received(self, conn, frame):
+        """A complete gradient frame from ``conn``, on the loop's thread: to the rounds."""
+        conn.bytes_received += HEADER.size + len(frame.payload)
+        self.bytes_received += HEADER.size + len(frame.payload)
+        conn.last_heard = time.monotonic()
+        self.inbox.put(("grad", conn, frame))
 
     async def _sender(self, conn):
         try:
@@ -878,16 +886,14 @@ class Server(_ServerCore):
                     await conn.wake.wait()
                 entry = conn.outbox.popleft()
                 if entry is None:  # close once everything before has gone
-                    await conn.writer.drain()
-                    conn.writer.close()
+                    await conn.link.drain()
+                    conn.link.transport.close()
                     return
                 kind, head, payload = entry
-                conn.writer.write(head)
-                if payload:
-                    conn.writer.write(payload)
+                conn.link.write(head, payload)
                 conn.bytes_sent += len(head) + len(payload)
                 self.bytes_sent += len(head) + len(payload)
-                await conn.writer.drain()
+                await conn.link.drain()
         except (OSError, RuntimeError):
             conn.raw.abort()
 
