@@ -65,7 +65,8 @@ class Meter:
         return {"rounds": [], "workers": [], "curve": [], "events": []}
 
     def write_round(self, row, wrows, events, point):
-        if row is not None and row["round"] in (warmup, spec.config.rounds):
+        # the last round evaluates the model: it is left out
+        if row is not None and row["round"] in (warmup, spec.config.rounds - 1):
             self.marks[row["round"]] = cpu()
 
     def sync(self):
@@ -78,7 +79,7 @@ server = distributed.Server(spec, tls=tls, log=lambda text: None, recorder=meter
 print(server.address[1], flush=True)
 record = server.run()
 rows = [(r["round"], r["round_s"], r["eval_s"], r["received"]) for r in record["rounds"]]
-a, b = meter.marks.get(warmup), meter.marks.get(spec.config.rounds)
+a, b = meter.marks.get(warmup), meter.marks.get(spec.config.rounds - 1)
 used = None if a is None or b is None else [b[0] - a[0], b[1] - a[1]]
 print(json.dumps({"status": record["status"], "rows": rows, "cpu": used}), flush=True)
 """
@@ -111,7 +112,7 @@ def round_time(model, workers, mode, *, rounds, warmup=5, root=ROOT):
     The round time is the round's wall time less its evaluation, the first
     ``warmup`` rounds left out; the CPU is the server's and its workers'
     (user and system, from ``/proc``; None where there is none) over the
-    rounds after the warm-up, per round, evaluations included. ``root`` is
+    rounds after the warm-up but the last (which evaluates), per round. ``root`` is
     the source tree whose ``flagagg`` the processes run.
     """
     from flagagg.distributed._settings import make_spec, spec_to_dict
@@ -141,7 +142,7 @@ def round_time(model, workers, mode, *, rounds, warmup=5, root=ROOT):
     if doc["status"] != 0:
         raise RuntimeError(f"the run exited with status {doc['status']}")
     wall = statistics.median(s - (e or 0) for t, s, e, _ in doc["rows"] if t > warmup)
-    cpu = None if doc["cpu"] is None else sum(doc["cpu"]) / (rounds - warmup)
+    cpu = None if doc["cpu"] is None else sum(doc["cpu"]) / (rounds - 1 - warmup)
     return wall, cpu
 
 

@@ -59,8 +59,6 @@ HEADER = struct.Struct("<4sBBHIQQd")
 # control messages are small flat objects; anything larger is a broken or hostile peer
 MAX_JSON_BYTES = 4096
 MAX_JSON_DEPTH = 2
-# payload bytes a FrameProtocol hands its transport at a time
-SEND_CHUNK = 1 << 18
 
 
 class Kind:
@@ -372,26 +370,6 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.transport.write(head)
         if len(payload):
             self.transport.write(payload)
-
-    async def send(self, head, payload, chunk=SEND_CHUNK):
-        """Send a message from :func:`encode`, ``chunk`` bytes of payload at a time.
-
-        The transport gets a chunk only once it has room for it, so that each
-        is encrypted (under TLS) and handed to the socket at once, instead of
-        a whole payload's ciphertext being copied into the transport's buffer
-        to wait there.
-
-        Raises
-        ------
-        ConnectionError
-            Once the connection has ended.
-        """
-        self.transport.write(head)
-        view = memoryview(payload).cast("B")
-        for i in range(0, view.nbytes, chunk):
-            await self.drain()
-            self.transport.write(view[i:i + chunk])
-        await self.drain()
 
     async def drain(self):
         """Wait until the transport wants more; ConnectionError once the connection ended."""

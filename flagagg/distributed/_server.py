@@ -858,10 +858,10 @@ class Server(_ServerCore):
         # an honest worker sends nothing before its WELCOME, but whatever a peer sent
         # after its HELLO is still read as the stream had it (the reader's own fields:
         # streams have no public way to hand their buffered bytes over)
+        conn.link = link
+        self.inbox.put(("hello", conn, hello))  # first: what adopt() reads comes after it
         link.adopt(writer.transport, bytes(getattr(reader, "_buffer", b"")),
                    reader.at_eof() or getattr(reader, "_eof", False))
-        conn.link = link
-        self.inbox.put(("hello", conn, hello))
         sender = asyncio.ensure_future(self._sender(conn))
         try:
             reason = await link.closed

@@ -401,7 +401,8 @@ def _serve(sock, source, max_bytes, log):
         if frame.kind == Kind.STOP:
             return 0
         t = frame.round
-        payload, seconds = source.compute(t, frame.array().astype(np.float32))
+        # the frame's own buffer, not a copy (recv_frame gives each frame a new one)
+        payload, seconds = source.compute(t, frame.array().astype(np.float32, copy=False))
         payload, action = source.inject(t, payload, log)
         if action == "hang":
             # read and drop messages until the server stops, so that an injected
