@@ -10,6 +10,12 @@ flat JSON objects (at most ``MAX_JSON_BYTES``, nesting depth at most
 unpickled. A header is checked (magic, version, kind, dtype, size against
 the receiver's limit) before a byte of its payload is read.
 
+The server reads a HELLO with :func:`read_frame` from a stream reader and,
+once a worker is in, its messages with :class:`FrameProtocol`, which has the
+socket (or the TLS layer's decryption) write each payload straight into its
+own buffer; workers use :func:`send_frame` and :func:`recv_frame` on blocking
+sockets.
+
 Header (little-endian)::
 
     magic  4s   b"FLAG"

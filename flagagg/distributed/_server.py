@@ -639,8 +639,10 @@ class Server(_ServerCore):
 
     The connections are served by an asyncio event loop on a thread of its
     own (``asyncio.start_server``, TLS started on each accepted connection,
-    ``readexactly`` under deadlines); the rounds run on the calling thread,
-    which gets what the loop read through a queue. Every connection first
+    ``readexactly`` under deadlines up to the HELLO; after it, a
+    :class:`~flagagg.distributed._protocol.FrameProtocol` that reads each
+    message straight into its own buffer); the rounds run on the calling
+    thread, which gets what the loop read through a queue. Every connection first
     completes a TLS 1.3 handshake with a certificate of the run's CA
     (:func:`flagagg.distributed.issue_certificates`) within ``handshake_timeout`` seconds,
     then says HELLO (at most ``MAX_JSON_BYTES``; nothing larger is read
