@@ -4,11 +4,19 @@ Run from a source checkout: ``python asv_bench/tls_cost.py`` (``--help`` for
 the options). For each model (the demo's softmax regression and a 4096-unit
 MLP on the same data) and number of workers, it trains short runs over the
 tcp transport on loopback, one process for the server and one per worker,
-alternating TLS and plaintext (TLS, plain, plain, TLS, ...), and reports the
-median round time of each run (the round's wall time less its evaluation,
-the first rounds left out as warm-up), the median per mode and the ratio.
-It also times one message each way in one process: a frame sent over a
-loopback TLS connection against the same over a plain one.
+alternating TLS and plaintext (TLS, plain, plain, TLS, ...). For each run it
+reports the median round time (the round's wall time less its evaluation,
+the first rounds left out as warm-up) and the CPU time the server and its
+workers spent per round; for each cell, the medians per mode and the median
+of the TLS/plaintext ratios of adjacent runs. On a shared machine the CPU
+ratio is the steadier of the two: other people's load stretches wall times
+far more than it changes the work done.
+
+It also measures one message each way in one process, moved as a run moves
+it: the server's side on an asyncio loop with the
+:class:`~flagagg.distributed._protocol.FrameProtocol` it reads with after a
+HELLO, the worker's side with a blocking socket, over TLS and in plaintext
+alternately; it reports CPU and wall microseconds per round trip, and per MB.
 
 The plaintext mode exists for this measurement only: it is a private
 argument of :class:`flagagg.distributed.Server` and
