@@ -1036,6 +1036,7 @@ class _Conn(_Link):
         self.writer = writer
         self.raw = writer.transport  # the TCP transport under TLS
         self.identity = identity   # the worker its certificate names
+        self.link = None           # its FrameProtocol, once its HELLO has been read
         self.outbox = deque()      # (kind, head, payload), or None: close
         self.wake = asyncio.Event()
         self.open = True
