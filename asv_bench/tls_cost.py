@@ -263,11 +263,13 @@ def main(argv=None):
     for n, name in ((650, "demo"), (307_210, "mlp4096")):
         c = message_cost(n)
         mb = 2 * 4 * n / 1e6
-        print(f"per message, {name} ({4 * n / 1e3:.0f} kB each way), one round trip: CPU "
-              f"{c['cpu_tls']:.0f} us with TLS, {c['cpu_plain']:.0f} us plaintext "
-              f"({c['cpu_tls'] / mb:.0f} vs {c['cpu_plain'] / mb:.0f} us per MB moved: TLS "
-              f"adds {(c['cpu_tls'] - c['cpu_plain']) / mb:.0f} us per MB); wall "
-              f"{c['wall_tls']:.0f} vs {c['wall_plain']:.0f} us", flush=True)
+        line = (f"per message, {name} ({4 * n / 1e3:.0f} kB each way), one round trip: CPU "
+                f"{c['cpu_tls']:.0f} us with TLS, {c['cpu_plain']:.0f} us plaintext; wall "
+                f"{c['wall_tls']:.0f} vs {c['wall_plain']:.0f} us")
+        if mb >= 1:  # per MB only where the bytes, not the per-message work, dominate
+            line += (f"; per MB moved: {c['cpu_tls'] / mb:.0f} vs {c['cpu_plain'] / mb:.0f} us "
+                     f"of CPU, TLS adds {(c['cpu_tls'] - c['cpu_plain']) / mb:.0f} us")
+        print(line, flush=True)
     for cell in args.cells.split(","):
         model, workers, rounds = cell.split(":")
         # TLS, plain, plain, TLS, ...: each pair is one ratio, a load that comes and
