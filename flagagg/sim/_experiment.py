@@ -551,7 +551,7 @@ def _run_tasks(config, tasks, *, progress=None, jobs=1, desc="runs", store=None,
                           "[{elapsed}{postfix}]")
     at_once = jobs if executor == "local" else (jobs if address is None and jobs > 1 else None)
     groups = _groups(len(todo), lockstep, at_once)
-    size = len(groups[0]) if groups else 1
+    size = len(groups[0]) if groups else 1  # runs per group
     seconds = []
 
     def done(j, result):
@@ -587,8 +587,12 @@ def _run_tasks(config, tasks, *, progress=None, jobs=1, desc="runs", store=None,
                 _processes(config, sub, groups, done, jobs)
     except KeyboardInterrupt:
         finished = sum(r is not None for r in out)
-        # every group in flight loses its unfinished runs
-        in_flight = min(len(tasks) - finished, size * (at_once or len(tasks)))
+        # the groups in flight lose their unfinished runs: the executors start
+        # groups in order, so those are the first unfinished ones (all of them
+        # on a cluster of unknown size)
+        open_groups = [g for g in groups if any(out[todo[j]] is None for j in g)]
+        running = open_groups[: at_once or len(open_groups)]
+        in_flight = sum(out[todo[j]] is None for g in running for j in g)
         raise GridInterrupted(finished if store is not None else 0, len(tasks),
                               in_flight, None if store is None else store.folder) from None
     finally:
