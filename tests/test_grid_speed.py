@@ -419,3 +419,55 @@ def test_lockstep_groups(n, lockstep, at_once, sizes):
 def test_lockstep_argument_is_checked():
     with pytest.raises(ValueError, match="lockstep must be an int >= 1"):
         sim.run_experiment(_grid_config(), lockstep=0, store=False, progress=False)
+
+
+# --------------------------------------------------------------------------
+# one CPU per run: PyTorch and the BLAS on one thread
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_grid_runs_use_one_blas_thread_and_restore_it(monkeypatch):
+    """NNM before a coordinate-wise rule materialises a (15, 15) x (15, n) product:
+    OpenBLAS spreads it over every core, which cost a round 15 ms of CPU on a busy
+    machine. The grid's runs run with one BLAS thread (and one PyTorch thread);
+    the caller's settings are back afterwards."""
+    pytest.importorskip("threadpoolctl")
+    before_blas, before_torch = _blas_threads(), torch.get_num_threads()
+    seen = []
+    real = _experiment._run_group
+
+    def spying(config, tasks, on_done=None):
+        seen.append((_blas_threads(), torch.get_num_threads()))
+        return real(config, tasks, on_done)
+
+    monkeypatch.setattr(_experiment, "_run_group", spying)
+    cfg = sim.parse_config({
+        "experiment": {"name": "blas", "rounds": 2, "seeds": [0, 1], "eval_every": 2},
+        "data": {"dataset": "digits"}, "cluster": {"workers": 5, "f": 1},
+        "rules": {"nnm-median": {"rule": "median", "params": {"pre": ["nnm"]}}},
+        "attacks": {"none": {}},
+    })
+    sim.run_experiment(cfg, store=False, progress=False)
+    assert seen and all(blas <= {1} and t == 1 for blas, t in seen)
+    assert _blas_threads() == before_blas and torch.get_num_threads() == before_torch
+
+
+def test_nnm_before_a_coordinate_rule_is_the_same_on_one_blas_thread():
+    """The thread limit changes the cost only: the mixed inputs and the aggregate
+    are the same bit for bit (the BLAS threads split the output, not the sums)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import flagagg
+
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((15, 5210)).astype(np.float32) + 1e3
+    G[4] *= 1e30  # one hostile row far away
+    rule = flagagg.get_rule("median", f=3, pre=["nnm"])
+    many = rule(G, backend="numpy")
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        one = rule(G, backend="numpy")
+    np.testing.assert_array_equal(one, many)

@@ -372,20 +372,44 @@ def _rows(config, task, result):
     return run, curve
 
 
-def _init_process():
-    import torch
+@contextmanager
+def _one_cpu():
+    """PyTorch and the BLAS under NumPy on one thread, as long as the block runs.
 
-    # small models: one thread per run is fastest and keeps runs repeatable;
-    # the parent handles Ctrl-C (and ends the workers), the workers ignore it
+    Small models and (p, n) rows of a few thousand columns: one thread per
+    run is fastest and keeps runs repeatable, and a grid promises one CPU
+    per run. The BLAS matters too: OpenBLAS spreads even a (15, 15) x
+    (15, n) product (NNM's mixed inputs before a coordinate-wise rule) over
+    every core, and on a busy machine waiting for those threads cost 15 ms
+    of CPU a round, 1.5 times the whole round without them (the results do
+    not change: the threads split the output, not the sums).
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _init_process():
+    # the parent handles Ctrl-C (and ends the workers), the workers ignore it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # one CPU per process for the process's life (see _one_cpu)
+    _ONE_CPU.append(_one_cpu())
+    _ONE_CPU[-1].__enter__()
+
+
+_ONE_CPU: list = []
 
 
 def _ray_group(config, tasks):
-    import torch
-
-    torch.set_num_threads(1)
-    return _run_group(config, tasks)
+    with _one_cpu():
+        return _run_group(config, tasks)
 
 
 # --------------------------------------------------------------------------
@@ -393,17 +417,11 @@ def _ray_group(config, tasks):
 
 
 def _serial(config, tasks, groups, done):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_cpu():
         for group in groups:
             # each run is stored the moment it finishes (a diverged run before its group)
             _run_group(config, [tasks[i] for i in group],
                        on_done=lambda j, result, group=group: done(group[j], result))
-    finally:
-        torch.set_num_threads(threads)
     return 0
 
 
@@ -669,23 +687,17 @@ def probe_cpu_seconds(config, *, rounds=10, split="test", samples=3):
     warm-up run that keeps set-up costs out, and scales their mean per-round
     time to the config's rounds.
     """
-    import torch
-
     tasks = _grid(config, tuple(config.seeds[:1]), split)
     picks = sorted({round(i * (len(tasks) - 1) / max(1, samples - 1))
                     for i in range(max(1, samples))})
     short = config.replace(rounds=min(rounds, config.rounds),
                            eval_every=min(config.eval_every, rounds, config.rounds))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_cpu():
         _run_task(short, tasks[picks[0]])
         c0 = time.process_time()
         for i in picks:
             _run_task(short, tasks[i])
         per_round = (time.process_time() - c0) / short.rounds / len(picks)
-    finally:
-        torch.set_num_threads(threads)
     return per_round * config.rounds
 
 
