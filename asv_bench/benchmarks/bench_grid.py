@@ -14,8 +14,8 @@ gradients through ``torch.func.vmap`` against the hand-written engine
 (skipped on commits without it).
 
 ``track_ratio_grid_alone_over_lockstep`` is the same grid's CPU seconds
-with every run alone (``lockstep=1``) over the default lockstep groups
-(the 3 seeds of a cell stepped together through the engine), in fresh
+with every run alone (``lockstep=1``, the default) over lockstep groups
+(``lockstep=3``: the seeds of a cell stepped together through the engine), in fresh
 processes, interleaved pairs, median of the ratios (skipped on commits
 without lockstep). Both run on one PyTorch and one BLAS thread.
 
@@ -183,7 +183,7 @@ class MNIST1DGridLockstep:
     def track_ratio_grid_alone_over_lockstep(self, rounds):
         ratios = []
         for k in range(3):
-            pair = [("a", '"lockstep": 1'), ("l", "")]
+            pair = [("a", '"lockstep": 1'), ("l", '"lockstep": 3')]
             seconds = {}
             for who, extra in (pair if k % 2 == 0 else pair[::-1]):
                 code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra=extra)

@@ -44,8 +44,8 @@ def add_arguments(parser):
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
     parser.add_argument("--lockstep", type=int, default=LOCKSTEP, metavar="R",
                         help=f"runs stepped together per process or Ray task: one gradient "
-                             f"call per round for all of them (default: {LOCKSTEP}; 1: every "
-                             f"run alone; the results are the same)")
+                             f"call per round for all of them (default: {LOCKSTEP}, every run "
+                             f"alone; pays for small models; the results are the same)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, say how many runs are done and how many "
                              "remain with a CPU-time estimate; run nothing")
