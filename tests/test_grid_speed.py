@@ -471,3 +471,28 @@ def test_nnm_before_a_coordinate_rule_is_the_same_on_one_blas_thread():
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         one = rule(G, backend="numpy")
     np.testing.assert_array_equal(one, many)
+
+
+def test_cli_lockstep_option(tmp_path, capsys):
+    """``--lockstep R`` reaches the grid (the stored runs say their group's size);
+    0 is refused in flagagg's words before anything runs."""
+    import json
+
+    from flagagg.cli import main as cli_main
+
+    cfg = sim.parse_config({
+        "experiment": {"name": "cli", "rounds": 2, "seeds": [0, 1], "eval_every": 2},
+        "data": {"dataset": "digits"}, "cluster": {"workers": 5, "f": 1},
+        "rules": {"mean": {}}, "attacks": {"none": {}},
+    })
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    out = tmp_path / "out"
+    assert cli_main(["experiment", str(path), "--lockstep", "0", "--output", str(out)]) == 2
+    assert "--lockstep must be >= 1: got 0" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli_main(["experiment", str(path), "--lockstep", "2", "--output", str(out),
+                     "--no-plots", "--quiet"]) == 0
+    sizes = [json.loads(p.read_text())["result"]["lockstep"]
+             for p in (out / "store").glob("*.json")]
+    assert sizes == [2, 2]
