@@ -260,3 +260,239 @@ def test_engine_convolutions_of_any_kernel_stride_and_padding_match_vmap(k, s, p
     for _ in range(2):  # the second call reuses the kept arrays
         got = engine(flat[None], xb[None], yb[None])[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------
+# lockstep runs: simulate_lockstep and the grid executors
+
+from flagagg.sim import _experiment  # noqa: E402
+from flagagg.sim._cluster import simulate_lockstep  # noqa: E402
+
+
+def _same_result(a, b):
+    """Two TrainResults equal bit for bit (all but the time)."""
+    assert a.rounds == b.rounds and a.accuracy == b.accuracy
+    assert (a.diverged, a.diverged_round, a.faulty) == (b.diverged, b.diverged_round, b.faulty)
+    np.testing.assert_array_equal(a.parameters, b.parameters)
+
+
+def _lockstep_cases():
+    cases = [("digits", "mlp", {"hidden": 9}), ("digits", "cnn", {"channels": (3, 4)})]
+    if any(c[0] == "mnist1d" for c in CASES):
+        cases.append(("mnist1d", "cnn1d", {"channels": (6, 6, 6)}))
+    return cases
+
+
+@pytest.mark.parametrize(("name", "model", "params"), _lockstep_cases())
+def test_simulate_lockstep_equals_simulate_bit_for_bit(datasets, name, model, params):
+    """Each run of a lockstep group is the run alone, bit for bit: an omniscient attack
+    (reads the honest rows), a data attack, FLTrust's root gradient, a defence-aware
+    attack, worker momentum, and a run that diverges mid-group (it leaves the stack;
+    the others go on). The ``cnn`` has no engine: its runs are computed one by one."""
+    if name == "digits":
+        ds = datasets.get("digits") or sim.load_dataset("digits")
+    else:
+        ds = datasets[name]
+    common = dict(workers=6, model=model, model_params=params, rounds=12, eval_every=4,
+                  batch_size=8, worker_momentum=0.9)
+    runs = [dict(rule="mean", f=2, attack="little_is_enough", seed=0, lr=0.05),
+            dict(rule="fltrust", f=2, attack="little_is_enough", seed=1, lr=0.05),
+            dict(rule="median", f=1, attack="label_flip", seed=2, lr=0.05,
+                 evaluate_on="val"),
+            dict(rule="mean", f=0, seed=3, lr=1e4),  # diverges after a few rounds
+            dict(rule="trimmed_mean", f=2, attack="optimal_little_is_enough", seed=4,
+                 lr=0.05)]
+    order = []
+    got = simulate_lockstep(ds, runs, **common,
+                            on_done=lambda i, r, cpu: order.append((i, r, cpu)))
+    assert len(order) == len(runs)
+    for spec, res in zip(runs, got, strict=True):
+        _same_result(res, sim.simulate(ds, **spec, **common))
+    assert got[3].diverged and got[3].diverged_round < common["rounds"]
+    assert not any(r.diverged for i, r in enumerate(got) if i != 3)
+    # the diverged run is handed over the moment it stops, before the others finish
+    assert order[0][0] == 3 and order[0][1] is got[3]
+    assert all(cpu > 0 and r.seconds > 0 for _, r, cpu in order)
+
+
+def test_simulate_lockstep_argument_errors(datasets):
+    ds = datasets.get("digits") or sim.load_dataset("digits")
+    with pytest.raises(ValueError, match="at least one run"):
+        simulate_lockstep(ds, [])
+    with pytest.raises(TypeError, match="cannot set per run: workers"):
+        simulate_lockstep(ds, [{"seed": 0, "workers": 3}])
+    with pytest.raises(TypeError, match=r"runs\[0\] must be a dict"):
+        simulate_lockstep(ds, [("mean", 0)])
+    with pytest.raises(ValueError, match="need 0 <= f < workers"):
+        simulate_lockstep(ds, [{"f": 0}, {"f": 9}], workers=5)
+
+
+def _grid_config(**optimizer):
+    model = ({"model": "cnn1d", "channels": [4, 4]} if any(c[0] == "mnist1d" for c in CASES)
+             else {"model": "mlp", "hidden": 9})
+    data = ({"dataset": "mnist1d", "n_samples": 600} if model["model"] == "cnn1d"
+            else {"dataset": "digits"})
+    return sim.parse_config({
+        "experiment": {"name": "lock", "rounds": 8, "seeds": [0, 1, 2], "eval_every": 2},
+        "data": data, "cluster": {"workers": 6, "f": 2},
+        "model": model, "optimizer": {"lr": 0.05, "worker_momentum": 0.9, **optimizer},
+        # FLTrust (root data) with an omniscient attack, a coordinate rule with a data
+        # attack, and a learning rate that diverges for some runs
+        "rules": {"fltrust": {}, "median": {}, "mean": {"lr": 1e4}},
+        "attacks": {"little_is_enough": {}, "label_flip": {}},
+    })
+
+
+@pytest.fixture
+def engine_calls(monkeypatch):
+    """The number of runs of every gradient engine call."""
+    calls = []
+    real = GradientEngine.__call__
+
+    def counting(self, flats, xb, yb):
+        calls.append(int(flats.shape[0]))
+        return real(self, flats, xb, yb)
+
+    monkeypatch.setattr(GradientEngine, "__call__", counting)
+    return calls
+
+
+def test_lockstep_grid_equals_one_at_a_time(tmp_path, monkeypatch, engine_calls):
+    """A grid stepped in lockstep groups gives the curves of runs one at a time, bit
+    for bit, and does step them together (counted engine calls: one per round per
+    group of 3 seeds, against one per round per run)."""
+    monkeypatch.setenv("FLAGAGG_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = _grid_config()
+    alone = sim.run_experiment(cfg, store=False, progress=False, lockstep=1)
+    # one call per round of every run (the diverged ones stop early)
+    stepped = sum(r["diverged_round"] or cfg.rounds for r in alone.runs)
+    assert set(engine_calls) == {1} and len(engine_calls) == stepped
+    engine_calls.clear()
+    store = tmp_path / "store"
+    together = sim.run_experiment(cfg, store=store, progress=False, lockstep=3)
+    assert alone.curves == together.curves
+    strip = ("seconds", "cpu_seconds")
+    assert ([{k: v for k, v in r.items() if k not in strip} for r in alone.runs]
+            == [{k: v for k, v in r.items() if k not in strip} for r in together.runs])
+    assert any(r["diverged"] for r in together.runs)  # a run left its group early
+    # 6 groups of 3 seeds: every round of every run, in at most 6 calls a round
+    assert sum(engine_calls) == stepped and max(engine_calls) == 3
+    assert engine_calls.count(3) >= 5 * cfg.rounds and len(engine_calls) <= 6 * cfg.rounds
+    # every run has its own record in the store, under the key of a run alone
+    import json
+
+    records = [json.loads(p.read_text()) for p in store.glob("*.json")]
+    assert len(records) == 18 and {r["result"]["lockstep"] for r in records} == {3}
+    keys = {_experiment.run_key(_experiment.run_settings(cfg, t))
+            for t in _experiment._grid(cfg, cfg.seeds, "test")}
+    assert {r["key"] for r in records} == keys
+
+
+def test_lockstep_grid_on_processes_steps_groups(tmp_path, monkeypatch):
+    """``--jobs 2``: each process takes a group (3 runs when there are enough groups
+    for both, fewer when there are not), with the serial results."""
+    monkeypatch.setenv("FLAGAGG_CACHE_DIR", str(tmp_path / "cache"))
+    import dataclasses
+    import json
+
+    full = _grid_config()
+    cfg = dataclasses.replace(full, rules=full.rules[:1], attacks=full.attacks[:1])
+    serial = sim.run_experiment(cfg, store=False, progress=False, lockstep=1)
+    pooled = sim.run_experiment(cfg, store=tmp_path / "s", progress=False, jobs=2,
+                                lockstep=3)
+    assert serial.curves == pooled.curves
+    sizes = [json.loads(p.read_text())["result"]["lockstep"]
+             for p in (tmp_path / "s").glob("*.json")]
+    # 3 runs for 2 processes: groups of 2 and 1
+    assert sorted(sizes) == [1, 2, 2]
+
+
+@pytest.mark.parametrize(("n", "lockstep", "at_once", "sizes"),
+                         [(18, 3, 1, [3] * 6), (7, 3, 1, [3, 3, 1]), (6, 3, 4, [2, 2, 2]),
+                          (6, 1, 1, [1] * 6), (5, 4, None, [4, 1]), (0, 3, 1, [])])
+def test_lockstep_groups(n, lockstep, at_once, sizes):
+    groups = _experiment._groups(n, lockstep, at_once)
+    assert [len(g) for g in groups] == sizes
+    assert [i for g in groups for i in g] == list(range(n))
+
+
+def test_lockstep_argument_is_checked():
+    with pytest.raises(ValueError, match="lockstep must be an int >= 1"):
+        sim.run_experiment(_grid_config(), lockstep=0, store=False, progress=False)
+
+
+# --------------------------------------------------------------------------
+# one CPU per run: PyTorch and the BLAS on one thread
+
+
+def _blas_threads():
+    from threadpoolctl import threadpool_info
+
+    return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+
+def test_grid_runs_use_one_blas_thread_and_restore_it(monkeypatch):
+    """NNM before a coordinate-wise rule materialises a (15, 15) x (15, n) product:
+    OpenBLAS spreads it over every core, which cost a round 15 ms of CPU on a busy
+    machine. The grid's runs run with one BLAS thread (and one PyTorch thread);
+    the caller's settings are back afterwards."""
+    pytest.importorskip("threadpoolctl")
+    before_blas, before_torch = _blas_threads(), torch.get_num_threads()
+    seen = []
+    real = _experiment._run_group
+
+    def spying(config, tasks, on_done=None):
+        seen.append((_blas_threads(), torch.get_num_threads()))
+        return real(config, tasks, on_done)
+
+    monkeypatch.setattr(_experiment, "_run_group", spying)
+    cfg = sim.parse_config({
+        "experiment": {"name": "blas", "rounds": 2, "seeds": [0, 1], "eval_every": 2},
+        "data": {"dataset": "digits"}, "cluster": {"workers": 5, "f": 1},
+        "rules": {"nnm-median": {"rule": "median", "params": {"pre": ["nnm"]}}},
+        "attacks": {"none": {}},
+    })
+    sim.run_experiment(cfg, store=False, progress=False)
+    assert seen and all(blas <= {1} and t == 1 for blas, t in seen)
+    assert _blas_threads() == before_blas and torch.get_num_threads() == before_torch
+
+
+def test_nnm_before_a_coordinate_rule_is_the_same_on_one_blas_thread():
+    """The thread limit changes the cost only: the mixed inputs and the aggregate
+    are the same bit for bit (the BLAS threads split the output, not the sums)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import flagagg
+
+    rng = np.random.default_rng(3)
+    G = rng.standard_normal((15, 5210)).astype(np.float32) + 1e3
+    G[4] *= 1e30  # one hostile row far away
+    rule = flagagg.get_rule("median", f=3, pre=["nnm"])
+    many = rule(G, backend="numpy")
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        one = rule(G, backend="numpy")
+    np.testing.assert_array_equal(one, many)
+
+
+def test_cli_lockstep_option(tmp_path, capsys):
+    """``--lockstep R`` reaches the grid (the stored runs say their group's size);
+    0 is refused in flagagg's words before anything runs."""
+    import json
+
+    from flagagg.cli import main as cli_main
+
+    cfg = sim.parse_config({
+        "experiment": {"name": "cli", "rounds": 2, "seeds": [0, 1], "eval_every": 2},
+        "data": {"dataset": "digits"}, "cluster": {"workers": 5, "f": 1},
+        "rules": {"mean": {}}, "attacks": {"none": {}},
+    })
+    path = tmp_path / "c.toml"
+    path.write_text(cfg.to_toml())
+    out = tmp_path / "out"
+    assert cli_main(["experiment", str(path), "--lockstep", "0", "--output", str(out)]) == 2
+    assert "--lockstep must be >= 1: got 0" in capsys.readouterr().err
+    assert not out.exists()
+    assert cli_main(["experiment", str(path), "--lockstep", "2", "--output", str(out),
+                     "--no-plots", "--quiet"]) == 0
+    sizes = [json.loads(p.read_text())["result"]["lockstep"]
+             for p in (out / "store").glob("*.json")]
+    assert sizes == [2, 2]

@@ -13,6 +13,12 @@ generates the data either way.
 gradients through ``torch.func.vmap`` against the hand-written engine
 (skipped on commits without it).
 
+``track_ratio_grid_alone_over_lockstep`` is the same grid's CPU seconds
+with every run alone (``lockstep=1``, the default) over lockstep groups
+(``lockstep=3``: the seeds of a cell stepped together through the engine), in fresh
+processes, interleaved pairs, median of the ratios (skipped on commits
+without lockstep). Both run on one PyTorch and one BLAS thread.
+
 ``track_ratio_grid_original_over_now`` is issue 26's target in one number:
 the same grid's CPU seconds with the simulator of commit 0da2843 (before
 the data cache and the gradient engine; taken with ``git archive`` from the
@@ -48,6 +54,7 @@ _GRID = textwrap.dedent("""
            "optimizer": {{"lr": 0.05}},
            "rules": {{"mean": {{}}, "flag": {{}}}}, "attacks": {{"little_is_enough": {{}}}}}}
     kw = {{"store": False}} if "store" in sim.run_experiment.__code__.co_varnames else {{}}
+    kw.update({{{extra}}})
     sim.run_experiment(cfg, plots=False, progress=False, **kw)
 """)
 
@@ -93,7 +100,7 @@ class MNIST1DGrid:
         self.cache.cleanup()
 
     def track_grid_cpu_seconds(self, rounds, data):
-        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds))
+        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra="")
         return _grid_cpu_seconds(code, self.env)
 
     track_grid_cpu_seconds.unit = "seconds"
@@ -136,7 +143,7 @@ class MNIST1DGridVsOriginal:
         self.tmp.cleanup()
 
     def track_ratio_grid_original_over_now(self, rounds):
-        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds))
+        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra="")
         ratios = []
         for k in range(3):
             pair = [(self.env_original, "o"), (self.env_now, "n")]
@@ -147,6 +154,44 @@ class MNIST1DGridVsOriginal:
         return statistics.median(ratios)
 
     track_ratio_grid_original_over_now.unit = "ratio"
+
+
+class MNIST1DGridLockstep:
+    """The 6-run grid's CPU seconds with runs alone over runs in lockstep groups."""
+
+    params = [tiered([200], [200, 1000])]
+    param_names = ["rounds"]
+    timeout = 1800
+    number = 1
+    repeat = 1
+
+    def setup(self, rounds):
+        _needs_mnist1d()
+        from flagagg import sim
+
+        if "lockstep" not in sim.run_experiment.__code__.co_varnames:
+            raise NotImplementedError("this commit has no lockstep runs")
+        self.cache = tempfile.TemporaryDirectory()
+        self.env = dict(os.environ, FLAGAGG_CACHE_DIR=self.cache.name)
+        subprocess.run([sys.executable, "-c", "from flagagg import sim; "
+                        "sim.load_dataset('mnist1d', n_samples=5000)"],
+                       env=self.env, check=True)
+
+    def teardown(self, rounds):
+        self.cache.cleanup()
+
+    def track_ratio_grid_alone_over_lockstep(self, rounds):
+        ratios = []
+        for k in range(3):
+            pair = [("a", '"lockstep": 1'), ("l", '"lockstep": 3')]
+            seconds = {}
+            for who, extra in (pair if k % 2 == 0 else pair[::-1]):
+                code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra=extra)
+                seconds[who] = _grid_cpu_seconds(code, self.env)
+            ratios.append(seconds["a"] / seconds["l"])
+        return statistics.median(ratios)
+
+    track_ratio_grid_alone_over_lockstep.unit = "ratio"
 
 
 class MNIST1DGradients:

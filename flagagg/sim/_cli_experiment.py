@@ -14,6 +14,7 @@ from ._cli_common import (
     resume_command,
 )
 from ._experiment import (
+    LOCKSTEP,
     GridInterrupted,
     _print_interrupted,
     grid_status,
@@ -41,6 +42,10 @@ def add_arguments(parser):
     parser.add_argument("--split", choices=("test", "val"), default="test",
                         help="split to measure accuracy on (default: test)")
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--lockstep", type=int, default=LOCKSTEP, metavar="R",
+                        help=f"runs stepped together per process or Ray task: one gradient "
+                             f"call per round for all of them (default: {LOCKSTEP}, every run "
+                             f"alone; pays for small models; the results are the same)")
     parser.add_argument("--check", action="store_true",
                         help="validate the config, say how many runs are done and how many "
                              "remain with a CPU-time estimate; run nothing")
@@ -83,6 +88,8 @@ def run(args):
         config = load_from_args(args.config, args)
     except (ConfigError, FileNotFoundError) as exc:
         return report_error(exc)
+    if args.lockstep < 1:
+        return report_error(ValueError(f"--lockstep must be >= 1: got {args.lockstep}"))
     seeds = args.seeds or config.seeds
     n = len(config.rules) * len(config.attacks) * len(config.f) * len(seeds)
     print(f"{config.source}: {n} runs: rules {', '.join(r.label for r in config.rules)}; "
@@ -101,7 +108,8 @@ def run(args):
                                  output=args.output, plots=not args.no_plots,
                                  progress=False if args.quiet else None, jobs=args.jobs,
                                  store=False if store is None else store,
-                                 executor=args.executor, address=args.address)
+                                 executor=args.executor, address=args.address,
+                                 lockstep=args.lockstep)
     except GridInterrupted as exc:
         _print_interrupted(exc, resume_command(args) if store is not None else None)
         return 130

@@ -26,7 +26,7 @@ from ..training._replica import Replica, _accuracy, sgd_step
 from ..training._root import RootGradient, needs_reference
 from ..training._step import aggregate_step, build_rule, rule_for_attack
 
-__all__ = ["TrainResult", "build_rule", "simulate"]
+__all__ = ["TrainResult", "build_rule", "simulate", "simulate_lockstep"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,6 +136,37 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
     """
     t0 = time.perf_counter()
     dataset = _as_dataset(dataset)
+    run = _setup_run(dataset, rule=rule, f=f, attack=attack, rule_params=rule_params,
+                     attack_params=attack_params, workers=workers, model=model,
+                     model_params=model_params, partition_method=partition_method, alpha=alpha,
+                     rounds=rounds, batch_size=batch_size, worker_momentum=worker_momentum,
+                     seed=seed, eval_every=eval_every, evaluate_on=evaluate_on, array=array,
+                     backend=backend, root_size=root_size)
+    replica, curve = run.replica, run.curve
+    steps = range(1, rounds + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="rounds", leave=False)
+    flat, diverged_round = _train(replica, run.aggregate, run.attack, steps, curve,
+                                  root=run.root, batch_size=batch_size, array=array,
+                                  backend=backend, lr=lr, momentum=momentum,
+                                  weight_decay=weight_decay)
+    return _result(curve, flat, diverged_round, replica, time.perf_counter() - t0)
+
+
+class _Run:
+    """One run's pieces: its replica, rule, attack, server reference and curve."""
+
+    def __init__(self, replica, aggregate, attack, root, curve):
+        self.replica, self.aggregate, self.attack = replica, aggregate, attack
+        self.root, self.curve = root, curve
+
+
+def _setup_run(dataset, *, rule, f, attack, rule_params, attack_params, workers, model,
+               model_params, partition_method, alpha, rounds, batch_size, worker_momentum, seed,
+               eval_every, evaluate_on, array, backend, root_size):
+    """Check a run's arguments and build its :class:`_Run` (one at a time or in lockstep)."""
     _check_run(f=f, workers=workers, evaluate_on=evaluate_on, array=array, backend=backend)
     attack = _as_attack(attack, attack_params)
     aggregate = build_rule(rule, f, rule_params)
@@ -156,15 +187,10 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         attack = attack.with_rule(rule_for_attack(aggregate, array, backend))
     schedule = _Schedule(rounds, eval_every)
     evaluate = _evaluator(replica, dataset, evaluate_on)
-    curve = _Curve(schedule, evaluate)
-    steps = range(1, rounds + 1)
-    if progress:
-        from tqdm.auto import tqdm
+    return _Run(replica, aggregate, attack, root, _Curve(schedule, evaluate))
 
-        steps = tqdm(steps, desc="rounds", leave=False)
-    flat, diverged_round = _train(replica, aggregate, attack, steps, curve, root=root,
-                                  batch_size=batch_size, array=array, backend=backend,
-                                  lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+def _result(curve, flat, diverged_round, replica, seconds):
     if diverged_round is not None:
         curve.diverged(diverged_round)
     return TrainResult(
@@ -173,10 +199,144 @@ def simulate(dataset, rule="mean", *, f=0, attack="none", rule_params=None, atta
         final_accuracy=curve.accuracy[-1],
         diverged=diverged_round is not None,
         diverged_round=diverged_round,
-        seconds=time.perf_counter() - t0,
+        seconds=seconds,
         parameters=flat.numpy().copy(),
         faulty=tuple(int(i) for i in replica.faulty),
     )
+
+
+# the arguments of simulate() that may differ between the runs of a lockstep group
+LOCKSTEP_PER_RUN = ("rule", "f", "attack", "rule_params", "attack_params", "lr", "seed",
+                    "evaluate_on")
+
+
+def simulate_lockstep(dataset, runs, *, workers=15, model="logreg", model_params=None,
+                      partition_method="iid", alpha=0.5, rounds=150, batch_size=32,
+                      momentum=0.9, weight_decay=5e-4, worker_momentum=0.0, eval_every=10,
+                      array="numpy", backend="numpy", root_size=100, on_done=None):
+    """Several :func:`simulate` runs on one data set and model, stepped in lockstep.
+
+    The runs share the data, the cluster (workers, shards method, batch
+    size), the model and the number of rounds; each has its own rule,
+    attack, f, seed, learning rate and split (``runs``). Every round, the
+    per-worker gradients of all the runs still going are computed in one
+    call of the gradient engine (:class:`~flagagg.training._grads.GradientEngine`,
+    a leading run axis; models it does not handle are computed run by run),
+    and everything else stays per run: momenta, attacks, the server's
+    reference gradient, aggregation, the optimiser step, divergence and
+    evaluation. Each run's result is what :func:`simulate` with the same
+    arguments returns, bit for bit (the engine computes every run's rows
+    with the same operations in the same order, with or without other runs
+    beside them; tests compare), except ``seconds``.
+
+    Parameters
+    ----------
+    dataset : Dataset or str
+    runs : sequence of dict
+        Each run's arguments of :func:`simulate` among ``rule``, ``f``,
+        ``attack``, ``rule_params``, ``attack_params``, ``lr``, ``seed`` and
+        ``evaluate_on`` (the others are :func:`simulate`'s defaults).
+    workers, model, model_params, partition_method, alpha, rounds, batch_size, momentum, \
+weight_decay, worker_momentum, eval_every, array, backend, root_size
+        As in :func:`simulate`, common to all runs.
+    on_done : callable, optional
+        ``on_done(i, result, cpu_seconds)`` as run ``i`` finishes (a run that
+        diverges finishes early), e.g. to store it at once.
+
+    Returns
+    -------
+    results : list of TrainResult
+        In the order of ``runs``. ``seconds`` is the run's share of the
+        group's wall time: its own work, plus the shared gradient calls
+        divided among the runs they served.
+    """
+    t_start, c_start = time.perf_counter(), time.process_time()
+    dataset = _as_dataset(dataset)
+    runs = list(runs)
+    if not runs:
+        raise ValueError("simulate_lockstep needs at least one run")
+    defaults = {"rule": "mean", "f": 0, "attack": "none", "rule_params": None,
+                "attack_params": None, "lr": 0.1, "seed": 0, "evaluate_on": "test"}
+    specs = []
+    for i, spec in enumerate(runs):
+        if not isinstance(spec, dict):
+            raise TypeError(f"runs[{i}] must be a dict of simulate() arguments: got "
+                            f"{type(spec).__name__}")
+        unknown = sorted(set(spec) - set(LOCKSTEP_PER_RUN))
+        if unknown:
+            raise TypeError(f"runs[{i}] has arguments a lockstep run cannot set per run: "
+                            f"{', '.join(unknown)} (allowed: {', '.join(LOCKSTEP_PER_RUN)})")
+        specs.append({**defaults, **spec})
+    common = dict(workers=workers, model=model, model_params=model_params,
+                  partition_method=partition_method, alpha=alpha, rounds=rounds,
+                  batch_size=batch_size, worker_momentum=worker_momentum,
+                  eval_every=eval_every, array=array, backend=backend, root_size=root_size)
+    states = [_setup_run(dataset, **common, **{k: v for k, v in sp.items() if k != "lr"})
+              for sp in specs]
+    R = len(states)
+    # the time of the set-up and of every shared call is divided among the runs
+    # it served; a run's own work is its own. Only wall time is taken per round
+    # (perf_counter is cheap; the process's CPU clock is a system call that can
+    # cost more than a small run's round): a run's CPU time is the group's so
+    # far, in proportion to its share of the wall time
+    wall = [(time.perf_counter() - t_start) / R] * R
+    flats, bufs = [None] * R, [None] * R
+    out = [None] * R
+    everyone = list(range(workers))
+    engine = states[0].replica._engine
+
+    def finish(i, diverged_round):
+        st = states[i]
+        out[i] = _result(st.curve, flats[i], diverged_round, st.replica, wall[i])
+        if on_done is not None:
+            elapsed = time.perf_counter() - t_start
+            share = wall[i] / elapsed if elapsed > 0 else 1.0 / R
+            on_done(i, out[i], (time.process_time() - c_start) * share)
+
+    for i, st in enumerate(states):
+        w0 = time.perf_counter()
+        flats[i] = st.replica.initial_parameters()
+        st.curve.start(flats[i])
+        wall[i] += time.perf_counter() - w0
+    active = list(range(R))
+    for t in range(1, rounds + 1):
+        w0 = time.perf_counter()
+        plans = [states[i].replica.round_inputs(states[i].replica.draw_batches(batch_size),
+                                                states[i].attack, everyone) for i in active]
+        if engine.supported:
+            G = engine(torch.stack([flats[i] for i in active]),
+                       torch.stack([pl.xb for pl in plans]),
+                       torch.stack([pl.yb for pl in plans])).unbind(0)
+        else:
+            G = [states[i].replica._per_worker(flats[i], pl.xb, pl.yb, states[i].replica.shapes)
+                 for i, pl in zip(active, plans, strict=True)]
+        dw = (time.perf_counter() - w0) / len(active)
+        still = []
+        for i, pl, Gi in zip(active, plans, G, strict=True):
+            w0 = time.perf_counter()
+            st, sp = states[i], specs[i]
+            rows = st.replica.round_rows(Gi, pl, st.attack)
+            rule_t = (st.aggregate if st.root is None
+                      else st.root.bind(st.aggregate, flats[i], array))
+            g = _aggregate_or_diverge(rule_t, rows, array=array, backend=backend)
+            diverged = g is None
+            if not diverged:
+                flats[i], bufs[i] = sgd_step(flats[i], bufs[i], g, lr=sp["lr"],
+                                             momentum=momentum, weight_decay=weight_decay)
+                diverged = not bool(torch.isfinite(flats[i]).all())
+            if not diverged:
+                st.curve.after(t, flats[i])
+            wall[i] += dw + time.perf_counter() - w0
+            if diverged:
+                finish(i, t)
+            else:
+                still.append(i)
+        active = still
+        if not active:
+            break
+    for i in active:
+        finish(i, None)
+    return out
 
 
 def _as_dataset(dataset):

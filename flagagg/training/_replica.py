@@ -11,6 +11,8 @@ every process and the simulator agree on every minibatch and every step.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,30 @@ from ._data import partition
 from ._grads import GradientEngine
 from ._models import init_parameters, make_model
 
-__all__ = ["Replica", "sgd_step"]
+__all__ = ["Replica", "RoundPlan", "sgd_step"]
+
+
+class RoundPlan(NamedTuple):
+    """What one round computes gradients on (:meth:`Replica.round_inputs`).
+
+    Attributes
+    ----------
+    xb, yb : torch.Tensor
+        The minibatches of the workers in ``need``, (len(need), B, ...) and
+        (len(need), B); a data attack's rows are already poisoned.
+    need : list of int
+        The workers whose gradients are computed, in that order.
+    rows : list of int
+        The workers whose rows are wanted.
+    mode : {"plain", "data", "gradient"}
+        Which attack, if any, touches the round.
+    """
+
+    xb: torch.Tensor
+    yb: torch.Tensor
+    need: list
+    rows: list
+    mode: str
 
 
 class Replica:
@@ -163,28 +188,68 @@ class Replica:
         attacks, on the honest workers; those rows are computed too, exactly
         as the simulator does, and then dropped.
         """
+        plan = self.round_inputs(idx, attack, rows)
+        G = self._per_worker(flat, plan.xb, plan.yb, self.shapes)
+        return self.round_rows(G, plan, attack)
+
+    def round_inputs(self, idx, attack, rows):
+        """The first half of :meth:`gradients`: the minibatches the round computes on.
+
+        :meth:`gradients` is ``round_rows(G, plan, attack)`` with ``G`` the
+        per-worker gradients of ``plan.xb, plan.yb`` at the parameters; the
+        halves are apart so that several runs' gradients can be computed in
+        one call in between (lockstep runs, :func:`flagagg.sim.simulate`'s
+        grid executor). A data attack draws from the attack stream here, a
+        gradient attack in :meth:`round_rows`.
+
+        Returns
+        -------
+        plan : RoundPlan
+        """
         rows = [int(r) for r in rows]
         faulty = [int(i) for i in self.faulty]
         touched = (attack.kind in ("data", "gradient") and self.f > 0
                    and bool(set(rows) & set(faulty)))
         if not touched:
             sel = torch.from_numpy(idx[rows])
-            xb, yb = self.X_train[sel], self.y_train[sel]
-            return self._with_momentum(self._per_worker(flat, xb, yb, self.shapes), rows)
-        n_classes = self.dataset.n_classes
+            return RoundPlan(self.X_train[sel], self.y_train[sel], rows, rows, "plain")
         if attack.kind == "data":
             # the faulty rows first, in the simulator's order, for the attack stream
             need = faulty + [r for r in rows if r not in faulty]
             sel = torch.from_numpy(idx[need])
             xb, yb = self.X_train[sel], self.y_train[sel]
-            xf, yf = attack(xb[: self.f], yb[: self.f], rng=self.attack_rng, n_classes=n_classes)
+            xf, yf = attack(xb[: self.f], yb[: self.f], rng=self.attack_rng,
+                            n_classes=self.dataset.n_classes)
             xb, yb = xb.clone(), yb.clone()
             xb[: self.f], yb[: self.f] = xf, yf
-            G = self._with_momentum(self._per_worker(flat, xb, yb, self.shapes), need)
-            return G[[need.index(r) for r in rows]]
+            return RoundPlan(xb, yb, need, rows, "data")
         need = list(range(self.workers)) if attack.omniscient else sorted(set(faulty) | set(rows))
         sel = torch.from_numpy(idx if len(need) == self.workers else idx[need])
-        G = self._per_worker(flat, self.X_train[sel], self.y_train[sel], self.shapes)
+        return RoundPlan(self.X_train[sel], self.y_train[sel], need, rows, "gradient")
+
+    def round_rows(self, G, plan, attack):
+        """The second half of :meth:`gradients`: momenta and attacks on the raw gradients.
+
+        Parameters
+        ----------
+        G : torch.Tensor of shape (len(plan.need), n_params)
+            The per-worker gradients of ``plan.xb, plan.yb`` at the round's
+            parameters (a gradient attack writes its rows into it).
+        plan : RoundPlan
+            From :meth:`round_inputs` of the same round.
+        attack : flagagg.attacks.Attack
+
+        Returns
+        -------
+        G : torch.Tensor of shape (len(plan.rows), n_params)
+        """
+        need, rows = plan.need, plan.rows
+        if plan.mode == "plain":
+            return self._with_momentum(G, rows)
+        if plan.mode == "data":
+            G = self._with_momentum(G, need)
+            return G[[need.index(r) for r in rows]]
+        faulty = [int(i) for i in self.faulty]
         # the honest computation of every row at hand (the faulty workers' own
         # included): the attack sees momenta when the workers send momenta
         G = self._with_momentum(G, need)
