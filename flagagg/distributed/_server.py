@@ -15,8 +15,11 @@ with an earlier round is not waited for: its late gradient is dropped as
 stale and it gets the newest parameters next. Gradients are checked before
 aggregation (round, size, dtype, finite values); a failed check *excludes*
 the worker for the round. A frame that is not valid protocol closes the
-connection. Every round is recorded: who was missing or excluded and why,
-times, bytes, and the rule's diagnostics.
+connection, and so does a gradient beyond one per parameters the worker was
+sent (refused at its header); at most ``MAX_QUEUED`` of a connection's
+gradients wait for the rounds, reading from it pauses beyond. Every round
+is recorded: who was missing or excluded and why, times, bytes, and the
+rule's diagnostics.
 """
 
 from __future__ import annotations
