@@ -273,4 +273,4 @@ def test_a_gradient_sent_with_the_hello_is_seen_by_the_server_and_costs_its_send
     assert not thread.is_alive()
     lost = [e for e in out["record"]["events"] if e.get("event") == "disconnected"]
     assert [(e["worker"], e["reason"]) for e in lost] == [
-        (0, "protocol error: a gradient for round 1, whose parameters it never got")]
+        (0, "protocol error: a gradient (round 1) beyond one per parameters it was sent")]

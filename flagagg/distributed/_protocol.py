@@ -278,6 +278,11 @@ class FrameProtocol(asyncio.BufferedProtocol):
     on_frame : callable
         Called with each complete :class:`Frame` (on the loop's thread); a
         tensor payload is a writable ``bytearray``.
+    on_header : callable, optional
+        Called with each checked header tuple (see :func:`check_header`)
+        before its payload buffer is allocated; a :class:`ProtocolError` it
+        raises ends the connection, so that a message the owner would refuse
+        costs no memory.
 
     Attributes
     ----------
@@ -288,10 +293,12 @@ class FrameProtocol(asyncio.BufferedProtocol):
         The same why, None while the connection is up.
     """
 
-    def __init__(self, max_tensor_bytes, kinds, on_frame):
+    def __init__(self, max_tensor_bytes, kinds, on_frame, on_header=None):
         self._limit = max_tensor_bytes
         self._kinds = kinds
         self._on_frame = on_frame
+        self._on_header = on_header
+        self._paused = False     # reading paused by the owner (see pause)
         self._head = bytearray(HEADER.size)
         self._view = memoryview(self._head)
         self._got = 0
@@ -317,7 +324,24 @@ class FrameProtocol(asyncio.BufferedProtocol):
         if eof:
             self.eof_received()
         # the reader may have paused reading when its buffer filled
-        transport.resume_reading()
+        if not self._paused:
+            transport.resume_reading()
+
+    def pause(self):
+        """Stop reading from the peer (its sends then wait in TCP) until :meth:`resume`."""
+        if not self._paused and self.reason is None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def resume(self):
+        """Read from the peer again after :meth:`pause`."""
+        if self._paused and self.reason is None:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def fail(self, why):
+        """End the connection for ``why`` (see ``closed``); the owner aborts the transport."""
+        self._end(why)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -337,6 +361,8 @@ class FrameProtocol(asyncio.BufferedProtocol):
         try:
             if self._header is None:
                 self._header = check_header(bytes(self._head), self._limit, self._kinds)
+                if self._on_header is not None:
+                    self._on_header(self._header)
                 size = self._header[6]
                 if size:
                     # writable, as torch wants its tensors' memory

@@ -15,8 +15,11 @@ with an earlier round is not waited for: its late gradient is dropped as
 stale and it gets the newest parameters next. Gradients are checked before
 aggregation (round, size, dtype, finite values); a failed check *excludes*
 the worker for the round. A frame that is not valid protocol closes the
-connection. Every round is recorded: who was missing or excluded and why,
-times, bytes, and the rule's diagnostics.
+connection, and so does a gradient beyond one per parameters the worker was
+sent (refused at its header); at most ``MAX_QUEUED`` of a connection's
+gradients wait for the rounds, reading from it pauses beyond. Every round
+is recorded: who was missing or excluded and why, times, bytes, and the
+rule's diagnostics.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ MIN_GRACE = 0.05
 MIN_HANDSHAKE = 0.5
 # exit status of a run stopped because too few gradients arrived for too long
 STARVED = 4
+# a connection's gradients waiting for the rounds' thread: at this many, reading from
+# it pauses (its sends wait in TCP) until the rounds have taken one
+MAX_QUEUED = 2
 
 
 def rule_floor(rule, f, workers):
@@ -856,7 +862,8 @@ class Server(_ServerCore):
         # from here on the connection's bytes go straight into each message's own
         # buffer (FrameProtocol), no longer through the stream reader's copies
         link = FrameProtocol(self.max_gradient_bytes, {Kind.GRAD},
-                             lambda frame: self._received(conn, frame))
+                             lambda frame: self._received(conn, frame),
+                             lambda head: self._announced(conn, head))
         # an honest worker sends nothing before its WELCOME, but whatever a peer sent
         # after its HELLO is still read as the stream had it (the reader's own fields:
         # streams have no public way to hand their buffered bytes over)
@@ -873,12 +880,35 @@ class Server(_ServerCore):
         raw.abort()
         self.inbox.put(("lost", conn, reason))
 
+    def _announced(self, conn, head):
+        """A gradient's checked header from ``conn``, on the loop's thread, before its payload.
+
+        A worker answers each PARAMS it was sent with one gradient, so a
+        gradient beyond the PARAMS written to it is refused here, before a
+        buffer for it is allocated: that member's connection ends (a
+        :class:`ProtocolError`), and nothing it sends can pile up in the server.
+        """
+        if conn.owed <= 0:
+            raise ProtocolError(f"a gradient (round {head[5]}) beyond one per parameters it "
+                                "was sent")
+        conn.owed -= 1
+
     def _received(self, conn, frame):
         """A complete gradient frame from ``conn``, on the loop's thread: to the rounds."""
         conn.bytes_received += HEADER.size + len(frame.payload)
         self.bytes_received += HEADER.size + len(frame.payload)
         conn.last_heard = time.monotonic()
+        conn.queued += 1
+        if conn.queued >= MAX_QUEUED:
+            # the rounds are busy: what else it sends waits in TCP, not in the server
+            conn.link.pause()
         self.inbox.put(("grad", conn, frame))
+
+    def _taken(self, conn):
+        """The rounds took one of ``conn``'s gradients; on the loop's thread."""
+        conn.queued -= 1
+        if conn.queued < MAX_QUEUED:
+            conn.link.resume()
 
     async def _sender(self, conn):
         try:
@@ -893,6 +923,8 @@ class Server(_ServerCore):
                     return
                 kind, head, payload = entry
                 conn.link.write(head, payload)
+                if kind == Kind.PARAMS:
+                    conn.owed += 1  # written: the worker may answer it
                 conn.bytes_sent += len(head) + len(payload)
                 self.bytes_sent += len(head) + len(payload)
                 await conn.link.drain()
@@ -931,6 +963,8 @@ class Server(_ServerCore):
                 self._hello(conn, data)
             elif what == "grad":
                 self._gradient(conn, data)
+                with contextlib.suppress(RuntimeError):  # the loop has already stopped
+                    self.loop.call_soon_threadsafe(self._taken, conn)
             else:
                 conn.open = False
                 self._lost(conn, data)
@@ -1041,6 +1075,10 @@ class _Conn(_Link):
         self.wake = asyncio.Event()
         self.open = True
         self.last_heard = time.monotonic()
+        # on the loop's thread: PARAMS written to it and not yet answered by a gradient,
+        # and its gradients in the inbox that the rounds have not taken yet
+        self.owed = 0
+        self.queued = 0
 
 
 class _Refusals:
