@@ -415,6 +415,8 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         # share of the output (the plain Gram would read its norm as Inf)
         stats = linear_stats(as_gram(K), coef)
     works = []
+    rank = dist.get_rank(group)
+    peers = [j if group is None else dist.get_global_rank(group, j) for j in range(world)]
     for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
         if lens is None:  # a whole bucket: this rank computes all of it
             if coef is None:
@@ -423,13 +425,21 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
                 buf.view(-1).copy_(impl.combine(coef, recv))
             continue
         m = recv.shape[1]
-        rep = _scratch(state, ("out", i), (world, m), buf)
+        flat = buf.view(-1)
+        starts = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        own = flat[starts[rank]:starts[rank] + m]
         if coef is None or m == 0:
-            rep.zero_()
+            own.zero_()
         else:
-            rep.copy_(impl.combine(coef, recv).expand(world, m))
-        works.append(dist.all_to_all_single(buf.view(-1), rep.view(-1), lens, [m] * world,
-                                            group=group, async_op=True))
+            own.copy_(impl.combine(coef, recv))
+        # Point to point, straight from this rank's part of the bucket into
+        # the others' (an all-to-all would need the part copied p times).
+        for j in range(world):
+            if j != rank and m:
+                works.append(dist.isend(own, peers[j], group=group, tag=i))
+            if j != rank and lens[j]:
+                works.append(dist.irecv(flat[starts[j]:starts[j + 1]], peers[j], group=group,
+                                        tag=i))
         _sent(state, m * (world - 1), buf.element_size())
     _record(state, excluded, rule_excluded, keep, coef, stats, world)
     for work in works:
