@@ -138,9 +138,9 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
         (``p^2 + 2p`` floats per rank, with the scales and finiteness flags)
         and summed in rank order, so every rank solves the same coefficients
         and combines its shard; each rank sends its combined shard to every
-        rank (all-to-all, into the bucket buffers). About ``2 n (p-1)/p``
-        gradient elements sent per rank, as a ring all-reduce, in three
-        one-hop exchanges. Coordinate-wise rules run shard by shard. Rules
+        rank (point to point, from and into the bucket buffers: no copies).
+        About ``2 n (p-1)/p`` gradient elements sent per rank, as a ring
+        all-reduce, in three one-hop exchanges. Coordinate-wise rules run shard by shard. Rules
         that are neither (bulyan, composed rules, centered clipping with a
         center) need ``"gather"``. ``"gather"``: every rank all-gathers
         every gradient and aggregates alone (``n (p-1)`` elements sent per
@@ -375,7 +375,8 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     rank and exchanged (with the scale exponents and finiteness flags, one
     small all-to-all) and summed in rank order: every rank solves the same
     coefficients. Each rank combines its shard of every bucket and sends it
-    to every rank (an all-to-all straight into the bucket buffers).
+    to every rank (point-to-point sends from its part of each bucket buffer
+    into the others' buffers).
     """
     group = state.process_group
     world = dist.get_world_size(group)
