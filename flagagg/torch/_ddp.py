@@ -417,7 +417,9 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         stats = linear_stats(as_gram(K), coef)
     works = []
     rank = dist.get_rank(group)
-    peers = [j if group is None else dist.get_global_rank(group, j) for j in range(world)]
+    # The process group's own send/recv take ranks in the group and skip
+    # torch.distributed's per-call argument checks: 2 (p - 1) calls a bucket.
+    pg = group if group is not None else dist.group.WORLD
     for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
         if lens is None:  # a whole bucket: this rank computes all of it
             if coef is None:
@@ -437,10 +439,9 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         # the others' (an all-to-all would need the part copied p times).
         for j in range(world):
             if j != rank and m:
-                works.append(dist.isend(own, peers[j], group=group, tag=i))
+                works.append(pg.send([own], j, i))
             if j != rank and lens[j]:
-                works.append(dist.irecv(flat[starts[j]:starts[j + 1]], peers[j], group=group,
-                                        tag=i))
+                works.append(pg.recv([flat[starts[j]:starts[j + 1]]], j, i))
         _sent(state, m * (world - 1), buf.element_size())
     _record(state, excluded, rule_excluded, keep, coef, stats, world)
     for work in works:
