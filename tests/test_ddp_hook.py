@@ -317,9 +317,46 @@ def _register_worker(rank, store, out):
     except Exception as exc:  # noqa: BLE001
         errors["late"] = f"{type(exc).__name__}: {exc}"
     results["errors"] = errors
+    results["subgroup"] = _subgroup_step(rank, X, y)
     with open(f"{out}.{rank}", "w") as fh:
         json.dump(results, fh)
     dist.destroy_process_group()
+
+
+SUBGROUP = [1, 2, 3]  # DDP over three of the four ranks: group ranks are not global ranks
+
+
+def _subgroup_step(rank, X, y):
+    """The sharded hook on a process group of ranks 1-3, every bucket sharded."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg
+    import flagagg.torch as fat
+
+    sub = dist.new_group(SUBGROUP)  # every rank calls it, members or not
+    if rank not in SUBGROUP:
+        return None
+    model = DDP(_model(), bucket_cap_mb=0.004, process_group=sub)
+    state, hook = fat.ddp_comm_hook("flag", "sharded", process_group=sub)
+    state.replicate_below = 0
+    model.register_comm_hook(state, hook)
+    scale = 100.0 if rank == SCALED else 1.0
+    for _ in range(2):
+        model.zero_grad()
+        (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
+    got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+    ref_model = _model()
+    (scale * torch.nn.functional.cross_entropy(ref_model(X), y)).backward()
+    mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+    every = [torch.empty_like(mine) for _ in SUBGROUP]
+    dist.all_gather(every, mine, group=sub)
+    expect = torch.as_tensor(flagagg.get_rule("flag")(torch.stack(every).double().numpy(),
+                                                      backend="numpy"))
+    outs = [torch.empty_like(got) for _ in SUBGROUP]
+    dist.all_gather(outs, got, group=sub)
+    return {"close": bool(torch.allclose(got.double(), expect, rtol=1e-4, atol=1e-6)),
+            "identical": all(torch.equal(got, q) for q in outs),
+            "suspects": list(state.suspects)}
 
 
 def _gather(t):
@@ -362,6 +399,15 @@ def test_hook_registers_as_documented_and_computes_the_rule(registered, key):
             assert res["paths"] == ["shards"], res
         elif key == "flag-sharded":
             assert res["paths"] == ["whole"], res
+
+
+def test_hook_on_a_subgroup_sends_to_the_groups_ranks(registered):
+    """DDP over ranks 1-3: the hook's point-to-point sends address global ranks."""
+    assert registered[0]["subgroup"] is None
+    for rank in SUBGROUP:
+        res = registered[rank]["subgroup"]
+        assert res["close"] and res["identical"], res
+        assert res["suspects"] == [SUBGROUP.index(SCALED)], res
 
 
 def test_hook_uses_no_deprecated_collective(registered):

@@ -138,9 +138,9 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
         (``p^2 + 2p`` floats per rank, with the scales and finiteness flags)
         and summed in rank order, so every rank solves the same coefficients
         and combines its shard; each rank sends its combined shard to every
-        rank (all-to-all, into the bucket buffers). About ``2 n (p-1)/p``
-        gradient elements sent per rank, as a ring all-reduce, in three
-        one-hop exchanges. Coordinate-wise rules run shard by shard. Rules
+        rank (point to point, from and into the bucket buffers: no copies).
+        About ``2 n (p-1)/p`` gradient elements sent per rank, as a ring
+        all-reduce, in three one-hop exchanges. Coordinate-wise rules run shard by shard. Rules
         that are neither (bulyan, composed rules, centered clipping with a
         center) need ``"gather"``. ``"gather"``: every rank all-gathers
         every gradient and aggregates alone (``n (p-1)`` elements sent per
@@ -375,7 +375,8 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     rank and exchanged (with the scale exponents and finiteness flags, one
     small all-to-all) and summed in rank order: every rank solves the same
     coefficients. Each rank combines its shard of every bucket and sends it
-    to every rank (an all-to-all straight into the bucket buffers).
+    to every rank (point-to-point sends from its part of each bucket buffer
+    into the others' buffers).
     """
     group = state.process_group
     world = dist.get_world_size(group)
@@ -415,6 +416,10 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         # share of the output (the plain Gram would read its norm as Inf)
         stats = linear_stats(as_gram(K), coef)
     works = []
+    rank = dist.get_rank(group)
+    # The process group's own send/recv take ranks in the group and skip
+    # torch.distributed's per-call argument checks: 2 (p - 1) calls a bucket.
+    pg = group if group is not None else dist.group.WORLD
     for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
         if lens is None:  # a whole bucket: this rank computes all of it
             if coef is None:
@@ -423,13 +428,20 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
                 buf.view(-1).copy_(impl.combine(coef, recv))
             continue
         m = recv.shape[1]
-        rep = _scratch(state, ("out", i), (world, m), buf)
+        flat = buf.view(-1)
+        starts = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        own = flat[starts[rank]:starts[rank] + m]
         if coef is None or m == 0:
-            rep.zero_()
+            own.zero_()
         else:
-            rep.copy_(impl.combine(coef, recv).expand(world, m))
-        works.append(dist.all_to_all_single(buf.view(-1), rep.view(-1), lens, [m] * world,
-                                            group=group, async_op=True))
+            own.copy_(impl.combine(coef, recv))
+        # Point to point, straight from this rank's part of the bucket into
+        # the others' (an all-to-all would need the part copied p times).
+        for j in range(world):
+            if j != rank and m:
+                works.append(pg.send([own], j, i))
+            if j != rank and lens[j]:
+                works.append(pg.recv([flat[starts[j]:starts[j + 1]]], j, i))
         _sent(state, m * (world - 1), buf.element_size())
     _record(state, excluded, rule_excluded, keep, coef, stats, world)
     for work in works:
