@@ -66,6 +66,9 @@ MIN_GRACE = 0.05
 # a connection in its handshake is not closed for a newer one before this many seconds
 # (one that has sent nothing at all is closed for a newer one at any age)
 MIN_HANDSHAKE = 0.5
+# the kernel's accept queue (capped by net.core.somaxconn): 2 s of a 2,000/s storm, so
+# that a server starved of CPU for a moment does not drop a worker's connection there
+ACCEPT_BACKLOG = 4096
 # at most this many connections taken from the kernel's accept queue per wakeup of the
 # loop, so that the workers' traffic is served between batches
 ACCEPT_BATCH = 512
@@ -649,8 +652,9 @@ class Server(_ServerCore):
     """The parameter server of one run, over mutual-TLS connections, one per worker.
 
     The connections are served by an asyncio event loop on a thread of its
-    own (``asyncio.start_server``, TLS started on each accepted connection,
-    ``readexactly`` under deadlines); the rounds run on the calling thread,
+    own (connections accepted by the loop's reader on the listening socket,
+    TLS by ``connect_accepted_socket``, ``readexactly`` under deadlines); the
+    rounds run on the calling thread,
     which gets what the loop read through a queue. Every connection first
     completes a TLS 1.3 handshake with a certificate of the run's CA
     (:func:`flagagg.distributed.issue_certificates`) within ``handshake_timeout`` seconds,
@@ -661,11 +665,19 @@ class Server(_ServerCore):
     for ``round_timeout`` seconds.
 
     Connections that have not said HELLO yet are capped (``max_pending`` in
-    all, ``max_pending_per_source`` per remote address); when the cap is
-    full, the oldest of them (of the same source first) is closed for the
-    new one once it has had half a second for its handshake (before that, the
-    new one is closed), so that no rate of connection attempts keeps a
-    worker out for more than a few tries.
+    all, ``max_pending_per_source`` per remote address). Until it sends its
+    first byte a connection is only a socket the server holds: when the cap
+    is full, the oldest connection that has sent nothing (of the same source
+    first) is closed with a reset for the new one, at any age; a connection
+    whose first byte cannot begin a TLS handshake is reset at once. Only
+    when every held connection is in its handshake is the oldest of those
+    closed, once it has had half a second (before that, the new one is
+    closed). A member whose certificate has been checked leaves the cap (it
+    holds one connection before its HELLO, its newest). The accept queue is
+    drained on every wakeup of the loop, so that a storm of connections from
+    one process, at any rate the loop can accept, neither fills the kernel's
+    queue (where a worker's connection would be dropped) nor touches a
+    worker's handshake.
 
     Parameters
     ----------
@@ -745,7 +757,7 @@ class Server(_ServerCore):
             family, _, _, _, where = socket.getaddrinfo(
                 listen[0], listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
             self.listener = socket.create_server(
-                where, family=family, backlog=max(1024, 2 * self.config.workers))
+                where, family=family, backlog=max(ACCEPT_BACKLOG, 2 * self.config.workers))
             self.listener.setblocking(False)
             # accepted by hand, not by loop.create_server: a connection is only a socket
             # and a dict entry until it sends its first byte (see _accept)
