@@ -71,7 +71,7 @@ MIN_HANDSHAKE = 0.5
 ACCEPT_BACKLOG = 4096
 # at most this many connections taken from the kernel's accept queue per wakeup of the
 # loop, so that the workers' traffic is served between batches
-ACCEPT_BATCH = 512
+ACCEPT_BATCH = 64
 # how often connections that have sent nothing are checked for their deadline
 SWEEP_EVERY = 0.25
 # SO_LINGER on, 0 s: close() sends a reset and leaves nothing behind (no TIME_WAIT)
