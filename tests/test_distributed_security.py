@@ -41,6 +41,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
 from flagagg import distributed  # noqa: E402
+from flagagg.distributed import _worker  # noqa: E402
 from flagagg.distributed._protocol import (  # noqa: E402
     HEADER,
     PROTOCOL_VERSION,
@@ -48,6 +49,7 @@ from flagagg.distributed._protocol import (  # noqa: E402
     encode,
     encode_json,
     encode_tensor,
+    recv_frame,
     send_frame,
 )
 from flagagg.distributed._tls import client_context, file_of, issue, server_context  # noqa: E402
@@ -175,8 +177,9 @@ def test_an_outsider_without_a_certificate_gets_nothing_and_changes_nothing():
     assert all(r["received"] == 3 for r in attacked["rounds"])
     assert server.refusals.total >= 3 and len(answers) >= 3 and all(answers), answers
     shown = [x for x in server.lines if "refused" in x]
+    # the plain-TCP HELLO is reset at its first byte, which cannot begin a TLS handshake
     assert shown and all("SSL" in x or "certificate" in x or "more connections" in x
-                         or "HELLO" in x for x in shown), shown
+                         or "HELLO" in x or "TLS handshake" in x for x in shown), shown
     # refusals are for the operator, and rate-limited: a few lines, then a count
     assert len(shown) <= 20, shown
 
@@ -601,6 +604,92 @@ def _at_end(sock):
         return True
 
 
+def _until(condition, timeout=30):
+    """Wait until ``condition()`` holds (state, not time); whether it did."""
+    end = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_strangers_that_send_nothing_make_room_for_a_worker_at_any_age():
+    """A worker's first byte is its TLS ClientHello; a connection that has sent nothing
+    is closed (reset) for any newer one, however young. Before, with the cap full of
+    connections younger than half a second, the worker's connection was closed
+    instead, and a storm refilled the cap faster than the worker could retry.
+    """
+    spec = _spec(workers=2, rounds=1, round_timeout=20)
+    server = distributed.Server(spec, tls=SERVER_PEM, log=lambda text: None, max_pending=8,
+                                max_pending_per_source=8)
+    thread, out = _serve(server)
+    strangers = [socket.create_connection(server.address, timeout=20) for _ in range(8)]
+    try:
+        assert _until(lambda: len(server.silent) == 8)
+        p = Peer(server, 0)  # at once: every stranger is younger than half a second
+        assert p.answer.kind == Kind.WELCOME
+        # the oldest stranger made room, with a reset; the newest is still held
+        assert _closed_without_answer(strangers[0], 10)
+        strangers[-1].setblocking(False)
+        with pytest.raises(BlockingIOError):
+            strangers[-1].recv(1)
+        for q in (p, Peer(server, 1)):
+            q.params(1)
+            q.send(1, np.zeros(server.n, np.float32))
+        thread.join(60)
+        assert out["record"]["rounds"][0]["received"] == 2
+    finally:
+        for s in strangers:
+            s.close()
+
+
+def test_a_member_past_its_handshake_is_not_closed_for_strangers_in_theirs():
+    """Strangers that begin a TLS handshake and stall cycle the places of the cap; a
+    member whose certificate has been checked has left the cap, and its HELLO is
+    answered however many strangers came after it. A member holds one connection
+    before its HELLO: a newer one of the same certificate closes the older.
+    """
+    spec = _spec(workers=2, rounds=1, round_timeout=20)
+    server = distributed.Server(spec, tls=SERVER_PEM, log=lambda text: None, max_pending=4,
+                                max_pending_per_source=4, handshake_timeout=30)
+    thread, out = _serve(server)
+    first = _member(server, 0)
+    assert _until(lambda: 0 in server.greeting)
+    member = _member(server, 0)   # the same worker again, before either said HELLO
+    assert _closed_without_answer(first, 10)   # long before the handshake deadline
+    strangers = []
+    try:
+        for _ in range(40):
+            with contextlib.suppress(OSError):  # reset at once: no place for it
+                strangers.append(socket.create_connection(server.address, timeout=20))
+                strangers[-1].sendall(b"\x16")  # a TLS record begins; nothing more comes
+            time.sleep(0.04)
+        # they cycled the places: more than the cap were closed or turned away
+        assert server.refusals.total >= 20, server.refusals.total
+        hello = {"worker": 0, "rank": 1, "pid": 0, "host": "test",
+                 "fingerprint": spec.fingerprint(), "n_params": server.n, "device": "cpu"}
+        send_frame(member, encode_json(Kind.HELLO, hello))
+        answer = recv_frame(member, 1 << 24, {Kind.WELCOME, Kind.REJECT}, 20)
+        assert answer.kind == Kind.WELCOME
+        for s in strangers:
+            s.close()
+        assert _until(lambda: not server.shaking)  # their places are free again
+        other = Peer(server, 1)
+        frame = recv_frame(member, 1 << 24, {Kind.PARAMS}, 20)
+        send_frame(member, encode_tensor(Kind.GRAD, np.zeros(server.n, np.float32), worker=0,
+                                         round=frame.round, seconds=0.001))
+        other.params(1)
+        other.send(1, np.zeros(server.n, np.float32))
+        thread.join(60)
+        assert out["record"]["rounds"][0]["received"] == 2
+    finally:
+        for s in strangers:
+            s.close()
+        member.close()
+        first.close()
+
+
 _EMFILE_SERVER = textwrap.dedent("""
     import json, os, resource, sys
     from flagagg import distributed, sim
@@ -925,35 +1014,32 @@ def test_a_reconnect_storm_delays_a_joining_worker_by_seconds_at_most():
     A separate process opens 2,000 connections a second (keeping the newest
     300 open, closing the oldest) until the workers are in, for at most 40 s;
     meanwhile three workers join one after the other, each timed from its
-    first connection attempt to its WELCOME.
+    first connection attempt to its WELCOME. Each joins as a real worker does
+    (``_worker._connect``: an attempt gives up on the TCP connection after
+    2 s, and a failed one is retried after 0.2 s, doubling up to 5 s).
     """
     spec = _spec(workers=3, rounds=1, round_timeout=20, connect_timeout=60)
     server = distributed.Server(spec, tls=SERVER_PEM, log=lambda text: None)
     thread, out = _serve(server)
+    contexts = [client_context(worker_pem(w)) for w in range(3)]
     storm = subprocess.Popen([sys.executable, "-c", _STORM, str(server.address[1]), "2000", "40"],
                              stdout=subprocess.PIPE, text=True)
-    began = time.monotonic()
     try:
-        time.sleep(1.5)  # the storm is under way
-        joins, peers = [], []
+        # the storm is under way once it holds its 300 (it says so), however long its
+        # interpreter took to start on a loaded machine
+        assert storm.stdout.readline().startswith("GO")
+        joins, socks = [], []
         for w in range(3):
             t0 = time.monotonic()
-            while True:
-                try:
-                    # a new attempt after 2 s, as a worker does (the kernel's own retry
-                    # of a dropped SYN waits 1, 2, 4, ... s)
-                    p = Peer(server, w, timeout=2.0)
-                    p.sock.settimeout(20)
-                    break
-                except (OSError, ssl.SSLError):
-                    time.sleep(0.05)  # shed by the server: try again, as a worker does
+            sock, welcome = _worker._connect(server.address, contexts[w], _Hello(server, w),
+                                             t0 + 30)
             joins.append(time.monotonic() - t0)
-            assert p.answer.kind == Kind.WELCOME
-            peers.append(p)
+            assert welcome["worker"] == w
+            socks.append(sock)
         during = storm.poll() is None
-        storm.terminate()  # it prints how many it opened and stops
-        opened = int(storm.communicate(timeout=30)[0].split()[-1])
-        seconds = time.monotonic() - began
+        storm.terminate()  # it prints how many it opened in how long, and stops
+        _, opened, seconds = storm.communicate(timeout=30)[0].split()
+        opened, seconds = int(opened), float(seconds)
     finally:
         if storm.poll() is None:
             storm.kill()
@@ -961,12 +1047,28 @@ def test_a_reconnect_storm_delays_a_joining_worker_by_seconds_at_most():
     assert during, "the storm ended before the workers joined: the test measured nothing"
     assert opened >= 2000 * seconds * 0.5, (opened, seconds)   # it did storm
     assert max(joins) < 5.0, joins
-    for p in peers:
-        p.params(1)
-        p.send(1, np.zeros(server.n, np.float32))
+    for w, sock in enumerate(socks):
+        frame = recv_frame(sock, 1 << 24, {Kind.PARAMS}, 20)
+        assert frame.round == 1
+        send_frame(sock, encode_tensor(Kind.GRAD, np.zeros(server.n, np.float32), worker=w,
+                                       round=1, seconds=0.001))
     thread.join(60)
+    for sock in socks:
+        sock.close()
     assert out["record"]["rounds"][0]["received"] == 3
     print(f"join times under a {opened / seconds:.0f}/s storm: {[round(x, 3) for x in joins]} s")
+
+
+class _Hello:
+    """What ``_worker._connect`` needs of a worker: its HELLO."""
+
+    def __init__(self, server, worker):
+        self.doc = {"worker": worker, "rank": worker + 1, "pid": 0, "host": "test",
+                    "fingerprint": server.spec.fingerprint(), "n_params": server.n,
+                    "device": "cpu"}
+
+    def hello(self):
+        return self.doc
 
 
 _STORM = textwrap.dedent("""
@@ -991,8 +1093,10 @@ _STORM = textwrap.dedent("""
             held.append(s)
             if len(held) > 300:
                 held.popleft().close()
+            if n == 300:
+                print("GO", flush=True)
         time.sleep(0.001)
-    print("OPENED", n, flush=True)
+    print("OPENED", n, time.monotonic() - t0, flush=True)
 """)
 
 

@@ -27,11 +27,13 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import ipaddress
 import math
 import os
 import queue
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -65,8 +67,21 @@ CHECKPOINT_FORMAT = "flagagg-distributed-checkpoint"
 # slightly slower than the others are not left out round after round
 QUORUM_GRACE = 1.0
 MIN_GRACE = 0.05
-# a connection without a HELLO is not closed for a newer one before this many seconds
+# a connection in its handshake is not closed for a newer one before this many seconds
+# (one that has sent nothing at all is closed for a newer one at any age)
 MIN_HANDSHAKE = 0.5
+# the kernel's accept queue (capped by net.core.somaxconn): 2 s of a 2,000/s storm, so
+# that a server starved of CPU for a moment does not drop a worker's connection there
+ACCEPT_BACKLOG = 4096
+# at most this many connections taken from the kernel's accept queue per wakeup of the
+# loop, so that the workers' traffic is served between batches
+ACCEPT_BATCH = 64
+# how often connections that have sent nothing are checked for their deadline
+SWEEP_EVERY = 0.25
+# SO_LINGER on, 0 s: close() sends a reset and leaves nothing behind (no TIME_WAIT)
+_RESET = struct.pack("ii", 1, 0)
+# the first byte of every TLS connection from a client: a handshake record (RFC 8446, 5.1)
+_TLS_HANDSHAKE = b"\x16"
 # exit status of a run stopped because too few gradients arrived for too long
 STARVED = 4
 # a connection's gradients waiting for the rounds' thread: at this many, reading from
@@ -644,8 +659,9 @@ class Server(_ServerCore):
     """The parameter server of one run, over mutual-TLS connections, one per worker.
 
     The connections are served by an asyncio event loop on a thread of its
-    own (``asyncio.start_server``, TLS started on each accepted connection,
-    ``readexactly`` under deadlines up to the HELLO; after it, a
+    own (connections accepted by the loop's reader on the listening socket,
+    TLS by ``connect_accepted_socket``, ``readexactly`` under deadlines up
+    to the HELLO; after it, a
     :class:`~flagagg.distributed._protocol.FrameProtocol` that reads each
     message straight into its own buffer); the rounds run on the calling
     thread, which gets what the loop read through a queue. Every connection first
@@ -658,11 +674,19 @@ class Server(_ServerCore):
     for ``round_timeout`` seconds.
 
     Connections that have not said HELLO yet are capped (``max_pending`` in
-    all, ``max_pending_per_source`` per remote address); when the cap is
-    full, the oldest of them (of the same source first) is closed for the
-    new one once it has had half a second for its handshake (before that, the
-    new one is closed), so that no rate of connection attempts keeps a
-    worker out for more than a few tries.
+    all, ``max_pending_per_source`` per remote address). Until it sends its
+    first byte a connection is only a socket the server holds: when the cap
+    is full, the oldest connection that has sent nothing (of the same source
+    first) is closed with a reset for the new one, at any age; a connection
+    whose first byte cannot begin a TLS handshake is reset at once. Only
+    when every held connection is in its handshake is the oldest of those
+    closed, once it has had half a second (before that, the new one is
+    closed). A member whose certificate has been checked leaves the cap (it
+    holds one connection before its HELLO, its newest). The accept queue is
+    drained on every wakeup of the loop, so that a storm of connections from
+    one process, at any rate the loop can accept, neither fills the kernel's
+    queue (where a worker's connection would be dropped) nor touches a
+    worker's handshake.
 
     Parameters
     ----------
@@ -721,8 +745,12 @@ class Server(_ServerCore):
         self.max_pending_per_source = int(max_pending_per_source)
         self.refusals = _Refusals(log)
         self.inbox = queue.SimpleQueue()   # (what, conn, data) from the loop's thread
-        self.pending = {}                  # connection without a HELLO -> (source, opened)
-        self.pending_by_source = {}        # source -> {connection: opened}
+        # connections without a HELLO (_Pending -> None), oldest first: those that have
+        # sent nothing yet, and those in their TLS handshake
+        self.silent = {}
+        self.shaking = {}
+        self.by_source = {}                # source -> (its silent, its shaking)
+        self.greeting = {}                 # worker -> its member's transport before HELLO
         self.loop = asyncio.new_event_loop()
         ready = concurrent.futures.Future()
         self.thread = threading.Thread(target=self._io, args=(listen, ready), daemon=True,
@@ -734,113 +762,241 @@ class Server(_ServerCore):
 
     def _io(self, listen, ready):
         asyncio.set_event_loop(self.loop)
-
-        async def start():
-            try:
-                self.aserver = await self.loop.create_server(
-                    self._accepted, listen[0], listen[1],
-                    backlog=max(1024, 2 * self.config.workers))
-            except BaseException as exc:  # noqa: BLE001 - handed to the constructor
-                ready.set_exception(exc)
-                return
-            ready.set_result(self.aserver.sockets[0].getsockname()[:2])
-
-        self.loop.run_until_complete(start())
-        if ready.exception() is None:
-            self.loop.run_forever()
+        try:
+            family, _, _, _, where = socket.getaddrinfo(
+                listen[0], listen[1], type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            self.listener = socket.create_server(
+                where, family=family, backlog=max(ACCEPT_BACKLOG, 2 * self.config.workers))
+            self.listener.setblocking(False)
+            # accepted by hand, not by loop.create_server: a connection is only a socket
+            # and a dict entry until it sends its first byte (see _accept)
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+            self.loop.call_later(SWEEP_EVERY, self._sweep)
+        except BaseException as exc:  # noqa: BLE001 - handed to the constructor
+            ready.set_exception(exc)
+            self.loop.close()
+            return
+        ready.set_result(self.listener.getsockname()[:2])
+        self.loop.run_forever()
         self.loop.close()
 
-    def _admit(self, raw, source):
+    def _accept(self):
+        """Take every connection the kernel has queued, and sort each at once.
+
+        This is all a connection costs until it sends something: an accept, a
+        peek at its first byte, a dict entry. One that has already sent its
+        first byte (a worker's TLS ClientHello) starts its handshake; one that
+        has sent nothing waits, registered with the loop, among the *silent*
+        ones; one whose first byte cannot begin a TLS handshake is reset.
+        Draining the whole queue on each wakeup keeps the kernel's accept
+        queue from filling under a storm, so that a worker's connection is
+        never dropped there (its retry would wait 1 s, then 2, 4, ...).
+        """
+        now = time.monotonic()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    continue  # that connection is gone already (ECONNABORTED and the like)
+                if self.silent:
+                    # out of descriptors: the oldest connection that has sent nothing
+                    # makes room for whatever waits in the queue
+                    self._shed(next(iter(self.silent)))
+                    self.refusals.note(None, f"out of file descriptors ({exc}): closed the "
+                                       "oldest connection that had sent nothing")
+                    continue
+                self.refusals.note(None, f"cannot accept connections ({exc}); accepting "
+                                   "again in 1 s")
+                self.loop.remove_reader(self.listener.fileno())
+                self.loop.call_later(1.0, self._accept_again)
+                return
+            self._arrived(sock, addr, now)
+
+    def _accept_again(self):
+        if self.listener.fileno() >= 0:
+            self.loop.add_reader(self.listener.fileno(), self._accept)
+
+    def _arrived(self, sock, addr, now):
+        try:
+            sock.setblocking(False)
+            first = sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            first = None
+        except OSError:
+            first = b""
+        if first == b"":  # gone already
+            sock.close()
+            return
+        if first is not None and not self._may_begin(first):
+            _reset(sock)
+            self.refusals.note(addr, f"not TLS: its first byte {first!r} cannot begin a TLS "
+                               "handshake")
+            return
+        entry = _Pending(sock, addr, now)
+        if not self._admit(entry, silent=first is None):
+            return
+        if first is None:
+            self.loop.add_reader(sock.fileno(), self._spoke, entry)
+        else:
+            entry.task = self.loop.create_task(self._connection(entry))
+
+    def _may_begin(self, first):
+        return self.tls is None or first == _TLS_HANDSHAKE
+
+    def _spoke(self, entry):
+        """A silent connection has something to read: its first byte, or its end."""
+        try:
+            first = entry.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            first = b""
+        self.loop.remove_reader(entry.sock.fileno())
+        if first == b"" or not self._may_begin(first):
+            self._forget(entry)
+            if first:
+                _reset(entry.sock)
+                self.refusals.note(entry.addr, f"not TLS: its first byte {first!r} cannot "
+                                   "begin a TLS handshake")
+            else:
+                entry.sock.close()
+            return
+        # it joins those in their handshake, with a handshake's time from now
+        self._forget(entry)
+        entry.since = time.monotonic()
+        self._hold(entry, silent=False)
+        entry.task = self.loop.create_task(self._connection(entry))
+
+    def _admit(self, entry, silent):
         """Make room for a new connection under the caps; whether it is let in.
 
         When the cap (of all, or of this source) is full, the oldest
-        connection without a HELLO is closed for the new one, but only once
-        it has had ``MIN_HANDSHAKE`` seconds for its handshake; before that
-        the new one is closed instead. A storm then cycles the places at most
-        ``cap / MIN_HANDSHAKE`` times a second, whatever its rate, and a
-        worker that gets a place keeps it long enough to finish its
-        handshake on a loaded machine (it retries until it gets one).
+        connection that has sent nothing is closed for the new one, at any
+        age: it has cost nothing but a descriptor, and a worker sends its TLS
+        ClientHello as soon as its TCP connection is up. When every held
+        connection is in its handshake, the oldest of them is closed for the
+        new one, but only once it has had ``MIN_HANDSHAKE`` seconds; before
+        that the new one is closed instead. A storm of silent connections
+        then never touches a worker's handshake, whatever its rate, and a
+        storm of handshakes cycles the places at most ``cap / MIN_HANDSHAKE``
+        times a second.
         """
-        now = time.monotonic()
-        # both dicts are in arrival order: the first key is the oldest connection
-        mine = self.pending_by_source.get(source)
-        full = mine if mine is not None and len(mine) >= self.max_pending_per_source else \
-            self.pending if len(self.pending) >= self.max_pending else None
+        mine = self.by_source.get(entry.source)
+        if mine is not None and len(mine[0]) + len(mine[1]) >= self.max_pending_per_source:
+            full = mine
+        elif len(self.silent) + len(self.shaking) >= self.max_pending:
+            full = (self.silent, self.shaking)
+        else:
+            full = None
         if full is not None:
-            victim = next(iter(full))
-            if now - self.pending[victim][1] < MIN_HANDSHAKE:
-                raw.abort()
-                self.refusals.note((source, 0), "no place for a new connection: those without "
-                                   f"a HELLO are younger than {MIN_HANDSHAKE:g} s (cap "
-                                   f"{self.max_pending}, {self.max_pending_per_source} per "
-                                   "source)")
-                return False
-            self._forget(victim)
-            victim.abort()
-            self.refusals.note((source, 0), f"closed the oldest connection without a HELLO "
-                               f"to make room (cap {self.max_pending}, "
-                               f"{self.max_pending_per_source} per source)")
-        self.pending[raw] = (source, now)
-        self.pending_by_source.setdefault(source, {})[raw] = now
+            if full[0]:
+                self._shed(next(iter(full[0])))
+                self.refusals.note(entry.addr, "closed the oldest connection that had sent "
+                                   f"nothing to make room (cap {self.max_pending}, "
+                                   f"{self.max_pending_per_source} per source)")
+            else:
+                victim = next(iter(full[1]))
+                if entry.since - victim.since < MIN_HANDSHAKE:
+                    _reset(entry.sock)
+                    self.refusals.note(entry.addr, "no place for a new connection: those in "
+                                       f"their handshake are younger than {MIN_HANDSHAKE:g} s "
+                                       f"(cap {self.max_pending}, "
+                                       f"{self.max_pending_per_source} per source)")
+                    return False
+                self._shed(victim)
+                self.refusals.note(entry.addr, "closed the oldest connection in its handshake "
+                                   f"to make room (cap {self.max_pending}, "
+                                   f"{self.max_pending_per_source} per source)")
+        self._hold(entry, silent)
         return True
 
-    def _forget(self, raw):
-        """``raw`` is no longer a connection without a HELLO."""
-        source, _ = self.pending.pop(raw, (None, None))
-        mine = self.pending_by_source.get(source)
+    def _hold(self, entry, silent):
+        entry.silent = silent
+        (self.silent if silent else self.shaking)[entry] = None
+        mine = self.by_source.get(entry.source)
+        if mine is None:
+            mine = self.by_source[entry.source] = ({}, {})
+        mine[0 if silent else 1][entry] = None
+
+    def _forget(self, entry):
+        """``entry`` no longer counts against the caps (it is closed, or a member)."""
+        if entry.silent is None:
+            return
+        (self.silent if entry.silent else self.shaking).pop(entry, None)
+        mine = self.by_source.get(entry.source)
         if mine is not None:
-            mine.pop(raw, None)
-            if not mine:
-                del self.pending_by_source[source]
+            mine[0 if entry.silent else 1].pop(entry, None)
+            if not mine[0] and not mine[1]:
+                del self.by_source[entry.source]
+        entry.silent = None
 
-    def _accepted(self):
-        """A new TCP connection's protocol: admitted (streams, a task) or closed at once.
+    def _shed(self, entry):
+        """Close a connection without a HELLO, at once and with a reset where it can."""
+        self._forget(entry)
+        entry.shed = True
+        if entry.transport is not None:
+            entry.transport.abort()
+        elif entry.task is not None and entry.started:
+            entry.task.cancel()  # asyncio closes what it made of the socket
+        else:
+            if entry.task is not None:
+                entry.task.cancel()  # never ran: the socket is still ours
+            else:
+                self.loop.remove_reader(entry.sock.fileno())
+            _reset(entry.sock)
 
-        The refusal costs no task and no streams, so that the loop sheds a
-        storm as cheaply as it can and the kernel's accept queue keeps room
-        for a joining worker.
-        """
-        server = self
+    def _sweep(self):
+        """Close the connections that have sent nothing within ``handshake_timeout``."""
+        end = time.monotonic() - self.handshake_timeout
+        while self.silent:
+            entry = next(iter(self.silent))
+            if entry.since > end:
+                break
+            self._shed(entry)
+            self.refusals.note(entry.addr, f"sent nothing within {self.handshake_timeout:g} s")
+        self.loop.call_later(SWEEP_EVERY, self._sweep)
 
-        class Gate(asyncio.Protocol):
-            def connection_made(self, transport):
-                addr = transport.get_extra_info("peername") or ("?", 0)
-                if not server._admit(transport, addr[0]):
-                    return
-                # what asyncio.start_server does for each connection: streams, and a
-                # task running _connection (the callback also makes start_tls server-side)
-                reader = asyncio.StreamReader(limit=1 << 16, loop=server.loop)
-                protocol = asyncio.StreamReaderProtocol(reader, server._connection,
-                                                        loop=server.loop)
-                transport.set_protocol(protocol)
-                protocol.connection_made(transport)
+    def _stop_accepting(self):
+        with contextlib.suppress(ValueError, OSError):
+            self.loop.remove_reader(self.listener.fileno())
+        self.listener.close()
+        for entry in [*self.silent, *self.shaking]:
+            self._shed(entry)
+        for transport in list(self.greeting.values()):
+            transport.abort()
 
-            def connection_lost(self, exc):
-                pass
-
-        return Gate()
-
-    async def _connection(self, reader, writer):
-        # the TCP transport: aborting it ends the connection whatever TLS does above it
-        raw = writer.transport
-        addr = raw.get_extra_info("peername") or ("?", 0)
-        with contextlib.suppress(OSError, AttributeError):
-            raw.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def _connection(self, entry):
+        entry.started = True
+        addr = entry.addr
+        raw = None
+        who = None
         try:
             end = self.loop.time() + self.handshake_timeout
+            reader = asyncio.StreamReader(limit=1 << 16, loop=self.loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
+            tls = {} if self.tls is None else {
+                "ssl": self.tls, "ssl_handshake_timeout": self.handshake_timeout}
+            # aborting this transport ends the connection whatever TLS does in it
+            raw, _ = await self.loop.connect_accepted_socket(lambda: protocol, entry.sock,
+                                                             **tls)
+            entry.transport = raw
+            writer = asyncio.StreamWriter(raw, protocol, reader, self.loop)
             if self.tls is not None:
-                try:
-                    await writer.start_tls(self.tls,
-                                           ssl_handshake_timeout=self.handshake_timeout)
-                except AttributeError:
-                    # asyncio of Python 3.11 fails so when the peer closes mid-handshake
-                    raise ConnectionError("closed during the TLS handshake") from None
-                who = identity(writer.get_extra_info("peercert"))
-                if not isinstance(who, int) or not 0 <= who < self.config.workers:
-                    raise ProtocolError(f"its certificate names {who!r}, not a worker of this "
-                                        "run")
-            else:
-                who = None  # the plaintext benchmark: the HELLO says who
+                named = identity(raw.get_extra_info("peercert"))
+                if not isinstance(named, int) or not 0 <= named < self.config.workers:
+                    raise ProtocolError(f"its certificate names {named!r}, not a worker of "
+                                        "this run")
+                who = named
+                # a member: a storm of strangers no longer closes it; a member holds one
+                # connection before its HELLO, its newest
+                self._forget(entry)
+                older = self.greeting.get(who)
+                if older is not None:
+                    older.abort()
+                self.greeting[who] = raw
             # before its HELLO, a peer gets no more than a HELLO's bytes read
             frame = await asyncio.wait_for(read_frame(reader, 0, {Kind.HELLO}),
                                            max(0.0, end - self.loop.time()))
@@ -851,11 +1007,15 @@ class Server(_ServerCore):
                 why = f"no TLS handshake and HELLO within {self.handshake_timeout:g} s"
             elif isinstance(exc, asyncio.IncompleteReadError):
                 why = "closed before its HELLO"
-            self.refusals.note(addr, why)
-            raw.abort()
+            if not entry.shed:
+                self.refusals.note(addr, why)
+            if raw is not None:
+                raw.abort()
             return
         finally:
-            self._forget(raw)
+            self._forget(entry)
+            if who is not None and self.greeting.get(who) is raw:
+                del self.greeting[who]
         conn = _Conn(addr, writer, who)
         conn.raw = raw
         conn.bytes_received = HEADER.size + len(frame.payload)
@@ -1047,9 +1207,7 @@ class Server(_ServerCore):
             time.sleep(0.01)
 
         async def shut():
-            self.aserver.close()
-            for raw in list(self.pending):
-                raw.abort()
+            self._stop_accepting()
             for task in asyncio.all_tasks():
                 if task is not asyncio.current_task():
                     task.cancel()
@@ -1079,6 +1237,28 @@ class _Conn(_Link):
         # and its gradients in the inbox that the rounds have not taken yet
         self.owed = 0
         self.queued = 0
+
+
+class _Pending:
+    """A connection without a HELLO yet, as the caps see it."""
+
+    __slots__ = ("sock", "addr", "source", "since", "silent", "task", "started", "transport",
+                 "shed")
+
+    def __init__(self, sock, addr, now):
+        self.sock, self.addr, self.source, self.since = sock, addr, addr[0], now
+        self.silent = None       # True: has sent nothing; False: in its handshake; None: neither
+        self.task = None         # the task running its handshake and HELLO
+        self.started = False     # whether that task has begun (and owns the socket)
+        self.transport = None    # once its handshake is done
+        self.shed = False        # closed by the caps
+
+
+def _reset(sock):
+    """Close ``sock`` with a reset: the peer learns at once, nothing stays behind."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    sock.close()
 
 
 class _Refusals:

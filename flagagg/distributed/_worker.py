@@ -37,6 +37,10 @@ IDLE_TIMEOUT = 600.0
 HANDSHAKE_TIMEOUT = 10.0
 # how long one attempt waits for the TCP connection to be accepted
 CONNECT_ATTEMPT = 2.0
+# the pause after a failed attempt: the first, doubling up to the last, each drawn
+# between half and one and a half times that
+RETRY_FIRST = 0.2
+RETRY_MAX = 5.0
 
 
 class GradientSource:
@@ -308,13 +312,55 @@ def _join(address, tls, source, deadline):
         raise
 
 
+class _GaveUp(Exception):
+    """The server stayed unreachable, or kept refusing, until the deadline."""
+
+
+def _connect(address, tls, source, deadline):
+    """Join the server, trying again after each failure until ``deadline``.
+
+    An attempt that fails (no TCP connection within ``CONNECT_ATTEMPT``
+    seconds, a connection closed or reset during the handshake, a refusal
+    that says to retry) is followed by a pause of ``RETRY_FIRST`` seconds,
+    doubling up to ``RETRY_MAX``, each drawn between half and one and a half
+    times that so that workers cut together do not come back together.
+
+    Returns
+    -------
+    sock, welcome
+
+    Raises
+    ------
+    NotTheServer
+        If what answered is not the run's server.
+    _Rejected
+        If the server refused this worker for good.
+    _GaveUp
+        If no attempt succeeded before ``deadline`` (the last failure is its cause).
+    """
+    delay = RETRY_FIRST
+    while True:
+        try:
+            return _join(address, tls, source, deadline)
+        except NotTheServer:
+            raise
+        except (_Rejected, ConnectionError, TimeoutError, OSError) as exc:
+            if isinstance(exc, _Rejected) and not exc.retry:
+                raise
+            if time.monotonic() + delay >= deadline:
+                raise _GaveUp("refused" if isinstance(exc, _Rejected) else "unreachable") \
+                    from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(RETRY_MAX, 2 * delay)
+
+
 def run_worker(spec, worker, address, *, tls, device="cpu", log=print, checkpoint=None,
                checkpoint_every=0, resume=None, _plaintext_benchmark=False):
     """Serve one worker of a run over mutual TLS until the server says stop.
 
     A connection that drops is made again, with backoff (0.2 s doubling to
-    5 s), for up to ``spec.connect_timeout`` seconds; the server gives the
-    worker its slot back (its certificate names it).
+    5 s, see :func:`_connect`), for up to ``spec.connect_timeout`` seconds;
+    the server gives the worker its slot back (its certificate names it).
 
     Parameters
     ----------
@@ -359,29 +405,23 @@ def run_worker(spec, worker, address, *, tls, device="cpu", log=print, checkpoin
     max_bytes = 4 * source.n_params + 1024
     joined_once = False
     lost_at = time.monotonic()
-    delay = 0.2
     while True:
         try:
-            sock, welcome = _join(address, tls, source, lost_at + spec.connect_timeout)
+            sock, welcome = _connect(address, tls, source, lost_at + spec.connect_timeout)
         except NotTheServer as exc:
             log(f"worker {worker}: {exc}")
             return 2
-        except (_Rejected, ConnectionError, TimeoutError, OSError) as exc:
-            if isinstance(exc, _Rejected) and not exc.retry:
-                log(f"worker {worker}: the server refused this worker: {exc}")
-                return 2
-            if time.monotonic() + delay >= lost_at + spec.connect_timeout:
-                what = "refused" if isinstance(exc, _Rejected) else "unreachable"
-                log(f"worker {worker}: the server stayed {what} for {spec.connect_timeout:g} s "
-                    f"(last: {exc}); exiting")
-                return 1
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(5.0, 2 * delay)
-            continue
+        except _Rejected as exc:
+            log(f"worker {worker}: the server refused this worker: {exc}")
+            return 2
+        except _GaveUp as exc:
+            log(f"worker {worker}: the server stayed {exc} for {spec.connect_timeout:g} s "
+                f"(last: {exc.__cause__}); exiting")
+            return 1
         if joined_once:
             log(f"worker {worker}: reconnected; the server resumes this worker at round "
                 f"{welcome.get('round')}")
-        joined_once, delay = True, 0.2
+        joined_once = True
         try:
             status = _serve(sock, source, max_bytes, log)
         except (ConnectionError, TimeoutError, OSError, ProtocolError) as exc:
