@@ -1226,7 +1226,7 @@ class _Conn(_Link):
     def __init__(self, addr, writer, identity):
         super().__init__(addr)
         self.writer = writer
-        self.raw = writer.transport  # the TCP transport under TLS
+        self.raw = writer.transport  # its TLS transport: abort() drops the TCP connection too
         self.identity = identity   # the worker its certificate names
         self.link = None           # its FrameProtocol, once its HELLO has been read
         self.outbox = deque()      # (kind, head, payload), or None: close
