@@ -106,6 +106,23 @@ class MNIST1DGrid:
     track_grid_cpu_seconds.unit = "seconds"
 
 
+def _cpu_ratio(first, second, pairs=3):
+    """Median of ``first() / second()`` (CPU seconds each returns) over interleaved pairs.
+
+    The order within a pair alternates, so that a change of load hits both alike.
+    """
+    ratios = []
+    for k in range(pairs):
+        if k % 2:
+            b = second()
+            a = first()
+        else:
+            a = first()
+            b = second()
+        ratios.append(a / b)
+    return statistics.median(ratios)
+
+
 class MNIST1DGridVsOriginal:
     """The 6-run grid's CPU seconds at commit 0da2843 over the measured commit's."""
 
@@ -144,14 +161,8 @@ class MNIST1DGridVsOriginal:
 
     def track_ratio_grid_original_over_now(self, rounds):
         code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra="")
-        ratios = []
-        for k in range(3):
-            pair = [(self.env_original, "o"), (self.env_now, "n")]
-            seconds = {}
-            for env, who in (pair if k % 2 == 0 else pair[::-1]):
-                seconds[who] = _grid_cpu_seconds(code, env)
-            ratios.append(seconds["o"] / seconds["n"])
-        return statistics.median(ratios)
+        return _cpu_ratio(lambda: _grid_cpu_seconds(code, self.env_original),
+                          lambda: _grid_cpu_seconds(code, self.env_now))
 
     track_ratio_grid_original_over_now.unit = "ratio"
 
@@ -181,15 +192,11 @@ class MNIST1DGridLockstep:
         self.cache.cleanup()
 
     def track_ratio_grid_alone_over_lockstep(self, rounds):
-        ratios = []
-        for k in range(3):
-            pair = [("a", '"lockstep": 1'), ("l", '"lockstep": 3')]
-            seconds = {}
-            for who, extra in (pair if k % 2 == 0 else pair[::-1]):
-                code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra=extra)
-                seconds[who] = _grid_cpu_seconds(code, self.env)
-            ratios.append(seconds["a"] / seconds["l"])
-        return statistics.median(ratios)
+        def grid(extra):
+            code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra=extra)
+            return lambda: _grid_cpu_seconds(code, self.env)
+
+        return _cpu_ratio(grid('"lockstep": 1'), grid('"lockstep": 3'))
 
     track_ratio_grid_alone_over_lockstep.unit = "ratio"
 
