@@ -10,6 +10,7 @@ class Rules(BackendBenchmark):
     params = [backends(), RULES + ["nnm+krum", "arc+krum"],
               tiered([1_000_000], [100_000, 1_000_000])]
     param_names = ["backend", "rule", "n"]
+    kwargs: dict = {}  # per-call inputs a rule needs beside G (none here)
 
     def setup(self, backend, rule, n):
         self.setup_device(backend, 15, n)
@@ -17,7 +18,7 @@ class Rules(BackendBenchmark):
         self.warm(self.apply, 15)
 
     def apply(self, G):
-        return self.rule(G, backend=self.device.backend)
+        return self.rule(G, backend=self.device.backend, **self.kwargs)
 
     def time_rule(self, backend, rule, n):
         self.apply(self.G)
