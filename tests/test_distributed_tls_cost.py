@@ -2,8 +2,8 @@
 
 :class:`FrameProtocol` replaces asyncio's stream reader once a worker has said
 HELLO (see asv_bench/tls_cost.py for what it saves). These tests check it
-against the stream reader's :func:`read_frame`, the slow and obviously right
-reference, on the same bytes cut at random places, on hostile headers, on
+against a stream reader's reading (``_read_frame`` here), the slow and
+obviously right reference, on the same bytes cut at random places, on hostile headers, on
 bytes a peer sent before its WELCOME, and end to end over mutual TLS and
 plaintext loopback connections.
 """
@@ -27,10 +27,10 @@ from flagagg.distributed._protocol import (  # noqa: E402
     FrameProtocol,
     Kind,
     ProtocolError,
+    check_header,
     encode,
     encode_json,
     encode_tensor,
-    read_frame,
     recv_frame,
     send_frame,
 )
@@ -59,15 +59,23 @@ def _wire(messages):
     return b"".join(bytes(h) + bytes(p) for h, p in messages)
 
 
+async def _read_frame(reader, max_tensor_bytes, kinds):
+    """One message from an ``asyncio.StreamReader``: header checked, then its payload."""
+    head = check_header(await reader.readexactly(HEADER.size), max_tensor_bytes, kinds)
+    payload = bytearray(await reader.readexactly(head[6]) if head[6] else b"")
+    _, kind, dtype, _, worker, rnd, _, seconds = head
+    return distributed._protocol.Frame(kind, dtype, worker, rnd, seconds, payload)
+
+
 async def _reference(data, limit=LIMIT):
-    """What the stream reader's read_frame makes of ``data``: (frames, why it stopped)."""
+    """What a stream reader makes of ``data``: (frames, why it stopped)."""
     reader = asyncio.StreamReader()
     reader.feed_data(data)
     reader.feed_eof()
     frames = []
     try:
         while True:
-            frames.append(await read_frame(reader, limit, {Kind.GRAD}))
+            frames.append(await _read_frame(reader, limit, {Kind.GRAD}))
     except asyncio.IncompleteReadError:
         return frames, "connection closed"
     except ProtocolError as exc:
@@ -158,39 +166,49 @@ def test_a_hostile_header_ends_the_connection_before_its_payload_is_read(bad):
     asyncio.run(main())
 
 
-def test_bytes_a_peer_sent_before_its_welcome_are_read_in_order():
-    rng = np.random.default_rng(2)
+@pytest.mark.parametrize("seed", range(3))
+def test_bytes_a_peer_sent_with_its_hello_are_read_in_order_under_the_new_terms(seed):
+    """The server's switch after a HELLO: what came with it is read as gradients, in order."""
+    rng = np.random.default_rng(seed)
     messages = _messages(rng)
-    data = _wire(messages)
-    cut = len(data) // 2 + 3  # the stream reader held half, in the middle of a frame
-
-    class Transport:
-        def __init__(self):
-            self.protocol = None
-            self.resumed = 0
-
-        def set_protocol(self, protocol):
-            self.protocol = protocol
-
-        def resume_reading(self):
-            self.resumed += 1
+    hello = encode_json(Kind.HELLO, {"worker": 0, "note": "x" * 3000})
+    data = _wire([hello]) + _wire(messages)
 
     async def main():
-        got = []
-        proto = FrameProtocol(LIMIT, {Kind.GRAD}, got.append)
-        transport = Transport()
-        proto.adopt(transport, data[:cut])
-        assert transport.protocol is proto and transport.resumed == 1
-        assert not proto.closed.done()
-        _feed(proto, data[cut:], rng, [])
-        _same(got, (await _reference(data))[0])
+        got, hellos = [], []
 
-        # the stream had already seen the end: the leftover is read, then it ends
-        got.clear()
-        proto = FrameProtocol(LIMIT, {Kind.GRAD}, got.append)
-        proto.adopt(Transport(), data[:cut], eof=True)
-        _same(got, (await _reference(data[:cut]))[0])
+        def on_hello(frame):
+            hellos.append((frame, len(got)))
+            proto.expect(LIMIT, {Kind.GRAD}, got.append)
+
+        # as the server starts: a HELLO only, no tensor of any size
+        proto = FrameProtocol(0, {Kind.HELLO}, on_hello)
+        _feed(proto, data, rng, [])
+        assert [(f.kind, h) for f, h in hellos] == [(Kind.HELLO, 0)]
+        assert hellos[0][0].json()["note"] == "x" * 3000
+        _same(got, (await _reference(_wire(messages)))[0])
         assert proto.closed.result() == "connection closed"
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("first", ["gradient", "params", "huge hello"])
+def test_before_its_hello_a_peer_gets_nothing_larger_than_a_hello_read(first):
+    row = np.ones(100_000, np.float32)
+    if first == "huge hello":
+        head = HEADER.pack(b"FLAG", Kind.HELLO, 0, 4, 0, 0, 10 << 30, 0.0)
+        data = head + bytes(4000)
+    else:
+        data = _wire([encode_tensor(Kind.GRAD if first == "gradient" else Kind.PARAMS, row)])
+
+    async def main():
+        seen, biggest = [], []
+        proto = FrameProtocol(0, {Kind.HELLO}, seen.append)
+        _feed(proto, data, np.random.default_rng(0), biggest)
+        assert seen == []
+        assert proto.closed.result().startswith("protocol error")
+        # only the 36-byte header was ever asked for
+        assert max(biggest) == HEADER.size
 
     asyncio.run(main())
 

@@ -10,11 +10,11 @@ flat JSON objects (at most ``MAX_JSON_BYTES``, nesting depth at most
 unpickled. A header is checked (magic, version, kind, dtype, size against
 the receiver's limit) before a byte of its payload is read.
 
-The server reads a HELLO with :func:`read_frame` from a stream reader and,
-once a worker is in, its messages with :class:`FrameProtocol`, which has the
-socket (or the TLS layer's decryption) write each payload straight into its
-own buffer; workers use :func:`send_frame` and :func:`recv_frame` on blocking
-sockets.
+The server reads every connection with :class:`FrameProtocol`, which has the
+socket (or the TLS layer's decryption) write each message straight into its
+own buffer: first the HELLO alone (nothing larger is accepted, and reading
+pauses once it is in), then, once the worker is in, its gradients; workers
+use :func:`send_frame` and :func:`recv_frame` on blocking sockets.
 
 Header (little-endian)::
 
@@ -53,7 +53,6 @@ __all__ = [
     "encode",
     "encode_json",
     "encode_tensor",
-    "read_frame",
     "recv_frame",
     "send_frame",
 ]
@@ -239,26 +238,8 @@ def _frame(head, payload):
     return Frame(kind, dtype, worker, rnd, seconds, payload)
 
 
-async def read_frame(reader, max_tensor_bytes, kinds):
-    """Read one message from an ``asyncio.StreamReader``, its header checked first.
-
-    Raises
-    ------
-    ProtocolError
-        See :func:`check_header`.
-    asyncio.IncompleteReadError
-        If the connection ended in the middle.
-    """
-    head = check_header(await reader.readexactly(HEADER.size), max_tensor_bytes, kinds)
-    payload = await reader.readexactly(head[6]) if head[6] else b""
-    if head[1] in Kind.TENSOR:
-        # writable, as torch wants its tensors' memory
-        payload = bytearray(payload)
-    return _frame(head, payload)
-
-
 class FrameProtocol(asyncio.BufferedProtocol):
-    """A connection's messages after its HELLO: each read straight into its own buffer.
+    """A connection's messages, each read straight into its own buffer.
 
     asyncio's streams copy every chunk they receive into the reader's buffer,
     then copy again to cut a message out of it (and, under TLS, join the
@@ -310,22 +291,16 @@ class FrameProtocol(asyncio.BufferedProtocol):
         self.reason = None
         self.closed = asyncio.get_running_loop().create_future()
 
-    def adopt(self, transport, leftover=b"", eof=False):
-        """Take over ``transport`` from a stream reader, with the bytes it held back."""
-        self.transport = transport
-        transport.set_protocol(self)
-        data = memoryview(bytes(leftover))
-        while data.nbytes and self.reason is None:
-            buf = self.get_buffer(data.nbytes)
-            k = min(len(buf), data.nbytes)
-            buf[:k] = data[:k]
-            data = data[k:]
-            self.buffer_updated(k)
-        if eof:
-            self.eof_received()
-        # the reader may have paused reading when its buffer filled
-        if not self._paused:
-            transport.resume_reading()
+    def expect(self, max_tensor_bytes, kinds, on_frame, on_header=None):
+        """Read the next messages under new terms (the server's switch after a HELLO).
+
+        Called between messages (after ``on_frame``, typically while reading
+        is paused), so no header is half-checked under the old terms.
+        """
+        self._limit = max_tensor_bytes
+        self._kinds = kinds
+        self._on_frame = on_frame
+        self._on_header = on_header
 
     def pause(self):
         """Stop reading from the peer (its sends then wait in TCP) until :meth:`resume`."""

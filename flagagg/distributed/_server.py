@@ -52,7 +52,6 @@ from ._protocol import (
     ProtocolError,
     encode_json,
     encode_tensor,
-    read_frame,
 )
 from ._results import fsync_dir
 from ._settings import make_replica
@@ -973,17 +972,24 @@ class Server(_ServerCore):
         addr = entry.addr
         raw = None
         who = None
+        said = self.loop.create_future()
+
+        def on_hello(frame):
+            # nothing more is read until the rounds know of this worker
+            link.pause()
+            if not said.done():
+                said.set_result(frame)
+
+        # before its HELLO, a peer gets no more than a HELLO's bytes read (a tensor
+        # header is refused at once: the limit is 0 bytes)
+        link = FrameProtocol(0, {Kind.HELLO}, on_hello)
         try:
             end = self.loop.time() + self.handshake_timeout
-            reader = asyncio.StreamReader(limit=1 << 16, loop=self.loop)
-            protocol = asyncio.StreamReaderProtocol(reader, loop=self.loop)
             tls = {} if self.tls is None else {
                 "ssl": self.tls, "ssl_handshake_timeout": self.handshake_timeout}
             # aborting this transport ends the connection whatever TLS does in it
-            raw, _ = await self.loop.connect_accepted_socket(lambda: protocol, entry.sock,
-                                                             **tls)
+            raw, _ = await self.loop.connect_accepted_socket(lambda: link, entry.sock, **tls)
             entry.transport = raw
-            writer = asyncio.StreamWriter(raw, protocol, reader, self.loop)
             if self.tls is not None:
                 named = identity(raw.get_extra_info("peercert"))
                 if not isinstance(named, int) or not 0 <= named < self.config.workers:
@@ -997,16 +1003,20 @@ class Server(_ServerCore):
                 if older is not None:
                     older.abort()
                 self.greeting[who] = raw
-            # before its HELLO, a peer gets no more than a HELLO's bytes read
-            frame = await asyncio.wait_for(read_frame(reader, 0, {Kind.HELLO}),
-                                           max(0.0, end - self.loop.time()))
+            await asyncio.wait((said, link.closed), timeout=max(0.0, end - self.loop.time()),
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not said.done():
+                if not link.closed.done():
+                    raise asyncio.TimeoutError
+                why = link.closed.result()
+                raise ProtocolError("closed before its HELLO" if why == "connection closed"
+                                    else why)
+            frame = said.result()
             hello = frame.json()
         except (ProtocolError, OSError, EOFError, asyncio.TimeoutError, ValueError) as exc:
             why = str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.TimeoutError):
                 why = f"no TLS handshake and HELLO within {self.handshake_timeout:g} s"
-            elif isinstance(exc, asyncio.IncompleteReadError):
-                why = "closed before its HELLO"
             if not entry.shed:
                 self.refusals.note(addr, why)
             if raw is not None:
@@ -1016,21 +1026,16 @@ class Server(_ServerCore):
             self._forget(entry)
             if who is not None and self.greeting.get(who) is raw:
                 del self.greeting[who]
-        conn = _Conn(addr, writer, who)
-        conn.raw = raw
+        conn = _Conn(addr, raw, who)
         conn.bytes_received = HEADER.size + len(frame.payload)
-        # from here on the connection's bytes go straight into each message's own
-        # buffer (FrameProtocol), no longer through the stream reader's copies
-        link = FrameProtocol(self.max_gradient_bytes, {Kind.GRAD},
-                             lambda frame: self._received(conn, frame),
-                             lambda head: self._announced(conn, head))
-        # an honest worker sends nothing before its WELCOME, but whatever a peer sent
-        # after its HELLO is still read as the stream had it (the reader's own fields:
-        # streams have no public way to hand their buffered bytes over)
         conn.link = link
-        self.inbox.put(("hello", conn, hello))  # first: what adopt() reads comes after it
-        link.adopt(writer.transport, bytes(getattr(reader, "_buffer", b"")),
-                   reader.at_eof() or getattr(reader, "_eof", False))
+        self.inbox.put(("hello", conn, hello))  # first: what is read next comes after it
+        # from here on the same protocol reads this worker's gradients, each straight
+        # into its own buffer
+        link.expect(self.max_gradient_bytes, {Kind.GRAD},
+                    lambda frame: self._received(conn, frame),
+                    lambda head: self._announced(conn, head))
+        link.resume()
         sender = asyncio.ensure_future(self._sender(conn))
         try:
             reason = await link.closed
@@ -1223,10 +1228,9 @@ class Server(_ServerCore):
 class _Conn(_Link):
     """One worker's connection as the rounds see it, and its outbox on the loop's thread."""
 
-    def __init__(self, addr, writer, identity):
+    def __init__(self, addr, transport, identity):
         super().__init__(addr)
-        self.writer = writer
-        self.raw = writer.transport  # its TLS transport: abort() drops the TCP connection too
+        self.raw = transport  # its TLS transport: abort() drops the TCP connection too
         self.identity = identity   # the worker its certificate names
         self.link = None           # its FrameProtocol, once its HELLO has been read
         self.outbox = deque()      # (kind, head, payload), or None: close
