@@ -27,6 +27,7 @@ loopback, and no command of the ``flagagg`` CLI sets it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -154,13 +155,15 @@ def round_time(model, workers, mode, *, rounds, warmup=5, root=ROOT):
     return wall, cpu
 
 
-def _echo_times(n_params, tls, repeats):
+def _echo_times(n_params, tls, repeats, server="loop"):
     """Round trips of one ``n_params``-value frame each way, as the server and a worker move them.
 
     The server's side is its asyncio loop with :class:`FrameProtocol` (what it
-    uses after a HELLO), the worker's a blocking socket with
-    :func:`send_frame` and :func:`recv_frame`; ``tls`` is a (server, client)
-    pair of contexts or None for plaintext.
+    reads a connection with), or with ``server="thread"`` a thread on a
+    blocking socket (what the event loop's share of the cost is measured
+    against); the worker's a blocking socket with :func:`send_frame` and
+    :func:`recv_frame`; ``tls`` is a (server, client) pair of contexts or
+    None for plaintext.
     """
     import asyncio
 
@@ -170,12 +173,12 @@ def _echo_times(n_params, tls, repeats):
         FrameProtocol,
         Kind,
         encode_tensor,
-        recv_frame,
-        send_frame,
     )
 
     parts = encode_tensor(Kind.GRAD, np.ones(n_params, np.float32))
     back = encode_tensor(Kind.PARAMS, np.ones(n_params, np.float32))
+    if server == "thread":
+        return _echo_times_blocking(n_params, tls, repeats, parts, back)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     holder = {}
@@ -200,30 +203,132 @@ def _echo_times(n_params, tls, repeats):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls is not None:
         sock = tls[1].wrap_socket(sock)
-    times = []
     try:
-        for i in range(repeats + 2):
-            if i == 2:  # the first two warm up
-                c0 = time.process_time()
-            t0 = time.perf_counter()
-            send_frame(sock, parts)
-            recv_frame(sock, 8 * n_params, {Kind.PARAMS}, 30)
-            times.append(time.perf_counter() - t0)
-        cpu = (time.process_time() - c0) / repeats
+        return _round_trips(sock, parts, n_params, repeats)
     finally:
         sock.close()
         loop.call_soon_threadsafe(holder["server"].close)
         loop.call_soon_threadsafe(loop.stop)
         th.join(10)
         loop.close()
-    return cpu, statistics.median(times[2:])
 
 
-def message_cost(n_params, repeats=30, rounds=4):
+def _round_trips(sock, parts, n_params, repeats):
+    """CPU seconds (this process, all threads) and median wall seconds of a round trip."""
+    from flagagg.distributed._protocol import Kind, recv_frame, send_frame
+
+    times = []
+    for i in range(repeats + 2):
+        if i == 2:  # the first two warm up
+            c0 = time.process_time()
+        t0 = time.perf_counter()
+        send_frame(sock, parts)
+        recv_frame(sock, 8 * n_params, {Kind.PARAMS}, 30)
+        times.append(time.perf_counter() - t0)
+    return (time.process_time() - c0) / repeats, statistics.median(times[2:])
+
+
+def _echo_times_blocking(n_params, tls, repeats, parts, back):
+    """:func:`_echo_times` with the server's side on a thread and a blocking socket."""
+    from flagagg.distributed._protocol import Kind, recv_frame, send_frame
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls is not None:
+            conn = tls[0].wrap_socket(conn, server_side=True)
+        with conn, contextlib.suppress(OSError):  # ends when the client closes
+            while True:
+                recv_frame(conn, 8 * n_params, {Kind.GRAD}, 30)
+                send_frame(conn, back)
+
+    th = threading.Thread(target=serve, daemon=True)
+    th.start()
+    sock = socket.create_connection(listener.getsockname()[:2])
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if tls is not None:
+        sock = tls[1].wrap_socket(sock)
+    try:
+        return _round_trips(sock, parts, n_params, repeats)
+    finally:
+        sock.close()
+        th.join(10)
+        listener.close()
+
+
+_RECORDS = """
+import json, ssl, statistics, sys, time
+from flagagg.distributed._tls import client_context, file_of, server_context
+folder, n, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+server = server_context(file_of(folder, 0)).wrap_bio(s_in, s_out, server_side=True)
+client = client_context(file_of(folder, 1)).wrap_bio(c_in, c_out)
+for _ in range(10):  # the handshake, through the memory BIOs
+    for end in (client, server):
+        try:
+            end.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+    s_in.write(c_out.read())
+    c_in.write(s_out.read())
+data, out = bytes(n), bytearray(n)
+enc, dec = [], []
+for _ in range(repeats):
+    t = time.perf_counter()
+    client.write(data)
+    wire = c_out.read()
+    t1 = time.perf_counter()
+    s_in.write(wire)
+    got = 0
+    while got < n:
+        got += server.read(n - got, memoryview(out)[got:])
+    enc.append(t1 - t)
+    dec.append(time.perf_counter() - t1)
+print(json.dumps([server.cipher()[0], statistics.median(enc), statistics.median(dec)]))
+"""
+
+# OpenSSL's configuration is the only way Python 3.11 has to choose a TLS 1.3 cipher suite
+_AES128 = """openssl_conf = conf
+[conf]
+ssl_conf = ssl
+[ssl]
+system_default = tls
+[tls]
+Ciphersuites = TLS_AES_128_GCM_SHA256
+"""
+
+
+def record_cost(n_bytes=1_228_876, repeats=30):
+    """Encrypting and decrypting ``n_bytes`` in memory (no sockets), per TLS 1.3 cipher suite.
+
+    Each suite in a fresh process (the AES-128 one chosen through an
+    OpenSSL configuration file); returns ``{suite: (encrypt_s, decrypt_s)}``,
+    medians of ``repeats``.
+    """
+    from flagagg.distributed._tls import issue
+
+    got = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        issue(tmp, 1)
+        conf = Path(tmp, "aes128.cnf")
+        conf.write_text(_AES128)
+        for extra in ({}, {"OPENSSL_CONF": str(conf)}):
+            out = subprocess.run([sys.executable, "-c", _RECORDS, tmp, str(n_bytes),
+                                  str(repeats)], capture_output=True, text=True, check=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT), **extra})
+            suite, enc, dec = json.loads(out.stdout)
+            got[suite] = (enc, dec)
+    return got
+
+
+def message_cost(n_params, repeats=30, rounds=4, server="loop"):
     """What TLS adds to moving one ``n_params``-value frame each way on loopback.
 
     Plaintext and TLS alternate (plain, TLS, TLS, plain, ...), ``rounds``
-    times each, so that a load that comes and goes hits both alike.
+    times each, so that a load that comes and goes hits both alike;
+    ``server`` is where the server's side runs (see :func:`_echo_times`).
 
     Returns
     -------
@@ -240,7 +345,8 @@ def message_cost(n_params, repeats=30, rounds=4):
         got = {True: [], False: []}
         for i in range(2 * rounds):
             tls = (i % 4) in (1, 2)
-            got[tls].append(_echo_times(n_params, contexts if tls else None, repeats))
+            got[tls].append(_echo_times(n_params, contexts if tls else None, repeats,
+                                        server))
     return {f"{what}_{mode}": 1e6 * statistics.median(x[k] for x in got[tls])
             for k, what in enumerate(("cpu", "wall")) for mode, tls in (("tls", True),
                                                                         ("plain", False))}
@@ -257,9 +363,20 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each mode per cell, interleaved (default: 3)")
     parser.add_argument("--out", default=None, help="CSV file for the runs")
+    parser.add_argument("--floor", action="store_true",
+                        help="also what OpenSSL alone costs per frame (in memory, per cipher "
+                             "suite) and the server's side on a thread instead of its loop")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     rows = []
+    if args.floor:
+        for suite, (enc, dec) in record_cost().items():
+            print(f"in memory, {suite}: encrypting 1229 kB {1e3 * enc:.3f} ms, decrypting "
+                  f"{1e3 * dec:.3f} ms", flush=True)
+        c = message_cost(307_210, server="thread")
+        print(f"per message, mlp4096, the server's side on a thread and a blocking socket: "
+              f"CPU {c['cpu_tls']:.0f} us with TLS, {c['cpu_plain']:.0f} us plaintext",
+              flush=True)
     for n, name in ((650, "demo"), (307_210, "mlp4096")):
         c = message_cost(n)
         mb = 2 * 4 * n / 1e6

@@ -292,3 +292,21 @@ def test_a_gradient_sent_with_the_hello_is_seen_by_the_server_and_costs_its_send
     lost = [e for e in out["record"]["events"] if e.get("event") == "disconnected"]
     assert [(e["worker"], e["reason"]) for e in lost] == [
         (0, "protocol error: a gradient (round 1) beyond one per parameters it was sent")]
+
+
+def test_the_tls_cost_benchmark_measures_each_suite_and_the_threaded_server():
+    """tls_cost.py --floor: both TLS 1.3 AES suites really negotiated, both servers run."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "asv_bench" / "tls_cost.py"
+    spec = importlib.util.spec_from_file_location("tls_cost", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    got = bench.record_cost(n_bytes=200_000, repeats=2)
+    assert set(got) == {"TLS_AES_256_GCM_SHA384", "TLS_AES_128_GCM_SHA256"}
+    assert all(0 < t < 1 for pair in got.values() for t in pair)
+    for server in ("thread", "loop"):
+        cost = bench.message_cost(20_000, repeats=2, rounds=2, server=server)
+        assert set(cost) == {"cpu_tls", "cpu_plain", "wall_tls", "wall_plain"}
+        assert all(v > 0 for v in cost.values())
