@@ -7,7 +7,10 @@ with momentum and weight decay (``torch.optim.SGD``'s update, the paper's
 optimiser). All randomness comes from NumPy generators spawned from the run's
 seed, so a seed fixes a run bit for bit, and runs that differ only in the rule
 or the attack see the same shards, initial model and minibatches (paired
-comparisons).
+comparisons). The faulty workers' own gradients are computed only where
+their attack reads them (:attr:`flagagg.attacks.Attack.reads_own`): an
+attack such as A Little Is Enough replaces them with rows made from the
+honest ones, so a round computes p - f gradients, with the same results.
 """
 
 from __future__ import annotations

@@ -41,10 +41,11 @@ class RoundPlan(NamedTuple):
         Which attack, if any, touches the round; ``"honest"`` is a gradient
         attack that does not read the faulty workers' own gradients, whose
         ``need`` holds the honest workers only (``skip_unread``).
-    full : list of int
+    full : list of int or None
         The workers a gradient attack's round has rows of before the wanted
         ones are picked (``need`` plus the skipped faulty workers, in
-        order); ``need`` otherwise.
+        order, for ``"honest"``; ``need`` for ``"gradient"``); None for the
+        other modes.
     """
 
     xb: torch.Tensor
