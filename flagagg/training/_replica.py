@@ -221,8 +221,12 @@ class Replica:
             Leave out the faulty workers' gradients when the attack replaces
             them without reading them (:attr:`~flagagg.attacks.Attack.reads_own`
             is False, e.g. A Little Is Enough): f of the p gradients fewer a
-            round, and the same rows (each worker's gradient does not depend
-            on the other workers', and the minibatches are drawn before). The
+            round, and the same rows (each worker's gradient comes from
+            products of its own, whatever the number of workers: see
+            :class:`~flagagg.training._grads.GradientEngine`; the minibatches
+            are drawn before). Only for models the engine computes: under
+            ``vmap`` (``cnn``) the number of workers may change the
+            convolution's algorithm, so every row is computed there. The
             faulty workers' momenta are then not kept (nothing reads them);
             the simulator skips, a distributed worker, whose momenta are
             checkpointed, does not.
@@ -249,7 +253,7 @@ class Replica:
             xb[: self.f], yb[: self.f] = xf, yf
             return RoundPlan(xb, yb, need, rows, "data")
         need = list(range(self.workers)) if attack.omniscient else sorted(set(faulty) | set(rows))
-        if skip_unread and not attack.reads_own:
+        if skip_unread and not attack.reads_own and self._engine.supported:
             honest = [w for w in need if w not in faulty]
             if honest:  # an attack that reads no row at all still needs their shape
                 sel = torch.from_numpy(idx[honest])
