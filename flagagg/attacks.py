@@ -214,6 +214,10 @@ def _gradient_doc(*, honest: str, rng: str, own: str, own_required: bool = False
     own_kind = "array of shape (f, n)" + ("" if own_required else ", optional")
 
     def fill(func):
+        # what Attack.reads_own reports: an attack whose own is "Unused." never
+        # reads the faulty workers' honest gradients, so a simulator need not
+        # compute them (tests check that own changes nothing for these)
+        func._reads_own = own is not UNUSED
         if func.__doc__:  # None under python -OO
             doc = (func.__doc__.replace("{gradient_parameters}", common)
                    .replace("{own}", _entry("own", own_kind, own)))
@@ -965,6 +969,21 @@ class Attack:
     func: Callable[..., Any]
     params: Mapping[str, Any] = field(default_factory=dict)
     defence_aware: bool = False
+
+    @property
+    def reads_own(self):
+        """Whether the faulty workers' own gradients are needed to make their rows.
+
+        False for the gradient attacks that never read ``own`` and build
+        their rows from the honest rows alone (omniscient ones such as A
+        Little Is Enough) or from nothing (random, NaN): a simulator may
+        then skip computing the faulty workers' gradients. True for the
+        gradient attacks that read ``own`` (reverse, partial knowledge),
+        for data attacks and ``"none"`` (the faulty workers send their own,
+        poisoned or honest, gradients) and for any function whose use of
+        ``own`` is not declared.
+        """
+        return self.kind != "gradient" or getattr(self.func, "_reads_own", True)
 
     def __call__(self, *args, **kwargs):
         """Call the attack with the bound parameters."""

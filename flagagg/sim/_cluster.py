@@ -7,7 +7,10 @@ with momentum and weight decay (``torch.optim.SGD``'s update, the paper's
 optimiser). All randomness comes from NumPy generators spawned from the run's
 seed, so a seed fixes a run bit for bit, and runs that differ only in the rule
 or the attack see the same shards, initial model and minibatches (paired
-comparisons).
+comparisons). The faulty workers' own gradients are computed only where
+their attack reads them (:attr:`flagagg.attacks.Attack.reads_own`): an
+attack such as A Little Is Enough replaces them with rows made from the
+honest ones, so a round computes p - f gradients, with the same results.
 """
 
 from __future__ import annotations
@@ -302,8 +305,12 @@ weight_decay, worker_momentum, eval_every, array, backend, root_size
     for t in range(1, rounds + 1):
         w0 = time.perf_counter()
         plans = [states[i].replica.round_inputs(states[i].replica.draw_batches(batch_size),
-                                                states[i].attack, everyone) for i in active]
-        if engine.supported:
+                                                states[i].attack, everyone, skip_unread=True)
+                 for i in active]
+        # one engine call needs the same number of workers in every run (runs
+        # whose attacks skip the faulty workers' gradients and runs that do not
+        # are computed apart: every run's rows are the same either way)
+        if engine.supported and len({tuple(pl.xb.shape) for pl in plans}) == 1:
             G = engine(torch.stack([flats[i] for i in active]),
                        torch.stack([pl.xb for pl in plans]),
                        torch.stack([pl.yb for pl in plans])).unbind(0)
@@ -436,7 +443,10 @@ def _train(replica, aggregate, attack, steps, curve, *, root, batch_size, array,
     curve.start(flat)
     for t in steps:
         # minibatches with replacement from each worker's own shard, attacks applied
-        G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone)
+        # the faulty workers' own gradients only where the attack reads them
+        # (Replica.round_inputs: the same rows, f of p gradients fewer)
+        G = replica.gradients(flat, replica.draw_batches(batch_size), attack, everyone,
+                              skip_unread=True)
         rule_t = aggregate if root is None else root.bind(aggregate, flat, array)
         g = _aggregate_or_diverge(rule_t, G, array=array, backend=backend)
         if g is None:

@@ -121,10 +121,10 @@ class GradientEngine:
                 padded = None
                 cols = ap.unfold(1, k, s).transpose(3, 4)               # (P, L, B, k, C)
                 L = cols.shape[1]
-                cols = cols.reshape(R, p * L * B, k * C)
+                cols = cols.reshape(P, L * B, k * C)
                 wm = w.transpose(2, 3).reshape(R, Co, k * C)
-                z = (torch.baddbmm(b[:, None, :], cols, wm.transpose(1, 2)) if b is not None
-                     else torch.bmm(cols, wm.transpose(1, 2)))           # (R, p*L*B, Co)
+                z = _each_worker(cols, wm.transpose(1, 2), p,
+                                 None if b is None else b[:, None, :])
                 tape.append(("conv", name, cols, w, (L, L_in, C, k, s, pad), b is not None))
                 a = z.view(P, L, B, Co)
             elif kind == "linear":
@@ -135,10 +135,10 @@ class GradientEngine:
                     # channels-first flattening; permute it to (position, channel)
                     C, L = perm
                     w = w.reshape(R, -1, C, L).transpose(2, 3).reshape(R, -1, C * L)
-                z = (torch.baddbmm(b[:, None, :], a, w.transpose(1, 2)) if b is not None
-                     else torch.bmm(a, w.transpose(1, 2)))
+                z = _each_worker(a.reshape(P, B, -1), w.transpose(1, 2), p,
+                                 None if b is None else b[:, None, :])
                 tape.append(("linear", name, a, w, perm, b is not None))
-                a = z
+                a = z.view(R, N, -1)
             elif kind == "relu":
                 nxt = self.plan[at + 1] if at + 1 < len(self.plan) else None
                 if nxt is not None and nxt[0] == "conv" and nxt[4] > 0:
@@ -201,7 +201,7 @@ class GradientEngine:
                 if has_b:
                     out[f"{name}.bias"] = go.sum(1).reshape(R, p, K)
                 if not first:
-                    grad = torch.bmm(grad, w)
+                    grad = _each_worker(go, w, p).view(R, N, -1)
             else:  # conv
                 _, name, cols, w, (L, L_in, C, k, s, pad), has_b = entry
                 Co = w.shape[1]
@@ -225,8 +225,11 @@ class GradientEngine:
                     else:
                         dpad.zero_()
                     last = s * (L - 1) + 1
+                    # each tap's (Co, C) matrix contiguous once: a strided one
+                    # would be copied for every worker's product
+                    taps = w.permute(0, 3, 1, 2).contiguous()  # (R, k, Co, C)
                     for j in range(k):
-                        dj = torch.bmm(go, w[:, :, :, j]).view(P, L, B, C)  # (R, p*L*B, C)
+                        dj = _each_worker(go3, taps[:, j], p).view(P, L, B, C)
                         if j < s and k >= s:
                             dpad[:, j : j + last : s] = dj
                         else:
@@ -234,6 +237,51 @@ class GradientEngine:
                     grad = dpad[:, pad : pad + L_in]
         return torch.cat([out[name].reshape(R, p, size) for name, _, size in self.shapes],
                          dim=2)
+
+
+def _each_worker(x, m, p, b=None):
+    """``x[w] @ m[r] (+ b[r])`` for every worker w of every run r: one product per worker.
+
+    Parameters
+    ----------
+    x : torch.Tensor of shape (R*p, M, K)
+        Each worker's rows, run by run.
+    m : torch.Tensor of shape (R, K, N)
+        Each run's matrix.
+    p : int
+        Workers per run.
+    b : torch.Tensor of shape (R, 1, N), optional
+        Each run's bias row.
+
+    Returns
+    -------
+    out : torch.Tensor of shape (R*p, M, N)
+
+    Notes
+    -----
+    A worker's gradient must come from products of the same shapes whatever
+    the number of workers beside it: with one product over all the workers'
+    rows, the BLAS may pick another kernel (another order of the sums) for
+    another number of rows, and a run that computes fewer workers (the
+    simulator skips the faulty workers' gradients that their attack does not
+    read) would not be bit for bit the same (a test shows it does differ
+    for small products). So every worker's rows are one entry of a batched
+    product, against its run's matrix broadcast (a stride-0 view, no copy),
+    and the runs of a lockstep group go one call each: a run's call is the
+    same with or without other runs beside it.
+    """
+    R = m.shape[0]
+    if R == 1:
+        mr = m[0].expand(p, *m.shape[1:])
+        return torch.bmm(x, mr) if b is None else torch.baddbmm(b[0], x, mr)
+    out = x.new_empty((x.shape[0], x.shape[1], m.shape[2]))
+    for r in range(R):
+        xr, mr = x[r * p : (r + 1) * p], m[r].expand(p, *m.shape[1:])
+        if b is None:
+            torch.bmm(xr, mr, out=out[r * p : (r + 1) * p])
+        else:
+            torch.baddbmm(b[r], xr, mr, out=out[r * p : (r + 1) * p])
+    return out
 
 
 def _plan(model):

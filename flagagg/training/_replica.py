@@ -37,8 +37,15 @@ class RoundPlan(NamedTuple):
         The workers whose gradients are computed, in that order.
     rows : list of int
         The workers whose rows are wanted.
-    mode : {"plain", "data", "gradient"}
-        Which attack, if any, touches the round.
+    mode : {"plain", "data", "gradient", "honest"}
+        Which attack, if any, touches the round; ``"honest"`` is a gradient
+        attack that does not read the faulty workers' own gradients, whose
+        ``need`` holds the honest workers only (``skip_unread``).
+    full : list of int or None
+        The workers a gradient attack's round has rows of before the wanted
+        ones are picked (``need`` plus the skipped faulty workers, in
+        order, for ``"honest"``; ``need`` for ``"gradient"``); None for the
+        other modes.
     """
 
     xb: torch.Tensor
@@ -46,6 +53,7 @@ class RoundPlan(NamedTuple):
     need: list
     rows: list
     mode: str
+    full: list | None = None
 
 
 class Replica:
@@ -163,7 +171,7 @@ class Replica:
                  * self.sizes[:, None]).astype(np.int64)
         return self.pooled[self.offsets[:, None] + local]
 
-    def gradients(self, flat, idx, attack, rows):
+    def gradients(self, flat, idx, attack, rows, *, skip_unread=False):
         """The rows some workers send in one round, attacks applied.
 
         Parameters
@@ -176,6 +184,9 @@ class Replica:
             What the faulty workers do.
         rows : sequence of int
             Workers whose rows are wanted.
+        skip_unread : bool, default=False
+            Skip the faulty workers' gradients when the attack does not read
+            them (see :meth:`round_inputs`); the rows are the same.
 
         Returns
         -------
@@ -188,11 +199,11 @@ class Replica:
         attacks, on the honest workers; those rows are computed too, exactly
         as the simulator does, and then dropped.
         """
-        plan = self.round_inputs(idx, attack, rows)
+        plan = self.round_inputs(idx, attack, rows, skip_unread=skip_unread)
         G = self._per_worker(flat, plan.xb, plan.yb, self.shapes)
         return self.round_rows(G, plan, attack)
 
-    def round_inputs(self, idx, attack, rows):
+    def round_inputs(self, idx, attack, rows, *, skip_unread=False):
         """The first half of :meth:`gradients`: the minibatches the round computes on.
 
         :meth:`gradients` is ``round_rows(G, plan, attack)`` with ``G`` the
@@ -201,6 +212,24 @@ class Replica:
         one call in between (lockstep runs, :func:`flagagg.sim.simulate`'s
         grid executor). A data attack draws from the attack stream here, a
         gradient attack in :meth:`round_rows`.
+
+        Parameters
+        ----------
+        idx, attack, rows
+            As in :meth:`gradients`.
+        skip_unread : bool, default=False
+            Leave out the faulty workers' gradients when the attack replaces
+            them without reading them (:attr:`~flagagg.attacks.Attack.reads_own`
+            is False, e.g. A Little Is Enough): f of the p gradients fewer a
+            round, and the same rows (each worker's gradient comes from
+            products of its own, whatever the number of workers: see
+            :class:`~flagagg.training._grads.GradientEngine`; the minibatches
+            are drawn before). Only for models the engine computes: under
+            ``vmap`` (``cnn``) the number of workers may change the
+            convolution's algorithm, so every row is computed there. The
+            faulty workers' momenta are then not kept (nothing reads them);
+            the simulator skips, a distributed worker, whose momenta are
+            checkpointed, does not.
 
         Returns
         -------
@@ -224,8 +253,14 @@ class Replica:
             xb[: self.f], yb[: self.f] = xf, yf
             return RoundPlan(xb, yb, need, rows, "data")
         need = list(range(self.workers)) if attack.omniscient else sorted(set(faulty) | set(rows))
+        if skip_unread and not attack.reads_own and self._engine.supported:
+            honest = [w for w in need if w not in faulty]
+            if honest:  # an attack that reads no row at all still needs their shape
+                sel = torch.from_numpy(idx[honest])
+                return RoundPlan(self.X_train[sel], self.y_train[sel], honest, rows, "honest",
+                                 need)
         sel = torch.from_numpy(idx if len(need) == self.workers else idx[need])
-        return RoundPlan(self.X_train[sel], self.y_train[sel], need, rows, "gradient")
+        return RoundPlan(self.X_train[sel], self.y_train[sel], need, rows, "gradient", need)
 
     def round_rows(self, G, plan, attack):
         """The second half of :meth:`gradients`: momenta and attacks on the raw gradients.
@@ -253,6 +288,16 @@ class Replica:
         # the honest computation of every row at hand (the faulty workers' own
         # included): the attack sees momenta when the workers send momenta
         G = self._with_momentum(G, need)
+        if plan.mode == "honest":
+            # only the honest rows were computed: the same values the attack
+            # reads from a full round, rows in the same order
+            full = plan.full
+            f_rows, h_rows, out_rows = self._row_positions(full, faulty, rows)
+            H = G
+            G = G.new_empty((len(full), G.shape[1]))
+            G[h_rows] = H
+            G[f_rows] = attack(H, self.f, rng=self.attack_rng)
+            return G if out_rows is None else G[out_rows]
         f_rows, h_rows, out_rows = self._row_positions(need, faulty, rows)
         G[f_rows] = attack(G[h_rows], self.f, rng=self.attack_rng, own=G[f_rows])
         return G if out_rows is None else G[out_rows]
