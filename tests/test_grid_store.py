@@ -288,6 +288,8 @@ def test_local_processes_give_the_serial_results(tmp_path):
     assert _strip(pooled) == _strip(serial)
 
 
+# Ray's tip on GPU variables concerns no CPU-only grid: it is not shown to the user
+@pytest.mark.filterwarnings("error::FutureWarning")
 def test_ray_executor_on_loopback_gives_the_serial_results(tmp_path, capsys, monkeypatch):
     """``--executor ray`` starts a private Ray on loopback; the runs equal serial ones."""
     pytest.importorskip("ray")

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -462,13 +463,18 @@ def _ray(config, tasks, groups, done, jobs, address):
         raise ImportError("executor 'ray' needs Ray: pip install 'ray[default]'") from exc
     started = False
     if not ray.is_initialized():
-        if address is None:
-            # a private Ray on this machine, reachable from loopback only
-            ray.init(num_cpus=jobs if jobs and jobs > 1 else None, include_dashboard=False,
-                     _node_ip_address="127.0.0.1", log_to_driver=False,
-                     logging_level="ERROR")
-        else:
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        with warnings.catch_warnings():
+            # Ray's tip about how it will treat GPU variables for tasks that ask for no
+            # GPU: the grid's tasks ask for none and use none, so it concerns nothing here
+            warnings.filterwarnings("ignore", "Tip: In future versions of Ray",
+                                    FutureWarning)
+            if address is None:
+                # a private Ray on this machine, reachable from loopback only
+                ray.init(num_cpus=jobs if jobs and jobs > 1 else None,
+                         include_dashboard=False, _node_ip_address="127.0.0.1",
+                         log_to_driver=False, logging_level="ERROR")
+            else:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         started = True
     # a task steps a group of runs in lockstep on one CPU
     remote = ray.remote(num_cpus=1, max_retries=2)(_ray_group)
