@@ -405,3 +405,30 @@ def test_all_gradients_overflowing_is_divergence_not_an_error(digits, monkeypatc
     monkeypatch.setattr(_replica.Replica, "gradients", overflowing)
     res = sim.simulate(digits, "mean", f=0, workers=5, attack="none", rounds=3, eval_every=1)
     assert res.diverged and res.diverged_round == 1 and res.final_accuracy == 0.0
+
+
+def test_simulate_runs_on_one_thread_and_gives_the_users_threads_back():
+    """PyTorch's and NumPy's BLAS threads are 1 while the run trains, the user's after it."""
+    import torch
+    from threadpoolctl import threadpool_info
+
+    seen = []
+
+    def mean_and_note(G):
+        blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+        seen.append((torch.get_num_threads(), blas))
+        return np.mean(G, axis=0)
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sim.simulate("digits", mean_and_note, workers=4, rounds=2)
+        assert seen and all(t == 1 and all(b == 1 for b in blas) for t, blas in seen)
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        sim.simulate("digits", mean_and_note, workers=4, rounds=2, threads=None)
+        assert seen and all(t == 2 for t, _ in seen)
+        with pytest.raises(ValueError, match="threads >= 1"):
+            sim.simulate("digits", workers=4, rounds=2, threads=0)
+    finally:
+        torch.set_num_threads(saved)

@@ -38,7 +38,7 @@ import flagagg
 from ..training._config import as_config
 from ..training._data import load_dataset
 from ..training._results import Results
-from ._cluster import simulate, simulate_lockstep
+from ._cluster import cpu_threads, simulate, simulate_lockstep
 
 __all__ = ["GridInterrupted", "ResultStore", "grid_status", "run_experiment", "run_settings",
            "source_fingerprint"]
@@ -376,28 +376,9 @@ def _rows(config, task, result):
     return run, curve
 
 
-@contextmanager
 def _one_cpu():
-    """PyTorch and the BLAS under NumPy on one thread, as long as the block runs.
-
-    Small models and (p, n) rows of a few thousand columns: one thread per
-    run is fastest and keeps runs repeatable, and a grid promises one CPU
-    per run. The BLAS matters too: OpenBLAS spreads even a (15, 15) x
-    (15, n) product (NNM's mixed inputs before a coordinate-wise rule) over
-    every core, and on a busy machine waiting for those threads cost 15 ms
-    of CPU a round, 1.5 times the whole round without them (the results do
-    not change: the threads split the output, not the sums).
-    """
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-    finally:
-        torch.set_num_threads(threads)
+    """One PyTorch and one BLAS thread for the block (see :func:`cpu_threads`)."""
+    return cpu_threads(1)
 
 
 def _init_process():
