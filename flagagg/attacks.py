@@ -1314,6 +1314,9 @@ def _fang_krum(ref, f, p, n_neighbours, threshold):
     else:
         spread = 0.0
     lam = spread + float(np.sqrt(sq).max()) / math.sqrt(n)
+    # rows too large to square (1e200) or not finite: start the halving from the largest
+    # float, so that it ends; a NaN lam (NaN rows) ends it at once (below)
+    lam = min(lam, float(np.finfo(np.float64).max))
     gs, gc = Gc @ s, Gc @ c
     s_sq, cs, cc = float(s @ s), float(c @ s), float(c @ c)
     while True:
@@ -1321,7 +1324,7 @@ def _fang_krum(ref, f, p, n_neighbours, threshold):
         # ||g_i - c||^2 - 2 <g_i - c, x - c> + ||x - c||^2
         xc_sq = lam * lam * s_sq + 2.0 * lam * cs + cc
         dh = np.maximum(sqc + 2.0 * (lam * gs + gc) + xc_sq, 0.0)
-        if _krum_picks_crafted(D2h, dh, f, n_neighbours) or lam < threshold:
+        if not lam >= threshold or _krum_picks_crafted(D2h, dh, f, n_neighbours):
             break
         lam /= 2.0
     return -lam * s

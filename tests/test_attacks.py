@@ -301,3 +301,42 @@ def test_little_is_enough_torch_equals_numpy_on_offset_rows():
     out_t = attacks.little_is_enough(torch.from_numpy(a), 3)
     out_n = attacks.little_is_enough(a, 3)
     np.testing.assert_allclose(out_t.numpy(), out_n, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 1e200, 1e300])
+@pytest.mark.parametrize("name", available_attacks("gradient"))
+def test_every_gradient_attack_ends_on_hostile_honest_rows(name, bad):
+    """A diverging run hands an attack NaN, Inf or huge rows: it must return, not loop.
+
+    Fang et al.'s search halved an infinite or NaN lambda forever. Each attack
+    runs in a thread with a deadline, so that a hang fails the test instead of
+    stalling the suite.
+    """
+    import threading
+    import warnings
+
+    import flagagg
+
+    rng = np.random.default_rng(0)
+    honest, own = rng.normal(size=(12, 30)), rng.normal(size=(3, 30))
+    honest[0, 0] = own[0, 0] = bad
+    attack = get_attack(name)
+    if attack.defence_aware:
+        attack = attack.with_rule(flagagg.get_rule("median", f=3))
+    out = {}
+
+    def run():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # overflow on the way is expected
+            try:
+                out["rows"] = attack(honest, 3, rng=np.random.default_rng(1), own=own)
+            except ValueError as exc:  # refusing such rows in words is an answer too
+                out["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), f"{name} did not return on honest rows holding {bad}"
+    assert "rows" in out or "error" in out
+    if "rows" in out:
+        assert np.shape(out["rows"]) == (3, 30)
