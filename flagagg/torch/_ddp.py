@@ -23,6 +23,7 @@ import flagagg
 
 from .._backend_choice import select_backend
 from .._gram import Gram, as_gram, scale_exponents
+from ..backends._torch import _host_backend
 from ..rules._result import diagnose, linear_stats, suspects_of, worker_diagnostics
 
 __all__ = ["MODES", "DDPHookState", "ddp_comm_hook"]
@@ -524,14 +525,14 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
             if coef is None:
                 buf.zero_()
             else:
-                buf.view(-1).copy_(impl.combine(coef, plan.recv))
+                _combine_into(impl, coef, plan.recv, buf.view(-1))
             continue
         own = plan.own
         m = own.numel()
         if coef is None or m == 0:
             own.zero_()
         else:
-            own.copy_(impl.combine(coef, plan.recv))
+            _combine_into(impl, coef, plan.recv, own)
         # Point to point, straight from this rank's part of the bucket into
         # the others' (an all-to-all would need the part copied p times).
         # The process group's own send/recv take ranks in the group and skip
@@ -545,6 +546,22 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     _record(state, excluded, rule_excluded, keep, coef, K, world)
     for work in works:
         work.wait()
+
+
+def _combine_into(impl: Any, coef: np.ndarray, X: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[:] = sum_r coef[r] X[r]``: on the CPU straight into ``dst`` (no result to copy).
+
+    The host kernel writes float32/float64 CPU buckets in place; other
+    dtypes and devices go through the backend's combination and a copy.
+    Either way the values are those of ``impl.combine(coef, X)``.
+    """
+    if (dst.device.type == "cpu" and X.device.type == "cpu" and dst.dtype == X.dtype
+            and X.dtype in (torch.float32, torch.float64) and dst.is_contiguous()):
+        host = _host_backend()
+        if host.name == "numba":
+            host.combine(coef, X.detach().numpy(), out=dst.detach().numpy())
+            return
+    dst.copy_(impl.combine(coef, X))
 
 
 # np.arange(p), shared by the steps where every rank is finite (read only)
