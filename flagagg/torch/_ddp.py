@@ -221,7 +221,7 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
 
 def _check_world(state: DDPHookState) -> int:
     """Check the rule's bound on p against the group's size (once per size)."""
-    world = dist.get_world_size(state.process_group)
+    world = _group(state)[1]
     if state._checked != world:
         try:
             state.rule.check_workers(world)
@@ -320,7 +320,8 @@ class _Plan:
 def _group(state: DDPHookState) -> tuple[Any, int, int]:
     """``(process group object, world size, rank in it)``, looked up once per group."""
     cached = state._scratch.get("group")
-    if cached is None or cached[0] is not state.process_group:
+    if (cached is None or cached[0] is not state.process_group
+            or (cached[0] is None and cached[1] is not dist.group.WORLD)):
         group = state.process_group
         pg = group if group is not None else dist.group.WORLD
         cached = (group, pg, dist.get_world_size(group), dist.get_rank(group))
@@ -357,6 +358,15 @@ def _plan(state: DDPHookState, index: int, flat: torch.Tensor, world: int, rank:
     plan.recv_flat = plan.recv.view(-1)
     state._scratch[("plan", index)] = plan
     return plan
+
+
+def _backend(state: DDPHookState, like: torch.Tensor) -> Any:
+    """The torch backend for tensors like ``like`` (looked up once per device type)."""
+    key = ("backend", like.device.type)
+    impl = state._scratch.get(key)
+    if impl is None:
+        impl = state._scratch[key] = select_backend(None, like, "torch")
+    return impl
 
 
 def _a2a_options() -> Any:
@@ -477,7 +487,7 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     acc: list = [None, None]
     for plan, work in sent:
         work.wait()
-        impl = impl or select_backend(None, plan.recv, "torch")
+        impl = impl or _backend(state, plan.recv)
         part = _shard_gram(impl, plan.recv)
         j = int(plan.lens is None)
         acc[j] = part if acc[j] is None else _add_grams(acc[j], part)

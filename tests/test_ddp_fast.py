@@ -1,0 +1,181 @@
+"""The DDP hook's fast paths, each against the slow, obvious form (no process group needed).
+
+- the combination written straight into a bucket buffer against the
+  backend's combination and a copy, on hostile rows (NaN with weight 0,
+  1e30/1e300, large offsets);
+- the per-rank diagnostics formed when the state is read against the same
+  functions called in the step;
+- the per-bucket plans kept across steps: rebuilt when the buffer, its size
+  or ``replicate_below`` change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("numba")
+
+from flagagg._backend_choice import select_backend  # noqa: E402
+from flagagg._gram import Gram, as_gram  # noqa: E402
+from flagagg.rules._result import diagnose, linear_stats  # noqa: E402
+from flagagg.torch import _ddp  # noqa: E402
+
+
+def _rows(dtype, m, kind):
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(4, m))
+    if kind == "nan":  # a faulty row, weight 0: must not leak into the output
+        X[2, ::3] = np.nan
+    elif kind == "huge":
+        X[1] *= 1e30 if dtype == torch.float32 else 1e300
+    elif kind == "offset":  # values far from zero, small differences
+        X += 1e6
+    return torch.from_numpy(X).to(dtype)
+
+
+COEFS = {"mean": [0.25, 0.25, 0.25, 0.25], "one_out": [0.4, 0.3, 0.0, 0.3],
+         "signed": [1.5, -0.25, 0.0, -0.25], "zero": [0.0, 0.0, 0.0, 0.0]}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["plain", "nan", "huge", "offset"])
+@pytest.mark.parametrize("coef", list(COEFS))
+@pytest.mark.parametrize("m", [0, 1, 1000, 70001])
+def test_combine_into_a_bucket_equals_combine_and_copy(dtype, kind, coef, m):
+    """Bit for bit what ``dst.copy_(impl.combine(coef, X))`` gives, into a slice of a bucket."""
+    X = _rows(dtype, m, kind)
+    c = np.asarray(COEFS[coef])
+    if kind == "nan" and c[2] != 0:
+        c = np.asarray(COEFS["one_out"])
+    impl = select_backend(None, X, "torch")
+    bucket = torch.full((m + 13,), 7.0, dtype=dtype)
+    dst = bucket[5:5 + m]  # this rank's part of a bucket buffer: a view at an offset
+    _ddp._combine_into(impl, c, X, dst)
+    want = impl.combine(c, X).to(dtype)
+    assert torch.equal(dst, want) or (torch.isnan(want).any()
+                                      and torch.equal(torch.isnan(dst), torch.isnan(want))
+                                      and torch.equal(dst[~torch.isnan(dst)],
+                                                      want[~torch.isnan(want)]))
+    # nothing outside the part is written
+    assert torch.all(bucket[:5] == 7.0) and torch.all(bucket[5 + m:] == 7.0)
+    if kind == "nan":
+        assert torch.isfinite(dst).all()
+
+
+@pytest.mark.parametrize("case", ["float16", "strided"])
+def test_combine_into_falls_back_where_the_kernel_cannot_write(case):
+    """Half precision and a strided destination go through combine and a copy: same values."""
+    X = _rows(torch.float16 if case == "float16" else torch.float32, 257, "plain")
+    impl = select_backend(None, X, "torch")
+    c = np.asarray(COEFS["signed"])
+    if case == "float16":
+        dst = torch.zeros(257, dtype=torch.float16)
+    else:
+        dst = torch.zeros(514, dtype=torch.float32)[::2]
+    _ddp._combine_into(impl, c, X, dst)
+    assert torch.equal(dst, impl.combine(c, X).to(dst.dtype))
+
+
+def test_numba_combine_out_is_checked_and_returned():
+    from flagagg.backends._numba import NumbaBackend
+
+    X = np.random.default_rng(0).normal(size=(3, 50)).astype(np.float32)
+    c = np.array([0.5, 0.0, 0.5])
+    out = np.empty(50, dtype=np.float32)
+    got = NumbaBackend().combine(c, X, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, NumbaBackend().combine(c, X))
+    for bad in (np.empty(49, np.float32), np.empty(50, np.float64),
+                np.empty(100, np.float32)[::2]):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            NumbaBackend().combine(c, X, out=bad)
+
+
+def _state(rule="flag"):
+    import flagagg
+
+    return _ddp.DDPHookState(flagagg.get_rule(rule), "sharded")
+
+
+def _gram(scaled):
+    rng = np.random.default_rng(1)
+    G = rng.normal(size=30) + 0.3 * rng.normal(size=(4, 30))  # honest ranks agree
+    G[3] *= -10  # a reversed, scaled rank
+    if not scaled:
+        return G @ G.T
+    # rank 1 at 1e200: its squared norm overflows; held by its scaled form
+    e = np.array([0, 700, 0, 0])
+    return Gram.from_scaled(G @ G.T, e, finite=np.ones(4, dtype=bool))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_diagnostics_are_formed_when_read_and_equal_the_eager_ones(scaled, monkeypatch):
+    K = _gram(scaled)
+    state = _state()
+    coef = np.asarray(state.rule.solve_gram(K).coefficients, dtype=np.float64)
+    want = diagnose(linear_stats(as_gram(K), coef), coef, ())
+    calls = []
+    real = _ddp.diagnose
+    monkeypatch.setattr(_ddp, "diagnose", lambda *a: calls.append(1) or real(*a))
+    _ddp._record(state, [], [], np.arange(4), coef, K, 4)
+    assert calls == [] and state._influence is None  # nothing formed inside the step
+    assert state.steps == 1 and state.coefficients is coef
+    np.testing.assert_array_equal(state.influence, want["influence"])
+    np.testing.assert_array_equal(state.cosine, want["cosine"])
+    assert state.verdict == tuple(want["verdict"])
+    bad = 1 if scaled else 3  # the 1e200 rank, or the reversed one
+    assert bad in state.suspects and state.verdict[bad] != "trusted"
+    assert calls == [1]  # formed once, then kept
+    # the next step replaces them (not the first step's, kept): every rank non-finite
+    why = "non-finite values (NaN or Inf)"
+    _ddp._record(state, [(r, why) for r in range(4)], [], np.zeros(0, dtype=np.int64), None,
+                 None, 4)
+    assert state.influence is None and np.isnan(state.cosine).all()
+    assert state.verdict == (f"excluded: {why}",) * 4 and state.suspects == (0, 1, 2, 3)
+    assert state.steps == 2
+
+
+def test_diagnostics_of_a_step_with_an_excluded_rank_match_the_eager_ones():
+    """A rank left out (NaN): diagnostics of the kept ranks, the excluded one says why."""
+    G = np.random.default_rng(2).normal(size=(4, 20))
+    K_all = G @ G.T
+    finite = np.array([True, True, False, True])
+    keep = np.flatnonzero(finite)
+    state = _state()
+    coef = np.zeros(4)
+    coef[keep] = state.rule.solve_gram(K_all[np.ix_(keep, keep)]).coefficients
+    K = K_all.copy()
+    K[2, :] = K[:, 2] = np.nan
+    excluded = [(2, "non-finite values (NaN or Inf)")]
+    _ddp._record(state, excluded, [], keep, coef, K, 4)
+    want = diagnose(linear_stats(as_gram(K), coef), coef, tuple(excluded))
+    np.testing.assert_array_equal(state.influence, want["influence"])
+    np.testing.assert_array_equal(state.cosine, want["cosine"])
+    assert state.verdict == tuple(want["verdict"])
+    assert state.verdict[2].startswith("excluded")
+
+
+def test_bucket_plans_are_kept_and_rebuilt_when_the_bucket_changes():
+    state = _state()
+    a = torch.arange(10, dtype=torch.float32)
+    plan = _ddp._plan(state, 0, a, 4, 1)
+    assert plan.lens is None  # 10 * 3 < replicate_below: the bucket goes whole
+    assert _ddp._plan(state, 0, a, 4, 1) is plan
+    state.replicate_below = 0
+    sharded = _ddp._plan(state, 0, a, 4, 1)
+    assert sharded is not plan and sharded.lens == [3, 3, 2, 2]
+    # this rank's part and the peers' parts are views of the bucket itself
+    assert sharded.own.data_ptr() == a[3:6].data_ptr() and sharded.own.numel() == 3
+    assert [j for j, _ in sharded.peers] == [0, 2, 3]
+    assert [v[0].data_ptr() for _, v in sharded.peers] == [a[0:3].data_ptr(),
+                                                           a[6:8].data_ptr(),
+                                                           a[8:10].data_ptr()]
+    assert sharded.targets == [0, 2, 3]
+    assert _ddp._plan(state, 0, a, 4, 1) is sharded
+    b = torch.arange(10, dtype=torch.float32)  # DDP rebuilt its buckets: another buffer
+    assert _ddp._plan(state, 0, b, 4, 1).own.data_ptr() == b[3:6].data_ptr()
+    c = torch.arange(3, dtype=torch.float32)  # fewer elements than ranks: empty shards
+    tiny = _ddp._plan(state, 0, c, 4, 3)
+    assert tiny.lens == [1, 1, 1, 0] and tiny.targets == [] and len(tiny.peers) == 3
