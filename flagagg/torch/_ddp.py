@@ -529,7 +529,12 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         else:
             coef = np.zeros(world)
             coef[keep] = coef_kept
-    works = []
+    # Every receive is posted before this rank combines (the peers send once
+    # they have combined theirs): the other ranks' combined shards land in the
+    # bucket buffers straight from the socket. Posted after the solve, the
+    # one step here that may raise: a failed step leaves no receive behind.
+    works = [pg.recv(dst, j, i) for i, (plan, _) in enumerate(sent) if plan.lens is not None
+             for j, dst in plan.peers]
     for i, (buf, (plan, _)) in enumerate(zip(buffers, sent, strict=True)):
         if plan.lens is None:  # a whole bucket: this rank computes all of it
             if coef is None:
@@ -549,8 +554,6 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         # torch.distributed's per-call argument checks.
         for j in plan.targets:
             works.append(pg.send(plan.own_list, j, i))
-        for j, dst in plan.peers:
-            works.append(pg.recv(dst, j, i))
         _sent(state, m * (world - 1), buf.element_size())
     # The diagnostics are formed from K when the state is read (_settle).
     _record(state, excluded, rule_excluded, keep, coef, K, world)
