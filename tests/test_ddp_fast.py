@@ -179,3 +179,87 @@ def test_bucket_plans_are_kept_and_rebuilt_when_the_bucket_changes():
     c = torch.arange(3, dtype=torch.float32)  # fewer elements than ranks: empty shards
     tiny = _ddp._plan(state, 0, c, 4, 3)
     assert tiny.lens == [1, 1, 1, 0] and tiny.targets == [] and len(tiny.peers) == 3
+
+
+def _hostile_grams(rng, count):
+    """Gram matrices the hook meets: agreeing ranks, a reversed or x100 one, duplicates,
+    rank-deficient sets, magnitudes from 1e-100 to 1e100, p from 2 to 16."""
+    for t in range(count):
+        p = int(rng.integers(2, 17))
+        n = int(rng.integers(1, 60))
+        G = rng.normal(size=n) + rng.normal(size=(p, n)) * rng.uniform(1e-3, 3)
+        kind = t % 8
+        if kind == 1:
+            G[0] *= -10
+        elif kind == 2:
+            G[p - 1] *= 100
+        elif kind == 3:  # duplicates and near-duplicates
+            G[1] = G[0]
+            G[p - 1] = G[0] * (1 + 1e-13)
+        elif kind == 4:  # rank-deficient: every row in a 2-d span
+            G = rng.normal(size=(p, 2)) @ rng.normal(size=(2, n))
+        elif kind == 5:
+            G *= 1e100
+        elif kind == 6:
+            G *= 1e-100
+        elif kind == 7:  # opposite pairs
+            G[1::2] = -G[0::2][: p // 2]
+        yield G @ G.T
+
+
+@pytest.mark.parametrize("params", [{}, {"r": 1}, {"r": 3}, {"max_iter": 1},
+                                    {"max_iter": 6, "tol": 0.0}, {"eps": 1e-3},
+                                    {"rescale": "median_norm"}])
+def test_lean_flag_solve_is_bit_identical_to_solve_gram(params):
+    import flagagg
+
+    rule = flagagg.get_rule("flag", **params)
+    rng = np.random.default_rng(11)
+    used = 0
+    for K in _hostile_grams(rng, 400):
+        want = np.asarray(rule.solve_gram(K).coefficients, dtype=np.float64)
+        got, excluded = _ddp._solve(rule, K)
+        np.testing.assert_array_equal(got, want)
+        assert excluded == ()
+        used += _ddp._lean_flag_applies(rule, K)
+    assert used == 400  # the lean path ran on every one (not the fallback)
+
+
+@pytest.mark.parametrize("case", ["lam", "reference", "no_rescale", "zero_row", "nan",
+                                  "overflow", "scaled", "krum", "too_few"])
+def test_solve_outside_the_lean_case_is_the_rules_own(case):
+    """Every case the lean path does not cover goes to ``rule.solve_gram``, same result."""
+    import flagagg
+
+    rng = np.random.default_rng(5)
+    G = rng.normal(size=30) + 0.5 * rng.normal(size=(5, 30))
+    K = G @ G.T
+    rule = flagagg.get_rule("flag")
+    if case == "lam":
+        rule = flagagg.get_rule("flag", lam=0.5)
+    elif case == "reference":
+        rule = flagagg.get_rule("flag", variant="reference")
+    elif case == "no_rescale":
+        rule = flagagg.get_rule("flag", rescale="none")
+    elif case == "zero_row":
+        K[2, :] = K[:, 2] = 0.0
+    elif case == "nan":
+        K[1, 1] = np.nan
+    elif case == "overflow":
+        K[0, 0] = 1e300
+    elif case == "scaled":
+        K = Gram.from_scaled(K, np.array([0, 600, 0, 0, 0]), finite=np.ones(5, dtype=bool))
+    elif case == "krum":
+        rule = flagagg.get_rule("krum", f=1)
+    elif case == "too_few":  # flag with f = 2 needs p >= 5: four ranks left must fail
+        rule = flagagg.get_rule("flag", f=2)
+        K = K[:4, :4]
+    if case == "too_few":
+        with pytest.raises(ValueError, match="p >= 2f"):
+            _ddp._solve(rule, K)
+        return
+    assert not _ddp._lean_flag_applies(rule, K)
+    want = rule.solve_gram(K)
+    got, excluded = _ddp._solve(rule, K)
+    np.testing.assert_array_equal(got, np.asarray(want.coefficients, dtype=np.float64))
+    assert excluded == tuple(want.excluded)
