@@ -263,3 +263,17 @@ def test_solve_outside_the_lean_case_is_the_rules_own(case):
     got, excluded = _ddp._solve(rule, K)
     np.testing.assert_array_equal(got, np.asarray(want.coefficients, dtype=np.float64))
     assert excluded == tuple(want.excluded)
+
+
+def test_plans_of_buckets_ddp_no_longer_has_are_dropped():
+    """Three buckets, then two (DDP rebuilt them): the third's plan and buffers go."""
+    state = _state()
+    state.replicate_below = 0
+    buckets = [torch.zeros(40), torch.zeros(40), torch.zeros(8)]
+    for i, b in enumerate(buckets):
+        _ddp._plan(state, i, b, 4, 0)
+    _ddp._forget_buckets(state, 3)
+    assert ("plan", 2) in state._scratch and ("shards", 2) in state._scratch
+    _ddp._forget_buckets(state, 2)
+    assert ("plan", 2) not in state._scratch and ("shards", 2) not in state._scratch
+    assert ("plan", 1) in state._scratch and state._scratch["buckets"] == 2

@@ -336,6 +336,8 @@ def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[
         state._count = bucket.index() + 1
     if state._count is not None and len(state._pending) == state._count:
         pending = [state._pending[i] for i in range(state._count)]
+        if state._scratch.get("buckets") != state._count:
+            _forget_buckets(state, state._count)
         state._pending, state._count = {}, None
         try:
             if early:
@@ -373,6 +375,18 @@ def _split(n: int, world: int) -> list[int]:
     """Shard lengths of ``n`` elements over ``world`` ranks: as even as possible, no padding."""
     q, r = divmod(n, world)
     return [q + (j < r) for j in range(world)]
+
+
+def _forget_buckets(state: DDPHookState, count: int) -> None:
+    """Drop the plans and buffers of bucket indices from ``count`` on (DDP has fewer now).
+
+    A plan holds views of its bucket's buffer: kept, it would keep a bucket
+    that DDP has replaced alive.
+    """
+    for key in [k for k in state._scratch if isinstance(k, tuple) and len(k) == 2
+                and k[0] in ("plan", "whole", "shards", "copies") and k[1] >= count]:
+        del state._scratch[key]
+    state._scratch["buckets"] = count
 
 
 def _scratch(state: DDPHookState, key: tuple, shape: tuple, like: torch.Tensor) -> torch.Tensor:
