@@ -277,3 +277,71 @@ def test_plans_of_buckets_ddp_no_longer_has_are_dropped():
     _ddp._forget_buckets(state, 2)
     assert ("plan", 2) not in state._scratch and ("shards", 2) not in state._scratch
     assert ("plan", 1) in state._scratch and state._scratch["buckets"] == 2
+
+
+def _failing_step_worker(rank, store, out):
+    """A step whose solve fails on every rank (too few finite ranks), then ordinary steps."""
+    import json
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import flagagg
+    import flagagg.torch as fat
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=4)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
+    model = DDP(net, bucket_cap_mb=0.004)
+    state, hook = fat.ddp_comm_hook("flag", f=1)  # needs 3 finite ranks of 4
+    state.replicate_below = 0  # every bucket sharded: receives posted each step
+    model.register_comm_hook(state, hook)
+    g = torch.Generator().manual_seed(rank)
+    X, y = torch.randn(16, 20, generator=g), torch.randint(0, 2, (16,), generator=g)
+    res = {"errors": [], "close": [], "identical": []}
+    for step in range(4):
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(X), y)
+        if step == 1 and rank >= 2:  # two NaN ranks: the rule cannot run on the two left
+            loss = loss * float("nan")
+        try:
+            loss.backward()
+        except Exception as exc:  # noqa: BLE001 - the test reads the message
+            res["errors"].append((step, str(exc)[:300]))
+            continue
+        got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
+        ref = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(),
+                                  torch.nn.Linear(64, 2))
+        ref.load_state_dict(net.state_dict())
+        torch.nn.functional.cross_entropy(ref(X), y).backward()
+        mine = torch.cat([q.grad.reshape(-1) for q in ref.parameters()])
+        every = [torch.empty_like(mine) for _ in range(4)]
+        dist.all_gather(every, mine)
+        want = flagagg.get_rule("flag", f=1)(torch.stack(every).double().numpy())
+        outs = [torch.empty_like(got) for _ in range(4)]
+        dist.all_gather(outs, got)
+        res["close"].append(bool(np.allclose(got.double().numpy(), want, rtol=1e-4,
+                                             atol=1e-6)))
+        res["identical"].append(all(torch.equal(got, q) for q in outs))
+    with open(f"{out}.{rank}", "w") as fh:
+        json.dump(res, fh)
+    dist.destroy_process_group()
+
+
+def test_a_step_that_fails_leaves_no_receive_behind(tmp_path):
+    """The solve raises on every rank (2 finite ranks, flag with f = 1 needs 3): that
+    backward fails in flagagg's words, and the next steps aggregate as the local rule."""
+    import json
+    import os
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_failing_step_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")),
+             nprocs=4, join=True)
+    for r in range(4):
+        res = json.loads((tmp_path / f"out.{r}").read_text())
+        assert [s for s, _ in res["errors"]] == [1], res
+        assert "p >= 2f + 1" in res["errors"][0][1], res
+        assert res["close"] == [True] * 3 and res["identical"] == [True] * 3, res
