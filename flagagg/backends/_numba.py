@@ -218,11 +218,21 @@ class NumbaBackend(NumpyBackend):
                     K += _gram_flat(B.reshape(-1), p, B.shape[1], B.shape[1])
         return _mirror(K)
 
-    def combine(self, coef: np.ndarray, X: np.ndarray) -> np.ndarray:
-        """``sum_i coef[i] X[i]`` over the non-zero coefficients, float64 accumulation."""
+    def combine(self, coef: np.ndarray, X: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``sum_i coef[i] X[i]`` over the non-zero coefficients, float64 accumulation.
+
+        ``out``, when given, receives the result (a contiguous vector of the
+        result's dtype that does not overlap ``X``; the DDP hook writes
+        straight into a gradient bucket) and is returned.
+        """
         p, m = X.shape
         rows = np.flatnonzero(coef).astype(np.int64)
-        out = np.empty(m, dtype=np.float64 if X.dtype == np.float64 else np.float32)
+        dtype = np.float64 if X.dtype == np.float64 else np.float32
+        if out is None:
+            out = np.empty(m, dtype=dtype)
+        elif out.shape != (m,) or out.dtype != dtype or not out.flags.c_contiguous:
+            raise ValueError(f"combine: out must be a contiguous ({m},) {np.dtype(dtype)} "
+                             f"vector, got {out.shape} {out.dtype}")
         if rows.size == 0 or m == 0:
             out[:] = 0
             return out

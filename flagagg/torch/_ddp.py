@@ -12,6 +12,7 @@ bucket alone.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +24,8 @@ import flagagg
 
 from .._backend_choice import select_backend
 from .._gram import Gram, as_gram, scale_exponents
-from ..rules._contract import WorkerStats
+from ..backends._torch import _host_backend
+from ..rules._flag import RANK_RTOL, FlagAggregator, _median
 from ..rules._result import diagnose, linear_stats, suspects_of, worker_diagnostics
 
 __all__ = ["MODES", "DDPHookState", "ddp_comm_hook"]
@@ -56,6 +58,14 @@ class DDPHookState:
     verdict : tuple of str
         The last step's verdict on each rank, as
         :attr:`flagagg.AggregationResult.verdict`.
+    suspects : tuple of int
+        The ranks whose verdict is not "trusted" (nor "excluded"), as
+        :attr:`flagagg.AggregationResult.suspects`.
+
+        ``influence``, ``cosine``, ``verdict`` and ``suspects`` are computed
+        from the step's ``p x p`` Gram matrix and coefficients when first
+        read after the step (the same values as computing them in the step),
+        so a loop that never reads them does not pay for them.
     steps : int
         Steps aggregated so far.
     elements_sent : int
@@ -80,9 +90,6 @@ class DDPHookState:
     process_group: Any = None
     excluded: tuple = ()
     coefficients: np.ndarray | None = None
-    influence: np.ndarray | None = None
-    cosine: np.ndarray | None = None
-    verdict: tuple = ()
     steps: int = 0
     elements_sent: int = 0
     bytes_sent: int = 0
@@ -92,6 +99,31 @@ class DDPHookState:
     _pending: dict = field(default_factory=dict, repr=False)
     _count: int | None = field(default=None, repr=False)
     _checked: int | None = field(default=None, repr=False)
+    # The last step's diagnostics: computed when first read (from the step's
+    # summed Gram matrix and coefficients, kept in ``_late``), not inside the
+    # backward pass, where every rank would pay for them on every step.
+    _late: tuple | None = field(default=None, repr=False)
+    _influence: np.ndarray | None = field(default=None, repr=False)
+    _cosine: np.ndarray | None = field(default=None, repr=False)
+    _verdict: tuple = field(default=(), repr=False)
+
+    @property
+    def influence(self) -> np.ndarray | None:
+        """The last step's signed share of each rank in the aggregate (see the class doc)."""
+        _settle(self)
+        return self._influence
+
+    @property
+    def cosine(self) -> np.ndarray | None:
+        """The last step's ``cos(g_r, out)`` for each rank (see the class doc)."""
+        _settle(self)
+        return self._cosine
+
+    @property
+    def verdict(self) -> tuple:
+        """The last step's verdict on each rank (see the class doc)."""
+        _settle(self)
+        return self._verdict
 
     @property
     def suspects(self) -> tuple[int, ...]:
@@ -109,10 +141,95 @@ def _kind(rule: Any) -> str:
     return space if space in ("gram", "coordinate") else ""
 
 
-def _solve(rule: Any, K: np.ndarray) -> tuple[np.ndarray, tuple]:
+def _solve(rule: Any, K: Any) -> tuple[np.ndarray, tuple]:
     """Coefficients of ``rule`` from the float64 Gram matrix ``K``, and the inputs it excluded."""
+    if _lean_flag_applies(rule, K):
+        rule.check_workers(K.shape[0])  # as solve_gram: fewer ranks left than the rule needs
+        return _lean_flag(rule, K), ()
     sol = rule.solve_gram(K)
     return np.asarray(sol.coefficients, dtype=np.float64), tuple(sol.excluded)
+
+
+# The lean path runs for world sizes up to this (numpy's eigh throughout, as
+# flagagg._linalg.top_eigh uses below its partial-spectrum size).
+_LEAN_MAX_P = 32
+
+
+def _lean_flag_applies(rule: Any, K: Any) -> bool:
+    """Whether :func:`_lean_flag` gives ``rule.solve_gram(K).coefficients`` for ``K``.
+
+    The Flag Aggregator with ``lam = 0``, variant "paper" and its default
+    rescaling, on a plain Gram matrix (no scaled rows) whose rows all have
+    norms well inside float64's range (none excluded, none zero).
+    """
+    if (type(rule) is not FlagAggregator or rule.lam != 0 or rule.variant != "paper"
+            or rule.rescale not in ("auto", "median_norm") or not isinstance(K, np.ndarray)):
+        return False
+    p = K.shape[0]
+    if not 2 <= p <= _LEAN_MAX_P or not np.isfinite(K).all():
+        return False
+    d = K.diagonal()
+    return bool(((d >= _SAFE_LO) & (d <= _SAFE_HI)).all())
+
+
+def _lean_flag(rule: Any, K: np.ndarray) -> np.ndarray:
+    """The Flag Aggregator's coefficients from ``K``, where :func:`_lean_flag_applies`.
+
+    The same floating-point operations, in the same order, as
+    :func:`flagagg.rules._flag.solve_gram` on that case (bit for bit the
+    same coefficients; ``tests/test_ddp_fast.py`` checks it on hostile Gram
+    matrices), without what the hook does not use: the solution object, its
+    per-input reports, the general Gram's bookkeeping. At ``p = 4`` it takes
+    about half the time (about 110 against 195 us on the development
+    machine), paid by every rank on every step.
+    """
+    p = K.shape[0]
+    # Gram.row_norms / normalized of a plain Gram (exponents 0)
+    norms = np.sqrt(np.maximum(K.diagonal(), 0.0))
+    Kn = K / np.outer(norms, norms)
+    Kn = np.clip((Kn + Kn.T) / 2, -1.0, 1.0)
+    np.fill_diagonal(Kn, 1.0)
+    s, V = np.linalg.eigh(Kn)
+    s, V = s[::-1], V[:, ::-1]
+    k = int(np.count_nonzero(s > s[0] * RANK_RTOL))
+    s, V = s[:k], V[:, :k]
+    T = V * np.sqrt(s)
+    rank = min(math.ceil(p / 2) if rule.r is None else rule.r, k)
+    # lam = 0: no pair terms; the majorisation steps of solve_gram
+    history: list = []
+    U = s_node = w_node = None
+    for n_iter in range(1, rule.max_iter + 1):
+        if n_iter == 1:
+            U_new = np.eye(k, rank)
+            P = T[:, :rank]
+        else:
+            X = T * np.sqrt(w_node)[:, None]
+            B = X.T @ X
+            _, vecs = np.linalg.eigh((B + B.T) / 2)
+            U_new = vecs[:, k - rank:][:, ::-1]
+            P = T @ U_new
+        v = np.einsum("ij,ij->i", P, P)
+        s_new = np.maximum(1.0 - v, 0.0) + rule.eps
+        value = float(np.sqrt(s_new).sum() + 0.0 * 0.0)
+        if history and value > history[-1]:
+            break
+        U, s_node = U_new, s_new
+        history.append(value)
+        w_node = s_node ** -0.5
+        if n_iter > 1 and history[-2] - history[-1] <= rule.tol * abs(history[-2]):
+            break
+    z = U @ (U.T @ T.sum(axis=0)) / rank
+    coef = (V @ (z / np.sqrt(s))) / norms
+    # rescale "median_norm": Gram.combination_norm with exponents 0
+    nz = coef != 0
+    if nz.any():
+        top = int(np.frexp(coef)[1][nz].max())
+        c = np.where(nz, np.ldexp(coef, -top), 0.0)
+        Sz = np.where(nz[:, None] & nz[None, :], K, 0.0)
+        out_norm = float(np.ldexp(np.sqrt(max(float(c @ Sz @ c), 0.0)), top))
+        if out_norm > 0:
+            coef *= _median(norms) / out_norm
+    return coef
 
 
 def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: Any = None,
@@ -191,7 +308,7 @@ def ddp_comm_hook(rule: Any = "flag", mode: str = "sharded", *, process_group: A
 
 def _check_world(state: DDPHookState) -> int:
     """Check the rule's bound on p against the group's size (once per size)."""
-    world = dist.get_world_size(state.process_group)
+    world = _group(state)[1]
     if state._checked != world:
         try:
             state.rule.check_workers(world)
@@ -219,6 +336,8 @@ def _hook(state: DDPHookState, bucket: dist.GradBucket) -> torch.futures.Future[
         state._count = bucket.index() + 1
     if state._count is not None and len(state._pending) == state._count:
         pending = [state._pending[i] for i in range(state._count)]
+        if state._scratch.get("buckets") != state._count:
+            _forget_buckets(state, state._count)
         state._pending, state._count = {}, None
         try:
             if early:
@@ -258,6 +377,18 @@ def _split(n: int, world: int) -> list[int]:
     return [q + (j < r) for j in range(world)]
 
 
+def _forget_buckets(state: DDPHookState, count: int) -> None:
+    """Drop the plans and buffers of bucket indices from ``count`` on (DDP has fewer now).
+
+    A plan holds views of its bucket's buffer: kept, it would keep a bucket
+    that DDP has replaced alive.
+    """
+    for key in [k for k in state._scratch if isinstance(k, tuple) and len(k) == 2
+                and k[0] in ("plan", "whole", "shards", "copies") and k[1] >= count]:
+        del state._scratch[key]
+    state._scratch["buckets"] = count
+
+
 def _scratch(state: DDPHookState, key: tuple, shape: tuple, like: torch.Tensor) -> torch.Tensor:
     """A buffer kept across steps (DDP keeps its buckets): no allocation, no page faults."""
     buf = state._scratch.get(key)
@@ -273,34 +404,107 @@ def _sent(state: DDPHookState, elements: int, itemsize: int, gradient: bool = Tr
     state.bytes_sent += elements * itemsize
 
 
+class _Plan:
+    """How one bucket travels, settled once for its buffer and kept across steps.
+
+    ``lens`` is None for a bucket that goes whole to every rank (``copies``
+    holds the ``p`` copies sent); otherwise ``lens`` are the shard lengths,
+    ``own`` this rank's shard of the bucket buffer (a view), ``peers`` the
+    views the other ranks' combined shards are received into, ``targets`` the
+    ranks this rank's combined shard goes to.
+    """
+
+    __slots__ = ("key", "recv", "recv_flat", "copies", "copies_flat", "lens", "splits",
+                 "own", "own_list", "peers", "targets")
+
+
+def _group(state: DDPHookState) -> tuple[Any, int, int]:
+    """``(process group object, world size, rank in it)``, looked up once per group."""
+    cached = state._scratch.get("group")
+    if (cached is None or cached[0] is not state.process_group
+            or (cached[0] is None and cached[1] is not dist.group.WORLD)):
+        group = state.process_group
+        pg = group if group is not None else dist.group.WORLD
+        cached = (group, pg, dist.get_world_size(group), dist.get_rank(group))
+        state._scratch["group"] = cached
+    return cached[1:]
+
+
+def _plan(state: DDPHookState, index: int, flat: torch.Tensor, world: int, rank: int) -> _Plan:
+    """The :class:`_Plan` of bucket ``index`` (built again when its buffer or size changes)."""
+    n = flat.numel()
+    key = (flat.data_ptr(), n, flat.dtype, flat.device, world, rank, state.replicate_below)
+    plan = state._scratch.get(("plan", index))
+    if plan is not None and plan.key == key:
+        return plan
+    plan = _Plan()
+    plan.key = key
+    if n * (world - 1) < state.replicate_below:
+        plan.lens = None
+        plan.recv = _scratch(state, ("whole", index), (world, n), flat)
+        plan.copies = _scratch(state, ("copies", index), (world, n), flat)
+        plan.copies_flat = plan.copies.view(-1)
+    else:
+        lens = _split(n, world)
+        m = lens[rank]
+        starts = np.concatenate([[0], np.cumsum(lens)]).tolist()
+        plan.lens = lens
+        plan.splits = [m] * world
+        plan.recv = _scratch(state, ("shards", index), (world, m), flat)
+        plan.own = flat[starts[rank]:starts[rank] + m]
+        plan.own_list = [plan.own]
+        plan.targets = [j for j in range(world) if j != rank] if m else []
+        plan.peers = [(j, [flat[starts[j]:starts[j + 1]]]) for j in range(world)
+                      if j != rank and lens[j]]
+    plan.recv_flat = plan.recv.view(-1)
+    state._scratch[("plan", index)] = plan
+    return plan
+
+
+def _backend(state: DDPHookState, like: torch.Tensor) -> Any:
+    """The torch backend for tensors like ``like`` (looked up once per device type)."""
+    key = ("backend", like.device.type)
+    impl = state._scratch.get(key)
+    if impl is None:
+        impl = state._scratch[key] = select_backend(None, like, "torch")
+    return impl
+
+
+def _a2a_options() -> Any:
+    opts = dist.AllToAllOptions()
+    if hasattr(opts, "asyncOp"):  # torch >= 2.6: the caller waits on the work itself
+        opts.asyncOp = True
+    return opts
+
+
+# The process group's own all-to-all: torch.distributed.all_to_all_single
+# checks its arguments on every call (about as long as the call itself);
+# the hook's are settled in its plans. torch < 2.6 names it alltoall_base.
+_ALL_TO_ALL = (getattr(dist.ProcessGroup, "all_to_all_single", None)
+               or dist.ProcessGroup.alltoall_base)
+_A2A_OPTIONS = _a2a_options()
+
+
 def _send_shards(state: DDPHookState, index: int, buffer: torch.Tensor) -> tuple:
     """Start the all-to-all of one bucket: rank j will hold shard j of every rank's bucket.
 
     The bucket buffer is sent as it is (uneven splits, no padded copy) into a
     ``(p, m)`` buffer kept across steps. A small bucket
     (:attr:`DDPHookState.replicate_below`) goes whole to every rank instead
-    (``lens`` None).
+    (``plan.lens`` None).
     """
-    group = state.process_group
-    world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
+    pg, world, rank = _group(state)
     flat = buffer.view(-1)
+    plan = _plan(state, index, flat, world, rank)
     n = flat.numel()
-    if n * (world - 1) < state.replicate_below:
-        recv = _scratch(state, ("whole", index), (world, n), flat)
-        copies = _scratch(state, ("copies", index), (world, n), flat)
-        copies.copy_(flat.expand(world, n))
-        work = dist.all_to_all_single(recv.view(-1), copies.view(-1), group=group,
-                                      async_op=True)
+    if plan.lens is None:
+        plan.copies.copy_(flat.expand(world, n))
+        work = _ALL_TO_ALL(pg, plan.recv_flat, plan.copies_flat, [], [], _A2A_OPTIONS)
         _sent(state, n * (world - 1), flat.element_size())
-        return recv, work, None
-    lens = _split(n, world)
-    m = lens[rank]
-    recv = _scratch(state, ("shards", index), (world, m), flat)
-    work = dist.all_to_all_single(recv.view(-1), flat, [m] * world, lens, group=group,
-                                  async_op=True)
-    _sent(state, n - m, flat.element_size())
-    return recv, work, lens
+    else:
+        work = _ALL_TO_ALL(pg, plan.recv_flat, flat, plan.splits, plan.lens, _A2A_OPTIONS)
+        _sent(state, n - plan.lens[rank], flat.element_size())
+    return plan, work
 
 
 def _shard_gram(impl: Any, X: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -378,74 +582,104 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
     to every rank (point-to-point sends from its part of each bucket buffer
     into the others' buffers).
     """
-    group = state.process_group
-    world = dist.get_world_size(group)
+    pg, world, rank = _group(state)
     impl = None
     # [sharded buckets' partial Gram, whole buckets' Gram]: (S, e, finite) each
     acc: list = [None, None]
-    for recv, work, lens in sent:
+    for plan, work in sent:
         work.wait()
-        impl = impl or select_backend(None, recv, "torch")
-        part = _shard_gram(impl, recv)
-        j = int(lens is None)
+        impl = impl or _backend(state, plan.recv)
+        part = _shard_gram(impl, plan.recv)
+        j = int(plan.lens is None)
         acc[j] = part if acc[j] is None else _add_grams(acc[j], part)
-    msgs = [None if a is None else np.concatenate([a[0].reshape(-1), a[1].astype(np.float64),
-                                                   a[2].astype(np.float64)]) for a in acc]
     parts = []
-    if msgs[0] is not None:
-        device = buffers[0].device
-        parts.append(_exchange(state, torch.from_numpy(msgs[0]).to(device)).cpu().numpy())
-    if msgs[1] is not None:  # the same on every rank: added after the ranks' parts
-        parts.append(msgs[1][None, :])
-    S, e, finite = _combine_grams(np.concatenate(parts), world)
-    keep = np.flatnonzero(finite)
-    excluded = [(int(r), "non-finite values (NaN or Inf)")
-                for r in sorted(set(range(world)) - set(keep.tolist()))]
-    coef, stats, rule_excluded = None, None, []
+    if acc[0] is not None:
+        parts.append(_exchange(state, acc[0], buffers[0], pg, world))
+    if acc[1] is not None:  # the same on every rank: added after the ranks' parts
+        S1, e1, f1 = acc[1]
+        parts.append(np.concatenate([S1.reshape(-1), e1, f1])[None, :])
+    S, e, finite = _combine_grams(parts[0] if len(parts) == 1 else np.concatenate(parts),
+                                  world)
+    coef, K, rule_excluded = None, None, []
+    if finite.all():
+        keep = _ALL_RANKS.get(world)
+        if keep is None:
+            keep = np.arange(world)
+            keep.flags.writeable = False
+            _ALL_RANKS[world] = keep
+        excluded = []
+    else:
+        keep = np.flatnonzero(finite)
+        excluded = [(int(r), "non-finite values (NaN or Inf)")
+                    for r in range(world) if not finite[r]]
     if keep.size:
-        ix = np.ix_(keep, keep)
-        if e is None:
-            K, K_keep = S, S[ix]
-        else:  # rows beyond float64's squared range, held by their scaled form
-            K = Gram.from_scaled(S, e, finite=finite)
-            K_keep = Gram.from_scaled(S[ix], e[keep], finite=np.ones(keep.size, dtype=bool))
+        if keep.size == world:
+            K = S if e is None else Gram.from_scaled(S, e, finite=finite)
+            K_keep = K
+        else:
+            ix = np.ix_(keep, keep)
+            if e is None:
+                K, K_keep = S, S[ix]
+            else:  # rows beyond float64's squared range, held by their scaled form
+                K = Gram.from_scaled(S, e, finite=finite)
+                K_keep = Gram.from_scaled(S[ix], e[keep],
+                                          finite=np.ones(keep.size, dtype=bool))
         coef_kept, rule_excluded = _solve(state.rule, K_keep)
-        coef = np.zeros(world)
-        coef[keep] = coef_kept
-        # from the scaled form, as the rules do: an input of 1e200 keeps its
-        # share of the output (the plain Gram would read its norm as Inf)
-        stats = linear_stats(as_gram(K), coef)
-    works = []
-    rank = dist.get_rank(group)
-    # The process group's own send/recv take ranks in the group and skip
-    # torch.distributed's per-call argument checks: 2 (p - 1) calls a bucket.
-    pg = group if group is not None else dist.group.WORLD
-    for i, (buf, (recv, _, lens)) in enumerate(zip(buffers, sent, strict=True)):
-        if lens is None:  # a whole bucket: this rank computes all of it
+        if keep.size == world:
+            coef = coef_kept
+        else:
+            coef = np.zeros(world)
+            coef[keep] = coef_kept
+    # Every receive is posted before this rank combines (the peers send once
+    # they have combined theirs): the other ranks' combined shards land in the
+    # bucket buffers straight from the socket. Posted after the solve, the
+    # one step here that may raise: a failed step leaves no receive behind.
+    works = [pg.recv(dst, j, i) for i, (plan, _) in enumerate(sent) if plan.lens is not None
+             for j, dst in plan.peers]
+    for i, (buf, (plan, _)) in enumerate(zip(buffers, sent, strict=True)):
+        if plan.lens is None:  # a whole bucket: this rank computes all of it
             if coef is None:
                 buf.zero_()
             else:
-                buf.view(-1).copy_(impl.combine(coef, recv))
+                _combine_into(impl, coef, plan.recv, buf.view(-1))
             continue
-        m = recv.shape[1]
-        flat = buf.view(-1)
-        starts = np.concatenate([[0], np.cumsum(lens)]).tolist()
-        own = flat[starts[rank]:starts[rank] + m]
+        own = plan.own
+        m = own.numel()
         if coef is None or m == 0:
             own.zero_()
         else:
-            own.copy_(impl.combine(coef, recv))
+            _combine_into(impl, coef, plan.recv, own)
         # Point to point, straight from this rank's part of the bucket into
         # the others' (an all-to-all would need the part copied p times).
-        for j in range(world):
-            if j != rank and m:
-                works.append(pg.send([own], j, i))
-            if j != rank and lens[j]:
-                works.append(pg.recv([flat[starts[j]:starts[j + 1]]], j, i))
+        # The process group's own send/recv take ranks in the group and skip
+        # torch.distributed's per-call argument checks.
+        for j in plan.targets:
+            works.append(pg.send(plan.own_list, j, i))
         _sent(state, m * (world - 1), buf.element_size())
-    _record(state, excluded, rule_excluded, keep, coef, stats, world)
+    # The diagnostics are formed from K when the state is read (_settle).
+    _record(state, excluded, rule_excluded, keep, coef, K, world)
     for work in works:
         work.wait()
+
+
+def _combine_into(impl: Any, coef: np.ndarray, X: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst[:] = sum_r coef[r] X[r]``: on the CPU straight into ``dst`` (no result to copy).
+
+    The host kernel writes float32/float64 CPU buckets in place; other
+    dtypes and devices go through the backend's combination and a copy.
+    Either way the values are those of ``impl.combine(coef, X)``.
+    """
+    if (dst.device.type == "cpu" and X.device.type == "cpu" and dst.dtype == X.dtype
+            and X.dtype in (torch.float32, torch.float64) and dst.is_contiguous()):
+        host = _host_backend()
+        if host.name == "numba":
+            host.combine(coef, X.detach().numpy(), out=dst.detach().numpy())
+            return
+    dst.copy_(impl.combine(coef, X))
+
+
+# np.arange(p), shared by the steps where every rank is finite (read only)
+_ALL_RANKS: dict = {}
 
 
 def _add_grams(a: tuple, b: tuple) -> tuple:
@@ -464,20 +698,31 @@ def _add_grams(a: tuple, b: tuple) -> tuple:
     return S, e, f1 & f2
 
 
-def _exchange(state: DDPHookState, msg: torch.Tensor) -> torch.Tensor:
-    """Every rank's small message, as a ``(p, len)`` tensor in rank order (one all-to-all).
+def _exchange(state: DDPHookState, part: tuple, like: torch.Tensor, pg: Any,
+              world: int) -> np.ndarray:
+    """Every rank's partial Gram ``(S, e, finite)``, as a ``(p, p^2 + 2p)`` array in rank order.
 
-    A one-hop all-to-all of the message repeated ``p`` times: gloo's ring
+    One one-hop all-to-all of the message repeated ``p`` times, between
+    float64 buffers kept across steps on the gradients' device: gloo's ring
     all-gather takes ``p - 1`` hops, and on loaded cores every hop waits for
     a peer to be scheduled.
     """
-    group = state.process_group
-    world = dist.get_world_size(group)
-    out = torch.empty((world, msg.numel()), dtype=msg.dtype, device=msg.device)
-    dist.all_to_all_single(out.view(-1), msg.reshape(1, -1).expand(world, -1).contiguous(),
-                           group=group)
-    _sent(state, msg.numel() * (world - 1), msg.element_size(), gradient=False)
-    return out
+    S, e, finite = part
+    p = S.shape[0]
+    size = p * p + 2 * p
+    send = _scratch(state, ("gram-send",), (world, size), like.new_empty((), dtype=torch.float64))
+    recv = _scratch(state, ("gram-recv",), (world, size), send)
+    if send.device.type == "cpu":
+        rows = send.numpy()
+        rows[:, :p * p] = S.reshape(-1)
+        rows[:, p * p:p * p + p] = e
+        rows[:, p * p + p:] = finite
+    else:
+        msg = torch.from_numpy(np.concatenate([S.reshape(-1), e, finite]).astype(np.float64))
+        send.copy_(msg.to(send.device).expand(world, size))
+    _ALL_TO_ALL(pg, recv.view(-1), send.view(-1), [], [], _A2A_OPTIONS).wait()
+    _sent(state, size * (world - 1), 8, gradient=False)
+    return recv.cpu().numpy()
 
 
 def _all_gather_single(out: torch.Tensor, tensor: torch.Tensor, group: Any) -> None:
@@ -534,31 +779,41 @@ def _split_stats(v: np.ndarray, world: int) -> tuple:
 
 def _record(state: DDPHookState, excluded: list, rule_excluded: list, keep: np.ndarray,
             coef: np.ndarray | None, stats: Any, world: int) -> None:
-    """One step's exclusions, coefficients and per-rank diagnostics, into ``state``.
+    """One step's exclusions and coefficients into ``state``; its diagnostics for later.
 
     ``stats`` is None when every rank was left out, the rule's result (a dict)
-    in gather mode, :class:`~flagagg.rules._result.WorkerStats` of the summed
-    Gram for a Gram rule in sharded mode, or plain inner products (coordinate-wise
-    rules in sharded mode).
+    in gather mode, the summed Gram matrix (a :class:`~flagagg._gram.Gram` or
+    a plain array) for a Gram rule in sharded mode, or plain inner products
+    (coordinate-wise rules in sharded mode). The per-rank diagnostics are
+    formed from them by :func:`_settle` when the state is first read.
     """
     excluded = excluded + [(int(keep[i]), reason) for i, reason in rule_excluded]
     state.excluded = tuple(sorted(excluded))
     state.coefficients = coef
-    if stats is None:
-        state.influence, state.cosine = None, np.full(world, np.nan)
-        state.verdict = tuple(f"excluded: {why}" for _, why in state.excluded)
-    elif isinstance(stats, dict):  # gather: the rule's own result, on the kept ranks
-        state.influence, state.cosine, state.verdict = _spread(stats, keep, state.excluded,
-                                                               world)
-    elif isinstance(stats, WorkerStats):  # sharded Gram rule: stats from the scaled Gram
-        diag = diagnose(stats, coef, state.excluded)
-        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
-                                                        diag["verdict"])
-    else:
-        diag = worker_diagnostics(*stats[:3], coef, state.excluded, stats[3])
-        state.influence, state.cosine, state.verdict = (diag["influence"], diag["cosine"],
-                                                        diag["verdict"])
+    state._late = (stats, coef, state.excluded, keep, world)
     state.steps += 1
+
+
+def _settle(state: DDPHookState) -> None:
+    """Form the last step's per-rank diagnostics from what :func:`_record` kept (once)."""
+    if state._late is None:
+        return
+    stats, coef, excluded, keep, world = state._late
+    state._late = None
+    if stats is None:
+        influence, cosine = None, np.full(world, np.nan)
+        verdict = tuple(f"excluded: {why}" for _, why in excluded)
+    elif isinstance(stats, dict):  # gather: the rule's own result, on the kept ranks
+        influence, cosine, verdict = _spread(stats, keep, excluded, world)
+    elif isinstance(stats, tuple):  # coordinate-wise rule in sharded mode: inner products
+        diag = worker_diagnostics(*stats[:3], coef, excluded, stats[3])
+        influence, cosine, verdict = diag["influence"], diag["cosine"], diag["verdict"]
+    else:  # sharded Gram rule: from the summed (possibly scaled) Gram, as the rules do
+        # (an input of 1e200 keeps its share of the output; the plain Gram
+        # would read its norm as Inf)
+        diag = diagnose(linear_stats(as_gram(stats), coef), coef, excluded)
+        influence, cosine, verdict = diag["influence"], diag["cosine"], diag["verdict"]
+    state._influence, state._cosine, state._verdict = influence, cosine, tuple(verdict)
 
 
 def _spread(res: dict, keep: np.ndarray, excluded: tuple, world: int) -> tuple:
