@@ -143,11 +143,14 @@ def round_time(model, workers, mode, *, rounds, warmup=5, root=ROOT):
             issue(Path(tmp, "certs"), workers)
         pem = (lambda rank: str(file_of(Path(tmp, "certs"), rank))) if mode == "tls" \
             else (lambda rank: "plain")
+        # from the temporary folder: ``python -c`` puts its working folder first on the
+        # path, and from a checkout that would import the checkout's flagagg, not root's
         server = subprocess.Popen([sys.executable, "-c", _SERVER, str(spec_file), pem(0),
-                                   str(warmup)], stdout=subprocess.PIPE, text=True, env=env)
+                                   str(warmup)], stdout=subprocess.PIPE, text=True, env=env,
+                                  cwd=tmp)
         port = int(server.stdout.readline())
         procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(spec_file), str(w),
-                                   str(port), pem(w + 1)], env=env)
+                                   str(port), pem(w + 1)], env=env, cwd=tmp)
                  for w in range(workers)]
         doc = json.loads(server.stdout.readline())
         server.wait(60)
@@ -319,6 +322,7 @@ def record_cost(n_bytes=1_228_876, repeats=30):
         for extra in ({}, {"OPENSSL_CONF": str(conf)}):
             out = subprocess.run([sys.executable, "-c", _RECORDS, tmp, str(n_bytes),
                                   str(repeats)], capture_output=True, text=True, check=True,
+                                 cwd=tmp,
                                  env={**os.environ, "PYTHONPATH": str(ROOT), **extra})
             suite, enc, dec = json.loads(out.stdout)
             got[suite] = (enc, dec)

@@ -63,9 +63,15 @@ ORIGINAL = "0da2843"  # the commit issue 26's "3 times less CPU" is measured aga
 
 
 def _grid_cpu_seconds(code, env):
-    """CPU seconds (user + system) of a fresh Python process running ``code``."""
+    """CPU seconds (user + system) of a fresh Python process running ``code``.
+
+    It runs in an empty folder: ``python -c`` puts its working folder first on
+    the path, ahead of ``PYTHONPATH``, and from a checkout that would import
+    the checkout's ``flagagg`` whatever ``env`` names.
+    """
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-c", code], env=env, check=True)
+    with tempfile.TemporaryDirectory() as empty:
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=empty)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
@@ -156,6 +162,13 @@ class MNIST1DGridVsOriginal:
         # the original's package first on the path, ahead of the measured one
         path = os.pathsep.join(p for p in (self.original, os.environ.get("PYTHONPATH")) if p)
         self.env_original = dict(self.env_now, PYTHONPATH=path)
+        # a comparison of the measured commit with itself would pass for a result
+        where = subprocess.run([sys.executable, "-c", "import flagagg; print(flagagg.__file__)"],
+                               env=self.env_original, cwd=self.tmp.name, capture_output=True,
+                               text=True, check=True).stdout.strip()
+        if not where.startswith(self.original):
+            self.tmp.cleanup()
+            raise RuntimeError(f"the original's processes import {where}, not {ORIGINAL}")
         _fill_cache(self.env_now)
 
     def teardown(self, rounds):
