@@ -266,17 +266,22 @@ def test_frames_cross_a_real_connection_both_ways_intact(tls):
         loop.close()
 
 
-def test_a_gradient_sent_with_the_hello_is_seen_by_the_server_and_costs_its_sender():
-    """Bytes that came in with the HELLO, before the switch to FrameProtocol, are not lost."""
+def _server_and_worker_0():
+    """A 2-worker TLS server on a thread, worker 0's connection to it and its HELLO (unsent)."""
     server = distributed.Server(make_spec(workers=2, connect_timeout=3), tls=SERVER_PEM,
                                 log=lambda text: None)
     thread, out = serve(server)
     sock = client_context(worker_pem(0)).wrap_socket(
         socket.create_connection(server.address, timeout=20))
+    hello = {"worker": 0, "rank": 1, "pid": 0, "host": "test",
+             "fingerprint": server.spec.fingerprint(), "n_params": server.n, "device": "cpu"}
+    return server, thread, out, sock, hello
+
+
+def test_a_gradient_sent_with_the_hello_is_seen_by_the_server_and_costs_its_sender():
+    """Bytes that came in with the HELLO, before the switch to FrameProtocol, are not lost."""
+    server, thread, out, sock, hello = _server_and_worker_0()
     try:
-        hello = {"worker": 0, "rank": 1, "pid": 0, "host": "test",
-                 "fingerprint": server.spec.fingerprint(), "n_params": server.n,
-                 "device": "cpu"}
         # HELLO and a gradient for round 1 in one write, before any WELCOME
         sock.sendall(b"".join(bytes(p) for p in encode_json(Kind.HELLO, hello))
                      + b"".join(bytes(p) for p in encode_tensor(
@@ -320,15 +325,8 @@ def test_the_servers_connections_send_at_once_without_nagle():
     the payload waited for the worker's delayed ACK, 40 ms every round (a demo run
     took 48 ms a round instead of 2.4).
     """
-    server = distributed.Server(make_spec(workers=2, connect_timeout=3), tls=SERVER_PEM,
-                                log=lambda text: None)
-    thread, out = serve(server)
-    sock = client_context(worker_pem(0)).wrap_socket(
-        socket.create_connection(server.address, timeout=20))
+    server, thread, out, sock, hello = _server_and_worker_0()
     try:
-        hello = {"worker": 0, "rank": 1, "pid": 0, "host": "test",
-                 "fingerprint": server.spec.fingerprint(), "n_params": server.n,
-                 "device": "cpu"}
         send_frame(sock, encode_json(Kind.HELLO, hello))
         assert recv_frame(sock, 1 << 24, {Kind.WELCOME}, 20).kind == Kind.WELCOME
         theirs = server.peers[0].raw.get_extra_info("socket")
