@@ -41,3 +41,8 @@ def _implementation(name: str) -> Backend:
             f"install it with: pip install 'flagagg[{extra}]'"
         )
     return importlib.import_module(module_name).BACKEND
+
+
+def _host_backend() -> Backend:
+    """The kernels for CPU tensors and host arrays: numba's when installed, else NumPy's."""
+    return _implementation("numba" if _library_installed("numba") else "numpy")

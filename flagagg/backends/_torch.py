@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from array_api_compat import array_namespace
 
-from . import _implementation
+from . import _host_backend
 from ._array_api import ArrayAPIBackend, _nonzero_runs, symmetric, transformed_chunk
 from ._registry import _library_installed
 from ._rows import row_tables, scatter
@@ -33,11 +33,6 @@ _VIEWABLE = (torch.float32, torch.float64, torch.float16)
 
 
 @cache
-def _host_backend() -> Any:
-    """The kernels for CPU tensors: numba's when installed, else NumPy's."""
-    return _implementation("numba" if _library_installed("numba") else "numpy")
-
-
 def _host_view(X: torch.Tensor) -> np.ndarray | None:
     """A NumPy view (no copy) of a CPU tensor, or None when there is none."""
     if X.device.type != "cpu" or X.dtype not in _VIEWABLE:

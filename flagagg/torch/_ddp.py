@@ -12,7 +12,6 @@ bucket alone.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,7 +24,7 @@ import flagagg
 
 from .._backend_choice import select_backend
 from .._gram import Gram, as_gram, scale_exponents
-from ..backends import _implementation
+from ..backends import _host_backend
 from ..rules._flag import RANK_RTOL, FlagAggregator, _median
 from ..rules._result import diagnose, linear_stats, suspects_of, worker_diagnostics
 
@@ -663,12 +662,6 @@ def _bucketed_gram_step(state: DDPHookState, buffers: list[torch.Tensor], sent: 
         work.wait()
 
 
-@functools.cache
-def _host_kernels() -> Any:
-    """The kernels the torch backend runs CPU tensors on: numba's when installed."""
-    return _implementation("numba" if "numba" in flagagg.available_backends() else "numpy")
-
-
 def _combine_into(impl: Any, coef: np.ndarray, X: torch.Tensor, dst: torch.Tensor) -> None:
     """``dst[:] = sum_r coef[r] X[r]``: on the CPU straight into ``dst`` (no result to copy).
 
@@ -678,7 +671,7 @@ def _combine_into(impl: Any, coef: np.ndarray, X: torch.Tensor, dst: torch.Tenso
     """
     if (dst.device.type == "cpu" and X.device.type == "cpu" and dst.dtype == X.dtype
             and X.dtype in (torch.float32, torch.float64) and dst.is_contiguous()):
-        host = _host_kernels()
+        host = _host_backend()
         if host.name == "numba":
             host.combine(coef, X.detach().numpy(), out=dst.detach().numpy())
             return
