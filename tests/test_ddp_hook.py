@@ -30,6 +30,13 @@ def _model():
                                torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
 
 
+def _plain_gradient(X, y, scale=1.0, dtype=torch.float32):
+    """This rank's gradient of the same model without DDP: the reference's row."""
+    ref_model = _model().to(dtype)
+    (scale * torch.nn.functional.cross_entropy(ref_model(X.to(dtype)), y)).backward()
+    return torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+
+
 def _wchar():
     try:
         with open("/proc/self/io") as fh:
@@ -272,9 +279,7 @@ def _register_worker(rank, store, out):
         (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
         got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
         # The reference: this rank's plain gradient, all-gathered, aggregated by flagagg.
-        ref_model = _model()
-        (scale * torch.nn.functional.cross_entropy(ref_model(X), y)).backward()
-        mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+        mine = _plain_gradient(X, y, scale)
         every = torch.stack(_gather(mine))
         expect = torch.as_tensor(flagagg.get_rule(rule, **params)(every.double().numpy(),
                                                                   backend="numpy"))
@@ -345,9 +350,7 @@ def _subgroup_step(rank, X, y):
         model.zero_grad()
         (scale * torch.nn.functional.cross_entropy(model(X), y)).backward()
     got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
-    ref_model = _model()
-    (scale * torch.nn.functional.cross_entropy(ref_model(X), y)).backward()
-    mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+    mine = _plain_gradient(X, y, scale)
     every = [torch.empty_like(mine) for _ in SUBGROUP]
     dist.all_gather(every, mine, group=sub)
     expect = torch.as_tensor(flagagg.get_rule("flag")(torch.stack(every).double().numpy(),
@@ -458,9 +461,7 @@ def _huge_worker(rank, store, out):
                 model.zero_grad()
                 (s * torch.nn.functional.cross_entropy(model(X.to(dtype)), y)).backward()
             got = torch.cat([q.grad.reshape(-1) for q in model.parameters()])
-            ref_model = _model().to(dtype)
-            (s * torch.nn.functional.cross_entropy(ref_model(X.to(dtype)), y)).backward()
-            mine = torch.cat([q.grad.reshape(-1) for q in ref_model.parameters()])
+            mine = _plain_gradient(X, y, s, dtype)
             every = torch.stack(_gather(mine))
             res = flagagg.get_rule(rule)(every.numpy(), return_result=True)
             expect = torch.as_tensor(res.aggregate)
