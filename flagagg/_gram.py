@@ -183,12 +183,15 @@ class Gram:
         that need the inputs' norms use :attr:`inputs`.)
         """
         with np.errstate(invalid="ignore", over="ignore"):
-            n = np.ldexp(np.sqrt(np.maximum(np.diag(self.scaled), 0.0)), self.exponents)
-        return np.where(self.usable, n, np.nan)
+            n = np.sqrt(np.maximum(np.diag(self.scaled), 0.0))
+            if self.scaled is not self.values:  # exponents not all 0
+                n = np.ldexp(n, self.exponents)
+        return n if self.usable.all() else np.where(self.usable, n, np.nan)
 
     def normalized(self, idx: np.ndarray) -> np.ndarray:
         """``K_ij / (||y_i|| ||y_j||)`` for the inputs ``idx`` (usable, non-zero), symmetric."""
-        S = self.scaled[np.ix_(idx, idx)]
+        # idx is increasing: all p of them is the whole matrix, no copy to gather
+        S = self.scaled if idx.size == self.p else self.scaled[np.ix_(idx, idx)]
         n = np.sqrt(np.diag(S))
         Kn = S / np.outer(n, n)
         return (Kn + Kn.T) / 2
@@ -340,9 +343,13 @@ class Gram:
             return 0.0
         e = self.exponents + np.frexp(coef)[1]
         top = int(e[nz].max())
-        c = np.where(nz, np.ldexp(coef, self.exponents - top), 0.0)
-        # Inputs with a zero coefficient may be unused: 0 * nan must not count.
-        Sz = np.where(nz[:, None] & nz[None, :], self.scaled, 0.0)
+        c = np.ldexp(coef, self.exponents - top)
+        if nz.all():
+            Sz = self.scaled  # the usual case: nothing to mask, no copies
+        else:
+            # Inputs with a zero coefficient may be unused: 0 * nan must not count.
+            c = np.where(nz, c, 0.0)
+            Sz = np.where(nz[:, None] & nz[None, :], self.scaled, 0.0)
         return float(np.ldexp(np.sqrt(max(float(c @ Sz @ c), 0.0)), top))
 
     def transform(self, M: np.ndarray) -> Gram:

@@ -127,9 +127,12 @@ def _std0(xp, x):
         return xp.std(x, axis=0)
     import torch
 
-    wide = x.to(torch.float64) if x.dtype != torch.float64 else x
-    d = wide - wide.mean(dim=0)
-    return torch.sqrt((d * d).mean(dim=0)).to(x.dtype)
+    # one float64 array, worked in place: each pass over a fresh one costs
+    # as much as the arithmetic
+    d = x.to(torch.float64, copy=True)
+    d -= d.mean(dim=0)
+    d *= d
+    return d.mean(dim=0).sqrt_().to(x.dtype)
 
 
 def _base(xp, honest, f, own):

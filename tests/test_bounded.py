@@ -362,7 +362,12 @@ def test_dnc_has_no_bound_against_outliers_of_several_magnitudes():
                 if not guarantee("dnc", None, out, G[:h], P, f)[0]:
                     misses.append((dtype, M, scenario))
     assert ("float64", 1e30, "mixed") in misses and ("float32", 1e3, "mixed") in misses
-    assert ("float64", 1e155, "offset") in misses and len(misses) == 5, misses
+    assert ("float64", 1e155, "offset") in misses, misses
+    # only where the breakdown says: mixed outliers, and offsets far out in float64
+    # (how many of the mixed cases miss depends on the BLAS's rounding: numpy
+    # 2.4.6's OpenBLAS 0.3.31 adds float64 mixed at 1e155 to the four of earlier builds)
+    assert all(scenario == "mixed" or (dtype, M, scenario) == ("float64", 1e155, "offset")
+               for dtype, M, scenario in misses), misses
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

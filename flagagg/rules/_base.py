@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._array import Leaf, Stack, as_stack
+from .._array import Leaf, Stack, _is_array, as_stack
 from .._backend_choice import select_backend
 from .._gram import Gram, as_gram
 from .._validation import check_params
@@ -321,6 +321,9 @@ class Rule(Params):
 def all_finite(stack: Stack, out: Any) -> bool:
     """Whether every value of ``out`` (an array or pytree shaped like one input) is finite."""
     xp = stack.xp
+    if _is_array(out):
+        # one array (the common case): no pytree to take apart
+        return bool(xp.all(xp.isfinite(out)))
     for leaf in as_stack([out]).leaves:
         x = leaf.block if leaf.block is not None else leaf.rows[0]
         if not bool(xp.all(xp.isfinite(x))):

@@ -78,8 +78,10 @@ def cpu_threads(count):
     per run. The BLAS matters too: OpenBLAS spreads even a (15, 15) x
     (15, n) product (NNM's mixed inputs before a coordinate-wise rule) over
     every core, and on a busy machine waiting for those threads cost 15 ms
-    of CPU a round, 1.5 times the whole round without them (the results do
-    not change: the threads split the output, not the sums).
+    of CPU a round, 1.5 times the whole round without them. The results
+    agree to float32 rounding, not always bit for bit: OpenBLAS 0.3.31 also
+    splits such a product's sums over its threads. One thread is also what
+    makes a run repeat bit for bit on any machine.
     """
     from threadpoolctl import threadpool_limits
 
