@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 from array_api_compat import (
-    array_namespace,
     device,
     is_array_api_obj,
     is_cupy_array,
@@ -26,6 +25,7 @@ from array_api_compat import (
 )
 
 from ._gram import stack_gram
+from ._namespace import array_namespace
 
 __all__ = ["Leaf", "RowLeaves", "Stack", "array_library", "as_stack", "dtype_name", "to_numpy"]
 

@@ -38,9 +38,9 @@ from statistics import NormalDist
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace
 from array_api_compat import device as _device
 
+from ._namespace import array_namespace
 from ._validation import check_choice, check_int, check_real
 from .rules import Reference
 

@@ -136,6 +136,43 @@ def test_available_backends():
     assert ("numba" in names) == has_module("numba")
 
 
+def test_a_numpy_aggregation_loads_no_numpy_extras():
+    """On NumPy >= 2.1 flagagg computes in numpy itself: array_api_compat's numpy
+    wrapper would run ``from numpy import *`` (numpy.ma, numpy.testing, numpy.f2py:
+    0.1 s of every process's first aggregation). Older NumPy keeps the wrapper."""
+    code = (
+        "import sys, flagagg, numpy as np\n"
+        "G = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)\n"
+        "for rule in ('mean', 'flag', 'median', 'krum'):\n"
+        "    flagagg.aggregate(G, rule=rule, backend='numpy', f=1)\n"
+        "print(','.join(m for m in ('numpy.ma', 'numpy.testing', 'numpy.f2py',\n"
+        "                           'array_api_compat.numpy') if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "FLAGAGG_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=env)
+    from flagagg._namespace import _NUMPY_IS_STANDARD
+
+    if _NUMPY_IS_STANDARD:
+        assert out.stdout.strip() == "", f"a numpy aggregation loaded: {out.stdout}"
+    else:
+        assert "array_api_compat.numpy" in out.stdout
+
+
+def test_the_namespace_is_numpy_for_numpy_arrays_and_compat_for_others():
+    from flagagg._namespace import _NUMPY_IS_STANDARD, array_namespace
+
+    a = np.ones(3)
+    assert (array_namespace(a) is np) == _NUMPY_IS_STANDARD
+    assert (array_namespace(a, a) is np) == _NUMPY_IS_STANDARD
+    assert array_namespace(np.float64(1.0)) is not np  # a NumPy scalar: the wrapper's rules
+    torch = pytest.importorskip("torch")
+    t = torch.ones(3)
+    assert array_namespace(t).__name__ == "array_api_compat.torch"
+    with pytest.raises(TypeError):
+        array_namespace(a, t)
+
+
 def test_import_is_light():
     code = (
         "import sys, flagagg, numpy as np\n"

@@ -496,11 +496,20 @@ def test_a_nested_hello_costs_only_its_sender():
     closed = []
 
     def nested(server, stop):
-        for payload in (b"[" * 60_000, b"[" * 4000, b'{"worker": 0, "x": ' + b"[" * 3000 + b"}"):
-            with _member(server, 0) as sock:
-                sock.sendall(b"".join(bytes(x) for x in encode(Kind.HELLO, payload)))
-                closed.append(_closed_without_answer(sock))
-        ready.set()
+        try:
+            for payload in (b"[" * 60_000, b"[" * 4000,
+                            b'{"worker": 0, "x": ' + b"[" * 3000 + b"}"):
+                with _member(server, 0) as sock:
+                    try:
+                        sock.sendall(b"".join(bytes(x) for x in encode(Kind.HELLO, payload)))
+                    except (ssl.SSLError, OSError):
+                        # the server refused at the header and closed while the rest
+                        # was still on its way (a loaded machine): closed all the same
+                        closed.append(True)
+                        continue
+                    closed.append(_closed_without_answer(sock))
+        finally:
+            ready.set()  # a failed attack shows in the asserts below, not as a long wait
 
     ready = threading.Event()
     spec = _spec(workers=2, rounds=3, round_timeout=20, quorum=2)

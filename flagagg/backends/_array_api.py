@@ -11,9 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
 from .._array import chunk_columns, dtype_name, to_numpy
+from .._namespace import array_namespace
 from ._base import compute_dtype_name
 from ._order_stats import coordinate_stat_network
 

@@ -27,9 +27,10 @@ from functools import cache, lru_cache
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
 from .._array import chunk_columns, dtype_name
+from .._namespace import array_namespace
 from ._base import compute_dtype_name
 
 __all__ = [

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from array_api_compat import array_namespace
 
+from .._namespace import array_namespace
 from . import _host_backend
 from ._array_api import ArrayAPIBackend, _nonzero_runs, symmetric, transformed_chunk
 from ._registry import _library_installed

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
@@ -275,8 +275,10 @@ class Rule(Params):
             _CALL_INPUTS.reset(token)
         self._remember(outcome.aggregate)
         if not return_result:
-            # result_ keeps the diagnostics (deferred), never the gradient-sized aggregate.
-            self._last_result = self._result(outcome, impl.name, aggregate=None)
+            # result_ is formed when it is read (a training loop that never reads
+            # it pays nothing), from the solution: never the gradient-sized aggregate
+            self._last_result = _Unread(Outcome(None, outcome.solution, outcome.gram,
+                                                outcome.stats), impl.name)
             return outcome.aggregate
         result = with_diagnostics(self._result(outcome, impl.name, aggregate=outcome.aggregate))
         if not result.verdict:
@@ -309,6 +311,8 @@ class Rule(Params):
         last = self.__dict__.get("_last_result")
         if last is None:
             raise AttributeError(f"{type(self).__name__} has no result_ before its first call")
+        if isinstance(last, _Unread):
+            last = self._last_result = self._result(last.outcome, last.backend, aggregate=None)
         if last._deferred is not None:
             last = with_diagnostics(last)
             self._last_result = last
@@ -316,6 +320,13 @@ class Rule(Params):
 
     def _remember(self, out: Any) -> None:
         """Keep what the next call needs (nothing, for a stateless rule)."""
+
+
+class _Unread(NamedTuple):
+    """The last call's outcome (without its aggregate), until ``result_`` is read."""
+
+    outcome: Outcome
+    backend: str
 
 
 def all_finite(stack: Stack, out: Any) -> bool:

@@ -62,12 +62,20 @@ class GradientEngine:
         # (about 120 a call) and zero-filling; the padding of a kept padded
         # activation is written once and stays zero
         self._scratch = {}
+        # each parameter as the products use it, a view of the flat vector:
+        # a weight as one matrix (a convolution's (Co, C, k) as (Co, C*k), the
+        # rows of its transposed im2col), a bias as a column
+        self._views, start = [], 0
+        for name, shape, size in self.shapes:
+            use = ((shape[0], size // shape[0]) if name.endswith("weight") and len(shape) > 1
+                   else (size, 1))
+            self._views.append((name, start, start + size, use))
+            start += size
 
     def _buffer(self, key, shape, like, zero):
         """A scratch array for ``key``, zero-filled when new (``zero``: every call)."""
-        shape = tuple(int(d) for d in shape)
         buf = self._scratch.get(key)
-        if (buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype
+        if (buf is None or buf.shape != shape or buf.dtype != like.dtype
                 or buf.device != like.device):
             buf = like.new_zeros(shape)
             self._scratch[key] = buf
@@ -102,10 +110,7 @@ class GradientEngine:
             twice = self(flats, xb.expand(R, 2, *xb.shape[2:]), yb.expand(R, 2, B))
             return twice[:, :1]
         P = R * p
-        params, start = {}, 0
-        for name, shape, size in self.shapes:
-            params[name] = flats[:, start : start + size].reshape(R, *shape)
-            start += size
+        params = {name: flats[:, a:b].reshape(R, *use) for name, a, b, use in self._views}
         # Activations are feature-major, samples last: (R*p, C, L, B) after a
         # convolution, (R*p, F, B) after a linear layer. Every product then has
         # the worker's positions and samples as its long output axis: the
@@ -129,8 +134,9 @@ class GradientEngine:
             kind = step[0]
             if kind == "conv":
                 _, name, k, s, pad = step
-                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")  # (R, Co, C, k)
-                Co, C = w.shape[1], w.shape[2]
+                # (R, Co, C*k) and (R, Co, 1)
+                wm, b = params[f"{name}.weight"], params.get(f"{name}.bias")
+                Co, C = wm.shape[1], wm.shape[2] // k
                 L_in = a.shape[2]
                 if padded is None:
                     ap = self._buffer(("input", at), (P, C, L_in + 2 * pad, B), a, zero=False)
@@ -147,16 +153,15 @@ class GradientEngine:
                 # its page faults, more than the copy itself
                 cols = self._buffer(("cols", at), (P, C * k, L * B), a, zero=False)
                 cols.view(P, C, k, L, B).copy_(windows.permute(0, 1, 4, 2, 3))
-                wm = w.reshape(R, Co, C * k)
-                z = _each_worker(wm, cols, p, None if b is None else b[:, :, None],
+                z = _each_worker(wm, cols, p, b,
                                  out=self._buffer(("z", at), (P, Co, L * B), cols, zero=False))
                 tape.append(("conv", name, cols, wm, (L, L_in, C, k, s, pad), b is not None))
                 a = z.view(P, Co, L, B)
             elif kind == "linear":
                 _, name = step
-                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")  # (R, K, F)
+                w, b = params[f"{name}.weight"], params.get(f"{name}.bias")  # (R, K, F), (R, K, 1)
                 x = a.reshape(P, -1, B)
-                z = _each_worker(w, x, p, None if b is None else b[:, :, None])
+                z = _each_worker(w, x, p, b)
                 tape.append(("linear", name, x, w, b is not None))
                 a = z
             elif kind == "relu":
