@@ -482,6 +482,46 @@ def test_grid_runs_use_one_blas_thread_and_restore_it(monkeypatch):
     assert _blas_threads() == before_blas and torch.get_num_threads() == before_torch
 
 
+def test_grid_runs_leave_the_processes_objects_out_of_gc_passes_and_restore_it(monkeypatch):
+    """A grid's runs happen with the objects alive at its start frozen (no full
+    garbage-collector pass walks PyTorch's 170,000 objects again); the freeze is
+    undone after, and a process that froze objects itself keeps its freeze."""
+    import gc
+
+    from flagagg.sim import _experiment
+
+    seen = []
+    real = _experiment._run_group
+
+    def spying(config, tasks, on_done=None):
+        seen.append(gc.get_freeze_count())
+        garbage = []
+        garbage.append(garbage)  # a cycle made during the run is still collected
+        del garbage
+        assert gc.collect() >= 1
+        return real(config, tasks, on_done)
+
+    monkeypatch.setattr(_experiment, "_run_group", spying)
+    cfg = sim.parse_config({
+        "experiment": {"name": "gc", "rounds": 2, "seeds": [0], "eval_every": 2},
+        "data": {"dataset": "digits"}, "cluster": {"workers": 4, "f": 1},
+        "rules": {"mean": {}}, "attacks": {"none": {}},
+    })
+    before = gc.get_freeze_count()
+    assert before == 0
+    sim.run_experiment(cfg, store=False, progress=False)
+    assert seen and all(n > 0 for n in seen)
+    assert gc.get_freeze_count() == 0
+    gc.freeze()  # the process's own freeze: left as it is
+    try:
+        seen.clear()
+        sim.run_experiment(cfg, store=False, progress=False)
+        # still frozen after (the count only drops as frozen objects die)
+        assert len(seen) == 1 and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_nnm_before_a_coordinate_rule_on_one_blas_thread_is_repeatable_and_close():
     """The thread limit changes the cost, not the answer: on one BLAS thread the
     aggregate is the same on every call, and within float32 rounding of the
