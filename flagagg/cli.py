@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     status : int
         The process exit status.
     """
+    whole_process = argv is None  # the console script or python -m flagagg
     argv = sys.argv[1:] if argv is None else list(argv)
     top = argparse.ArgumentParser(
         prog="flagagg",
@@ -62,4 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.parse_args(ns.args)
     # the exact command, for messages that say how to run it again (resume a grid)
     args.argv = [ns.command, *ns.args]
-    return int(module.run(args) or 0)
+    status = int(module.run(args) or 0)
+    if whole_process:
+        _before_exit()
+    return status
+
+
+def _before_exit():
+    """Spare the process the garbage collector's passes of its shutdown.
+
+    The interpreter's shutdown runs full collections over every object left,
+    about 170,000 once PyTorch is imported: 0.4 to 0.5 s of CPU (measured:
+    ``python -c "import torch"`` takes 1.6 s of CPU, 1.1 s when it freezes
+    its objects first), a tenth of a short grid's. The command has finished
+    and written everything; frozen objects are skipped by those passes and
+    freed with the process. Only when the command line is the whole process.
+    """
+    import gc
+
+    gc.freeze()

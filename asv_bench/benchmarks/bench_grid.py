@@ -133,8 +133,8 @@ def _cpu_ratio(first, second, pairs=3):
     return statistics.median(ratios)
 
 
-class MNIST1DGridVsOriginal:
-    """The 6-run grid's CPU seconds at commit 0da2843 over the measured commit's."""
+class _WithOriginal:
+    """Set-up of the comparisons with commit 0da2843: its package, and a filled cache."""
 
     params = [tiered([200], [200, 1000])]
     param_names = ["rounds"]
@@ -174,12 +174,79 @@ class MNIST1DGridVsOriginal:
     def teardown(self, rounds):
         self.tmp.cleanup()
 
+
+class MNIST1DGridVsOriginal(_WithOriginal):
+    """The 6-run grid's CPU seconds at commit 0da2843 over the measured commit's."""
+
     def track_ratio_grid_original_over_now(self, rounds):
         code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra="")
         return _cpu_ratio(lambda: _grid_cpu_seconds(code, self.env_original),
                           lambda: _grid_cpu_seconds(code, self.env_now))
 
     track_ratio_grid_original_over_now.unit = "ratio"
+
+
+_GRID_TOML = """\
+[experiment]
+name = "bench"
+rounds = {rounds}
+seeds = [0, 1, 2]
+eval_every = {eval_every}
+
+[data]
+dataset = "mnist1d"
+n_samples = 5000
+
+[cluster]
+workers = 15
+f = 3
+
+[model]
+model = "cnn1d"
+channels = [25, 25, 25]
+
+[optimizer]
+lr = 0.05
+
+[rules.mean]
+[rules.flag]
+
+[attacks.little_is_enough]
+"""
+
+
+def _cli_grid_cpu_seconds(rounds, env):
+    """CPU seconds of ``python -m flagagg experiment`` on the grid, as a user runs it.
+
+    A fresh output folder each time (nothing stored before: every run runs),
+    no plots, no progress bar; in an empty folder, as :func:`_grid_cpu_seconds`.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = os.path.join(tmp, "grid.toml")
+        with open(cfg, "w") as fh:
+            fh.write(_GRID_TOML.format(rounds=rounds, eval_every=min(100, rounds)))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run([sys.executable, "-m", "flagagg", "experiment", cfg, "--output",
+                        os.path.join(tmp, "out"), "--no-plots", "--quiet"],
+                       env=env, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+class MNIST1DCliGridVsOriginal(_WithOriginal):
+    """The same grid run by ``flagagg experiment`` at 0da2843 and now, CPU seconds' ratio.
+
+    What a user pays: the command line's whole process, its start and its end
+    included (since this change the command skips the garbage collector's
+    shutdown passes over PyTorch's objects; ``run_experiment`` in a process of
+    the user's own, the benchmark above, does not).
+    """
+
+    def track_ratio_cli_grid_original_over_now(self, rounds):
+        return _cpu_ratio(lambda: _cli_grid_cpu_seconds(rounds, self.env_original),
+                          lambda: _cli_grid_cpu_seconds(rounds, self.env_now))
+
+    track_ratio_cli_grid_original_over_now.unit = "ratio"
 
 
 class MNIST1DGridLockstep:
