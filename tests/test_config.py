@@ -140,23 +140,17 @@ def test_a_numpy_aggregation_loads_no_numpy_extras():
     """On NumPy >= 2.1 flagagg computes in numpy itself: array_api_compat's numpy
     wrapper would run ``from numpy import *`` (numpy.ma, numpy.testing, numpy.f2py:
     0.1 s of every process's first aggregation). Older NumPy keeps the wrapper."""
-    code = (
-        "import sys, flagagg, numpy as np\n"
+    loaded = _loaded_after(
         "G = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)\n"
         "for rule in ('mean', 'flag', 'median', 'krum'):\n"
-        "    flagagg.aggregate(G, rule=rule, backend='numpy', f=1)\n"
-        "print(','.join(m for m in ('numpy.ma', 'numpy.testing', 'numpy.f2py',\n"
-        "                           'array_api_compat.numpy') if m in sys.modules))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "FLAGAGG_BACKEND"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, env=env)
+        "    flagagg.aggregate(G, rule=rule, backend='numpy', f=1)\n",
+        ("numpy.ma", "numpy.testing", "numpy.f2py", "array_api_compat.numpy"))
     from flagagg._namespace import _NUMPY_IS_STANDARD
 
     if _NUMPY_IS_STANDARD:
-        assert out.stdout.strip() == "", f"a numpy aggregation loaded: {out.stdout}"
+        assert loaded == [], f"a numpy aggregation loaded: {loaded}"
     else:
-        assert "array_api_compat.numpy" in out.stdout
+        assert "array_api_compat.numpy" in loaded
 
 
 def test_the_namespace_is_numpy_for_numpy_arrays_and_compat_for_others():
@@ -173,14 +167,17 @@ def test_the_namespace_is_numpy_for_numpy_arrays_and_compat_for_others():
         array_namespace(a, t)
 
 
-def test_import_is_light():
-    code = (
-        "import sys, flagagg, numpy as np\n"
-        "flagagg.aggregate(np.ones((3, 4)), rule='mean', backend='numpy')\n"
-        "heavy = [m for m in ('numba', 'torch', 'cupy', 'flagagg.sim') if m in sys.modules]\n"
-        "print(','.join(heavy))\n"
-    )
+def _loaded_after(body, modules):
+    """Which of ``modules`` a fresh process holds after ``import flagagg`` and ``body``."""
+    code = ("import sys, flagagg, numpy as np\n" + body
+            + f"print(','.join(m for m in {tuple(modules)!r} if m in sys.modules))\n")
     env = {k: v for k, v in os.environ.items() if k != "FLAGAGG_BACKEND"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env=env)
-    assert out.stdout.strip() == "", f"import flagagg pulled in: {out.stdout}"
+    return [m for m in out.stdout.strip().split(",") if m]
+
+
+def test_import_is_light():
+    loaded = _loaded_after("flagagg.aggregate(np.ones((3, 4)), rule='mean', backend='numpy')\n",
+                           ("numba", "torch", "cupy", "flagagg.sim"))
+    assert loaded == [], f"import flagagg pulled in: {loaded}"
