@@ -28,6 +28,9 @@ ratios (the build machine is shared, so only a ratio measured in one run
 means anything). The original generates its data in every process (it had
 no cache); the measured commit reads them from a filled cache, as every
 process of a grid but the first does.
+``track_ratio_cli_grid_original_over_now`` is the same ratio with the grid
+run as a user runs it, ``flagagg experiment grid.toml`` (a fresh output
+folder, no plots), the command line's whole process included.
 """
 
 import os
