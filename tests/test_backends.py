@@ -82,3 +82,22 @@ def test_named_backend_refuses_foreign_arrays():
     G = torch.ones(3, 4, dtype=torch.float64)
     with pytest.raises(TypeError, match="backend 'numpy' cannot compute on torch arrays"):
         flagagg.flag_aggregate(G, backend="numpy")
+
+
+def test_the_torch_backend_keeps_no_tensor_it_was_given():
+    """A training loop hands the torch backend a fresh gradient tensor every step;
+    none of them may stay alive after its call (a cache on the host view did keep
+    every one, and the memory grew with the steps)."""
+    torch = pytest.importorskip("torch")
+    import gc
+    import weakref
+
+    refs = []
+    for step in range(3):
+        G = torch.randn(5, 64, generator=torch.Generator().manual_seed(step))
+        out = flagagg.flag_aggregate(G, backend="torch")
+        assert out.shape == (64,)
+        refs.append(weakref.ref(G))
+        del G, out
+    gc.collect()
+    assert [r() for r in refs] == [None, None, None]

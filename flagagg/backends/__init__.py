@@ -43,6 +43,7 @@ def _implementation(name: str) -> Backend:
     return importlib.import_module(module_name).BACKEND
 
 
+@cache
 def _host_backend() -> Backend:
     """The kernels for CPU tensors and host arrays: numba's when installed, else NumPy's."""
     return _implementation("numba" if _library_installed("numba") else "numpy")

@@ -16,7 +16,6 @@ not used there.
 
 from __future__ import annotations
 
-from functools import cache
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from ._rows import row_tables, scatter
 _VIEWABLE = (torch.float32, torch.float64, torch.float16)
 
 
-@cache
 def _host_view(X: torch.Tensor) -> np.ndarray | None:
     """A NumPy view (no copy) of a CPU tensor, or None when there is none."""
     if X.device.type != "cpu" or X.dtype not in _VIEWABLE:
