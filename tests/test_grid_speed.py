@@ -95,6 +95,34 @@ def test_engine_declines_models_it_does_not_implement(datasets):
     assert not GradientEngine(torch.nn.Linear(3, 2), []).supported
 
 
+def test_engine_declines_a_linear_layer_over_a_convolutions_positions():
+    """A Linear right after a Conv1d acts on each channel's positions, which the
+    engine's flat layout does not compute: it declines (vmap computes it)."""
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Linear(38, 10))
+    assert not GradientEngine(model, []).supported
+    ok = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(76, 10))
+    assert GradientEngine(ok, []).supported
+
+
+def test_engine_says_which_inputs_its_first_layer_needs(datasets):
+    """Inputs of the wrong rank for the first layer: flagagg's error, naming the shape."""
+    from torch import nn
+
+    conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(76, 10))
+    shapes = [(n, p.shape, p.numel()) for n, p in conv.named_parameters()]
+    flat = torch.zeros(1, sum(s for _, _, s in shapes))
+    y = torch.zeros(1, 2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"convolution needs \(channels, length\) inputs"):
+        GradientEngine(conv, shapes)(flat, torch.zeros(1, 2, 4, 40), y)
+    lin = nn.Sequential(nn.Linear(40, 10))
+    shapes = [(n, p.shape, p.numel()) for n, p in lin.named_parameters()]
+    flat = torch.zeros(1, sum(s for _, _, s in shapes))
+    with pytest.raises(ValueError, match="first linear layer needs flat inputs"):
+        GradientEngine(lin, shapes)(flat, torch.zeros(1, 2, 4, 1, 40), y)
+
+
 @pytest.mark.parametrize(("name", "model", "params"), CASES)
 def test_lockstep_runs_give_each_run_its_own_gradients_bit_for_bit(datasets, name, model,
                                                                     params):
