@@ -33,6 +33,7 @@ run as a user runs it, ``flagagg experiment grid.toml`` (a fresh output
 folder, no plots), the command line's whole process included.
 """
 
+import json
 import os
 import resource
 import shutil
@@ -45,21 +46,49 @@ import textwrap
 from ._data import paired_ratio
 from .common import RATIO_REPEATS, tiered
 
-_GRID = textwrap.dedent("""
-    import torch
-    torch.set_num_threads(1)
-    from flagagg import sim
-    cfg = {{"experiment": {{"name": "bench", "rounds": {rounds}, "seeds": [0, 1, 2],
-                            "eval_every": {eval_every}}},
-           "data": {{"dataset": "mnist1d", "n_samples": 5000}},
-           "cluster": {{"workers": 15, "f": 3}},
-           "model": {{"model": "cnn1d", "channels": [25, 25, 25]}},
-           "optimizer": {{"lr": 0.05}},
-           "rules": {{"mean": {{}}, "flag": {{}}}}, "attacks": {{"little_is_enough": {{}}}}}}
-    kw = {{"store": False}} if "store" in sim.run_experiment.__code__.co_varnames else {{}}
-    kw.update({{{extra}}})
-    sim.run_experiment(cfg, plots=False, progress=False, **kw)
-""")
+
+def _grid_config(rounds):
+    """The grid every benchmark here runs: 2 rules x 3 seeds, ALIE, p = 15, f = 3."""
+    return {"experiment": {"name": "bench", "rounds": rounds, "seeds": [0, 1, 2],
+                           "eval_every": min(100, rounds)},
+            "data": {"dataset": "mnist1d", "n_samples": 5000},
+            "cluster": {"workers": 15, "f": 3},
+            "model": {"model": "cnn1d", "channels": [25, 25, 25]},
+            "optimizer": {"lr": 0.05},
+            "rules": {"mean": {}, "flag": {}}, "attacks": {"little_is_enough": {}}}
+
+
+def _grid_code(rounds, extra=""):
+    """A process's code that runs the grid through ``run_experiment`` (``extra``: its keywords)."""
+    return textwrap.dedent(f"""
+        import torch
+        torch.set_num_threads(1)
+        from flagagg import sim
+        kw = {{"store": False}} if "store" in sim.run_experiment.__code__.co_varnames else {{}}
+        kw.update({{{extra}}})
+        sim.run_experiment({_grid_config(rounds)!r}, plots=False, progress=False, **kw)
+    """)
+
+
+def _grid_toml(rounds):
+    """The grid as a config file for ``flagagg experiment`` (sections of scalars and lists)."""
+    lines = []
+    for section, body in _grid_config(rounds).items():
+        if section in ("rules", "attacks"):
+            for name, params in body.items():
+                lines += [f"[{section}.{name}]"] + [f"{k} = {json.dumps(v)}"
+                                                    for k, v in params.items()]
+        else:
+            lines += [f"[{section}]"] + [f"{k} = {json.dumps(v)}" for k, v in body.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _child_cpu_seconds(argv, env, cwd):
+    """CPU seconds (user + system) of a child process running ``argv``."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(argv, env=env, check=True, cwd=cwd, stdout=subprocess.DEVNULL)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 ORIGINAL = "0da2843"  # the commit issue 26's "3 times less CPU" is measured against
@@ -72,11 +101,8 @@ def _grid_cpu_seconds(code, env):
     the path, ahead of ``PYTHONPATH``, and from a checkout that would import
     the checkout's ``flagagg`` whatever ``env`` names.
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with tempfile.TemporaryDirectory() as empty:
-        subprocess.run([sys.executable, "-c", code], env=env, check=True, cwd=empty)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return _child_cpu_seconds([sys.executable, "-c", code], env, empty)
 
 
 def _needs_mnist1d():
@@ -107,7 +133,7 @@ class MNIST1DGrid:
         self.cache.cleanup()
 
     def track_grid_cpu_seconds(self, rounds, data):
-        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra="")
+        code = _grid_code(rounds)
         return _grid_cpu_seconds(code, self.env)
 
     track_grid_cpu_seconds.unit = "seconds"
@@ -182,40 +208,11 @@ class MNIST1DGridVsOriginal(_WithOriginal):
     """The 6-run grid's CPU seconds at commit 0da2843 over the measured commit's."""
 
     def track_ratio_grid_original_over_now(self, rounds):
-        code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra="")
+        code = _grid_code(rounds)
         return _cpu_ratio(lambda: _grid_cpu_seconds(code, self.env_original),
                           lambda: _grid_cpu_seconds(code, self.env_now))
 
     track_ratio_grid_original_over_now.unit = "ratio"
-
-
-_GRID_TOML = """\
-[experiment]
-name = "bench"
-rounds = {rounds}
-seeds = [0, 1, 2]
-eval_every = {eval_every}
-
-[data]
-dataset = "mnist1d"
-n_samples = 5000
-
-[cluster]
-workers = 15
-f = 3
-
-[model]
-model = "cnn1d"
-channels = [25, 25, 25]
-
-[optimizer]
-lr = 0.05
-
-[rules.mean]
-[rules.flag]
-
-[attacks.little_is_enough]
-"""
 
 
 def _cli_grid_cpu_seconds(rounds, env):
@@ -227,13 +224,10 @@ def _cli_grid_cpu_seconds(rounds, env):
     with tempfile.TemporaryDirectory() as tmp:
         cfg = os.path.join(tmp, "grid.toml")
         with open(cfg, "w") as fh:
-            fh.write(_GRID_TOML.format(rounds=rounds, eval_every=min(100, rounds)))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        subprocess.run([sys.executable, "-m", "flagagg", "experiment", cfg, "--output",
-                        os.path.join(tmp, "out"), "--no-plots", "--quiet"],
-                       env=env, check=True, cwd=tmp, stdout=subprocess.DEVNULL)
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            fh.write(_grid_toml(rounds))
+        return _child_cpu_seconds([sys.executable, "-m", "flagagg", "experiment", cfg,
+                                   "--output", os.path.join(tmp, "out"), "--no-plots",
+                                   "--quiet"], env, tmp)
 
 
 class MNIST1DCliGridVsOriginal(_WithOriginal):
@@ -276,7 +270,7 @@ class MNIST1DGridLockstep:
 
     def track_ratio_grid_alone_over_lockstep(self, rounds):
         def grid(extra):
-            code = _GRID.format(rounds=rounds, eval_every=min(100, rounds), extra=extra)
+            code = _grid_code(rounds, extra)
             return lambda: _grid_cpu_seconds(code, self.env)
 
         return _cpu_ratio(grid('"lockstep": 1'), grid('"lockstep": 3'))
